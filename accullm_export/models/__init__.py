@@ -1,0 +1,1 @@
+"""Loading checkpoints (Hugging Face folders, GGUF files, the built-in sample) and exporting them to ONNX."""
