@@ -27,6 +27,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         raise UserError(f"output path {target} exists and is not a folder")
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise UserError(f"output folder {target} is not empty (pass --overwrite to replace it)")
+    created = _first_missing_ancestor(target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
@@ -41,7 +42,17 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
             staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise
+
+
+def _first_missing_ancestor(folder: Path) -> Path | None:
+    """The outermost folder that ``mkdir(parents=True)`` would create, or None if ``folder`` exists."""
+    missing = None
+    while not folder.exists():
+        missing, folder = folder, folder.parent
+    return missing
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -1,0 +1,39 @@
+"""``accullm-export generate OUT_DIR "prompt"``: streams text, then prints tokens/s."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "generate text from an exported folder with ONNX Runtime (prefill, then KV-cache decode)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL_DIR", help="exported folder (or its model.onnx)")
+    parser.add_argument("prompt", help="prompt text")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    from accullm_export.runtime import GenerationConfig, OrtCausalLM, text_stream
+
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    model = OrtCausalLM.from_path(args.model, device=args.device)
+    stream, pieces = text_stream(model, args.prompt, config)
+    sys.stdout.write(args.prompt)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    tokens = stream.decode_steps + 1
+    rate = stream.decode_steps / stream.decode_seconds if stream.decode_seconds else float("nan")
+    print(f"[{tokens} tokens; prefill {stream.prefill_seconds * 1000:.0f} ms; decode {rate:.1f} tokens/s]",
+          file=sys.stderr)
+    return 0

@@ -1,0 +1,101 @@
+"""``inspect``: what an ONNX model holds (opset, I/O, op counts, parameters by dtype, linear layers)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+import onnx
+from onnx import helper
+
+LINEAR_OPS = ("MatMul", "Gemm", "MatMulNBits", "MatMulInteger")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearLayer:
+    node: str
+    op_type: str
+    weight: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSummary:
+    opsets: dict[str, int]
+    ir_version: int
+    inputs: list[tuple[str, str, list]]
+    outputs: list[tuple[str, str, list]]
+    op_counts: dict[str, int]
+    parameters_by_dtype: dict[str, tuple[int, int]]  # dtype -> (element count, bytes)
+    linear_layers: list[LinearLayer]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(count for count, _ in self.parameters_by_dtype.values())
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(size for _, size in self.parameters_by_dtype.values())
+
+
+def summarize(model: onnx.ModelProto) -> ModelSummary:
+    """Summarize a model; initializers are read from their headers, so external data need not be loaded."""
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    parameters: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for tensor in graph.initializer:
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        parameters[dtype.name][0] += count
+        parameters[dtype.name][1] += _storage_bytes(dtype, count)
+    linear = []
+    for node in graph.node:
+        if node.op_type in LINEAR_OPS:
+            weight = next((name for name in node.input[1:2] if name in initializers), None)
+            if weight is not None:
+                tensor = initializers[weight]
+                linear.append(LinearLayer(node.name, node.op_type, weight, tuple(tensor.dims),
+                                          helper.tensor_dtype_to_np_dtype(tensor.data_type).name))
+    return ModelSummary(
+        opsets={entry.domain or "ai.onnx": entry.version for entry in model.opset_import},
+        ir_version=model.ir_version,
+        inputs=[_value_info(v) for v in graph.input if v.name not in initializers],
+        outputs=[_value_info(v) for v in graph.output],
+        op_counts=dict(collections.Counter(node.op_type for node in graph.node).most_common()),
+        parameters_by_dtype={k: (v[0], v[1]) for k, v in parameters.items()},
+        linear_layers=linear,
+    )
+
+
+def format_summary(summary: ModelSummary, max_linear: int = 12) -> str:
+    """One screen of text; the linear-layer list is cut after ``max_linear`` rows (0 prints them all)."""
+    lines = [f"opset: {', '.join(f'{d} {v}' for d, v in summary.opsets.items())}   ir_version: {summary.ir_version}"]
+    for title, values in (("inputs", summary.inputs), ("outputs", summary.outputs)):
+        lines.append(f"{title} ({len(values)}):")
+        shown = values if len(values) <= 8 else values[:6] + [("...", "", [])] + values[-1:]
+        lines += [f"  {name:40s} {dtype:8s} {shape}" if dtype else f"  {name}" for name, dtype, shape in shown]
+    lines.append("ops: " + ", ".join(f"{op} {count}" for op, count in summary.op_counts.items()))
+    lines.append(f"parameters: {summary.num_parameters:,} ({summary.num_bytes / 2**20:.1f} MiB)")
+    for dtype, (count, size) in sorted(summary.parameters_by_dtype.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"  {dtype:10s} {count:>14,} params {size / 2**20:>10.1f} MiB")
+    layers = summary.linear_layers
+    lines.append(f"linear layers ({len(layers)}):")
+    shown = layers if not max_linear or len(layers) <= max_linear else layers[:max_linear]
+    lines += [f"  {layer.node:50s} {layer.op_type:8s} {layer.dtype:8s} {list(layer.shape)}" for layer in shown]
+    if len(shown) < len(layers):
+        lines.append(f"  ... {len(layers) - len(shown)} more (use --all)")
+    return "\n".join(lines)
+
+
+def _value_info(value: onnx.ValueInfoProto) -> tuple[str, str, list]:
+    tensor_type = value.type.tensor_type
+    dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name if tensor_type.elem_type else "?"
+    shape = [dim.dim_param or dim.dim_value for dim in tensor_type.shape.dim]
+    return value.name, dtype, shape
+
+
+def _storage_bytes(dtype: np.dtype, count: int) -> int:
+    bits = {"int4": 4, "uint4": 4, "float4_e2m1fn": 4}.get(dtype.name, dtype.itemsize * 8)
+    return (count * bits + 7) // 8

@@ -1,0 +1,71 @@
+"""The ONNX Runtime runner for exported decoders (any ONNX file that follows the export's I/O names)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from accullm_export.errors import UserError
+from accullm_export.runtime.base import CausalLMRunner, KVCache, ModelLayout
+from accullm_export.runtime.session import create_session
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_PAST = re.compile(r"past_key_values\.(\d+)\.key")
+
+
+class OrtCausalLM(CausalLMRunner):
+    """A decoder with a KV cache, run by ONNX Runtime."""
+
+    def __init__(self, model_path: Path, *, device: str = "auto", optimization: str = "all",
+                 threads: int | None = None):
+        self.model_path = Path(model_path)
+        self.folder = self.model_path.parent
+        self.session = create_session(self.model_path, device=device, optimization=optimization, threads=threads)
+        self.layout = _layout(self.session, self.model_path)
+        self._output_names = ["logits"] + [f"present.{i}.{kind}" for i in range(self.layout.num_layers)
+                                           for kind in ("key", "value")]
+
+    @classmethod
+    def from_path(cls, path: str | Path, **options) -> "OrtCausalLM":
+        """Load an exported folder (its model.onnx) or an .onnx file."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "model.onnx"
+        if not path.is_file():
+            raise UserError(f"{path}: no such model (expected an exported folder or an .onnx file)")
+        return cls(path, **options)
+
+    def forward(self, input_ids, attention_mask, position_ids, past: KVCache):
+        feed = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+                "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
+        if self.layout.has_position_ids:
+            feed["position_ids"] = np.ascontiguousarray(position_ids, dtype=np.int64)
+        for i, (key, value) in enumerate(past):
+            feed[f"past_key_values.{i}.key"] = key
+            feed[f"past_key_values.{i}.value"] = value
+        outputs = self.session.run(self._output_names, feed)
+        present = [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(self.layout.num_layers)]
+        return np.asarray(outputs[0], dtype=np.float32), present
+
+
+def _layout(session, path: Path) -> ModelLayout:
+    inputs = {value.name: value for value in session.get_inputs()}
+    outputs = {value.name: value for value in session.get_outputs()}
+    missing = [name for name in ("input_ids", "attention_mask") if name not in inputs]
+    if missing or "logits" not in outputs:
+        raise UserError(f"{path} is not a causal LM export: it lacks {', '.join(missing or ['logits'])} "
+                        "(expected inputs input_ids/attention_mask/past_key_values.* and outputs logits/present.*)")
+    layers = sorted(int(match.group(1)) for name in inputs if (match := _PAST.fullmatch(name)))
+    if not layers or layers != list(range(len(layers))):
+        raise UserError(f"{path} has no past_key_values.{{i}}.key inputs numbered from 0")
+    first = inputs["past_key_values.0.key"]
+    kv_heads, head_dim = first.shape[1], first.shape[3]
+    if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
+        raise UserError(f"{path}: past_key_values.0.key must have static head count and head size, got {first.shape}")
+    vocab = outputs["logits"].shape[-1]
+    return ModelLayout(num_layers=len(layers), num_kv_heads=kv_heads, head_dim=head_dim,
+                       kv_dtype=np.dtype(_ORT_TYPES.get(first.type, np.float32)),
+                       vocab_size=vocab if isinstance(vocab, int) else None,
+                       has_position_ids="position_ids" in inputs)

@@ -1,0 +1,59 @@
+"""ONNX Runtime sessions with the kit's error handling and execution-provider choice."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from accullm_export.errors import BackendError, UserError
+
+log = logging.getLogger(__name__)
+
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def create_session(model_path: str | Path, *, device: str = "auto", optimization: str = "all",
+                   threads: int | None = None):
+    """An InferenceSession on CPU or CUDA.
+
+    Args:
+        model_path: the .onnx file (external data beside it).
+        device: "cpu", "cuda" or "auto" (CUDA when onnxruntime-gpu and a GPU are present).
+        optimization: graph optimization level; "basic" keeps numerics exact (no MatMulNBits fusion).
+        threads: intra-op threads; None lets ONNX Runtime choose.
+
+    Raises:
+        UserError: the file is not a loadable model, or the option values are unknown.
+        BackendError: CUDA was asked for but is not available.
+    """
+    import onnxruntime as ort
+
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise UserError(f"unknown optimization level {optimization!r}; choose from {', '.join(OPTIMIZATION_LEVELS)}")
+    available = ort.get_available_providers()
+    if device == "cuda" and "CUDAExecutionProvider" not in available:
+        raise BackendError("CUDA execution provider not available: install onnxruntime-gpu "
+                           "(pip install 'accullm-export[gpu]') on a machine with an NVIDIA GPU")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    use_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    if threads:
+        options.intra_op_num_threads = threads
+    path = Path(model_path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such model file")
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"ONNX Runtime cannot load {path}: {message}") from None
+    log.debug("session for %s on %s", path, session.get_providers()[0])
+    return session

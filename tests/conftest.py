@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random-init decoders built in code (fixed seeds) and their ONNX exports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TINY_BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                 rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+# model_type -> (transformers class names, extra config) for the architectures the exporter supports
+TINY_ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, rope_theta=10000.0)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=5)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=True, head_dim=16)),
+}
+
+
+def make_tiny_checkpoint(folder: Path, model_type: str, seed: int = 0, **overrides) -> Path:
+    """Save a random-init tiny decoder as a Hugging Face folder; returns the folder."""
+    torch = pytest.importorskip("torch", reason="tiny reference models need torch (the [export] extra)")
+    transformers = pytest.importorskip("transformers", reason="tiny reference models need transformers")
+    config_name, model_name, extra = TINY_ARCHITECTURES[model_type]
+    config = getattr(transformers, config_name)(**{**TINY_BASE, **extra, **overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():  # random-init biases and norm weights are trivial; make them informative
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+def load_torch_model(folder: Path):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                              attn_implementation="eager")
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tmp_path_factory):
+    """model_type -> (hf folder, exported folder), built once per session."""
+    from accullm_export.models.export import export_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    made = {}
+    for model_type in TINY_ARCHITECTURES:
+        hf = make_tiny_checkpoint(root / f"{model_type}-hf", model_type)
+        export_model(str(hf), root / f"{model_type}-onnx")
+        made[model_type] = (hf, root / f"{model_type}-onnx")
+    return made
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
