@@ -1,0 +1,82 @@
+"""The real sample, SmolLM2-135M-Instruct: our runtime and onnxruntime-genai agree with transformers."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Question: What is 12 + 7?\nAnswer:"]
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    """(hf folder, exported folder, tokenizer) for the sample model."""
+    from accullm_export.models.checkpoint import resolve_checkpoint_folder
+    from accullm_export.models.export import export_model
+    from accullm_export.runtime.tokenizer import FolderTokenizer
+
+    hf = resolve_checkpoint_folder("smollm2-135m")
+    out = tmp_path_factory.mktemp("sample") / "smollm2"
+    export_model("smollm2-135m", out)
+    return hf, out, FolderTokenizer(out)
+
+
+@pytest.fixture(scope="module")
+def transformers_tokens(sample):
+    torch = pytest.importorskip("torch", reason="the reference is transformers on torch ([export] extra)")
+    import transformers
+
+    hf, _, _ = sample
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    expected = []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, attention_mask=torch.ones_like(ids))
+        expected.append((ids[0].tolist(), out[0, ids.shape[1]:].tolist()))
+    return expected
+
+
+def test_our_runtime_matches_transformers_greedy(sample, transformers_tokens):
+    from accullm_export.runtime import GenerationConfig, OrtCausalLM, generate
+
+    _, folder, tokenizer = sample
+    runner = OrtCausalLM.from_path(folder, device="cpu")
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, eos_token_ids=tuple(tokenizer.eos_token_ids))
+    for prompt, (prompt_ids, expected) in zip(PROMPTS, transformers_tokens):
+        assert tokenizer.encode(prompt) == prompt_ids
+        assert generate(runner, [prompt_ids], config).tokens[0] == expected, prompt
+    # all three prompts batched with left padding give the same tokens
+    batched = generate(runner, [ids for ids, _ in transformers_tokens], config).tokens
+    assert batched == [expected for _, expected in transformers_tokens]
+
+
+def test_onnxruntime_genai_loads_our_folder_and_matches(sample, transformers_tokens):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is the [genai] extra")
+    _, folder, tokenizer = sample
+    model = og.Model(str(folder))
+    for prompt_ids, expected in transformers_tokens:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt_ids) + NEW_TOKENS, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(prompt_ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+        produced = [int(t) for t in generator.get_sequence(0)][len(prompt_ids):]
+        # onnxruntime-genai stops at EOS without appending it to the sequence; transformers keeps it
+        if expected[-1] in tokenizer.eos_token_ids:
+            expected = expected[:-1]
+        assert produced == expected
+
+
+def test_generate_cli_streams_text(sample, capsys):
+    from accullm_export.cli.main import main
+
+    _, folder, _ = sample
+    assert main(["generate", str(folder), "The capital of France is", "--max-new-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("The capital of France is Paris")
+    assert "tokens/s" in captured.err

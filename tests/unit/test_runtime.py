@@ -1,0 +1,96 @@
+"""Generation loop, sampling and streaming detokenization."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from accullm_export.errors import UserError
+from accullm_export.runtime import GenerationConfig, OrtCausalLM, generate
+from accullm_export.runtime.generation import left_pad, sample_token
+from tests.conftest import load_torch_model
+
+torch = pytest.importorskip("torch", reason="greedy references come from torch (the [export] extra)")
+
+
+def torch_greedy(model, prompt, steps):
+    ids = torch.tensor([prompt])
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model(ids).logits[0, -1].argmax())
+            out.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return out
+
+
+def test_greedy_generation_matches_torch_for_a_batch(tiny_exports):
+    hf, folder = tiny_exports["qwen3"]
+    runner = OrtCausalLM.from_path(folder, device="cpu")
+    model = load_torch_model(hf)
+    prompts = [[5, 17, 99, 3, 44, 8], [7, 200, 31]]
+    result = generate(runner, prompts, GenerationConfig(max_new_tokens=12))
+    for prompt, tokens in zip(prompts, result.tokens):
+        assert tokens == torch_greedy(model, prompt, 12)
+    assert result.decode_steps == 11 and result.decode_tokens_per_second > 0
+
+
+def test_generation_stops_at_eos(tiny_exports):
+    _, folder = tiny_exports["llama"]
+    runner = OrtCausalLM.from_path(folder, device="cpu")
+    free = generate(runner, [[5, 6, 7]], GenerationConfig(max_new_tokens=10)).tokens[0]
+    stop = free[3]
+    stopped = generate(runner, [[5, 6, 7]], GenerationConfig(max_new_tokens=10, eos_token_ids=(stop,))).tokens[0]
+    assert stopped == free[: free.index(stop) + 1]
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_exports):
+    _, folder = tiny_exports["llama"]
+    runner = OrtCausalLM.from_path(folder, device="cpu")
+    config = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1.5, seed=7)
+    first = generate(runner, [[5, 6, 7]], config).tokens
+    assert first == generate(runner, [[5, 6, 7]], config).tokens
+    other = generate(runner, [[5, 6, 7]], GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1.5,
+                                                          seed=8)).tokens
+    assert first != other
+
+
+def test_top_k_one_is_greedy_and_top_p_truncates():
+    rng = np.random.default_rng(0)
+    logits = np.array([0.0, 3.0, 1.0, 2.9])
+    assert all(sample_token(logits, GenerationConfig(do_sample=True, top_k=1), rng) == 1 for _ in range(20))
+    # probabilities ~ [.02,.49,.07,.42]: top_p 0.8 keeps exactly tokens 1 and 3
+    drawn = {sample_token(logits, GenerationConfig(do_sample=True, top_p=0.8), rng) for _ in range(200)}
+    assert drawn == {1, 3}
+
+
+@pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=0), dict(top_k=-1), dict(top_p=0.0),
+                                 dict(top_p=1.5)])
+def test_bad_generation_options(bad):
+    with pytest.raises(UserError):
+        GenerationConfig(**bad)
+
+
+def test_left_pad():
+    ids, mask = left_pad([[1, 2, 3], [4]])
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_stream_decoder_holds_back_partial_characters(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from accullm_export.runtime.tokenizer import FolderTokenizer, StreamDecoder
+
+    # a byte-level BPE with no merges: "é" is two byte tokens, so the first alone is an incomplete character
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokenizer = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    wrapped = FolderTokenizer(tmp_path)
+    ids = wrapped.encode("aé!")
+    assert len(ids) == 4
+    decoder = StreamDecoder(wrapped)
+    pieces = [decoder.push(i) for i in ids]
+    assert pieces == ["a", "", "é", "!"]
