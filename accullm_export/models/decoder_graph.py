@@ -15,6 +15,7 @@ so that ONNX Runtime fuses it; softmax, RMSNorm and rotary angles run in fp32 ev
 
 from __future__ import annotations
 
+import sys
 from typing import Mapping
 
 import numpy as np
@@ -67,7 +68,10 @@ class DecoderGraphBuilder:
         hidden = self._embed()
         cos, sin = self._rotary()
         mask = self._attention_mask()
-        for layer in range(self.config.num_layers):
+        from tqdm.auto import tqdm
+
+        layers = tqdm(range(self.config.num_layers), desc="export", unit="layer", disable=not sys.stderr.isatty())
+        for layer in layers:
             hidden = self._decoder_layer(layer, hidden, cos, sin, mask)
         hidden = self._rms_norm("/model/norm", hidden, self._weight("model.norm.weight"))
         logits = self._linear("/lm_head", hidden, self._lm_head_weight_name())
