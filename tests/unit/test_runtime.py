@@ -78,16 +78,11 @@ def test_left_pad():
 
 
 def test_stream_decoder_holds_back_partial_characters(tmp_path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     from accullm_export.runtime.tokenizer import FolderTokenizer, StreamDecoder
+    from tests.conftest import write_byte_tokenizer
 
     # a byte-level BPE with no merges: "é" is two byte tokens, so the first alone is an incomplete character
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tokenizer = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    write_byte_tokenizer(tmp_path)
     wrapped = FolderTokenizer(tmp_path)
     ids = wrapped.encode("aé!")
     assert len(ids) == 4

@@ -1,0 +1,1 @@
+"""Validation against the full-precision reference: LLM metrics, Polygraphy comparisons, bisection, reports."""

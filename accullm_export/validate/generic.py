@@ -1,0 +1,123 @@
+"""Any ONNX model: a Polygraphy comparison of outputs, reproducible with ``polygraphy run``.
+
+Inputs come from a data-loader script (a Python file defining ``load_data()``, the same file Polygraphy takes
+as ``--data-loader-script``) or from Polygraphy's random DataLoader with a value range. Inputs and the
+reference's outputs are saved in Polygraphy's JSON format.
+"""
+
+from __future__ import annotations
+
+import logging
+import runpy
+from pathlib import Path
+
+import numpy as np
+
+from accullm_export.errors import UserError
+from accullm_export.validate.metrics import tensor_errors
+
+log = logging.getLogger(__name__)
+
+
+def load_data_script(path: str | Path) -> list[dict[str, np.ndarray]]:
+    """Run a data-loader script's ``load_data()`` and return its feed dicts.
+
+    Raises:
+        UserError: missing file, no load_data, or load_data raised / yielded something that is not a dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such data-loader script")
+    try:
+        namespace = runpy.run_path(str(path))
+        if "load_data" not in namespace:
+            raise UserError(f"{path} defines no load_data() function")
+        feeds = list(namespace["load_data"]())
+    except UserError:
+        raise
+    except Exception as exc:  # the user's script may raise anything
+        raise UserError(f"data-loader script {path} raised {type(exc).__name__}: {exc}") from None
+    if not feeds or not all(isinstance(feed, dict) for feed in feeds):
+        raise UserError(f"{path}: load_data() must yield at least one dict of input name -> array")
+    return feeds
+
+
+def validate_generic(reference: str | Path, candidate: str | Path, out_dir: Path, *, data_loader: str | None = None,
+                     iterations: int = 1, val_range: tuple[float, float] = (0.0, 1.0), seed: int = 1,
+                     atol: float = 1e-5, rtol: float = 1e-5) -> dict:
+    """Compare outputs with Polygraphy's Comparator; returns the report's ``generic`` section."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator, DataLoader, SimpleCompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    if not log.isEnabledFor(logging.DEBUG):
+        G_LOGGER.module_severity = G_LOGGER.CRITICAL  # our report has the figures; -vv shows Polygraphy's
+
+    reference, candidate = _model_file(reference), _model_file(candidate)
+    _check_same_inputs(reference, candidate)
+    runners = [OnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"]), name=name)
+               for name, path in (("reference", reference), ("candidate", candidate))]
+    loader = load_data_script(data_loader) if data_loader else DataLoader(seed=seed, iterations=iterations,
+                                                                          val_range=val_range)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs_json, outputs_json = out_dir / "inputs.json", out_dir / "reference_outputs.json"
+    results = Comparator.run(runners, data_loader=loader, save_inputs_path=str(inputs_json))
+    accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol))
+    _save_reference_outputs(results, outputs_json)
+    outputs = _output_rows(results, accuracy)
+    return {"atol": atol, "rtol": rtol, "iterations": len(results[0][1]), "passed": bool(accuracy),
+            "outputs": outputs, "inputs_json": str(inputs_json), "outputs_json": str(outputs_json),
+            "polygraphy_command": f"polygraphy run {candidate} --onnxrt --load-inputs {inputs_json} "
+                                  f"--load-outputs {outputs_json} --atol {atol} --rtol {rtol}"}
+
+
+def _output_rows(results, accuracy) -> list[dict]:
+    (_, ref_iterations), (_, cand_iterations) = results[0], results[1]
+    verdicts = accuracy[0][("reference", "candidate")]  # the one compare function's per-iteration verdicts
+    rows: dict[str, dict] = {}
+    for ref_outputs, cand_outputs, verdict in zip(ref_iterations, cand_iterations, verdicts):
+        for name, ref_value in ref_outputs.items():
+            ref_value, cand_value = np.asarray(ref_value), np.asarray(cand_outputs[name])
+            errors = tensor_errors(ref_value, cand_value)
+            denominator = np.abs(ref_value.astype(np.float64)) + 1e-12
+            row = rows.setdefault(name, {"name": name, "max_abs": 0.0, "max_rel": 0.0, "mean_abs": 0.0,
+                                         "cosine": 1.0, "passed": True})
+            row["max_abs"] = max(row["max_abs"], errors["max_abs"])
+            row["max_rel"] = max(row["max_rel"], float((np.abs(ref_value - cand_value) / denominator).max()))
+            row["mean_abs"] = max(row["mean_abs"], float(np.abs(ref_value - cand_value).mean()))
+            row["cosine"] = min(row["cosine"], errors["cosine"])
+            row["passed"] = row["passed"] and bool(verdict[name])
+    return list(rows.values())
+
+
+def _save_reference_outputs(results, path: Path) -> None:
+    from polygraphy.comparator import RunResults
+
+    reference_only = RunResults()
+    reference_only.append(results[0])
+    reference_only.save(str(path))
+
+
+def _model_file(path: str | Path) -> Path:
+    path = Path(path)
+    path = path / "model.onnx" if path.is_dir() else path
+    if not path.is_file():
+        raise UserError(f"{path}: no such ONNX model")
+    return path
+
+
+def _check_same_inputs(reference: Path, candidate: Path) -> None:
+    import onnx
+
+    def names(path: Path) -> set[str]:
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception:
+            raise UserError(f"{path} is not a valid ONNX model") from None
+        initializers = {t.name for t in model.graph.initializer}
+        return {i.name for i in model.graph.input if i.name not in initializers}
+
+    ref_names, cand_names = names(reference), names(candidate)
+    if ref_names != cand_names:
+        raise UserError(f"reference and candidate have different input names: "
+                        f"{', '.join(sorted(ref_names ^ cand_names)[:6])}")

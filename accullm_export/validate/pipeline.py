@@ -1,0 +1,128 @@
+"""``validate``: one entry point for causal LMs and any other ONNX model, with bisection, gates and a report."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+import accullm_export
+from accullm_export.errors import UserError
+from accullm_export.validate.gates import evaluate_gates, raise_on_failed_gates
+from accullm_export.validate.llm import LLMValidationConfig, validate_llm
+
+log = logging.getLogger(__name__)
+MODES = ("auto", "llm", "generic")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ValidateOptions:
+    """Everything ``validate`` takes besides the two models."""
+
+    mode: str = "auto"
+    llm: LLMValidationConfig = LLMValidationConfig()
+    data_loader: str | None = None  # generic mode: a load_data() script
+    iterations: int = 1
+    val_range: tuple[float, float] = (0.0, 1.0)
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    bisect: bool = False
+    bisect_tolerance: float = 0.05
+    bisect_seq_len: int = 64
+    gates: dict = dataclasses.field(default_factory=dict)  # gate name -> threshold (None: off)
+    report_dir: str | None = None
+    version: int = 1
+
+
+def validate(reference: str | Path, candidate: str | Path, options: ValidateOptions) -> dict:
+    """Compare candidate with reference; write the report if asked; raise AccuracyError on a failed gate."""
+    mode = detect_mode(reference, candidate) if options.mode == "auto" else options.mode
+    if mode not in MODES[1:]:
+        raise UserError(f"unknown mode {options.mode!r}; choose from {', '.join(MODES)}")
+    report: dict = {"kind": "accullm-export/validate", "version": 1, "reference": str(reference),
+                    "candidate": str(candidate), "mode": mode, "versions": _versions()}
+    work_dir = Path(options.report_dir) if options.report_dir else None
+    if mode == "llm":
+        report.update(validate_llm(reference, candidate, options.llm))
+    else:
+        from accullm_export.validate.generic import validate_generic
+
+        if work_dir is None:
+            import tempfile
+
+            work_dir = Path(tempfile.mkdtemp(prefix="accullm-validate-"))
+        report["generic"] = validate_generic(reference, candidate, work_dir, data_loader=options.data_loader,
+                                             iterations=options.iterations, val_range=options.val_range,
+                                             atol=options.atol, rtol=options.rtol)
+    if options.bisect:
+        from accullm_export.validate.bisect import bisect
+
+        feed = _bisect_feed(reference, report, options)
+        report["layers"], report["bisect"] = bisect(reference, candidate, feed, options.bisect_tolerance,
+                                                    options.llm.optimization)
+    report["gates"] = evaluate_gates(report, options.gates)
+    if mode == "generic":
+        report["gates"].append({"name": "polygraphy", "threshold": options.atol, "value": None,
+                                "passed": report["generic"]["passed"],
+                                "message": f"polygraphy: outputs within atol {options.atol:g} / rtol {options.rtol:g}"})
+    if options.report_dir:
+        from accullm_export.validate.report import write_report
+
+        write_report(report, Path(options.report_dir))
+    return report
+
+
+def check_gates(report: dict) -> None:
+    """Raise AccuracyError if any gate in the report failed (call after printing the summary)."""
+    raise_on_failed_gates(report.get("gates", []))
+
+
+def detect_mode(reference: str | Path, candidate: str | Path) -> str:
+    """``llm`` when both sides look like exported decoders (input_ids, past_key_values, logits)."""
+    return "llm" if _is_causal_lm(reference) and _is_causal_lm(candidate) else "generic"
+
+
+def _is_causal_lm(path: str | Path) -> bool:
+    path = Path(path)
+    path = path / "model.onnx" if path.is_dir() else path
+    if not path.is_file():
+        raise UserError(f"{path}: no such model (expected an exported folder or an .onnx file)")
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:
+        raise UserError(f"{path} is not a valid ONNX model (truncated or not ONNX)") from None
+    inputs = {value.name for value in graph.input}
+    return ("input_ids" in inputs and "past_key_values.0.key" in inputs
+            and any(value.name == "logits" for value in graph.output))
+
+
+def _bisect_feed(reference: str | Path, report: dict, options: ValidateOptions) -> dict[str, np.ndarray]:
+    """One input for bisection: a held-out text window (LLMs) or the first saved Polygraphy input."""
+    if report["mode"] == "generic":
+        from polygraphy.json import load_json
+
+        return dict(load_json(report["generic"]["inputs_json"])[0])
+    from accullm_export.data.text import load_text_source, token_windows
+    from accullm_export.runtime import OrtCausalLM
+    from accullm_export.runtime.tokenizer import FolderTokenizer
+
+    runner = OrtCausalLM.from_path(reference, device="cpu")
+    tokenizer = FolderTokenizer(options.llm.tokenizer or runner.folder)
+    source = load_text_source(options.llm.text)
+    tokens = token_windows(source.documents, tokenizer.encode, num_windows=1, seq_len=options.bisect_seq_len,
+                           seed=options.llm.seed)
+    feed = {"input_ids": tokens, "attention_mask": np.ones_like(tokens),
+            "position_ids": np.arange(tokens.shape[1], dtype=np.int64)[None]}
+    for i, (key, value) in enumerate(runner.empty_cache(1)):
+        feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = key, value
+    return feed
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+
+    return {"accullm_export": accullm_export.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}

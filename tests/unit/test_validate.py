@@ -1,0 +1,215 @@
+"""validate: metrics against an independent NumPy computation, gates, bisection, generic mode, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from accullm_export.cli.main import main
+from accullm_export.runtime import OrtCausalLM
+
+TEXT = ("The river ran north past the old stone bridge, and the market opened before dawn. "
+        "Seven candles burned in the window of the copper shop. Winter came early that year.\n\n"
+        "In the garden, a rabbit watched the ladder lean against the orange wall. The engine of the harbor "
+        "ferry coughed twice and then fell silent, while the music from the square grew louder.\n\n") * 6
+FAST = ["--windows", "3", "--seq-len", "48", "--num-prompts", "3", "--new-tokens", "12", "--probes-per-task", "1"]
+
+
+def perturb(source, target, initializer: str, scale: float):
+    """Copy an exported folder, multiplying one initializer by ``scale``."""
+    shutil.copytree(source, target)
+    model = onnx.load(str(target / "model.onnx"))
+    for index, tensor in enumerate(model.graph.initializer):
+        if tensor.name == initializer:
+            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * scale,
+                                                                            initializer))
+    (target / "model.onnx.data").unlink()
+    onnx.save_model(model, str(target / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    return target
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def hand_kl(ref_logits, cand_logits):
+    """KL(ref || cand) per position with an explicit softmax (no log-softmax shortcut)."""
+    out = []
+    for r, c in zip(ref_logits.astype(np.float64), cand_logits.astype(np.float64)):
+        p = np.exp(r - r.max()) / np.exp(r - r.max()).sum()
+        q = np.exp(c - c.max()) / np.exp(c - c.max()).sum()
+        out.append(float(np.sum(p * np.log(p / q))))
+    return np.array(out)
+
+
+def test_model_against_itself(capsys, tiny_exports, text_file, tmp_path):
+    _, folder = tiny_exports["llama"]
+    code, out, _ = run(capsys, "validate", str(folder), str(folder), "--text", str(text_file), *FAST,
+                       "--report", str(tmp_path / "rep"))
+    assert code == 0
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["mode"] == "llm"
+    assert report["metrics"]["kl_mean"] == 0.0 and report["metrics"]["top1_agreement"] == 1.0
+    assert report["metrics"]["ppl_delta_pct"] == 0.0
+    assert report["greedy"]["full_matches"] == report["greedy"]["count"] == 3
+    assert report["probes"]["agreement"] == 1.0
+    assert (tmp_path / "rep" / "report.html").is_file()
+
+
+def test_perturbed_model_matches_hand_computed_metrics(tiny_exports, text_file, tmp_path):
+    from accullm_export.data.text import load_text_source, token_windows
+    from accullm_export.runtime.tokenizer import FolderTokenizer
+    from accullm_export.validate.llm import LLMValidationConfig, text_metrics
+
+    _, folder = tiny_exports["llama"]
+    candidate = perturb(folder, tmp_path / "cand", "model.layers.0.mlp.up_proj.MatMul.weight", 1.8)
+    ref, cand = OrtCausalLM.from_path(folder, device="cpu"), OrtCausalLM.from_path(candidate, device="cpu")
+    tokenizer = FolderTokenizer(folder)
+    config = LLMValidationConfig(text=str(text_file), windows=3, seq_len=48)
+    measured = text_metrics(ref, cand, tokenizer, config)["metrics"]
+
+    windows = token_windows(load_text_source(str(text_file)).documents, tokenizer.encode, num_windows=3, seq_len=48,
+                            seed=0, separator_ids=tokenizer.eos_token_ids[:1])
+    kls, nll_r, nll_c, agree = [], [], [], []
+    for window in windows:
+        r = ref.full_logits(window[None])[0, :-1].astype(np.float64)
+        c = cand.full_logits(window[None])[0, :-1].astype(np.float64)
+        kls.extend(hand_kl(r, c))
+        for t, target in enumerate(window[1:]):
+            pr = np.exp(r[t] - r[t].max()); pr /= pr.sum()
+            pc = np.exp(c[t] - c[t].max()); pc /= pc.sum()
+            nll_r.append(-np.log(pr[target])); nll_c.append(-np.log(pc[target]))
+            agree.append(r[t].argmax() == c[t].argmax())
+    assert measured["kl_mean"] > 1e-4  # the perturbation is visible
+    assert measured["kl_mean"] == pytest.approx(np.mean(kls), rel=1e-6)
+    assert measured["kl_p99"] == pytest.approx(np.percentile(kls, 99), rel=1e-6)
+    assert measured["ppl_reference"] == pytest.approx(np.exp(np.mean(nll_r)), rel=1e-9)
+    assert measured["ppl_candidate"] == pytest.approx(np.exp(np.mean(nll_c)), rel=1e-9)
+    assert measured["top1_agreement"] == pytest.approx(np.mean(agree))
+
+
+def test_failed_gate_exits_one_and_says_by_how_much(capsys, tiny_exports, text_file, tmp_path):
+    _, folder = tiny_exports["llama"]
+    candidate = perturb(folder, tmp_path / "cand", "model.layers.1.self_attn.o_proj.MatMul.weight", 2.0)
+    code, out, err = run(capsys, "validate", str(folder), str(candidate), "--text", str(text_file), *FAST,
+                         "--max-kl", "1e-9", "--min-top1", "0.0", "--report", str(tmp_path / "rep"))
+    assert code == 1
+    assert "max-kl" in err and "off by" in err and "min-top1" not in err
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    gates = {gate["name"]: gate["passed"] for gate in report["gates"]}
+    assert gates == {"max-kl": False, "min-top1": True}
+
+
+def test_bisect_finds_the_broken_layer(capsys, tiny_exports, text_file, tmp_path):
+    _, folder = tiny_exports["qwen2"]
+    candidate = perturb(folder, tmp_path / "cand", "model.layers.1.mlp.up_proj.MatMul.weight", 3.0)
+    code, out, _ = run(capsys, "validate", str(folder), str(candidate), "--text", str(text_file), *FAST,
+                       "--bisect", "--report", str(tmp_path / "rep"))
+    assert code == 0
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    blocks = report["layers"]["blocks"]
+    assert [b["index"] for b in blocks] == [0, 1]
+    assert blocks[0]["rel_error"] == 0.0 and blocks[1]["rel_error"] > 0.05
+    culprit = report["bisect"]["culprit"]
+    assert culprit["node"] == "/model/layers.1/mlp/up_proj/MatMul"
+    assert culprit["precision"] == "float32"
+    assert "/model/layers.1/mlp/up_proj/MatMul" in out
+
+
+def test_mismatched_vocabularies(capsys, tiny_exports, tmp_path, text_file):
+    from accullm_export.models.export import export_model
+    from tests.conftest import make_tiny_checkpoint
+
+    _, folder = tiny_exports["llama"]
+    other = make_tiny_checkpoint(tmp_path / "hf", "llama", vocab_size=300)
+    export_model(str(other), tmp_path / "other")
+    code, _, err = run(capsys, "validate", str(folder), str(tmp_path / "other"), "--text", str(text_file), *FAST)
+    assert code == 2 and "vocabulary sizes differ" in err
+
+
+def test_empty_text_source(capsys, tiny_exports, tmp_path):
+    _, folder = tiny_exports["llama"]
+    (tmp_path / "empty.txt").write_text("\n\n")
+    code, _, err = run(capsys, "validate", str(folder), str(folder), "--text", str(tmp_path / "empty.txt"), *FAST)
+    assert code == 2 and "empty" in err and "Traceback" not in err
+
+
+def make_mlp(path, input_name="x", scale=1.0):
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((8, 4)) * scale).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", [input_name, "W"], ["h"], name="/mm/MatMul"),
+         helper.make_node("Tanh", ["h"], ["y"], name="/act/Tanh")], "mlp",
+        [helper.make_tensor_value_info(input_name, onnx.TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])], [numpy_helper.from_array(weight, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+def test_generic_polygraphy_comparison(capsys, tmp_path):
+    ref, cand = make_mlp(tmp_path / "a.onnx"), make_mlp(tmp_path / "b.onnx", scale=1.01)
+    script = tmp_path / "loader.py"
+    script.write_text("import numpy as np\n\ndef load_data():\n    rng = np.random.default_rng(3)\n"
+                      "    for _ in range(3):\n        yield {'x': rng.standard_normal((2, 8)).astype(np.float32)}\n")
+    code, out, _ = run(capsys, "validate", str(ref), str(ref), "--data-loader", str(script),
+                       "--report", str(tmp_path / "same"))
+    assert code == 0
+    report = json.loads((tmp_path / "same" / "report.json").read_text())
+    assert report["mode"] == "generic" and report["generic"]["iterations"] == 3
+    assert report["generic"]["outputs"][0]["cosine"] == pytest.approx(1.0)
+    assert (tmp_path / "same" / "inputs.json").is_file()
+    assert "polygraphy run" in report["generic"]["polygraphy_command"]
+    code, _, err = run(capsys, "validate", str(ref), str(cand), "--data-loader", str(script), "--bisect", "--bisect-tol", "1e-3",
+                       "--report", str(tmp_path / "diff"))
+    assert code == 1 and "polygraphy" in err
+    report = json.loads((tmp_path / "diff" / "report.json").read_text())
+    assert report["generic"]["outputs"][0]["max_abs"] > 1e-4
+    assert report["bisect"]["culprit"]["node"] == "/mm/MatMul"
+
+
+def test_generic_random_inputs_and_errors(capsys, tmp_path):
+    ref = make_mlp(tmp_path / "a.onnx")
+    code, _, _ = run(capsys, "validate", str(ref), str(ref), "--iterations", "2", "--val-range", "-1", "1")
+    assert code == 0
+    other = make_mlp(tmp_path / "c.onnx", input_name="z")
+    code, _, err = run(capsys, "validate", str(ref), str(other))
+    assert code == 2 and "different input names" in err
+    bad = tmp_path / "bad.py"
+    bad.write_text("def load_data():\n    raise RuntimeError('no data here')\n")
+    code, _, err = run(capsys, "validate", str(ref), str(ref), "--data-loader", str(bad))
+    assert code == 2 and "no data here" in err and "Traceback" not in err
+
+
+def test_large_model_path_reads_intermediates_beside_the_model(tiny_exports, monkeypatch):
+    """Models over the protobuf limit are read through a temporary file beside them, removed afterwards."""
+    from accullm_export.validate import intermediates
+
+    monkeypatch.setattr(intermediates, "_PROTOBUF_LIMIT", 0)
+    _, folder = tiny_exports["llama"]
+    before = sorted(p.name for p in folder.iterdir())
+    reader = intermediates.IntermediateReader(folder)
+    runner = OrtCausalLM.from_path(folder, device="cpu")
+    ids = np.array([[5, 6, 7, 8]])
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(4)[None]}
+    for i, (key, value) in enumerate(runner.empty_cache(1)):
+        feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = key, value
+    values = reader.run(feed, ["/model/layers.1/residual_mlp/Add/output_0", "logits"])
+    assert np.allclose(values["logits"], runner.full_logits(ids), atol=1e-6)
+    assert values["/model/layers.1/residual_mlp/Add/output_0"].shape == (1, 4, 64)
+    assert sorted(p.name for p in folder.iterdir()) == before
