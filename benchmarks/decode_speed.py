@@ -88,10 +88,10 @@ class Runtime(Protocol):
 class AccullmRuntime:
     """Our exported folder run by accullm's OrtCausalLM (NumPy KV cache, presents fed back as the next past)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, threads: int):
         from accullm_export.runtime import OrtCausalLM
 
-        self.model = OrtCausalLM.from_path(folder, device="cpu")
+        self.model = OrtCausalLM.from_path(folder, device="cpu", threads=threads or None)
 
     def _forward(self, token_ids: Sequence[int], past_length: int, past) -> tuple[np.ndarray, list]:
         input_ids = np.asarray([token_ids], dtype=np.int64)
@@ -117,11 +117,14 @@ class AccullmRuntime:
 class GenaiRuntime:
     """Any folder with a genai_config.json run by onnxruntime-genai's Generator (greedy search)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, threads: int):
         import onnxruntime_genai as og
 
         self.og = og
-        self.model = og.Model(str(folder))
+        config = og.Config(str(folder))
+        if threads:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = og.Model(config)
 
     def _generator(self, max_length: int):
         params = self.og.GeneratorParams(self.model)
@@ -154,7 +157,7 @@ class Pair:
 
     label: str
     folder: Path
-    open_runtime: Callable[[Path], Runtime]
+    open_runtime: Callable[[Path, int], Runtime]
 
 
 @dataclasses.dataclass
@@ -277,8 +280,8 @@ def warm_up(runtime: Runtime, prefill_prompt: list[int], decode_prompt: list[int
     runtime.greedy_decode(decode_prompt, 16)
 
 
-def measure(pairs: list[Pair], prefill_prompt: list[int], decode_prompt: list[int], decode_tokens: int,
-            repeats: int, meter: CpuMeter) -> list[Measurement]:
+def measure(pairs: list[Pair], prefill_prompt: list[int], decode_prompt: list[int], *, decode_tokens: int,
+            repeats: int, threads: int, meter: CpuMeter) -> list[Measurement]:
     """Time ``repeats`` prefills and greedy decode runs of every pair, interleaved.
 
     All pairs stay loaded and each round visits them in a rotated order, so a burst of load from another
@@ -287,7 +290,7 @@ def measure(pairs: list[Pair], prefill_prompt: list[int], decode_prompt: list[in
     runtimes = []
     for pair in pairs:
         log.info("loading and warming up %s", pair.label)
-        runtimes.append(pair.open_runtime(pair.folder))
+        runtimes.append(pair.open_runtime(pair.folder, threads))
         warm_up(runtimes[-1], prefill_prompt, decode_prompt)
     prefill_ms: list[list[float]] = [[] for _ in pairs]
     decode_rates: list[list[float]] = [[] for _ in pairs]
@@ -312,7 +315,21 @@ def token_agreement(candidate: list[int], reference: list[int]) -> str:
     return f"match ({len(reference)} tokens)"
 
 
-def environment(decode_tokens: int, repeats: int) -> dict:
+def usable_cpus() -> set[int]:
+    """The CPUs this process may run on."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
+def threads_note(threads: int) -> str:
+    """How the thread count was set, for the report."""
+    if threads:
+        return (f"{threads} intra-op threads for all three pairs, set explicitly (left to its default, "
+                "onnxruntime-genai 0.18 ran a single thread on a 2-core machine, where ONNX Runtime's own "
+                "default is one per physical core)")
+    return "each runtime's default intra-op threads (these can differ between the runtimes)"
+
+
+def environment(args: argparse.Namespace) -> dict:
     """What the numbers depend on, for the report."""
     import onnxruntime
     import onnxruntime_genai
@@ -321,15 +338,16 @@ def environment(decode_tokens: int, repeats: int) -> dict:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "cpu": platform.processor() or platform.machine(),
         "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "threads": "ONNX Runtime default intra-op threads (one per physical core) for all three pairs",
+        "usable_cpus": len(usable_cpus()),
+        "threads": args.threads,
+        "threads_note": threads_note(args.threads),
         "onnxruntime": onnxruntime.__version__,
         "onnxruntime_genai": onnxruntime_genai.__version__,
         "batch": 1,
         "prefill_tokens": PREFILL_TOKENS,
         "decode_prompt_tokens": DECODE_PROMPT_TOKENS,
-        "decode_tokens": decode_tokens,
-        "repeats": repeats,
+        "decode_tokens": args.decode_tokens,
+        "repeats": args.repeats,
     }
 
 
@@ -339,7 +357,7 @@ def report_header(env: dict) -> list[str]:
         f"# Decode speed: SmolLM2-135M fp32, CPU, batch 1 ({env['date']})",
         "",
         f"ONNX Runtime {env['onnxruntime']}, onnxruntime-genai {env['onnxruntime_genai']}; "
-        f"{env['usable_cpus']} usable CPUs; {env['threads']}. Medians of {env['repeats']} interleaved rounds "
+        f"{env['usable_cpus']} usable CPUs; {env['threads_note']}. Medians of {env['repeats']} interleaved rounds "
         f"after a warm-up; prefill = one {PREFILL_TOKENS}-token prompt; decode = {env['decode_tokens']} greedy "
         f"steps after a {DECODE_PROMPT_TOKENS}-token prompt. MB = 10^6 bytes.",
     ]
@@ -425,10 +443,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode-tokens", type=int, default=128,
                         help="timed greedy decode steps (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=len(usable_cpus()),
+                        help="intra-op threads for all three pairs; 0 leaves each runtime its own default, which "
+                             "differ (default: the usable CPUs, %(default)s)")
     parser.add_argument("--reuse", action="store_true", help="keep model folders that already exist in --work")
     args = parser.parse_args(argv)
-    if args.decode_tokens < 1 or args.repeats < 1:
-        parser.error("--decode-tokens and --repeats must be at least 1")
+    if args.decode_tokens < 1 or args.repeats < 1 or args.threads < 0:
+        parser.error("--decode-tokens and --repeats must be at least 1, --threads at least 0")
     args.work = args.work or args.out / "decode_speed_work"
     return args
 
@@ -448,8 +469,9 @@ def main(argv: list[str] | None = None) -> int:
              Pair("ours via onnxruntime-genai", ours, GenaiRuntime),
              Pair("theirs via onnxruntime-genai", theirs, GenaiRuntime)]
     meter = CpuMeter()
-    rows = measure(pairs, prefill_prompt, decode_prompt, args.decode_tokens, args.repeats, meter)
-    env = environment(args.decode_tokens, args.repeats) | {"other_processes_cpu_share": meter.others_share()}
+    rows = measure(pairs, prefill_prompt, decode_prompt, decode_tokens=args.decode_tokens, repeats=args.repeats,
+                   threads=args.threads, meter=meter)
+    env = environment(args) | {"other_processes_cpu_share": meter.others_share()}
     memory = {"export_peak_rss_mb": export_peak / MB if export_peak else None,
               "genai_builder_peak_rss_mb": builder_peak / MB if builder_peak else None,
               "ours_model_mb": model_bytes(ours) / MB, "theirs_model_mb": model_bytes(theirs) / MB}

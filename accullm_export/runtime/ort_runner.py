@@ -63,9 +63,22 @@ def _layout(session, path: Path) -> ModelLayout:
     first = inputs["past_key_values.0.key"]
     kv_heads, head_dim = first.shape[1], first.shape[3]
     if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
+        kv_heads, head_dim = _geometry_from_genai_config(path.parent, kv_heads, head_dim)
+    if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
         raise UserError(f"{path}: past_key_values.0.key must have static head count and head size, got {first.shape}")
     vocab = outputs["logits"].shape[-1]
     return ModelLayout(num_layers=len(layers), num_kv_heads=kv_heads, head_dim=head_dim,
                        kv_dtype=np.dtype(_ORT_TYPES.get(first.type, np.float32)),
                        vocab_size=vocab if isinstance(vocab, int) else None,
                        has_position_ids="position_ids" in inputs)
+
+
+def _geometry_from_genai_config(folder: Path, kv_heads, head_dim):
+    """onnxruntime-genai's own builds leave the head size symbolic; their genai_config.json states it."""
+    import json
+
+    config_path = folder / "genai_config.json"
+    if not config_path.is_file():
+        return kv_heads, head_dim
+    decoder = json.loads(config_path.read_text()).get("model", {}).get("decoder", {})
+    return decoder.get("num_key_value_heads", kv_heads), decoder.get("head_size", head_dim)

@@ -41,8 +41,9 @@ def load_pair(reference: str | Path, candidate: str | Path, optimization: str) -
     """Load both sides and check they are comparable (same inputs, same vocabulary)."""
     ref = OrtCausalLM.from_path(reference, device="cpu", optimization=optimization)
     cand = OrtCausalLM.from_path(candidate, device="cpu", optimization=optimization)
-    ref_inputs = {i.name for i in ref.session.get_inputs()}
-    cand_inputs = {i.name for i in cand.session.get_inputs()}
+    # position_ids is optional: onnxruntime-genai's own builds derive positions from the attention mask
+    ref_inputs = {i.name for i in ref.session.get_inputs()} - {"position_ids"}
+    cand_inputs = {i.name for i in cand.session.get_inputs()} - {"position_ids"}
     if ref_inputs != cand_inputs:
         diff = sorted(ref_inputs ^ cand_inputs)
         raise UserError(f"reference and candidate have different input names: {', '.join(diff[:6])}")
