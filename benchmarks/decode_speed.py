@@ -6,7 +6,7 @@ For the sample model (SmolLM2-135M-Instruct, fp32) this script
    peak resident memory (RSS) next to the size of the model it wrote (model.onnx + model.onnx.data);
 2. builds onnxruntime-genai's own fp32 model from the same Hugging Face folder with
    ``python -m onnxruntime_genai.models.builder`` (offline, from the local folder);
-3. measures, at batch 1 on CPU with ONNX Runtime's default thread count, three model/runtime pairs:
+3. measures, at batch 1 on CPU with the same intra-op thread count (--threads), three model/runtime pairs:
    ours run by accullm's runtime (OrtCausalLM), ours run by onnxruntime-genai (our folder, unchanged) and
    theirs run by onnxruntime-genai. Prefill is the latency of one 512-token prompt; decode is greedy tokens
    per second after a 32-token prompt. All three stay loaded and are timed in interleaved rounds (medians
@@ -45,6 +45,7 @@ import numpy as np
 
 from accullm_export.atomic import atomic_write_bytes, atomic_write_text
 from accullm_export.models.checkpoint import resolve_checkpoint_folder
+from accullm_export.runtime.base import KVCache
 
 log = logging.getLogger("decode_speed")
 
@@ -93,7 +94,7 @@ class AccullmRuntime:
 
         self.model = OrtCausalLM.from_path(folder, device="cpu", threads=threads or None)
 
-    def _forward(self, token_ids: Sequence[int], past_length: int, past) -> tuple[np.ndarray, list]:
+    def _forward(self, token_ids: Sequence[int], past_length: int, past: KVCache) -> tuple[np.ndarray, KVCache]:
         input_ids = np.asarray([token_ids], dtype=np.int64)
         attention_mask = np.ones((1, past_length + len(token_ids)), dtype=np.int64)
         position_ids = np.arange(past_length, past_length + len(token_ids), dtype=np.int64)[None, :]
@@ -424,6 +425,7 @@ def plot(rows: list[Measurement], path: Path) -> None:
     for axes, values, title in panels:
         bars = axes.bar(labels, values, color=["tab:blue", "tab:cyan", "tab:orange"][:len(rows)])
         axes.bar_label(bars, fmt="%.1f")
+        axes.margins(y=0.12)  # room for the labels above the tallest bar
         axes.set_title(title)
         axes.tick_params(axis="x", labelsize=8)
     figure.suptitle("SmolLM2-135M fp32, CPU, batch 1")

@@ -20,7 +20,7 @@ from accullm_export.validate.metrics import tensor_errors
 log = logging.getLogger(__name__)
 
 BLOCK_OUTPUT = re.compile(r"/model/layers\.(\d+)/residual_mlp/Add/output_0")
-GROUP_SIZE = 4
+GROUP_SIZE = 8
 
 
 def compare_tensors(reference: IntermediateReader, candidate: IntermediateReader, feed: Mapping[str, np.ndarray],

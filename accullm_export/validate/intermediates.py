@@ -1,9 +1,10 @@
 """Read intermediate tensors of an ONNX model by marking a few of them as outputs at a time.
 
 Marking every tensor at once runs out of memory on real models, so callers ask for small groups. ONNX
-Runtime refuses external data outside the model's folder (symlinks included), so a model under 2 GB is
-handed over serialized in memory; a larger one is written as a hidden temporary file beside the original,
-whose external data it then shares, and removed as soon as its session exists.
+Runtime refuses external data outside the model's folder (symlinks included), so the modified graph (a few
+hundred kB, no weights) is written as a hidden temporary file beside the original, sharing its external data,
+and removed as soon as its session exists. Where that folder is read-only, a model under 2 GB is handed over
+serialized in memory instead.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from accullm_export.errors import UserError
 from accullm_export.runtime.session import create_session
 
 _PROTOBUF_LIMIT = 1_800_000_000  # bytes of weights below which the model is passed in memory
@@ -33,8 +35,11 @@ class IntermediateReader:
         self.nodes_by_output = {out: node for node in self.model.graph.node for out in node.output}
         external = sum(int(entry.value) for tensor in self.model.graph.initializer
                        for entry in tensor.external_data if entry.key == "length")
-        self._in_memory = external < _PROTOBUF_LIMIT
+        self._in_memory = not os.access(self.model_path.parent, os.W_OK)
         if self._in_memory:
+            if external >= _PROTOBUF_LIMIT:
+                raise UserError(f"{self.model_path.parent} is read-only and the model is over 2 GB: copy it to a "
+                                "writable folder to read its intermediate tensors")
             onnx.load_external_data_for_model(self.model, str(self.model_path.parent))
 
     def tensor_names(self) -> list[str]:
@@ -43,15 +48,15 @@ class IntermediateReader:
 
     def run(self, feed: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
         """Values of ``names`` for one input feed."""
-        model = onnx.ModelProto()
-        model.CopyFrom(self.model)
-        existing = {output.name for output in model.graph.output}
-        for name in names:
-            if name not in existing:
-                model.graph.output.append(helper.make_empty_tensor_value_info(name))
-        session = self._session(model)
-        inputs = {i.name for i in session.get_inputs()}
-        values = session.run(list(names), {k: v for k, v in feed.items() if k in inputs})
+        outputs = self.model.graph.output
+        original = len(outputs)
+        existing = {output.name for output in outputs}
+        outputs.extend(helper.make_empty_tensor_value_info(name) for name in names if name not in existing)
+        try:
+            session = self._session(self.model)
+        finally:
+            del outputs[original:]  # the graph is shared between calls: put it back as it was
+        values = session.run(list(names), _feed_for(session, feed))
         return dict(zip(names, values))
 
     def _session(self, model: onnx.ModelProto):
@@ -82,3 +87,21 @@ class IntermediateReader:
         if node.op_type in ("MatMulNBits",):
             return f"int{next((a.i for a in node.attribute if a.name == 'bits'), 4)} weights (MatMulNBits)"
         return "float32 (activations)" if node.op_type != "Cast" else "cast"
+
+
+_ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def _feed_for(session, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The feed restricted to the session's inputs, float arrays cast to each input's float type.
+
+    Both sides get the same values even when, say, the candidate keeps its KV cache in fp16.
+    """
+    out = {}
+    for spec in session.get_inputs():
+        if spec.name not in feed:
+            continue
+        value = np.asarray(feed[spec.name])
+        target = _ORT_FLOAT_TYPES.get(spec.type)
+        out[spec.name] = value.astype(target) if target is not None and value.dtype.kind == "f" else value
+    return out

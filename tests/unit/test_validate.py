@@ -196,14 +196,16 @@ def test_generic_random_inputs_and_errors(capsys, tmp_path):
     assert code == 2 and "no data here" in err and "Traceback" not in err
 
 
-def test_large_model_path_reads_intermediates_beside_the_model(tiny_exports, monkeypatch):
-    """Models over the protobuf limit are read through a temporary file beside them, removed afterwards."""
+@pytest.mark.parametrize("writable", [True, False])
+def test_intermediates_leave_the_model_folder_as_it_was(tiny_exports, monkeypatch, writable):
+    """Intermediates come through a temporary graph beside the model (removed) or, read-only, from memory."""
     from accullm_export.validate import intermediates
 
-    monkeypatch.setattr(intermediates, "_PROTOBUF_LIMIT", 0)
+    monkeypatch.setattr(intermediates.os, "access", lambda path, mode: writable)
     _, folder = tiny_exports["llama"]
     before = sorted(p.name for p in folder.iterdir())
     reader = intermediates.IntermediateReader(folder)
+    assert reader._in_memory is (not writable)
     runner = OrtCausalLM.from_path(folder, device="cpu")
     ids = np.array([[5, 6, 7, 8]])
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(4)[None]}
