@@ -141,7 +141,8 @@ def test_exit_code_through_the_console_script(tmp_path):
 
 
 def test_every_help_works():
-    for argv in (["--help"], ["export", "--help"], ["generate", "--help"], ["inspect", "--help"]):
+    for argv in (["--help"], ["export", "--help"], ["generate", "--help"], ["inspect", "--help"],
+                 ["validate", "--help"]):
         result = subprocess.run([sys.executable, "-m", "accullm_export.cli.main", *argv],
                                 capture_output=True, text=True)
         assert result.returncode == 0 and "usage:" in result.stdout
@@ -152,7 +153,8 @@ def test_import_and_help_need_only_the_core():
     blocked = ["torch", "transformers", "gguf", "safetensors", "accelerate", "onnxruntime_genai", "tensorrt"]
     code = (f"import sys\nfor name in {blocked!r}: sys.modules[name] = None\n"
             "import accullm_export\nfrom accullm_export.cli.main import main\n"
-            "for argv in (['--help'], ['export', '--help'], ['generate', '--help'], ['inspect', '--help']):\n"
+            "for argv in (['--help'], ['export', '--help'], ['generate', '--help'], ['inspect', '--help'],\n"
+            "             ['validate', '--help']):\n"
             "    try:\n        main(argv)\n    except SystemExit as exc:\n        assert exc.code == 0, argv\n"
             "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
