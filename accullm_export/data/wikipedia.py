@@ -20,7 +20,6 @@ from __future__ import annotations
 import bz2
 import functools
 import html
-import importlib.util
 import logging
 import re
 import xml.etree.ElementTree as ElementTree
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from accullm_export.errors import UserError
+from accullm_export.packaged_files import packaged_file
 
 logger = logging.getLogger(__name__)
 
@@ -103,13 +103,7 @@ def wikipedia_dump_path() -> Path:
     Raises:
         UserError: gensim is not installed, or its copy lacks the dump.
     """
-    spec = importlib.util.find_spec(DUMP_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the built-in Wikipedia text needs the gensim package: {INSTALL_HINT}")
-    path = Path(list(spec.submodule_search_locations)[0]) / DUMP_RELATIVE_PATH
-    if not path.is_file():
-        raise UserError(f"the built-in Wikipedia text: {path} is missing; reinstall with {INSTALL_HINT}")
-    return path
+    return packaged_file(DUMP_PACKAGE, DUMP_RELATIVE_PATH, "gensim", "the built-in Wikipedia text")
 
 
 def wikipedia_pages(split: str = "all") -> tuple[Page, ...]:

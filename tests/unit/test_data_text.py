@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from accullm_export import packaged_files
 from accullm_export.data import text as text_module
 from accullm_export.data import wikipedia as wikipedia_module
 from accullm_export.data.text import load_text_source, token_windows
@@ -219,6 +220,6 @@ def test_token_windows_stops_tokenizing_early() -> None:
 
 
 def test_missing_gensim_is_a_user_error_with_the_install_hint(monkeypatch) -> None:
-    monkeypatch.setattr(wikipedia_module.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(packaged_files.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="pip install --no-deps gensim"):
         load_text_source("wiki")
