@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 
 DUMP_PACKAGE = "gensim"
 DUMP_RELATIVE_PATH = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-INSTALL_HINT = "pip install --no-deps gensim"
 
 SPLITS = ("calibration", "evaluation", "all")
 EVALUATION_EVERY = 5
