@@ -14,7 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
-from accullm_export.validate.intermediates import IntermediateReader
+from accullm_export.runtime.intermediates import IntermediateReader
 from accullm_export.validate.metrics import tensor_errors
 
 log = logging.getLogger(__name__)

@@ -199,7 +199,7 @@ def test_generic_random_inputs_and_errors(capsys, tmp_path):
 @pytest.mark.parametrize("writable", [True, False])
 def test_intermediates_leave_the_model_folder_as_it_was(tiny_exports, monkeypatch, writable):
     """Intermediates come through a temporary graph beside the model (removed) or, read-only, from memory."""
-    from accullm_export.validate import intermediates
+    from accullm_export.runtime import intermediates
 
     monkeypatch.setattr(intermediates.os, "access", lambda path, mode: writable)
     _, folder = tiny_exports["llama"]

@@ -46,8 +46,8 @@ class IntermediateReader:
         """Every node output, in the graph's (topological) order."""
         return [out for node in self.model.graph.node for out in node.output if out]
 
-    def run(self, feed: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
-        """Values of ``names`` for one input feed."""
+    def open(self, names: Sequence[str]) -> "Tap":
+        """A session that returns ``names``; reuse it for many feeds (one session per group of tensors)."""
         outputs = self.model.graph.output
         original = len(outputs)
         existing = {output.name for output in outputs}
@@ -56,8 +56,11 @@ class IntermediateReader:
             session = self._session(self.model)
         finally:
             del outputs[original:]  # the graph is shared between calls: put it back as it was
-        values = session.run(list(names), _feed_for(session, feed))
-        return dict(zip(names, values))
+        return Tap(session, list(names))
+
+    def run(self, feed: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Values of ``names`` for one input feed."""
+        return self.open(names).run(feed)
 
     def _session(self, model: onnx.ModelProto):
         if self._in_memory:
@@ -87,6 +90,16 @@ class IntermediateReader:
         if node.op_type in ("MatMulNBits",):
             return f"int{next((a.i for a in node.attribute if a.name == 'bits'), 4)} weights (MatMulNBits)"
         return "float32 (activations)" if node.op_type != "Cast" else "cast"
+
+
+class Tap:
+    """A session with extra outputs: ``run(feed)`` returns the tapped tensors by name."""
+
+    def __init__(self, session, names: list[str]):
+        self.session, self.names = session, names
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, self.session.run(self.names, _feed_for(self.session, feed))))
 
 
 _ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
