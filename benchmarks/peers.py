@@ -109,10 +109,13 @@ class Settings:
                                    optimization=self.accuracy_optimization)
 
 
-# Sized so that eight rows finish in about 25 minutes on 2 cores (validation dominates: ~2 minutes a row).
-FULL = Settings(windows=8, seq_len=256, num_prompts=8, new_tokens=32, probes_per_task=3,
+# On a quiet 2-core machine a row validates in about a minute and GPTQ builds in a few; the whole run
+# takes about 20 minutes. GPTQ's 6 x 128 calibration tokens exceed the hidden size (576), so the Hessians of
+# every MatMul input but down_proj's (1536 wide) can be full rank; more costs minutes (GPTQ reruns the whole
+# model for each layer input).
+FULL = Settings(windows=8, seq_len=256, num_prompts=8, new_tokens=64, probes_per_task=5,
                 accuracy_optimization="basic", speed_optimization="all", decode_tokens=64, speed_rounds=3,
-                gptq_windows=4, gptq_seq_len=128)
+                gptq_windows=6, gptq_seq_len=128)
 QUICK = Settings(windows=2, seq_len=64, num_prompts=2, new_tokens=8, probes_per_task=1,
                  accuracy_optimization="basic", speed_optimization="all", decode_tokens=16, speed_rounds=1,
                  gptq_windows=2, gptq_seq_len=64)
@@ -213,15 +216,16 @@ def _quantize_nbits(model, method: str, symmetric: bool, context: BuildContext):
     """Run one MatMulNBitsQuantizer pass; returns the quantized ModelProto."""
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-    if method == "rtn":
-        config = nbits.RTNWeightOnlyQuantConfig()
-    elif method == "gptq":
-        feeds = calibration_feeds(context.reference, context.settings.gptq_windows, context.settings.gptq_seq_len)
-        config = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=FeedReader(feeds))
-    else:
-        config = nbits.HQQWeightOnlyQuantConfig(block_size=BLOCK_SIZE, bits=4)
+    # RTN and GPTQ take their group size from the quantizer's block_size (GPTQ's own block_size is the
+    # number of columns it updates at a time); HQQ takes it from its config.
+    algo_configs = {
+        "rtn": lambda: nbits.RTNWeightOnlyQuantConfig(),
+        "gptq": lambda: nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=FeedReader(calibration_feeds(
+            context.reference, context.settings.gptq_windows, context.settings.gptq_seq_len))),
+        "hqq": lambda: nbits.HQQWeightOnlyQuantConfig(block_size=BLOCK_SIZE, bits=4),
+    }
     quantizer = nbits.MatMulNBitsQuantizer(model, bits=4, block_size=BLOCK_SIZE, is_symmetric=symmetric,
-                                           algo_config=config)
+                                           algo_config=algo_configs[method]())
     quantizer.process()
     return quantizer.model.model  # ORT's ONNXModel (HQQ) and the neural-compressor one (RTN, GPTQ) both hold it
 
@@ -234,25 +238,17 @@ def _calibration_note(method: str, settings: Settings) -> str:
 
 
 class FeedReader:
-    """A CalibrationDataReader over prepared feeds (GPTQ deep-copies and iterates it)."""
+    """A CalibrationDataReader over prepared feeds (ORT's GPTQ deep-copies it and iterates the copy)."""
 
     def __init__(self, feeds: list[dict[str, np.ndarray]]):
         self.feeds, self.position = feeds, 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.position >= len(self.feeds):
-            return None
         self.position += 1
-        return self.feeds[self.position - 1]
+        return self.feeds[self.position - 1] if self.position <= len(self.feeds) else None
 
     def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        feed = self.get_next()
-        if feed is None:
-            raise StopIteration
-        return feed
+        return iter(self.feeds)
 
 
 def calibration_feeds(reference: Path, num_windows: int, seq_len: int) -> list[dict[str, np.ndarray]]:
@@ -411,6 +407,8 @@ def stored_tensor_bytes(tensor) -> int:
         if info.length:
             return int(info.length)
         count = int(np.prod(tensor.dims)) if tensor.dims else 1
+        if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            return (count + 1) // 2  # two 4-bit values a byte
         return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
     if tensor.raw_data:
         return len(tensor.raw_data)
@@ -567,8 +565,11 @@ def decode_prompt(reference: Path) -> list[int]:
     raise BuildError("no held-out document is long enough for the decode prompt")
 
 
-def measure_decode(rows: list[Row], prompt: list[int], settings: Settings) -> None:
-    """Greedy decode tokens/s of every row at batch 1; all loaded, interleaved rounds, median kept."""
+def measure_decode(rows: list[Row], prompt: list[int], settings: Settings) -> float | None:
+    """Greedy decode tokens/s of every row at batch 1; all loaded, interleaved rounds, median kept.
+
+    Returns the share of all CPUs' time that other processes took while timing (None without /proc).
+    """
     from accullm_export.runtime import GenerationConfig, OrtCausalLM, generate
 
     loaded = []
@@ -581,6 +582,7 @@ def measure_decode(rows: list[Row], prompt: list[int], settings: Settings) -> No
             row.fail("decode", exc)
     # No EOS: every run decodes exactly decode_tokens steps after the prefill's token.
     config = GenerationConfig(max_new_tokens=settings.decode_tokens + 1)
+    meter = OtherProcessesMeter()
     for round_index in range(settings.speed_rounds):
         log.info("decode round %d of %d", round_index + 1, settings.speed_rounds)
         for index in np.roll(np.arange(len(loaded)), -round_index):
@@ -588,13 +590,42 @@ def measure_decode(rows: list[Row], prompt: list[int], settings: Settings) -> No
             row.decode_samples.append(generate(model, [prompt], config).decode_tokens_per_second)
     for row, _ in loaded:
         row.decode_tokens_per_second = statistics.median(row.decode_samples)
+    return meter.share()
+
+
+class OtherProcessesMeter:
+    """The share of all CPUs' time spent outside this process since creation (this machine may be shared)."""
+
+    def __init__(self):
+        self.wall, self.busy, self.own = time.perf_counter(), self._busy_seconds(), self._own_seconds()
+
+    @staticmethod
+    def _busy_seconds() -> float | None:
+        try:
+            fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own_seconds() -> float:
+        return sum(os.times()[:2])
+
+    def share(self) -> float | None:
+        busy = self._busy_seconds()
+        if busy is None or self.busy is None:
+            return None
+        capacity = (time.perf_counter() - self.wall) * (os.cpu_count() or 1)
+        return max(0.0, (busy - self.busy - (self._own_seconds() - self.own)) / capacity)
 
 
 def measure_all(peers: list[Peer], context: BuildContext, reuse: bool, out: Path,
-                prebuilt: dict[str, dict]) -> tuple[list[Row], int]:
+                prebuilt: dict[str, dict]) -> tuple[list[Row], dict]:
     """Build, inspect and validate every peer (a failure stays in its row), then time decoding.
 
     ``prebuilt`` maps a peer name to its build record when it was built already (the reference).
+    Returns the rows and run-wide facts (the weight count W, the CPU share others took while timing).
     """
     weights = weight_parameters(context.reference)
     vocab_size = _vocab_size(context.reference)
@@ -612,8 +643,9 @@ def measure_all(peers: list[Peer], context: BuildContext, reuse: bool, out: Path
             except Exception as exc:  # noqa: BLE001 -- one peer's failure must not stop the others
                 row.fail(stage, exc)
                 break
-    measure_decode([row for row in rows if row.status == "ok"], decode_prompt(context.reference), context.settings)
-    return rows, weights
+    others = measure_decode([row for row in rows if row.status == "ok"], decode_prompt(context.reference),
+                            context.settings)
+    return rows, {"weight_parameters": weights, "others_cpu_share_while_timing": others}
 
 
 def _record_build(row: Row, peer: Peer, context: BuildContext, reuse: bool, prebuilt: dict[str, dict]) -> None:
@@ -636,6 +668,10 @@ TABLE_HEADER = ("| Peer | Block | Size MB | Bits/weight | Δppl % | KL mean | To
 
 def _number(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
+
+
+def _percent(share: float | None) -> str:
+    return "an unknown share" if share is None else f"{100 * share:.0f}%"
 
 
 def table_row(row: Row) -> str:
@@ -671,7 +707,7 @@ def details(row: Row) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(rows: list[Row], environment: dict, settings: Settings, weights: int) -> str:
+def render_markdown(rows: list[Row], environment: dict, settings: Settings, facts: dict) -> str:
     """peers.md: the table, how it was measured, and per-row details."""
     llm = settings.llm_config()
     return "\n".join([
@@ -686,8 +722,10 @@ def render_markdown(rows: list[Row], environment: dict, settings: Settings, weig
         f"{llm.new_tokens} new tokens; golden probes {llm.probes_per_task} per task, {llm.probe_tokens} tokens.",
         f"- Decode tok/s: batch 1, greedy, {settings.decode_tokens} decode steps after a {DECODE_PROMPT_TOKENS}-token "
         f"prompt, optimization **{settings.speed_optimization}**, ONNX Runtime's default threads, median of "
-        f"{settings.speed_rounds} interleaved round(s) on {environment['cpus']} CPUs. Times, not gates.",
-        f"- Bits/weight: 8 × (stored bytes of all initializers and Constant tensors) / {weights:,} weight "
+        f"{settings.speed_rounds} interleaved round(s) on {environment['cpus']} CPUs; other processes took "
+        f"{_percent(facts['others_cpu_share_while_timing'])} of the CPU time meanwhile. Times, not gates.",
+        f"- Bits/weight: 8 × (stored bytes of all initializers and Constant tensors) / "
+        f"{facts['weight_parameters']:,} weight "
         "parameters (linear layers + token embedding of the fp32 model, the tied matrix once).",
         "- Block: block sizes of the model's MatMulNBits nodes (— where there are none). The sample's weights "
         "come from a Q4_1 GGUF with block 32.",
@@ -712,15 +750,13 @@ def render_plot(rows: list[Row]) -> bytes | None:
     if not points:
         return None
     figure, (kl_axis, top1_axis) = plt.subplots(1, 2, figsize=(13, 5.2))
-    for row in points:
-        bits = row.bits_per_weight
-        kl = max(row.metrics["kl_mean"], KL_PLOT_FLOOR)
-        kl_label = row.name + (" (KL 0)" if row.metrics["kl_mean"] < KL_PLOT_FLOOR else "")
-        kl_axis.scatter(bits, kl)
-        kl_axis.annotate(kl_label, (bits, kl), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        top1_axis.scatter(bits, row.metrics["top1_agreement"])
-        top1_axis.annotate(row.name, (bits, row.metrics["top1_agreement"]), textcoords="offset points",
-                           xytext=(5, 4), fontsize=8)
+    for index, row in enumerate(sorted(points, key=lambda row: row.bits_per_weight)):
+        bits, kl = row.bits_per_weight, max(row.metrics["kl_mean"], KL_PLOT_FLOOR)
+        kl_label = row.name + (f" (KL 0, drawn at {KL_PLOT_FLOOR:g})" if row.metrics["kl_mean"] < KL_PLOT_FLOOR else "")
+        offset = (6, 6 if index % 2 == 0 else -11)  # alternate above/below: neighbours often sit close
+        for axis, value, label in ((kl_axis, kl, kl_label), (top1_axis, row.metrics["top1_agreement"], row.name)):
+            axis.scatter(bits, value, color=f"C{index}")
+            axis.annotate(label, (bits, value), textcoords="offset points", xytext=offset, fontsize=8)
     kl_axis.set(yscale="log", xlabel="bits per weight", ylabel="mean KL(reference ‖ candidate), nats",
                 title="KL divergence vs size (lower is better)")
     top1_axis.set(xlabel="bits per weight", ylabel="top-1 agreement with fp32",
@@ -754,15 +790,15 @@ def environment(run_seconds: float) -> dict:
             "date": datetime.date.today().isoformat(), "run_seconds": run_seconds}
 
 
-def write_outputs(out: Path, rows: list[Row], settings: Settings, weights: int, run_seconds: float) -> str:
+def write_outputs(out: Path, rows: list[Row], settings: Settings, facts: dict, run_seconds: float) -> str:
     """peers.md, peers.json and the plot under ``out``, each written atomically; returns the markdown."""
     from accullm_export.validate.report import json_safe
 
     env = environment(run_seconds)
-    markdown = render_markdown(rows, env, settings, weights)
+    markdown = render_markdown(rows, env, settings, facts)
     document = {"kind": "accullm-export/peers", "version": 1, "environment": env,
                 "settings": dataclasses.asdict(settings), "validation": dataclasses.asdict(settings.llm_config()),
-                "weight_parameters": weights, "rows": [dataclasses.asdict(row) for row in rows]}
+                **facts, "rows": [dataclasses.asdict(row) for row in rows]}
     atomic_write_text(out / "peers.md", markdown)
     atomic_write_text(out / "peers.json", json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n")
     png = render_plot(rows)
@@ -806,8 +842,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot export the reference: {exc}", file=sys.stderr)
         return 1
     peers = [peer for name, peer in PEERS.items() if not args.only or name in args.only]
-    rows, weights = measure_all(peers, context, args.reuse, args.out, prebuilt)
-    markdown = write_outputs(args.out, rows, settings, weights, time.perf_counter() - started)
+    rows, facts = measure_all(peers, context, args.reuse, args.out, prebuilt)
+    markdown = write_outputs(args.out, rows, settings, facts, time.perf_counter() - started)
     print(markdown)
     print(f"wrote {args.out / 'peers.md'}, {args.out / 'peers.json'}, {args.out / 'peers_accuracy_vs_size.png'}")
     return 0

@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "export": "accullm_export.cli.export",
     "generate": "accullm_export.cli.generate",
     "inspect": "accullm_export.cli.inspect_cmd",
+    "calibrate": "accullm_export.cli.calibrate",
     "validate": "accullm_export.cli.validate",
 }
 

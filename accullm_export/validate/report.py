@@ -3,7 +3,7 @@
 The report is a plain dict (schema "accullm-export/validate", version 1): a header (reference, candidate,
 mode) plus optional sections: text, metrics, kl_histogram, greedy, probes, gates, layers, bisect, generic,
 versions. Each renderer draws only the sections present. The HTML has no scripts and no external
-resources: styles are inline and plots are inline SVG from :mod:`accullm_export.validate.svg`.
+resources: styles are inline and plots are inline SVG from :mod:`accullm_export.svg`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from accullm_export.atomic import atomic_write_text
-from accullm_export.validate import svg
+from accullm_export import svg
 
 _MAX_SUMMARY_GATES = 12
 _SVG_NAMESPACE = ' xmlns="http://www.w3.org/2000/svg"'

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from accullm_export.validate import svg
+from accullm_export import svg
 from accullm_export.validate.report import format_summary, overall_passed, render_html, write_report
 
 SCRIPT = "<script>alert('x')</script>"

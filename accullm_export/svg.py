@@ -1,4 +1,4 @@
-"""Tiny dependency-free SVG plots (histogram, bars, lines) for the self-contained validation report.
+"""Tiny dependency-free SVG plots (histogram, bars, lines) for the self-contained HTML reports.
 
 Every function returns a complete ``<svg>`` string of a fixed size that a browser renders offline: no
 scripts, fonts or external references. Non-finite values are skipped; when nothing is left to draw the
@@ -314,3 +314,136 @@ def line_svg(xs: Sequence[float], series: dict[str, Sequence[float]], *, title: 
     if len(series) > 1:
         parts.extend(_legend([str(name) for name in series]))
     return _frame(title, xlabel, ylabel, parts)
+
+
+HEATMAP_NAN_COLOUR = "#c8c8c8"
+_HEATMAP_STOPS = ((0.0, (68, 1, 84)), (0.25, (59, 82, 139)), (0.5, (33, 145, 140)), (0.75, (94, 201, 98)),
+                  (1.0, (253, 231, 37)))  # viridis: sequential, readable in grey scale and by most colour-blind eyes
+_HEATMAP_LEVELS = 64  # colours are quantized so equal neighbours merge into one <rect>
+
+
+def _heatmap_colour(fraction: float) -> str:
+    """The viridis colour at ``fraction`` in [0, 1], as #rrggbb."""
+    fraction = min(max(fraction, 0.0), 1.0)
+    for (lo, lo_rgb), (hi, hi_rgb) in zip(_HEATMAP_STOPS[:-1], _HEATMAP_STOPS[1:]):
+        if fraction <= hi:
+            t = (fraction - lo) / (hi - lo)
+            return "#" + "".join(f"{round(a + (b - a) * t):02x}" for a, b in zip(lo_rgb, hi_rgb))
+    return "#fde725"
+
+
+def _heatmap_legend(lo: float, hi: float, x: float, y0: float, y1: float, label: str) -> list[str]:
+    """A vertical colour bar from ``lo`` (bottom) to ``hi`` (top) with round ticks and a caption."""
+    steps = 32
+    height = (y1 - y0) / steps
+    parts = [f'<rect x="{x:.1f}" y="{y1 - (i + 1) * height:.2f}" width="12" height="{height + 0.3:.2f}" '
+             f'fill="{_heatmap_colour((i + 0.5) / steps)}"/>' for i in range(steps)]
+    axis = _Axis(lo, hi, y1, y0)
+    for tick in nice_ticks(lo, hi):
+        if lo - 1e-9 <= tick <= hi + 1e-9:
+            parts.append(f'<line x1="{x + 12}" y1="{axis(tick):.1f}" x2="{x + 16}" y2="{axis(tick):.1f}" '
+                         f'stroke="{AXIS_COLOUR}"/>')
+            parts.append(_text(x + 18, axis(tick) + 4, _tick_label(tick)))
+    if label:
+        parts.append(_text(x, y0 - 8, label, font_size=10))
+    return parts
+
+
+def _heatmap_row_labels(labels: Sequence[str], y0: float, row_height: float, x: float) -> list[str]:
+    """Row labels left of the cells, thinned so they stay at least 11 pixels apart."""
+    stride = max(1, math.ceil(11.0 / row_height))
+    parts = []
+    for index in range(0, len(labels), stride):
+        label = labels[index]
+        short = label if len(label) <= 24 else label[:23] + "…"
+        y = y0 + (index + 0.5) * row_height
+        parts.append(_text(x - 4, y + 3.5, short, text_anchor="end", font_size=10))
+        if stride > 1:  # a tick shows which of the thin rows the label names
+            parts.append(f'<line x1="{x - 2}" y1="{y:.2f}" x2="{x + 5}" y2="{y:.2f}" stroke="{AXIS_COLOUR}"/>')
+    return parts
+
+
+def _heatmap_cells(rows: Sequence[Sequence[float]], lo: float, hi: float, x0: float, y0: float,
+                   cell_width: float, row_height: float) -> list[str]:
+    """One <rect> per run of equally coloured neighbouring cells in a row (NaN cells grey)."""
+    parts = ['<g shape-rendering="crispEdges">']
+    for row_index, row in enumerate(rows):
+        colours = [_heatmap_colour(round((value - lo) / (hi - lo) * (_HEATMAP_LEVELS - 1)) / (_HEATMAP_LEVELS - 1))
+                   if _is_finite(value) else HEATMAP_NAN_COLOUR for value in row]
+        y = y0 + row_index * row_height
+        start = 0
+        for column in range(1, len(colours) + 1):
+            if column == len(colours) or colours[column] != colours[start]:
+                parts.append(f'<rect x="{x0 + start * cell_width:.2f}" y="{y:.2f}" '
+                             f'width="{(column - start) * cell_width:.2f}" height="{row_height:.2f}" '
+                             f'fill="{colours[start]}"/>')
+                start = column
+    parts.append("</g>")
+    return parts
+
+
+def _heatmap_x_ticks(span: float, x0: float, x1: float, y: float) -> list[str]:
+    """Round ticks from 0 to ``span`` under the cells (whole numbers written out: 1500, not 1.5e+03)."""
+    axis, parts = _Axis(0.0, span, x0, x1), []
+    for tick in nice_ticks(0.0, span):
+        if tick <= span + 1e-9:
+            x = axis(tick)
+            parts.append(f'<line x1="{x:.1f}" y1="{y:.1f}" x2="{x:.1f}" y2="{y + 5:.1f}" stroke="{AXIS_COLOUR}"/>')
+            label = f"{tick:.0f}" if float(tick).is_integer() and abs(tick) < 1e7 else _tick_label(tick)
+            parts.append(_text(x, y + 17, label, text_anchor="middle"))
+    return parts
+
+
+def heatmap_svg(matrix: Sequence[Sequence[float]], *, title: str, xlabel: str, ylabel: str,
+                row_labels: Sequence[str] | None = None, value_label: str = "", column_width: float = 1.0) -> str:
+    """A heatmap: one row per entry of ``matrix``, one cell per value, on a sequential colour scale.
+
+    Rows may differ in length (the missing cells are grey, like NaN). The plot grows taller with the row
+    count (thin rows when there are many); downsample wide matrices before calling (one rect per cell).
+
+    Args:
+        matrix: the rows of values; NaN/inf cells are drawn grey.
+        title: the plot title.
+        xlabel: the x-axis label.
+        ylabel: the y-axis label.
+        row_labels: a label per row (thinned when rows are thin); row numbers when omitted.
+        value_label: a caption above the colour legend (what the colour means).
+        column_width: the x units one column spans (e.g. channels per max-pooled column), for the x ticks.
+
+    Returns:
+        The SVG document as a string ("no data" when no value is finite).
+    """
+    columns = max((len(row) for row in matrix), default=0)
+    rows = [list(row) + [math.nan] * (columns - len(row)) for row in matrix]
+    finite = [value for row in rows for value in row if _is_finite(value)]
+    if not finite or columns == 0:
+        return no_data_svg(title)
+    lo, hi = min(finite), max(finite)
+    if not hi > lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    labels = [str(label) for label in row_labels] if row_labels is not None else [str(i) for i in range(len(rows))]
+    labels += [""] * (len(rows) - len(labels))
+    longest = max((min(len(label), 24) for label in labels), default=1)
+    x0, x1 = max(_LEFT, 34 + 6 * longest), WIDTH - 96
+    plot_height = min(max(len(rows) * 4.0, 160.0), 640.0)
+    height = _TOP + plot_height + _BOTTOM
+    row_height, cell_width = plot_height / len(rows), (x1 - x0) / columns
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height:.0f}" '
+             f'viewBox="0 0 {WIDTH} {height:.0f}" role="img" aria-label={quoteattr(title)} '
+             'font-family="Helvetica, Arial, sans-serif" font-size="11" fill="#222">',
+             f'<rect width="{WIDTH}" height="{height:.0f}" fill="#ffffff"/>',
+             _text(WIDTH / 2, 22, title, text_anchor="middle", font_size=14, font_weight="bold")]
+    parts += _heatmap_cells(rows, lo, hi, x0, _TOP, cell_width, row_height)
+    parts += _heatmap_row_labels(labels, _TOP, row_height, x0 - 5)
+    parts += _heatmap_x_ticks(columns * column_width, x0, x1, _TOP + plot_height)
+    parts.append(f'<rect x="{x0}" y="{_TOP}" width="{x1 - x0}" height="{plot_height:.1f}" fill="none" '
+                 f'stroke="{AXIS_COLOUR}"/>')
+    parts += _heatmap_legend(lo, hi, x1 + 14, _TOP + 14, _TOP + min(plot_height, 260.0), value_label)
+    if xlabel:
+        parts.append(_text((x0 + x1) / 2, height - 8, xlabel, text_anchor="middle", font_size=12))
+    if ylabel:
+        middle_y = _TOP + plot_height / 2
+        parts.append(_text(12, middle_y, ylabel, text_anchor="middle", font_size=12,
+                           transform=f"rotate(-90 12 {middle_y:.1f})"))
+    parts.append("</svg>")
+    return "\n".join(parts)

@@ -1,0 +1,73 @@
+"""Calibration feeds: token windows of text for exported decoders, or a user's load_data() script."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from accullm_export.errors import UserError
+
+
+def llm_input_geometry(model_path: Path) -> tuple[int, int, int, np.dtype]:
+    """(layers, kv heads, head dim, kv dtype) of an exported decoder, read from its graph inputs."""
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    past = [value for value in graph.input if value.name.startswith("past_key_values.") and value.name.endswith(".key")]
+    if not past:
+        raise UserError(f"{model_path} has no past_key_values inputs; it is not an exported decoder")
+    dims = past[0].type.tensor_type.shape.dim
+    dtype = helper.tensor_dtype_to_np_dtype(past[0].type.tensor_type.elem_type)
+    return len(past), dims[1].dim_value, dims[3].dim_value, dtype
+
+
+def max_positions(folder: Path) -> int | None:
+    """The model's maximum sequence length from config.json or genai_config.json, if stated."""
+    for name, keys in (("config.json", ("max_position_embeddings",)), ("genai_config.json", ("model", "context_length"))):
+        path = folder / name
+        if path.is_file():
+            value = json.loads(path.read_text())
+            for key in keys:
+                value = value.get(key) if isinstance(value, dict) else None
+            if isinstance(value, int):
+                return value
+    return None
+
+
+def llm_feeds(windows: np.ndarray, model_path: Path) -> list[dict[str, np.ndarray]]:
+    """One feed per token window: ids, an all-ones mask, positions 0..L-1 and an empty KV cache."""
+    layers, kv_heads, head_dim, dtype = llm_input_geometry(model_path)
+    empty = np.zeros((1, kv_heads, 0, head_dim), dtype=dtype)
+    feeds = []
+    for window in windows:
+        ids = np.asarray(window, dtype=np.int64)[None, :]
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None, :]}
+        for i in range(layers):
+            feed[f"past_key_values.{i}.key"] = empty
+            feed[f"past_key_values.{i}.value"] = empty
+        feeds.append(feed)
+    return feeds
+
+
+def text_windows(folder: Path, source: str, samples: int, seq_len: int, seed: int) -> tuple[np.ndarray, dict]:
+    """Token windows from a text source, tokenized with the model folder's tokenizer."""
+    from accullm_export.data.text import load_text_source, token_windows
+    from accullm_export.runtime.tokenizer import FolderTokenizer
+
+    limit = max_positions(folder)
+    if limit is not None and seq_len > limit:
+        raise UserError(f"--seq-len {seq_len} is over the model's maximum of {limit} positions")
+    tokenizer = FolderTokenizer(folder)
+    text = load_text_source(source)
+    windows = token_windows(text.documents, tokenizer.encode, num_windows=samples, seq_len=seq_len, seed=seed,
+                            separator_ids=tokenizer.eos_token_ids[:1])
+    return windows, {"name": text.name, **text.description}
+
+
+def iterate(feeds: list[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    yield from feeds

@@ -1,0 +1,130 @@
+"""Streamed statistics of activations, one accumulator per tapped tensor.
+
+Per channel (the last axis): absmax, p99.9 of |x|, mean |x|, second moment E[x^2], and how often |x|
+exceeds the LLM.int8() threshold 6.0. The p99.9 is exact without holding the data: only the top
+``n - floor((n - 1) * 0.999)`` magnitudes of each channel can be the percentile's neighbours, so that many
+are kept per channel (66 for 65,536 rows), given the total row count up front.
+
+The attention-sink token (position 0 of every sequence) is accumulated separately, since its activations can
+be 10-100x larger than the rest; the main statistics exclude it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+OUTLIER_THRESHOLD = 6.0  # LLM.int8()
+QUANTILE = 0.999
+SPARSITY_LEVELS = (0.25, 0.40, 0.50, 0.60, 0.70)
+_HIST_LOW, _HIST_HIGH, _HIST_BINS = -8.0, 4.0, 2400  # log10 |x| bins for the sparsity thresholds (0.5% wide)
+
+
+def top_rows_needed(total_rows: int, quantile: float = QUANTILE) -> int:
+    """How many of the largest values per channel determine np.percentile(..., quantile) (linear method)."""
+    return total_rows - int(np.floor((total_rows - 1) * quantile))
+
+
+@dataclasses.dataclass
+class ChannelStatistics:
+    """Accumulates one tensor's per-channel statistics over batches of rows [rows, channels]."""
+
+    channels: int
+    expected_rows: int
+    rows: int = 0
+    abs_sum: np.ndarray = None
+    square_sum: np.ndarray = None
+    absmax: np.ndarray = None
+    over_threshold: np.ndarray = None
+    top: np.ndarray = None  # [channels, k], the k largest |x| seen per channel (unsorted)
+    sink_rows: int = 0
+    sink_absmax: np.ndarray = None
+    sink_abs_sum: np.ndarray = None
+
+    def __post_init__(self):
+        zeros = lambda dtype=np.float64: np.zeros(self.channels, dtype=dtype)  # noqa: E731
+        self.abs_sum, self.square_sum, self.sink_abs_sum = zeros(), zeros(), zeros()
+        self.absmax, self.sink_absmax = zeros(np.float32), zeros(np.float32)
+        self.over_threshold = zeros(np.int64)
+        self.top = np.zeros((self.channels, 0), dtype=np.float32)
+        self._keep = top_rows_needed(max(self.expected_rows, 1))
+
+    def update(self, rows: np.ndarray, sink: np.ndarray | None = None) -> None:
+        """Add rows [n, channels] (the sink rows, if any, separately)."""
+        # channel-major copy: the per-channel reductions and the partition then run over contiguous memory
+        magnitude = np.abs(np.asarray(rows, dtype=np.float32)).T.copy()
+        self.rows += magnitude.shape[1]
+        self.abs_sum += magnitude.sum(axis=1, dtype=np.float64)
+        self.square_sum += np.einsum("ij,ij->i", magnitude, magnitude).astype(np.float64)
+        self.absmax = np.maximum(self.absmax, magnitude.max(axis=1, initial=0.0))
+        self.over_threshold += np.count_nonzero(magnitude > OUTLIER_THRESHOLD, axis=1)
+        if magnitude.shape[1] > self._keep:  # only this batch's top k can join the running top k
+            magnitude = np.partition(magnitude, magnitude.shape[1] - self._keep, axis=1)[:, -self._keep:]
+        merged = np.concatenate([self.top, magnitude], axis=1)
+        if merged.shape[1] > self._keep:
+            merged = np.partition(merged, merged.shape[1] - self._keep, axis=1)[:, -self._keep:]
+        self.top = merged
+        if sink is not None and len(sink):
+            sink_magnitude = np.abs(np.asarray(sink, dtype=np.float32))
+            self.sink_rows += sink_magnitude.shape[0]
+            self.sink_absmax = np.maximum(self.sink_absmax, sink_magnitude.max(axis=0))
+            self.sink_abs_sum += sink_magnitude.sum(axis=0, dtype=np.float64)
+
+    def percentile(self, quantile: float = QUANTILE) -> tuple[np.ndarray, bool]:
+        """Per-channel percentile of |x| (linear interpolation) and whether it is exact."""
+        kept = self.top.shape[1]
+        exact = top_rows_needed(self.rows, quantile) <= kept
+        ordered = np.sort(self.top, axis=1)  # ascending; column j holds overall rank (rows - kept + j)
+        position = (self.rows - 1) * quantile - (self.rows - kept)
+        low = int(np.clip(np.floor(position), 0, kept - 1))
+        high = int(np.clip(low + 1, 0, kept - 1))
+        fraction = position - np.floor(position)
+        return ordered[:, low] + (ordered[:, high] - ordered[:, low]) * fraction, exact
+
+    def finish(self) -> dict[str, np.ndarray]:
+        rows = max(self.rows, 1)
+        p999, exact = self.percentile()
+        return {
+            "absmax": self.absmax,
+            "p999": p999.astype(np.float32),
+            "mean_abs": (self.abs_sum / rows).astype(np.float32),
+            "second_moment": (self.square_sum / rows).astype(np.float32),
+            "over_threshold": self.over_threshold,
+            "rows": np.int64(self.rows),
+            "p999_exact": np.bool_(exact),
+            "sink_absmax": self.sink_absmax,
+            "sink_mean_abs": (self.sink_abs_sum / max(self.sink_rows, 1)).astype(np.float32),
+        }
+
+
+@dataclasses.dataclass
+class MagnitudeHistogram:
+    """Log-spaced histogram of |x| over all elements of a tensor (an MLP's down-projection input)."""
+
+    counts: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(_HIST_BINS + 2, dtype=np.int64))
+
+    @staticmethod
+    def edges() -> np.ndarray:
+        return np.logspace(_HIST_LOW, _HIST_HIGH, _HIST_BINS + 1)
+
+    def update(self, values: np.ndarray) -> None:
+        magnitude = np.abs(np.asarray(values, dtype=np.float32)).ravel()
+        with np.errstate(divide="ignore"):
+            position = (np.log10(magnitude) - _HIST_LOW) * (_HIST_BINS / (_HIST_HIGH - _HIST_LOW))
+        # bin 0: below range (zeros included), 1..BINS: the log-spaced bins, BINS+1: above range
+        index = np.clip(np.floor(position), -1, _HIST_BINS).astype(np.int64) + 1
+        self.counts += np.bincount(index, minlength=_HIST_BINS + 2)
+
+    def thresholds(self, levels=SPARSITY_LEVELS) -> np.ndarray:
+        """|x| under which the given fractions of elements fall (upper bin edge: at least that sparse)."""
+        cumulative = np.cumsum(self.counts) / max(self.counts.sum(), 1)
+        edges = np.concatenate([[0.0], self.edges(), [np.inf]])
+        return np.array([edges[min(int(np.searchsorted(cumulative, level)) + 1, len(edges) - 1)] for level in levels])
+
+    def cdf(self, points: int = 200) -> tuple[np.ndarray, np.ndarray]:
+        """(|x|, fraction of elements <= |x|) at ``points`` log-spaced magnitudes, for plots."""
+        cumulative = np.cumsum(self.counts[1:-1]) + self.counts[0]
+        fractions = cumulative / max(self.counts.sum(), 1)
+        chosen = np.linspace(0, _HIST_BINS - 1, points).astype(int)
+        return self.edges()[1:][chosen], fractions[chosen]

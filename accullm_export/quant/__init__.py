@@ -1,0 +1,1 @@
+"""Pure NumPy quantization math: symmetric integer grids, blocked scales, error metrics."""
