@@ -66,13 +66,13 @@ class DecoderGraphBuilder:
 
     def build(self) -> None:
         hidden = self._embed()
-        cos, sin = self._rotary()
+        rotary = self._rotary()
         mask = self._attention_mask()
         from tqdm.auto import tqdm
 
         layers = tqdm(range(self.config.num_layers), desc="export", unit="layer", disable=not sys.stderr.isatty())
         for layer in layers:
-            hidden = self._decoder_layer(layer, hidden, cos, sin, mask)
+            hidden = self._decoder_layer(layer, hidden, rotary, mask)
         hidden = self._rms_norm("/model/norm", hidden, self._weight("model.norm.weight"))
         logits = self._linear("/lm_head", hidden, self._lm_head_weight_name())
         if self.dtype != np.float32:
@@ -117,19 +117,31 @@ class DecoderGraphBuilder:
         table = self._weight("model.embed_tokens.weight")
         return self.w.node("Gather", [table, "input_ids"], "/model/embed_tokens/Gather", axis=0)
 
-    def _rotary(self) -> tuple[str, str]:
+    def _rotary(self) -> tuple[str, str, str, str]:
+        """cos and signed sin tables for keys, [B, 1, S, D], and for queries, [B, 1, 1, S, D], 1/sqrt(D) folded in.
+
+        The sin table is negated on its first half, the sign of rotate_half(x) = concat(-x[D/2:], x[:D/2]).
+        """
         w, p = self.w, "/model/rotary_emb"
         positions = w.node("Cast", ["position_ids"], f"{p}/Cast", to=TensorProto.FLOAT)
         positions = w.node("Unsqueeze", [positions, w.constant([-1])], f"{p}/Unsqueeze")
         inv_freq = w.constant(self.config.inv_freq().astype(np.float32), dtype=np.float32)
         freqs = w.node("Mul", [positions, inv_freq], f"{p}/Mul")
         angles = w.node("Concat", [freqs, freqs], f"{p}/Concat", axis=-1)
-        outputs = []
+        scale = w.constant(1.0 / np.sqrt(self.config.head_dim), dtype=np.float32)
+        half = self.config.head_dim // 2
+        sign = w.constant(np.concatenate([-np.ones(half), np.ones(half)]), dtype=np.float32)
+        keys, queries = [], []
         for op in ("Cos", "Sin"):
             value = w.node(op, [angles], f"{p}/{op}")
-            value = w.node("Unsqueeze", [value, w.constant([1])], f"{p}/{op}/Unsqueeze")  # [B, 1, S, D]
-            outputs.append(self._cast(value, f"{p}/{op}/Cast"))
-        return outputs[0], outputs[1]
+            if op == "Sin":
+                value = w.node("Mul", [value, sign], f"{p}/Sin/Mul_sign")
+            keys.append(self._cast(w.node("Unsqueeze", [value, w.constant([1])], f"{p}/{op}/Unsqueeze"),
+                                   f"{p}/{op}/Cast"))
+            scaled = w.node("Mul", [value, scale], f"{p}/{op}/Mul_scale")  # the attention scale, once per model
+            scaled = w.node("Unsqueeze", [scaled, w.constant([1, 2])], f"{p}/{op}/Unsqueeze_queries")
+            queries.append(self._cast(scaled, f"{p}/{op}/Cast_queries"))
+        return keys[0], keys[1], queries[0], queries[1]
 
     def _attention_mask(self) -> str:
         """Boolean [batch, 1, 1, seq, total_seq]: causal, padding and (if configured) sliding window."""
@@ -151,35 +163,32 @@ class DecoderGraphBuilder:
         padding = w.node("Unsqueeze", [padding, w.constant([1, 2, 3])], f"{p}/Unsqueeze_padding")
         return w.node("And", [padding, allowed], f"{p}/And")
 
-    def _decoder_layer(self, i: int, hidden: str, cos: str, sin: str, mask: str) -> str:
+    def _decoder_layer(self, i: int, hidden: str, rotary: tuple[str, str, str, str], mask: str) -> str:
         prefix, hf = f"/model/layers.{i}", f"model.layers.{i}"
         normed = self._rms_norm(f"{prefix}/input_layernorm", hidden, self._weight(f"{hf}.input_layernorm.weight"))
-        attention = self._attention(i, normed, cos, sin, mask)
+        attention = self._attention(i, normed, rotary, mask)
         hidden = self.w.node("Add", [hidden, attention], f"{prefix}/residual_attn/Add")
         normed = self._rms_norm(f"{prefix}/post_attention_layernorm", hidden,
                                 self._weight(f"{hf}.post_attention_layernorm.weight"))
         mlp = self._mlp(i, normed)
         return self.w.node("Add", [hidden, mlp], f"{prefix}/residual_mlp/Add")
 
-    def _attention(self, i: int, hidden: str, cos: str, sin: str, mask: str) -> str:
+    def _attention(self, i: int, hidden: str, rotary: tuple[str, str, str, str], mask: str) -> str:
         c, w = self.config, self.w
         p, hf = f"/model/layers.{i}/self_attn", f"model.layers.{i}.self_attn"
-        group = c.num_heads // c.num_kv_heads
-        q = self._heads(i, "q", hidden, c.num_heads)
-        k = self._heads(i, "k", hidden, c.num_kv_heads)
-        v = self._heads(i, "v", hidden, c.num_kv_heads)
-        q = self._apply_rotary(f"{p}/q_rotary", q, cos, sin)
-        k = self._apply_rotary(f"{p}/k_rotary", k, cos, sin)
+        cos_k, sin_k, cos_q, sin_q = rotary
+        q = self._heads(i, "q", hidden)  # [B, KV, G, S, D], already scaled by 1/sqrt(D) through cos_q/sin_q
+        k = self._heads(i, "k", hidden)  # [B, KV, S, D]
+        v = self._heads(i, "v", hidden)
+        q = self._apply_rotary(f"{p}/q_rotary", q, cos_q, sin_q)
+        k = self._apply_rotary(f"{p}/k_rotary", k, cos_k, sin_k)
         keys = w.node("Concat", [f"past_key_values.{i}.key", k], f"{p}/key_cache/Concat",
                       outputs=[f"present.{i}.key"], axis=2)
         values = w.node("Concat", [f"past_key_values.{i}.value", v], f"{p}/value_cache/Concat",
                         outputs=[f"present.{i}.value"], axis=2)
-        q5 = w.node("Reshape", [q, w.constant([0, c.num_kv_heads, group, -1, c.head_dim])], f"{p}/q_groups/Reshape")
         k5 = w.node("Unsqueeze", [keys, w.constant([2])], f"{p}/k_groups/Unsqueeze")
         k5t = w.node("Transpose", [k5], f"{p}/k_groups/Transpose", perm=[0, 1, 2, 4, 3])
-        scores = w.node("MatMul", [q5, k5t], f"{p}/scores/MatMul")
-        scale = w.constant(1.0 / np.sqrt(c.head_dim), dtype=self.dtype)
-        scores = w.node("Mul", [scores, scale], f"{p}/scores/Mul")
+        scores = w.node("MatMul", [q, k5t], f"{p}/scores/MatMul")  # [B, KV, G, S, T]
         scores = self._cast(scores, f"{p}/scores/Cast", to=TensorProto.FLOAT)
         fill = w.constant(np.finfo(np.float32).min, dtype=np.float32)
         scores = w.node("Where", [mask, scores, fill], f"{p}/scores/Where")
@@ -187,31 +196,42 @@ class DecoderGraphBuilder:
         probs = self._cast(probs, f"{p}/Softmax/Cast")
         v5 = w.node("Unsqueeze", [values, w.constant([2])], f"{p}/v_groups/Unsqueeze")
         context = w.node("MatMul", [probs, v5], f"{p}/context/MatMul")  # [B, KV, G, S, D]
-        context = w.node("Reshape", [context, w.constant([0, c.num_heads, -1, c.head_dim])], f"{p}/context/Reshape")
-        context = w.node("Transpose", [context], f"{p}/context/Transpose", perm=[0, 2, 1, 3])
+        context = w.node("Transpose", [context], f"{p}/context/Transpose", perm=[0, 3, 1, 2, 4])
         context = w.node("Reshape", [context, w.constant([0, 0, c.num_heads * c.head_dim])],
                          f"{p}/context/Reshape_merge")
         return self._linear(f"{p}/o_proj", context, self._weight(f"{hf}.o_proj.weight", transpose=True),
                             bias=f"{hf}.o_proj.bias")
 
-    def _heads(self, i: int, which: str, hidden: str, num_heads: int) -> str:
-        """Project, split into heads, optionally RMS-normalize per head (Qwen3), move heads before seq."""
+    def _heads(self, i: int, which: str, hidden: str) -> str:
+        """Project and split into heads, RMS-normalized per head for Qwen3, heads before the sequence axis.
+
+        Queries come out grouped by their KV head, [B, KV, G, S, D]; keys and values as [B, KV, S, D].
+        """
         c, w = self.config, self.w
         p, hf = f"/model/layers.{i}/self_attn", f"model.layers.{i}.self_attn"
         projected = self._linear(f"{p}/{which}_proj", hidden,
                                  self._weight(f"{hf}.{which}_proj.weight", transpose=True),
                                  bias=f"{hf}.{which}_proj.bias")
-        heads = w.node("Reshape", [projected, w.constant([0, 0, num_heads, c.head_dim])], f"{p}/{which}_heads/Reshape")
+        if which == "q":
+            shape, perm = [0, 0, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim], [0, 2, 3, 1, 4]
+        else:
+            shape, perm = [0, 0, c.num_kv_heads, c.head_dim], [0, 2, 1, 3]
+        heads = w.node("Reshape", [projected, w.constant(shape)], f"{p}/{which}_heads/Reshape")
         if which != "v" and c.traits.qk_norm:
             heads = self._rms_norm(f"{p}/{which}_norm", heads, self._weight(f"{hf}.{which}_norm.weight"))
-        return w.node("Transpose", [heads], f"{p}/{which}_heads/Transpose", perm=[0, 2, 1, 3])
+        return w.node("Transpose", [heads], f"{p}/{which}_heads/Transpose", perm=perm)
 
-    def _apply_rotary(self, p: str, x: str, cos: str, sin: str) -> str:
+    def _apply_rotary(self, p: str, x: str, cos: str, signed_sin: str) -> str:
+        """x * cos + rotate_half(x) * sin, with rotate_half = swap the halves (a Gather) and negate the first.
+
+        The negation lives in ``signed_sin`` (computed once per model), so this is four exact element-wise ops.
+        """
         w = self.w
-        first, second = w.node("Split", [x], f"{p}/Split", output_count=2, num_outputs=2, axis=-1)
-        rotated = w.node("Concat", [w.node("Neg", [second], f"{p}/Neg"), first], f"{p}/Concat", axis=-1)
-        return w.node("Add", [w.node("Mul", [x, cos], f"{p}/Mul_cos"), w.node("Mul", [rotated, sin], f"{p}/Mul_sin")],
-                      f"{p}/Add")
+        half = self.config.head_dim // 2
+        swap = w.constant(np.concatenate([np.arange(half, 2 * half), np.arange(half)]))
+        swapped = w.node("Gather", [x, swap], f"{p}/rotate_half/Gather", axis=-1)
+        return w.node("Add", [w.node("Mul", [x, cos], f"{p}/Mul_cos"),
+                              w.node("Mul", [swapped, signed_sin], f"{p}/Mul_sin")], f"{p}/Add")
 
     def _mlp(self, i: int, hidden: str) -> str:
         w = self.w

@@ -44,8 +44,9 @@ def test_parameter_count_equals_torch(tiny_exports, model_type):
     torch_params = sum(p.numel() for p in load_torch_model(hf).parameters())  # tied weights counted once
     float_params = summary.parameters_by_dtype["float32"][0]
     rotary_frequencies = 16 // 2  # head_dim 16
+    rotate_half_signs = 16
     scalars = 4  # the attention scale, the mask fill value, the RMSNorm exponent and epsilon
-    assert float_params == torch_params + rotary_frequencies + scalars
+    assert float_params == torch_params + rotary_frequencies + rotate_half_signs + scalars
     assert len(summary.linear_layers) == 2 * 7 + 1
 
 
