@@ -763,6 +763,7 @@ def render_plot(rows: list[Row]) -> bytes | None:
                   title="Top-1 agreement vs size (higher is better)")
     for axis in (kl_axis, top1_axis):
         axis.grid(True, which="both", alpha=0.3)
+        axis.margins(x=0.15)  # room for the labels of the rightmost points
     figure.suptitle("SmolLM2-135M-Instruct: peers validated against our fp32 export")
     figure.tight_layout()
     buffer = io.BytesIO()
