@@ -9,6 +9,7 @@ from typing import Iterator
 import numpy as np
 
 from accullm_export.errors import UserError
+from accullm_export.runtime.base import max_positions
 
 
 def llm_input_geometry(model_path: Path) -> tuple[int, int, int, np.dtype]:
@@ -23,19 +24,6 @@ def llm_input_geometry(model_path: Path) -> tuple[int, int, int, np.dtype]:
     dims = past[0].type.tensor_type.shape.dim
     dtype = helper.tensor_dtype_to_np_dtype(past[0].type.tensor_type.elem_type)
     return len(past), dims[1].dim_value, dims[3].dim_value, dtype
-
-
-def max_positions(folder: Path) -> int | None:
-    """The model's maximum sequence length from config.json or genai_config.json, if stated."""
-    for name, keys in (("config.json", ("max_position_embeddings",)), ("genai_config.json", ("model", "context_length"))):
-        path = folder / name
-        if path.is_file():
-            value = json.loads(path.read_text())
-            for key in keys:
-                value = value.get(key) if isinstance(value, dict) else None
-            if isinstance(value, int):
-                return value
-    return None
 
 
 def llm_feeds(windows: np.ndarray, model_path: Path) -> list[dict[str, np.ndarray]]:

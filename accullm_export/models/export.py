@@ -24,7 +24,7 @@ from accullm_export.models.onnx_writer import OnnxWriter, save_model
 log = logging.getLogger(__name__)
 
 EXPORT_DTYPES = {"fp32": np.float32, "fp16": np.float16}
-OPSET = 21
+OPSET = 23  # the standard Attention op (grouped-query, KV cache) is opset 23
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 

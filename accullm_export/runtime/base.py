@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ class ModelLayout:
     kv_dtype: np.dtype
     vocab_size: int | None
     has_position_ids: bool
+    max_positions: int | None = None  # from the folder's config; None when unknown
 
 
 class CausalLMRunner(abc.ABC):
@@ -53,3 +55,16 @@ def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
     """Hugging Face's convention: positions count real tokens; left-padding slots get position 1."""
     positions = np.cumsum(attention_mask, axis=-1) - 1
     return np.where(attention_mask == 0, 1, positions).astype(np.int64)
+
+
+def max_positions(folder: Path) -> int | None:
+    """The model's maximum sequence length from config.json or genai_config.json, if stated."""
+    for name, keys in (("config.json", ("max_position_embeddings",)), ("genai_config.json", ("model", "context_length"))):
+        path = folder / name
+        if path.is_file():
+            value = json.loads(path.read_text())
+            for key in keys:
+                value = value.get(key) if isinstance(value, dict) else None
+            if isinstance(value, int):
+                return value
+    return None

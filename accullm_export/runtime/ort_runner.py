@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from accullm_export.errors import UserError
-from accullm_export.runtime.base import CausalLMRunner, KVCache, ModelLayout
+from accullm_export.runtime.base import CausalLMRunner, KVCache, ModelLayout, max_positions
 from accullm_export.runtime.session import create_session
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -38,6 +38,9 @@ class OrtCausalLM(CausalLMRunner):
         return cls(path, **options)
 
     def forward(self, input_ids, attention_mask, position_ids, past: KVCache):
+        limit = self.layout.max_positions
+        if limit is not None and attention_mask.shape[1] > limit:
+            raise UserError(f"{attention_mask.shape[1]} tokens exceed the model's maximum of {limit} positions")
         feed = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                 "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
         if self.layout.has_position_ids:
@@ -70,7 +73,7 @@ def _layout(session, path: Path) -> ModelLayout:
     return ModelLayout(num_layers=len(layers), num_kv_heads=kv_heads, head_dim=head_dim,
                        kv_dtype=np.dtype(_ORT_TYPES.get(first.type, np.float32)),
                        vocab_size=vocab if isinstance(vocab, int) else None,
-                       has_position_ids="position_ids" in inputs)
+                       has_position_ids="position_ids" in inputs, max_positions=max_positions(path.parent))
 
 
 def _geometry_from_genai_config(folder: Path, kv_heads, head_dim):

@@ -152,7 +152,7 @@ def test_bad_input(capsys, planted_model, tmp_path, case):
         needle = "too short"
     elif case == "seq_len":
         (tmp_path / "c.txt").write_text(TEXT)
-        extra, needle = ["--seq-len", "500"], "maximum"
+        extra, needle = ["--seq-len", "2000"], "maximum"
     elif case == "no_matmul":
         graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"], name="mm")], "g",
                                   [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [2, 2]) for n in "ab"],

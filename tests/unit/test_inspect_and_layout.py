@@ -17,7 +17,7 @@ def test_layout_of_export(tiny_exports):
     _, folder = tiny_exports["llama"]
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     assert model.ir_version == 10
-    assert {o.domain: o.version for o in model.opset_import}[""] >= 21
+    assert {o.domain: o.version for o in model.opset_import}[""] == 23  # standard Attention
     inputs = [i.name for i in model.graph.input]
     assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert "past_key_values.1.value" in inputs
@@ -43,10 +43,9 @@ def test_parameter_count_equals_torch(tiny_exports, model_type):
     summary = summarize(load_onnx(folder, load_external_data=False))
     torch_params = sum(p.numel() for p in load_torch_model(hf).parameters())  # tied weights counted once
     float_params = summary.parameters_by_dtype["float32"][0]
-    rotary_frequencies = 16 // 2  # head_dim 16
-    rotate_half_signs = 16
-    scalars = 4  # the attention scale, the mask fill value, the RMSNorm exponent and epsilon
-    assert float_params == torch_params + rotary_frequencies + rotate_half_signs + scalars
+    rotary_caches = 2 * 1024 * (16 // 2)  # cos and sin, [max_position_embeddings, head_dim / 2]
+    scalars = 2  # the RMSNorm exponent and epsilon
+    assert float_params == torch_params + rotary_caches + scalars
     assert len(summary.linear_layers) == 2 * 7 + 1
 
 
@@ -54,7 +53,7 @@ def test_inspect_cli(capsys, tiny_exports):
     _, folder = tiny_exports["llama"]
     assert main(["inspect", str(folder / "model.onnx"), "--all"]) == 0
     out = capsys.readouterr().out
-    assert "opset: ai.onnx 21" in out
+    assert "opset: ai.onnx 23" in out
     assert "/model/layers.1/mlp/down_proj/MatMul" in out and "linear layers (15)" in out
     assert main(["inspect", str(folder), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

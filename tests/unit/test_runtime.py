@@ -89,3 +89,11 @@ def test_stream_decoder_holds_back_partial_characters(tmp_path):
     decoder = StreamDecoder(wrapped)
     pieces = [decoder.push(i) for i in ids]
     assert pieces == ["a", "", "é", "!"]
+
+
+def test_sequences_over_the_maximum_positions_are_a_clear_error(tiny_exports):
+    _, folder = tiny_exports["llama"]
+    runner = OrtCausalLM.from_path(folder, device="cpu")
+    assert runner.layout.max_positions == 1024
+    with pytest.raises(UserError, match="exceed the model's maximum of 1024 positions"):
+        runner.full_logits(np.ones((1, 1025), dtype=np.int64))
