@@ -60,14 +60,23 @@ def load_torch_model(folder: Path):
 
 @pytest.fixture(scope="session")
 def tiny_exports(tmp_path_factory):
-    """model_type -> (hf folder, exported folder), built once per session."""
+    """model_type -> (hf folder, exported folder), default (fused) attention, built once per session."""
+    return _export_tiny(tmp_path_factory.mktemp("tiny"), "fused")
+
+
+@pytest.fixture(scope="session")
+def tiny_decomposed_exports(tmp_path_factory):
+    """The same tiny models exported with decomposed (opset 21) attention."""
+    return _export_tiny(tmp_path_factory.mktemp("tiny-decomposed"), "decomposed")
+
+
+def _export_tiny(root: Path, attention: str) -> dict:
     from accullm_export.models.export import export_model
 
-    root = tmp_path_factory.mktemp("tiny")
     made = {}
     for model_type in TINY_ARCHITECTURES:
         hf = make_tiny_checkpoint(root / f"{model_type}-hf", model_type)
-        export_model(str(hf), root / f"{model_type}-onnx")
+        export_model(str(hf), root / f"{model_type}-onnx", attention=attention)
         made[model_type] = (hf, root / f"{model_type}-onnx")
     return made
 

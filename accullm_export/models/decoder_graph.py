@@ -26,6 +26,9 @@ from accullm_export.errors import UserError
 from accullm_export.models.architectures import DecoderConfig
 from accullm_export.models.onnx_writer import OnnxWriter
 
+# fused: opset 23's Attention and RotaryEmbedding ops (one kernel each in ONNX Runtime);
+# decomposed: MatMul/Where/Softmax/Gather in opset 21, for runtimes without opset 23 (older TensorRT parsers)
+ATTENTION_OPSETS = {"fused": 23, "decomposed": 21}
 _ONNX_DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 
 
@@ -33,7 +36,11 @@ class DecoderGraphBuilder:
     """Writes one decoder into an :class:`OnnxWriter`, reading weights from a name -> array mapping."""
 
     def __init__(self, config: DecoderConfig, tensors: Mapping[str, np.ndarray], writer: OnnxWriter,
-                 dtype: np.dtype):
+                 dtype: np.dtype, attention: str = "fused"):
+        if attention not in ATTENTION_OPSETS:
+            raise UserError(f"unknown attention {attention!r}; choose from {', '.join(ATTENTION_OPSETS)}")
+        self.attention = attention
+        self._attention_kinds = {"fused": self._attention_fused, "decomposed": self._attention_decomposed}
         self.config = config
         self.tensors = tensors
         self.w = writer
@@ -67,7 +74,7 @@ class DecoderGraphBuilder:
 
     def build(self) -> None:
         hidden = self._embed()
-        rotary = self._rotary()
+        rotary = self._fused_rotary_caches() if self.attention == "fused" else self._decomposed_rotary_tables()
         mask = self._attention_mask()
         from tqdm.auto import tqdm
 
@@ -118,7 +125,7 @@ class DecoderGraphBuilder:
         table = self._weight("model.embed_tokens.weight")
         return self.w.node("Gather", [table, "input_ids"], "/model/embed_tokens/Gather", axis=0)
 
-    def _rotary(self) -> tuple[str, str]:
+    def _fused_rotary_caches(self) -> tuple[str, str]:
         """cos and sin caches, [max_positions, head_dim / 2], for the standard ``RotaryEmbedding`` op.
 
         Angles are computed as transformers does, float32 positions times float32 frequencies, so long
@@ -131,7 +138,8 @@ class DecoderGraphBuilder:
                 self.w.initializer("/model/rotary_emb/sin_cache", np.sin(angles).astype(self.dtype)))
 
     def _attention_mask(self) -> str:
-        """Boolean [batch, 1, seq, total_seq]: causal, padding and (if configured) sliding window."""
+        """Boolean mask, [batch, 1, seq, total_seq] (one more 1 for decomposed attention): causal, padding and
+        (if configured) sliding window."""
         w, p = self.w, "/model/attn_mask"
         seq = w.node("Gather", [w.node("Shape", ["input_ids"], f"{p}/Shape_ids"), w.constant(1)],
                      f"{p}/Gather_seq", axis=0)
@@ -147,20 +155,22 @@ class DecoderGraphBuilder:
             inside = w.node("Greater", [key_pos, lowest], f"{p}/Window")
             allowed = w.node("And", [allowed, inside], f"{p}/And_window")
         padding = w.node("Cast", ["attention_mask"], f"{p}/Cast_padding", to=TensorProto.BOOL)
-        padding = w.node("Unsqueeze", [padding, w.constant([1, 2])], f"{p}/Unsqueeze_padding")
+        # [B, 1, 1, T] for the fused op's [B, H, S, T] scores; [B, 1, 1, 1, T] for the grouped 5-D ones
+        axes = [1, 2] if self.attention == "fused" else [1, 2, 3]
+        padding = w.node("Unsqueeze", [padding, w.constant(axes)], f"{p}/Unsqueeze_padding")
         return w.node("And", [padding, allowed], f"{p}/And")
 
-    def _decoder_layer(self, i: int, hidden: str, rotary: tuple[str, str], mask: str) -> str:
+    def _decoder_layer(self, i: int, hidden: str, rotary: tuple[str, ...], mask: str) -> str:
         prefix, hf = f"/model/layers.{i}", f"model.layers.{i}"
         normed = self._rms_norm(f"{prefix}/input_layernorm", hidden, self._weight(f"{hf}.input_layernorm.weight"))
-        attention = self._attention(i, normed, rotary, mask)
+        attention = self._attention_kinds[self.attention](i, normed, rotary, mask)
         hidden = self.w.node("Add", [hidden, attention], f"{prefix}/residual_attn/Add")
         normed = self._rms_norm(f"{prefix}/post_attention_layernorm", hidden,
                                 self._weight(f"{hf}.post_attention_layernorm.weight"))
         mlp = self._mlp(i, normed)
         return self.w.node("Add", [hidden, mlp], f"{prefix}/residual_mlp/Add")
 
-    def _attention(self, i: int, hidden: str, rotary: tuple[str, str], mask: str) -> str:
+    def _attention_fused(self, i: int, hidden: str, rotary: tuple[str, ...], mask: str) -> str:
         """Grouped-query attention with the KV cache: standard ``RotaryEmbedding`` and ``Attention`` (opset 23).
 
         Queries, keys and values stay [batch, seq, heads * head_dim]; the cache is [batch, kv_heads, seq, dim].
@@ -197,6 +207,94 @@ class DecoderGraphBuilder:
         cos_cache, sin_cache = rotary
         return self.w.node("RotaryEmbedding", [x, cos_cache, sin_cache, "position_ids"], f"{p}/RotaryEmbedding",
                            num_heads=num_heads)
+
+    # ------------------------------------------------------------------ decomposed attention (opset 21)
+    def _decomposed_rotary_tables(self) -> tuple[str, str, str, str]:
+        """cos and signed sin tables for keys, [B, 1, S, D], and for queries, [B, 1, 1, S, D], 1/sqrt(D) folded in.
+
+        The sin table is negated on its first half, the sign of rotate_half(x) = concat(-x[D/2:], x[:D/2]).
+        """
+        w, p = self.w, "/model/rotary_emb"
+        positions = w.node("Cast", ["position_ids"], f"{p}/Cast", to=TensorProto.FLOAT)
+        positions = w.node("Unsqueeze", [positions, w.constant([-1])], f"{p}/Unsqueeze")
+        inv_freq = w.constant(self.config.inv_freq().astype(np.float32), dtype=np.float32)
+        freqs = w.node("Mul", [positions, inv_freq], f"{p}/Mul")
+        angles = w.node("Concat", [freqs, freqs], f"{p}/Concat", axis=-1)
+        scale = w.constant(1.0 / np.sqrt(self.config.head_dim), dtype=np.float32)
+        half = self.config.head_dim // 2
+        sign = w.constant(np.concatenate([-np.ones(half), np.ones(half)]), dtype=np.float32)
+        keys, queries = [], []
+        for op in ("Cos", "Sin"):
+            value = w.node(op, [angles], f"{p}/{op}")
+            if op == "Sin":
+                value = w.node("Mul", [value, sign], f"{p}/Sin/Mul_sign")
+            keys.append(self._cast(w.node("Unsqueeze", [value, w.constant([1])], f"{p}/{op}/Unsqueeze"),
+                                   f"{p}/{op}/Cast"))
+            scaled = w.node("Mul", [value, scale], f"{p}/{op}/Mul_scale")  # the attention scale, once per model
+            scaled = w.node("Unsqueeze", [scaled, w.constant([1, 2])], f"{p}/{op}/Unsqueeze_queries")
+            queries.append(self._cast(scaled, f"{p}/{op}/Cast_queries"))
+        return keys[0], keys[1], queries[0], queries[1]
+
+    def _attention_decomposed(self, i: int, hidden: str, rotary: tuple[str, ...], mask: str) -> str:
+        """Opset-21 attention from MatMul/Where/Softmax; queries grouped by KV head, K/V never repeated."""
+        c, w = self.config, self.w
+        p, hf = f"/model/layers.{i}/self_attn", f"model.layers.{i}.self_attn"
+        cos_k, sin_k, cos_q, sin_q = rotary
+        q = self._grouped_heads(i, "q", hidden)  # [B, KV, G, S, D], already scaled by 1/sqrt(D) through cos_q/sin_q
+        k = self._grouped_heads(i, "k", hidden)  # [B, KV, S, D]
+        v = self._grouped_heads(i, "v", hidden)
+        q = self._apply_rotary_gather(f"{p}/q_rotary", q, cos_q, sin_q)
+        k = self._apply_rotary_gather(f"{p}/k_rotary", k, cos_k, sin_k)
+        keys = w.node("Concat", [f"past_key_values.{i}.key", k], f"{p}/key_cache/Concat",
+                      outputs=[f"present.{i}.key"], axis=2)
+        values = w.node("Concat", [f"past_key_values.{i}.value", v], f"{p}/value_cache/Concat",
+                        outputs=[f"present.{i}.value"], axis=2)
+        k5 = w.node("Unsqueeze", [keys, w.constant([2])], f"{p}/k_groups/Unsqueeze")
+        k5t = w.node("Transpose", [k5], f"{p}/k_groups/Transpose", perm=[0, 1, 2, 4, 3])
+        scores = w.node("MatMul", [q, k5t], f"{p}/scores/MatMul")  # [B, KV, G, S, T]
+        scores = self._cast(scores, f"{p}/scores/Cast", to=TensorProto.FLOAT)
+        fill = w.constant(np.finfo(np.float32).min, dtype=np.float32)
+        scores = w.node("Where", [mask, scores, fill], f"{p}/scores/Where")
+        probs = w.node("Softmax", [scores], f"{p}/Softmax", axis=-1)
+        probs = self._cast(probs, f"{p}/Softmax/Cast")
+        v5 = w.node("Unsqueeze", [values, w.constant([2])], f"{p}/v_groups/Unsqueeze")
+        context = w.node("MatMul", [probs, v5], f"{p}/context/MatMul")  # [B, KV, G, S, D]
+        context = w.node("Transpose", [context], f"{p}/context/Transpose", perm=[0, 3, 1, 2, 4])
+        context = w.node("Reshape", [context, w.constant([0, 0, c.num_heads * c.head_dim])],
+                         f"{p}/context/Reshape_merge")
+        return self._linear(f"{p}/o_proj", context, self._weight(f"{hf}.o_proj.weight", transpose=True),
+                            bias=f"{hf}.o_proj.bias")
+
+    def _grouped_heads(self, i: int, which: str, hidden: str) -> str:
+        """Project and split into heads, RMS-normalized per head for Qwen3, heads before the sequence axis.
+
+        Queries come out grouped by their KV head, [B, KV, G, S, D]; keys and values as [B, KV, S, D].
+        """
+        c, w = self.config, self.w
+        p, hf = f"/model/layers.{i}/self_attn", f"model.layers.{i}.self_attn"
+        projected = self._linear(f"{p}/{which}_proj", hidden,
+                                 self._weight(f"{hf}.{which}_proj.weight", transpose=True),
+                                 bias=f"{hf}.{which}_proj.bias")
+        if which == "q":
+            shape, perm = [0, 0, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim], [0, 2, 3, 1, 4]
+        else:
+            shape, perm = [0, 0, c.num_kv_heads, c.head_dim], [0, 2, 1, 3]
+        heads = w.node("Reshape", [projected, w.constant(shape)], f"{p}/{which}_heads/Reshape")
+        if which != "v" and c.traits.qk_norm:
+            heads = self._rms_norm(f"{p}/{which}_norm", heads, self._weight(f"{hf}.{which}_norm.weight"))
+        return w.node("Transpose", [heads], f"{p}/{which}_heads/Transpose", perm=perm)
+
+    def _apply_rotary_gather(self, p: str, x: str, cos: str, signed_sin: str) -> str:
+        """x * cos + rotate_half(x) * sin, with rotate_half = swap the halves (a Gather) and negate the first.
+
+        The negation lives in ``signed_sin`` (computed once per model), so this is four exact element-wise ops.
+        """
+        w = self.w
+        half = self.config.head_dim // 2
+        swap = w.constant(np.concatenate([np.arange(half, 2 * half), np.arange(half)]))
+        swapped = w.node("Gather", [x, swap], f"{p}/rotate_half/Gather", axis=-1)
+        return w.node("Add", [w.node("Mul", [x, cos], f"{p}/Mul_cos"),
+                              w.node("Mul", [swapped, signed_sin], f"{p}/Mul_sin")], f"{p}/Add")
 
     def _mlp(self, i: int, hidden: str) -> str:
         w = self.w

@@ -17,14 +17,13 @@ from accullm_export.atomic import atomic_dir
 from accullm_export.hashing import sha256_file
 from accullm_export.errors import UserError
 from accullm_export.models.checkpoint import Checkpoint, load_checkpoint
-from accullm_export.models.decoder_graph import DecoderGraphBuilder
+from accullm_export.models.decoder_graph import ATTENTION_OPSETS, DecoderGraphBuilder
 from accullm_export.models.genai_config import genai_config
 from accullm_export.models.onnx_writer import OnnxWriter, save_model
 
 log = logging.getLogger(__name__)
 
 EXPORT_DTYPES = {"fp32": np.float32, "fp16": np.float16}
-OPSET = 23  # the standard Attention op (grouped-query, KV cache) is opset 23
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 
@@ -40,7 +39,8 @@ class ExportResult:
     seconds: float
 
 
-def export_model(model: str, out_dir: str | Path, *, dtype: str = "fp32", overwrite: bool = False) -> ExportResult:
+def export_model(model: str, out_dir: str | Path, *, dtype: str = "fp32", attention: str = "fused",
+                 overwrite: bool = False) -> ExportResult:
     """Export MODEL to ``out_dir``: model.onnx (+ external data), tokenizer, genai_config.json, manifest.json.
 
     The folder appears only when everything succeeded; on any error nothing is left behind.
@@ -58,10 +58,12 @@ def export_model(model: str, out_dir: str | Path, *, dtype: str = "fp32", overwr
                  checkpoint.config.num_layers, dtype)
         with open(staging / DATA_FILE, "wb") as data_file:
             writer = OnnxWriter(data_file, DATA_FILE)
-            builder = DecoderGraphBuilder(checkpoint.config, checkpoint.tensors, writer, EXPORT_DTYPES[dtype])
+            builder = DecoderGraphBuilder(checkpoint.config, checkpoint.tensors, writer, EXPORT_DTYPES[dtype],
+                                          attention)
             builder.build()
-        manifest = _manifest(checkpoint, model, dtype)
-        save_model(writer, builder.input_infos(), builder.output_infos(), staging / MODEL_FILE, OPSET,
+        manifest = _manifest(checkpoint, model, dtype, attention)
+        save_model(writer, builder.input_infos(), builder.output_infos(), staging / MODEL_FILE,
+                   ATTENTION_OPSETS[attention],
                    producer="accullm-export", metadata={"accullm.manifest": json.dumps(manifest)})
         onnx.checker.check_model(str(staging / MODEL_FILE))
         for path in checkpoint.tokenizer_files():
@@ -78,7 +80,7 @@ def export_model(model: str, out_dir: str | Path, *, dtype: str = "fp32", overwr
                         num_parameters=num_parameters, seconds=seconds)
 
 
-def _manifest(checkpoint: Checkpoint, model: str, dtype: str) -> dict:
+def _manifest(checkpoint: Checkpoint, model: str, dtype: str, attention: str) -> dict:
     import onnxruntime
 
     return {
@@ -89,7 +91,8 @@ def _manifest(checkpoint: Checkpoint, model: str, dtype: str) -> dict:
         "input_hashes": {path.name: sha256_file(path) for path in sorted(checkpoint.folder.glob("*.safetensors"))},
         "model_type": checkpoint.config.model_type,
         "dtype": dtype,
-        "opset": OPSET,
+        "attention": attention,
+        "opset": ATTENTION_OPSETS[attention],
         "versions": {"accullm_export": accullm_export.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
     }

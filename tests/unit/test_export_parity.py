@@ -13,6 +13,14 @@ torch = pytest.importorskip("torch", reason="parity tests compare against torch 
 
 ATOL = 1e-4
 ARCHS = sorted(TINY_ARCHITECTURES)
+ATTENTION = ["fused", "decomposed"]
+
+
+@pytest.fixture(params=ATTENTION)
+def exports(request):
+    """Both attention formulations: opset 23's fused ops and the opset-21 decomposition."""
+    name = "tiny_exports" if request.param == "fused" else "tiny_decomposed_exports"
+    return request.getfixturevalue(name)
 
 
 def torch_logits(model, ids, mask=None):
@@ -25,8 +33,8 @@ def torch_logits(model, ids, mask=None):
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
-def test_prefill_matches_torch(tiny_exports, model_type, rng):
-    hf, onnx_dir = tiny_exports[model_type]
+def test_prefill_matches_torch(exports, model_type, rng):
+    hf, onnx_dir = exports[model_type]
     ids = rng.integers(3, 256, size=(1, 12))
     ours = OrtCausalLM.from_path(onnx_dir, device="cpu").full_logits(ids)
     reference = torch_logits(load_torch_model(hf), ids)
@@ -35,9 +43,9 @@ def test_prefill_matches_torch(tiny_exports, model_type, rng):
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
-def test_decode_through_kv_cache_matches_torch(tiny_exports, model_type, rng):
+def test_decode_through_kv_cache_matches_torch(exports, model_type, rng):
     """Prefill 6 tokens, then 8 single-token steps through the cache; each step's logits match torch."""
-    hf, onnx_dir = tiny_exports[model_type]
+    hf, onnx_dir = exports[model_type]
     runner = OrtCausalLM.from_path(onnx_dir, device="cpu")
     ids = rng.integers(3, 256, size=(1, 14))
     reference = torch_logits(load_torch_model(hf), ids)
@@ -52,8 +60,8 @@ def test_decode_through_kv_cache_matches_torch(tiny_exports, model_type, rng):
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
-def test_batch_two_with_left_padding_matches_torch(tiny_exports, model_type, rng):
-    hf, onnx_dir = tiny_exports[model_type]
+def test_batch_two_with_left_padding_matches_torch(exports, model_type, rng):
+    hf, onnx_dir = exports[model_type]
     runner = OrtCausalLM.from_path(onnx_dir, device="cpu")
     ids = rng.integers(3, 256, size=(2, 10))
     mask = np.ones_like(ids)
@@ -68,8 +76,8 @@ def test_batch_two_with_left_padding_matches_torch(tiny_exports, model_type, rng
     assert np.abs(alone[0] - ours[1, 4:]).max() < ATOL
 
 
-def test_batched_decode_with_left_padding_matches_torch(tiny_exports, rng):
-    hf, onnx_dir = tiny_exports["llama"]
+def test_batched_decode_with_left_padding_matches_torch(exports, rng):
+    hf, onnx_dir = exports["llama"]
     runner = OrtCausalLM.from_path(onnx_dir, device="cpu")
     ids = rng.integers(3, 256, size=(2, 12))
     ids[1, :3] = 0
@@ -83,9 +91,9 @@ def test_batched_decode_with_left_padding_matches_torch(tiny_exports, rng):
         assert np.abs(logits[:, 0] - reference[:, step]).max() < ATOL
 
 
-def test_sliding_window_is_active(tiny_exports, rng):
+def test_sliding_window_is_active(exports, rng):
     """Mistral's window (5) must matter: a sequence longer than it differs from a windowless model."""
-    hf, onnx_dir = tiny_exports["mistral"]
+    hf, onnx_dir = exports["mistral"]
     runner = OrtCausalLM.from_path(onnx_dir, device="cpu")
     ids = rng.integers(3, 256, size=(1, 12))
     model = load_torch_model(hf)
@@ -99,11 +107,12 @@ def test_sliding_window_is_active(tiny_exports, rng):
     assert np.abs(ours - windowed).max() < ATOL
 
 
-def test_fp16_export_is_close(tiny_exports, tmp_path, rng):
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_fp16_export_is_close(tiny_exports, tmp_path, rng, attention):
     from accullm_export.models.export import export_model
 
     hf, _ = tiny_exports["llama"]
-    export_model(str(hf), tmp_path / "fp16", dtype="fp16")
+    export_model(str(hf), tmp_path / "fp16", dtype="fp16", attention=attention)
     runner = OrtCausalLM.from_path(tmp_path / "fp16", device="cpu")
     assert runner.layout.kv_dtype == np.float16
     ids = rng.integers(3, 256, size=(1, 12))
@@ -112,3 +121,12 @@ def test_fp16_export_is_close(tiny_exports, tmp_path, rng):
     assert ours.dtype == np.float32
     assert np.abs(ours - reference).max() < 2e-2
     assert (ours.argmax(-1) == reference.argmax(-1)).mean() >= 0.9
+
+
+def test_attention_formulations_and_opsets(tiny_exports, tiny_decomposed_exports):
+    import onnx
+
+    for exports, opset, op in ((tiny_exports, 23, "Attention"), (tiny_decomposed_exports, 21, "Softmax")):
+        model = onnx.load(str(exports["llama"][1] / "model.onnx"), load_external_data=False)
+        assert {o.domain: o.version for o in model.opset_import}[""] == opset
+        assert sum(node.op_type == op for node in model.graph.node) == 2  # one per layer
