@@ -21,6 +21,8 @@ from accullm_export.runtime.intermediates import IntermediateReader
 
 log = logging.getLogger(__name__)
 
+# ONNX Runtime's full graph optimizations: the tapped tensors are the ones a deployed session computes
+OPTIMIZATION = "all"
 Feeds = Callable[[], Iterable[Mapping[str, np.ndarray]]]  # called once per pass; yields input feed dicts
 
 
@@ -68,7 +70,7 @@ def collect_statistics(model_path: str | Path, layers: list[LinearLayer], feeds:
     down_inputs = {layer.input for layer in layers if layer.is_mlp_down_projection}
     channels = {name: ChannelStatistics(count, total_rows) for name, count in inputs.items()}
     histograms = {name: MagnitudeHistogram() for name in down_inputs}
-    reader = IntermediateReader(model_path)
+    reader = IntermediateReader(model_path, OPTIMIZATION)
     groups = plan_groups(inputs, rows_per_batch, budget_bytes)
     log.info("calibrating %d input tensors of %d linear layers in %d pass(es)", len(inputs), len(layers), len(groups))
     digests: list[str] = []

@@ -60,7 +60,9 @@ def test_statistics_equal_numpy_over_the_same_batches(planted_model, profile):
     windows, _ = text_windows(folder, str(text), SAMPLES, SEQ_LEN, 0)
     feeds = llm_feeds(windows, folder / "model.onnx")
     names = [entry["name"] for entry in loaded.manifest["inputs"]]
-    tap = IntermediateReader(folder).open(names)  # every tensor at once is fine for a tiny model
+    from accullm_export.calibration.collect import OPTIMIZATION
+
+    tap = IntermediateReader(folder, OPTIMIZATION).open(names)  # every tensor at once: fine for a tiny model
     values = [tap.run(feed) for feed in feeds]
     for name in names:
         stacked = np.concatenate([v[name] for v in values], axis=0)  # [samples, seq, channels]
