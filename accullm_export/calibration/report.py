@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from accullm_export import svg
+from accullm_export import html_page, svg
 from accullm_export.atomic import atomic_write_text
 from accullm_export.calibration.stats import MagnitudeHistogram
 
@@ -23,28 +23,6 @@ HEATMAP_COLUMNS = 128  # channels are max-pooled down to at most this many heatm
 _TOP_TABLE = 20
 _CDF_SERIES = 5  # with more MLPs than the palette holds, plot first, quartiles and last
 _CDF_POINTS = 200
-_SVG_NAMESPACE = ' xmlns="http://www.w3.org/2000/svg"'
-_STYLE = """
-body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;background:#f6f7f9;color:#222}
-main{max-width:980px;margin:0 auto;padding:16px 24px 48px}
-header{background:#fff;border-bottom:1px solid #ddd;padding:16px 24px}
-header .inner{max-width:980px;margin:0 auto}
-h1{font-size:22px;margin:0 0 8px}
-h2{font-size:17px;margin:12px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
-section{background:#fff;border:1px solid #e2e2e2;border-radius:6px;padding:4px 16px 16px;margin-top:16px}
-table{border-collapse:collapse;margin:8px 0;font-size:13px}
-th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
-th{background:#f0f2f5}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-.muted{color:#666;font-size:13px}
-code{font-family:Menlo,Consolas,monospace;font-size:12px}
-td code{color:#555;font-size:11px}
-figure{margin:8px 0}
-figure svg{max-width:100%;height:auto;border:1px solid #eee}
-details summary{cursor:pointer;margin:8px 0}
-"""
-
-
 # ----------------------------------------------------------------------------------------------- analysis
 def _stat(arrays: Mapping[str, np.ndarray], index: int, name: str) -> np.ndarray | None:
     value = arrays.get(f"{index}.{name}")
@@ -233,25 +211,6 @@ def _input_cell(label: str, tensor: str, compact: bool = False) -> str:
     return f"<td>{html.escape(label)}<br><code>{html.escape(tensor)}</code></td>"
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    head = "".join(f"<th>{html.escape(header)}</th>" for header in headers)
-    body = "".join(f"<tr>{''.join(cells)}</tr>" for cells in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _figure(svg_text: str) -> str:
-    """Inline an SVG in HTML5, where the SVG namespace is implied (so no URL appears in the page)."""
-    return f"<figure>{svg_text.replace(_SVG_NAMESPACE, '', 1)}</figure>"
-
-
-def _section(title: str, anchor: str, body: str) -> str:
-    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>'
-
-
-def _details(summary: str, body: str) -> str:
-    return f"<details><summary>{html.escape(summary)}</summary>{body}</details>"
-
-
 # ----------------------------------------------------------------------------------------------- HTML sections
 def _header_html(manifest: Mapping) -> str:
     model, source = manifest.get("model", {}), manifest.get("source", {})
@@ -284,7 +243,7 @@ def _heatmap_html(manifest: Mapping, arrays: Mapping[str, np.ndarray], labels: S
                            column_width=stride)
     text = ('<p class="muted">Rows are the linear layers\' input tensors in graph order (rows sharing one input '
             "appear once); grey: no such channel.</p>")
-    return _section("Channel magnitudes", "heatmap", text + _figure(plot))
+    return html_page.section("Channel magnitudes", "heatmap", text + html_page.figure(plot))
 
 
 def _outliers_html(manifest: Mapping, labels: Sequence[str]) -> str:
@@ -298,17 +257,18 @@ def _outliers_html(manifest: Mapping, labels: Sequence[str]) -> str:
              *(_num(counts[policy][index]) for policy in policies)] for index, entry in enumerate(inputs)]
     totals = _policy_totals(manifest)
     summary = ", ".join(f"{policy}: {total}" for policy, total in totals.items())
-    table = _table(["layer input", "channels", *policies], rows)
+    table = html_page.table(["layer input", "channels", *policies], rows)
     text = (f'<p class="muted">A tensor read by several layers counts the channels any of them keeps. '
             f"Summed over the {len(manifest.get('layers', []))} linear layers: {html.escape(summary)}.</p>")
-    return _section("Outlier channels", "outliers",
-                    _figure(plot) + text + _details("channels picked by each policy, per layer input", table))
+    return html_page.section("Outlier channels", "outliers",
+                    html_page.figure(plot) + text
+                    + html_page.details("channels picked by each policy, per layer input", table))
 
 
 def _top_html(manifest: Mapping, arrays: Mapping[str, np.ndarray]) -> str:
     top = top_outlier_channels(manifest, arrays, _TOP_TABLE)
     if not top:
-        return _section("Top outlier channels", "top", '<p class="muted">no channel statistics</p>')
+        return html_page.section("Top outlier channels", "top", '<p class="muted">no channel statistics</p>')
     policy = manifest.get("policy", {})
     chosen = {(int(layer["input_index"]), channel) for layer in manifest.get("layers", [])
               for channel in layer.get("outliers", [])}
@@ -316,15 +276,15 @@ def _top_html(manifest: Mapping, arrays: Mapping[str, np.ndarray]) -> str:
              _num(row["median"]), _num(row["ratio"], 3), _num(row["p999"]), _num(row["sink_absmax"]),
              _td("yes" if (row["input_index"], row["channel"]) in chosen else "no")]
             for rank, row in enumerate(top)]
-    table = _table(["#", "layer input", "channel", "absmax", "median absmax", "ratio", "p99.9", "first-token absmax",
-                    f"kept ({policy.get('name')})"], rows)
+    table = html_page.table(["#", "layer input", "channel", "absmax", "median absmax", "ratio", "p99.9",
+                             "first-token absmax", f"kept ({policy.get('name')})"], rows)
     ratio = policy.get("ratio") if policy.get("name") == "ratio" else None
     threshold = math.log10(ratio) if ratio else None  # ratios span decades: a log scale keeps all 20 visible
     plot = svg.bar_svg([f"{row['label']} c{row['channel']}" for row in top],
                        [math.log10(row["ratio"]) if row["ratio"] > 0 else math.nan for row in top],
                        title="Top outlier channels: absmax over their tensor's median absmax",
                        ylabel="log10(absmax / median)", threshold=threshold)
-    return _section("Top outlier channels", "top", _figure(plot) + table)
+    return html_page.section("Top outlier channels", "top", html_page.figure(plot) + table)
 
 
 def _cdf(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -360,22 +320,23 @@ def _sparsity_html(manifest: Mapping, arrays: Mapping[str, np.ndarray], labels: 
     sparsity = manifest.get("sparsity") or {}
     entries = [(layer["node"], layer) for layer in manifest.get("layers", []) if layer["node"] in sparsity]
     if not entries:
-        return _section("Activation sparsity", "sparsity", '<p class="muted">no MLP down-projection found</p>')
+        return html_page.section("Activation sparsity", "sparsity", '<p class="muted">no MLP down-projection found</p>')
     curves = []
     for position in _representatives(len(entries)):
         node, layer = entries[position]
         counts = _stat(arrays, int(layer["input_index"]), "magnitude_histogram")
         if counts is not None and counts.sum() > 0:
             curves.append((labels[int(layer["input_index"])], counts))
-    plot = _figure(_cdf_plot(curves)) if curves else ""
+    plot = html_page.figure(_cdf_plot(curves)) if curves else ""
     levels = sparsity[entries[0][0]]["levels"]
     rows = [[_input_cell(labels[int(layer["input_index"])], node),
              *(_num(value) for value in sparsity[node]["thresholds"])] for node, layer in entries]
-    table = _table(["down projection", *(f"{100 * level:.0f}% sparse" for level in levels)], rows)
+    table = html_page.table(["down projection", *(f"{100 * level:.0f}% sparse" for level in levels)], rows)
     shown = "" if len(curves) == len(entries) else f" (shown: {len(curves)} of {len(entries)} layers)"
     text = (f'<p class="muted">|x| under which each fraction of the down-projection inputs falls{shown}; '
             "zeroing the values under a threshold gives at least that sparsity.</p>")
-    return _section("Activation sparsity", "sparsity", plot + text + _details("thresholds per layer", table))
+    return html_page.section("Activation sparsity", "sparsity",
+                             plot + text + html_page.details("thresholds per layer", table))
 
 
 def _sink_html(manifest: Mapping, arrays: Mapping[str, np.ndarray], labels: Sequence[str]) -> str:
@@ -390,7 +351,7 @@ def _sink_html(manifest: Mapping, arrays: Mapping[str, np.ndarray], labels: Sequ
         rows.append([_input_cell(labels[index], entry["name"], compact=True), _num(main_max), _num(sink_max),
                      _num(ratio, 3), _num(int(sink.argmax()))])
     if not ratios or all(not value for _, value in ratios):
-        return _section("First token (attention sink)", "sink",
+        return html_page.section("First token (attention sink)", "sink",
                         '<p class="muted">no first-token statistics (not a decoder, or never measured)</p>')
     over = sum(value > 1 for _, value in ratios)
     label, largest = max(ratios, key=lambda item: item[1] if math.isfinite(item[1]) else -1.0)
@@ -399,8 +360,9 @@ def _sink_html(manifest: Mapping, arrays: Mapping[str, np.ndarray], labels: Sequ
     text = (f'<p class="muted">Position 0 is measured apart from the rest (its activations are left out of '
             f"every other statistic). Its max exceeds the others' in {over} of {len(ratios)} tensors; "
             f"largest: {largest:.3g}x at {html.escape(label)}.</p>")
-    table = _table(["layer input", "max absmax", "max first-token absmax", "ratio", "its channel"], rows)
-    return _section("First token (attention sink)", "sink", _figure(plot) + text + _details("per layer input", table))
+    table = html_page.table(["layer input", "max absmax", "max first-token absmax", "ratio", "its channel"], rows)
+    return html_page.section("First token (attention sink)", "sink",
+                             html_page.figure(plot) + text + html_page.details("per layer input", table))
 
 
 def _versions_html(manifest: Mapping) -> str:
@@ -414,10 +376,8 @@ def render_calibration_html(manifest: Mapping, arrays: Mapping[str, np.ndarray])
     sections = [_heatmap_html(manifest, arrays, labels), _outliers_html(manifest, labels),
                 _top_html(manifest, arrays), _sparsity_html(manifest, arrays, labels),
                 _sink_html(manifest, arrays, labels), _versions_html(manifest)]
-    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>Calibration report: {_esc(manifest.get('model', {}).get('path'))}</title>"
-            f"<style>{_STYLE}</style></head><body>{_header_html(manifest)}<main>{''.join(sections)}</main>"
-            "</body></html>\n")
+    title = f"Calibration report: {_fmt(manifest.get('model', {}).get('path'))}"
+    return html_page.page(title, _header_html(manifest), "".join(sections))
 
 
 def write_calibration_report(manifest: Mapping, arrays: Mapping[str, np.ndarray], folder: Path) -> Path:

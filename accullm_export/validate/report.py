@@ -16,35 +16,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from accullm_export.atomic import atomic_write_text
-from accullm_export import svg
+from accullm_export import html_page, svg
 
 _MAX_SUMMARY_GATES = 12
-_SVG_NAMESPACE = ' xmlns="http://www.w3.org/2000/svg"'
-_STYLE = """
-body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;background:#f6f7f9;color:#222}
-main{max-width:980px;margin:0 auto;padding:16px 24px 48px}
-header{background:#fff;border-bottom:1px solid #ddd;padding:16px 24px}
-header .inner{max-width:980px;margin:0 auto}
-h1{font-size:22px;margin:0 0 8px}
-h2{font-size:17px;margin:12px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
-section{background:#fff;border:1px solid #e2e2e2;border-radius:6px;padding:4px 16px 16px;margin-top:16px}
-table{border-collapse:collapse;margin:8px 0;font-size:13px}
-th,td{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f0f2f5}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.fail td{background:#fde4e4}
-.badge{display:inline-block;padding:2px 10px;border-radius:4px;font-weight:bold;color:#fff}
-.badge.pass{background:#2e8540}.badge.fail{background:#c62828}
-.verdict{font-size:20px;padding:4px 16px;margin-left:8px;vertical-align:middle}
-.muted{color:#666;font-size:13px}
-code,pre{font-family:Menlo,Consolas,monospace;font-size:12px}
-pre{background:#f3f3f3;border:1px solid #ddd;padding:8px;overflow-x:auto;white-space:pre-wrap;word-break:break-all}
-figure{margin:8px 0}
-figure svg{max-width:100%;height:auto;border:1px solid #eee}
-details summary{cursor:pointer;margin:8px 0}
-"""
-
-
 # ----------------------------------------------------------------------------------------------- writing
 def json_safe(value: Any) -> Any:
     """A copy of ``value`` that ``json.dumps(..., allow_nan=False)`` accepts: NaN/inf become None.
@@ -133,27 +107,8 @@ def _badge(passed: Any) -> str:
     return '<span class="badge pass">PASS</span>' if passed else '<span class="badge fail">FAIL</span>'
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], failed: Sequence[bool] = ()) -> str:
-    """An HTML table; cells are already-rendered ``<td>`` strings, ``failed`` rows are highlighted."""
-    head = "".join(f"<th>{html.escape(header)}</th>" for header in headers)
-    body = []
-    for index, cells in enumerate(rows):
-        css = ' class="fail"' if index < len(failed) and failed[index] else ""
-        body.append(f"<tr{css}>{''.join(cells)}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
 def _td(value: Any) -> str:
     return f"<td>{_esc(value)}</td>"
-
-
-def _figure(svg_text: str) -> str:
-    """Inline an SVG in HTML5, where the SVG namespace is implied (so no URL appears in the page)."""
-    return f"<figure>{svg_text.replace(_SVG_NAMESPACE, '', 1)}</figure>"
-
-
-def _section(title: str, anchor: str, body: str) -> str:
-    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>'
 
 
 # ----------------------------------------------------------------------------------------------- HTML sections
@@ -182,7 +137,7 @@ def _metrics_html(report: dict) -> str:
             ("KL divergence, p99", _fmt(metrics.get("kl_p99"))),
             ("top-1 agreement", _pct(metrics.get("top1_agreement")))]
     cells = [[f"<td>{html.escape(name)}</td>", f'<td class="num">{html.escape(value)}</td>'] for name, value in rows]
-    return _section("Metrics", "metrics", _table(["metric", "value"], cells))
+    return html_page.section("Metrics", "metrics", html_page.table(["metric", "value"], cells))
 
 
 def _gates_html(report: dict) -> str:
@@ -192,7 +147,8 @@ def _gates_html(report: dict) -> str:
     rows = [[_td(gate.get("name")), _num_cell(gate.get("value")), _num_cell(gate.get("threshold")),
              f"<td>{_badge(gate.get('passed'))}</td>", _td(gate.get("message", ""))] for gate in gates]
     failed = [not gate.get("passed") for gate in gates]
-    return _section("Gates", "gates", _table(["gate", "value", "threshold", "result", "message"], rows, failed))
+    headers = ["gate", "value", "threshold", "result", "message"]
+    return html_page.section("Gates", "gates", html_page.table(headers, rows, failed))
 
 
 def _kl_html(report: dict) -> str:
@@ -202,7 +158,7 @@ def _kl_html(report: dict) -> str:
     plot = svg.histogram_svg(histogram.get("bin_edges") or [], histogram.get("counts") or [],
                              title="Per-token KL(reference || candidate)", xlabel="KL divergence (nats, log scale)",
                              ylabel="tokens", log_x=True)
-    return _section("Per-token KL divergence", "kl", _figure(plot))
+    return html_page.section("Per-token KL divergence", "kl", html_page.figure(plot))
 
 
 def _culprit_block_index(report: dict, blocks: Sequence[dict]) -> int | None:
@@ -223,9 +179,9 @@ def _layers_html(report: dict) -> str:
     rows = [[_td(block.get("index")), _td(block.get("name")), _num_cell(block.get("max_abs")),
              _num_cell(block.get("rel_error")), _num_cell(block.get("cosine"))] for block in blocks]
     failed = [_as_float(block.get("rel_error")) > tolerance for block in blocks]
-    table = _table(["index", "block", "max |diff|", "relative error", "cosine"], rows, failed)
+    table = html_page.table(["index", "block", "max |diff|", "relative error", "cosine"], rows, failed)
     details = f"<details><summary>All {len(blocks)} blocks</summary>{table}</details>"
-    return _section("Per-layer error", "layers", _figure(plot) + details)
+    return html_page.section("Per-layer error", "layers", html_page.figure(plot) + details)
 
 
 def _as_float(value: Any) -> float:
@@ -242,8 +198,8 @@ def _bisect_html(report: dict) -> str:
     if culprit:
         keys = ("node", "op_type", "tensor", "precision", "max_abs", "rel_error", "cosine")
         rows = [[f"<td>{html.escape(key)}</td>", _td(culprit.get(key))] for key in keys]
-        parts.append(_table(["first node over tolerance", ""], rows))
-    return _section("Bisection", "bisect", "".join(parts))
+        parts.append(html_page.table(["first node over tolerance", ""], rows))
+    return html_page.section("Bisection", "bisect", "".join(parts))
 
 
 def _greedy_html(report: dict) -> str:
@@ -259,9 +215,10 @@ def _greedy_html(report: dict) -> str:
                        threshold=_as_float(greedy.get("new_tokens")))
     rows = [[_td(f"#{i + 1}"), _td(p.get("prompt")), _num_cell(p.get("prefix")), _num_cell(p.get("length")),
              _td(p.get("full_match"))] for i, p in enumerate(prompts)]
-    table = _table(["", "prompt", "prefix", "length", "full match"], rows, [not p.get("full_match") for p in prompts])
+    table = html_page.table(["", "prompt", "prefix", "length", "full match"], rows,
+                            [not p.get("full_match") for p in prompts])
     details = f"<details><summary>Prompts ({len(prompts)})</summary>{table}</details>"
-    return _section("Greedy generation", "greedy", summary + _figure(plot) + details)
+    return html_page.section("Greedy generation", "greedy", summary + html_page.figure(plot) + details)
 
 
 def _probes_html(report: dict) -> str:
@@ -277,11 +234,11 @@ def _probes_html(report: dict) -> str:
                   _td(item.get("candidate_answer")), _td(item.get("agree"))] for item in items]
     disagree = sum(1 for item in items if not item.get("agree"))
     body = (f"<p>answers identical to the reference: {_pct(probes.get('agreement'))}</p>"
-            + _table(["task", "agree", "total", "agreement"], task_rows)
+            + html_page.table(["task", "agree", "total", "agreement"], task_rows)
             + f"<details><summary>Items ({len(items)}, {disagree} disagree)</summary>"
-            + _table(["task", "prompt", "reference", "candidate", "agree"], item_rows,
+            + html_page.table(["task", "prompt", "reference", "candidate", "agree"], item_rows,
                      [not item.get("agree") for item in items]) + "</details>")
-    return _section("Golden probes", "probes", body)
+    return html_page.section("Golden probes", "probes", body)
 
 
 def _ratio(numerator: Any, denominator: Any) -> float:
@@ -300,14 +257,14 @@ def _generic_html(report: dict) -> str:
             for out in outputs]
     parts = [f"<p>{_badge(generic.get('passed'))} atol {_esc(generic.get('atol'))}, rtol {_esc(generic.get('rtol'))}, "
              f"{_esc(generic.get('iterations'))} iterations</p>",
-             _table(["output", "max |diff|", "max rel", "mean |diff|", "cosine", "result"], rows,
+             html_page.table(["output", "max |diff|", "max rel", "mean |diff|", "cosine", "result"], rows,
                     [not out.get("passed") for out in outputs])]
     for key, label in (("inputs_json", "inputs"), ("outputs_json", "reference outputs")):
         if generic.get(key):
             parts.append(f"<p class=\"muted\">{label}: <code>{_esc(generic[key])}</code></p>")
     if generic.get("polygraphy_command"):
         parts.append(f"<p>Reproduce with Polygraphy:</p><pre>{_esc(generic['polygraphy_command'])}</pre>")
-    return _section("Output comparison", "generic", "".join(parts))
+    return html_page.section("Output comparison", "generic", "".join(parts))
 
 
 def _versions_html(report: dict) -> str:
@@ -315,7 +272,7 @@ def _versions_html(report: dict) -> str:
     if not versions:
         return ""
     rows = [[_td(name), _td(version)] for name, version in versions.items()]
-    return _section("Versions", "versions", _table(["package", "version"], rows))
+    return html_page.section("Versions", "versions", html_page.table(["package", "version"], rows))
 
 
 _SECTIONS: tuple[Callable[[dict], str], ...] = (
@@ -334,10 +291,7 @@ def render_html(report: dict) -> str:
     """
     title = f"accullm-export validate: {_fmt(report.get('candidate'))} vs {_fmt(report.get('reference'))}"
     body = "\n".join(part for part in (section(report) for section in _SECTIONS) if part)
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n<body>\n"
-            f"{_header_html(report)}\n<main>\n{body}\n</main>\n</body></html>\n")
+    return html_page.page(title, _header_html(report), body)
 
 
 # ----------------------------------------------------------------------------------------------- terminal
