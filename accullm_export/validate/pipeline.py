@@ -105,20 +105,16 @@ def _bisect_feed(reference: str | Path, report: dict, options: ValidateOptions) 
         from polygraphy.json import load_json
 
         return dict(load_json(report["generic"]["inputs_json"])[0])
+    from accullm_export.calibration.feeds import llm_feeds
     from accullm_export.data.text import load_text_source, token_windows
-    from accullm_export.runtime import OrtCausalLM
     from accullm_export.runtime.tokenizer import FolderTokenizer
 
-    runner = OrtCausalLM.from_path(reference, device="cpu")
-    tokenizer = FolderTokenizer(options.llm.tokenizer or runner.folder)
+    model_file = Path(reference) / "model.onnx" if Path(reference).is_dir() else Path(reference)
+    tokenizer = FolderTokenizer(options.llm.tokenizer or model_file.parent)
     source = load_text_source(options.llm.text)
     tokens = token_windows(source.documents, tokenizer.encode, num_windows=1, seq_len=options.bisect_seq_len,
                            seed=options.llm.seed)
-    feed = {"input_ids": tokens, "attention_mask": np.ones_like(tokens),
-            "position_ids": np.arange(tokens.shape[1], dtype=np.int64)[None]}
-    for i, (key, value) in enumerate(runner.empty_cache(1)):
-        feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = key, value
-    return feed
+    return llm_feeds(tokens, model_file)[0]
 
 
 def _versions() -> dict[str, str]:
