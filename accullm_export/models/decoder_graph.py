@@ -105,9 +105,7 @@ class DecoderGraphBuilder:
 
     def _lm_head_weight_name(self) -> str:
         if not hasattr(self, "_lm_head_weight"):
-            source = "lm_head.weight"
-            if self.config.tie_word_embeddings or source not in self.tensors:
-                source = "model.embed_tokens.weight"
+            source = "model.embed_tokens.weight" if self._tied() else "lm_head.weight"
             array = np.asarray(self._tensor(source), dtype=np.float32).T.astype(self.dtype)
             self._lm_head_weight = self.w.initializer("lm_head.MatMul.weight", array)
         return self._lm_head_weight
