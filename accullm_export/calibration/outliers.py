@@ -89,7 +89,7 @@ def _sensitivity(stats: Mapping[str, LayerStatistics], policy: OutlierPolicy) ->
     chosen = {}
     for name, s in stats.items():
         weight = s.weight()
-        block = policy.block_size if weight.shape[0] % policy.block_size == 0 else None
+        block = policy.block_size if policy.bits == 4 else None  # int8 is per output channel; int4 blocked
         score = s.second_moment.astype(np.float64) * row_quantization_error(weight, policy.bits, block)
         chosen[name] = _largest(score, policy.k)
     return chosen
