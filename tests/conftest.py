@@ -84,3 +84,42 @@ def _export_tiny(root: Path, attention: str) -> dict:
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+# A tiny Llama with planted outlier channels, and its calibration profile (shared by calibration and quantize tests)
+PLANTED = [5, 40]
+SAMPLES, SEQ_LEN = 6, 40
+
+
+@pytest.fixture(scope="session")
+def planted_model(tmp_path_factory):
+    """A tiny Llama whose RMSNorm weights scale channels 5 and 40 by 100: q/k/v and gate/up inputs get outliers."""
+    from safetensors.numpy import load_file, save_file
+
+    from accullm_export.models.export import export_model
+    from tests.unit.test_validate import TEXT
+
+    root = tmp_path_factory.mktemp("planted")
+    hf = make_tiny_checkpoint(root / "hf", "llama", seed=3)
+    tensors = load_file(str(hf / "model.safetensors"))
+    for name in list(tensors):
+        if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
+            tensors[name] = tensors[name].copy()
+            tensors[name][PLANTED] *= 100.0
+    save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    export_model(str(hf), root / "onnx")
+    (root / "text.txt").write_text(TEXT)
+    return root / "onnx", root / "text.txt"
+
+
+@pytest.fixture(scope="session")
+def profile(planted_model, tmp_path_factory):
+    from accullm_export.calibration.outliers import OutlierPolicy
+    from accullm_export.calibration.run import CalibrationConfig, calibrate
+
+    folder, text = planted_model
+    out = tmp_path_factory.mktemp("profile") / "p"
+    config = CalibrationConfig(source=str(text), samples=SAMPLES, seq_len=SEQ_LEN,
+                               policy=OutlierPolicy(name="ratio", k=2, ratio=20.0))
+    calibrate(folder, out, config)
+    return out

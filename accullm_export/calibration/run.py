@@ -80,6 +80,16 @@ def _feeds(model_path: Path, config: CalibrationConfig, is_llm: bool):
     return llm_feeds(windows, model_path), description, config.seq_len, config.samples * (config.seq_len - 1)
 
 
+def profile_feeds(model_path: Path, manifest: dict, samples: int) -> list[dict[str, np.ndarray]]:
+    """Feeds from the calibration data a profile was measured on (its first ``samples`` windows or batches)."""
+    config = manifest["config"]
+    is_llm = manifest["model"].get("llm", True)
+    limited = CalibrationConfig(source=config["source"], samples=min(samples, config["samples"]),
+                                seq_len=config["seq_len"], seed=config["seed"])
+    feeds = _feeds(Path(model_path), limited, is_llm)[0]
+    return feeds[:samples]
+
+
 def _rows_of(feed: dict, is_llm: bool) -> int:
     """Rows (tokens) one feed contributes, estimated from its first input (one position is the sink for LLMs)."""
     first = np.asarray(feed["input_ids"] if "input_ids" in feed else next(iter(feed.values())))

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "inspect": "accullm_export.cli.inspect_cmd",
     "calibrate": "accullm_export.cli.calibrate",
     "validate": "accullm_export.cli.validate",
+    "quantize": "accullm_export.cli.quantize",
 }
 
 log = logging.getLogger("accullm_export")

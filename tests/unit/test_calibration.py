@@ -17,39 +17,7 @@ from accullm_export.errors import UserError
 from accullm_export.runtime.intermediates import IntermediateReader
 from tests.unit.test_validate import TEXT, make_mlp
 
-PLANTED = [5, 40]
-SAMPLES, SEQ_LEN = 6, 40
-
-
-@pytest.fixture(scope="module")
-def planted_model(tmp_path_factory):
-    """A tiny Llama whose RMSNorm weights scale channels 5 and 40 by 100: q/k/v and gate/up inputs get outliers."""
-    from safetensors.numpy import load_file, save_file
-
-    from accullm_export.models.export import export_model
-    from tests.conftest import make_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("planted")
-    hf = make_tiny_checkpoint(root / "hf", "llama", seed=3)
-    tensors = load_file(str(hf / "model.safetensors"))
-    for name in list(tensors):
-        if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
-            tensors[name] = tensors[name].copy()
-            tensors[name][PLANTED] *= 100.0
-    save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
-    export_model(str(hf), root / "onnx")
-    (root / "text.txt").write_text(TEXT)
-    return root / "onnx", root / "text.txt"
-
-
-@pytest.fixture(scope="module")
-def profile(planted_model, tmp_path_factory):
-    folder, text = planted_model
-    out = tmp_path_factory.mktemp("profile") / "p"
-    config = CalibrationConfig(source=str(text), samples=SAMPLES, seq_len=SEQ_LEN,
-                               policy=OutlierPolicy(name="ratio", k=2, ratio=20.0))
-    calibrate(folder, out, config)
-    return out
+from tests.conftest import PLANTED, SAMPLES, SEQ_LEN
 
 
 def test_statistics_equal_numpy_over_the_same_batches(planted_model, profile):

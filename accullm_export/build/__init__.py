@@ -1,0 +1,1 @@
+"""The build pipeline: quantize (and later sparsify, engine builds and deployment bundles)."""

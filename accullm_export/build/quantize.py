@@ -1,0 +1,185 @@
+"""``quantize``: rewrite a model with a recipe and a calibration profile, into a new model folder.
+
+Steps: refuse a model that is already quantized or a profile made from another model; plan every linear
+layer; run the recipe's passes (each logs what it changed); write the graph, its external data, the source
+folder's tokenizer and genai_config.json and a manifest; open the result in ONNX Runtime before the folder
+appears, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+import accullm_export
+from accullm_export.atomic import atomic_dir
+from accullm_export.errors import UserError
+from accullm_export.graph.linear import find_linear_layers
+from accullm_export.graph.recipes import LayerPlan, PassContext, Recipe, plan_layers
+
+log = logging.getLogger(__name__)
+
+MANIFEST_KIND, MANIFEST_VERSION = "accullm-export/quantized", 1
+RECIPE_KEY = "accullm_export.recipe"  # ONNX metadata_props key marking a rewritten model
+_MODEL_FILES = {"model.onnx", "model.onnx.data", "manifest.json"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantizeOptions:
+    """How much calibration text GPTQ's second-moment matrices use (the profile names the text)."""
+
+    gptq_samples: int = 32
+    budget_mb: int = 512
+    version: int = 1
+
+
+def recipe_passes(recipe: Recipe) -> list[str]:
+    """The passes a recipe runs, in order."""
+    passes = ["scale_activations_awq"] if recipe.awq else []
+    passes.append("isolate_outliers")
+    if recipe.gptq:
+        passes.append("compensate_errors_gptq")
+    passes += ["quantize_weights", "quantize_activations", "quantize_embeddings"]
+    return passes
+
+
+def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profile_dir: str | Path, *,
+                   options: QuantizeOptions = QuantizeOptions(), overwrite: bool = False) -> dict:
+    """Rewrite ``model`` into ``out_dir``; returns the manifest (also written as ``manifest.json``)."""
+    from accullm_export.calibration.profile import load_profile
+    from accullm_export.graph.io import load_onnx
+
+    model_path = Path(model) / "model.onnx" if Path(model).is_dir() else Path(model)
+    header = load_onnx(model_path, load_external_data=False)
+    refuse_quantized(header, model_path)
+    profile = load_profile(profile_dir, model_path)
+    layers = find_linear_layers(header)
+    if not layers:
+        raise UserError(f"{model_path} has no linear layers (MatMul with an initializer weight) to quantize")
+    plans = plan_layers(recipe, layers, profile)
+    notes = [f"{layer.node}: {layer.op_type} is not rewritten (only MatMul is); left as it is"
+             for layer in layers if layer.op_type != "MatMul"]
+    statistics = {entry["name"]: profile.input_statistics(entry["name"]) for entry in profile.manifest["inputs"]}
+    hessians = _hessians(model_path, plans, profile, options) if recipe.gptq else {}
+    return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite)
+
+
+def refuse_quantized(model: onnx.ModelProto, path: Path) -> None:
+    """UserError for a model this kit (or another tool) already quantized."""
+    metadata = {entry.key: entry.value for entry in model.metadata_props}
+    if RECIPE_KEY in metadata:
+        raise UserError(f"{path} is already quantized (recipe {metadata[RECIPE_KEY]}); quantize the original "
+                        "fp32/fp16 export instead")
+    quantized_ops = {node.op_type for node in model.graph.node} & {
+        "DequantizeLinear", "QuantizeLinear", "MatMulNBits", "QLinearMatMul", "MatMulInteger"}
+    if quantized_ops:
+        raise UserError(f"{path} already contains {', '.join(sorted(quantized_ops))}: it is quantized; quantize "
+                        "the original fp32/fp16 export instead")
+
+
+def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite) -> dict:
+    from accullm_export.graph.ir import load_graph, save_graph
+    from accullm_export.graph.pipeline import constant_bytes, run_passes
+
+    graph, source = load_graph(model_path)
+    float_dtype = _float_dtype(graph, plans)
+    context = PassContext(plans=plans, float_dtype=float_dtype, statistics=statistics, hessians=hessians,
+                          embeddings=recipe.embeddings, notes=notes)
+    for note in notes:
+        log.info("%s", note)
+    parameters, source_bytes = _parameter_count(graph), constant_bytes(graph)
+    graph, reports = run_passes(graph, [(name, context) for name in recipe_passes(recipe)])
+    bits = _bits(graph, plans, parameters)
+    with atomic_dir(out_dir, overwrite=overwrite) as staging:
+        save_graph(graph, source, staging / "model.onnx", {RECIPE_KEY: recipe.name})
+        _copy_side_files(model_path.parent, staging)
+        _check_loads(staging / "model.onnx")
+        manifest = {
+            "kind": MANIFEST_KIND, "version": MANIFEST_VERSION,
+            "source": {"path": str(model_path), "sha256": profile.manifest["model"]["sha256"],
+                       "constant_bytes": source_bytes, "parameters": parameters},
+            "profile": {"path": str(profile.folder), "policy": profile.manifest["policy"]["name"]},
+            "recipe": recipe.to_dict(), "passes": [report.to_dict() for report in reports], "notes": notes,
+            "awq": {name: {"max_scale": float(s.max()), "min_scale": float(s.min())}
+                    for name, s in context.awq_scales.items()},
+            "size": bits, "layers": [plan.to_dict() | {"bits_per_weight": bits["layers"].get(plan.node)}
+                                     for plan in plans.values()],
+            "versions": {"accullm_export": accullm_export.__version__, "onnx": onnx.__version__,
+                         "numpy": np.__version__},
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _float_dtype(graph, plans) -> np.dtype:
+    import onnx_graphsurgeon as gs
+
+    for node in graph.nodes:
+        if node.name in plans and isinstance(node.inputs[1], gs.Constant):
+            return np.dtype(node.inputs[1].values.dtype)
+    return np.dtype(np.float32)
+
+
+def _parameter_count(graph) -> int:
+    import onnx_graphsurgeon as gs
+
+    return sum(int(np.prod(t.shape, dtype=np.int64)) for t in graph.tensors().values()
+               if isinstance(t, gs.Constant) and np.dtype(t.dtype).kind == "f" and t.shape and np.prod(t.shape) > 1)
+
+
+def _bits(graph, plans: dict[str, LayerPlan], parameters: int) -> dict:
+    """Effective bits per weight: per layer (its integer values, scales, zero points and FP16 outlier rows),
+    over all linear layers, and over the whole file (every stored constant / the source's float parameters)."""
+    import onnx_graphsurgeon as gs
+
+    from accullm_export.graph.ir import stored_bytes
+    from accullm_export.graph.pipeline import constant_bytes
+
+    constants = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    by_layer: dict[str, int] = {}
+    for tensor in constants:
+        owner = tensor.name.rsplit("/", 1)[0] if "/" in tensor.name else None
+        if owner in plans:
+            by_layer[owner] = by_layer.get(owner, 0) + stored_bytes(tensor)
+    names = {t.name: t for t in constants}
+    layers, stored, weights = {}, 0, 0
+    for node, plan in plans.items():
+        size = by_layer.get(node) or (stored_bytes(names[plan.weight]) if plan.weight in names else 0)
+        count = plan.in_features * plan.out_features
+        layers[node] = round(size * 8 / count, 4)
+        stored, weights = stored + size, weights + count
+    total = constant_bytes(graph)
+    return {"layers": layers, "linear_bits_per_weight": round(stored * 8 / max(weights, 1), 4),
+            "linear_weights": weights, "linear_bytes": stored, "file_constant_bytes": total,
+            "file_bits_per_parameter": round(total * 8 / max(parameters, 1), 4)}
+
+
+def _copy_side_files(source_dir: Path, staging: Path) -> None:
+    """Tokenizer, configs and genai_config.json: everything beside the model but the model and manifest."""
+    for path in source_dir.iterdir():
+        if path.is_file() and path.name not in _MODEL_FILES and not path.name.endswith((".onnx", ".onnx.data")):
+            shutil.copy2(path, staging / path.name)
+
+
+def _check_loads(path: Path) -> None:
+    """onnx.checker and an ONNX Runtime session on the written model, before the folder is published."""
+    from accullm_export.runtime.session import create_session
+
+    onnx.checker.check_model(str(path))
+    create_session(path, optimization="basic")
+
+
+def _hessians(model_path: Path, plans: dict[str, LayerPlan], profile, options: QuantizeOptions) -> dict:
+    from accullm_export.calibration.hessian import collect_hessians
+    from accullm_export.calibration.run import profile_feeds
+
+    tensors = sorted({plan.input for plan in plans.values() if plan.quantized})
+    feeds = profile_feeds(model_path, profile.manifest, options.gptq_samples)
+    log.info("GPTQ: second moments of %d input tensors over %d calibration windows", len(tensors), len(feeds))
+    return collect_hessians(model_path, tensors, lambda: iter(feeds), budget_bytes=options.budget_mb << 20)

@@ -1,0 +1,84 @@
+"""``accullm-export quantize MODEL --recipe RECIPE --profile PROFILE_DIR -o OUT_DIR``."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = ("rewrite a model with a recipe: outlier input channels in an FP16 branch, the rest INT8 or INT4 "
+        "(w8a8, w4a16), or a plain FP16 baseline; standard ONNX QuantizeLinear/DequantizeLinear, weights stored "
+        "quantized")
+
+
+def _outliers(text: str) -> str | int:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a channel count, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from accullm_export.graph.recipes import RECIPES
+
+    parser.add_argument("model", metavar="MODEL", help="exported folder or .onnx file (fp32 or fp16)")
+    parser.add_argument("--recipe", required=True, choices=list(RECIPES),
+                        help="; ".join(f"{name}: {defaults.description}" for name, defaults in RECIPES.items()))
+    parser.add_argument("--profile", required=True, metavar="PROFILE_DIR", help="from `accullm-export calibrate`")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="model folder (created)")
+    parser.add_argument("--block-size", type=int, default=128, help="int4 rows per scale block (64 or 128)")
+    parser.add_argument("--outliers", type=_outliers, default="auto",
+                        help="auto (the profile's policy), N (the N largest channels of each input), or 0 (no "
+                             "FP16 branch, for ablation)")
+    parser.add_argument("--policy", choices=("threshold", "topk", "ratio", "sensitivity"),
+                        help="which of the profile's outlier policies 'auto' uses (default: the profile's choice)")
+    parser.add_argument("--activations", choices=("static", "dynamic"), default="static",
+                        help="w8a8: per-tensor scales from the profile, or per-token scales computed at run time")
+    parser.add_argument("--awq", action="store_true", help="w4a16: activation-aware weight scaling")
+    parser.add_argument("--gptq", action="store_true", help="w4a16: GPTQ error compensation")
+    parser.add_argument("--gptq-samples", type=int, default=32, help="calibration windows for GPTQ's statistics")
+    parser.add_argument("--override", action="append", default=[], metavar="PATTERN=PRECISION",
+                        help="per-layer precision (fp32, fp16, int8, int4); PATTERN is a name part such as "
+                             "lm_head or layers.0, or a glob such as '*down_proj*'; repeatable, the last match wins")
+    parser.add_argument("--embeddings", choices=("int8", "fp16", "fp32"), default="int8",
+                        help="the token-embedding table (fp32: left as it is)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from accullm_export.build.quantize import QuantizeOptions, quantize_model
+    from accullm_export.errors import UserError
+    from accullm_export.graph.recipes import Recipe, parse_override
+
+    if args.gptq_samples < 1:
+        raise UserError("--gptq-samples must be at least 1")
+    recipe = Recipe(name=args.recipe, block_size=args.block_size, outliers=args.outliers, policy=args.policy,
+                    activations=args.activations, awq=args.awq, gptq=args.gptq,
+                    overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings)
+    manifest = quantize_model(args.model, args.output, recipe, args.profile,
+                              options=QuantizeOptions(gptq_samples=args.gptq_samples), overwrite=args.overwrite)
+    print(format_quantize_summary(manifest))
+    print(f"model: {args.output}")
+    return 0
+
+
+def format_quantize_summary(manifest: dict) -> str:
+    """A few lines: recipe, sizes, bits per weight, outlier channels, notes."""
+    size = manifest["size"]
+    layers = manifest["layers"]
+    with_outliers = [layer for layer in layers if layer["outliers"]]
+    precisions: dict[str, int] = {}
+    for layer in layers:
+        precisions[layer["precision"]] = precisions.get(layer["precision"], 0) + 1
+    lines = [
+        f"recipe {manifest['recipe']['name']}: " + ", ".join(f"{n} layers {p}" for p, n in sorted(precisions.items())),
+        f"size: {manifest['source']['constant_bytes'] / 2**20:.1f} MiB -> {size['file_constant_bytes'] / 2**20:.1f} MiB "
+        f"({size['file_bits_per_parameter']:.2f} bits per parameter in the file)",
+        f"linear layers: {size['linear_bits_per_weight']:.3f} effective bits per weight (scales and FP16 outlier "
+        f"rows included)",
+        f"outlier branch: {len(with_outliers)} layers, "
+        f"{sum(len(layer['outliers']) for layer in with_outliers)} channels in all",
+    ]
+    if manifest["notes"]:
+        lines.append(f"notes: {len(manifest['notes'])} (see manifest.json); first: {manifest['notes'][0]}")
+    return "\n".join(lines)

@@ -1,0 +1,37 @@
+"""Graph passes: pure functions ``run(graph, config) -> gs.Graph``, registered by name.
+
+Each pass lives in its own module and registers itself with :func:`register`; a second pass under the same
+name is a bug and raises. :mod:`accullm_export.graph.pipeline` runs a list of them and logs what each changed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+PassFunction = Callable[[Any, Any], Any]  # (gs.Graph, config) -> gs.Graph
+PASSES: dict[str, PassFunction] = {}
+# modules holding the built-in passes; imported on first lookup so the registry is always complete
+BUILTIN_MODULES = ("isolate_outliers", "quantize_weights", "quantize_activations",
+                   "scale_activations_awq", "compensate_errors_gptq", "quantize_embeddings")
+
+
+def register(name: str) -> Callable[[PassFunction], PassFunction]:
+    """Decorator: add a pass to the registry under ``name``."""
+
+    def decorate(function: PassFunction) -> PassFunction:
+        if name in PASSES:
+            raise ValueError(f"a graph pass named {name!r} is already registered")
+        PASSES[name] = function
+        return function
+
+    return decorate
+
+
+def get_pass(name: str) -> PassFunction:
+    """The registered pass ``name``; KeyError lists the registered ones."""
+    for module in BUILTIN_MODULES:
+        importlib.import_module(f"{__name__}.{module}")
+    if name not in PASSES:
+        raise KeyError(f"unknown graph pass {name!r}; registered: {', '.join(sorted(PASSES))}")
+    return PASSES[name]

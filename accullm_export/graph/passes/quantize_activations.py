@@ -1,0 +1,81 @@
+"""INT8 activations: a QuantizeLinear/DequantizeLinear pair on the input of each planned layer.
+
+* ``static``: one per-tensor scale from the calibration profile (the largest |x| over the non-outlier
+  channels, over the calibration data and the attention-sink token, / 127), zero point int8 0: TensorRT's
+  explicit-quantization form. The pair sits on the input tensor and is shared by the layers that read it.
+* ``dynamic``: one scale per token, computed in the graph from that token's non-outlier channels
+  (Mul by a 0/1 mask, Abs, ReduceMax, / 127), then a blocked QuantizeLinear whose block is the whole row.
+  ONNX Runtime runs it; TensorRT needs static scales, so TensorRT targets use ``static``.
+
+The outlier branch keeps reading the unquantized input: its Gather was attached before this pass runs.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from accullm_export.graph.ir import constant
+from accullm_export.graph.passes import register
+from accullm_export.graph.rewrite import planned_nodes
+
+_TINY = 1e-12  # floor of a dynamic scale, so an all-zero row does not divide by zero
+
+
+@register("quantize_activations")
+def run(graph: gs.Graph, context) -> gs.Graph:
+    by_input: dict[str, list] = collections.defaultdict(list)
+    for node, plan in planned_nodes(graph, context.plans):
+        if plan.activations is not None:
+            by_input[node.inputs[0].name].append((node, plan))
+    for tensor_name, members in by_input.items():
+        source, plan = members[0][0].inputs[0], members[0][1]
+        build = _static if plan.activations == "static" else _dynamic
+        quantized = build(graph, source, plan, np.dtype(context.float_dtype))
+        for node, _ in members:
+            node.inputs[0] = quantized
+    return graph.cleanup().toposort()
+
+
+def _static(graph: gs.Graph, source: gs.Variable, plan, float_dtype: np.dtype) -> gs.Variable:
+    name = source.name
+    scale = constant(f"{name}/input_scale", np.asarray(plan.activation_scale, dtype=float_dtype))
+    zero_point = constant(f"{name}/input_zero_point", np.asarray(0, dtype=np.int8))
+    return _qdq(graph, name, source, scale, [zero_point], {}, float_dtype)
+
+
+def _dynamic(graph: gs.Graph, source: gs.Variable, plan, float_dtype: np.dtype) -> gs.Variable:
+    name = source.name
+    magnitude_of = source
+    if plan.outliers:
+        mask = np.ones(plan.in_features, dtype=float_dtype)
+        mask[list(plan.outliers)] = 0
+        magnitude_of = _node(graph, "Mul", f"{name}/token_scale/Mul", [source, constant(f"{name}/inlier_mask", mask)],
+                             float_dtype)
+    magnitude = _node(graph, "Abs", f"{name}/token_scale/Abs", [magnitude_of], float_dtype)
+    largest = _node(graph, "ReduceMax", f"{name}/token_scale/ReduceMax",
+                    [magnitude, constant(f"{name}/token_scale/axes", np.asarray([-1], dtype=np.int64))], float_dtype,
+                    keepdims=1)
+    scale = _node(graph, "Div", f"{name}/token_scale/Div", [largest, constant(f"{name}/qmax", np.asarray(127, float_dtype))],
+                  float_dtype)
+    scale = _node(graph, "Max", f"{name}/token_scale/Max",
+                  [scale, constant(f"{name}/token_scale/floor", np.asarray(_TINY, float_dtype))], float_dtype)
+    attrs = {"axis": -1, "block_size": plan.in_features}
+    return _qdq(graph, name, source, scale, [], attrs, float_dtype, output_dtype=onnx.TensorProto.INT8)
+
+
+def _qdq(graph, name, source, scale, zero_point, attrs, float_dtype, output_dtype=None) -> gs.Variable:
+    quantize_attrs = dict(attrs) | ({"output_dtype": output_dtype} if output_dtype is not None else {})
+    quantized = _node(graph, "QuantizeLinear", f"{name}/QuantizeLinear", [source, scale, *zero_point], np.int8,
+                      **quantize_attrs)
+    return _node(graph, "DequantizeLinear", f"{name}/DequantizeLinear", [quantized, scale, *zero_point],
+                 float_dtype, **attrs)
+
+
+def _node(graph: gs.Graph, op: str, name: str, inputs: list, dtype, **attrs) -> gs.Variable:
+    output = gs.Variable(f"{name}/output_0", dtype=dtype)
+    graph.nodes.append(gs.Node(op, name=name, attrs=attrs, inputs=inputs, outputs=[output]))
+    return output

@@ -1,0 +1,38 @@
+"""Round each planned layer's weight: INT8 per output channel, INT4 in blocks along the input, or FP16.
+
+Integer weights are stored quantized (int4 packed two per byte) behind a DequantizeLinear with zero point 0
+(TensorRT's explicit-quantization convention): per-channel INT8 on axis 1 of the [in, out] MatMul weight,
+blocked INT4 on axis 0 (ONNX Runtime fuses that pattern into MatMulNBits; TensorRT 10 takes it as weight-only
+INT4). FP16 weights are stored in half precision and cast back to the model's float type. Layers whose weight
+an earlier pass already replaced (GPTQ) are left as they are.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from accullm_export.graph.passes import register
+from accullm_export.graph.rewrite import (float_weight, is_dequantized, planned_nodes, replace_weight_cast,
+                                          replace_weight_dequantized)
+from accullm_export.quant.symmetric import quantize
+
+
+@register("quantize_weights")
+def run(graph: gs.Graph, context) -> gs.Graph:
+    for node, plan in planned_nodes(graph, context.plans):
+        if plan.precision == "fp32" or is_dequantized(node):
+            continue
+        weight = float_weight(node)
+        if weight is None:
+            context.notes.append(f"{node.name}: weight is not a float constant; left as it is")
+            continue
+        values = weight.values
+        if plan.precision == "fp16":
+            if values.dtype != np.float16:
+                replace_weight_cast(graph, node, values, np.float16, values.dtype)
+            continue
+        bits = plan.bits
+        integers, scales = quantize(values, bits, plan.block_size)
+        replace_weight_dequantized(graph, node, integers, scales, bits, plan.block_size, values.dtype)
+    return graph.cleanup().toposort()

@@ -1,0 +1,211 @@
+"""Quantization recipes and the per-layer plan every rewrite pass reads.
+
+A recipe names a default precision for every linear layer; overrides change it for the layers whose names
+match; the calibration profile supplies the outlier channels and activation ranges. The plan is computed
+once, so passes never disagree about a layer, and it is written into the output's manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from accullm_export.errors import UserError
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")  # fp32: left as it is
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeDefaults:
+    """What a recipe does to a layer nobody overrides."""
+
+    weights: str
+    quantize_activations: bool
+    outlier_branch: bool
+    description: str
+
+
+RECIPES: dict[str, RecipeDefaults] = {
+    "w8a8": RecipeDefaults("int8", True, True,
+                           "INT8 per-output-channel weights, INT8 activations, outlier channels in an FP16 branch"),
+    "w4a16": RecipeDefaults("int4", False, True,
+                            "INT4 blocked weights, activations in the model's float type, outlier rows in FP16"),
+    "fp16": RecipeDefaults("fp16", False, False, "linear weights stored in half precision (the baseline)"),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """A recipe and its options (the ``quantize`` command line)."""
+
+    name: str
+    block_size: int = 128
+    outliers: str | int = "auto"  # auto: the profile's policy; N: the N largest channels per layer; 0: none
+    policy: str | None = None  # which of the profile's outlier policies "auto" uses (default: its chosen one)
+    activations: str = "static"  # w8a8: static per-tensor scales from the profile, or dynamic per-token
+    awq: bool = False
+    gptq: bool = False
+    overrides: tuple[tuple[str, str], ...] = ()  # (layer pattern, precision)
+    embeddings: str = "int8"  # the token-embedding table: int8 per row, fp16, or fp32 (left as it is)
+    version: int = 1
+
+    def __post_init__(self):
+        if self.name not in RECIPES:
+            raise UserError(f"unknown recipe {self.name!r}; choose from {', '.join(RECIPES)}")
+        if self.block_size not in (32, 64, 128, 256):
+            raise UserError(f"--block-size must be 32, 64, 128 or 256, not {self.block_size}")
+        if self.outliers != "auto" and (not isinstance(self.outliers, int) or self.outliers < 0):
+            raise UserError(f"--outliers must be auto, 0 or a positive count, not {self.outliers!r}")
+        if self.activations not in ("static", "dynamic"):
+            raise UserError(f"--activations must be static or dynamic, not {self.activations!r}")
+        if self.embeddings not in ("int8", "fp16", "fp32"):
+            raise UserError(f"--embeddings must be int8, fp16 or fp32, not {self.embeddings!r}")
+        if (self.awq or self.gptq) and self.name != "w4a16":
+            raise UserError("--awq and --gptq apply to the weight-only w4a16 recipe")
+        for pattern, precision in self.overrides:
+            if precision not in PRECISIONS:
+                raise UserError(f"override {pattern}={precision}: precision must be one of {', '.join(PRECISIONS)}")
+
+    @property
+    def defaults(self) -> RecipeDefaults:
+        return RECIPES[self.name]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"overrides": [list(item) for item in self.overrides]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Recipe":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {key: value for key, value in data.items() if key in fields}
+        values["overrides"] = tuple(tuple(item) for item in values.get("overrides", ()))
+        return cls(**values)
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """``PATTERN=PRECISION`` from the command line, e.g. ``lm_head=int8`` or ``layers.0=fp16``."""
+    pattern, sep, precision = text.rpartition("=")
+    if not sep or not pattern:
+        raise UserError(f"--override {text!r}: expected PATTERN=PRECISION, e.g. lm_head=int8")
+    return pattern, precision
+
+
+def override_matches(pattern: str, node: str) -> bool:
+    """A glob with ``*`` matches the whole node name; a plain word matches whole '/'-separated parts of it.
+
+    ``lm_head`` matches ``/lm_head/MatMul``; ``layers.1`` matches ``/model/layers.1/mlp/up_proj/MatMul`` but not
+    ``layers.10``; ``*down_proj*`` matches every down projection.
+    """
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(node, pattern)
+    return re.search(rf"(^|/){re.escape(pattern.strip('/'))}(/|$)", node) is not None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerPlan:
+    """What the passes do to one linear layer."""
+
+    node: str
+    input: str
+    weight: str
+    in_features: int
+    out_features: int
+    precision: str  # one of PRECISIONS
+    block_size: int | None  # int4: rows per scale block; None: one scale per output channel
+    outliers: tuple[int, ...]  # input channels computed from FP16 weight rows, excluded from the low-bit part
+    activations: str | None  # "static", "dynamic" or None (not quantized)
+    activation_scale: float | None  # static: the input's scale (absmax of the non-outlier channels / 127)
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision in ("int8", "int4")
+
+    @property
+    def bits(self) -> int:
+        return {"int4": 4, "int8": 8, "fp16": 16}.get(self.precision, 32)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"outliers": list(self.outliers)}
+
+
+def layer_precision(recipe: Recipe, node: str) -> str:
+    """The recipe default, or the last override whose pattern matches ``node``."""
+    precision = recipe.defaults.weights
+    for pattern, value in recipe.overrides:
+        if override_matches(pattern, node):
+            precision = value
+    return precision
+
+
+def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPlan]:
+    """One plan per linear layer (``graph.linear.LinearLayer``), from the recipe, overrides and profile.
+
+    Layers that share an input get the union of their outlier channels, so the input is split once and its
+    quantization scale is the same for all of them.
+
+    Raises:
+        UserError: an override that matches no layer, or a layer the profile does not know.
+    """
+    for pattern, _ in recipe.overrides:
+        if not any(override_matches(pattern, layer.node) for layer in layers):
+            raise UserError(f"--override {pattern!r} matches no linear layer (names look like {layers[0].node})")
+    precision = {layer.node: layer_precision(recipe, layer.node) for layer in layers}
+    outliers: dict[str, set[int]] = {}
+    for layer in layers:
+        if precision[layer.node] in ("int8", "int4") and recipe.defaults.outlier_branch:
+            outliers.setdefault(layer.input, set()).update(_outlier_channels(recipe, layer, profile))
+    plans = {}
+    for layer in layers:
+        chosen = tuple(sorted(outliers.get(layer.input, ()))) if precision[layer.node] in ("int8", "int4") else ()
+        quantize_input = recipe.defaults.quantize_activations and precision[layer.node] == "int8"
+        scale = None
+        if quantize_input and recipe.activations == "static":
+            scale = activation_scale(profile.input_statistics(layer.input), chosen)
+        plans[layer.node] = LayerPlan(
+            node=layer.node, input=layer.input, weight=layer.weight, in_features=layer.in_features,
+            out_features=layer.out_features, precision=precision[layer.node],
+            block_size=recipe.block_size if precision[layer.node] == "int4" else None, outliers=chosen,
+            activations=recipe.activations if quantize_input else None, activation_scale=scale)
+    return plans
+
+
+def _outlier_channels(recipe: Recipe, layer, profile) -> list[int]:
+    if recipe.outliers == 0:
+        return []
+    if recipe.outliers == "auto":
+        policies = profile.manifest["layers"][0]["candidates"] if profile.manifest["layers"] else {}
+        if recipe.policy is not None and recipe.policy not in policies:
+            raise UserError(f"the profile has no outlier policy {recipe.policy!r}; it has {', '.join(policies)}")
+        return profile.outliers(layer.node, recipe.policy)
+    absmax = profile.input_statistics(layer.input)["absmax"]
+    count = min(int(recipe.outliers), absmax.size)
+    return sorted(int(c) for c in np.argsort(-absmax, kind="stable")[:count])
+
+
+def activation_scale(statistics: Mapping[str, np.ndarray], outliers: Sequence[int]) -> float:
+    """Static per-tensor INT8 scale: the largest |x| of the non-outlier channels (sink token included) / 127."""
+    magnitude = np.maximum(statistics["absmax"], statistics.get("sink_absmax", 0.0)).astype(np.float64)
+    if len(outliers):
+        magnitude = np.delete(magnitude, list(outliers))
+    largest = float(magnitude.max()) if magnitude.size else 0.0
+    return largest / 127.0 if largest > 0 else 1.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PassContext:
+    """What every rewrite pass receives: the plans and the data some passes need.
+
+    ``notes`` collects what passes left alone and why (logged by the pipeline, kept in the manifest);
+    ``awq_scales`` is filled by the AWQ pass (input tensor -> per-channel scale) for the passes after it.
+    """
+
+    plans: Mapping[str, LayerPlan]
+    float_dtype: np.dtype
+    statistics: Mapping[str, Mapping[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    hessians: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    embeddings: str = "fp32"
+    notes: list = dataclasses.field(default_factory=list)
+    awq_scales: dict = dataclasses.field(default_factory=dict)

@@ -1,0 +1,89 @@
+"""Building blocks the rewrite passes share: finding planned layers in a graphsurgeon graph, and replacing a
+layer's float weight with a quantized constant behind DequantizeLinear."""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from accullm_export.graph.ir import constant
+
+log = logging.getLogger(__name__)
+
+
+def planned_nodes(graph: gs.Graph, plans: Mapping) -> Iterator[tuple[gs.Node, object]]:
+    """(node, plan) for each MatMul of the graph that has a plan, in graph order."""
+    for node in list(graph.nodes):
+        plan = plans.get(node.name)
+        if plan is not None and node.op == "MatMul":
+            yield node, plan
+
+
+def float_weight(node: gs.Node) -> gs.Constant | None:
+    """The layer's weight if it is still a float constant (not already behind a DequantizeLinear)."""
+    weight = node.inputs[1]
+    if isinstance(weight, gs.Constant) and weight.values.dtype.kind == "f":
+        return weight
+    return None
+
+
+def is_dequantized(node: gs.Node) -> bool:
+    """Whether the layer's weight already comes from a DequantizeLinear (or a Cast of a stored constant)."""
+    weight = node.inputs[1]
+    return not isinstance(weight, gs.Constant) and bool(weight.inputs) and weight.inputs[0].op in (
+        "DequantizeLinear", "Cast")
+
+
+def replace_weight_dequantized(graph: gs.Graph, node: gs.Node, values: np.ndarray, scales: np.ndarray, bits: int,
+                               block_size: int | None, float_dtype: np.dtype) -> None:
+    """Make ``node`` read DequantizeLinear(int values, scales) instead of its float weight.
+
+    Args:
+        values: integers on the symmetric grid, [in, out].
+        scales: [blocks, out] (blocked, axis 0) or [1, out] (per output channel, axis 1).
+        bits: 4 (stored packed as int4) or 8.
+        float_dtype: the dtype of the weight being replaced; the scales are stored in it.
+    """
+    storage = ml_dtypes.int4 if bits == 4 else np.int8
+    quantized = constant(f"{node.name}/weight_quantized", values.astype(storage))
+    if block_size is None:
+        scale = constant(f"{node.name}/weight_scale", scales.reshape(-1).astype(float_dtype))
+        attrs = {"axis": 1}
+        inputs = [quantized, scale, constant(f"{node.name}/weight_zero_point", np.zeros(scales.size, storage))]
+    else:
+        # ONNX Runtime's blocked DequantizeLinear rejects a zero point of another rank; 0 is the default
+        scale = constant(f"{node.name}/weight_scale", scales.astype(float_dtype))
+        attrs = {"axis": 0, "block_size": int(block_size)}
+        inputs = [quantized, scale]
+    weight = gs.Variable(f"{node.name}/weight_dequantized", dtype=float_dtype, shape=list(values.shape))
+    dequantize = gs.Node("DequantizeLinear", name=f"{node.name}/weight/DequantizeLinear", attrs=attrs,
+                         inputs=inputs, outputs=[weight])
+    node.inputs[1] = weight
+    graph.nodes.append(dequantize)
+
+
+def replace_weight_cast(graph: gs.Graph, node: gs.Node, values: np.ndarray, storage_dtype: np.dtype,
+                        float_dtype: np.dtype) -> None:
+    """Make ``node`` read Cast(constant stored as ``storage_dtype``) back to ``float_dtype``."""
+    stored = constant(f"{node.name}/weight_{np.dtype(storage_dtype).name}", values.astype(storage_dtype))
+    weight = gs.Variable(f"{node.name}/weight_cast", dtype=float_dtype, shape=list(values.shape))
+    cast = gs.Node("Cast", name=f"{node.name}/weight/Cast", attrs={"to": onnx_type(float_dtype)},
+                   inputs=[stored], outputs=[weight])
+    node.inputs[1] = weight
+    graph.nodes.append(cast)
+
+
+def onnx_type(dtype: np.dtype) -> int:
+    from onnx import helper
+
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def consumers_of(graph: gs.Graph, tensor_name: str) -> list[gs.Node]:
+    """The nodes that read the tensor named ``tensor_name``."""
+    tensor = graph.tensors().get(tensor_name)
+    return list(tensor.outputs) if tensor is not None else []
