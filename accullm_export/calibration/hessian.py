@@ -1,0 +1,144 @@
+"""Stream the mean outer product H = E[x x^T] of chosen activation tensors over calibration feeds (for GPTQ).
+
+x is a tensor's last axis (the channels) and the mean runs over every other position. Tensors are tapped a
+group at a time, as ``accullm_export.calibration.collect`` does: a group's fp32 activations for one batch fit
+``budget_bytes``, and each group is one pass over the feeds. Per-batch sizes come from ONNX shape inference with
+the symbolic input dimensions bound to the first feed's shapes; a tensor whose size stays unknown is tapped
+in a group of its own. The [C, C] float64 accumulators themselves are not part of the budget: ask for as many
+tensors at a time as their C^2 * 8 bytes allow.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from accullm_export.calibration.collect import OPTIMIZATION, Feeds, plan_groups
+from accullm_export.errors import UserError
+from accullm_export.runtime.intermediates import IntermediateReader
+
+log = logging.getLogger(__name__)
+
+CHUNK_ROWS = 4096  # rows converted to float64 at a time, bounding the temporary copy
+
+
+def collect_hessians(model_path: str | Path, tensors: Sequence[str], feeds: Feeds, *, budget_bytes: int = 512 << 20,
+                     skip_first_position: bool = True) -> dict[str, np.ndarray]:
+    """Mean x x^T over all rows of each named tensor, x being its last axis.
+
+    Args:
+        model_path: the ONNX model (or exported folder).
+        tensors: graph inputs or node outputs to measure (usually the inputs of linear layers).
+        feeds: a callable returning a fresh iterable of feeds for each pass (it is also called once to read the
+            first feed's shapes).
+        budget_bytes: activation bytes tapped per batch.
+        skip_first_position: for [batch, seq, channels] tensors, leave position 0 (the attention sink, whose
+            activations are outliers the main statistics exclude too) out of the mean.
+
+    Returns:
+        Tensor name -> float64 [channels, channels], in the order asked for.
+
+    Raises:
+        UserError: a name is not a tensor of the model, the feeds are empty, or a tensor's channels change.
+    """
+    names = list(dict.fromkeys(tensors))
+    reader = IntermediateReader(model_path, OPTIMIZATION)
+    _check_names(reader, names, model_path)
+    first = next(iter(feeds()), None)
+    if first is None:
+        raise UserError("no calibration feeds: the Hessians need at least one batch")
+    sizes = _elements_per_batch(reader.model, names, first, budget_bytes)
+    groups = plan_groups(sizes, 1, budget_bytes)
+    log.info("collecting Hessians of %d tensors in %d pass(es)", len(names), len(groups))
+    sums: dict[str, np.ndarray] = {}
+    rows = dict.fromkeys(names, 0)
+    for number, group in enumerate(groups):
+        tap = reader.open(group)
+        for feed in _progress(feeds(), f"Hessian pass {number + 1}/{len(groups)}"):
+            values = tap.run(feed)
+            for name in group:
+                rows[name] += _accumulate(sums, name, values[name], skip_first_position)
+    empty = [name for name in names if rows[name] == 0]
+    if empty:
+        raise UserError(f"no rows reached {empty[:3]}: the feeds are too short (position 0 is skipped)")
+    return {name: sums[name] / rows[name] for name in names}
+
+
+def _check_names(reader: IntermediateReader, names: list[str], model_path: str | Path) -> None:
+    known = {value.name for value in reader.model.graph.input} | set(reader.tensor_names())
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise UserError(f"{model_path} has no tensor named {', '.join(map(repr, unknown[:5]))}"
+                        f"{' ...' if len(unknown) > 5 else ''} (graph inputs and node outputs can be measured)")
+
+
+def _accumulate(sums: dict[str, np.ndarray], name: str, value: np.ndarray, skip_first_position: bool) -> int:
+    """Add one batch of ``name`` to its running sum of x x^T; returns the rows added."""
+    value = np.asarray(value)
+    if value.ndim == 0:
+        raise UserError(f"{name} is a scalar: it has no channels to measure")
+    if skip_first_position and value.ndim == 3:
+        value = value[:, 1:, :]
+    channels = value.shape[-1]
+    flat = value.reshape(-1, channels)
+    total = sums.setdefault(name, np.zeros((channels, channels), dtype=np.float64))
+    if total.shape[0] != channels:
+        raise UserError(f"{name} changed from {total.shape[0]} to {channels} channels between batches")
+    for start in range(0, flat.shape[0], CHUNK_ROWS):
+        chunk = flat[start:start + CHUNK_ROWS].astype(np.float64)
+        total += chunk.T @ chunk
+    return flat.shape[0]
+
+
+def _elements_per_batch(model: onnx.ModelProto, names: list[str], feed: Mapping[str, np.ndarray],
+                        budget_bytes: int) -> dict[str, int]:
+    """Elements of each tensor for one feed like ``feed``; unknown sizes count as the whole budget."""
+    shapes = _inferred_shapes(model)
+    bound = _bind_input_dims(model, feed)
+    alone = budget_bytes // 4 + 1  # more than a budget's worth: plan_groups gives it a group of its own
+    sizes = {}
+    for name in names:
+        dims = [dim.dim_value if dim.HasField("dim_value") else bound.get(dim.dim_param, 0)
+                for dim in shapes.get(name, [])]
+        sizes[name] = int(np.prod(dims)) if dims and all(size > 0 for size in dims) else alone
+    unknown = sum(size == alone for size in sizes.values())
+    if unknown:
+        log.info("%d tensor(s) of unknown size are tapped one per pass", unknown)
+    return sizes
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Name -> list of TensorShapeProto dims, for every value ONNX shape inference can type (no weights read)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as exc:
+        # only a sizing hint: without it every tensor gets a pass of its own
+        log.debug("shape inference failed (%s); tensor sizes unknown", exc)
+        inferred = model
+    graph = inferred.graph
+    return {value.name: list(value.type.tensor_type.shape.dim) for value in
+            [*graph.input, *graph.value_info, *graph.output] if value.type.tensor_type.HasField("shape")}
+
+
+def _bind_input_dims(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Symbolic dimension name -> its size in ``feed`` (e.g. batch_size -> 1, sequence_length -> 128)."""
+    bound: dict[str, int] = {}
+    for value in model.graph.input:
+        if value.name not in feed:
+            continue
+        shape = np.shape(feed[value.name])
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) == len(shape):
+            bound.update({dim.dim_param: size for dim, size in zip(dims, shape) if dim.dim_param})
+    return bound
+
+
+def _progress(items, description: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=description, leave=False, disable=not sys.stderr.isatty())

@@ -1,0 +1,160 @@
+"""GPTQ: quantize a weight one input row at a time, spreading each row's rounding error onto the rows not yet
+quantized so that the layer's output, not its weight, stays close (Frantar et al., 2022).
+
+The objective is the layer-output error over the calibration inputs X: ||X W - X Q||^2 = trace(D^T H D) with
+D = W - Q and H = X^T X / n, the mean outer product of the layer's input (see
+``accullm_export.calibration.hessian``). Quantizing input row i optimally moves the remaining rows by the
+Schur-complement update of H^-1; the upper Cholesky factor U of H^-1 (H^-1 = U^T U) holds every such update
+at once, so row i's error goes onto rows j > i as U[i, j] / U[i, i] * error. Updates are applied lazily: within
+a batch of rows immediately, to the rows after it in one matrix product.
+
+Choices that keep the result on the exact layout of ``accullm_export.quant.symmetric`` (and of blocked
+DequantizeLinear):
+
+* rows are processed in their natural order 0..in-1 (no act-order), and
+* scales are "static groups": computed by ``weight_scales`` from the original weight before any update.
+
+Rows listed in ``exclude`` (outlier input channels computed exactly in FP16 elsewhere) are dropped from the
+problem: they come back as 0, do not count towards the block scales, and neither receive nor spread error,
+i.e. H is restricted to the kept rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+
+from accullm_export.errors import UserError
+from accullm_export.quant.symmetric import block_index, qmax, weight_scales
+
+log = logging.getLogger(__name__)
+
+DAMPING_RETRIES = 3  # after the first attempt, each retry multiplies the damping by 10
+
+
+def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None = None, *,
+                  exclude: Sequence[int] = (), damp: float = 0.01,
+                  batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize ``weight`` with GPTQ error compensation.
+
+    Args:
+        weight: MatMul weight, [in_features, out_features].
+        hessian: mean x x^T of the layer's input, [in_features, in_features] (float64 preferred).
+        bits: 8 or 4.
+        block_size: None for one scale per output column; else rows per block along in_features.
+        exclude: input rows to leave out (returned as exactly 0; they get and give no error).
+        damp: fraction of the mean diagonal of H added to the diagonal (retried x10 if H is not definite).
+        batch: rows per lazy update.
+
+    Returns:
+        int8 values [in, out] in [-qmax, qmax] and float32 scales [blocks, out], so that
+        ``symmetric.dequantize(values, scales, block_size)`` is the quantized weight.
+
+    Raises:
+        UserError: shapes disagree, H is not finite, or H stays indefinite after damping.
+    """
+    weight, hessian = _checked(weight, hessian, batch, damp)
+    rows = weight.shape[0]
+    excluded = _excluded_mask(rows, exclude)
+    original = np.where(excluded[:, None], np.float32(0.0), weight.astype(np.float32))
+    scales = weight_scales(original, bits, block_size)
+    values = np.zeros(weight.shape, dtype=np.int8)
+    kept = np.flatnonzero(~excluded)
+    if kept.size == 0:
+        return values, scales
+    work = weight[kept].astype(np.float64)
+    reduced = hessian[np.ix_(kept, kept)].astype(np.float64)
+    dead = np.diag(reduced) == 0
+    reduced[dead, dead] = 1.0  # an input that never fires: any weight is exact, so quantize it to 0
+    work[dead] = 0.0
+    upper = _inverse_cholesky_upper(reduced, damp)
+    row_scales = scales[block_index(rows, block_size)[kept]].astype(np.float64)
+    values[kept] = _quantize_rows(work, upper, row_scales, qmax(bits), batch)
+    return values, scales
+
+
+def gptq_proxy_error(weight: np.ndarray, dequantized: np.ndarray, hessian: np.ndarray) -> float:
+    """trace((W - Q)^T H (W - Q)): the mean squared layer-output error the quantization causes on the inputs H
+    was measured on (summed over output columns).
+
+    Args:
+        weight: the original weight [in, out].
+        dequantized: its quantized version [in, out].
+        hessian: mean x x^T of the layer's input, [in, in].
+    """
+    difference = np.asarray(weight, dtype=np.float64) - np.asarray(dequantized, dtype=np.float64)
+    hessian = np.asarray(hessian, dtype=np.float64)
+    if difference.ndim != 2 or hessian.shape != (difference.shape[0],) * 2:
+        raise UserError(f"weight {difference.shape} and hessian {hessian.shape} do not match")
+    return float(np.einsum("io,io->", difference, hessian @ difference))
+
+
+def _checked(weight: np.ndarray, hessian: np.ndarray, batch: int, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    weight = np.asarray(weight)
+    hessian = np.asarray(hessian, dtype=np.float64)
+    if weight.ndim != 2:
+        raise UserError(f"GPTQ needs a 2-D MatMul weight [in, out], got shape {weight.shape}")
+    if hessian.shape != (weight.shape[0], weight.shape[0]):
+        raise UserError(f"GPTQ Hessian has shape {hessian.shape}; the weight {weight.shape} needs "
+                        f"({weight.shape[0]}, {weight.shape[0]})")
+    if batch < 1:
+        raise UserError(f"GPTQ batch must be positive, got {batch}")
+    if not damp > 0:
+        raise UserError(f"GPTQ damping must be positive, got {damp}")
+    if not np.isfinite(hessian).all():
+        raise UserError("GPTQ Hessian has non-finite entries (NaN or inf): the calibration activations "
+                        "overflowed; recalibrate, e.g. in float32")
+    if not np.isfinite(weight).all():
+        raise UserError("GPTQ weight has non-finite entries (NaN or inf)")
+    return weight, hessian
+
+
+def _excluded_mask(rows: int, exclude: Sequence[int]) -> np.ndarray:
+    indices = np.asarray(list(exclude), dtype=np.int64)
+    if indices.size and (indices.min() < 0 or indices.max() >= rows):
+        raise UserError(f"excluded input channels must lie in [0, {rows}), got {sorted(set(indices.tolist()))}")
+    mask = np.zeros(rows, dtype=bool)
+    mask[indices] = True
+    return mask
+
+
+def _inverse_cholesky_upper(hessian: np.ndarray, damp: float) -> np.ndarray:
+    """Upper U with U^T U = (H + damping I)^-1, raising the damping x10 while H is not positive definite."""
+    mean_diagonal = float(np.mean(np.diag(hessian)))
+    identity = np.eye(hessian.shape[0])
+    for attempt in range(DAMPING_RETRIES + 1):
+        fraction = damp * 10.0 ** attempt
+        try:
+            lower = np.linalg.cholesky(hessian + fraction * mean_diagonal * identity)
+            lower_inverse = np.linalg.solve(lower, identity)
+            upper = np.linalg.cholesky(lower_inverse.T @ lower_inverse).T
+        except np.linalg.LinAlgError:
+            log.debug("GPTQ Hessian not positive definite with damping %g; retrying with more", fraction)
+            continue
+        if np.isfinite(upper).all():
+            if attempt:
+                log.warning("GPTQ Hessian needed damping %g (asked for %g) to be positive definite", fraction, damp)
+            return upper
+    raise UserError(f"GPTQ Hessian is not positive definite even with damping {fraction:g} x its mean diagonal: "
+                    "collect it over more calibration tokens or quantize this layer without GPTQ")
+
+
+def _quantize_rows(work: np.ndarray, upper: np.ndarray, row_scales: np.ndarray, limit: int,
+                   batch: int) -> np.ndarray:
+    """The GPTQ loop over rows of ``work`` (float64, updated in place); returns the int8 values."""
+    rows = work.shape[0]
+    values = np.zeros(work.shape, dtype=np.int8)
+    for start in range(0, rows, batch):
+        stop = min(start + batch, rows)
+        block = work[start:stop]  # a view: the in-batch updates land in ``work``
+        errors = np.zeros_like(block)
+        for offset in range(stop - start):
+            row = start + offset
+            quantized = np.clip(np.round(block[offset] / row_scales[row]), -limit, limit)
+            values[row] = quantized.astype(np.int8)
+            errors[offset] = (block[offset] - quantized * row_scales[row]) / upper[row, row]
+            block[offset + 1:] -= np.outer(upper[row, row + 1:stop], errors[offset])
+        work[stop:] -= upper[start:stop, stop:].T @ errors
+    return values

@@ -1,0 +1,314 @@
+"""GPTQ, AWQ and the Hessian collector against independent NumPy emulations written here."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from accullm_export.calibration.hessian import collect_hessians
+from accullm_export.errors import UserError
+from accullm_export.quant.awq import candidate_scales, search_awq_scales
+from accullm_export.quant.gptq import gptq_proxy_error, gptq_quantize
+from accullm_export.quant.symmetric import dequantize, quantize
+
+LARGE_CHANNELS = [3, 17, 30]
+
+
+# ---- emulations -------------------------------------------------------------------------------------------------
+
+def reference_scales(weight: np.ndarray, bits: int, block_size: int | None) -> np.ndarray:
+    """absmax / qmax per (block of rows, column), written as a plain loop; all-zero blocks get 1."""
+    weight = np.asarray(weight, dtype=np.float32)
+    step = weight.shape[0] if block_size is None else block_size
+    limit = np.float32(2 ** (bits - 1) - 1)
+    rows = [np.abs(weight[start:start + step]).max(axis=0) / limit for start in range(0, weight.shape[0], step)]
+    scales = np.stack(rows).astype(np.float32)
+    return np.where(scales == 0, np.float32(1.0), scales)
+
+
+def reference_fake_quantize(weight: np.ndarray, bits: int, block_size: int | None) -> np.ndarray:
+    weight = np.asarray(weight, dtype=np.float32)
+    scales = reference_scales(weight, bits, block_size)
+    step = weight.shape[0] if block_size is None else block_size
+    per_row = np.repeat(scales, step, axis=0)[:weight.shape[0]]
+    limit = 2 ** (bits - 1) - 1
+    return (np.clip(np.round(weight / per_row), -limit, limit) * per_row).astype(np.float32)
+
+
+def naive_gptq(weight: np.ndarray, hessian: np.ndarray, row_scales: np.ndarray, bits: int,
+               damp: float = 0.01) -> np.ndarray:
+    """Textbook GPTQ/OBQ, one row at a time: explicit H^-1, error spread by H^-1[j, i] / H^-1[i, i], then the
+    Schur complement removes row i from H^-1. Returns the dequantized weight."""
+    work = np.asarray(weight, dtype=np.float64).copy()
+    hessian = np.asarray(hessian, dtype=np.float64).copy()
+    dead = np.diag(hessian) == 0
+    hessian[dead, dead] = 1.0
+    work[dead] = 0.0
+    hessian += damp * np.mean(np.diag(hessian)) * np.eye(len(hessian))
+    inverse = np.linalg.inv(hessian)
+    limit = 2 ** (bits - 1) - 1
+    result = np.zeros_like(work)
+    for i in range(work.shape[0]):
+        scale = row_scales[i].astype(np.float64)
+        result[i] = np.clip(np.round(work[i] / scale), -limit, limit) * scale
+        error = work[i] - result[i]
+        work[i + 1:] -= np.outer(inverse[i + 1:, i] / inverse[i, i], error)
+        inverse = inverse - np.outer(inverse[:, i], inverse[i, :]) / inverse[i, i]
+    return result
+
+
+def per_row(scales: np.ndarray, rows: int, block_size: int | None) -> np.ndarray:
+    step = rows if block_size is None else block_size
+    return np.repeat(scales, step, axis=0)[:rows]
+
+
+def correlated_problem(rows: int, cols: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A weight and H = X^T X / n of correlated inputs with a few large channels."""
+    rng = np.random.default_rng(seed)
+    mixing = np.eye(rows) + 0.4 * rng.standard_normal((rows, rows))
+    inputs = rng.standard_normal((512, rows)) @ mixing
+    inputs[:, LARGE_CHANNELS] *= 15.0
+    weight = rng.standard_normal((rows, cols)).astype(np.float32)
+    return weight, inputs.T @ inputs / len(inputs)
+
+
+# ---- GPTQ ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,block_size", [(4, 16), (8, None), (4, None)])
+def test_gptq_with_identity_hessian_is_plain_rounding(bits, block_size):
+    weight = np.random.default_rng(0).standard_normal((40, 24)).astype(np.float32)
+    values, scales = gptq_quantize(weight, np.eye(40), bits, block_size)
+    expected_values, expected_scales = quantize(weight, bits, block_size)
+    np.testing.assert_array_equal(scales, expected_scales)
+    np.testing.assert_array_equal(values, expected_values)
+    assert values.dtype == np.int8 and scales.dtype == np.float32
+
+
+@pytest.mark.parametrize("batch", [128, 7])
+@pytest.mark.parametrize("bits,block_size", [(4, 16), (8, None)])
+def test_gptq_matches_naive_textbook_loop(bits, block_size, batch):
+    weight, hessian = correlated_problem(40, 24, seed=1)
+    values, scales = gptq_quantize(weight, hessian, bits, block_size, batch=batch)
+    expected_scales = reference_scales(weight, bits, block_size)
+    np.testing.assert_array_equal(scales, expected_scales)
+    assert scales.shape == ((3, 24) if block_size else (1, 24))  # 40 rows: blocks of 16, 16 and a ragged 8
+    expected = naive_gptq(weight, hessian, per_row(expected_scales, 40, block_size), bits)
+    np.testing.assert_allclose(dequantize(values, scales, block_size), expected, rtol=0, atol=1e-5)
+    assert np.abs(values).max() <= 2 ** (bits - 1) - 1
+    # GPTQ moved rows away from plain rounding: the comparison is not trivially RTN against RTN
+    assert (values != quantize(weight, bits, block_size)[0]).mean() > 0.05
+
+
+def test_gptq_dead_input_is_zero_and_matches_naive():
+    weight, hessian = correlated_problem(40, 24, seed=2)
+    hessian *= 1e-3  # small enough that the dead input's unit diagonal moves the damping (mean of the diagonal)
+    hessian[5, :] = hessian[:, 5] = 0.0
+    values, scales = gptq_quantize(weight, hessian, 4, 16, batch=8)
+    assert not values[5].any()
+    expected = naive_gptq(weight, hessian, per_row(reference_scales(weight, 4, 16), 40, 16), 4)
+    np.testing.assert_allclose(dequantize(values, scales, 16), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,block_size", [(4, 16), (4, None), (8, 32)])
+def test_gptq_proxy_error_below_rounding(bits, block_size):
+    weight, hessian = correlated_problem(64, 48, seed=3)
+    values, scales = gptq_quantize(weight, hessian, bits, block_size)
+    gptq_error = gptq_proxy_error(weight, dequantize(values, scales, block_size), hessian)
+    rounding_error = gptq_proxy_error(weight, reference_fake_quantize(weight, bits, block_size), hessian)
+    assert gptq_error < 0.8 * rounding_error
+
+
+def test_gptq_proxy_error_is_trace_formula():
+    rng = np.random.default_rng(4)
+    weight, other = rng.standard_normal((6, 5)), rng.standard_normal((6, 5))
+    inputs = rng.standard_normal((50, 6))
+    hessian = inputs.T @ inputs / 50
+    output_error = ((inputs @ weight - inputs @ other) ** 2).sum() / 50
+    assert gptq_proxy_error(weight, other, hessian) == pytest.approx(output_error, rel=1e-10)
+
+
+@pytest.mark.parametrize("block_size", [16, None])
+def test_gptq_excluded_rows_are_zero_and_dropped_from_the_problem(block_size):
+    weight, hessian = correlated_problem(40, 24, seed=5)
+    excluded = LARGE_CHANNELS
+    kept = np.setdiff1d(np.arange(40), excluded)
+    values, scales = gptq_quantize(weight, hessian, 4, block_size, exclude=excluded, batch=5)
+    assert not values[excluded].any()
+    assert not dequantize(values, scales, block_size)[excluded].any()
+    zeroed = weight.copy()
+    zeroed[excluded] = 0.0
+    np.testing.assert_array_equal(scales, reference_scales(zeroed, 4, block_size))
+    row_scales = per_row(scales, 40, block_size)[kept]
+    expected = naive_gptq(weight[kept], hessian[np.ix_(kept, kept)], row_scales, 4)
+    np.testing.assert_allclose(dequantize(values, scales, block_size)[kept], expected, rtol=0, atol=1e-5)
+    if block_size is None:  # per-channel scales do not depend on where the rows sit: rerun on the reduced weight
+        reduced_values, reduced_scales = gptq_quantize(weight[kept], hessian[np.ix_(kept, kept)], 4, None)
+        np.testing.assert_array_equal(reduced_scales, scales)
+        np.testing.assert_array_equal(reduced_values, values[kept])
+
+
+def test_gptq_rejects_bad_hessians():
+    weight = np.ones((4, 3), dtype=np.float32)
+    broken = np.eye(4)
+    broken[1, 2] = np.nan
+    with pytest.raises(UserError, match="non-finite"):
+        gptq_quantize(weight, broken, 4)
+    with pytest.raises(UserError, match="not positive definite"):
+        gptq_quantize(weight, -np.eye(4), 4)
+    with pytest.raises(UserError, match="Hessian has shape"):
+        gptq_quantize(weight, np.eye(3), 4)
+    with pytest.raises(UserError, match="excluded"):
+        gptq_quantize(weight, np.eye(4), 4, exclude=[4])
+
+
+def test_gptq_retries_with_more_damping():
+    # v v^T - c I has eigenvalues -c (and |v|^2 - c). With c = 9% of the mean diagonal m, damping 1% of m falls
+    # short and the first retry's 10% works: the result must equal the naive loop with damping 0.1
+    rng = np.random.default_rng(6)
+    vector = rng.standard_normal(12)
+    mean_diagonal = vector @ vector / 12 / (1 + 0.09)
+    hessian = np.outer(vector, vector) - 0.09 * mean_diagonal * np.eye(12)
+    assert np.mean(np.diag(hessian)) == pytest.approx(mean_diagonal)
+    weight = rng.standard_normal((12, 8)).astype(np.float32)
+    values, scales = gptq_quantize(weight, hessian, 4)
+    expected = naive_gptq(weight, hessian, per_row(reference_scales(weight, 4, None), 12, None), 4, damp=0.1)
+    np.testing.assert_allclose(dequantize(values, scales), expected, rtol=0, atol=1e-5)
+
+
+# ---- AWQ ----------------------------------------------------------------------------------------------------
+
+def awq_problem(seed: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    weights = [rng.standard_normal((48, cols)).astype(np.float32) for cols in (32, 16, 16)]
+    mean_abs = np.exp(rng.normal(0.0, 1.0, 48))
+    mean_abs[[2, 9]] *= 30.0
+    mean_abs[11] = 0.0
+    second_moment = 1.6 * mean_abs ** 2
+    return weights, mean_abs, second_moment
+
+
+def brute_force_awq(weights, mean_abs, second_moment, bits, block_size, excluded, grid):
+    """Every alpha, the error of each weight quantized on its own, channel by channel."""
+    active = [c for c in range(len(mean_abs)) if c not in excluded and mean_abs[c] > 0]
+    best = None
+    for alpha in np.linspace(0.0, 1.0, grid + 1):
+        scales = np.ones(len(mean_abs))
+        powered = mean_abs[active] ** alpha
+        scales[active] = powered / np.sqrt(powered.max() * powered.min())
+        scales = scales.astype(np.float32)
+        error = 0.0
+        for weight in weights:
+            scaled = (weight * scales[:, None]).astype(np.float32)
+            scaled[list(excluded)] = 0.0
+            quantized = reference_fake_quantize(scaled, bits, block_size)
+            for channel in range(len(mean_abs)):
+                if channel not in excluded:
+                    squared = np.sum((quantized[channel].astype(np.float64) - scaled[channel]) ** 2)
+                    error += second_moment[channel] / float(scales[channel]) ** 2 * squared
+        if best is None or error < best[2]:
+            best = (scales, alpha, error)
+    return best
+
+
+@pytest.mark.parametrize("bits,block_size,excluded", [(4, 16, ()), (4, None, (2, 20)), (8, 32, (9,))])
+def test_awq_matches_brute_force(bits, block_size, excluded):
+    weights, mean_abs, second_moment = awq_problem(seed=7)
+    for weight in weights:  # outlier weights on the excluded rows would widen the scales unless zeroed
+        weight[list(excluded)] *= 20.0
+    result = search_awq_scales(weights, mean_abs, second_moment, bits, block_size, exclude=excluded, grid=10)
+    scales, alpha, error = brute_force_awq(weights, mean_abs, second_moment, bits, block_size, set(excluded), 10)
+    assert result.alpha == pytest.approx(alpha)
+    np.testing.assert_allclose(result.scales, scales, rtol=1e-6)
+    assert min(e for _, e in result.errors) == pytest.approx(error, rel=1e-6)
+    assert [a for a, _ in result.errors] == pytest.approx(list(np.linspace(0, 1, 11)))
+    assert result.scales.dtype == np.float32 and result.scales.shape == (48,)
+    assert np.all(result.scales[list(excluded) + [11]] == 1.0)  # excluded and silent channels keep 1
+
+
+def test_awq_beats_rounding_and_alpha_zero_is_plain_rounding():
+    weights, mean_abs, second_moment = awq_problem(seed=8)
+    result = search_awq_scales(weights, mean_abs, second_moment, 4, 16)
+    assert result.alpha > 0 and result.errors[0] == (0.0, result.baseline_error)
+    chosen = dict(result.errors)[result.alpha]
+    assert chosen <= result.baseline_error and chosen == min(e for _, e in result.errors)
+    # the baseline is plain rounding's diagonal-covariance error, computed from scratch
+    baseline = sum(float(np.sum(second_moment[:, None] * (reference_fake_quantize(w, 4, 16) - w) ** 2))
+                   for w in weights)
+    assert result.baseline_error == pytest.approx(baseline, rel=1e-6)
+    np.testing.assert_array_equal(candidate_scales(mean_abs, 0.0, mean_abs > 0), np.ones(48, dtype=np.float32))
+
+
+def test_awq_flat_activations_keep_unit_scales():
+    weights, _, _ = awq_problem(seed=9)
+    flat = np.full(48, 0.7)
+    result = search_awq_scales(weights, flat, flat ** 2, 4, 16, grid=4)
+    assert result.alpha == 0.0
+    np.testing.assert_array_equal(result.scales, np.ones(48, dtype=np.float32))
+
+
+def test_awq_rejects_bad_input():
+    weights, mean_abs, second_moment = awq_problem(seed=10)
+    with pytest.raises(UserError, match="shape"):
+        search_awq_scales(weights, mean_abs[:10], second_moment, 4, 16)
+    with pytest.raises(UserError, match="in_features"):
+        search_awq_scales([weights[0], weights[1][:5]], mean_abs, second_moment, 4, 16)
+    with pytest.raises(UserError, match="non-negative"):
+        search_awq_scales(weights, -mean_abs, second_moment, 4, 16)
+
+
+# ---- Hessian collection ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def matmul_model(tmp_path_factory):
+    rng = np.random.default_rng(11)
+    weight = rng.standard_normal((8, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj/MatMul")], "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "sequence", 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w")])
+    graph.node.append(helper.make_node("Relu", ["y"], ["out"], name="relu"))
+    path = tmp_path_factory.mktemp("hessian") / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    feeds = [{"x": rng.standard_normal((1, 6, 8)).astype(np.float32) * (1 + np.arange(8, dtype=np.float32))}
+             for _ in range(3)]
+    return path, weight, feeds
+
+
+@pytest.mark.parametrize("skip_first_position", [True, False])
+def test_collect_hessians_equals_numpy(matmul_model, skip_first_position):
+    path, weight, feeds = matmul_model
+    hessians = collect_hessians(path, ["x", "y"], lambda: iter(feeds), skip_first_position=skip_first_position)
+    start = 1 if skip_first_position else 0
+    inputs = np.concatenate([feed["x"][0, start:] for feed in feeds]).astype(np.float64)
+    outputs = np.concatenate([feed["x"][0, start:] @ weight for feed in feeds]).astype(np.float64)
+    assert len(inputs) == (15 if skip_first_position else 18)
+    assert list(hessians) == ["x", "y"] and hessians["x"].dtype == np.float64
+    np.testing.assert_allclose(hessians["x"], inputs.T @ inputs / len(inputs), rtol=1e-12)
+    np.testing.assert_allclose(hessians["y"], outputs.T @ outputs / len(outputs), rtol=1e-5)
+
+
+@pytest.mark.parametrize("budget_bytes,passes", [(300, 1), (200, 2)])
+def test_collect_hessians_groups_by_budget(matmul_model, budget_bytes, passes):
+    # one batch: x is 1 x 6 x 8 fp32 = 192 bytes, y 1 x 6 x 4 = 96 bytes (sizes from shape inference)
+    path, weight, feeds = matmul_model
+    calls = []
+
+    def counted():
+        calls.append(1)
+        return iter(feeds)
+
+    hessians = collect_hessians(path, ["x", "y"], counted, budget_bytes=budget_bytes, skip_first_position=False)
+    assert len(calls) == 1 + passes  # one peek at the first feed's shapes, then one call per pass
+    inputs = np.concatenate([feed["x"][0] for feed in feeds]).astype(np.float64)
+    np.testing.assert_allclose(hessians["x"], inputs.T @ inputs / len(inputs), rtol=1e-12)
+
+
+def test_collect_hessians_rejects_unknown_names(matmul_model):
+    path, _, feeds = matmul_model
+    with pytest.raises(UserError, match="no tensor named 'missing'"):
+        collect_hessians(path, ["x", "missing"], lambda: iter(feeds))
+    with pytest.raises(UserError, match="no calibration feeds"):
+        collect_hessians(path, ["x"], lambda: iter([]))
