@@ -56,8 +56,8 @@ class Recipe:
     def __post_init__(self):
         if self.name not in RECIPES:
             raise UserError(f"unknown recipe {self.name!r}; choose from {', '.join(RECIPES)}")
-        if self.block_size not in (32, 64, 128, 256):
-            raise UserError(f"--block-size must be 32, 64, 128 or 256, not {self.block_size}")
+        if self.block_size not in (16, 32, 64, 128, 256):  # powers of two that MatMulNBits and TensorRT take
+            raise UserError(f"--block-size must be 16, 32, 64, 128 or 256, not {self.block_size}")
         if self.outliers != "auto" and (not isinstance(self.outliers, int) or self.outliers < 0):
             raise UserError(f"--outliers must be auto, 0 or a positive count, not {self.outliers!r}")
         if self.activations not in ("static", "dynamic"):

@@ -20,6 +20,7 @@ import collections
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from accullm_export.graph.ir import constant
 from accullm_export.graph.passes import register
 from accullm_export.graph.rewrite import float_weight, planned_nodes
 from accullm_export.quant.awq import search_awq_scales
@@ -49,8 +50,8 @@ def run(graph: gs.Graph, context) -> gs.Graph:
         if result.alpha == 0:
             continue
         scales = result.scales.astype(np.float64)
-        for weight in weights:
-            weight.values = (weight.values.astype(np.float64) * scales[:, None]).astype(weight.values.dtype)
+        for node, _ in members:
+            _replace_input(node, 1, node.inputs[1].values.astype(np.float64) * scales[:, None], "awq_scaled")
         fold(scales)
         context.awq_scales[tensor_name] = result.scales
         context.notes.append(f"{tensor_name}: alpha {result.alpha:.2f}, proxy error "
@@ -65,17 +66,20 @@ def _folding_target(tensor: gs.Variable):
     producer = tensor.inputs[0]
     for index, operand in enumerate(producer.inputs):
         if isinstance(operand, gs.Constant) and operand.values.ndim >= 1 and operand.values.shape[-1] > 1:
-            return lambda s, operand=operand: _divide(operand, s, axis=-1)
+            return lambda s, node=producer, index=index: _divide_last_axis(node, index, s)
     for operand in producer.inputs:
         if isinstance(operand, gs.Variable) and len(operand.inputs) == 1 and len(operand.outputs) == 1:
             matmul = operand.inputs[0]
             if matmul.op == "MatMul" and isinstance(matmul.inputs[1], gs.Constant):
-                return lambda s, weight=matmul.inputs[1]: _divide(weight, s, axis=-1)
+                return lambda s, node=matmul: _divide_last_axis(node, 1, s)
     return None
 
 
-def _divide(constant: gs.Constant, scales: np.ndarray, axis: int) -> None:
-    values = constant.values
-    shape = [1] * values.ndim
-    shape[axis] = -1
-    constant.values = (values.astype(np.float64) / scales.reshape(shape)).astype(values.dtype)
+def _divide_last_axis(node: gs.Node, index: int, scales: np.ndarray) -> None:
+    _replace_input(node, index, node.inputs[index].values.astype(np.float64) / scales, "awq_folded")
+
+
+def _replace_input(node: gs.Node, index: int, values: np.ndarray, suffix: str) -> None:
+    """Give ``node`` a new constant: the old one may be shared (tied embeddings read the lm_head's weight)."""
+    old = node.inputs[index]
+    node.inputs[index] = constant(f"{node.name}/{suffix}", values.astype(old.values.dtype))

@@ -1,0 +1,363 @@
+"""quantize: every pass equals an independent NumPy emulation; packing, overrides, refusals, CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import helper, numpy_helper
+
+from accullm_export.build.quantize import quantize_model
+from accullm_export.cli.main import main
+from accullm_export.errors import UserError
+from accullm_export.graph.ir import constant
+from accullm_export.graph.pipeline import run_passes
+from accullm_export.graph.recipes import LayerPlan, PassContext, Recipe, override_matches
+from accullm_export.runtime.session import create_session
+from tests.conftest import PLANTED
+
+RNG = np.random.default_rng(7)
+
+
+# ------------------------------------------------------------------------------------------- emulation
+def np_round_symmetric(weight: np.ndarray, bits: int, block: int | None) -> np.ndarray:
+    """Independent emulation: absmax scales per (block, column), round half to even, clip, dequantize."""
+    limit = 2 ** (bits - 1) - 1
+    out = np.empty_like(weight, dtype=np.float32)
+    step = weight.shape[0] if block is None else block
+    for start in range(0, weight.shape[0], step):
+        chunk = weight[start:start + step].astype(np.float32)
+        scale = np.abs(chunk).max(axis=0) / np.float32(limit)
+        scale = np.where(scale == 0, np.float32(1), scale).astype(np.float32)
+        out[start:start + step] = np.clip(np.rint(chunk / scale), -limit, limit) * scale
+    return out
+
+
+def np_layer(x: np.ndarray, weight: np.ndarray, plan: LayerPlan) -> np.ndarray:
+    """The rewritten layer in NumPy: FP16 outlier rows on the raw input, the rest low-bit."""
+    outliers = list(plan.outliers)
+    rest = weight.copy()
+    rest[outliers] = 0
+    low = np_round_symmetric(rest, plan.bits, plan.block_size) if plan.quantized else rest.astype(np.float16)
+    x_low = x
+    if plan.activations == "static":
+        scale = np.float32(plan.activation_scale)
+        x_low = np.clip(np.rint(x / scale), -128, 127) * scale  # QuantizeLinear saturates to the int8 range
+    elif plan.activations == "dynamic":
+        inliers = np.abs(np.delete(x, outliers, axis=-1)).max(axis=-1, keepdims=True)
+        scale = np.maximum(inliers / np.float32(127), np.float32(1e-12)).astype(np.float32)
+        x_low = np.clip(np.rint(x / scale), -128, 127) * scale
+    out = x_low @ low.astype(np.float32)
+    if outliers:
+        out = out + x[..., outliers] @ weight[outliers].astype(np.float16).astype(np.float32)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- one layer
+def one_layer_graph(weight: np.ndarray) -> gs.Graph:
+    x = gs.Variable("x", np.float32, [2, "S", weight.shape[0]])
+    y = gs.Variable("y", np.float32, [2, "S", weight.shape[1]])
+    node = gs.Node("MatMul", name="/layer/MatMul", inputs=[x, constant("W", weight)], outputs=[y])
+    return gs.Graph(nodes=[node], inputs=[x], outputs=[y], opset=23)
+
+
+def run_graph(graph: gs.Graph, x: np.ndarray) -> np.ndarray:
+    model = gs.export_onnx(graph)
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return create_session(model.SerializeToString(), device="cpu", optimization="basic").run(None, {"x": x})[0]
+
+
+def plan_for(weight, precision, *, outliers=(), block=None, activations=None, scale=None) -> LayerPlan:
+    return LayerPlan(node="/layer/MatMul", input="x", weight="W", in_features=weight.shape[0],
+                     out_features=weight.shape[1], precision=precision, block_size=block, outliers=tuple(outliers),
+                     activations=activations, activation_scale=scale)
+
+
+CASES = {
+    "int8 per channel, outliers": dict(precision="int8", outliers=(3, 17)),
+    "int4 block 16 ragged, outliers": dict(precision="int4", block=16, outliers=(0, 39)),
+    "int4 block 16, no branch": dict(precision="int4", block=16),
+    "w8a8 static": dict(precision="int8", outliers=(3, 17), activations="static", scale=2.0 ** -6),
+    "w8a8 dynamic": dict(precision="int8", outliers=(3, 17), activations="dynamic"),
+    "w8a8 dynamic, no branch": dict(precision="int8", activations="dynamic"),
+    "fp16": dict(precision="fp16"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_layer_passes_equal_numpy_emulation(case):
+    weight = (RNG.standard_normal((40, 24)) * 0.1).astype(np.float32)
+    x = RNG.standard_normal((2, 5, 40)).astype(np.float32)
+    x[..., [3, 17]] *= 50.0  # outlier channels
+    plan = plan_for(weight, **CASES[case])
+    context = PassContext(plans={plan.node: plan}, float_dtype=np.dtype(np.float32))
+    graph, reports = run_passes(one_layer_graph(weight), [(name, context) for name in
+                                                          ("isolate_outliers", "quantize_weights", "quantize_activations")])
+    got = run_graph(graph, x)
+    np.testing.assert_allclose(got, np_layer(x, weight, plan), rtol=1e-5, atol=1e-5)
+    assert reports[1].bytes_saved > 0  # weights really stored smaller
+    if plan.outliers:
+        assert reports[0].nodes_added == {"Gather": 1, "MatMul": 1, "Cast": 1, "Add": 1}
+
+
+def test_outlier_rows_are_excluded_from_the_low_bit_part():
+    weight = (RNG.standard_normal((40, 24)) * 0.1).astype(np.float32)
+    weight[3] *= 30.0  # a huge row would dominate its block's scale
+    plan = plan_for(weight, "int4", outliers=(3,), block=16)
+    context = PassContext(plans={plan.node: plan}, float_dtype=np.dtype(np.float32))
+    graph, _ = run_passes(one_layer_graph(weight), [("isolate_outliers", context), ("quantize_weights", context)])
+    tensors = graph.tensors()
+    values = tensors["/layer/MatMul/weight_quantized"].values.astype(np.int8)
+    scales = tensors["/layer/MatMul/weight_scale"].values
+    assert not values[3].any()
+    expected_scale = np.abs(np.delete(weight[:16], 3, axis=0)).max(axis=0) / 7
+    np.testing.assert_allclose(scales[0], expected_scale, rtol=1e-6)
+    np.testing.assert_array_equal(tensors["/layer/MatMul/outlier_weight"].values, weight[[3]].astype(np.float16))
+
+
+def pack_int4(values: np.ndarray) -> bytes:
+    """ONNX's int4 layout, written independently: two's complement nibbles, element 2i in the low nibble."""
+    flat = (values.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, 0)
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (40, 24)])
+def test_packed_int4_round_trips(tmp_path, shape):
+    values = RNG.integers(-7, 8, size=shape).astype(np.int8)
+    tensor = constant("q", values.astype(ml_dtypes.int4))
+    graph = gs.Graph(nodes=[gs.Node("Identity", inputs=[tensor], outputs=[gs.Variable("y", ml_dtypes.int4)])],
+                     outputs=[], opset=23)
+    graph.outputs = [graph.nodes[0].outputs[0]]
+    model = gs.export_onnx(graph)
+    proto = next(t for t in model.graph.initializer if t.name == "q")
+    assert proto.data_type == onnx.TensorProto.INT4
+    assert proto.raw_data == pack_int4(values)
+    assert len(proto.raw_data) == -(-values.size // 2)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    back = numpy_helper.to_array(onnx.load(str(tmp_path / "m.onnx")).graph.initializer[0])
+    np.testing.assert_array_equal(back.astype(np.int8), values)
+
+
+# ------------------------------------------------------------------------------------------ whole model
+def _initializers(path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(path))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _feed(folder, seq=12, seed=0):
+    from accullm_export.calibration.feeds import llm_feeds
+
+    ids = np.random.default_rng(seed).integers(3, 250, size=(1, seq))
+    return llm_feeds(ids, folder / "model.onnx")[0]
+
+
+def _logits(path, feed):
+    return create_session(path, device="cpu", optimization="basic").run(["logits"], feed)[0]
+
+
+def _substituted(source, quantized_manifest, tmp_path, emulate):
+    """The fp32 model with every planned weight replaced by its NumPy emulation (a weight-only check)."""
+    model = onnx.load(str(source / "model.onnx"))
+    by_name = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:  # untie: the embedding lookup keeps the original table
+        if node.op_type == "Gather" and node.input[0] in by_name and node.input[1] == "input_ids":
+            table = onnx.TensorProto()
+            table.CopyFrom(by_name[node.input[0]])
+            table.name = "untied_embedding_table"
+            model.graph.initializer.append(table)
+            node.input[0] = table.name
+    for layer in quantized_manifest["layers"]:
+        tensor = by_name[layer["weight"]]
+        plan = LayerPlan(**{k: (tuple(v) if k == "outliers" else v) for k, v in layer.items()
+                            if k in LayerPlan.__dataclass_fields__})
+        tensor.CopyFrom(numpy_helper.from_array(emulate(numpy_helper.to_array(tensor), plan), tensor.name))
+    path = tmp_path / "emulated.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _emulate_weight(weight: np.ndarray, plan: LayerPlan) -> np.ndarray:
+    if plan.precision == "fp32":
+        return weight
+    if plan.precision == "fp16":
+        return weight.astype(np.float16).astype(np.float32)
+    rest = weight.copy()
+    rest[list(plan.outliers)] = 0
+    out = np_round_symmetric(rest, plan.bits, plan.block_size)
+    out[list(plan.outliers)] = weight[list(plan.outliers)].astype(np.float16).astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("recipe", [Recipe(name="w4a16", block_size=32, embeddings="fp32"),
+                                    Recipe(name="w4a16", block_size=16, outliers=0, embeddings="fp32"),
+                                    Recipe(name="fp16", embeddings="fp32"),
+                                    Recipe(name="w4a16", block_size=32, embeddings="fp32",
+                                           overrides=(("lm_head", "fp32"), ("layers.0", "int8")))],
+                         ids=["w4a16-b32", "w4a16-no-outliers", "fp16", "overrides"])
+def test_weight_only_model_equals_numpy_emulation(planted_model, profile, tmp_path, recipe):
+    folder, _ = planted_model
+    manifest = quantize_model(folder, tmp_path / "q", recipe, profile)
+    onnx.checker.check_model(str(tmp_path / "q" / "model.onnx"), full_check=True)
+    emulated = _substituted(folder, manifest, tmp_path, _emulate_weight)
+    feed = _feed(folder)
+    np.testing.assert_allclose(_logits(tmp_path / "q" / "model.onnx", feed), _logits(emulated, feed),
+                               rtol=1e-5, atol=1e-5)
+    branch = [layer for layer in manifest["layers"] if layer["outliers"]]
+    if recipe.outliers == 0 or recipe.name == "fp16":
+        assert not branch
+    else:  # the planted channels are found and split off wherever the layer reads a normed input
+        assert branch and all(set(PLANTED) <= set(layer["outliers"]) for layer in branch
+                              if "proj" in layer["node"] and "down" not in layer["node"] and "o_proj" not in layer["node"])
+
+
+def test_overrides_are_honoured(planted_model, profile, tmp_path):
+    folder, _ = planted_model
+    recipe = Recipe(name="w4a16", block_size=32, overrides=(("lm_head", "fp32"), ("layers.0", "int8"),
+                                                            ("*down_proj*", "fp16")))
+    manifest = quantize_model(folder, tmp_path / "q", recipe, profile)
+    precision = {layer["node"]: layer["precision"] for layer in manifest["layers"]}
+    assert precision["/lm_head/MatMul"] == "fp32"
+    assert precision["/model/layers.0/self_attn/q_proj/MatMul"] == "int8"
+    assert precision["/model/layers.0/mlp/down_proj/MatMul"] == "fp16"  # the last matching override wins
+    assert precision["/model/layers.1/self_attn/q_proj/MatMul"] == "int4"
+    initializers = _initializers(tmp_path / "q" / "model.onnx")
+    assert initializers["/model/layers.0/self_attn/q_proj/MatMul/weight_quantized"].dtype == np.int8
+    assert initializers["/model/layers.1/self_attn/q_proj/MatMul/weight_quantized"].dtype == ml_dtypes.int4
+    assert initializers["lm_head.MatMul.weight"].dtype == np.float32
+    with pytest.raises(UserError, match="matches no linear layer"):
+        quantize_model(folder, tmp_path / "x", Recipe(name="w4a16", overrides=(("layers.9", "int8"),)), profile)
+
+
+def test_override_patterns():
+    assert override_matches("layers.1", "/model/layers.1/mlp/up_proj/MatMul")
+    assert not override_matches("layers.1", "/model/layers.10/mlp/up_proj/MatMul")
+    assert override_matches("lm_head", "/lm_head/MatMul")
+    assert override_matches("*down_proj*", "/model/layers.3/mlp/down_proj/MatMul")
+
+
+def test_embedding_table_int8_per_token(planted_model, profile, tmp_path):
+    from accullm_export.runtime.intermediates import IntermediateReader
+
+    folder, _ = planted_model
+    quantize_model(folder, tmp_path / "q", Recipe(name="w4a16", block_size=32), profile)
+    table = _initializers(folder / "model.onnx")["lm_head.MatMul.weight"]  # tied: [hidden, vocab]
+    scale = np.abs(table).max(axis=0) / np.float32(127)
+    expected_table = np.clip(np.rint(table / scale), -127, 127) * scale
+    feed = _feed(folder)
+    name = "/model/embed_tokens/Gather/output_0"
+    got = IntermediateReader(tmp_path / "q" / "model.onnx").run(feed, [name])[name]
+    np.testing.assert_allclose(got, expected_table[:, feed["input_ids"]], rtol=1e-6, atol=1e-7)
+
+
+def test_w8a8_model_runs_and_the_branch_pays(planted_model, profile, tmp_path):
+    """Both activation modes run (basic and full optimization); the FP16 branch cuts the error several-fold."""
+    from accullm_export.calibration.feeds import llm_feeds, text_windows
+
+    folder, text = planted_model
+    windows, _ = text_windows(folder, str(text), 2, 32, seed=5)  # text like the calibration's, not random bytes
+    feed = llm_feeds(windows[1:], folder / "model.onnx")[0]
+    reference = _logits(folder / "model.onnx", feed)
+    for activations in ("static", "dynamic"):
+        errors = {}
+        for outliers in ("auto", 0):
+            out = tmp_path / f"{activations}-{outliers}"
+            manifest = quantize_model(folder, out, Recipe(name="w8a8", activations=activations, outliers=outliers),
+                                      profile)
+            onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+            ops = {node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node}
+            assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+            errors[outliers] = np.abs(_logits(out / "model.onnx", feed) - reference).max()
+            create_session(out / "model.onnx", device="cpu", optimization="all").run(["logits"], feed)
+            assert manifest["size"]["linear_bits_per_weight"] < 10
+        assert errors["auto"] < 0.75 * errors[0], errors
+
+
+def test_quantizing_twice_or_with_a_foreign_profile_is_refused(planted_model, profile, tiny_exports, tmp_path):
+    folder, _ = planted_model
+    quantize_model(folder, tmp_path / "q", Recipe(name="w4a16", block_size=32), profile)
+    with pytest.raises(UserError, match="already quantized"):
+        quantize_model(tmp_path / "q", tmp_path / "q2", Recipe(name="w4a16"), profile)
+    with pytest.raises(UserError, match="another model"):
+        quantize_model(tiny_exports["llama"][1], tmp_path / "q3", Recipe(name="w4a16"), profile)
+    assert not (tmp_path / "q2").exists() and not (tmp_path / "q3").exists()
+
+
+def test_unsupported_ops_are_left_untouched_with_a_note(tmp_path, caplog):
+    """A Gemm layer is noted and kept; the MatMul is quantized; the model runs."""
+    from accullm_export.calibration.run import CalibrationConfig, calibrate
+
+    weight = (RNG.standard_normal((8, 8)) * 0.3).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W1"], ["h"], name="/a/MatMul"),
+         helper.make_node("Gemm", ["h", "W2"], ["y"], name="/b/Gemm", transB=1)], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 8])],
+        [numpy_helper.from_array(weight, "W1"), numpy_helper.from_array(weight.T.copy(), "W2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    script = tmp_path / "data.py"
+    script.write_text("import numpy as np\n\ndef load_data():\n    rng = np.random.default_rng(0)\n"
+                      "    return [{'x': rng.standard_normal((4, 8)).astype(np.float32)} for _ in range(3)]\n")
+    calibrate(tmp_path / "m.onnx", tmp_path / "p", CalibrationConfig(source=str(script)))
+    with caplog.at_level(logging.INFO, logger="accullm_export"):
+        manifest = quantize_model(tmp_path / "m.onnx", tmp_path / "q", Recipe(name="w8a8", outliers=0), tmp_path / "p")
+    assert any("/b/Gemm: Gemm is not rewritten" in note for note in manifest["notes"])
+    assert "Gemm is not rewritten" in caplog.text
+    rewritten = onnx.load(str(tmp_path / "q" / "model.onnx"))
+    gemm = next(node for node in rewritten.graph.node if node.op_type == "Gemm")
+    assert gemm.input[1] == "W2"
+    x = RNG.standard_normal((3, 8)).astype(np.float32)
+    y = create_session(tmp_path / "q" / "model.onnx", device="cpu", optimization="basic").run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, (x @ weight) @ weight, atol=0.1)
+
+
+def test_awq_folding_keeps_the_function(planted_model, profile, tmp_path):
+    """The AWQ pass alone (weights not rounded yet) must not change the model's output."""
+    from accullm_export.graph.ir import load_graph, save_graph
+    from accullm_export.graph.linear import find_linear_layers
+    from accullm_export.graph.recipes import plan_layers
+    from accullm_export.calibration.profile import load_profile
+
+    folder, _ = planted_model
+    source = folder / "model.onnx"
+    loaded = load_profile(profile, source)
+    plans = plan_layers(Recipe(name="w4a16", block_size=32), find_linear_layers(onnx.load(str(source))), loaded)
+    statistics = {e["name"]: loaded.input_statistics(e["name"]) for e in loaded.manifest["inputs"]}
+    context = PassContext(plans=plans, float_dtype=np.dtype(np.float32), statistics=statistics)
+    graph, model = load_graph(source)
+    graph, _ = run_passes(graph, [("scale_activations_awq", context)])
+    assert context.awq_scales, "AWQ scaled no input"
+    save_graph(graph, model, tmp_path / "awq.onnx", {})
+    feed = _feed(folder)
+    np.testing.assert_allclose(_logits(tmp_path / "awq.onnx", feed), _logits(source, feed), rtol=1e-4, atol=1e-4)
+    assert any("not scaled" in note for note in context.notes)  # attention outputs have no producer to fold into
+
+
+def test_quantize_cli(planted_model, profile, tmp_path, capsys):
+    folder, _ = planted_model
+    code = main(["quantize", str(folder), "--recipe", "w4a16", "--profile", str(profile), "-o", str(tmp_path / "q"),
+                 "--block-size", "32", "--awq", "--gptq", "--gptq-samples", "2", "--override", "lm_head=int8"])
+    out = capsys.readouterr().out
+    assert code == 0 and "effective bits per weight" in out
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert [p["name"] for p in manifest["passes"]] == ["scale_activations_awq", "isolate_outliers",
+                                                       "compensate_errors_gptq", "quantize_weights",
+                                                       "quantize_activations", "quantize_embeddings"]
+    assert (tmp_path / "q" / "tokenizer.json").is_file() and (tmp_path / "q" / "genai_config.json").is_file()
+    for bad, message in ((["--outliers", "-1"], "--outliers"), (["--awq", "--recipe", "w8a8"], "--awq"),
+                         (["--override", "nothing=int8"], "matches no linear layer"),
+                         (["--override", "lm_head=int3"], "precision must be one of")):
+        args = ["quantize", str(folder), "--recipe", "w4a16", "--profile", str(profile), "-o", str(tmp_path / "bad"),
+                *bad]
+        assert main(args) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
