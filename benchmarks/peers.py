@@ -100,6 +100,8 @@ class Settings:
     speed_rounds: int
     gptq_windows: int
     gptq_seq_len: int
+    calib_samples: int
+    calib_seq_len: int
 
     def llm_config(self):
         from accullm_export.validate.llm import LLMValidationConfig
@@ -115,10 +117,10 @@ class Settings:
 # model for each layer input).
 FULL = Settings(windows=8, seq_len=256, num_prompts=8, new_tokens=64, probes_per_task=5,
                 accuracy_optimization="basic", speed_optimization="all", decode_tokens=64, speed_rounds=3,
-                gptq_windows=6, gptq_seq_len=128)
+                gptq_windows=6, gptq_seq_len=128, calib_samples=64, calib_seq_len=512)
 QUICK = Settings(windows=2, seq_len=64, num_prompts=2, new_tokens=8, probes_per_task=1,
                  accuracy_optimization="basic", speed_optimization="all", decode_tokens=16, speed_rounds=1,
-                 gptq_windows=2, gptq_seq_len=64)
+                 gptq_windows=2, gptq_seq_len=64, calib_samples=4, calib_seq_len=128)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -157,6 +159,35 @@ def export_ours(context: BuildContext, folder: Path, log_path: Path) -> list[str
                "--overwrite"]
     run_logged(command, log_path, context.timeout_s)
     return []
+
+
+def ensure_profile(context: BuildContext) -> Path:
+    """Our calibration profile of the reference export (work/profile), measured once and reused while the
+    reference is unchanged."""
+    from accullm_export.calibration.profile import MANIFEST, model_fingerprint
+
+    profile = context.work / "profile"
+    if (profile / MANIFEST).is_file():
+        manifest = json.loads((profile / MANIFEST).read_text())
+        if manifest["model"]["sha256"] == model_fingerprint(context.reference):
+            return profile
+    settings = context.settings
+    command = [sys.executable, "-m", "accullm_export.cli.main", "calibrate", str(context.reference), "-o",
+               str(profile), "--samples", str(settings.calib_samples), "--seq-len", str(settings.calib_seq_len),
+               "--overwrite"]
+    run_logged(command, context.work / "profile.build.log", context.timeout_s)
+    return profile
+
+
+def build_ours(context: BuildContext, folder: Path, log_path: Path, *, recipe: tuple[str, ...]) -> list[str]:
+    """``accullm-export quantize`` on our fp32 export with the shared calibration profile."""
+    profile = ensure_profile(context)
+    command = [sys.executable, "-m", "accullm_export.cli.main", "quantize", str(context.reference), "--profile",
+               str(profile), "-o", str(folder), "--overwrite", *recipe]
+    run_logged(command, log_path, context.timeout_s)
+    settings = context.settings
+    return [f"accullm-export quantize {' '.join(recipe)} (profile: {settings.calib_samples} x "
+            f"{settings.calib_seq_len} tokens of wiki:calibration)"]
 
 
 def build_genai(context: BuildContext, folder: Path, log_path: Path, *, precision: str,
@@ -312,6 +343,17 @@ register(Peer(name="genai-int4-b128", label="onnxruntime-genai int4, block 128",
 register(Peer(name="genai-int8", label="onnxruntime-genai int8",
               build=functools.partial(build_genai, precision="int8", extra_options=())))
 register(Peer(name="ort-dynamic-int8", label="ORT quantize_dynamic int8", build=build_dynamic_int8, in_child=True))
+OURS_W8A8 = ("--recipe", "w8a8", "--activations", "dynamic", "--policy", "sensitivity")
+OURS_W4A16 = ("--recipe", "w4a16", "--block-size", str(BLOCK_SIZE), "--policy", "sensitivity", "--gptq")
+for _name, _label, _recipe in (
+        ("ours-fp16", "accullm-export fp16", ("--recipe", "fp16")),
+        ("ours-w8a8", "accullm-export w8a8, FP16 outlier branch", OURS_W8A8),
+        ("ours-w8a8-no-outliers", "accullm-export w8a8, --outliers 0", OURS_W8A8 + ("--outliers", "0")),
+        ("ours-w4a16", "accullm-export w4a16, FP16 outlier rows", OURS_W4A16),
+        ("ours-w4a16-no-outliers", "accullm-export w4a16, --outliers 0", OURS_W4A16 + ("--outliers", "0"))):
+    # no expected_block_size: our graphs hold standard blocked DequantizeLinear; ONNX Runtime fuses it into
+    # MatMulNBits when the session starts, so the file has no MatMulNBits node to read it back from
+    register(Peer(name=_name, label=_label, build=functools.partial(build_ours, recipe=_recipe)))
 for _method in ("rtn", "gptq", "hqq"):
     register(Peer(name=f"ort-{_method}-b128", label=f"ORT MatMulNBits 4-bit {_method.upper()}, block 128",
                   build=functools.partial(build_matmul_nbits, method=_method), in_child=True,
