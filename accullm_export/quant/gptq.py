@@ -35,8 +35,8 @@ DAMPING_RETRIES = 3  # after the first attempt, each retry multiplies the dampin
 
 
 def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None = None, *,
-                  exclude: Sequence[int] = (), damp: float = 0.01,
-                  batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
+                  exclude: Sequence[int] = (), damp: float = 0.01, batch: int = 128,
+                  act_order: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Quantize ``weight`` with GPTQ error compensation.
 
     Args:
@@ -47,6 +47,8 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size
         exclude: input rows to leave out (returned as exactly 0; they get and give no error).
         damp: fraction of the mean diagonal of H added to the diagonal (retried x10 if H is not definite).
         batch: rows per lazy update.
+        act_order: round the rows with the largest H[i, i] first (GPTQ's "act-order"). The scales stay fixed
+            per block ("static groups"), so the result keeps the blocked DequantizeLinear layout.
 
     Returns:
         int8 values [in, out] in [-qmax, qmax] and float32 scales [blocks, out], so that
@@ -69,9 +71,10 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size
     dead = np.diag(reduced) == 0
     reduced[dead, dead] = 1.0  # an input that never fires: any weight is exact, so quantize it to 0
     work[dead] = 0.0
-    upper = _inverse_cholesky_upper(reduced, damp)
     row_scales = scales[block_index(rows, block_size)[kept]].astype(np.float64)
-    values[kept] = _quantize_rows(work, upper, row_scales, qmax(bits), batch)
+    order = np.argsort(-np.diag(reduced), kind="stable") if act_order else np.arange(kept.size)
+    upper = _inverse_cholesky_upper(reduced[np.ix_(order, order)], damp)
+    values[kept[order]] = _quantize_rows(work[order], upper, row_scales[order], qmax(bits), batch)
     return values, scales
 
 

@@ -101,6 +101,22 @@ def test_gptq_matches_naive_textbook_loop(bits, block_size, batch):
     assert (values != quantize(weight, bits, block_size)[0]).mean() > 0.05
 
 
+@pytest.mark.parametrize("bits,block_size", [(4, 16), (8, None)])
+def test_gptq_act_order_is_the_naive_loop_on_permuted_rows_with_static_scales(bits, block_size):
+    """act-order: rows go largest H[i, i] first; each row keeps the scale of its block in the original layout."""
+    weight, hessian = correlated_problem(40, 24, seed=4)
+    values, scales = gptq_quantize(weight, hessian, bits, block_size, act_order=True)
+    np.testing.assert_array_equal(scales, reference_scales(weight, bits, block_size))
+    order = np.argsort(-np.diag(hessian), kind="stable")
+    assert not np.array_equal(order, np.arange(40))
+    permuted = naive_gptq(weight[order], hessian[np.ix_(order, order)], per_row(scales, 40, block_size)[order], bits)
+    expected = np.empty_like(permuted)
+    expected[order] = permuted
+    np.testing.assert_allclose(dequantize(values, scales, block_size), expected, rtol=0, atol=1e-5)
+    plain = dequantize(*gptq_quantize(weight, hessian, bits, block_size), block_size)
+    assert not np.allclose(dequantize(values, scales, block_size), plain)
+
+
 def test_gptq_dead_input_is_zero_and_matches_naive():
     weight, hessian = correlated_problem(40, 24, seed=2)
     hessian *= 1e-3  # small enough that the dead input's unit diagonal moves the damping (mean of the diagonal)

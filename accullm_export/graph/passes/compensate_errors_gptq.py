@@ -3,7 +3,7 @@ yet rounded, weighted by the input's second-moment matrix H = E[x x^T] (``quant.
 
 H comes from the calibration text named in the profile (``quantize --gptq`` collects it). The scales are fixed
 before rounding from the weight itself ("static groups"), so the result is stored exactly like plain
-rounding's: blocked DequantizeLinear. Outlier rows (FP16 branch) are excluded from the problem; inputs that
+rounding's: blocked DequantizeLinear. Rows are rounded in order of decreasing H[i, i] ("act-order"). Outlier rows (FP16 branch) are excluded from the problem; inputs that
 AWQ scaled by s use diag(1/s) H diag(1/s).
 """
 
@@ -32,7 +32,7 @@ def run(graph: gs.Graph, context) -> gs.Graph:
             inverse = 1.0 / scales.astype(np.float64)
             hessian = hessian * np.outer(inverse, inverse)
         values, block_scales = gptq_quantize(weight.values.astype(np.float32), hessian, plan.bits, plan.block_size,
-                                             exclude=plan.outliers)
+                                             exclude=plan.outliers, act_order=True)
         replace_weight_dequantized(graph, node, values, block_scales, plan.bits, plan.block_size,
                                    weight.values.dtype)
     return graph.cleanup().toposort()
