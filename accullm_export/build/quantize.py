@@ -42,6 +42,8 @@ class QuantizeOptions:
 def recipe_passes(recipe: Recipe) -> list[str]:
     """The passes a recipe runs, in order."""
     passes = ["scale_activations_awq"] if recipe.awq else []
+    if recipe.smoothquant is not None:
+        passes.append("smooth_activations")
     passes.append("isolate_outliers")
     if recipe.gptq:
         passes.append("compensate_errors_gptq")
@@ -90,7 +92,7 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
     graph, source = load_graph(model_path)
     float_dtype = _float_dtype(graph, plans)
     context = PassContext(plans=plans, float_dtype=float_dtype, statistics=statistics, hessians=hessians,
-                          embeddings=recipe.embeddings, notes=notes)
+                          embeddings=recipe.embeddings, smoothing=recipe.smoothquant or 0.5, notes=notes)
     for note in notes:
         log.info("%s", note)
     parameters, source_bytes = _parameter_count(graph), constant_bytes(graph)
@@ -106,8 +108,8 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
                        "constant_bytes": source_bytes, "parameters": parameters},
             "profile": {"path": str(profile.folder), "policy": profile.manifest["policy"]["name"]},
             "recipe": recipe.to_dict(), "passes": [report.to_dict() for report in reports], "notes": notes,
-            "awq": {name: {"max_scale": float(s.max()), "min_scale": float(s.min())}
-                    for name, s in context.awq_scales.items()},
+            "input_scales": {name: {"max_scale": float(s.max()), "min_scale": float(s.min())}
+                    for name, s in context.input_scales.items()},
             "size": bits, "layers": [plan.to_dict() | {"bits_per_weight": bits["layers"].get(plan.node)}
                                      for plan in plans.values()],
             "versions": {"accullm_export": accullm_export.__version__, "onnx": onnx.__version__,

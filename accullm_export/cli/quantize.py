@@ -35,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activations", choices=("static", "dynamic"), default="static",
                         help="w8a8: per-tensor scales from the profile, or per-token scales computed at run time")
     parser.add_argument("--awq", action="store_true", help="w4a16: activation-aware weight scaling")
-    parser.add_argument("--gptq", action="store_true", help="w4a16: GPTQ error compensation")
+    parser.add_argument("--gptq", action="store_true", help="w4a16, w8a8: GPTQ error compensation (act-order)")
+    parser.add_argument("--smoothquant", type=float, metavar="ALPHA",
+                        help="w8a8: SmoothQuant with migration strength ALPHA (e.g. 0.5), folded into the producers")
     parser.add_argument("--gptq-samples", type=int, default=32, help="calibration windows for GPTQ's statistics")
     parser.add_argument("--override", action="append", default=[], metavar="PATTERN=PRECISION",
                         help="per-layer precision (fp32, fp16, int8, int4); PATTERN is a name part such as "
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.gptq_samples < 1:
         raise UserError("--gptq-samples must be at least 1")
     recipe = Recipe(name=args.recipe, block_size=args.block_size, outliers=args.outliers, policy=args.policy,
-                    activations=args.activations, awq=args.awq, gptq=args.gptq,
+                    activations=args.activations, awq=args.awq, gptq=args.gptq, smoothquant=args.smoothquant,
                     overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings)
     manifest = quantize_model(args.model, args.output, recipe, args.profile,
                               options=QuantizeOptions(gptq_samples=args.gptq_samples), overwrite=args.overwrite)

@@ -49,6 +49,7 @@ class Recipe:
     activations: str = "static"  # w8a8: static per-tensor scales from the profile, or dynamic per-token
     awq: bool = False
     gptq: bool = False
+    smoothquant: float | None = None  # w8a8: SmoothQuant's migration strength alpha
     overrides: tuple[tuple[str, str], ...] = ()  # (layer pattern, precision)
     embeddings: str = "int8"  # the token-embedding table: int8 per row, fp16, or fp32 (left as it is)
     version: int = 1
@@ -64,8 +65,12 @@ class Recipe:
             raise UserError(f"--activations must be static or dynamic, not {self.activations!r}")
         if self.embeddings not in ("int8", "fp16", "fp32"):
             raise UserError(f"--embeddings must be int8, fp16 or fp32, not {self.embeddings!r}")
-        if (self.awq or self.gptq) and self.name != "w4a16":
-            raise UserError("--awq and --gptq apply to the weight-only w4a16 recipe")
+        if self.awq and self.name != "w4a16":  # its scales would invalidate w8a8's static activation ranges
+            raise UserError("--awq applies to the weight-only w4a16 recipe")
+        if self.smoothquant is not None and (self.name != "w8a8" or not 0 < self.smoothquant < 1):
+            raise UserError("--smoothquant takes an alpha in (0, 1) and applies to the w8a8 recipe")
+        if self.gptq and self.name == "fp16":
+            raise UserError("--gptq applies to the integer recipes (w4a16, w8a8)")
         for pattern, precision in self.overrides:
             if precision not in PRECISIONS:
                 raise UserError(f"override {pattern}={precision}: precision must be one of {', '.join(PRECISIONS)}")
@@ -185,9 +190,14 @@ def _outlier_channels(recipe: Recipe, layer, profile) -> list[int]:
     return sorted(int(c) for c in np.argsort(-absmax, kind="stable")[:count])
 
 
-def activation_scale(statistics: Mapping[str, np.ndarray], outliers: Sequence[int]) -> float:
-    """Static per-tensor INT8 scale: the largest |x| of the non-outlier channels (sink token included) / 127."""
+def activation_scale(statistics: Mapping[str, np.ndarray], outliers: Sequence[int],
+                     divisor: np.ndarray | None = None) -> float:
+    """Static per-tensor INT8 scale: the largest |x| of the non-outlier channels / 127, the attention-sink token
+    included (clipping the sink's huge activations is far worse than a coarse scale); with ``divisor``, of
+    x / divisor (an input smoothed by SmoothQuant)."""
     magnitude = np.maximum(statistics["absmax"], statistics.get("sink_absmax", 0.0)).astype(np.float64)
+    if divisor is not None:
+        magnitude = magnitude / np.asarray(divisor, dtype=np.float64)
     if len(outliers):
         magnitude = np.delete(magnitude, list(outliers))
     largest = float(magnitude.max()) if magnitude.size else 0.0
@@ -199,7 +209,8 @@ class PassContext:
     """What every rewrite pass receives: the plans and the data some passes need.
 
     ``notes`` collects what passes left alone and why (logged by the pipeline, kept in the manifest);
-    ``awq_scales`` is filled by the AWQ pass (input tensor -> per-channel scale) for the passes after it.
+    ``input_scales`` is filled by the AWQ and SmoothQuant passes (input tensor -> the per-channel s its readers'
+    weight rows were multiplied by, x being divided by it) for the passes after them.
     """
 
     plans: Mapping[str, LayerPlan]
@@ -207,5 +218,6 @@ class PassContext:
     statistics: Mapping[str, Mapping[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     hessians: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
     embeddings: str = "fp32"
+    smoothing: float = 0.5
     notes: list = dataclasses.field(default_factory=list)
-    awq_scales: dict = dataclasses.field(default_factory=dict)
+    input_scales: dict = dataclasses.field(default_factory=dict)

@@ -87,3 +87,64 @@ def consumers_of(graph: gs.Graph, tensor_name: str) -> list[gs.Node]:
     """The nodes that read the tensor named ``tensor_name``."""
     tensor = graph.tensors().get(tensor_name)
     return list(tensor.outputs) if tensor is not None else []
+
+
+def scalable_inputs(graph: gs.Graph, context, precisions: tuple[str, ...]):
+    """(input tensor name, [(node, plan)], fold) for each input whose readers are all planned at one of
+    ``precisions`` and whose producer can absorb a per-channel 1/s for free (see ``fold_target``); the
+    other inputs get a note saying why they are left unscaled."""
+    import collections
+
+    by_input: dict[str, list] = collections.defaultdict(list)
+    for node, plan in planned_nodes(graph, context.plans):
+        if plan.precision in precisions:
+            by_input[node.inputs[0].name].append((node, plan))
+    for tensor_name, members in by_input.items():
+        source = members[0][0].inputs[0]
+        if {id(consumer) for consumer in source.outputs} != {id(node) for node, _ in members}:
+            context.notes.append(f"{tensor_name}: read by layers outside the plan; not scaled")
+            continue
+        fold = fold_target(source)
+        if fold is None or any(float_weight(node) is None for node, _ in members):
+            context.notes.append(f"{tensor_name}: no producer to fold 1/s into; not scaled")
+            continue
+        yield tensor_name, members, fold
+
+
+def fold_target(tensor: gs.Variable):
+    """A function dividing ``tensor`` by per-channel s inside its producer, or None if that is not free:
+
+    * a Mul by a constant (RMSNorm's weight): the constant is divided;
+    * a Mul of two tensors, one a MatMul output read only there (SwiGLU's up projection feeding the down
+      projection): that MatMul's weight columns are divided.
+    """
+    if len(tensor.inputs) != 1 or tensor.inputs[0].op != "Mul":
+        return None
+    producer = tensor.inputs[0]
+    for index, operand in enumerate(producer.inputs):
+        if isinstance(operand, gs.Constant) and operand.values.ndim >= 1 and operand.values.shape[-1] > 1:
+            return lambda s, node=producer, index=index: _divide_last_axis(node, index, s)
+    for operand in producer.inputs:
+        if isinstance(operand, gs.Variable) and len(operand.inputs) == 1 and len(operand.outputs) == 1:
+            matmul = operand.inputs[0]
+            if matmul.op == "MatMul" and isinstance(matmul.inputs[1], gs.Constant):
+                return lambda s, node=matmul: _divide_last_axis(node, 1, s)
+    return None
+
+
+def apply_input_scales(members, fold, scales: np.ndarray, suffix: str) -> None:
+    """Multiply the readers' weight rows by s and fold 1/s into the producer: the function is unchanged."""
+    scales = np.asarray(scales, dtype=np.float64)
+    for node, _ in members:
+        replace_input(node, 1, node.inputs[1].values.astype(np.float64) * scales[:, None], f"{suffix}_scaled")
+    fold(scales)
+
+
+def _divide_last_axis(node: gs.Node, index: int, scales: np.ndarray) -> None:
+    replace_input(node, index, node.inputs[index].values.astype(np.float64) / scales, "folded_scales")
+
+
+def replace_input(node: gs.Node, index: int, values: np.ndarray, suffix: str) -> None:
+    """Give ``node`` a new constant: the old one may be shared (tied embeddings read the lm_head's weight)."""
+    old = node.inputs[index]
+    node.inputs[index] = constant(f"{node.name}/{suffix}", values.astype(old.values.dtype))

@@ -320,26 +320,49 @@ def test_unsupported_ops_are_left_untouched_with_a_note(tmp_path, caplog):
     np.testing.assert_allclose(y, (x @ weight) @ weight, atol=0.1)
 
 
-def test_awq_folding_keeps_the_function(planted_model, profile, tmp_path):
-    """The AWQ pass alone (weights not rounded yet) must not change the model's output."""
+@pytest.mark.parametrize("pass_name,recipe", [("scale_activations_awq", Recipe(name="w4a16", block_size=32)),
+                                              ("smooth_activations", Recipe(name="w8a8", smoothquant=0.5))])
+def test_scaling_passes_keep_the_function(planted_model, profile, tmp_path, pass_name, recipe):
+    """AWQ or SmoothQuant alone (weights not rounded yet) must not change the model's output."""
+    from accullm_export.calibration.profile import load_profile
     from accullm_export.graph.ir import load_graph, save_graph
     from accullm_export.graph.linear import find_linear_layers
     from accullm_export.graph.recipes import plan_layers
-    from accullm_export.calibration.profile import load_profile
 
     folder, _ = planted_model
     source = folder / "model.onnx"
     loaded = load_profile(profile, source)
-    plans = plan_layers(Recipe(name="w4a16", block_size=32), find_linear_layers(onnx.load(str(source))), loaded)
+    plans = plan_layers(recipe, find_linear_layers(onnx.load(str(source))), loaded)
     statistics = {e["name"]: loaded.input_statistics(e["name"]) for e in loaded.manifest["inputs"]}
     context = PassContext(plans=plans, float_dtype=np.dtype(np.float32), statistics=statistics)
     graph, model = load_graph(source)
-    graph, _ = run_passes(graph, [("scale_activations_awq", context)])
-    assert context.awq_scales, "AWQ scaled no input"
-    save_graph(graph, model, tmp_path / "awq.onnx", {})
+    graph, _ = run_passes(graph, [(pass_name, context)])
+    assert context.input_scales, "no input was scaled"
+    save_graph(graph, model, tmp_path / "scaled.onnx", {})
     feed = _feed(folder)
-    np.testing.assert_allclose(_logits(tmp_path / "awq.onnx", feed), _logits(source, feed), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_logits(tmp_path / "scaled.onnx", feed), _logits(source, feed), rtol=1e-4, atol=1e-4)
     assert any("not scaled" in note for note in context.notes)  # attention outputs have no producer to fold into
+
+
+def test_smoothquant_scales_and_static_ranges_equal_numpy(planted_model, profile, tmp_path):
+    from accullm_export.calibration.profile import load_profile
+
+    folder, _ = planted_model
+    manifest = quantize_model(folder, tmp_path / "q", Recipe(name="w8a8", smoothquant=0.5), profile)
+    loaded = load_profile(profile)
+    tensor = "/model/layers.1/post_attention_layernorm/Mul/output_0"  # read by gate_proj and up_proj
+    statistics = loaded.input_statistics(tensor)
+    source = _initializers(folder / "model.onnx")
+    outliers = next(layer["outliers"] for layer in manifest["layers"] if layer["input"] == tensor)
+    weight_range = np.maximum(np.abs(source["model.layers.1.mlp.gate_proj.MatMul.weight"]).max(axis=1),
+                              np.abs(source["model.layers.1.mlp.up_proj.MatMul.weight"]).max(axis=1))
+    activation_range = np.maximum(statistics["absmax"], statistics["sink_absmax"]).astype(np.float64)
+    smoothing = np.sqrt(activation_range) / np.sqrt(weight_range)
+    smoothing[outliers] = 1.0
+    expected_scale = np.delete(activation_range / smoothing, outliers).max() / 127
+    got = _initializers(tmp_path / "q" / "model.onnx")[f"{tensor}/input_scale"]
+    np.testing.assert_allclose(got, expected_scale, rtol=1e-5)
+    assert abs(expected_scale - np.delete(activation_range, outliers).max() / 127) > 1e-3 * expected_scale
 
 
 def test_quantize_cli(planted_model, profile, tmp_path, capsys):

@@ -27,7 +27,7 @@ def run(graph: gs.Graph, context) -> gs.Graph:
         if weight is None or hessian is None:
             context.notes.append(f"{node.name}: no second-moment matrix for its input; plain rounding")
             continue
-        scales = context.awq_scales.get(node.inputs[0].name)
+        scales = context.input_scales.get(node.inputs[0].name)
         if scales is not None:
             inverse = 1.0 / scales.astype(np.float64)
             hessian = hessian * np.outer(inverse, inverse)

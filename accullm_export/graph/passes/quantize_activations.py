@@ -13,6 +13,7 @@ The outlier branch keeps reading the unquantized input: its Gather was attached 
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import numpy as np
 import onnx
@@ -20,6 +21,7 @@ import onnx_graphsurgeon as gs
 
 from accullm_export.graph.ir import constant
 from accullm_export.graph.passes import register
+from accullm_export.graph.recipes import activation_scale
 from accullm_export.graph.rewrite import planned_nodes
 
 _TINY = 1e-12  # floor of a dynamic scale, so an all-zero row does not divide by zero
@@ -33,6 +35,9 @@ def run(graph: gs.Graph, context) -> gs.Graph:
             by_input[node.inputs[0].name].append((node, plan))
     for tensor_name, members in by_input.items():
         source, plan = members[0][0].inputs[0], members[0][1]
+        if plan.activations == "static" and tensor_name in context.input_scales:  # smoothed: x / s has new ranges
+            plan = dataclasses.replace(plan, activation_scale=activation_scale(
+                context.statistics[tensor_name], plan.outliers, context.input_scales[tensor_name]))
         build = _static if plan.activations == "static" else _dynamic
         quantized = build(graph, source, plan, np.dtype(context.float_dtype))
         for node, _ in members:
