@@ -39,6 +39,9 @@ class QuantizeOptions:
     version: int = 1
 
 
+FINISHING_PASSES = ("merge_parallel_linears",)  # after the per-layer passes; numerics unchanged
+
+
 def recipe_passes(recipe: Recipe) -> list[str]:
     """The passes a recipe runs, in order."""
     passes = ["scale_activations_awq"] if recipe.awq else []
@@ -97,7 +100,9 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
         log.info("%s", note)
     parameters, source_bytes = _parameter_count(graph), constant_bytes(graph)
     graph, reports = run_passes(graph, [(name, context) for name in recipe_passes(recipe)])
-    bits = _bits(graph, plans, parameters)
+    bits = _bits(graph, plans, parameters)  # per layer, before merging puts several layers in one MatMul
+    graph, merged = run_passes(graph, [(name, context) for name in FINISHING_PASSES])
+    reports += merged
     with atomic_dir(out_dir, overwrite=overwrite) as staging:
         save_graph(graph, source, staging / "model.onnx", {RECIPE_KEY: recipe.name})
         _copy_side_files(model_path.parent, staging)

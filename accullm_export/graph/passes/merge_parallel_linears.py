@@ -1,0 +1,132 @@
+"""Merge linear layers that read the same input into one MatMul and a Split (q/k/v, gate/up, and their
+outlier branches), as onnxruntime-genai's builder does for its packed QKV and gate/up weights.
+
+At batch-1 decode every MatMul is a kernel launch over a small matrix; three launches over [576, 576],
+[576, 192] and [576, 192] cost more than one over [576, 960]. Weights of the same kind are concatenated along
+the output axis: float constants, FP16 constants behind a Cast, and quantized constants behind the same
+DequantizeLinear form (per-channel scales and blocked scales both concatenate along the output axis, since
+blocks run along the input). The Split's outputs are the original layers' output tensors, so every name
+downstream (bisection, the KV cache wiring) is unchanged. When a merged main path and a merged outlier branch
+are added output by output, the Adds merge too: Add before Split. Each column is computed as before, so the
+numerics do not change.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from accullm_export.graph.ir import constant
+from accullm_export.graph.passes import register
+
+
+@register("merge_parallel_linears")
+def run(graph: gs.Graph, context) -> gs.Graph:
+    groups: dict[tuple, list[gs.Node]] = collections.defaultdict(list)
+    for node in graph.nodes:
+        if node.op == "MatMul":
+            kind = _weight_kind(node)
+            if kind is not None:
+                groups[(node.inputs[0].name, kind)].append(node)
+    splits = []
+    for (_, kind), members in groups.items():
+        if len(members) > 1 and len({_weight_constants(node)[0].shape[0] for node in members}) == 1:
+            splits.append(_merge(graph, members, kind))
+    _merge_adds(graph, splits)
+    return graph.cleanup().toposort()
+
+
+def _weight_kind(node: gs.Node) -> tuple | None:
+    """A hashable description of how the weight is stored, or None if it cannot be merged."""
+    weight = node.inputs[1]
+    if isinstance(weight, gs.Constant):
+        return ("constant", weight.values.dtype.str) if weight.values.ndim == 2 else None
+    if len(weight.inputs) != 1 or len(weight.outputs) != 1:
+        return None
+    producer = weight.inputs[0]
+    if not all(isinstance(value, gs.Constant) for value in producer.inputs):
+        return None
+    if producer.op == "Cast":
+        return ("cast", int(producer.attrs["to"]), str(producer.inputs[0].dtype))
+    if producer.op == "DequantizeLinear":
+        attrs = tuple(sorted((key, int(value)) for key, value in producer.attrs.items()))
+        return ("dequantize", attrs, len(producer.inputs), str(producer.inputs[0].dtype))
+    return None
+
+
+def _weight_constants(node: gs.Node) -> list[np.ndarray]:
+    weight = node.inputs[1]
+    if isinstance(weight, gs.Constant):
+        return [weight.values]
+    return [value.values for value in weight.inputs[0].inputs]
+
+
+def _merge(graph: gs.Graph, members: list[gs.Node], kind: tuple) -> gs.Node:
+    name = f"{members[0].name}/merged_with_{len(members) - 1}"
+    widths = [int(_weight_constants(node)[0].shape[1]) for node in members]
+    arrays = [_weight_constants(node) for node in members]
+    if kind[0] == "constant":
+        weight = constant(f"{name}/weight", np.concatenate([a[0] for a in arrays], axis=1))
+    else:
+        producer = members[0].inputs[1].inputs[0]
+        merged_inputs = []
+        for index in range(len(arrays[0])):
+            parts = [a[index] for a in arrays]
+            along = 1 if parts[0].ndim == 2 else 0  # [in, out] values, [blocks, out] scales; 1-D per-channel: axis 0
+            merged_inputs.append(constant(f"{name}/weight_{index}", np.concatenate(parts, axis=along)))
+        weight = gs.Variable(f"{name}/weight", dtype=members[0].inputs[1].dtype)
+        graph.nodes.append(gs.Node(producer.op, name=f"{name}/{producer.op}", attrs=dict(producer.attrs),
+                                   inputs=merged_inputs, outputs=[weight]))
+    output = gs.Variable(f"{name}/output_0", dtype=members[0].outputs[0].dtype)
+    graph.nodes.append(gs.Node("MatMul", name=name, inputs=[members[0].inputs[0], weight], outputs=[output]))
+    return _split(graph, f"{name}/Split", output, widths, [node.outputs[0] for node in members], members)
+
+
+def _split(graph: gs.Graph, name: str, source: gs.Variable, widths: list[int], outputs: list[gs.Variable],
+           replaced: list[gs.Node]) -> gs.Node:
+    for node in replaced:
+        node.outputs.clear()
+    sizes = constant(f"{name}/sizes", np.asarray(widths, dtype=np.int64))
+    split = gs.Node("Split", name=name, attrs={"axis": -1}, inputs=[source, sizes], outputs=list(outputs))
+    graph.nodes.append(split)
+    return split
+
+
+def _merge_adds(graph: gs.Graph, splits: list[gs.Node]) -> None:
+    """Split(a)[i] + Split(b)[i] for every i, each output read only by its Add: Split(a + b)."""
+    by_sizes: dict[tuple, list[gs.Node]] = collections.defaultdict(list)
+    for split in splits:
+        by_sizes[tuple(split.inputs[1].values.tolist())].append(split)
+    for candidates in by_sizes.values():
+        used: set[int] = set()
+        for first in candidates:
+            for second in candidates:
+                if first is second or id(first) in used or id(second) in used:
+                    continue
+                adds = _paired_adds(first, second)
+                if adds is None:
+                    continue
+                used.update((id(first), id(second)))
+                name = f"{first.name}/Add"
+                total = gs.Variable(f"{name}/output_0", dtype=first.inputs[0].dtype)
+                graph.nodes.append(gs.Node("Add", name=name, inputs=[first.inputs[0], second.inputs[0]],
+                                           outputs=[total]))
+                results = [add.outputs[0] for add in adds]
+                for add in adds:
+                    add.outputs.clear()
+                first.outputs.clear()
+                second.outputs.clear()
+                _split(graph, f"{name}/Split", total, first.inputs[1].values.tolist(), results, [])
+
+
+def _paired_adds(first: gs.Node, second: gs.Node) -> list[gs.Node] | None:
+    adds = []
+    for left, right in zip(first.outputs, second.outputs):
+        if len(left.outputs) != 1 or len(right.outputs) != 1 or left.outputs[0] is not right.outputs[0]:
+            return None
+        if left.outputs[0].op != "Add":
+            return None
+        adds.append(left.outputs[0])
+    return adds
