@@ -80,3 +80,62 @@ def test_generate_cli_streams_text(sample, capsys):
     captured = capsys.readouterr()
     assert captured.out.startswith("The capital of France is Paris")
     assert "tokens/s" in captured.err
+
+
+@pytest.fixture(scope="module")
+def sample_profile(sample, tmp_path_factory):
+    from accullm_export.calibration.run import CalibrationConfig, calibrate
+
+    _, folder, _ = sample
+    out = tmp_path_factory.mktemp("sample-profile") / "profile"
+    calibrate(folder, out, CalibrationConfig(samples=8, seq_len=256))
+    return out
+
+
+def _mean_kl(reference, candidate, feeds) -> float:
+    import numpy as np
+
+    from accullm_export.runtime.session import create_session
+
+    def log_probs(path):
+        session = create_session(path / "model.onnx", device="cpu", optimization="basic")
+        for feed in feeds:
+            logits = session.run(["logits"], feed)[0][0].astype(np.float64)
+            logits -= logits.max(-1, keepdims=True)
+            yield logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+    return float(np.mean([(np.exp(r) * (r - c)).sum(-1).mean()
+                          for r, c in zip(log_probs(reference), log_probs(candidate))]))
+
+
+def test_quantized_sample_keeps_answers_and_the_branch_pays(sample, sample_profile, tmp_path):
+    """w4a16 (block 128) on the real model: the FP16 outlier rows lower the KL on held-out text, the folder
+    runs in our runtime and in onnxruntime-genai, and a factual answer survives."""
+    from accullm_export.build.quantize import quantize_model
+    from accullm_export.calibration.feeds import llm_feeds, text_windows
+    from accullm_export.graph.recipes import Recipe
+    from accullm_export.runtime import GenerationConfig, OrtCausalLM, generate
+
+    _, folder, tokenizer = sample
+    kl = {}
+    for outliers in ("auto", 0):
+        manifest = quantize_model(folder, tmp_path / f"w4-{outliers}", Recipe(name="w4a16", policy="sensitivity",
+                                                                              outliers=outliers), sample_profile)
+        assert manifest["size"]["linear_bits_per_weight"] < 4.5
+        windows, _ = text_windows(folder, "wiki:evaluation", 2, 128, seed=3)
+        kl[outliers] = _mean_kl(folder, tmp_path / f"w4-{outliers}", llm_feeds(windows, folder / "model.onnx"))
+    assert kl["auto"] < 0.9 * kl[0], kl
+    quantized = tmp_path / "w4-auto"
+    prompt = tokenizer.encode("The capital of France is")
+    config = GenerationConfig(max_new_tokens=4, eos_token_ids=tuple(tokenizer.eos_token_ids))
+    ours = generate(OrtCausalLM.from_path(quantized, device="cpu"), [prompt], config).tokens[0]
+    assert "Paris" in tokenizer.decode(ours)
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is the [genai] extra")
+    model = og.Model(str(quantized))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 4, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert "Paris" in tokenizer.decode([int(t) for t in generator.get_sequence(0)][len(prompt):])
