@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--override", action="append", default=[], metavar="PATTERN=PRECISION",
                         help="per-layer precision (fp32, fp16, int8, int4); PATTERN is a name part such as "
                              "lm_head or layers.0, or a glob such as '*down_proj*'; repeatable, the last match wins")
+    parser.add_argument("--outlier-layers", action="append", default=[], metavar="PATTERN",
+                        help="give the FP16 outlier branch only to layers matching PATTERN (repeatable; default: "
+                             "every INT8/INT4 layer); each branch costs a few small kernels per decode step")
     parser.add_argument("--embeddings", choices=("int8", "fp16", "fp32"), default="int8",
                         help="the token-embedding table (fp32: left as it is)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--gptq-samples must be at least 1")
     recipe = Recipe(name=args.recipe, block_size=args.block_size, outliers=args.outliers, policy=args.policy,
                     activations=args.activations, awq=args.awq, gptq=args.gptq, smoothquant=args.smoothquant,
-                    overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings)
+                    overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings,
+                    outlier_layers=tuple(args.outlier_layers))
     manifest = quantize_model(args.model, args.output, recipe, args.profile,
                               options=QuantizeOptions(gptq_samples=args.gptq_samples), overwrite=args.overwrite)
     print(format_quantize_summary(manifest))

@@ -51,6 +51,7 @@ class Recipe:
     gptq: bool = False
     smoothquant: float | None = None  # w8a8: SmoothQuant's migration strength alpha
     overrides: tuple[tuple[str, str], ...] = ()  # (layer pattern, precision)
+    outlier_layers: tuple[str, ...] = ()  # only layers matching one of these get the FP16 branch (default: all)
     embeddings: str = "int8"  # the token-embedding table: int8 per row, fp16, or fp32 (left as it is)
     version: int = 1
 
@@ -87,6 +88,7 @@ class Recipe:
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {key: value for key, value in data.items() if key in fields}
         values["overrides"] = tuple(tuple(item) for item in values.get("overrides", ()))
+        values["outlier_layers"] = tuple(values.get("outlier_layers", ()))
         return cls(**values)
 
 
@@ -154,13 +156,15 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
     Raises:
         UserError: an override that matches no layer, or a layer the profile does not know.
     """
-    for pattern, _ in recipe.overrides:
+    for option, pattern in [("--override", p) for p, _ in recipe.overrides] + [
+            ("--outlier-layers", p) for p in recipe.outlier_layers]:
         if not any(override_matches(pattern, layer.node) for layer in layers):
-            raise UserError(f"--override {pattern!r} matches no linear layer (names look like {layers[0].node})")
+            raise UserError(f"{option} {pattern!r} matches no linear layer (names look like {layers[0].node})")
     precision = {layer.node: layer_precision(recipe, layer.node) for layer in layers}
     outliers: dict[str, set[int]] = {}
     for layer in layers:
-        if precision[layer.node] in ("int8", "int4") and recipe.defaults.outlier_branch:
+        branch = not recipe.outlier_layers or any(override_matches(p, layer.node) for p in recipe.outlier_layers)
+        if precision[layer.node] in ("int8", "int4") and recipe.defaults.outlier_branch and branch:
             outliers.setdefault(layer.input, set()).update(_outlier_channels(recipe, layer, profile))
     plans = {}
     for layer in layers:

@@ -255,6 +255,16 @@ def test_merging_parallel_linears_keeps_the_numerics(planted_model, tmp_path):
                                rtol=1e-6, atol=1e-6)
 
 
+def test_outlier_layers_limit_the_branch(planted_model, profile, tmp_path):
+    folder, _ = planted_model
+    manifest = quantize_model(folder, tmp_path / "q", Recipe(name="w4a16", block_size=32,
+                                                             outlier_layers=("*down_proj*", "lm_head")), profile)
+    with_branch = {layer["node"] for layer in manifest["layers"] if layer["outliers"]}
+    assert with_branch and all("down_proj" in node or "lm_head" in node for node in with_branch)
+    with pytest.raises(UserError, match="--outlier-layers"):
+        quantize_model(folder, tmp_path / "x", Recipe(name="w4a16", outlier_layers=("nothing",)), profile)
+
+
 def test_override_patterns():
     assert override_matches("layers.1", "/model/layers.1/mlp/up_proj/MatMul")
     assert not override_matches("layers.1", "/model/layers.10/mlp/up_proj/MatMul")
@@ -399,7 +409,8 @@ def test_quantize_cli(planted_model, profile, tmp_path, capsys):
     assert (tmp_path / "q" / "tokenizer.json").is_file() and (tmp_path / "q" / "genai_config.json").is_file()
     for bad, message in ((["--outliers", "-1"], "--outliers"), (["--awq", "--recipe", "w8a8"], "--awq"),
                          (["--override", "nothing=int8"], "matches no linear layer"),
-                         (["--override", "lm_head=int3"], "precision must be one of")):
+                         (["--override", "lm_head=int3"], "precision must be one of"),
+                         (["--smoothquant", "0.5"], "--smoothquant"), (["--block-size", "100"], "--block-size")):
         args = ["quantize", str(folder), "--recipe", "w4a16", "--profile", str(profile), "-o", str(tmp_path / "bad"),
                 *bad]
         assert main(args) == 2
