@@ -257,7 +257,7 @@ def test_merging_parallel_linears_keeps_the_numerics(planted_model, tmp_path):
 
 def test_outlier_layers_limit_the_branch(planted_model, profile, tmp_path):
     folder, _ = planted_model
-    manifest = quantize_model(folder, tmp_path / "q", Recipe(name="w4a16", block_size=32,
+    manifest = quantize_model(folder, tmp_path / "q", Recipe(name="w4a16", block_size=32, policy="topk",
                                                              outlier_layers=("*down_proj*", "lm_head")), profile)
     with_branch = {layer["node"] for layer in manifest["layers"] if layer["outliers"]}
     assert with_branch and all("down_proj" in node or "lm_head" in node for node in with_branch)
