@@ -108,9 +108,21 @@ def _mean_kl(reference, candidate, feeds) -> float:
                           for r, c in zip(log_probs(reference), log_probs(candidate))]))
 
 
+def _genai_greedy(folder, prompt: list[int], new_tokens: int) -> list[int]:
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is the [genai] extra")
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)][len(prompt):]
+
+
 def test_quantized_sample_keeps_answers_and_the_branch_pays(sample, sample_profile, tmp_path):
-    """w4a16 (block 128) on the real model: the FP16 outlier rows lower the KL on held-out text, the folder
-    runs in our runtime and in onnxruntime-genai, and a factual answer survives."""
+    """On the real model: w4a16's FP16 outlier rows lower the KL on held-out text; w8a8 keeps a factual answer;
+    both folders run in our runtime and in onnxruntime-genai, which agree."""
     from accullm_export.build.quantize import quantize_model
     from accullm_export.calibration.feeds import llm_feeds, text_windows
     from accullm_export.graph.recipes import Recipe
@@ -125,17 +137,12 @@ def test_quantized_sample_keeps_answers_and_the_branch_pays(sample, sample_profi
         windows, _ = text_windows(folder, "wiki:evaluation", 2, 128, seed=3)
         kl[outliers] = _mean_kl(folder, tmp_path / f"w4-{outliers}", llm_feeds(windows, folder / "model.onnx"))
     assert kl["auto"] < 0.9 * kl[0], kl
-    quantized = tmp_path / "w4-auto"
+    quantize_model(folder, tmp_path / "w8", Recipe(name="w8a8", activations="dynamic", policy="sensitivity"),
+                   sample_profile)
     prompt = tokenizer.encode("The capital of France is")
     config = GenerationConfig(max_new_tokens=4, eos_token_ids=tuple(tokenizer.eos_token_ids))
-    ours = generate(OrtCausalLM.from_path(quantized, device="cpu"), [prompt], config).tokens[0]
-    assert "Paris" in tokenizer.decode(ours)
-    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is the [genai] extra")
-    model = og.Model(str(quantized))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 4, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    while not generator.is_done():
-        generator.generate_next_token()
-    assert "Paris" in tokenizer.decode([int(t) for t in generator.get_sequence(0)][len(prompt):])
+    for name in ("w8", "w4-auto"):
+        ours = generate(OrtCausalLM.from_path(tmp_path / name, device="cpu"), [prompt], config).tokens[0]
+        assert _genai_greedy(tmp_path / name, prompt, 4) == ours, name
+        if name == "w8":
+            assert "Paris" in tokenizer.decode(ours)
