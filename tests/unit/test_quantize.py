@@ -416,3 +416,28 @@ def test_quantize_cli(planted_model, profile, tmp_path, capsys):
         assert main(args) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_fp16_exports_quantize_with_fp16_scales(tmp_path):
+    """An fp16 export (the TensorRT path): scales and branches stay fp16; every recipe runs and stays close."""
+    from accullm_export.calibration.outliers import OutlierPolicy
+    from accullm_export.calibration.run import CalibrationConfig, calibrate
+    from accullm_export.models.export import export_model
+    from tests.conftest import make_tiny_checkpoint
+    from tests.unit.test_validate import TEXT
+
+    hf = make_tiny_checkpoint(tmp_path / "hf", "llama", seed=3)
+    export_model(str(hf), tmp_path / "onnx", dtype="fp16")
+    (tmp_path / "text.txt").write_text(TEXT)
+    calibrate(tmp_path / "onnx", tmp_path / "p", CalibrationConfig(source=str(tmp_path / "text.txt"), samples=4,
+                                                                   seq_len=32, policy=OutlierPolicy(name="topk", k=2)))
+    feed = _feed(tmp_path / "onnx")
+    reference = _logits(tmp_path / "onnx" / "model.onnx", feed).astype(np.float32)
+    for recipe in (Recipe(name="w4a16", block_size=32), Recipe(name="w8a8", activations="dynamic", smoothquant=0.5)):
+        out = tmp_path / recipe.name
+        manifest = quantize_model(tmp_path / "onnx", out, recipe, tmp_path / "p")
+        assert any(layer["outliers"] for layer in manifest["layers"])
+        scales = [a for name, a in _initializers(out / "model.onnx").items() if "weight" in name and "scale" in name]
+        assert scales and all(a.dtype == np.float16 for a in scales)
+        logits = _logits(out / "model.onnx", feed).astype(np.float32)
+        assert np.abs(logits - reference).max() < 0.25 * np.abs(reference).max()
