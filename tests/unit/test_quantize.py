@@ -303,7 +303,9 @@ def test_w8a8_model_runs_and_the_branch_pays(planted_model, profile, tmp_path):
                                       profile)
             onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
             ops = {node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node}
-            assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+            expected = {"QuantizeLinear", "DequantizeLinear"} if activations == "static" else {
+                "QuantizeLinear", "MatMulInteger"}  # dynamic: an integer GEMM ONNX Runtime runs fast
+            assert expected <= ops
             errors[outliers] = np.abs(_logits(out / "model.onnx", feed) - reference).max()
             create_session(out / "model.onnx", device="cpu", optimization="all").run(["logits"], feed)
             assert manifest["size"]["linear_bits_per_weight"] < 10

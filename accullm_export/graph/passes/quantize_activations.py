@@ -4,8 +4,12 @@
   channels, over the calibration data and the attention-sink token, / 127), zero point int8 0: TensorRT's
   explicit-quantization form. The pair sits on the input tensor and is shared by the layers that read it.
 * ``dynamic``: one scale per token, computed in the graph from that token's non-outlier channels
-  (Mul by a 0/1 mask, Abs, ReduceMax, / 127), then a blocked QuantizeLinear whose block is the whole row.
-  ONNX Runtime runs it; TensorRT needs static scales, so TensorRT targets use ``static``.
+  (Mul by a 0/1 mask, Abs, ReduceMax, / 127), then a blocked QuantizeLinear whose block is the whole row. The
+  layer becomes an integer GEMM in standard ONNX: ``MatMulInteger`` of the quantized input (stored as uint8
+  with zero point 128, which ONNX Runtime's fast u8 x s8 kernel takes; the values are the int8 grid shifted)
+  and the int8 weight, then the int32 sum times the token's scale times the channel's weight scale. A QDQ
+  form with a run-time scale would make ONNX Runtime dequantize every weight at every step. TensorRT needs
+  static scales, so TensorRT targets use ``static``.
 
 The outlier branch keeps reading the unquantized input: its Gather was attached before this pass runs.
 """
@@ -22,7 +26,7 @@ import onnx_graphsurgeon as gs
 from accullm_export.graph.ir import constant
 from accullm_export.graph.passes import register
 from accullm_export.graph.recipes import activation_scale
-from accullm_export.graph.rewrite import planned_nodes
+from accullm_export.graph.rewrite import onnx_type, planned_nodes
 
 _TINY = 1e-12  # floor of a dynamic scale, so an all-zero row does not divide by zero
 
@@ -38,10 +42,16 @@ def run(graph: gs.Graph, context) -> gs.Graph:
         if plan.activations == "static" and tensor_name in context.input_scales:  # smoothed: x / s has new ranges
             plan = dataclasses.replace(plan, activation_scale=activation_scale(
                 context.statistics[tensor_name], plan.outliers, context.input_scales[tensor_name]))
-        build = _static if plan.activations == "static" else _dynamic
-        quantized = build(graph, source, plan, np.dtype(context.float_dtype))
-        for node, _ in members:
-            node.inputs[0] = quantized
+        float_dtype = np.dtype(context.float_dtype)
+        if plan.activations == "static":
+            quantized = _static(graph, source, plan, float_dtype)
+            for node, _ in members:
+                node.inputs[0] = quantized
+            continue
+        quantized, token_scale = _dynamic(graph, source, plan, float_dtype)
+        for node, member_plan in members:
+            if not _integer_gemm(graph, node, quantized, token_scale, float_dtype):
+                context.notes.append(f"{node.name}: weight is not per-channel int8; activations left unquantized")
     return graph.cleanup().toposort()
 
 
@@ -68,8 +78,33 @@ def _dynamic(graph: gs.Graph, source: gs.Variable, plan, float_dtype: np.dtype) 
                   float_dtype)
     scale = _node(graph, "Max", f"{name}/token_scale/Max",
                   [scale, constant(f"{name}/token_scale/floor", np.asarray(_TINY, float_dtype))], float_dtype)
-    attrs = {"axis": -1, "block_size": plan.in_features}
-    return _qdq(graph, name, source, scale, [], attrs, float_dtype, output_dtype=onnx.TensorProto.INT8)
+    zero_point = _node(graph, "Expand", f"{name}/token_zero_point/Expand",
+                       [constant(f"{name}/uint8_zero_point", np.asarray(128, dtype=np.uint8)),
+                        _node(graph, "Shape", f"{name}/token_scale/Shape", [scale], np.int64)], np.uint8)
+    quantized = _node(graph, "QuantizeLinear", f"{name}/QuantizeLinear", [source, scale, zero_point], np.uint8,
+                      axis=-1, block_size=plan.in_features)
+    return quantized, scale
+
+
+def _integer_gemm(graph: gs.Graph, node: gs.Node, quantized: gs.Variable, token_scale: gs.Variable,
+                  float_dtype: np.dtype) -> bool:
+    """Replace MatMul(x, DequantizeLinear(w_int8, w_scale)) by the integer GEMM and two rescales."""
+    weight = node.inputs[1]
+    producer = weight.inputs[0] if len(weight.inputs) == 1 else None
+    if (producer is None or producer.op != "DequantizeLinear" or producer.attrs.get("axis") != 1
+            or producer.inputs[0].values.dtype != np.int8):
+        return False
+    name = node.name
+    accumulated = _node(graph, "MatMulInteger", f"{name}/MatMulInteger",
+                        [quantized, producer.inputs[0], constant(f"{name}/input_zero_point_u8",
+                                                                 np.asarray(128, dtype=np.uint8))], np.int32)
+    widened = _node(graph, "Cast", f"{name}/Cast", [accumulated], float_dtype, to=onnx_type(float_dtype))
+    per_token = _node(graph, "Mul", f"{name}/token_scale/Mul", [widened, token_scale], float_dtype)
+    output = node.outputs[0]
+    node.outputs.clear()
+    graph.nodes.append(gs.Node("Mul", name=f"{name}/weight_scale/Mul", inputs=[per_token, producer.inputs[1]],
+                               outputs=[output]))
+    return True
 
 
 def _qdq(graph, name, source, scale, zero_point, attrs, float_dtype, output_dtype=None) -> gs.Variable:
