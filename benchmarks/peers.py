@@ -870,6 +870,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", type=lambda text: [name for name in text.split(",") if name],
                         help=f"comma-separated rows to run, from: {', '.join(PEERS)} (the reference is built anyway)")
     parser.add_argument("--quick", action="store_true", help="tiny validation and timing settings for smoke runs")
+    parser.add_argument("--speed-rounds", type=int, help="interleaved decode rounds (more on a noisy machine)")
     parser.add_argument("--build-timeout", type=int, default=600, metavar="SECONDS",
                         help="a build running longer is stopped and its row recorded as failed")
     args = parser.parse_args(argv)
@@ -887,6 +888,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     settings = QUICK if args.quick else FULL
+    if args.speed_rounds is not None:
+        settings = dataclasses.replace(settings, speed_rounds=args.speed_rounds)
     work = (args.out / "work").resolve()
     work.mkdir(parents=True, exist_ok=True)
     context = BuildContext(reference=work / REFERENCE, hf_folder=Path(resolve_checkpoint_folder(SAMPLE_MODEL)),
