@@ -55,17 +55,10 @@ def test_our_runtime_matches_transformers_greedy(sample, transformers_tokens):
 
 
 def test_onnxruntime_genai_loads_our_folder_and_matches(sample, transformers_tokens):
-    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is the [genai] extra")
     _, folder, tokenizer = sample
-    model = og.Model(str(folder))
+    model = _genai_model(folder)
     for prompt_ids, expected in transformers_tokens:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt_ids) + NEW_TOKENS, do_sample=False)
-        generator = og.Generator(model, params)
-        generator.append_tokens(prompt_ids)
-        while not generator.is_done():
-            generator.generate_next_token()
-        produced = [int(t) for t in generator.get_sequence(0)][len(prompt_ids):]
+        produced = _genai_greedy(model, prompt_ids, NEW_TOKENS)
         # onnxruntime-genai stops at EOS without appending it to the sequence; transformers keeps it
         if expected[-1] in tokenizer.eos_token_ids:
             expected = expected[:-1]
@@ -108,9 +101,15 @@ def _mean_kl(reference, candidate, feeds) -> float:
                           for r, c in zip(log_probs(reference), log_probs(candidate))]))
 
 
-def _genai_greedy(folder, prompt: list[int], new_tokens: int) -> list[int]:
+def _genai_model(folder):
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is the [genai] extra")
-    model = og.Model(str(folder))
+    return og.Model(str(folder))
+
+
+def _genai_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """onnxruntime-genai's greedy continuation (it stops at EOS without appending it)."""
+    import onnxruntime_genai as og
+
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
     generator = og.Generator(model, params)
@@ -143,6 +142,6 @@ def test_quantized_sample_keeps_answers_and_the_branch_pays(sample, sample_profi
     config = GenerationConfig(max_new_tokens=4, eos_token_ids=tuple(tokenizer.eos_token_ids))
     for name in ("w8", "w4-auto"):
         ours = generate(OrtCausalLM.from_path(tmp_path / name, device="cpu"), [prompt], config).tokens[0]
-        assert _genai_greedy(tmp_path / name, prompt, 4) == ours, name
+        assert _genai_greedy(_genai_model(tmp_path / name), prompt, 4) == ours, name
         if name == "w8":
             assert "Paris" in tokenizer.decode(ours)
