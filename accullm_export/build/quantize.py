@@ -95,7 +95,7 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
     graph, source = load_graph(model_path)
     float_dtype = _float_dtype(graph, plans)
     context = PassContext(plans=plans, float_dtype=float_dtype, statistics=statistics, hessians=hessians,
-                          embeddings=recipe.embeddings, smoothing=recipe.smoothquant or 0.5, notes=notes)
+                          embeddings=recipe.embeddings, smoothing=recipe.smoothquant, notes=notes)
     for note in notes:
         log.info("%s", note)
     parameters, source_bytes = _parameter_count(graph), constant_bytes(graph)
@@ -114,7 +114,7 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
             "profile": {"path": str(profile.folder), "policy": profile.manifest["policy"]["name"]},
             "recipe": recipe.to_dict(), "passes": [report.to_dict() for report in reports], "notes": notes,
             "input_scales": {name: {"max_scale": float(s.max()), "min_scale": float(s.min())}
-                    for name, s in context.input_scales.items()},
+                             for name, s in context.input_scales.items()},
             "size": bits, "layers": [plan.to_dict() | {"bits_per_weight": bits["layers"].get(plan.node)}
                                      for plan in plans.values()],
             "versions": {"accullm_export": accullm_export.__version__, "onnx": onnx.__version__,

@@ -194,12 +194,17 @@ def _outlier_channels(recipe: Recipe, layer, profile) -> list[int]:
     return sorted(int(c) for c in np.argsort(-absmax, kind="stable")[:count])
 
 
+def activation_range(statistics: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Per-channel largest |x| seen in calibration, the attention-sink token included; float64."""
+    return np.maximum(statistics["absmax"], statistics.get("sink_absmax", 0.0)).astype(np.float64)
+
+
 def activation_scale(statistics: Mapping[str, np.ndarray], outliers: Sequence[int],
                      divisor: np.ndarray | None = None) -> float:
     """Static per-tensor INT8 scale: the largest |x| of the non-outlier channels / 127, the attention-sink token
     included (clipping the sink's huge activations is far worse than a coarse scale); with ``divisor``, of
     x / divisor (an input smoothed by SmoothQuant)."""
-    magnitude = np.maximum(statistics["absmax"], statistics.get("sink_absmax", 0.0)).astype(np.float64)
+    magnitude = activation_range(statistics)
     if divisor is not None:
         magnitude = magnitude / np.asarray(divisor, dtype=np.float64)
     if len(outliers):
@@ -222,6 +227,6 @@ class PassContext:
     statistics: Mapping[str, Mapping[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     hessians: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
     embeddings: str = "fp32"
-    smoothing: float = 0.5
+    smoothing: float | None = None  # SmoothQuant's alpha, for the smooth_activations pass
     notes: list = dataclasses.field(default_factory=list)
     input_scales: dict = dataclasses.field(default_factory=dict)

@@ -3,7 +3,6 @@ layer's float weight with a quantized constant behind DequantizeLinear."""
 
 from __future__ import annotations
 
-import logging
 from typing import Iterator, Mapping
 
 import ml_dtypes
@@ -11,8 +10,6 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from accullm_export.graph.ir import constant
-
-log = logging.getLogger(__name__)
 
 
 def planned_nodes(graph: gs.Graph, plans: Mapping) -> Iterator[tuple[gs.Node, object]]:
@@ -81,12 +78,6 @@ def onnx_type(dtype: np.dtype) -> int:
     from onnx import helper
 
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-
-
-def consumers_of(graph: gs.Graph, tensor_name: str) -> list[gs.Node]:
-    """The nodes that read the tensor named ``tensor_name``."""
-    tensor = graph.tensors().get(tensor_name)
-    return list(tensor.outputs) if tensor is not None else []
 
 
 def scalable_inputs(graph: gs.Graph, context, precisions: tuple[str, ...]):

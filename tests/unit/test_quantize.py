@@ -366,7 +366,8 @@ def test_scaling_passes_keep_the_function(planted_model, profile, tmp_path, pass
     loaded = load_profile(profile, source)
     plans = plan_layers(recipe, find_linear_layers(onnx.load(str(source))), loaded)
     statistics = {e["name"]: loaded.input_statistics(e["name"]) for e in loaded.manifest["inputs"]}
-    context = PassContext(plans=plans, float_dtype=np.dtype(np.float32), statistics=statistics)
+    context = PassContext(plans=plans, float_dtype=np.dtype(np.float32), statistics=statistics,
+                          smoothing=recipe.smoothquant)
     graph, model = load_graph(source)
     graph, _ = run_passes(graph, [(pass_name, context)])
     assert context.input_scales, "no input was scaled"

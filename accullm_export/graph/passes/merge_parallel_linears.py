@@ -65,8 +65,8 @@ def _weight_constants(node: gs.Node) -> list[np.ndarray]:
 
 def _merge(graph: gs.Graph, members: list[gs.Node], kind: tuple) -> gs.Node:
     name = f"{members[0].name}/merged_with_{len(members) - 1}"
-    widths = [int(_weight_constants(node)[0].shape[1]) for node in members]
     arrays = [_weight_constants(node) for node in members]
+    widths = [int(a[0].shape[1]) for a in arrays]
     if kind[0] == "constant":
         weight = constant(f"{name}/weight", np.concatenate([a[0] for a in arrays], axis=1))
     else:

@@ -20,7 +20,6 @@ import collections
 import dataclasses
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from accullm_export.graph.ir import constant
@@ -49,7 +48,7 @@ def run(graph: gs.Graph, context) -> gs.Graph:
                 node.inputs[0] = quantized
             continue
         quantized, token_scale = _dynamic(graph, source, plan, float_dtype)
-        for node, member_plan in members:
+        for node, _ in members:
             if not _integer_gemm(graph, node, quantized, token_scale, float_dtype):
                 context.notes.append(f"{node.name}: weight is not per-channel int8; activations left unquantized")
     return graph.cleanup().toposort()
@@ -59,10 +58,12 @@ def _static(graph: gs.Graph, source: gs.Variable, plan, float_dtype: np.dtype) -
     name = source.name
     scale = constant(f"{name}/input_scale", np.asarray(plan.activation_scale, dtype=float_dtype))
     zero_point = constant(f"{name}/input_zero_point", np.asarray(0, dtype=np.int8))
-    return _qdq(graph, name, source, scale, [zero_point], {}, float_dtype)
+    quantized = _node(graph, "QuantizeLinear", f"{name}/QuantizeLinear", [source, scale, zero_point], np.int8)
+    return _node(graph, "DequantizeLinear", f"{name}/DequantizeLinear", [quantized, scale, zero_point], float_dtype)
 
 
-def _dynamic(graph: gs.Graph, source: gs.Variable, plan, float_dtype: np.dtype) -> gs.Variable:
+def _dynamic(graph: gs.Graph, source: gs.Variable, plan, float_dtype: np.dtype) -> tuple[gs.Variable, gs.Variable]:
+    """The input quantized per token (uint8, zero point 128) and the per-token scales."""
     name = source.name
     magnitude_of = source
     if plan.outliers:
@@ -105,14 +106,6 @@ def _integer_gemm(graph: gs.Graph, node: gs.Node, quantized: gs.Variable, token_
     graph.nodes.append(gs.Node("Mul", name=f"{name}/weight_scale/Mul", inputs=[per_token, producer.inputs[1]],
                                outputs=[output]))
     return True
-
-
-def _qdq(graph, name, source, scale, zero_point, attrs, float_dtype, output_dtype=None) -> gs.Variable:
-    quantize_attrs = dict(attrs) | ({"output_dtype": output_dtype} if output_dtype is not None else {})
-    quantized = _node(graph, "QuantizeLinear", f"{name}/QuantizeLinear", [source, scale, *zero_point], np.int8,
-                      **quantize_attrs)
-    return _node(graph, "DequantizeLinear", f"{name}/DequantizeLinear", [quantized, scale, *zero_point],
-                 float_dtype, **attrs)
 
 
 def _node(graph: gs.Graph, op: str, name: str, inputs: list, dtype, **attrs) -> gs.Variable:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from accullm_export.graph.passes import register
+from accullm_export.graph.recipes import activation_range
 from accullm_export.graph.rewrite import apply_input_scales, scalable_inputs
 
 _FLOOR = 1e-5
@@ -26,20 +27,20 @@ def run(graph: gs.Graph, context) -> gs.Graph:
         if any(plan.activations is None for _, plan in members):
             continue
         statistics = context.statistics[tensor_name]
-        activation_range = np.maximum(statistics["absmax"], statistics.get("sink_absmax", 0.0)).astype(np.float64)
         weight_range = np.max([np.abs(node.inputs[1].values).max(axis=1) for node, _ in members], axis=0)
-        scales = smoothing_scales(activation_range, weight_range.astype(np.float64), alpha, members[0][1].outliers)
+        scales = smoothing_scales(activation_range(statistics), weight_range.astype(np.float64), alpha,
+                                  members[0][1].outliers)
         apply_input_scales(members, fold, scales, "smoothquant")
         context.input_scales[tensor_name] = scales.astype(np.float32)
     return graph.cleanup().toposort()
 
 
-def smoothing_scales(activation_range: np.ndarray, weight_range: np.ndarray, alpha: float,
+def smoothing_scales(input_range: np.ndarray, weight_range: np.ndarray, alpha: float,
                      outliers=()) -> np.ndarray:
     """s = act^alpha / weight^(1 - alpha) per input channel; 1 where either range is 0 and for outliers."""
-    active = (activation_range > 0) & (weight_range > 0)
-    scales = np.ones_like(activation_range, dtype=np.float64)
-    scales[active] = (activation_range[active] ** alpha) / (weight_range[active] ** (1.0 - alpha))
+    active = (input_range > 0) & (weight_range > 0)
+    scales = np.ones_like(input_range, dtype=np.float64)
+    scales[active] = (input_range[active] ** alpha) / (weight_range[active] ** (1.0 - alpha))
     scales = np.maximum(scales, _FLOOR)
     scales[list(outliers)] = 1.0
     return scales
