@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
+from cpu_meter import CpuMeter  # benchmarks/ is on sys.path when a script here runs
 
 from accullm_export.atomic import atomic_write_bytes, atomic_write_text
 from accullm_export.models.checkpoint import resolve_checkpoint_folder
@@ -238,41 +239,6 @@ def prompt_token_ids(tokenizer_path: Path, length: int) -> list[int]:
     while len(ids := tokenizer.encode(text).ids) < length:
         text += PASSAGE
     return ids[:length]
-
-
-@dataclasses.dataclass
-class CpuMeter:
-    """How much of the machine's CPU other processes used while we timed (this machine may be shared).
-
-    Reads /proc/stat (busy time of all CPUs, steal included) and this process's own CPU time; on systems
-    without /proc it reports nothing.
-    """
-
-    started_wall: float = 0.0
-    started_busy: float | None = None
-    started_own: float = 0.0
-
-    @staticmethod
-    def _machine_busy_seconds() -> float | None:
-        try:
-            ticks = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        except (OSError, ValueError):
-            return None
-        user, nice, system, idle, iowait, irq, softirq, steal = ticks
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-    def start(self) -> None:
-        self.started_wall, self.started_busy = time.perf_counter(), self._machine_busy_seconds()
-        self.started_own = sum(os.times()[:2])
-
-    def others_share(self) -> float | None:
-        """Fraction of all CPUs' time since start() spent outside this process (0 on a quiet machine)."""
-        busy = self._machine_busy_seconds()
-        if busy is None or self.started_busy is None:
-            return None
-        own = sum(os.times()[:2]) - self.started_own
-        capacity = (time.perf_counter() - self.started_wall) * (os.cpu_count() or 1)
-        return max(0.0, (busy - self.started_busy - own) / capacity)
 
 
 def warm_up(runtime: Runtime, prefill_prompt: list[int], decode_prompt: list[int]) -> None:

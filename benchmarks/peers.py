@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from cpu_meter import CpuMeter  # benchmarks/ is on sys.path when a script here runs
 
 from accullm_export.atomic import atomic_write_bytes, atomic_write_text
 
@@ -637,7 +638,8 @@ def measure_decode(rows: list[Row], prompt: list[int], settings: Settings) -> fl
             row.fail("decode", exc)
     # No EOS: every run decodes exactly decode_tokens steps after the prefill's token.
     config = GenerationConfig(max_new_tokens=settings.decode_tokens + 1)
-    meter = OtherProcessesMeter()
+    meter = CpuMeter()
+    meter.start()
     for round_index in range(settings.speed_rounds):
         log.info("decode round %d of %d", round_index + 1, settings.speed_rounds)
         for index in np.roll(np.arange(len(loaded)), -round_index):
@@ -645,34 +647,7 @@ def measure_decode(rows: list[Row], prompt: list[int], settings: Settings) -> fl
             row.decode_samples.append(generate(model, [prompt], config).decode_tokens_per_second)
     for row, _ in loaded:
         row.decode_tokens_per_second = statistics.median(row.decode_samples)
-    return meter.share()
-
-
-class OtherProcessesMeter:
-    """The share of all CPUs' time spent outside this process since creation (this machine may be shared)."""
-
-    def __init__(self):
-        self.wall, self.busy, self.own = time.perf_counter(), self._busy_seconds(), self._own_seconds()
-
-    @staticmethod
-    def _busy_seconds() -> float | None:
-        try:
-            fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        except (OSError, ValueError):
-            return None
-        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _own_seconds() -> float:
-        return sum(os.times()[:2])
-
-    def share(self) -> float | None:
-        busy = self._busy_seconds()
-        if busy is None or self.busy is None:
-            return None
-        capacity = (time.perf_counter() - self.wall) * (os.cpu_count() or 1)
-        return max(0.0, (busy - self.busy - (self._own_seconds() - self.own)) / capacity)
+    return meter.others_share()
 
 
 def measure_all(peers: list[Peer], context: BuildContext, reuse: bool, out: Path,
