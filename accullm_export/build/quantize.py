@@ -55,24 +55,48 @@ def recipe_passes(recipe: Recipe) -> list[str]:
 
 
 def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profile_dir: str | Path, *,
-                   options: QuantizeOptions = QuantizeOptions(), overwrite: bool = False) -> dict:
-    """Rewrite ``model`` into ``out_dir``; returns the manifest (also written as ``manifest.json``)."""
+                   options: QuantizeOptions = QuantizeOptions(), sparsity=None, overwrite: bool = False) -> dict:
+    """Rewrite ``model`` into ``out_dir``; returns the manifest (also written as ``manifest.json``).
+
+    ``sparsity`` (a ``SparsityConfig``) adds sparse-skip MLPs after quantization; those MLPs' projections keep
+    no FP16 outlier branch (the neuron selection handles them whole).
+    """
     from accullm_export.calibration.profile import load_profile
     from accullm_export.graph.io import load_onnx
 
     model_path = Path(model) / "model.onnx" if Path(model).is_dir() else Path(model)
     header = load_onnx(model_path, load_external_data=False)
     refuse_quantized(header, model_path)
+    from accullm_export.build.sparsify import refuse_sparse
+
+    refuse_sparse(header, model_path)
     profile = load_profile(profile_dir, model_path)
     layers = find_linear_layers(header)
     if not layers:
         raise UserError(f"{model_path} has no linear layers (MatMul with an initializer weight) to quantize")
     plans = plan_layers(recipe, layers, profile)
+    if sparsity is not None and sparsity.active and recipe.defaults.quantize_activations:
+        raise UserError(f"--sparsity composes with w4a16 and fp16; {recipe.name} quantizes the MLP inputs to "
+                        "INT8 (MatMulInteger), which the sparse-skip rewrite does not narrow")
     notes = [f"{layer.node}: {layer.op_type} is not rewritten (only MatMul is); left as it is"
              for layer in layers if layer.op_type != "MatMul"]
     statistics = {entry["name"]: profile.input_statistics(entry["name"]) for entry in profile.manifest["inputs"]}
     hessians = _hessians(model_path, plans, profile, options) if recipe.gptq else {}
-    return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite)
+    return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite, sparsity)
+
+
+def _without_mlp_branches(graph, plans: dict[str, LayerPlan], notes: list[str]) -> dict[str, LayerPlan]:
+    """Drop the outlier branch of every SwiGLU MLP projection (the sparse rewrite narrows plain MatMuls)."""
+    from accullm_export.sparsity.mlp import find_mlp_blocks
+
+    changed = dict(plans)
+    for block in find_mlp_blocks(graph):
+        for node in (block.gate, block.up, block.down):
+            plan = plans.get(node.name)
+            if plan is not None and plan.outliers:
+                changed[node.name] = dataclasses.replace(plan, outliers=())
+                notes.append(f"{node.name}: no FP16 outlier branch (its MLP is sparse-skip)")
+    return changed
 
 
 def refuse_quantized(model: onnx.ModelProto, path: Path) -> None:
@@ -88,11 +112,18 @@ def refuse_quantized(model: onnx.ModelProto, path: Path) -> None:
                         "the original fp32/fp16 export instead")
 
 
-def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite) -> dict:
+def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite,
+             sparsity=None) -> dict:
+    from accullm_export.build.sparsify import SPARSITY_KEY, sparsity_plans, sparsity_summary
     from accullm_export.graph.ir import load_graph, save_graph
+    from accullm_export.graph.passes.skip_sparse_neurons import SparseContext
     from accullm_export.graph.pipeline import constant_bytes, run_passes
 
     graph, source = load_graph(model_path)
+    sparse = sparsity is not None and sparsity.active
+    if sparse:
+        plans = _without_mlp_branches(graph, plans, notes)
+        sparse_context = SparseContext(plans=sparsity_plans(model_path, graph, profile, sparsity), notes=notes)
     float_dtype = _float_dtype(graph, plans)
     context = PassContext(plans=plans, float_dtype=float_dtype, statistics=statistics, hessians=hessians,
                           embeddings=recipe.embeddings, smoothing=recipe.smoothquant, notes=notes)
@@ -101,12 +132,16 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
     parameters, source_bytes = _parameter_count(graph), constant_bytes(graph)
     graph, reports = run_passes(graph, [(name, context) for name in recipe_passes(recipe)])
     bits = _bits(graph, plans, parameters)  # per layer, before merging puts several layers in one MatMul
+    if sparse:
+        graph, sparse_reports = run_passes(graph, [("skip_sparse_neurons", sparse_context)])
+        reports += sparse_reports
     graph, merged = run_passes(graph, [(name, context) for name in FINISHING_PASSES])
     reports += merged
+    metadata = {RECIPE_KEY: recipe.name} | ({SPARSITY_KEY: f"{sparsity.method}:{sparsity.sparsity}"} if sparse else {})
     with atomic_dir(out_dir, overwrite=overwrite) as staging:
-        save_graph(graph, source, staging / "model.onnx", {RECIPE_KEY: recipe.name})
-        _copy_side_files(model_path.parent, staging)
-        _check_loads(staging / "model.onnx")
+        save_graph(graph, source, staging / "model.onnx", metadata)
+        copy_side_files(model_path.parent, staging)
+        check_loads(staging / "model.onnx")
         manifest = {
             "kind": MANIFEST_KIND, "version": MANIFEST_VERSION,
             "source": {"path": str(model_path), "sha256": profile.manifest["model"]["sha256"],
@@ -115,6 +150,7 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
             "recipe": recipe.to_dict(), "passes": [report.to_dict() for report in reports], "notes": notes,
             "input_scales": {name: {"max_scale": float(s.max()), "min_scale": float(s.min())}
                              for name, s in context.input_scales.items()},
+            "sparsity": sparsity_summary(sparse_context.plans, sparsity) if sparse else None,
             "size": bits, "layers": [plan.to_dict() | {"bits_per_weight": bits["layers"].get(plan.node)}
                                      for plan in plans.values()],
             "versions": {"accullm_export": accullm_export.__version__, "onnx": onnx.__version__,
@@ -167,14 +203,14 @@ def _bits(graph, plans: dict[str, LayerPlan], parameters: int) -> dict:
             "file_bits_per_parameter": round(total * 8 / max(parameters, 1), 4)}
 
 
-def _copy_side_files(source_dir: Path, staging: Path) -> None:
+def copy_side_files(source_dir: Path, staging: Path) -> None:
     """Tokenizer, configs and genai_config.json: everything beside the model but the model and manifest."""
     for path in source_dir.iterdir():
         if path.is_file() and path.name not in _MODEL_FILES and not path.name.endswith((".onnx", ".onnx.data")):
             shutil.copy2(path, staging / path.name)
 
 
-def _check_loads(path: Path) -> None:
+def check_loads(path: Path) -> None:
     """onnx.checker and an ONNX Runtime session on the written model, before the folder is published."""
     from accullm_export.runtime.session import create_session
 

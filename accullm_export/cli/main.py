@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "calibrate": "accullm_export.cli.calibrate",
     "validate": "accullm_export.cli.validate",
     "quantize": "accullm_export.cli.quantize",
+    "sparsify": "accullm_export.cli.sparsify",
 }
 
 log = logging.getLogger("accullm_export")

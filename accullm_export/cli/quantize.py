@@ -48,10 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embeddings", choices=("int8", "fp16", "fp32"), default="int8",
                         help="the token-embedding table (fp32: left as it is)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    from accullm_export.cli.sparsify import add_sparsity_arguments
+
+    add_sparsity_arguments(parser.add_argument_group("sparse-skip MLPs (see `sparsify`)"), required=False)
 
 
 def run(args: argparse.Namespace) -> int:
     from accullm_export.build.quantize import QuantizeOptions, quantize_model
+    from accullm_export.cli.sparsify import format_sparsity_summary, sparsity_config
     from accullm_export.errors import UserError
     from accullm_export.graph.recipes import Recipe, parse_override
 
@@ -62,8 +66,11 @@ def run(args: argparse.Namespace) -> int:
                     overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings,
                     outlier_layers=tuple(args.outlier_layers))
     manifest = quantize_model(args.model, args.output, recipe, args.profile,
-                              options=QuantizeOptions(gptq_samples=args.gptq_samples), overwrite=args.overwrite)
+                              options=QuantizeOptions(gptq_samples=args.gptq_samples), sparsity=sparsity_config(args),
+                              overwrite=args.overwrite)
     print(format_quantize_summary(manifest))
+    if manifest["sparsity"]:
+        print(format_sparsity_summary(manifest["sparsity"]))
     print(f"model: {args.output}")
     return 0
 

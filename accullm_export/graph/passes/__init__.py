@@ -13,7 +13,8 @@ PassFunction = Callable[[Any, Any], Any]  # (gs.Graph, config) -> gs.Graph
 PASSES: dict[str, PassFunction] = {}
 # modules holding the built-in passes; imported on first lookup so the registry is always complete
 BUILTIN_MODULES = ("isolate_outliers", "quantize_weights", "quantize_activations", "scale_activations_awq",
-                   "smooth_activations", "compensate_errors_gptq", "quantize_embeddings", "merge_parallel_linears")
+                   "smooth_activations", "compensate_errors_gptq", "quantize_embeddings", "merge_parallel_linears",
+                   "skip_sparse_neurons")
 
 
 def register(name: str) -> Callable[[PassFunction], PassFunction]:

@@ -1,0 +1,93 @@
+"""``sparsify``: give every SwiGLU MLP of a model a sparse-skip path, into a new model folder.
+
+Steps: refuse a model that is already sparse or a profile of another model; find the MLPs (none is an error);
+plan them (thresholds from the profile, guessers trained on its calibration text); run the
+``skip_sparse_neurons`` pass; write the graph, the side files and a manifest with each layer's threshold and
+guesser quality; open the result in ONNX Runtime before the folder appears.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+import accullm_export
+from accullm_export.atomic import atomic_dir
+from accullm_export.errors import UserError
+from accullm_export.sparsity.config import SparsityConfig
+
+log = logging.getLogger(__name__)
+
+MANIFEST_KIND, MANIFEST_VERSION = "accullm-export/sparse", 1
+SPARSITY_KEY = "accullm_export.sparsity"  # ONNX metadata_props key marking a sparse-skip model
+
+
+def refuse_sparse(model: onnx.ModelProto, path: Path) -> None:
+    """UserError for a model that already has sparse-skip MLPs."""
+    metadata = {entry.key: entry.value for entry in model.metadata_props}
+    if SPARSITY_KEY in metadata:
+        raise UserError(f"{path} already has sparse-skip MLPs ({metadata[SPARSITY_KEY]}); sparsify the dense "
+                        "export instead")
+
+
+def sparsity_plans(model_path: Path, graph, profile, config: SparsityConfig) -> dict:
+    """Find the MLPs of ``graph`` and plan them (the guessers train on ``model_path``'s activations)."""
+    from accullm_export.sparsity.mlp import find_mlp_blocks
+    from accullm_export.sparsity.plan import plan_sparsity
+
+    return plan_sparsity(model_path, find_mlp_blocks(graph), profile, config)
+
+
+def sparsity_summary(plans: dict, config: SparsityConfig) -> dict:
+    """The manifest's sparsity section: the config, and each MLP's plan with its guesser's quality."""
+    layers = [plan.to_dict() for plan in plans.values()]
+    guessers = [layer["predictor"] for layer in layers if "predictor" in layer]
+    summary = {"config": config.to_dict(), "layers": layers, "mlps": len(layers)}
+    if guessers:
+        summary["predictor"] = {key: round(float(np.mean([g[key] for g in guessers])), 4)
+                                for key in ("recall", "precision", "kept", "flops_percent_of_mlp")}
+    return summary
+
+
+def sparsify_model(model: str | Path, out_dir: str | Path, config: SparsityConfig, profile_dir: str | Path, *,
+                   overwrite: bool = False) -> dict:
+    """Rewrite ``model`` into ``out_dir``; returns the manifest (also written as ``manifest.json``)."""
+    from accullm_export.build.quantize import check_loads, copy_side_files
+    from accullm_export.calibration.profile import load_profile
+    from accullm_export.graph.ir import load_graph, save_graph
+    from accullm_export.graph.passes.skip_sparse_neurons import SparseContext
+    from accullm_export.graph.pipeline import run_passes
+
+    model_path = Path(model) / "model.onnx" if Path(model).is_dir() else Path(model)
+    if not model_path.is_file():
+        raise UserError(f"{model} is not an ONNX model or an exported model folder")
+    header = onnx.load(str(model_path), load_external_data=False)
+    refuse_sparse(header, model_path)
+    profile = load_profile(profile_dir, model_path)
+    graph, source = load_graph(model_path)
+    plans = sparsity_plans(model_path, graph, profile, config)
+    context = SparseContext(plans=plans)
+    reports = []
+    if config.active:
+        graph, reports = run_passes(graph, [("skip_sparse_neurons", context)])
+    else:
+        context.notes.append("sparsity 0: every MLP left dense (the output is the input model, bit for bit)")
+    with atomic_dir(out_dir, overwrite=overwrite) as staging:
+        save_graph(graph, source, staging / "model.onnx", {SPARSITY_KEY: f"{config.method}:{config.sparsity}"})
+        copy_side_files(model_path.parent, staging)
+        check_loads(staging / "model.onnx")
+        manifest = {
+            "kind": MANIFEST_KIND, "version": MANIFEST_VERSION,
+            "source": {"path": str(model_path), "sha256": profile.manifest["model"]["sha256"]},
+            "profile": {"path": str(profile.folder)},
+            "sparsity": sparsity_summary(plans, config),
+            "passes": [report.to_dict() for report in reports], "notes": context.notes,
+            "versions": {"accullm_export": accullm_export.__version__, "onnx": onnx.__version__,
+                         "numpy": np.__version__},
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest

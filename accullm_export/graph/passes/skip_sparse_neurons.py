@@ -1,0 +1,101 @@
+"""Sparse-skip MLPs in standard ONNX: each token computes only the neurons its selection keeps.
+
+Per MLP, with I neurons and a per-token score s (``threshold``: |a|, the down projection's input; ``predictor``:
+the guesser's logits, computed from the MLP input before the MLP runs):
+
+    keep  = s > level                               [tokens, I]  per-token selection
+    union = ReduceMax(s over all tokens) > level    [I]          neurons any token of this call keeps
+    W'    = Compress(W, union)                      the selected weight rows/columns only (k of I)
+    a'    = Where(Compress(keep, union), a', 0)     each token's own selection, applied exactly
+
+For batch-1 decode (one token) union == keep, so only the k selected rows of the down projection (and, with
+the guesser, the k columns of gate and up) are read. For prefill the union of the prompt's selections is
+computed (close to dense for long prompts: that is the documented fallback) and each token is still masked to
+its own selection, so a full-sequence pass gives exactly the numbers token-by-token decoding gives; validation
+with teacher forcing therefore measures the decode behaviour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from accullm_export.graph.passes import register
+from accullm_export.sparsity.mlp import MLPBlock, find_mlp_blocks
+
+
+@dataclasses.dataclass
+class SparseContext:
+    """The pass config: plans keyed by MLP name, and notes on MLPs left dense."""
+
+    plans: dict
+    notes: list = dataclasses.field(default_factory=list)
+
+
+@register("skip_sparse_neurons")
+def run(graph: gs.Graph, context: SparseContext) -> gs.Graph:
+    blocks = {block.name: block for block in find_mlp_blocks(graph)}
+    for name, plan in context.plans.items():
+        block = blocks.get(name)
+        if block is None:
+            context.notes.append(f"{name}: no SwiGLU MLP of that name in this graph; left dense")
+            continue
+        if plan.sparsity <= 0.0:
+            continue
+        _Rewriter(graph, block).apply(plan)
+    return graph.cleanup().toposort()
+
+
+class _Rewriter:
+    def __init__(self, graph: gs.Graph, block: MLPBlock):
+        self.graph, self.block, self.prefix = graph, block, f"{block.name}/sparse"
+        self.dtype = np.dtype(block.product.outputs[0].dtype or np.float32)
+
+    def apply(self, plan) -> None:
+        block = self.block
+        product = block.product.outputs[0]
+        if plan.method == "predictor":
+            p = plan.predictor
+            hidden = self._node("MatMul", [block.input, self._const("down_rank", p.down_rank)], "guess_rank")
+            score = self._node("MatMul", [hidden, self._const("up_rank", p.up_rank)], "guess")
+            score = self._node("Add", [score, self._const("guess_bias", p.bias)], "guess_logits")
+            level = p.tau
+        else:
+            score, level = self._node("Abs", [product], "magnitude"), plan.threshold
+        level = self._const("level", np.array(level))
+        keep = self._node("Greater", [score, level], "keep", dtype=np.bool_)
+        flat = self._node("Reshape", [score, gs.Constant(f"{self.prefix}/rows", np.array([-1, block.intermediate_size],
+                                                                                           np.int64))], "rows")
+        peak = self._node("ReduceMax", [flat, gs.Constant(f"{self.prefix}/axis0", np.array([0], np.int64))], "peak",
+                          keepdims=0)
+        union = self._node("Greater", [peak, level], "union", dtype=np.bool_)
+        if plan.method == "predictor":
+            for node in (block.gate, block.up):
+                node.inputs[1] = self._compress(node.inputs[1], union, axis=1, name=f"{node.name}/weight_selected")
+            for tensor in (block.gate.outputs[0], block.up.outputs[0], block.sigmoid.outputs[0],
+                           block.activation.outputs[0], product):
+                tensor.shape = None  # the neuron axis is now the selection's size
+            keep = self._compress(keep, union, axis=-1, name=f"{self.prefix}/keep_selected")
+        masked = self._node("Where", [keep, product, self._const("zero", np.array(0.0))], "masked")
+        if plan.method == "threshold":
+            masked = self._compress(masked, union, axis=-1, name=f"{self.prefix}/selected")
+        block.down.inputs[0] = masked
+        block.down.inputs[1] = self._compress(block.down.inputs[1], union, axis=0,
+                                              name=f"{block.down.name}/weight_selected")
+
+    def _const(self, name: str, values: np.ndarray) -> gs.Constant:
+        return gs.Constant(f"{self.prefix}/{name}", np.asarray(values, dtype=self.dtype))
+
+    def _node(self, op: str, inputs: list, name: str, dtype=None, **attrs) -> gs.Variable:
+        output = gs.Variable(f"{self.prefix}/{name}_output", dtype=dtype or self.dtype)
+        self.graph.nodes.append(gs.Node(op, name=f"{self.prefix}/{name}", attrs=attrs, inputs=inputs,
+                                        outputs=[output]))
+        return output
+
+    def _compress(self, tensor, condition, axis: int, name: str) -> gs.Variable:
+        output = gs.Variable(f"{name}_output", dtype=tensor.dtype)
+        self.graph.nodes.append(gs.Node("Compress", name=name, attrs={"axis": axis}, inputs=[tensor, condition],
+                                        outputs=[output]))
+        return output

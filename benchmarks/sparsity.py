@@ -1,0 +1,195 @@
+"""Sparse-skip MLPs on the sample model: the sparsity-accuracy curve of both methods, and decode speed.
+
+Accuracy: for each method (threshold, predictor) and sparsity (0/25/40/50/60/70%), ``accullm-export sparsify``
+on our fp32 export, then the kit's ``validate`` against that export on held-out Wikipedia text (ORT basic; KL,
+top-1, Δppl, greedy prefix), all with the same settings. Sparsity 0 is the dense export itself.
+
+Speed: batch-1 greedy decode tokens/s with ONNX Runtime on CPU (ORT_ENABLE_ALL), dense against 50% sparse,
+with and without w4a16 (the peers table's flags), all models loaded and timed in interleaved rounds (median).
+The guesser's cost is inside the sparse graphs' times.
+
+Outputs under --out: sparsity.md, sparsity.json, sparsity_curve.png, the models under work/. It measures; it
+never asserts on a time. Run from the repository root (about 45 minutes on a 2-core machine)::
+
+    .venv/bin/python benchmarks/sparsity.py --reference bench_out/peers5/work/ours-fp32 \
+        --profile bench_out/peers5/work/profile --out bench_out/sparsity
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cpu_meter import CpuMeter  # benchmarks/ is on sys.path when a script here runs
+
+log = logging.getLogger("sparsity")
+LEVELS = (0.25, 0.40, 0.50, 0.60, 0.70)
+METHODS = ("threshold", "predictor")
+SPEED_SPARSITY = 0.5
+W4A16 = ("--recipe", "w4a16", "--block-size", "128", "--policy", "sensitivity", "--gptq")  # as in peers.py
+DECODE_PROMPT_TOKENS, DECODE_TOKENS = 32, 64
+
+
+def cli(*arguments: str, log_path: Path) -> None:
+    command = [str(Path(sys.executable).parent / "accullm-export"), *arguments]
+    with open(log_path, "w") as handle:
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed; see {log_path}")
+
+
+def build(name: str, arguments: tuple[str, ...], work: Path, reuse: bool) -> tuple[Path, float | None]:
+    folder = work / name
+    if reuse and (folder / "manifest.json").is_file():
+        return folder, None
+    started = time.perf_counter()
+    cli(*arguments, "-o", str(folder), "--overwrite", log_path=work / f"{name}.log")
+    return folder, time.perf_counter() - started
+
+
+def sparsify_args(reference: Path, profile: Path, method: str, sparsity: float) -> tuple[str, ...]:
+    return ("sparsify", str(reference), "--profile", str(profile), "--method", method, "--sparsity", str(sparsity))
+
+
+def validate(reference: Path, candidate: Path, args) -> dict:
+    from accullm_export.validate.llm import LLMValidationConfig
+    from accullm_export.validate.pipeline import ValidateOptions, validate as run_validate
+
+    config = LLMValidationConfig(windows=args.windows, seq_len=args.seq_len, num_prompts=args.prompts,
+                                 new_tokens=args.new_tokens, probes_per_task=0, optimization="basic")
+    report = run_validate(reference, candidate, ValidateOptions(llm=config))
+    greedy = report["greedy"]
+    return {"metrics": report["metrics"], "greedy_prefix": greedy["mean_prefix"]}
+
+
+def decode_speed(models: dict[str, Path], reference: Path, rounds: int) -> tuple[dict[str, list[float]], float]:
+    from accullm_export.data.text import load_text_source
+    from accullm_export.runtime import GenerationConfig, OrtCausalLM, generate
+    from accullm_export.runtime.tokenizer import FolderTokenizer
+
+    tokenizer = FolderTokenizer(reference)
+    prompt = next(ids[:DECODE_PROMPT_TOKENS] for ids in map(tokenizer.encode,
+                                                             load_text_source("wiki:evaluation").documents)
+                  if len(ids) >= DECODE_PROMPT_TOKENS)
+    loaded = {}
+    for name, folder in models.items():
+        model = OrtCausalLM.from_path(folder, device="cpu", optimization="all")
+        generate(model, [prompt], GenerationConfig(max_new_tokens=8))  # warm-up
+        loaded[name] = model
+    config = GenerationConfig(max_new_tokens=DECODE_TOKENS + 1)  # no EOS: exactly DECODE_TOKENS decode steps
+    samples: dict[str, list[float]] = {name: [] for name in loaded}
+    meter = CpuMeter()
+    meter.start()
+    names = list(loaded)
+    for round_index in range(rounds):
+        for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+            samples[name].append(generate(loaded[name], [prompt], config).decode_tokens_per_second)
+    return samples, meter.others_share()
+
+
+def render(results: dict, speed: dict, others: float | None, args) -> str:
+    lines = ["# Sparse-skip MLPs on SmolLM2-135M", "",
+             f"Accuracy against our fp32 export: {args.windows} held-out windows x {args.seq_len} tokens, "
+             f"{args.prompts} prompts x {args.new_tokens} greedy tokens, ONNX Runtime basic.", "",
+             "| method | sparsity | Δppl % | KL mean | top-1 | greedy prefix | guesser recall | precision | "
+             "guesser FLOPs % of MLP |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for key, entry in results.items():
+        metrics, guesser = entry["metrics"], entry.get("predictor") or {}
+        lines.append(f"| {entry['method']} | {entry['sparsity']:.2f} | {metrics['ppl_delta_pct']:+.2f} | "
+                     f"{metrics['kl_mean']:.4g} | {metrics['top1_agreement']:.3f} | {entry['greedy_prefix']:.1f} | "
+                     f"{guesser.get('recall', '—')} | {guesser.get('precision', '—')} | "
+                     f"{guesser.get('flops_percent_of_mlp', '—')} |")
+    if speed:
+        lines += ["", f"Decode tokens/s at batch 1 ({DECODE_TOKENS} tokens after a {DECODE_PROMPT_TOKENS}-token "
+                      f"prompt), ORT all, {args.rounds} interleaved rounds, median; other processes took "
+                      f"{'n/a' if others is None else f'{100 * others:.0f}%'} of the CPUs meanwhile.", "",
+                  "| model | tok/s | ratio to its dense model |", "|---|--:|--:|"]
+        for name, samples in speed.items():
+            dense = "w4a16" if name.startswith("w4a16") else "fp32"
+            ratio = statistics.median(samples) / statistics.median(speed[dense])
+            lines.append(f"| {name} | {statistics.median(samples):.1f} | {ratio:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method in METHODS:
+        points = sorted((e["sparsity"], e["metrics"]) for e in results.values() if e["method"] in (method, "dense"))
+        x = [100 * s for s, _ in points]
+        axes[0].plot(x, [m["ppl_delta_pct"] for _, m in points], marker="o", label=method)
+        axes[1].plot(x, [100 * m["top1_agreement"] for _, m in points], marker="o", label=method)
+    axes[0].set(xlabel="MLP sparsity %", ylabel="Δ perplexity %", yscale="symlog", title="Perplexity change")
+    axes[1].set(xlabel="MLP sparsity %", ylabel="top-1 agreement %", title="Next-token agreement with fp32")
+    for axis in axes:
+        axis.axvline(40, color="grey", linestyle=":")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", type=Path, required=True, help="our fp32 export")
+    parser.add_argument("--profile", type=Path, required=True, help="its calibration profile")
+    parser.add_argument("--out", type=Path, default=Path("bench_out/sparsity"))
+    parser.add_argument("--reuse", action="store_true", help="keep models already built under --out/work")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    work = args.out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    record_path = args.out / "sparsity.json"
+    record = json.loads(record_path.read_text()) if args.reuse and record_path.is_file() else {}
+    results = record.get("accuracy", {})
+    if not args.skip_accuracy:
+        results["dense"] = {"method": "dense", "sparsity": 0.0, **validate(args.reference, args.reference, args)}
+        for method in METHODS:
+            for level in LEVELS:
+                name = f"{method}-{int(round(100 * level))}"
+                folder, seconds = build(name, sparsify_args(args.reference, args.profile, method, level), work,
+                                        args.reuse)
+                manifest = json.loads((folder / "manifest.json").read_text())
+                results[name] = {"method": method, "sparsity": level, "build_seconds": seconds,
+                                 "predictor": manifest["sparsity"].get("predictor"),
+                                 **validate(args.reference, folder, args)}
+                log.info("%s: %s", name, results[name]["metrics"])
+        plot(results, args.out / "sparsity_curve.png")
+    speed, others = record.get("speed", {}), record.get("others_share")
+    if not args.skip_speed:
+        percent = int(100 * SPEED_SPARSITY)
+        models = {"fp32": args.reference}
+        for method in METHODS:
+            models[f"fp32+{method}-{percent}"] = build(f"{method}-{percent}", sparsify_args(
+                args.reference, args.profile, method, SPEED_SPARSITY), work, True)[0]
+        base = ("quantize", str(args.reference), "--profile", str(args.profile), *W4A16)
+        models["w4a16"] = build("w4a16", base, work, args.reuse)[0]
+        for method in METHODS:
+            models[f"w4a16+{method}-{percent}"] = build(f"w4a16-{method}-{percent}", base + (
+                "--sparsity", str(SPEED_SPARSITY), "--method", method), work, args.reuse)[0]
+        speed, others = decode_speed(models, args.reference, args.rounds)
+    record = {"accuracy": results, "speed": speed, "others_share": others}
+    record_path.write_text(json.dumps(record, indent=2))
+    (args.out / "sparsity.md").write_text(render(results, speed, others, args))
+    print((args.out / "sparsity.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

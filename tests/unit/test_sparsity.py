@@ -1,0 +1,245 @@
+"""sparsify: the sparse-skip MLP rewrite equals an independent NumPy emulation; guesser training; refusals."""
+
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import helper, numpy_helper
+
+from accullm_export.build.quantize import quantize_model
+from accullm_export.build.sparsify import sparsify_model
+from accullm_export.cli.main import main
+from accullm_export.errors import UserError
+from accullm_export.graph.recipes import Recipe
+from accullm_export.runtime.intermediates import IntermediateReader
+from accullm_export.sparsity.config import SparsityConfig
+from accullm_export.sparsity.mlp import find_mlp_blocks
+from accullm_export.sparsity.predictor import train_predictor
+from tests.unit.test_quantize import np_round_symmetric
+
+FAST = dict(rank=8, samples=4, steps=60)  # tiny guessers: seconds for the whole model
+
+
+# ------------------------------------------------------------------------------------------- emulation
+def np_silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def np_sparse_mlp(x, gate, up, down, score, level):
+    """Each token keeps the neurons whose score exceeds ``level``; only they are computed."""
+    keep = score > level
+    union = keep.any(axis=0)
+    a = np_silu(x @ gate[:, union]) * (x @ up[:, union])
+    return np.where(keep[:, union], a, 0.0) @ down[union], union, keep
+
+
+def mlp_names(folder):
+    graph = gs.import_onnx(onnx.load(str(folder / "model.onnx"), load_external_data=False))
+    return [(b.name, b.input.name, b.product.outputs[0].name, b.down.outputs[0].name, b.gate.inputs[1].name,
+             b.up.inputs[1].name, b.down.inputs[1].name) for b in find_mlp_blocks(graph)]
+
+
+def initializers(path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def feeds(folder, seq):
+    from accullm_export.calibration.feeds import llm_feeds
+
+    ids = np.random.default_rng(5).integers(3, 250, size=(1, seq))
+    return llm_feeds(ids, folder / "model.onnx")[0]
+
+
+def check_against_numpy(dense_folder, sparse_folder, weights, seq, level_of):
+    """Tap each MLP's input and output in the sparse model and recompute the MLP in NumPy from the input."""
+    names = mlp_names(dense_folder)
+    reader = IntermediateReader(sparse_folder / "model.onnx", "basic")
+    taps = [name for entry in names for name in (entry[1], entry[3], f"{entry[0]}/sparse/union_output")]
+    values = reader.run(feeds(dense_folder, seq), taps)
+    constants = initializers(sparse_folder / "model.onnx")
+    checked = 0
+    for prefix, x_name, _, out_name, gate, up, down in names:
+        x = values[x_name].reshape(-1, values[x_name].shape[-1]).astype(np.float64)
+        g, u, d = (weights(name) for name in (gate, up, down))
+        score, level = level_of(prefix, x, g, u, constants)
+        expected, union, keep = np_sparse_mlp(x, g, u, d, score, level)
+        np.testing.assert_array_equal(values[f"{prefix}/sparse/union_output"], union)
+        assert 0 < keep.sum() < keep.size, "each token should keep some neurons and skip others"
+        np.testing.assert_allclose(values[out_name].reshape(expected.shape), expected, rtol=1e-4, atol=1e-5)
+        checked += 1
+    assert checked == len(names) == 2
+
+
+def threshold_level(prefix, x, g, u, constants):
+    return np.abs(np_silu(x @ g) * (x @ u)), float(constants[f"{prefix}/sparse/level"])
+
+
+def predictor_level(prefix, x, g, u, constants):
+    logits = x @ constants[f"{prefix}/sparse/down_rank"] @ constants[f"{prefix}/sparse/up_rank"]
+    return logits + constants[f"{prefix}/sparse/guess_bias"], float(constants[f"{prefix}/sparse/level"])
+
+
+# ------------------------------------------------------------------------------------------- tests
+def test_finds_the_swiglu_mlps(planted_model):
+    folder, _ = planted_model
+    names = mlp_names(folder)
+    assert [entry[0] for entry in names] == ["/model/layers.0/mlp", "/model/layers.1/mlp"]
+
+
+def test_sparsity_zero_is_bit_identical(planted_model, profile, tmp_path):
+    from accullm_export.runtime.session import create_session
+
+    folder, _ = planted_model
+    manifest = sparsify_model(folder, tmp_path / "s0", SparsityConfig(sparsity=0.0), profile)
+    assert not {n.op_type for n in onnx.load(str(tmp_path / "s0/model.onnx")).graph.node} & {"Compress", "Where"}
+    feed = feeds(folder, 16)
+    dense = create_session(folder / "model.onnx", optimization="basic").run(["logits"], feed)[0]
+    sparse = create_session(tmp_path / "s0/model.onnx", optimization="basic").run(["logits"], feed)[0]
+    np.testing.assert_array_equal(dense, sparse)
+    assert manifest["notes"] and "dense" in manifest["notes"][0]
+
+
+@pytest.mark.parametrize("seq", [1, 24])  # one decode token (union == its own selection) and a prefill
+def test_threshold_method_equals_numpy(planted_model, profile, tmp_path, seq):
+    folder, _ = planted_model
+    sparsify_model(folder, tmp_path / "t", SparsityConfig(sparsity=0.5), profile)
+    dense_weights = initializers(folder / "model.onnx")
+    check_against_numpy(folder, tmp_path / "t", lambda name: dense_weights[name].astype(np.float64), seq,
+                        threshold_level)
+
+
+@pytest.mark.parametrize("seq", [1, 24])
+def test_predictor_method_equals_numpy(planted_model, profile, tmp_path, seq):
+    folder, _ = planted_model
+    manifest = sparsify_model(folder, tmp_path / "p", SparsityConfig(sparsity=0.4, method="predictor", **FAST),
+                              profile)
+    dense_weights = initializers(folder / "model.onnx")
+    check_against_numpy(folder, tmp_path / "p", lambda name: dense_weights[name].astype(np.float64), seq,
+                        predictor_level)
+    for layer in manifest["sparsity"]["layers"]:
+        guesser = layer["predictor"]
+        assert 0 <= guesser["recall"] <= 1 and 0 <= guesser["precision"] <= 1
+        # rank 8 on hidden 64 / intermediate 128: (64*8 + 8*128) / (3*64*128)
+        assert guesser["flops_percent_of_mlp"] == pytest.approx(100 * (64 * 8 + 8 * 128) / (3 * 64 * 128), abs=1e-3)
+
+
+def test_the_rewrite_reads_fewer_weight_rows_at_decode(planted_model, profile, tmp_path):
+    """At one token the down projection multiplies only the kept rows: its weight input really shrinks."""
+    folder, _ = planted_model
+    sparsify_model(folder, tmp_path / "t", SparsityConfig(sparsity=0.5), profile)
+    reader = IntermediateReader(tmp_path / "t/model.onnx", "basic")
+    selected = "/model/layers.1/mlp/down_proj/MatMul/weight_selected_output"
+    rows = reader.run(feeds(folder, 1), [selected])[selected].shape[0]
+    assert 0 < rows < 128
+
+
+def test_w4a16_composition_gathers_int4_blocks(planted_model, profile, tmp_path):
+    folder, _ = planted_model
+    out = tmp_path / "q"
+    manifest = quantize_model(folder, out, Recipe(name="w4a16", block_size=64), profile,
+                              sparsity=SparsityConfig(sparsity=0.5))
+    model = onnx.load(str(out / "model.onnx"))
+    by_name = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+
+    def dequantized(weight_name):
+        """The MatMul's weight, dequantized in NumPy from the stored int4 values and block scales."""
+        compress = next(n for n in model.graph.node if n.op_type == "Compress" and n.output[0] == weight_name)
+        assert compress.attribute[0].i == 0  # rows of the down projection: whole int4 values of each block
+        dq = producers[compress.input[0]]
+        assert dq.op_type == "DequantizeLinear" and by_name[dq.input[0]].data_type == onnx.TensorProto.INT4
+        values = numpy_helper.to_array(by_name[dq.input[0]]).astype(np.float64)
+        scales = np.repeat(numpy_helper.to_array(by_name[dq.input[1]]).astype(np.float64), 64, axis=0)
+        return values * scales[:values.shape[0]]
+
+    sparse_names = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and "/mlp/" in n.name
+                    and producers.get(n.input[1]) is not None and producers[n.input[1]].op_type == "Compress"}
+    names = mlp_names(folder)
+
+    dense_weights = initializers(folder / "model.onnx")
+
+    def weights(dense_name):
+        """gate/up: the independent RTN emulation; down: dequantized from what the Compress reads, which must
+        equal the emulation too (the int4 blocks were stored and gathered intact)."""
+        emulated = np_round_symmetric(dense_weights[dense_name], 4, 64).astype(np.float64)
+        if "down_proj" not in dense_name:
+            return emulated
+        prefix = next(entry[0] for entry in names if entry[6] == dense_name)
+        stored = dequantized(f"{prefix}/down_proj/MatMul/weight_selected_output")
+        np.testing.assert_allclose(stored, emulated, rtol=1e-6, atol=1e-7)
+        return stored
+
+    assert len(sparse_names) == 2  # the down projections read Compress(DequantizeLinear(int4))
+    check_against_numpy(folder, out, weights, 24, threshold_level)
+    mlp_layers = [layer for layer in manifest["layers"] if "/mlp/" in layer["node"]]
+    assert mlp_layers and all(not layer["outliers"] for layer in mlp_layers)
+    assert manifest["sparsity"]["config"]["sparsity"] == 0.5
+
+
+def test_predictor_training_is_reproducible_and_learns():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 32)).astype(np.float32)
+    mixing = rng.standard_normal((32, 48)).astype(np.float32)
+    activations = np.maximum(x @ mixing, 0)  # ReLU-sparse: |a| > t is a linear function of x
+    threshold = float(np.quantile(np.abs(activations), 0.5))
+    first = train_predictor(x, activations, threshold, 0.5, rank=16, steps=150, seed=3)
+    second = train_predictor(x, activations, threshold, 0.5, rank=16, steps=150, seed=3)
+    other = train_predictor(x, activations, threshold, 0.5, rank=16, steps=150, seed=4)
+    np.testing.assert_array_equal(first.down_rank, second.down_rank)
+    np.testing.assert_array_equal(first.up_rank, second.up_rank)
+    assert first.tau == second.tau
+    assert not np.array_equal(first.down_rank, other.down_rank)
+    assert first.kept == pytest.approx(0.5, abs=0.05)
+    assert first.recall > 0.8 and first.precision > 0.8  # chance is 0.5 at this operating point
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1", "1.5"])
+def test_sparsity_outside_the_range_is_refused(planted_model, profile, tmp_path, value, capsys):
+    folder, _ = planted_model
+    code = main(["sparsify", str(folder), "--profile", str(profile), "--sparsity", value, "-o", str(tmp_path / "x")])
+    assert code == 2 and "[0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_model_without_an_mlp_is_refused(tmp_path):
+    from accullm_export.sparsity.plan import plan_sparsity
+
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], [weight])
+    blocks = find_mlp_blocks(gs.import_onnx(helper.make_model(graph)))
+    with pytest.raises(UserError, match="no recognisable SwiGLU MLP"):
+        plan_sparsity(tmp_path / "m.onnx", blocks, profile=None, config=SparsityConfig(sparsity=0.5))
+
+
+def test_refusals(planted_model, profile, tiny_exports, tmp_path):
+    folder, _ = planted_model
+    sparsify_model(folder, tmp_path / "s", SparsityConfig(sparsity=0.3), profile)
+    with pytest.raises(UserError, match="already has sparse-skip MLPs"):
+        sparsify_model(tmp_path / "s", tmp_path / "again", SparsityConfig(sparsity=0.3), profile)
+    with pytest.raises(UserError, match="another model"):
+        sparsify_model(tiny_exports["llama"][1], tmp_path / "foreign", SparsityConfig(sparsity=0.3), profile)
+    with pytest.raises(UserError, match="composes with w4a16 and fp16"):
+        quantize_model(folder, tmp_path / "w8", Recipe(name="w8a8"), profile, sparsity=SparsityConfig(sparsity=0.3))
+    for path in ("again", "foreign", "w8"):
+        assert not (tmp_path / path).exists()
+
+
+def test_sparsify_cli(planted_model, profile, tmp_path, capsys):
+    folder, _ = planted_model
+    code = main(["sparsify", str(folder), "--profile", str(profile), "--sparsity", "0.4", "--method", "predictor",
+                 "--predictor-rank", "8", "--predictor-samples", "2", "--predictor-steps", "20",
+                 "-o", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0 and "guessers (rank 8): recall" in out
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert manifest["sparsity"]["config"]["method"] == "predictor" and manifest["sparsity"]["mlps"] == 2
+    code = main(["quantize", str(folder), "--profile", str(profile), "--recipe", "w4a16", "--block-size", "64",
+                 "--sparsity", "0.5", "-o", str(tmp_path / "q")])
+    assert code == 0 and "sparsity 0.50 (threshold) on 2 MLPs" in capsys.readouterr().out
