@@ -243,3 +243,54 @@ def test_sparsify_cli(planted_model, profile, tmp_path, capsys):
     code = main(["quantize", str(folder), "--profile", str(profile), "--recipe", "w4a16", "--block-size", "64",
                  "--sparsity", "0.5", "-o", str(tmp_path / "q")])
     assert code == 0 and "sparsity 0.50 (threshold) on 2 MLPs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", [SparsityConfig(sparsity=0.5), SparsityConfig(sparsity=0.4, method="predictor",
+                                                                                     **FAST)])
+def test_fused_op_swap_matches_the_standard_subgraph(planted_model, profile, tmp_path, config):
+    """The TensorRT swap pass: one accullm::SparseSkipMLP per MLP, whose NumPy reference reproduces the standard
+    subgraph's output from the same inputs."""
+    import dataclasses
+
+    from accullm_export.graph.ir import load_graph
+    from accullm_export.graph.pipeline import run_passes
+    from plugins.sparse_skip_mlp.reference import sparse_skip_mlp
+
+    folder, _ = planted_model
+    sparsify_model(folder, tmp_path / "s", config, profile)
+    graph, _ = load_graph(tmp_path / "s/model.onnx")
+    context = dataclasses.make_dataclass("Context", [("notes", list)])([])
+    graph, _ = run_passes(graph, [("fuse_sparse_skip_mlp", context)])
+    fused = [node for node in graph.nodes if node.op == "SparseSkipMLP"]
+    assert len(fused) == 2 and not context.notes
+    assert not any(node.op in ("Compress", "Sigmoid") for node in graph.nodes)
+    assert {node.domain for node in fused} == {"accullm"}
+    reader = IntermediateReader(tmp_path / "s/model.onnx", "basic")
+    taps = [name for node in fused for name in (node.inputs[0].name, node.outputs[0].name)]
+    values = reader.run(feeds(folder, 24), taps)
+    for node in fused:
+        constants = [tensor.values for tensor in node.inputs[1:]]
+        expected = sparse_skip_mlp(values[node.inputs[0].name], *constants, method=node.attrs["method"])
+        np.testing.assert_allclose(expected, values[node.outputs[0].name], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_op_reference_int4_equals_its_dequantized_float():
+    from accullm_export.quant.symmetric import quantize
+    from plugins.sparse_skip_mlp.reference import dequantize_blocked, sparse_skip_mlp
+
+    rng = np.random.default_rng(2)
+    hidden, intermediate, block = 64, 128, 32
+    x = rng.standard_normal((5, hidden)).astype(np.float32)
+    stored = []
+    for shape in ((hidden, intermediate), (hidden, intermediate), (intermediate, hidden)):
+        values, scales = quantize(rng.standard_normal(shape).astype(np.float32) * 0.1, bits=4,
+                                            block_size=block)
+        stored.append((values.astype(ml_dtypes.int4), scales))
+    floats = [dequantize_blocked(v, s, block) for v, s in stored]
+    level = 0.01
+    quantized = sparse_skip_mlp(x, *(v for v, _ in stored), level, None, None, None, *(s for _, s in stored),
+                                method="threshold", block_size=block)
+    reference = sparse_skip_mlp(x, *floats, level, method="threshold")
+    np.testing.assert_array_equal(quantized, reference)
+    dense = (lambda g: g / (1 + np.exp(-g)))(x @ floats[0]) * (x @ floats[1]) @ floats[2]
+    assert not np.allclose(reference, dense, atol=1e-6)  # the level really skipped neurons

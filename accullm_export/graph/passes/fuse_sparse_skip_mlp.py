@@ -1,0 +1,70 @@
+"""TensorRT targets only: swap each standard-ONNX sparse-skip MLP for one ``accullm::SparseSkipMLP`` node.
+
+Runs on the output of ``skip_sparse_neurons`` before ``merge_parallel_linears`` (TensorRT needs no merging).
+The op's inputs and semantics are defined in ``plugins/sparse_skip_mlp/reference.py``; weights go in as
+stored: float constants, or int4 values plus their block scales (``block_size`` > 0). An MLP whose weights are
+stored any other way (int8 per channel, a Cast of fp16) stays standard, with a note.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from accullm_export.graph.passes import register
+
+OP_TYPE, DOMAIN, VERSION = "SparseSkipMLP", "accullm", 1
+
+
+@register("fuse_sparse_skip_mlp")
+def run(graph: gs.Graph, context) -> gs.Graph:
+    nodes = {node.name: node for node in graph.nodes}
+    for union in [node for node in graph.nodes if node.name.endswith("/sparse/union")]:
+        prefix = union.name[: -len("/sparse/union")]
+        fused = _fused_node(graph, nodes, prefix)
+        if isinstance(fused, str):
+            context.notes.append(f"{prefix}: {fused}; left as standard ONNX")
+            continue
+        graph.nodes.append(fused)
+    return graph.cleanup().toposort()
+
+
+def _stored_weight(tensor) -> tuple[gs.Tensor, gs.Tensor | None, int] | str:
+    """(values, scales or None, block size) behind a (possibly Compress-ed) MatMul weight."""
+    if not isinstance(tensor, gs.Constant) and tensor.inputs and tensor.inputs[0].op == "Compress":
+        tensor = tensor.inputs[0].inputs[0]
+    if isinstance(tensor, gs.Constant):
+        return tensor, None, 0
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if (producer is not None and producer.op == "DequantizeLinear" and "block_size" in producer.attrs
+            and np.dtype(producer.inputs[0].dtype).name == "int4"):
+        return producer.inputs[0], producer.inputs[1], int(producer.attrs["block_size"])
+    return "weights stored in a form the plugin does not take (float, or blocked int4 only)"
+
+
+def _fused_node(graph: gs.Graph, nodes: dict, prefix: str) -> gs.Node | str:
+    gate, up, down = (nodes.get(f"{prefix}/{name}/MatMul") for name in ("gate_proj", "up_proj", "down_proj"))
+    if gate is None or up is None or down is None:
+        return "gate/up/down MatMuls not found by name (run this pass before merge_parallel_linears)"
+    weights = [_stored_weight(node.inputs[1]) for node in (gate, up, down)]
+    problem = next((w for w in weights if isinstance(w, str)), None)
+    if problem is not None:
+        return problem
+    blocks = {block for _, _, block in weights}
+    if len(blocks) != 1:
+        return "gate, up and down weights are stored differently"
+    level = nodes[f"{prefix}/sparse/union"].inputs[1]
+    predictor = f"{prefix}/sparse/guess" in nodes
+    inputs = [gate.inputs[0], *(values for values, _, _ in weights), level]
+    if predictor:
+        rank_in, rank_out = nodes[f"{prefix}/sparse/guess_rank"], nodes[f"{prefix}/sparse/guess"]
+        inputs += [rank_in.inputs[1], rank_out.inputs[1], nodes[f"{prefix}/sparse/guess_logits"].inputs[1]]
+    block = blocks.pop()
+    if block:
+        if not predictor:  # the optional guesser inputs stay empty
+            inputs += [gs.Variable.empty()] * 3
+        inputs += [scales for _, scales, _ in weights]
+    output = down.outputs[0]
+    down.outputs.clear()
+    return gs.Node(OP_TYPE, name=f"{prefix}/SparseSkipMLP", domain=DOMAIN, inputs=inputs, outputs=[output],
+                   attrs={"method": "predictor" if predictor else "threshold", "block_size": block})
