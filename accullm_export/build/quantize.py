@@ -55,11 +55,14 @@ def recipe_passes(recipe: Recipe) -> list[str]:
 
 
 def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profile_dir: str | Path, *,
-                   options: QuantizeOptions = QuantizeOptions(), sparsity=None, overwrite: bool = False) -> dict:
+                   options: QuantizeOptions = QuantizeOptions(), sparsity=None, overwrite: bool = False,
+                   finishing: tuple[str, ...] = FINISHING_PASSES) -> dict:
     """Rewrite ``model`` into ``out_dir``; returns the manifest (also written as ``manifest.json``).
 
     ``sparsity`` (a ``SparsityConfig``) adds sparse-skip MLPs after quantization; those MLPs' projections keep
-    no FP16 outlier branch (the neuron selection handles them whole).
+    no FP16 outlier branch (the neuron selection handles them whole). ``finishing`` passes run last (TensorRT
+    targets skip the merging ONNX Runtime benefits from: TensorRT fuses on its own, and the plugin swaps need
+    the unmerged layers).
     """
     from accullm_export.calibration.profile import load_profile
     from accullm_export.graph.io import load_onnx
@@ -82,7 +85,8 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
              for layer in layers if layer.op_type != "MatMul"]
     statistics = {entry["name"]: profile.input_statistics(entry["name"]) for entry in profile.manifest["inputs"]}
     hessians = _hessians(model_path, plans, profile, options) if recipe.gptq else {}
-    return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite, sparsity)
+    return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite, sparsity,
+                    finishing)
 
 
 def _without_mlp_branches(graph, plans: dict[str, LayerPlan], notes: list[str]) -> dict[str, LayerPlan]:
@@ -113,7 +117,7 @@ def refuse_quantized(model: onnx.ModelProto, path: Path) -> None:
 
 
 def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite,
-             sparsity=None) -> dict:
+             sparsity=None, finishing=FINISHING_PASSES) -> dict:
     from accullm_export.build.sparsify import SPARSITY_KEY, sparsity_plans, sparsity_summary
     from accullm_export.graph.ir import load_graph, save_graph
     from accullm_export.graph.passes.skip_sparse_neurons import SparseContext
@@ -135,7 +139,7 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
     if sparse:
         graph, sparse_reports = run_passes(graph, [("skip_sparse_neurons", sparse_context)])
         reports += sparse_reports
-    graph, merged = run_passes(graph, [(name, context) for name in FINISHING_PASSES])
+    graph, merged = run_passes(graph, [(name, context) for name in finishing])
     reports += merged
     metadata = {RECIPE_KEY: recipe.name} | ({SPARSITY_KEY: f"{sparsity.method}:{sparsity.sparsity}"} if sparse else {})
     with atomic_dir(out_dir, overwrite=overwrite) as staging:

@@ -19,6 +19,8 @@ SUBCOMMANDS = {
     "validate": "accullm_export.cli.validate",
     "quantize": "accullm_export.cli.quantize",
     "sparsify": "accullm_export.cli.sparsify",
+    "targets": "accullm_export.cli.targets",
+    "build": "accullm_export.cli.build",
 }
 
 log = logging.getLogger("accullm_export")

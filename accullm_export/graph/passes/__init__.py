@@ -14,7 +14,8 @@ PASSES: dict[str, PassFunction] = {}
 # modules holding the built-in passes; imported on first lookup so the registry is always complete
 BUILTIN_MODULES = ("isolate_outliers", "quantize_weights", "quantize_activations", "scale_activations_awq",
                    "smooth_activations", "compensate_errors_gptq", "quantize_embeddings", "merge_parallel_linears",
-                   "skip_sparse_neurons", "fuse_sparse_skip_mlp")
+                   "skip_sparse_neurons", "fuse_sparse_skip_mlp",
+                   "fuse_outlier_split_gemm")
 
 
 def register(name: str) -> Callable[[PassFunction], PassFunction]:

@@ -1,0 +1,157 @@
+"""The TensorRT engine step (TensorRT 10/11 Python API), for machines where TensorRT and a GPU are present.
+
+TensorRT cannot be installed on the machines this kit is developed on: this module is written against the
+real API (``tensorrt`` is imported only inside these functions) and ``tensorrt_available`` tells the build
+pipeline to write a deployment bundle instead. Engines are written atomically beside a manifest that records
+the TensorRT version and the device, so a foreign or corrupted engine is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import onnx
+
+from accullm_export.atomic import atomic_write_bytes, atomic_write_text
+from accullm_export.errors import BackendError, UserError
+
+log = logging.getLogger(__name__)
+
+ENGINE_FILE, TIMING_CACHE = "model.engine", "timing.cache"
+INSTALL_HINT = "install TensorRT 10+ for your CUDA (pip install tensorrt, or JetPack 6 on Jetson)"
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    """(True, version) when ``tensorrt`` imports and a CUDA device is visible, else (False, why not)."""
+    try:
+        import tensorrt as trt
+    except Exception as exc:  # noqa: BLE001 -- any import failure (stub wheel, missing libnvinfer) means "absent"
+        return False, f"the tensorrt module does not import: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    try:
+        import ctypes
+
+        cudart = ctypes.CDLL("libcudart.so")
+        count = ctypes.c_int(0)
+        if cudart.cudaGetDeviceCount(ctypes.byref(count)) != 0 or count.value == 0:
+            return False, "no CUDA device is visible"
+    except OSError:
+        return False, "the CUDA runtime (libcudart.so) is not found"
+    return True, trt.__version__
+
+
+def shape_profiles(model_path: Path, max_batch: int, max_seq_len: int) -> list[dict[str, tuple]]:
+    """Two optimization profiles for an exported decoder: prefill (many tokens, empty cache) and decode
+    (one token, a growing cache). Each maps an input name to (min, opt, max) shapes."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    past = [value for value in graph.input if value.name.startswith("past_key_values.")]
+    if not past:
+        raise UserError(f"{model_path} has no KV-cache inputs: engine profiles are built for exported decoders")
+    dims = past[0].type.tensor_type.shape.dim
+    heads, head_dim = dims[1].dim_value, dims[3].dim_value
+    half = max_seq_len // 2
+
+    def shapes(batch, seq, cache):
+        out = {"input_ids": tuple((b, s) for b, s in zip(batch, seq)),
+               "position_ids": tuple((b, s) for b, s in zip(batch, seq)),
+               "attention_mask": tuple((b, c + s) for b, s, c in zip(batch, seq, cache))}
+        for value in past:
+            out[value.name] = tuple((b, heads, c, head_dim) for b, c in zip(batch, cache))
+        names = {value.name for value in graph.input}
+        return {name: value for name, value in out.items() if name in names}
+
+    prefill = shapes((1, 1, max_batch), (1, half, max_seq_len), (0, 0, 0))
+    decode = shapes((1, 1, max_batch), (1, 1, 1), (0, half, max_seq_len - 1))
+    return [prefill, decode]
+
+
+def build_engine(model_dir: Path, staging: Path, target, recipe: str, options, is_llm: bool,
+                 plugin_library: Path | None = None) -> dict:
+    """Build ``model.engine`` (+ ``timing.cache``) into ``staging`` with the TensorRT Python API."""
+    import tensorrt as trt
+
+    model_path = model_dir / "model.onnx"
+    logger = trt.Logger(trt.Logger.WARNING)
+    trt.init_libnvinfer_plugins(logger, "")
+    builder = trt.Builder(logger)
+    if plugin_library is not None:
+        builder.get_plugin_registry().load_library(str(plugin_library))
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(model_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BackendError(f"TensorRT's ONNX parser rejected {model_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, target.workspace_mb << 20)
+    config.set_flag(trt.BuilderFlag.FP16)
+    if recipe == "w8a8":
+        config.set_flag(trt.BuilderFlag.INT8)  # explicit Q/DQ: the scales come from the graph
+    if is_llm:
+        for shapes in shape_profiles(model_path, options.max_batch, options.max_seq_len):
+            profile = builder.create_optimization_profile()
+            for name, (low, best, high) in shapes.items():
+                profile.set_shape(name, low, best, high)
+            config.add_optimization_profile(profile)
+    cache_path = staging / TIMING_CACHE
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BackendError(f"TensorRT failed to build an engine from {model_path} (see its log above)")
+    engine_bytes = bytes(serialized)
+    atomic_write_bytes(staging / ENGINE_FILE, engine_bytes)
+    atomic_write_bytes(cache_path, bytes(cache.serialize()))
+    record = engine_record(engine_bytes, trt.__version__, target, plugin_library)
+    atomic_write_text(staging / "engine.json", json.dumps(record, indent=2))
+    return {"kind": "tensorrt-engine", "path": ENGINE_FILE, **record}
+
+
+def engine_record(engine_bytes: bytes, trt_version: str, target, plugin_library: Path | None) -> dict:
+    """What identifies an engine: its hash, the TensorRT version and the target it was built for."""
+    return {"sha256": hashlib.sha256(engine_bytes).hexdigest(), "tensorrt": trt_version, "target": target.name,
+            "compute_capability": target.compute_capability,
+            "plugin_library": str(plugin_library) if plugin_library else None}
+
+
+def check_engine_file(path: Path) -> dict:
+    """Refuse a missing, corrupted or foreign engine before TensorRT sees it; returns its record.
+
+    An engine built by this kit sits beside ``engine.json``; its SHA-256 must match (a truncated or edited file
+    does not), and TensorRT must be the version that built it (engines do not move between versions).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such engine file")
+    record_path = path.parent / "engine.json"
+    if not record_path.is_file():
+        raise UserError(f"{path} was not built by accullm-export (no engine.json beside it); build it with "
+                        "`accullm-export build --target ...` or pass the ONNX model instead")
+    record = json.loads(record_path.read_text())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != record.get("sha256"):
+        raise UserError(f"{path} is corrupted or is not the engine engine.json describes (SHA-256 {digest[:12]}... "
+                        f"!= {str(record.get('sha256'))[:12]}...); rebuild it")
+    return record
+
+
+def load_engine(path: Path, plugin_library: Path | None = None):
+    """Deserialize a checked engine; BackendError without TensorRT, UserError for a foreign engine."""
+    record = check_engine_file(path)
+    try:
+        import tensorrt as trt
+    except Exception as exc:  # noqa: BLE001
+        raise BackendError(f"running {path} needs TensorRT: {INSTALL_HINT} ({type(exc).__name__})") from None
+    if record.get("tensorrt") != trt.__version__:
+        raise UserError(f"{path} was built with TensorRT {record.get('tensorrt')}; this is TensorRT "
+                        f"{trt.__version__}: engines do not move between versions, rebuild it here")
+    logger = trt.Logger(trt.Logger.WARNING)
+    trt.init_libnvinfer_plugins(logger, "")
+    runtime = trt.Runtime(logger)
+    if plugin_library is not None:
+        runtime.get_plugin_registry().load_library(str(plugin_library))
+    engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+    if engine is None:
+        raise UserError(f"TensorRT could not deserialize {path} (built for another device or plugin library?)")
+    return engine

@@ -1,0 +1,148 @@
+"""targets, build --target: the registry, the CPU pipeline end to end, the TensorRT bundle, clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import onnx
+import pytest
+
+from accullm_export.build.pipeline import BuildOptions, build, bytes_per_token
+from accullm_export.cli.main import main
+from accullm_export.errors import UserError
+from accullm_export.sparsity.config import SparsityConfig
+from accullm_export.targets import TARGETS, get_target
+
+# the tiny planted Llama: small calibration and validation (its text is the fixture's .txt)
+SMALL = dict(calib_samples=4, calib_seq_len=40, validation_windows=2, validation_seq_len=32, validation_prompts=1,
+             block_size=64, gates={"max-kl": 5.0})
+
+
+def test_target_registry():
+    assert {"orin", "orin-nx", "orin-nano", "thor", "ampere", "ada", "hopper", "cpu"} <= set(TARGETS)
+    orin = get_target("orin")
+    assert orin.cuda_arch == "87" and orin.dla_cores == 2 and orin.bandwidth_gbps == pytest.approx(204.8)
+    assert "fp8" not in orin.precisions and "int4" in orin.precisions
+    assert get_target("orin-nano").dla_cores == 0 and get_target("hopper").cuda_arch == "90"
+    assert "fp8" in get_target("hopper").precisions
+    # roofline: bytes per token over bandwidth
+    assert orin.decode_ceiling(204_800_000) == pytest.approx(1000.0)
+    with pytest.raises(UserError, match="unknown target 'tpu'"):
+        get_target("tpu")
+    with pytest.raises(UserError, match="no FP8 support"):
+        orin.check_recipe("fp8")
+    get_target("hopper").check_recipe("w4a16")
+
+
+def test_targets_cli(capsys):
+    assert main(["targets"]) == 0
+    out = capsys.readouterr().out
+    assert "orin" in out and "204.8 GB/s" in out and "hopper" in out
+    assert main(["targets", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {entry["name"] for entry in listed} == set(TARGETS)
+
+
+def test_bytes_per_token_counts_one_embedding_row(tmp_path):
+    from onnx import helper, numpy_helper
+
+    table = numpy_helper.from_array(np.zeros((100, 8), np.float32), "table")
+    weight = numpy_helper.from_array(np.zeros((8, 4), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["h"]),
+                               helper.make_node("MatMul", ["h", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], [table, weight])
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+    assert bytes_per_token(tmp_path / "m.onnx") == 8 * 4 + 8 * 4 * 4
+
+
+def test_build_cpu_end_to_end(planted_model, tmp_path):
+    from accullm_export.runtime import GenerationConfig, OrtCausalLM, generate
+
+    folder, text = planted_model
+    manifest = build(str(folder), tmp_path / "out", BuildOptions(target="cpu", calib=str(text), **SMALL))
+    assert manifest["status"] == "ok" and manifest["deliverable"]["kind"] == "onnxruntime-folder"
+    assert [step["name"] for step in manifest["steps"]] == ["export", "calibrate", "quantize", "validate", "target"]
+    assert all(gate["passed"] for gate in manifest["accuracy"]["gates"]) and manifest["accuracy"]["gates"]
+    assert manifest["roofline"]["decode_ceiling_tokens_per_s"] > 0
+    out = tmp_path / "out"
+    assert (out / "validation/report.json").is_file() and (out / "model/genai_config.json").is_file()
+    model = OrtCausalLM.from_path(out / "model", device="cpu")
+    assert len(generate(model, [[1, 5, 9]], GenerationConfig(max_new_tokens=4)).tokens[0]) == 4
+    nodes = {node.op_type for node in onnx.load(str(out / "model/model.onnx"), load_external_data=False).graph.node}
+    assert "DequantizeLinear" in nodes  # w4a16, the cpu target's default recipe
+
+
+def test_build_orin_writes_a_bundle(planted_model, tmp_path, capsys):
+    folder, text = planted_model
+    code = main(["build", str(folder), "--target", "orin", "-o", str(tmp_path / "orin"), "--calib", str(text),
+                 "--calib-samples", "4", "--calib-seq-len", "40", "--validation-windows", "2",
+                 "--validation-seq-len", "32", "--block-size", "64", "--max-kl", "5", "--sparsity", "0.5"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "deployment bundle: on the Jetson AGX Orin 64GB run `bash" in out
+    bundle = tmp_path / "orin/bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for name in ("model/model.onnx", "profile/manifest.json", "validation/report.json", "plugins/CMakeLists.txt",
+                 "build_engine.sh"):
+        assert (bundle / name).is_file(), name
+        assert name in manifest["files"] or name == "manifest.json"
+    script = (bundle / "build_engine.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(bundle / "build_engine.sh")]).returncode == 0
+    assert "-DCMAKE_CUDA_ARCHITECTURES=87" in script and "--staticPlugins=" in script
+    assert "--minShapes=input_ids:1x1" in script and "--fp16" in script
+    # the plugin model: sparse MLPs and outlier layers swapped for the accullm ops, standard model kept too
+    assert manifest["plugin_ops"].get("SparseSkipMLP") == 2
+    plugin_model = onnx.load(str(bundle / "model_plugins/model.onnx"), load_external_data=False)
+    assert any(entry.domain == "accullm" for entry in plugin_model.opset_import)
+    assert not any(node.op_type == "Compress" for node in plugin_model.graph.node)
+    standard = onnx.load(str(bundle / "model/model.onnx"), load_external_data=False)
+    assert not any(node.domain == "accullm" for node in standard.graph.node)
+    assert not any(node.op_type == "Split" for node in standard.graph.node)  # TensorRT targets skip merging
+
+
+def test_build_errors(planted_model, tmp_path, capsys):
+    folder, text = planted_model
+    assert main(["build", str(folder), "--target", "tpu", "-o", str(tmp_path / "a")]) == 2
+    assert "unknown target 'tpu'" in capsys.readouterr().err
+    assert main(["build", str(folder), "--target", "orin", "--recipe", "fp8", "-o", str(tmp_path / "b")]) == 2
+    assert "no FP8 support" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_failed_gate_keeps_the_work_and_exits_1(planted_model, tmp_path, capsys):
+    folder, text = planted_model
+    code = main(["build", str(folder), "--target", "cpu", "-o", str(tmp_path / "gated"), "--calib", str(text),
+                 "--calib-samples", "4", "--calib-seq-len", "40", "--validation-windows", "2",
+                 "--validation-seq-len", "32", "--block-size", "64", "--min-top1", "1.01"])
+    assert code == 1
+    manifest = json.loads((tmp_path / "gated/manifest.json").read_text())
+    assert manifest["status"] == "failed-gates" and manifest["deliverable"] is None
+    assert (tmp_path / "gated/validation/report.json").is_file() and not (tmp_path / "gated/model").exists()
+
+
+def test_engine_files_are_checked(tmp_path):
+    from accullm_export.build.engine import check_engine_file, engine_record
+
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"not really an engine")
+    with pytest.raises(UserError, match="not built by accullm-export"):
+        check_engine_file(engine)
+    record = engine_record(engine.read_bytes(), "10.9.0", get_target("orin"), None)
+    (tmp_path / "engine.json").write_text(json.dumps(record))
+    assert check_engine_file(engine)["target"] == "orin"
+    engine.write_bytes(b"not really an engine, truncated or edited")
+    with pytest.raises(UserError, match="corrupted"):
+        check_engine_file(engine)
+
+
+def test_tensorrt_absence_is_reported():
+    from accullm_export.build.engine import tensorrt_available
+
+    available, reason = tensorrt_available()
+    if available:
+        pytest.skip(f"TensorRT {reason} and a GPU are present: the absence path cannot be observed")
+    assert "tensorrt" in reason or "CUDA" in reason
