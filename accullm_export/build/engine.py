@@ -103,6 +103,9 @@ def build_engine(model_dir: Path, staging: Path, target, recipe: str, options, i
     engine_bytes = bytes(serialized)
     atomic_write_bytes(staging / ENGINE_FILE, engine_bytes)
     atomic_write_bytes(cache_path, bytes(cache.serialize()))
+    from accullm_export.build.quantize import copy_side_files
+
+    copy_side_files(model_dir, staging)  # the tokenizer beside the engine, for `generate` and the samples
     record = engine_record(engine_bytes, trt.__version__, target, plugin_library)
     atomic_write_text(staging / "engine.json", json.dumps(record, indent=2))
     return {"kind": "tensorrt-engine", "path": ENGINE_FILE, **record}

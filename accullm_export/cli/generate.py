@@ -21,11 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from accullm_export.runtime import GenerationConfig, OrtCausalLM, text_stream
+    from accullm_export.runtime import GenerationConfig, text_stream
+    from accullm_export.runtime.trt_runner import load_runner
 
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    model = OrtCausalLM.from_path(args.model, device=args.device)
+    model = load_runner(args.model, device=args.device)  # an .engine runs in TensorRT
     stream, pieces = text_stream(model, args.prompt, config)
     sys.stdout.write(args.prompt)
     for piece in pieces:

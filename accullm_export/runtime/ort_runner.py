@@ -37,6 +37,9 @@ class OrtCausalLM(CausalLMRunner):
             raise UserError(f"{path}: no such model (expected an exported folder or an .onnx file)")
         return cls(path, **options)
 
+    def input_names(self) -> set[str]:
+        return {value.name for value in self.session.get_inputs()}
+
     def forward(self, input_ids, attention_mask, position_ids, past: KVCache):
         limit = self.layout.max_positions
         if limit is not None and attention_mask.shape[1] > limit:

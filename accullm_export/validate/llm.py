@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from accullm_export.errors import UserError
-from accullm_export.runtime import GenerationConfig, OrtCausalLM, generate
+from accullm_export.runtime import CausalLMRunner, GenerationConfig, generate
 from accullm_export.runtime.tokenizer import FolderTokenizer
 from accullm_export.validate.metrics import TokenStatistics, shared_prefix
 from accullm_export.validate.probes import answer_of, golden_probes
@@ -37,13 +37,15 @@ class LLMValidationConfig:
     version: int = 1
 
 
-def load_pair(reference: str | Path, candidate: str | Path, optimization: str) -> tuple[OrtCausalLM, OrtCausalLM]:
+def load_pair(reference: str | Path, candidate: str | Path, optimization: str) -> tuple[CausalLMRunner, CausalLMRunner]:
     """Load both sides and check they are comparable (same inputs, same vocabulary)."""
-    ref = OrtCausalLM.from_path(reference, device="cpu", optimization=optimization)
-    cand = OrtCausalLM.from_path(candidate, device="cpu", optimization=optimization)
+    from accullm_export.runtime.trt_runner import load_runner
+
+    ref = load_runner(reference, device="cpu", optimization=optimization)
+    cand = load_runner(candidate, device="cpu", optimization=optimization)  # an .engine runs in TensorRT
     # position_ids is optional: onnxruntime-genai's own builds derive positions from the attention mask
-    ref_inputs = {i.name for i in ref.session.get_inputs()} - {"position_ids"}
-    cand_inputs = {i.name for i in cand.session.get_inputs()} - {"position_ids"}
+    ref_inputs = ref.input_names() - {"position_ids"}
+    cand_inputs = cand.input_names() - {"position_ids"}
     if ref_inputs != cand_inputs:
         diff = sorted(ref_inputs ^ cand_inputs)
         raise UserError(f"reference and candidate have different input names: {', '.join(diff[:6])}")
@@ -65,7 +67,7 @@ def validate_llm(reference: str | Path, candidate: str | Path, config: LLMValida
     return report
 
 
-def text_metrics(ref: OrtCausalLM, cand: OrtCausalLM, tokenizer: FolderTokenizer,
+def text_metrics(ref: CausalLMRunner, cand: CausalLMRunner, tokenizer: FolderTokenizer,
                  config: LLMValidationConfig) -> dict:
     """Perplexity, KL and top-1 over held-out text windows, one window at a time (bounded memory)."""
     from accullm_export.data.text import load_text_source, token_windows
@@ -82,7 +84,7 @@ def text_metrics(ref: OrtCausalLM, cand: OrtCausalLM, tokenizer: FolderTokenizer
             "metrics": stats.summary(), "kl_histogram": stats.kl_histogram()}
 
 
-def greedy_agreement(ref: OrtCausalLM, cand: OrtCausalLM, prompts: list[list[int]], tokenizer: FolderTokenizer,
+def greedy_agreement(ref: CausalLMRunner, cand: CausalLMRunner, prompts: list[list[int]], tokenizer: FolderTokenizer,
                      new_tokens: int) -> dict:
     """Teacher-forced greedy agreement: where would greedy decoding of the candidate leave the reference's?
 
@@ -110,7 +112,7 @@ def greedy_agreement(ref: OrtCausalLM, cand: OrtCausalLM, prompts: list[list[int
             "full_matches": sum(row["full_match"] for row in rows), "count": len(rows), "prompts": rows}
 
 
-def probe_agreement(ref: OrtCausalLM, cand: OrtCausalLM, tokenizer: FolderTokenizer,
+def probe_agreement(ref: CausalLMRunner, cand: CausalLMRunner, tokenizer: FolderTokenizer,
                     config: LLMValidationConfig) -> dict:
     """Greedy answers of both sides to the golden probes; agreement means the same answer text."""
     generation = GenerationConfig(max_new_tokens=config.probe_tokens, eos_token_ids=tuple(tokenizer.eos_token_ids))

@@ -87,6 +87,11 @@ def detect_mode(reference: str | Path, candidate: str | Path) -> str:
 
 def _is_causal_lm(path: str | Path) -> bool:
     path = Path(path)
+    if path.suffix == ".engine":  # engines are built by `build` from exported decoders only
+        from accullm_export.build.engine import check_engine_file
+
+        check_engine_file(path)
+        return True
     path = path / "model.onnx" if path.is_dir() else path
     if not path.is_file():
         raise UserError(f"{path}: no such model (expected an exported folder or an .onnx file)")

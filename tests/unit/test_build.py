@@ -146,3 +146,35 @@ def test_tensorrt_absence_is_reported():
     if available:
         pytest.skip(f"TensorRT {reason} and a GPU are present: the absence path cannot be observed")
     assert "tensorrt" in reason or "CUDA" in reason
+
+
+def test_validate_and_generate_check_an_engine_first(planted_model, tmp_path, capsys):
+    from accullm_export.build.engine import engine_record, tensorrt_available
+
+    folder, _ = planted_model
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"\x00" * 64)
+    assert main(["validate", str(folder), str(engine)]) == 2
+    assert "not built by accullm-export" in capsys.readouterr().err
+    (tmp_path / "engine.json").write_text(json.dumps(engine_record(engine.read_bytes(), "10.9", get_target("orin"),
+                                                                   None)))
+    if tensorrt_available()[0]:
+        pytest.skip("TensorRT is present: the missing-backend error cannot be observed")
+    assert main(["generate", str(engine), "hi", "--max-new-tokens", "2"]) == 3
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err or "needs TensorRT" in err or "torch" in err
+
+
+def test_python_sample_without_tensorrt():
+    import sys
+    from pathlib import Path
+
+    from accullm_export.build.engine import tensorrt_available
+
+    sample = Path(__file__).resolve().parents[2] / "samples/python/generate_trt.py"
+    help_run = subprocess.run([sys.executable, str(sample), "--help"], capture_output=True, text=True)
+    assert help_run.returncode == 0 and "--plugins" in help_run.stdout
+    if tensorrt_available()[0]:
+        pytest.skip("TensorRT is present: the missing-backend message cannot be observed")
+    run = subprocess.run([sys.executable, str(sample), "missing.engine", "hi"], capture_output=True, text=True)
+    assert run.returncode == 3 and ("not installed" in run.stderr or "no CUDA GPU" in run.stderr)
