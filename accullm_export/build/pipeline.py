@@ -6,7 +6,8 @@ or a deployment bundle to finish on the device (TensorRT absent: the expected re
 
 Everything is staged in a temporary folder beside OUT and appears only at the end. When a gate fails, the
 folder still appears with the work and the validation report (nothing measured is lost) but without a
-deployable model, and the command exits 1.
+deployable model, and the command exits 1; a failing target step (TensorRT's build, say) likewise keeps the
+validated model and exits with that error's code.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import onnx
 
 import accullm_export
 from accullm_export.atomic import atomic_dir
-from accullm_export.errors import AccuracyError, UserError
+from accullm_export.errors import AccuLLMError, AccuracyError, UserError
 from accullm_export.sparsity.config import SparsityConfig
 from accullm_export.targets import TargetProfile, get_target
 
@@ -83,7 +84,7 @@ def build(model: str, out_dir: str | Path, options: BuildOptions, *, overwrite: 
     if recipe == "fp8":
         raise UserError("the fp8 recipe is not implemented yet (quantize offers w8a8, w4a16 and fp16)")
     steps: list[Step] = []
-    failure: AccuracyError | None = None
+    failure: AccuLLMError | None = None
     with atomic_dir(out_dir, overwrite=overwrite) as staging:
         work = staging / "work"
         work.mkdir()
@@ -100,13 +101,16 @@ def build(model: str, out_dir: str | Path, options: BuildOptions, *, overwrite: 
             failure, report = exc, json.loads((staging / "validation" / "report.json").read_text())
         deliverable = None
         if failure is None:
-            deliverable = _step(steps, "target", lambda: _target_step(target, rewritten, profile, staging, options,
-                                                                      recipe, is_llm), staging)
+            try:
+                deliverable = _step(steps, "target", lambda: _target_step(target, rewritten, profile, staging,
+                                                                          options, recipe, is_llm), staging)
+            except AccuLLMError as exc:  # keep the validated model and its report; say what failed
+                failure = exc
         manifest = _manifest(model, target, recipe, options, steps, report, deliverable, rewritten, failure,
                              staging)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if failure is not None:
-        raise AccuracyError(f"{failure} (the work and the validation report are in {out_dir})")
+        raise type(failure)(f"{failure} (the work and the validation report are in {out_dir})")
     return manifest
 
 
@@ -243,7 +247,7 @@ def _manifest(model, target, recipe, options, steps, report, deliverable, rewrit
     ceiling = target.decode_ceiling(per_token, bandwidth)
     metrics = report.get("metrics") or {}
     return {
-        "kind": MANIFEST_KIND, "version": MANIFEST_VERSION, "status": "failed-gates" if failure else "ok",
+        "kind": MANIFEST_KIND, "version": MANIFEST_VERSION, "status": _status(failure),
         "model": str(model), "target": target.to_dict(), "recipe": recipe, "options": options.to_dict(),
         "steps": [dataclasses.asdict(step) for step in steps],
         "accuracy": {"metrics": metrics, "greedy": {k: v for k, v in (report.get("greedy") or {}).items()
@@ -254,6 +258,12 @@ def _manifest(model, target, recipe, options, steps, report, deliverable, rewrit
         "deliverable": deliverable, "error": str(failure) if failure else None,
         "versions": {"accullm_export": accullm_export.__version__, "onnx": onnx.__version__},
     }
+
+
+def _status(failure: Exception | None) -> str:
+    if failure is None:
+        return "ok"
+    return "failed-gates" if isinstance(failure, AccuracyError) else "failed-target-step"
 
 
 def format_build_summary(manifest: dict, out_dir: str) -> str:

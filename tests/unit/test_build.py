@@ -178,3 +178,24 @@ def test_python_sample_without_tensorrt():
         pytest.skip("TensorRT is present: the missing-backend message cannot be observed")
     run = subprocess.run([sys.executable, str(sample), "missing.engine", "hi"], capture_output=True, text=True)
     assert run.returncode == 3 and ("not installed" in run.stderr or "no CUDA GPU" in run.stderr)
+
+
+def test_build_a_plain_onnx_model_with_a_load_data_script(tmp_path):
+    """Not an LLM: calibrated through a load_data() script and validated through Polygraphy."""
+    from tests.unit.test_validate import make_mlp
+
+    model = make_mlp(tmp_path / "mlp.onnx")
+    script = tmp_path / "loader.py"
+    script.write_text("import numpy as np\n\ndef load_data():\n    rng = np.random.default_rng(0)\n"
+                      "    for _ in range(4):\n        yield {'x': rng.standard_normal((16, 8)).astype(np.float32)}\n")
+    manifest = build(str(model), tmp_path / "out", BuildOptions(target="cpu", recipe="w8a8", calib=str(script),
+                                                                calib_samples=4, gptq=False))
+    assert manifest["status"] == "ok" and manifest["deliverable"]["kind"] == "onnxruntime-folder"
+    gates = manifest["accuracy"]["gates"]
+    assert [gate["name"] for gate in gates] == ["polygraphy"] and gates[0]["passed"]
+    assert (tmp_path / "out/model/model.onnx").is_file()
+    bundle = build(str(model), tmp_path / "trt", BuildOptions(target="hopper", recipe="w8a8", calib=str(script),
+                                                              calib_samples=4, gptq=False))
+    script_text = (tmp_path / "trt/bundle/build_engine.sh").read_text()
+    assert bundle["deliverable"]["kind"] == "tensorrt-bundle" and "--int8" in script_text
+    assert "-DCMAKE_CUDA_ARCHITECTURES=90" in script_text or "needs no accullm plugin" in script_text
