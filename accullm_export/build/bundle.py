@@ -20,11 +20,11 @@ import onnx
 
 import accullm_export
 from accullm_export.errors import BackendError
+from accullm_export.graph.passes import PLUGIN_DOMAIN
 from accullm_export.hashing import sha256_file
 
 BUNDLE_KIND, BUNDLE_VERSION = "accullm-export/bundle", 1
 PLUGIN_SWAPS = ("fuse_sparse_skip_mlp", "fuse_outlier_split_gemm")
-PLUGIN_DOMAIN = "accullm"
 PLUGIN_LIBRARY = "plugins/build/libaccullm_plugins.so"
 _PLUGIN_SOURCES = ("*.cu", "*.h", "*.cpp", "*.py", "*.md", "CMakeLists.txt")
 

@@ -11,6 +11,10 @@ from typing import Any, Callable
 
 PassFunction = Callable[[Any, Any], Any]  # (gs.Graph, config) -> gs.Graph
 PASSES: dict[str, PassFunction] = {}
+# the TensorRT plugin ops the target-specific swap passes emit: TensorRT's ONNX parser finds a plugin creator by
+# op type plus the plugin_version and plugin_namespace string attributes
+PLUGIN_DOMAIN = "accullm"
+PLUGIN_ATTRIBUTES = {"plugin_version": "1", "plugin_namespace": PLUGIN_DOMAIN}
 # modules holding the built-in passes; imported on first lookup so the registry is always complete
 BUILTIN_MODULES = ("isolate_outliers", "quantize_weights", "quantize_activations", "scale_activations_awq",
                    "smooth_activations", "compensate_errors_gptq", "quantize_embeddings", "merge_parallel_linears",

@@ -16,9 +16,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from accullm_export.graph.passes import register
+from accullm_export.graph.passes import PLUGIN_ATTRIBUTES, PLUGIN_DOMAIN, register
 
-OP_TYPE, DOMAIN, VERSION = "OutlierSplitGemm", "accullm", 1
+OP_TYPE, DOMAIN, VERSION = "OutlierSplitGemm", PLUGIN_DOMAIN, 1
 
 
 @register("fuse_outlier_split_gemm")
@@ -65,4 +65,4 @@ def _fused(add: gs.Node) -> gs.Node | str:
     return gs.Node(OP_TYPE, name=f"{main.name}/OutlierSplitGemm", domain=DOMAIN,
                    inputs=[main.inputs[0], values, scales, channels, rows], outputs=[output],
                    attrs={"bits": 4 if kind == "int4" else 8,
-                          "block_size": int(dequantize.attrs.get("block_size", 0))})
+                          "block_size": int(dequantize.attrs.get("block_size", 0)), **PLUGIN_ATTRIBUTES})

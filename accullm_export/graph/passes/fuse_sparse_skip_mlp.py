@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from accullm_export.graph.passes import register
+from accullm_export.graph.passes import PLUGIN_ATTRIBUTES, PLUGIN_DOMAIN, register
 
-OP_TYPE, DOMAIN, VERSION = "SparseSkipMLP", "accullm", 1
+OP_TYPE, DOMAIN, VERSION = "SparseSkipMLP", PLUGIN_DOMAIN, 1
 
 
 @register("fuse_sparse_skip_mlp")
@@ -67,4 +67,5 @@ def _fused_node(graph: gs.Graph, nodes: dict, prefix: str) -> gs.Node | str:
     output = down.outputs[0]
     down.outputs.clear()
     return gs.Node(OP_TYPE, name=f"{prefix}/SparseSkipMLP", domain=DOMAIN, inputs=inputs, outputs=[output],
-                   attrs={"method": "predictor" if predictor else "threshold", "block_size": block})
+                   attrs={"method": "predictor" if predictor else "threshold", "block_size": block,
+                          **PLUGIN_ATTRIBUTES})

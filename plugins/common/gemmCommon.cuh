@@ -1,0 +1,170 @@
+/*
+ * Types, tile geometry and load helpers shared by the accullm GEMV and tiled GEMM (see lowBitGemm.cuh).
+ * Everything lives in an unnamed namespace: each kernel library translation unit instantiates what it uses.
+ */
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+namespace accullm
+{
+namespace
+{
+
+enum WeightKind : int
+{
+    kWeightFP16 = 0,
+    kWeightINT4 = 1,
+    kWeightINT8 = 2,
+};
+
+constexpr int kThreads = 128;           // GEMV block: 4 warps
+constexpr int kWarps = kThreads / 32;
+constexpr int kRowsPerBatch = 8;        // weight rows whose loads each thread has in flight together
+constexpr int kRowSegmentBytes = 64;    // bytes of one weight row that one warp reads (two full 32-byte sectors)
+constexpr int kMaxGemvRows = 8;         // rows of x the GEMV takes; more go to the tiled GEMM
+constexpr int kMaxFusedOutliers = 64;   // outlier channels the GEMV fuses (more: tiled GEMM)
+constexpr int kTargetBlocks = 512;      // split K until about this many blocks (shape-only: no device query)
+constexpr size_t kSmemBudget = 40 * 1024;
+
+// Bytes each thread loads per weight row: 16 where the accumulators allow, narrower for more rows of x so that
+// one thread never holds more than 64 fp32 accumulators (values_per_load * rows). A warp's loads for one row
+// stay 64 contiguous bytes at every width.
+__host__ __device__ constexpr int load_bytes(int kind, int mt)
+{
+    return kind == kWeightINT4 ? (mt <= 2 ? 16 : mt <= 4 ? 8 : 4) : kind == kWeightINT8 ? (mt <= 4 ? 16 : 8) : 16;
+}
+__host__ __device__ constexpr int values_per_load(int kind, int mt)
+{
+    return kind == kWeightINT4 ? 2 * load_bytes(kind, mt)
+                               : kind == kWeightINT8 ? load_bytes(kind, mt) : load_bytes(kind, mt) / 2;
+}
+__host__ __device__ constexpr int chunks_per_warp(int kind, int mt)
+{
+    return kRowSegmentBytes / load_bytes(kind, mt);
+}
+__host__ __device__ constexpr int k_lanes_per_warp(int kind, int mt)
+{
+    return 32 / chunks_per_warp(kind, mt);
+}
+__host__ __device__ constexpr int tile_columns(int kind, int mt)
+{
+    return chunks_per_warp(kind, mt) * values_per_load(kind, mt);
+}
+__host__ __device__ constexpr int k_lanes_per_block(int kind, int mt)
+{
+    return kWarps * k_lanes_per_warp(kind, mt);
+}
+__host__ __device__ constexpr int bits_of(int kind)
+{
+    return kind == kWeightINT4 ? 4 : kind == kWeightINT8 ? 8 : 16;
+}
+
+// One y = x @ W (+ x[:, outlier_channels] @ outlier_weight) problem.
+struct GemmProblem
+{
+    int kind;                       // WeightKind
+    bool x_is_half;                 // x is fp16, else fp32
+    bool out_is_half;               // y is fp16, else fp32
+    int64_t M, K, N;
+    void const* x;                  // [M, K]
+    void const* weight;             // see the storage note above
+    __half const* scales;           // int4 / int8 only
+    int block_size;                 // int4 only
+    int32_t const* outlier_channels; // [num_outliers] input channels, or nullptr
+    __half const* outlier_weight;   // [num_outliers, N]
+    int num_outliers;
+    uint8_t const* column_keep;     // GEMV only, optional [N]: columns that must be computed (others may be 0)
+    bool sparse_rows;               // GEMV only: skip rows of W whose x is 0 in every row of x
+    void* y;                        // [M, N]
+};
+
+struct GemvArgs
+{
+    void const* x;
+    int64_t M, K, N;
+    void const* weight;
+    __half const* scales;
+    int block_size;
+    int32_t const* outlier_channels;
+    __half const* outlier_weight;
+    int num_outliers;
+    uint8_t const* column_keep;
+    int sparse_rows;
+    int k_range;                    // rows of K handled by one block (blockIdx.y)
+    float* partial;                 // [gridDim.y, M, N] when gridDim.y > 1
+    void* out;                      // written directly when gridDim.y == 1
+    int out_is_half;
+};
+
+struct GemvPlan
+{
+    int mt;
+    int k_range;
+    int splits;
+    int n_tiles;
+    size_t smem_bytes;
+};
+
+template <typename TX>
+__device__ __forceinline__ float to_float(TX value);
+template <>
+__device__ __forceinline__ float to_float<__half>(__half value)
+{
+    return __half2float(value);
+}
+template <>
+__device__ __forceinline__ float to_float<float>(float value)
+{
+    return value;
+}
+
+template <int BYTES>
+__device__ __forceinline__ void load_words(uint32_t (&words)[BYTES / 4], char const* address)
+{
+    if constexpr (BYTES == 16)
+    {
+        uint4 const v = __ldg(reinterpret_cast<uint4 const*>(address));
+        words[0] = v.x;
+        words[1] = v.y;
+        words[2] = v.z;
+        words[3] = v.w;
+    }
+    else if constexpr (BYTES == 8)
+    {
+        uint2 const v = __ldg(reinterpret_cast<uint2 const*>(address));
+        words[0] = v.x;
+        words[1] = v.y;
+    }
+    else
+    {
+        words[0] = __ldg(reinterpret_cast<unsigned int const*>(address));
+    }
+}
+
+// V consecutive fp16 values (16-byte aligned, V a multiple of 8) as halves.
+template <int V>
+__device__ __forceinline__ void load_halves(__half (&out)[V], __half const* address)
+{
+#pragma unroll
+    for (int i = 0; i < V / 8; ++i)
+    {
+        uint4 const v = __ldg(reinterpret_cast<uint4 const*>(address) + i);
+        uint32_t const words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int w = 0; w < 4; ++w)
+        {
+            __half2 const pair = *reinterpret_cast<__half2 const*>(&words[w]);
+            out[8 * i + 2 * w] = __low2half(pair);
+            out[8 * i + 2 * w + 1] = __high2half(pair);
+        }
+    }
+}
+
+} // namespace
+} // namespace accullm

@@ -1,0 +1,102 @@
+/*
+ * accullm::OutlierSplitGemm (version 1) as a TensorRT 10 IPluginV3 plugin.
+ *
+ * Inputs:  0 x [..., K] fp16|fp32; 1 weight: bits 4: int4 [K, N] (DataType::kINT4) or its packed bytes as int8
+ *          [K, N / 2]; bits 8: int8 [K, N]; 2 scales fp16 (bits 4: [ceil(K / block_size), N]; bits 8: [N]);
+ *          3 outlier_channels int32 [m]; 4 outlier_weight fp16 [m, N].
+ * Output:  y [..., N], x's type.
+ * Fields:  bits (int32: 4 | 8), block_size (int32: > 0 for bits 4, 0 for bits 8).
+ * Semantics: reference.py. Kernel: OutlierSplitGemmKernel.h (C ABI).
+ */
+#pragma once
+
+#include "../common/accullmPlugin.h"
+
+#include <string>
+#include <vector>
+
+namespace accullm
+{
+namespace plugin
+{
+
+constexpr char const* kOUTLIER_SPLIT_GEMM_NAME = "OutlierSplitGemm";
+constexpr char const* kOUTLIER_SPLIT_GEMM_VERSION = "1"; // bump when the inputs, outputs or fields change
+
+class OutlierSplitGemmPlugin : public nvinfer1::IPluginV3,
+                               public nvinfer1::IPluginV3OneCore,
+                               public nvinfer1::IPluginV3OneBuild,
+                               public nvinfer1::IPluginV3OneRuntime
+{
+public:
+    //! Throws std::invalid_argument for attributes outside the op's definition.
+    OutlierSplitGemmPlugin(int32_t bits, int32_t blockSize);
+    OutlierSplitGemmPlugin(OutlierSplitGemmPlugin const& other);
+    OutlierSplitGemmPlugin& operator=(OutlierSplitGemmPlugin const&) = delete;
+    ~OutlierSplitGemmPlugin() override = default;
+
+    // IPluginV3
+    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
+    nvinfer1::IPluginV3* clone() noexcept override;
+
+    // IPluginV3OneCore
+    char const* getPluginName() const noexcept override;
+    char const* getPluginVersion() const noexcept override;
+    char const* getPluginNamespace() const noexcept override;
+
+    // IPluginV3OneBuild
+    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
+    int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
+        nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
+    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
+        int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
+        nvinfer1::IExprBuilder& exprBuilder) noexcept override;
+    bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
+        int32_t nbOutputs) noexcept override;
+    int32_t getNbOutputs() const noexcept override;
+    size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
+
+    // IPluginV3OneRuntime
+    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
+        int32_t nbOutputs) noexcept override;
+    int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
+        void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
+    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
+    nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
+
+    static constexpr int32_t kNB_INPUTS = 5;
+
+private:
+    //! Throws std::invalid_argument when the tensors' ranks or sizes disagree with each other or with bits.
+    void checkShapes(nvinfer1::Dims const& x, nvinfer1::Dims const& weight, nvinfer1::Dims const& scales,
+        nvinfer1::Dims const& channels, nvinfer1::Dims const& outlierWeight, bool weightPackedAsInt8) const;
+    void initFieldsToSerialize();
+
+    int32_t mBits;
+    int32_t mBlockSize;
+    std::vector<nvinfer1::PluginField> mFieldsToSerialize;
+    nvinfer1::PluginFieldCollection mFieldCollection{};
+};
+
+class OutlierSplitGemmPluginCreator : public nvinfer1::IPluginCreatorV3One
+{
+public:
+    OutlierSplitGemmPluginCreator();
+    ~OutlierSplitGemmPluginCreator() override = default;
+
+    char const* getPluginName() const noexcept override;
+    char const* getPluginVersion() const noexcept override;
+    char const* getPluginNamespace() const noexcept override;
+    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
+    nvinfer1::IPluginV3* createPlugin(
+        char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
+
+private:
+    std::vector<nvinfer1::PluginField> mFields;
+    nvinfer1::PluginFieldCollection mFieldCollection{};
+};
+
+} // namespace plugin
+} // namespace accullm
