@@ -121,7 +121,8 @@ def trtexec_command(onnx_file: str, target, recipe: str, shapes: dict[str, str],
     if shapes:
         command += [f"--minShapes={shapes['min']}", f"--optShapes={shapes['opt']}", f"--maxShapes={shapes['max']}"]
     if plugins:
-        command.append(f"--staticPlugins=$HERE/{PLUGIN_LIBRARY}")
+        # the default plugin build exports getCreators (IPluginRegistry::loadLibrary), which --dynamicPlugins uses
+        command.append(f"--dynamicPlugins=$HERE/{PLUGIN_LIBRARY}")
     return command
 
 

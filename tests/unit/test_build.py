@@ -92,7 +92,7 @@ def test_build_orin_writes_a_bundle(planted_model, tmp_path, capsys):
         assert name in manifest["files"] or name == "manifest.json"
     script = (bundle / "build_engine.sh").read_text()
     assert subprocess.run(["bash", "-n", str(bundle / "build_engine.sh")]).returncode == 0
-    assert "-DCMAKE_CUDA_ARCHITECTURES=87" in script and "--staticPlugins=" in script
+    assert "-DCMAKE_CUDA_ARCHITECTURES=87" in script and "--dynamicPlugins=" in script
     assert "--minShapes=input_ids:1x1" in script and "--fp16" in script
     # the plugin model: sparse MLPs and outlier layers swapped for the accullm ops, standard model kept too
     assert manifest["plugin_ops"].get("SparseSkipMLP") == 2
