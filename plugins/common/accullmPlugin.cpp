@@ -16,6 +16,8 @@
 #include "../outlier_split_gemm/OutlierSplitGemmPlugin.h"
 #include "../sparse_skip_mlp/SparseSkipMLPPlugin.h"
 
+#include <cuda_runtime_api.h>
+
 #include <atomic>
 #include <cstring>
 #include <iostream>
@@ -34,11 +36,11 @@ void setLoggerFinderInstance(nvinfer1::ILoggerFinder* finder) noexcept
     gLoggerFinder.store(finder);
 }
 
-void reportError(char const* where, char const* message) noexcept
+void reportError(char const* plugin, char const* method, char const* message) noexcept
 {
     try
     {
-        std::string const text = std::string("[accullm plugin] ") + where + ": " + message;
+        std::string const text = std::string("[accullm plugin] ") + plugin + "::" + method + ": " + message;
         nvinfer1::ILoggerFinder* finder = gLoggerFinder.load();
         nvinfer1::ILogger* logger = finder != nullptr ? finder->findLogger() : nullptr;
         if (logger != nullptr)
@@ -56,9 +58,34 @@ void reportError(char const* where, char const* message) noexcept
     }
 }
 
-void reportException(char const* where, std::exception const& error) noexcept
+int32_t enqueueStatus(char const* plugin, int status) noexcept
 {
-    reportError(where, error.what());
+    if (status != 0)
+    {
+        char const* const error = cudaGetErrorString(static_cast<cudaError_t>(status));
+        try
+        {
+            reportError(plugin, "enqueue", (std::string("kernel launch failed: ") + error).c_str());
+        }
+        catch (...)
+        {
+            reportError(plugin, "enqueue", error);
+        }
+    }
+    return status;
+}
+
+nvinfer1::PluginField const* findField(nvinfer1::PluginFieldCollection const& fields, char const* name) noexcept
+{
+    nvinfer1::PluginField const* found = nullptr;
+    for (int32_t i = 0; i < fields.nbFields; ++i)
+    {
+        if (fields.fields[i].name != nullptr && std::strcmp(fields.fields[i].name, name) == 0)
+        {
+            found = &fields.fields[i];
+        }
+    }
+    return found;
 }
 
 int32_t intField(nvinfer1::PluginField const& field)

@@ -84,6 +84,24 @@ struct GemmProblem
     void* y;                        // [M, N]
 };
 
+// y [M, N] = x [M, K] @ weight (scales and block_size as the kind needs), no outliers and no GEMV options: the
+// caller sets those.
+inline GemmProblem make_problem(int kind, int64_t M, int64_t K, int64_t N, void const* x, void const* weight,
+    void const* scales, int block_size, void* y)
+{
+    GemmProblem p{};
+    p.kind = kind;
+    p.M = M;
+    p.K = K;
+    p.N = N;
+    p.x = x;
+    p.weight = weight;
+    p.scales = static_cast<__half const*>(scales);
+    p.block_size = block_size;
+    p.y = y;
+    return p;
+}
+
 struct GemvArgs
 {
     void const* x;

@@ -39,6 +39,17 @@ __device__ __forceinline__ float dequantized(GemmProblem const& p, int64_t k, in
     }
 }
 
+// stage(fast, slow) for every element of a FAST x SLOW tile, the block's threads on consecutive `fast` (so that
+// the global loads along `fast` coalesce).
+template <int FAST, int SLOW, typename Stage>
+__device__ __forceinline__ void for_each_tile_element(Stage const& stage)
+{
+    for (int i = threadIdx.x; i < FAST * SLOW; i += kTiledThreads)
+    {
+        stage(i % FAST, i / FAST);
+    }
+}
+
 template <int KIND, typename TX>
 __global__ void __launch_bounds__(kTiledThreads) tiled_gemm_kernel(GemmProblem p)
 {
@@ -59,10 +70,7 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_gemm_kernel(GemmProblem p
         bool const outlier = step >= main_steps;
         int64_t const kb = (outlier ? step - main_steps : step) * kTileK;
         int64_t const k_end = outlier ? p.num_outliers : p.K;
-        for (int i = threadIdx.x; i < kTileK * kTileM; i += kTiledThreads)
-        {
-            int const kk = i % kTileK;
-            int const mm = i / kTileK;
+        for_each_tile_element<kTileK, kTileM>([&](int kk, int mm) {
             int64_t const m = m0 + mm;
             int64_t const k = kb + kk;
             float v = 0.0f;
@@ -72,11 +80,8 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_gemm_kernel(GemmProblem p
                 v = (channel >= 0 && channel < p.K) ? to_float<TX>(x[m * p.K + channel]) : 0.0f;
             }
             xs[kk][mm] = v;
-        }
-        for (int i = threadIdx.x; i < kTileK * kTileN; i += kTiledThreads)
-        {
-            int const nn = i % kTileN;
-            int const kk = i / kTileN;
+        });
+        for_each_tile_element<kTileN, kTileK>([&](int nn, int kk) {
             int64_t const n = n0 + nn;
             int64_t const k = kb + kk;
             float v = 0.0f;
@@ -85,7 +90,7 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_gemm_kernel(GemmProblem p
                 v = outlier ? __half2float(p.outlier_weight[k * p.N + n]) : dequantized<KIND>(p, k, n);
             }
             ws[kk][nn] = v;
-        }
+        });
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < kTileK; ++kk)

@@ -23,15 +23,9 @@ GemmProblem shape_only_problem(int64_t rows, int64_t in_features, int64_t out_fe
     int32_t bits, int32_t block_size)
 {
     alignas(16) static __half const kAligned[8] = {};
-    GemmProblem p{};
-    p.kind = bits == 4 ? accullm::kWeightINT4 : accullm::kWeightINT8;
-    p.M = rows;
-    p.K = in_features;
-    p.N = out_features;
-    p.weight = kAligned;
-    p.scales = kAligned;
+    GemmProblem p = accullm::make_problem(bits == 4 ? accullm::kWeightINT4 : accullm::kWeightINT8, rows,
+        in_features, out_features, nullptr, kAligned, kAligned, block_size, nullptr);
     p.outlier_weight = kAligned;
-    p.block_size = block_size;
     p.num_outliers = num_outliers;
     return p;
 }

@@ -3,34 +3,19 @@
  *
  *   y[..., N] = x[..., K] @ dequantize(weight) + x[..., outlier_channels] @ outlier_weight
  *
- * The semantics are plugins/outlier_split_gemm/reference.py's. Everything is a device pointer except the sizes;
- * the stream is a cudaStream_t passed as void* (0 for the default stream), so Python drives the kernel through
- * ctypes with tensor.data_ptr(). Returns 0 (cudaSuccess) or a cudaError_t code (cudaErrorInvalidValue = 1 for
- * bad arguments or too small a workspace). The call is asynchronous on `stream`.
+ * The semantics are plugins/outlier_split_gemm/reference.py's. Pointers, stream and result as every accullm
+ * kernel's: ../common/accullmKernelApi.h.
  */
 #ifndef ACCULLM_OUTLIER_SPLIT_GEMM_KERNEL_H
 #define ACCULLM_OUTLIER_SPLIT_GEMM_KERNEL_H
 
-#include <stddef.h>
-#include <stdint.h>
-
-#ifndef ACCULLM_KERNEL_API
-#define ACCULLM_KERNEL_API __attribute__((visibility("default")))
-#endif
-
-#ifdef __cplusplus
-extern "C"
-{
-#endif
+#include "../common/accullmKernelApi.h"
 
 /* Activation (x and y) element types. */
 #define ACCULLM_DTYPE_FLOAT16 0
 #define ACCULLM_DTYPE_FLOAT32 1
 
-/*
- * Workspace bytes that any call with at most `max_rows` rows of x (and these sizes) needs; 0 when none.
- * Depends on the shapes only, never on the device.
- */
+/* Workspace bytes that any call with at most `max_rows` rows of x (and these sizes) needs; 0 when none. */
 ACCULLM_KERNEL_API size_t accullm_outlier_split_gemm_workspace_size(int64_t max_rows, int64_t in_features,
     int64_t out_features, int32_t num_outliers, int32_t bits, int32_t block_size);
 
@@ -52,9 +37,5 @@ ACCULLM_KERNEL_API int accullm_outlier_split_gemm(void const* x, void const* wei
     int32_t const* outlier_channels, void const* outlier_weight, void* y, int64_t rows, int64_t in_features,
     int64_t out_features, int32_t num_outliers, int32_t bits, int32_t block_size, int32_t io_dtype,
     void* workspace, size_t workspace_bytes, void* stream);
-
-#ifdef __cplusplus
-}
-#endif
 
 #endif /* ACCULLM_OUTLIER_SPLIT_GEMM_KERNEL_H */

@@ -5,26 +5,12 @@
 
 #include "OutlierSplitGemmKernel.h"
 
-#include <cuda_runtime_api.h>
-
-#include <cstring>
 #include <string>
 
 namespace accullm
 {
 namespace plugin
 {
-
-using nvinfer1::DataType;
-using nvinfer1::Dims;
-using nvinfer1::DimsExprs;
-using nvinfer1::DynamicPluginTensorDesc;
-using nvinfer1::PluginField;
-using nvinfer1::PluginFieldCollection;
-using nvinfer1::PluginFieldType;
-using nvinfer1::PluginTensorDesc;
-using nvinfer1::TensorFormat;
-
 namespace
 {
 enum Input : int32_t
@@ -55,67 +41,14 @@ OutlierSplitGemmPlugin::OutlierSplitGemmPlugin(int32_t bits, int32_t blockSize)
     , mBlockSize(blockSize)
 {
     validateAttributes(bits, blockSize);
-    initFieldsToSerialize();
 }
 
-OutlierSplitGemmPlugin::OutlierSplitGemmPlugin(OutlierSplitGemmPlugin const& other)
-    : nvinfer1::IPluginV3(other)
-    , nvinfer1::IPluginV3OneCore(other)
-    , nvinfer1::IPluginV3OneBuild(other)
-    , nvinfer1::IPluginV3OneRuntime(other)
-    , mBits(other.mBits)
-    , mBlockSize(other.mBlockSize)
+OutlierSplitGemmPlugin OutlierSplitGemmPlugin::fromFields(PluginFieldCollection const& fields)
 {
-    initFieldsToSerialize(); // the fields point at this object's members, never the source's
-}
-
-void OutlierSplitGemmPlugin::initFieldsToSerialize()
-{
-    mFieldsToSerialize.clear();
-    mFieldsToSerialize.emplace_back("bits", &mBits, PluginFieldType::kINT32, 1);
-    mFieldsToSerialize.emplace_back("block_size", &mBlockSize, PluginFieldType::kINT32, 1);
-    mFieldCollection.nbFields = static_cast<int32_t>(mFieldsToSerialize.size());
-    mFieldCollection.fields = mFieldsToSerialize.data();
-}
-
-nvinfer1::IPluginCapability* OutlierSplitGemmPlugin::getCapabilityInterface(
-    nvinfer1::PluginCapabilityType type) noexcept
-{
-    switch (type)
-    {
-    case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
-    case nvinfer1::PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
-    case nvinfer1::PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
-    }
-    return nullptr;
-}
-
-nvinfer1::IPluginV3* OutlierSplitGemmPlugin::clone() noexcept
-{
-    try
-    {
-        return new OutlierSplitGemmPlugin(*this);
-    }
-    catch (std::exception const& e)
-    {
-        reportException("OutlierSplitGemm::clone", e);
-    }
-    return nullptr;
-}
-
-char const* OutlierSplitGemmPlugin::getPluginName() const noexcept
-{
-    return kOUTLIER_SPLIT_GEMM_NAME;
-}
-
-char const* OutlierSplitGemmPlugin::getPluginVersion() const noexcept
-{
-    return kOUTLIER_SPLIT_GEMM_VERSION;
-}
-
-char const* OutlierSplitGemmPlugin::getPluginNamespace() const noexcept
-{
-    return kPLUGIN_NAMESPACE;
+    PluginField const* bits = findField(fields, "bits");
+    PluginField const* blockSize = findField(fields, "block_size");
+    require(bits != nullptr, "field bits is required");
+    return OutlierSplitGemmPlugin(intField(*bits), blockSize != nullptr ? intField(*blockSize) : 0);
 }
 
 void OutlierSplitGemmPlugin::checkShapes(Dims const& x, Dims const& weight, Dims const& scales, Dims const& channels,
@@ -142,47 +75,29 @@ void OutlierSplitGemmPlugin::checkShapes(Dims const& x, Dims const& weight, Dims
     }
 }
 
-int32_t OutlierSplitGemmPlugin::configurePlugin(
-    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
+void OutlierSplitGemmPlugin::configureTensors(PluginTensorDesc const* in, int32_t nbInputs, int32_t nbOutputs) const
 {
-    try
-    {
-        require(in != nullptr && out != nullptr && nbInputs == kNB_INPUTS && nbOutputs == 1,
-            "expects 5 inputs and 1 output");
-        checkShapes(in[kX].desc.dims, in[kWEIGHT].desc.dims, in[kSCALES].desc.dims, in[kOUTLIER_CHANNELS].desc.dims,
-            in[kOUTLIER_WEIGHT].desc.dims, in[kWEIGHT].desc.type == DataType::kINT8 && mBits == 4);
-        return 0;
-    }
-    catch (std::exception const& e)
-    {
-        reportException("OutlierSplitGemm::configurePlugin", e);
-    }
-    return -1;
+    require(nbInputs == kNB_INPUTS && nbOutputs == 1, "expects 5 inputs and 1 output");
+    checkShapes(in[kX].dims, in[kWEIGHT].dims, in[kSCALES].dims, in[kOUTLIER_CHANNELS].dims, in[kOUTLIER_WEIGHT].dims,
+        in[kWEIGHT].type == DataType::kINT8 && mBits == 4);
 }
 
 int32_t OutlierSplitGemmPlugin::getOutputDataTypes(
     DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes, int32_t nbInputs) const noexcept
 {
-    try
-    {
+    return guarded(kOUTLIER_SPLIT_GEMM_NAME, "getOutputDataTypes", -1, [&] {
         require(outputTypes != nullptr && inputTypes != nullptr && nbOutputs == 1 && nbInputs == kNB_INPUTS,
             "expects 5 inputs and 1 output");
         outputTypes[0] = inputTypes[kX];
         return 0;
-    }
-    catch (std::exception const& e)
-    {
-        reportException("OutlierSplitGemm::getOutputDataTypes", e);
-    }
-    return -1;
+    });
 }
 
 int32_t OutlierSplitGemmPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs,
     DimsExprs const* /*shapeInputs*/, int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs,
     nvinfer1::IExprBuilder& /*exprBuilder*/) noexcept
 {
-    try
-    {
+    return guarded(kOUTLIER_SPLIT_GEMM_NAME, "getOutputShapes", -1, [&] {
         require(inputs != nullptr && outputs != nullptr && nbInputs == kNB_INPUTS && nbOutputs == 1,
             "expects 5 inputs and 1 output");
         DimsExprs const& x = inputs[kX];
@@ -191,19 +106,13 @@ int32_t OutlierSplitGemmPlugin::getOutputShapes(DimsExprs const* inputs, int32_t
         outputs[0] = x; // y [..., N]: x's leading dimensions, the weight's columns
         outputs[0].d[x.nbDims - 1] = scales.d[scales.nbDims - 1];
         return 0;
-    }
-    catch (std::exception const& e)
-    {
-        reportException("OutlierSplitGemm::getOutputShapes", e);
-    }
-    return -1;
+    });
 }
 
 bool OutlierSplitGemmPlugin::supportsFormatCombination(
     int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
 {
-    try
-    {
+    return guarded(kOUTLIER_SPLIT_GEMM_NAME, "supportsFormatCombination", false, [&] {
         require(inOut != nullptr && nbInputs == kNB_INPUTS && nbOutputs == 1 && pos >= 0 && pos < 6,
             "expects 5 inputs and 1 output");
         PluginTensorDesc const& desc = inOut[pos].desc;
@@ -222,24 +131,13 @@ bool OutlierSplitGemmPlugin::supportsFormatCombination(
         case kOUTLIER_WEIGHT: return desc.type == DataType::kHALF;
         default: return desc.type == inOut[kX].desc.type; // y
         }
-    }
-    catch (std::exception const& e)
-    {
-        reportException("OutlierSplitGemm::supportsFormatCombination", e);
-    }
-    return false;
-}
-
-int32_t OutlierSplitGemmPlugin::getNbOutputs() const noexcept
-{
-    return 1;
+    });
 }
 
 size_t OutlierSplitGemmPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
     DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
 {
-    try
-    {
+    return guarded(kOUTLIER_SPLIT_GEMM_NAME, "getWorkspaceSize", 0, [&] {
         require(inputs != nullptr && nbInputs == kNB_INPUTS, "expects 5 inputs");
         int64_t const rows = leadingVolume(inputs[kX].max);
         int64_t const k = lastDim(inputs[kX].max);
@@ -248,37 +146,13 @@ size_t OutlierSplitGemmPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* i
         require(rows >= 0 && k > 0 && n >= 0 && outliers >= 0, "unbounded shapes");
         return accullm_outlier_split_gemm_workspace_size(
             rows, k, n, static_cast<int32_t>(outliers), mBits, mBlockSize);
-    }
-    catch (std::exception const& e)
-    {
-        reportException("OutlierSplitGemm::getWorkspaceSize", e);
-    }
-    return 0;
-}
-
-int32_t OutlierSplitGemmPlugin::onShapeChange(
-    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out, int32_t nbOutputs) noexcept
-{
-    try
-    {
-        require(in != nullptr && out != nullptr && nbInputs == kNB_INPUTS && nbOutputs == 1,
-            "expects 5 inputs and 1 output");
-        checkShapes(in[kX].dims, in[kWEIGHT].dims, in[kSCALES].dims, in[kOUTLIER_CHANNELS].dims,
-            in[kOUTLIER_WEIGHT].dims, in[kWEIGHT].type == DataType::kINT8 && mBits == 4);
-        return 0;
-    }
-    catch (std::exception const& e)
-    {
-        reportException("OutlierSplitGemm::onShapeChange", e);
-    }
-    return -1;
+    });
 }
 
 int32_t OutlierSplitGemmPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
     void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept
 {
-    try
-    {
+    return guarded(kOUTLIER_SPLIT_GEMM_NAME, "enqueue", -1, [&] {
         require(inputDesc != nullptr && outputDesc != nullptr && inputs != nullptr && outputs != nullptr,
             "null tensors");
         int64_t const rows = leadingVolume(inputDesc[kX].dims);
@@ -292,95 +166,22 @@ int32_t OutlierSplitGemmPlugin::enqueue(PluginTensorDesc const* inputDesc, Plugi
         int const status = accullm_outlier_split_gemm(inputs[kX], inputs[kWEIGHT], inputs[kSCALES],
             static_cast<int32_t const*>(inputs[kOUTLIER_CHANNELS]), inputs[kOUTLIER_WEIGHT], outputs[0], rows, k, n,
             outliers, mBits, mBlockSize, ioType, workspace, workspaceBytes, stream);
-        if (status != 0)
-        {
-            reportError("OutlierSplitGemm::enqueue",
-                (std::string("kernel launch failed: ") + cudaGetErrorString(static_cast<cudaError_t>(status))).c_str());
-        }
-        return status;
-    }
-    catch (std::exception const& e)
-    {
-        reportException("OutlierSplitGemm::enqueue", e);
-    }
-    return -1;
-}
-
-nvinfer1::IPluginV3* OutlierSplitGemmPlugin::attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept
-{
-    return clone(); // no per-context resources
+        return enqueueStatus(kOUTLIER_SPLIT_GEMM_NAME, status);
+    });
 }
 
 PluginFieldCollection const* OutlierSplitGemmPlugin::getFieldsToSerialize() noexcept
 {
-    return &mFieldCollection;
+    return serializeFields({{"bits", &mBits, PluginFieldType::kINT32, 1},
+        {"block_size", &mBlockSize, PluginFieldType::kINT32, 1}});
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 
 OutlierSplitGemmPluginCreator::OutlierSplitGemmPluginCreator()
+    : PluginCreatorV3OneBase({{"bits", nullptr, PluginFieldType::kINT32, 1},
+        {"block_size", nullptr, PluginFieldType::kINT32, 1}})
 {
-    mFields.emplace_back("bits", nullptr, PluginFieldType::kINT32, 1);
-    mFields.emplace_back("block_size", nullptr, PluginFieldType::kINT32, 1);
-    mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
-    mFieldCollection.fields = mFields.data();
-}
-
-char const* OutlierSplitGemmPluginCreator::getPluginName() const noexcept
-{
-    return kOUTLIER_SPLIT_GEMM_NAME;
-}
-
-char const* OutlierSplitGemmPluginCreator::getPluginVersion() const noexcept
-{
-    return kOUTLIER_SPLIT_GEMM_VERSION;
-}
-
-char const* OutlierSplitGemmPluginCreator::getPluginNamespace() const noexcept
-{
-    return kPLUGIN_NAMESPACE;
-}
-
-PluginFieldCollection const* OutlierSplitGemmPluginCreator::getFieldNames() noexcept
-{
-    return &mFieldCollection;
-}
-
-nvinfer1::IPluginV3* OutlierSplitGemmPluginCreator::createPlugin(
-    char const* /*name*/, PluginFieldCollection const* fc, nvinfer1::TensorRTPhase /*phase*/) noexcept
-{
-    try
-    {
-        require(fc != nullptr && (fc->nbFields == 0 || fc->fields != nullptr), "no plugin fields");
-        int32_t bits = 0;
-        int32_t blockSize = 0;
-        bool haveBits = false;
-        for (int32_t i = 0; i < fc->nbFields; ++i)
-        {
-            PluginField const& field = fc->fields[i];
-            if (field.name == nullptr)
-            {
-                continue;
-            }
-            if (std::strcmp(field.name, "bits") == 0)
-            {
-                bits = intField(field);
-                haveBits = true;
-            }
-            else if (std::strcmp(field.name, "block_size") == 0)
-            {
-                blockSize = intField(field);
-            }
-            // Other fields (the ONNX parser also passes plugin_namespace / plugin_version) are not ours.
-        }
-        require(haveBits, "field bits is required");
-        return new OutlierSplitGemmPlugin(bits, blockSize);
-    }
-    catch (std::exception const& e)
-    {
-        reportException("OutlierSplitGemm::createPlugin", e);
-    }
-    return nullptr;
 }
 
 } // namespace plugin

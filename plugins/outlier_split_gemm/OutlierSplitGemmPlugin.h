@@ -10,10 +10,9 @@
  */
 #pragma once
 
-#include "../common/accullmPlugin.h"
+#include "../common/accullmPluginBase.h"
 
-#include <string>
-#include <vector>
+#include <cstdint>
 
 namespace accullm
 {
@@ -23,30 +22,20 @@ namespace plugin
 constexpr char const* kOUTLIER_SPLIT_GEMM_NAME = "OutlierSplitGemm";
 constexpr char const* kOUTLIER_SPLIT_GEMM_VERSION = "1"; // bump when the inputs, outputs or fields change
 
-class OutlierSplitGemmPlugin : public nvinfer1::IPluginV3,
-                               public nvinfer1::IPluginV3OneCore,
-                               public nvinfer1::IPluginV3OneBuild,
-                               public nvinfer1::IPluginV3OneRuntime
+//! The IPluginV3 capabilities, clone, names, configurePlugin / onShapeChange: PluginV3OneBase.
+class OutlierSplitGemmPlugin : public PluginV3OneBase<OutlierSplitGemmPlugin>
 {
 public:
+    static constexpr char const* kNAME = kOUTLIER_SPLIT_GEMM_NAME;
+    static constexpr char const* kVERSION = kOUTLIER_SPLIT_GEMM_VERSION;
+    static constexpr int32_t kNB_INPUTS = 5;
+
     //! Throws std::invalid_argument for attributes outside the op's definition.
     OutlierSplitGemmPlugin(int32_t bits, int32_t blockSize);
-    OutlierSplitGemmPlugin(OutlierSplitGemmPlugin const& other);
-    OutlierSplitGemmPlugin& operator=(OutlierSplitGemmPlugin const&) = delete;
-    ~OutlierSplitGemmPlugin() override = default;
-
-    // IPluginV3
-    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
-    nvinfer1::IPluginV3* clone() noexcept override;
-
-    // IPluginV3OneCore
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
+    //! From the fields bits (required) and block_size (default 0); throws std::invalid_argument.
+    static OutlierSplitGemmPlugin fromFields(nvinfer1::PluginFieldCollection const& fields);
 
     // IPluginV3OneBuild
-    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
-        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
     int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
         nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
     int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
@@ -54,48 +43,31 @@ public:
         nvinfer1::IExprBuilder& exprBuilder) noexcept override;
     bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
         int32_t nbOutputs) noexcept override;
-    int32_t getNbOutputs() const noexcept override;
     size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
 
     // IPluginV3OneRuntime
-    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
-        int32_t nbOutputs) noexcept override;
     int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
         void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
-    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
-    static constexpr int32_t kNB_INPUTS = 5;
-
 private:
+    friend class PluginV3OneBase<OutlierSplitGemmPlugin>;
+
+    //! configurePlugin and onShapeChange: throws std::invalid_argument unless the tensors fit the op.
+    void configureTensors(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, int32_t nbOutputs) const;
     //! Throws std::invalid_argument when the tensors' ranks or sizes disagree with each other or with bits.
     void checkShapes(nvinfer1::Dims const& x, nvinfer1::Dims const& weight, nvinfer1::Dims const& scales,
         nvinfer1::Dims const& channels, nvinfer1::Dims const& outlierWeight, bool weightPackedAsInt8) const;
-    void initFieldsToSerialize();
 
     int32_t mBits;
     int32_t mBlockSize;
-    std::vector<nvinfer1::PluginField> mFieldsToSerialize;
-    nvinfer1::PluginFieldCollection mFieldCollection{};
 };
 
-class OutlierSplitGemmPluginCreator : public nvinfer1::IPluginCreatorV3One
+class OutlierSplitGemmPluginCreator : public PluginCreatorV3OneBase<OutlierSplitGemmPlugin>
 {
 public:
     OutlierSplitGemmPluginCreator();
-    ~OutlierSplitGemmPluginCreator() override = default;
-
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
-    nvinfer1::IPluginV3* createPlugin(
-        char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
-
-private:
-    std::vector<nvinfer1::PluginField> mFields;
-    nvinfer1::PluginFieldCollection mFieldCollection{};
 };
 
 } // namespace plugin

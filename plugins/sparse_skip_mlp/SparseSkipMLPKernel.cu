@@ -22,6 +22,7 @@ namespace
 {
 
 using accullm::GemmProblem;
+using accullm::make_problem;
 
 constexpr int kDecodeRows = 1; // the GEMV for one token; several tokens take the tiled fallback
 
@@ -55,50 +56,27 @@ int projection_kind(Shapes const& s)
 
 GemmProblem rank_problem(Shapes const& s, void const* x, void const* down_rank, float* hidden)
 {
-    GemmProblem p{};
-    p.kind = accullm::kWeightFP16;
+    GemmProblem p = make_problem(accullm::kWeightFP16, s.tokens, s.hidden, s.rank, x, down_rank, nullptr, 0, hidden);
     p.x_is_half = true;
-    p.M = s.tokens;
-    p.K = s.hidden;
-    p.N = s.rank;
-    p.x = x;
-    p.weight = down_rank;
-    p.y = hidden;
     return p;
 }
 
 GemmProblem gate_problem(
     Shapes const& s, void const* x, void const* weight, void const* scale, uint8_t const* keep, float* out)
 {
-    GemmProblem p{};
-    p.kind = projection_kind(s);
+    GemmProblem p
+        = make_problem(projection_kind(s), s.tokens, s.hidden, s.intermediate, x, weight, scale, s.block_size, out);
     p.x_is_half = true;
-    p.M = s.tokens;
-    p.K = s.hidden;
-    p.N = s.intermediate;
-    p.x = x;
-    p.weight = weight;
-    p.scales = static_cast<__half const*>(scale);
-    p.block_size = s.block_size;
     p.column_keep = keep;
-    p.y = out;
     return p;
 }
 
 GemmProblem down_problem(Shapes const& s, float const* activation, void const* weight, void const* scale, void* y)
 {
-    GemmProblem p{};
-    p.kind = projection_kind(s);
+    GemmProblem p = make_problem(
+        projection_kind(s), s.tokens, s.intermediate, s.hidden, activation, weight, scale, s.block_size, y);
     p.out_is_half = true;
-    p.M = s.tokens;
-    p.K = s.intermediate;
-    p.N = s.hidden;
-    p.x = activation;
-    p.weight = weight;
-    p.scales = static_cast<__half const*>(scale);
-    p.block_size = s.block_size;
     p.sparse_rows = true;
-    p.y = y;
     return p;
 }
 
@@ -107,22 +85,21 @@ GemmProblem down_problem(Shapes const& s, float const* activation, void const* w
 Layout layout(Shapes const& s)
 {
     Layout l{};
-    size_t const row_bytes = sizeof(float) * static_cast<size_t>(s.tokens) * s.intermediate;
     size_t offset = 0;
-    l.gate = offset;
-    offset += round_up(row_bytes);
-    l.up = offset;
-    offset += round_up(row_bytes);
-    l.activation = offset;
-    offset += round_up(row_bytes);
+    auto const take = [&offset](size_t bytes) {
+        size_t const at = offset;
+        offset += round_up(bytes);
+        return at;
+    };
+    size_t const row_bytes = sizeof(float) * static_cast<size_t>(s.tokens) * s.intermediate;
+    l.gate = take(row_bytes);
+    l.up = take(row_bytes);
+    l.activation = take(row_bytes);
     if (predictor(s))
     {
-        l.hidden = offset;
-        offset += round_up(sizeof(float) * static_cast<size_t>(s.tokens) * s.rank);
-        l.logits = offset;
-        offset += round_up(row_bytes);
-        l.keep = offset;
-        offset += round_up(static_cast<size_t>(s.intermediate));
+        l.hidden = take(sizeof(float) * static_cast<size_t>(s.tokens) * s.rank);
+        l.logits = take(row_bytes);
+        l.keep = take(static_cast<size_t>(s.intermediate));
     }
     Shapes one = s;
     one.tokens = 1;
@@ -134,8 +111,8 @@ Layout layout(Shapes const& s)
         l.scratch_bytes = std::max(l.scratch_bytes,
             accullm::gemm_workspace_bytes(rank_problem(one, nullptr, kAligned, nullptr), kDecodeRows));
     }
-    l.scratch = offset;
-    l.total = offset + round_up(l.scratch_bytes);
+    l.scratch = take(l.scratch_bytes);
+    l.total = offset;
     return l;
 }
 

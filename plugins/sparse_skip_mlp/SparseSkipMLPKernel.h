@@ -15,22 +15,12 @@
  * Several tokens: dense gate/up, each token masked to its own selection, down over the union (the reference's
  * numbers exactly; no bytes saved).
  *
- * Device pointers; stream is a cudaStream_t as void*. Returns 0 or a cudaError_t code (1 = invalid value).
+ * Pointers, stream and result as every accullm kernel's: ../common/accullmKernelApi.h.
  */
 #ifndef ACCULLM_SPARSE_SKIP_MLP_KERNEL_H
 #define ACCULLM_SPARSE_SKIP_MLP_KERNEL_H
 
-#include <stddef.h>
-#include <stdint.h>
-
-#ifndef ACCULLM_KERNEL_API
-#define ACCULLM_KERNEL_API __attribute__((visibility("default")))
-#endif
-
-#ifdef __cplusplus
-extern "C"
-{
-#endif
+#include "../common/accullmKernelApi.h"
 
 #define ACCULLM_SPARSE_METHOD_THRESHOLD 0
 #define ACCULLM_SPARSE_METHOD_PREDICTOR 1
@@ -49,9 +39,5 @@ ACCULLM_KERNEL_API int accullm_sparse_skip_mlp(void const* x, void const* gate_w
     void const* gate_scale, void const* up_scale, void const* down_scale, void* y, int64_t tokens, int64_t hidden,
     int64_t intermediate, int64_t rank, int32_t method, int32_t block_size, void* workspace, size_t workspace_bytes,
     void* stream);
-
-#ifdef __cplusplus
-}
-#endif
 
 #endif /* ACCULLM_SPARSE_SKIP_MLP_KERNEL_H */

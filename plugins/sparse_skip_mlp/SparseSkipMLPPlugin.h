@@ -11,10 +11,10 @@
  */
 #pragma once
 
-#include "../common/accullmPlugin.h"
+#include "../common/accullmPluginBase.h"
 
+#include <cstdint>
 #include <string>
-#include <vector>
 
 namespace accullm
 {
@@ -33,30 +33,19 @@ struct SparseSkipMLPInputs
     int32_t count{5};
 };
 
-class SparseSkipMLPPlugin : public nvinfer1::IPluginV3,
-                            public nvinfer1::IPluginV3OneCore,
-                            public nvinfer1::IPluginV3OneBuild,
-                            public nvinfer1::IPluginV3OneRuntime
+//! The IPluginV3 capabilities, clone, names, configurePlugin / onShapeChange: PluginV3OneBase.
+class SparseSkipMLPPlugin : public PluginV3OneBase<SparseSkipMLPPlugin>
 {
 public:
+    static constexpr char const* kNAME = kSPARSE_SKIP_MLP_NAME;
+    static constexpr char const* kVERSION = kSPARSE_SKIP_MLP_VERSION;
+
     //! Throws std::invalid_argument for a method other than "threshold" / "predictor" or a negative block size.
     SparseSkipMLPPlugin(std::string method, int32_t blockSize);
-    SparseSkipMLPPlugin(SparseSkipMLPPlugin const& other);
-    SparseSkipMLPPlugin& operator=(SparseSkipMLPPlugin const&) = delete;
-    ~SparseSkipMLPPlugin() override = default;
-
-    // IPluginV3
-    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
-    nvinfer1::IPluginV3* clone() noexcept override;
-
-    // IPluginV3OneCore
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
+    //! From the fields method and block_size (default 0); throws std::invalid_argument.
+    static SparseSkipMLPPlugin fromFields(nvinfer1::PluginFieldCollection const& fields);
 
     // IPluginV3OneBuild
-    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
-        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
     int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
         nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
     int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
@@ -64,51 +53,37 @@ public:
         nvinfer1::IExprBuilder& exprBuilder) noexcept override;
     bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
         int32_t nbOutputs) noexcept override;
-    int32_t getNbOutputs() const noexcept override;
     size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
 
     // IPluginV3OneRuntime
-    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
-        int32_t nbOutputs) noexcept override;
     int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
         void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
-    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
 private:
+    friend class PluginV3OneBase<SparseSkipMLPPlugin>;
+
+    //! configurePlugin and onShapeChange: throws std::invalid_argument unless the tensors fit the op; keeps the
+    //! input count for enqueue.
+    void configureTensors(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, int32_t nbOutputs);
     bool predictor() const noexcept;
     //! Inputs without the empty guesser placeholders: 5, + 3 for the predictor, + 3 scales for int4.
     int32_t defaultInputCount() const noexcept;
     //! Throws std::invalid_argument when nbInputs does not fit (method, block_size).
     SparseSkipMLPInputs inputsFor(int32_t nbInputs) const;
     //! Throws std::invalid_argument when shapes disagree; -1 dimensions (unknown at build time) pass.
-    void checkShapes(nvinfer1::Dims const* dims, SparseSkipMLPInputs const& at, bool packedInt8) const;
-    void initFieldsToSerialize();
+    void checkShapes(nvinfer1::PluginTensorDesc const* in, SparseSkipMLPInputs const& at, bool packedInt8) const;
 
     std::string mMethod;
     int32_t mBlockSize;
     int32_t mNbInputs{0}; // as configured (build) or seen by onShapeChange (run time); enqueue is not told
-    std::vector<nvinfer1::PluginField> mFieldsToSerialize;
-    nvinfer1::PluginFieldCollection mFieldCollection{};
 };
 
-class SparseSkipMLPPluginCreator : public nvinfer1::IPluginCreatorV3One
+class SparseSkipMLPPluginCreator : public PluginCreatorV3OneBase<SparseSkipMLPPlugin>
 {
 public:
     SparseSkipMLPPluginCreator();
-    ~SparseSkipMLPPluginCreator() override = default;
-
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
-    nvinfer1::IPluginV3* createPlugin(
-        char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
-
-private:
-    std::vector<nvinfer1::PluginField> mFields;
-    nvinfer1::PluginFieldCollection mFieldCollection{};
 };
 
 } // namespace plugin

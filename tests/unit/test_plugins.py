@@ -195,12 +195,15 @@ def test_plugin_sources_name_the_reference_op(folder, stem, prefix, reference):
     header = (PLUGINS / folder / f"{stem}Plugin.h").read_text()
     source = (PLUGINS / folder / f"{stem}Plugin.cpp").read_text()
     common = (PLUGINS / "common" / "accullmPlugin.h").read_text()
+    bases = (PLUGINS / "common" / "accullmPluginBase.h").read_text()  # the IPluginV3 boilerplate both share
     assert _constant(header, f"k{prefix}_NAME") == reference.OP_TYPE
     assert _constant(header, f"k{prefix}_VERSION") == str(reference.VERSION)
     assert _constant(common, "kPLUGIN_NAMESPACE") == reference.DOMAIN
     for base in ("IPluginV3", "IPluginV3OneCore", "IPluginV3OneBuild", "IPluginV3OneRuntime", "IPluginCreatorV3One"):
-        assert f"public nvinfer1::{base}" in header
-    overrides = [line for line in header.splitlines() if "override" in line and "~" not in line]
+        assert f"public nvinfer1::{base}" in bases
+    assert f"public PluginV3OneBase<{stem}Plugin>" in header
+    assert f"public PluginCreatorV3OneBase<{stem}Plugin>" in header
+    overrides = [line for line in (header + bases).splitlines() if "override" in line and "~" not in line]
     assert len(overrides) >= 20 and all("noexcept" in line for line in overrides)
     assert f"k{prefix}_NAME" in source and "getFieldsToSerialize" in source
     assert "accullm_" in source  # enqueue calls the kernel's C ABI
