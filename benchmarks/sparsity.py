@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "predictor": manifest["sparsity"].get("predictor"),
                                  **validate(args.reference, folder, args)}
                 log.info("%s: %s", name, results[name]["metrics"])
+                record_path.write_text(json.dumps({**record, "accuracy": results}, indent=2))  # survive a crash
         plot(results, args.out / "sparsity_curve.png")
     speed, others = record.get("speed", {}), record.get("others_share")
     if not args.skip_speed:
