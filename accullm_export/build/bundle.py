@@ -134,7 +134,8 @@ def build_script(target, command: list[str], plugins: bool) -> str:
 cmake -S "$HERE/plugins" -B "$HERE/plugins/build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES={arch} \\
     ${{TensorRT_ROOT:+-DTensorRT_ROOT="$TensorRT_ROOT"}}
 cmake --build "$HERE/plugins/build" -j"$(nproc)"
-test -f "$HERE/{PLUGIN_LIBRARY}" || {{ echo "the plugin library was not built (is TensorRT's include dir found? set TensorRT_ROOT)" >&2; exit 1; }}
+test -f "$HERE/{PLUGIN_LIBRARY}" || {{
+    echo "the plugin library was not built (is TensorRT's include dir found? set TensorRT_ROOT)" >&2; exit 1; }}
 """ if plugins else "\n# this model needs no accullm plugin: TensorRT runs every op natively\n"
     return f"""#!/usr/bin/env bash
 # Build the TensorRT engine for {target.device} (sm_{arch}) from this bundle. Run it on the device.

@@ -60,4 +60,7 @@ def format_sparsity_summary(summary: dict) -> str:
         lines.append(f"guessers (rank {config['rank']}): recall {guesser['recall']:.3f}, precision "
                      f"{guesser['precision']:.3f} of the large neurons on held-out rows; "
                      f"{guesser['flops_percent_of_mlp']:.2f}% of an MLP's FLOPs")
+    if config["sparsity"] > 0:
+        lines.append("note: on ONNX Runtime's CPU this standard-ONNX form runs slower than dense (Compress copies the "
+                     "kept rows; see README); the speedup needs the accullm::SparseSkipMLP plugin (TensorRT targets)")
     return "\n".join(lines)
