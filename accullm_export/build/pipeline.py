@@ -279,6 +279,10 @@ def format_build_summary(manifest: dict, out_dir: str) -> str:
     ceiling = roofline["decode_ceiling_tokens_per_s"]
     lines.append(f"decode ceiling on {target['device']}: {roofline['bytes_per_token'] / 2**20:.1f} MiB read per "
                  f"token / {roofline['bandwidth_gbps']} GB/s = {ceiling} tokens/s at batch 1")
+    sparsity = manifest["options"].get("sparsity")
+    if sparsity and target["backend"] == "onnxruntime":
+        lines.append("note: sparse-skip MLPs run slower than dense on ONNX Runtime's CPU (Compress copies the kept "
+                     "rows); they pay off with the accullm::SparseSkipMLP plugin on TensorRT targets")
     deliverable = manifest["deliverable"]
     if deliverable:
         lines.append(f"output: {out_dir}/{deliverable['path']} ({deliverable['kind']}); manifest: "
