@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import numpy as np
@@ -13,7 +12,6 @@ import pytest
 from accullm_export.build.pipeline import BuildOptions, build, bytes_per_token
 from accullm_export.cli.main import main
 from accullm_export.errors import UserError
-from accullm_export.sparsity.config import SparsityConfig
 from accullm_export.targets import TARGETS, get_target
 
 # the tiny planted Llama: small calibration and validation (its text is the fixture's .txt)
