@@ -4,7 +4,6 @@ the references. Running the kernels needs a GPU: tests/gpu/test_plugin_kernels.p
 
 from __future__ import annotations
 
-import ctypes
 import re
 import shutil
 import subprocess
