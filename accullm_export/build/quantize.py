@@ -59,8 +59,8 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
                    finishing: tuple[str, ...] = FINISHING_PASSES) -> dict:
     """Rewrite ``model`` into ``out_dir``; returns the manifest (also written as ``manifest.json``).
 
-    ``sparsity`` (a ``SparsityConfig``) adds sparse-skip MLPs after quantization; those MLPs' projections keep
-    no FP16 outlier branch (the neuron selection handles them whole). ``finishing`` passes run last (TensorRT
+    ``sparsity`` (a ``SparsityConfig``) adds sparse-skip MLPs after quantization; with the guesser, those MLPs'
+    projections keep no FP16 outlier branch (it narrows gate and up, which must be plain MatMuls). ``finishing`` passes run last (TensorRT
     targets skip the merging ONNX Runtime benefits from: TensorRT fuses on its own, and the plugin swaps need
     the unmerged layers).
     """
@@ -78,9 +78,10 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
     if not layers:
         raise UserError(f"{model_path} has no linear layers (MatMul with an initializer weight) to quantize")
     plans = plan_layers(recipe, layers, profile)
-    if sparsity is not None and sparsity.active and recipe.defaults.quantize_activations:
-        raise UserError(f"--sparsity composes with w4a16 and fp16; {recipe.name} quantizes the MLP inputs to "
-                        "INT8 (MatMulInteger), which the sparse-skip rewrite does not narrow")
+    if sparsity is not None and sparsity.active and recipe.activations == "dynamic" and \
+            recipe.defaults.quantize_activations:
+        raise UserError(f"--sparsity composes with w4a16, fp16 and w8a8 with --activations static; dynamic "
+                        "per-token INT8 (MatMulInteger, one quantization block per row) is not narrowed")
     notes = [f"{layer.node}: {layer.op_type} is not rewritten (only MatMul is); left as it is"
              for layer in layers if layer.op_type != "MatMul"]
     statistics = {entry["name"]: profile.input_statistics(entry["name"]) for entry in profile.manifest["inputs"]}
@@ -89,8 +90,11 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
                     finishing)
 
 
-def _without_mlp_branches(graph, plans: dict[str, LayerPlan], notes: list[str]) -> dict[str, LayerPlan]:
-    """Drop the outlier branch of every SwiGLU MLP projection (the sparse rewrite narrows plain MatMuls)."""
+def _without_mlp_branches(graph, plans: dict[str, LayerPlan], statistics: dict,
+                          notes: list[str]) -> dict[str, LayerPlan]:
+    """Drop the outlier branch of every SwiGLU MLP projection (the sparse rewrite narrows plain MatMuls); a
+    static activation scale then has to cover the channels the branch would have taken."""
+    from accullm_export.graph.recipes import activation_scale
     from accullm_export.sparsity.mlp import find_mlp_blocks
 
     changed = dict(plans)
@@ -98,7 +102,9 @@ def _without_mlp_branches(graph, plans: dict[str, LayerPlan], notes: list[str]) 
         for node in (block.gate, block.up, block.down):
             plan = plans.get(node.name)
             if plan is not None and plan.outliers:
-                changed[node.name] = dataclasses.replace(plan, outliers=())
+                scale = (activation_scale(statistics[plan.input], ()) if plan.activations == "static"
+                         else plan.activation_scale)
+                changed[node.name] = dataclasses.replace(plan, outliers=(), activation_scale=scale)
                 notes.append(f"{node.name}: no FP16 outlier branch (its MLP is sparse-skip)")
     return changed
 
@@ -125,8 +131,9 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
 
     graph, source = load_graph(model_path)
     sparse = sparsity is not None and sparsity.active
+    if sparse and sparsity.method == "predictor":  # the guesser narrows gate/up: they must be plain MatMuls
+        plans = _without_mlp_branches(graph, plans, statistics, notes)
     if sparse:
-        plans = _without_mlp_branches(graph, plans, notes)
         sparse_context = SparseContext(plans=sparsity_plans(model_path, graph, profile, sparsity), notes=notes)
     float_dtype = _float_dtype(graph, plans)
     context = PassContext(plans=plans, float_dtype=float_dtype, statistics=statistics, hessians=hessians,
@@ -137,6 +144,7 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
     graph, reports = run_passes(graph, [(name, context) for name in recipe_passes(recipe)])
     bits = _bits(graph, plans, parameters)  # per layer, before merging puts several layers in one MatMul
     if sparse:
+        sparse_context.input_scales.update(context.input_scales)  # AWQ / SmoothQuant divisors, filled by now
         graph, sparse_reports = run_passes(graph, [("skip_sparse_neurons", sparse_context)])
         reports += sparse_reports
     graph, merged = run_passes(graph, [(name, context) for name in finishing])

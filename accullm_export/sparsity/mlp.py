@@ -2,7 +2,8 @@
 
 The match is structural, not by name: a MatMul ("down") whose input is Mul(Mul(g, Sigmoid(g)), u) where g and
 u are MatMuls of the same input x. A weight may be a float constant or come from a DequantizeLinear or Cast of
-a stored constant (a quantized model). An MLP whose gate or up output passes through anything else first (a
+a stored constant (a quantized model); an input may pass through a static QuantizeLinear/DequantizeLinear pair
+(w8a8 with static activation scales, one scale per tensor, so it holds for any number of kept channels). An MLP whose gate or up output passes through anything else first (a
 bias Add, an outlier-branch Add) does not match and is reported as unrecognised.
 """
 
@@ -10,32 +11,44 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 
 @dataclasses.dataclass(frozen=True)
 class MLPBlock:
-    """One SwiGLU MLP: its nodes and the tensors a sparse rewrite needs."""
+    """One SwiGLU MLP: its nodes and the tensors a sparse rewrite needs.
+
+    ``gate`` and ``up`` are the projections' MatMuls when they feed the activation directly; with an FP16 outlier
+    branch added to them (``isolate_outliers``) they are None: the threshold method does not touch them, the
+    guesser method needs them plain.
+    """
 
     name: str  # the node-name prefix, e.g. /model/layers.3/mlp
-    gate: gs.Node
-    up: gs.Node
-    down: gs.Node
+    gate: gs.Node | None
+    up: gs.Node | None
+    down: gs.Node  # the down projection's (main) MatMul
     activation: gs.Node  # Mul(g, Sigmoid(g))
-    product: gs.Node  # Mul(activation, up): the down projection's input
+    product: gs.Node  # Mul(activation, u): the down projection's input
     sigmoid: gs.Node
+    down_reader: gs.Node  # the node of the main path reading the product: the down MatMul, or its QuantizeLinear
 
     @property
     def input(self) -> gs.Variable:
         return self.gate.inputs[0]
 
     @property
+    def plain(self) -> bool:
+        """Gate and up are plain MatMuls of one input (what the guesser method narrows)."""
+        return self.gate is not None and self.up is not None and self.gate.inputs[0] is self.up.inputs[0]
+
+    @property
     def hidden_size(self) -> int:
-        return int(_weight_shape(self.gate)[0])
+        return int(_weight_shape(self.down)[1])
 
     @property
     def intermediate_size(self) -> int:
-        return int(_weight_shape(self.gate)[1])
+        return int(_weight_shape(self.down)[0])
 
 
 def _weight_shape(node: gs.Node) -> list[int]:
@@ -73,24 +86,39 @@ def _producer(tensor, op: str) -> gs.Node | None:
     return tensor.inputs[0]
 
 
+def _through_static_qdq(tensor) -> tuple[gs.Variable, gs.Node | None]:
+    """The tensor before a per-tensor QuantizeLinear -> DequantizeLinear pair, and that QuantizeLinear."""
+    dequantize = _producer(tensor, "DequantizeLinear")
+    quantize = _producer(dequantize.inputs[0], "QuantizeLinear") if dequantize is not None else None
+    if quantize is None or len(quantize.inputs) < 2 or np.size(getattr(quantize.inputs[1], "values", [0, 0])) != 1:
+        return tensor, None
+    return quantize.inputs[0], quantize
+
+
+def _projection(tensor) -> gs.Node | None:
+    """The plain MatMul (constant or stored weight) producing ``tensor``, if that is what produces it."""
+    node = _producer(tensor, "MatMul")
+    return node if node is not None and weight_source(node) is not None and len(tensor.outputs) <= 2 else None
+
+
 def _match(down: gs.Node) -> MLPBlock | None:
-    if down.op != "MatMul" or weight_source(down) is None:
+    if down.op != "MatMul" or weight_source(down) is None or down.name.endswith("/outliers/MatMul"):
         return None
-    product = _producer(down.inputs[0], "Mul")
+    down_input, quantize = _through_static_qdq(down.inputs[0])
+    product = _producer(down_input, "Mul")
     if product is None:
         return None
     for activated, up_tensor in (product.inputs, product.inputs[::-1]):
-        activation, up = _producer(activated, "Mul"), _producer(up_tensor, "MatMul")
-        if activation is None or up is None or weight_source(up) is None:
+        activation = _producer(activated, "Mul")
+        if activation is None:
             continue
         for gate_tensor, sigmoid_tensor in (activation.inputs, activation.inputs[::-1]):
-            sigmoid, gate = _producer(sigmoid_tensor, "Sigmoid"), _producer(gate_tensor, "MatMul")
-            if (sigmoid is None or gate is None or sigmoid.inputs[0] is not gate_tensor
-                    or gate.inputs[0] is not up.inputs[0] or weight_source(gate) is None):
+            sigmoid = _producer(sigmoid_tensor, "Sigmoid")
+            if sigmoid is None or sigmoid.inputs[0] is not gate_tensor:
                 continue
-            if len(gate_tensor.outputs) != 2 or len(up_tensor.outputs) != 1 or len(product.outputs[0].outputs) != 1:
+            if len(gate_tensor.outputs) != 2 or len(up_tensor.outputs) != 1:
                 continue  # something else reads an intermediate: the MLP cannot be narrowed safely
             name = down.name.rsplit("/", 2)[0] if down.name.count("/") >= 2 else down.name
-            return MLPBlock(name=name, gate=gate, up=up, down=down, activation=activation, product=product,
-                            sigmoid=sigmoid)
+            return MLPBlock(name=name, gate=_projection(gate_tensor), up=_projection(up_tensor), down=down,
+                            activation=activation, product=product, sigmoid=sigmoid, down_reader=quantize or down)
     return None

@@ -78,7 +78,9 @@ def test_build_orin_writes_a_bundle(planted_model, tmp_path, capsys):
     folder, text = planted_model
     code = main(["build", str(folder), "--target", "orin", "-o", str(tmp_path / "orin"), "--calib", str(text),
                  "--calib-samples", "4", "--calib-seq-len", "40", "--validation-windows", "2",
-                 "--validation-seq-len", "32", "--block-size", "64", "--max-kl", "5", "--sparsity", "0.5"])
+                 "--validation-seq-len", "32", "--block-size", "64", "--max-kl", "5", "--sparsity", "0.5",
+                 "--method", "predictor", "--predictor-rank", "8", "--predictor-samples", "2",
+                 "--predictor-steps", "20"])
     out = capsys.readouterr().out
     assert code == 0
     assert "deployment bundle: on the Jetson AGX Orin 64GB run `bash" in out

@@ -139,6 +139,8 @@ def test_the_rewrite_reads_fewer_weight_rows_at_decode(planted_model, profile, t
 
 
 def test_w4a16_composition_gathers_int4_blocks(planted_model, profile, tmp_path):
+    """The down projection reads the kept rows of its stored int4 blocks; the FP16 outlier branches stay (the
+    threshold method leaves gate/up alone, and a down branch gathers from the masked activations)."""
     folder, _ = planted_model
     out = tmp_path / "q"
     manifest = quantize_model(folder, out, Recipe(name="w4a16", block_size=64), profile,
@@ -146,39 +148,51 @@ def test_w4a16_composition_gathers_int4_blocks(planted_model, profile, tmp_path)
     model = onnx.load(str(out / "model.onnx"))
     by_name = {t.name: t for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
-
-    def dequantized(weight_name):
-        """The MatMul's weight, dequantized in NumPy from the stored int4 values and block scales."""
-        compress = next(n for n in model.graph.node if n.op_type == "Compress" and n.output[0] == weight_name)
-        assert compress.attribute[0].i == 0  # rows of the down projection: whole int4 values of each block
+    nodes = {n.name: n for n in model.graph.node}
+    dense_weights = initializers(folder / "model.onnx")
+    checked = 0
+    for prefix, _, product, out_name, _, _, down_weight in mlp_names(folder):
+        down = nodes[f"{prefix}/down_proj/MatMul"]
+        compress = producers[down.input[1]]
+        assert compress.op_type == "Compress" and compress.attribute[0].i == 0  # whole rows of each block
         dq = producers[compress.input[0]]
         assert dq.op_type == "DequantizeLinear" and by_name[dq.input[0]].data_type == onnx.TensorProto.INT4
         values = numpy_helper.to_array(by_name[dq.input[0]]).astype(np.float64)
         scales = np.repeat(numpy_helper.to_array(by_name[dq.input[1]]).astype(np.float64), 64, axis=0)
-        return values * scales[:values.shape[0]]
+        stored = values * scales[:values.shape[0]]
+        branch = nodes.get(f"{prefix}/down_proj/MatMul/outliers/MatMul")
+        channels = []
+        if branch is not None:
+            channels = list(numpy_helper.to_array(by_name[producers[branch.input[0]].input[1]]))
+        rest = dense_weights[down_weight].copy()
+        rest[channels] = 0  # independent RTN emulation of the low-bit part
+        np.testing.assert_allclose(stored, np_round_symmetric(rest, 4, 64), rtol=1e-6, atol=1e-7)
+        tapped = IntermediateReader(out / "model.onnx", "basic").run(feeds(folder, 24), [product, out_name])
+        a = tapped[product].reshape(-1, tapped[product].shape[-1]).astype(np.float64)
+        keep = np.abs(a) > numpy_helper.to_array(by_name[f"{prefix}/sparse/level"])
+        union = keep.any(axis=0)
+        masked = np.where(keep, a, 0.0)
+        expected = masked[:, union] @ stored[union]
+        if channels:
+            rows = numpy_helper.to_array(by_name[f"{down.name}/outlier_weight"]).astype(np.float64)
+            expected = expected + masked[:, channels] @ rows
+        np.testing.assert_allclose(tapped[out_name].reshape(expected.shape), expected, rtol=1e-4, atol=1e-5)
+        assert 0 < keep.sum() < keep.size
+        checked += 1
+    assert checked == 2
+    gate_layers = [layer for layer in manifest["layers"] if "gate_proj" in layer["node"]]
+    assert any(layer["outliers"] for layer in gate_layers)  # branches kept with the threshold method
+    assert manifest["sparsity"]["config"]["sparsity"] == 0.5
 
-    sparse_names = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and "/mlp/" in n.name
-                    and producers.get(n.input[1]) is not None and producers[n.input[1]].op_type == "Compress"}
-    names = mlp_names(folder)
 
-    dense_weights = initializers(folder / "model.onnx")
-
-    def weights(dense_name):
-        """gate/up: the independent RTN emulation; down: dequantized from what the Compress reads, which must
-        equal the emulation too (the int4 blocks were stored and gathered intact)."""
-        emulated = np_round_symmetric(dense_weights[dense_name], 4, 64).astype(np.float64)
-        if "down_proj" not in dense_name:
-            return emulated
-        prefix = next(entry[0] for entry in names if entry[6] == dense_name)
-        stored = dequantized(f"{prefix}/down_proj/MatMul/weight_selected_output")
-        np.testing.assert_allclose(stored, emulated, rtol=1e-6, atol=1e-7)
-        return stored
-
-    assert len(sparse_names) == 2  # the down projections read Compress(DequantizeLinear(int4))
-    check_against_numpy(folder, out, weights, 24, threshold_level)
+def test_predictor_composition_drops_mlp_branches(planted_model, profile, tmp_path):
+    folder, _ = planted_model
+    manifest = quantize_model(folder, tmp_path / "p", Recipe(name="w4a16", block_size=64), profile,
+                              sparsity=SparsityConfig(sparsity=0.4, method="predictor", **FAST))
     mlp_layers = [layer for layer in manifest["layers"] if "/mlp/" in layer["node"]]
     assert mlp_layers and all(not layer["outliers"] for layer in mlp_layers)
-    assert manifest["sparsity"]["config"]["sparsity"] == 0.5
+    assert any("no FP16 outlier branch" in note for note in manifest["notes"])
+    assert manifest["sparsity"]["mlps"] == 2
 
 
 def test_predictor_training_is_reproducible_and_learns():
@@ -225,8 +239,9 @@ def test_refusals(planted_model, profile, tiny_exports, tmp_path):
         sparsify_model(tmp_path / "s", tmp_path / "again", SparsityConfig(sparsity=0.3), profile)
     with pytest.raises(UserError, match="another model"):
         sparsify_model(tiny_exports["llama"][1], tmp_path / "foreign", SparsityConfig(sparsity=0.3), profile)
-    with pytest.raises(UserError, match="composes with w4a16 and fp16"):
-        quantize_model(folder, tmp_path / "w8", Recipe(name="w8a8"), profile, sparsity=SparsityConfig(sparsity=0.3))
+    with pytest.raises(UserError, match="dynamic per-token INT8"):
+        quantize_model(folder, tmp_path / "w8", Recipe(name="w8a8", activations="dynamic"), profile,
+                       sparsity=SparsityConfig(sparsity=0.3))
     for path in ("again", "foreign", "w8"):
         assert not (tmp_path / path).exists()
 
@@ -294,3 +309,58 @@ def test_fused_op_reference_int4_equals_its_dequantized_float():
     np.testing.assert_array_equal(quantized, reference)
     dense = (lambda g: g / (1 + np.exp(-g)))(x @ floats[0]) * (x @ floats[1]) @ floats[2]
     assert not np.allclose(reference, dense, atol=1e-6)  # the level really skipped neurons
+
+
+def test_w8a8_static_composition_equals_numpy(planted_model, profile, tmp_path):
+    """w8a8 with static (per-tensor) scales: the kept activations are quantized with the layer's scale and meet
+    the kept rows of the int8 down projection."""
+    folder, _ = planted_model
+    out = tmp_path / "w8"
+    quantize_model(folder, out, Recipe(name="w8a8", activations="static"), profile,
+                   sparsity=SparsityConfig(sparsity=0.5))
+    model = onnx.load(str(out / "model.onnx"))
+    by_name = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    checked = 0
+    for prefix, _, product, out_name, *_ in mlp_names(folder):
+        down = next(n for n in model.graph.node if n.name == f"{prefix}/down_proj/MatMul")
+        dequantize = producers[down.input[0]]
+        quantize = producers[dequantize.input[0]]
+        assert dequantize.op_type == "DequantizeLinear" and quantize.input[0] == f"{prefix}/sparse/selected_output"
+        weight_dq = producers[producers[down.input[1]].input[0]]
+        taps = [product, quantize.input[0], down.input[0], f"{prefix}/sparse/union_output", out_name]
+        values = IntermediateReader(out / "model.onnx", "basic").run(feeds(folder, 24), taps)
+        a = values[product].reshape(-1, values[product].shape[-1])
+        keep = np.abs(a) > by_name[f"{prefix}/sparse/level"]
+        union = keep.any(axis=0)
+        np.testing.assert_array_equal(values[f"{prefix}/sparse/union_output"], union)
+        selected = np.where(keep, a, 0)[:, union]
+        np.testing.assert_allclose(values[quantize.input[0]].reshape(selected.shape), selected, rtol=0, atol=0)
+        scale = float(np.asarray(by_name[quantize.input[1]]).reshape(-1)[0])
+        expected_input = np.clip(np.rint(selected / scale), -128, 127) * scale
+        np.testing.assert_allclose(values[down.input[0]].reshape(selected.shape), expected_input, rtol=1e-6)
+        weight = by_name[weight_dq.input[0]].astype(np.float64) * by_name[weight_dq.input[1]].astype(np.float64)
+        expected = expected_input @ weight[union]
+        np.testing.assert_allclose(values[out_name].reshape(expected.shape), expected, rtol=1e-4, atol=1e-5)
+        checked += 1
+    assert checked == 2
+
+
+def test_smoothquant_rescales_the_threshold(planted_model, profile, tmp_path):
+    """SmoothQuant divides the down projection's input by s per channel; the level becomes t / s, so the same
+    activations are kept as in the unsmoothed model."""
+    folder, _ = planted_model
+    out = tmp_path / "sq"
+    manifest = quantize_model(folder, out, Recipe(name="w8a8", activations="static", smoothquant=0.5), profile,
+                              sparsity=SparsityConfig(sparsity=0.5))
+    constants = initializers(out / "model.onnx")
+    feed = feeds(folder, 24)
+    for prefix, _, product, *_ in mlp_names(folder):
+        threshold = next(layer["threshold"] for layer in manifest["sparsity"]["layers"] if layer["mlp"] == prefix)
+        level = constants[f"{prefix}/sparse/level"]
+        assert level.shape == (128,) and not np.allclose(level, threshold)
+        smoothed = IntermediateReader(out / "model.onnx", "basic").run(feed, [product])[product]
+        original = IntermediateReader(folder / "model.onnx", "basic").run(feed, [product])[product]
+        divisor = np.abs(original).reshape(-1, 128).max(0) / np.abs(smoothed).reshape(-1, 128).max(0)
+        # the divisor is estimated from absmax ratios, blurred by the int8 rounding upstream: most channels agree
+        assert np.isclose(level * divisor, threshold, rtol=0.25).mean() > 0.9

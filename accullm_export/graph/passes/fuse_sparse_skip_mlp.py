@@ -3,7 +3,8 @@
 Runs on the output of ``skip_sparse_neurons`` before ``merge_parallel_linears`` (TensorRT needs no merging).
 The op's inputs and semantics are defined in ``plugins/sparse_skip_mlp/reference.py``; weights go in as
 stored: float constants, or int4 values plus their block scales (``block_size`` > 0). An MLP whose weights are
-stored any other way (int8 per channel, a Cast of fp16) stays standard, with a note.
+stored any other way (int8 per channel, a Cast of fp16), or with an FP16 outlier branch on one of its
+projections, stays standard, with a note.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def _fused_node(graph: gs.Graph, nodes: dict, prefix: str) -> gs.Node | str:
     gate, up, down = (nodes.get(f"{prefix}/{name}/MatMul") for name in ("gate_proj", "up_proj", "down_proj"))
     if gate is None or up is None or down is None:
         return "gate/up/down MatMuls not found by name (run this pass before merge_parallel_linears)"
+    if any(f"{node.name}/outliers/MatMul" in nodes for node in (gate, up, down)):
+        return "an FP16 outlier branch feeds this MLP (the fused op has none)"
     weights = [_stored_weight(node.inputs[1]) for node in (gate, up, down)]
     problem = next((w for w in weights if isinstance(w, str)), None)
     if problem is not None:
@@ -54,6 +57,8 @@ def _fused_node(graph: gs.Graph, nodes: dict, prefix: str) -> gs.Node | str:
     if len(blocks) != 1:
         return "gate, up and down weights are stored differently"
     level = nodes[f"{prefix}/sparse/union"].inputs[1]
+    if np.size(level.values) != 1:
+        return "a per-channel selection level (AWQ/SmoothQuant-scaled input); the fused op takes one level"
     predictor = f"{prefix}/sparse/guess" in nodes
     inputs = [gate.inputs[0], *(values for values, _, _ in weights), level]
     if predictor:

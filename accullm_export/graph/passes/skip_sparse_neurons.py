@@ -28,10 +28,13 @@ from accullm_export.sparsity.mlp import MLPBlock, find_mlp_blocks
 
 @dataclasses.dataclass
 class SparseContext:
-    """The pass config: plans keyed by MLP name, and notes on MLPs left dense."""
+    """The pass config: plans keyed by MLP name, notes on MLPs left dense, and the per-channel divisors s that
+    AWQ or SmoothQuant folded into an input (x becomes x / s), keyed by tensor name: thresholds and guessers
+    were calibrated on x, so they are rescaled to the graph's x / s."""
 
     plans: dict
     notes: list = dataclasses.field(default_factory=list)
+    input_scales: dict = dataclasses.field(default_factory=dict)
 
 
 @register("skip_sparse_neurons")
@@ -44,26 +47,36 @@ def run(graph: gs.Graph, context: SparseContext) -> gs.Graph:
             continue
         if plan.sparsity <= 0.0:
             continue
-        _Rewriter(graph, block).apply(plan)
+        if plan.method == "predictor" and not block.plain:
+            context.notes.append(f"{name}: gate/up are not plain MatMuls of one input (an outlier branch?); the "
+                                 "guesser cannot narrow them; left dense")
+            continue
+        _Rewriter(graph, block, context.input_scales).apply(plan)
     return graph.cleanup().toposort()
 
 
 class _Rewriter:
-    def __init__(self, graph: gs.Graph, block: MLPBlock):
+    def __init__(self, graph: gs.Graph, block: MLPBlock, input_scales: dict):
         self.graph, self.block, self.prefix = graph, block, f"{block.name}/sparse"
+        self.input_scales = input_scales
         self.dtype = np.dtype(block.product.outputs[0].dtype or np.float32)
 
     def apply(self, plan) -> None:
         block = self.block
         product = block.product.outputs[0]
+        readers = list(product.outputs)  # the down projection's main path, and an outlier branch's Gather
         if plan.method == "predictor":
             p = plan.predictor
-            hidden = self._node("MatMul", [block.input, self._const("down_rank", p.down_rank)], "guess_rank")
+            x_scales = self.input_scales.get(block.input.name)  # the guesser saw x; the graph has x / s
+            down_rank = p.down_rank if x_scales is None else p.down_rank * np.asarray(x_scales)[:, None]
+            hidden = self._node("MatMul", [block.input, self._const("down_rank", down_rank)], "guess_rank")
             score = self._node("MatMul", [hidden, self._const("up_rank", p.up_rank)], "guess")
             score = self._node("Add", [score, self._const("guess_bias", p.bias)], "guess_logits")
             level = p.tau
         else:
-            score, level = self._node("Abs", [product], "magnitude"), plan.threshold
+            a_scales = self.input_scales.get(product.name)  # |a| > t  <=>  |a / s| > t / s
+            score = self._node("Abs", [product], "magnitude")
+            level = plan.threshold if a_scales is None else plan.threshold / np.asarray(a_scales, np.float64)
         level = self._const("level", np.array(level))
         keep = self._node("Greater", [score, level], "keep", dtype=np.bool_)
         flat = self._node("Reshape", [score, gs.Constant(f"{self.prefix}/rows", np.array([-1, block.intermediate_size],
@@ -79,9 +92,13 @@ class _Rewriter:
                 tensor.shape = None  # the neuron axis is now the selection's size
             keep = self._compress(keep, union, axis=-1, name=f"{self.prefix}/keep_selected")
         masked = self._node("Where", [keep, product, self._const("zero", np.array(0.0))], "masked")
+        selected = masked
         if plan.method == "threshold":
-            masked = self._compress(masked, union, axis=-1, name=f"{self.prefix}/selected")
-        block.down.inputs[0] = masked
+            selected = self._compress(masked, union, axis=-1, name=f"{self.prefix}/selected")
+            for reader in readers:  # an outlier branch gathers its channels from the full-width masked tensor
+                if reader is not block.down_reader:
+                    reader.inputs[reader.inputs.index(product)] = masked
+        block.down_reader.inputs[0] = selected  # the down MatMul, or its static QuantizeLinear (any width)
         block.down.inputs[1] = self._compress(block.down.inputs[1], union, axis=0,
                                               name=f"{block.down.name}/weight_selected")
 
