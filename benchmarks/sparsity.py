@@ -18,6 +18,7 @@ never asserts on a time. Run from the repository root (about 45 minutes on a 2-c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -26,14 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-from cpu_meter import CpuMeter  # benchmarks/ is on sys.path when a script here runs
+import peers  # benchmarks/ is on sys.path when a script here runs: its decode timing and prompt
 
 log = logging.getLogger("sparsity")
 LEVELS = (0.25, 0.40, 0.50, 0.60, 0.70)
 METHODS = ("threshold", "predictor")
 SPEED_SPARSITY = 0.5
-W4A16 = ("--recipe", "w4a16", "--block-size", "128", "--policy", "sensitivity", "--gptq")  # as in peers.py
-DECODE_PROMPT_TOKENS, DECODE_TOKENS = 32, 64
 
 
 def cli(*arguments: str, log_path: Path) -> None:
@@ -69,28 +68,14 @@ def validate(reference: Path, candidate: Path, args) -> dict:
 
 
 def decode_speed(models: dict[str, Path], reference: Path, rounds: int) -> tuple[dict[str, list[float]], float]:
-    from accullm_export.data.text import load_text_source
-    from accullm_export.runtime import GenerationConfig, OrtCausalLM, generate
-    from accullm_export.runtime.tokenizer import FolderTokenizer
-
-    tokenizer = FolderTokenizer(reference)
-    prompt = next(ids[:DECODE_PROMPT_TOKENS] for ids in map(tokenizer.encode,
-                                                             load_text_source("wiki:evaluation").documents)
-                  if len(ids) >= DECODE_PROMPT_TOKENS)
-    loaded = {}
-    for name, folder in models.items():
-        model = OrtCausalLM.from_path(folder, device="cpu", optimization="all")
-        generate(model, [prompt], GenerationConfig(max_new_tokens=8))  # warm-up
-        loaded[name] = model
-    config = GenerationConfig(max_new_tokens=DECODE_TOKENS + 1)  # no EOS: exactly DECODE_TOKENS decode steps
-    samples: dict[str, list[float]] = {name: [] for name in loaded}
-    meter = CpuMeter()
-    meter.start()
-    names = list(loaded)
-    for round_index in range(rounds):
-        for name in names[round_index % len(names):] + names[:round_index % len(names)]:
-            samples[name].append(generate(loaded[name], [prompt], config).decode_tokens_per_second)
-    return samples, meter.others_share()
+    """The peers table's decode timing (same prompt, interleaved rounds, CPU share of other processes)."""
+    rows = [peers.Row(name=name, label=name, folder=str(folder)) for name, folder in models.items()]
+    others = peers.measure_decode(rows, peers.decode_prompt(reference),
+                                  dataclasses.replace(peers.FULL, speed_rounds=rounds))
+    failed = [f"{row.name}: {row.error}" for row in rows if row.status != "ok"]
+    if failed:
+        raise RuntimeError("decode timing failed for " + "; ".join(failed))
+    return {row.name: row.decode_samples for row in rows}, others
 
 
 def render(results: dict, speed: dict, others: float | None, args) -> str:
@@ -106,7 +91,8 @@ def render(results: dict, speed: dict, others: float | None, args) -> str:
                      f"{guesser.get('recall', '—')} | {guesser.get('precision', '—')} | "
                      f"{guesser.get('flops_percent_of_mlp', '—')} |")
     if speed:
-        lines += ["", f"Decode tokens/s at batch 1 ({DECODE_TOKENS} tokens after a {DECODE_PROMPT_TOKENS}-token "
+        lines += ["", f"Decode tokens/s at batch 1 ({peers.FULL.decode_tokens} tokens after a "
+                      f"{peers.DECODE_PROMPT_TOKENS}-token "
                       f"prompt), ORT all, {args.rounds} interleaved rounds, median; other processes took "
                       f"{'n/a' if others is None else f'{100 * others:.0f}%'} of the CPUs meanwhile.", "",
                   "| model | tok/s | ratio to its dense model |", "|---|--:|--:|"]
@@ -179,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         for method in METHODS:
             models[f"fp32+{method}-{percent}"] = build(f"{method}-{percent}", sparsify_args(
                 args.reference, args.profile, method, SPEED_SPARSITY), work, True)[0]
-        base = ("quantize", str(args.reference), "--profile", str(args.profile), *W4A16)
+        base = ("quantize", str(args.reference), "--profile", str(args.profile), *peers.OURS_W4A16)
         models["w4a16"] = build("w4a16", base, work, args.reuse)[0]
         for method in METHODS:
             models[f"w4a16+{method}-{percent}"] = build(f"w4a16-{method}-{percent}", base + (

@@ -96,14 +96,16 @@ def build(model: str, out_dir: str | Path, options: BuildOptions, *, overwrite: 
                                                               target), staging)
         try:
             report = _step(steps, "validate", lambda: _validate(reference, rewritten, staging / "validation",
-                                                                  options, recipe, is_llm), staging)
+                                                                  options, recipe, is_llm), staging,
+                           shown="validation/report.html")
         except AccuracyError as exc:
             failure, report = exc, json.loads((staging / "validation" / "report.json").read_text())
         deliverable = None
         if failure is None:
             try:
                 deliverable = _step(steps, "target", lambda: _target_step(target, rewritten, profile, staging,
-                                                                          options, recipe, is_llm), staging)
+                                                                          options, recipe, is_llm), staging,
+                           shown="validation/report.html")
             except AccuLLMError as exc:  # keep the validated model and its report; say what failed
                 failure = exc
         manifest = _manifest(model, target, recipe, options, steps, report, deliverable, rewritten, failure,
@@ -114,13 +116,12 @@ def build(model: str, out_dir: str | Path, options: BuildOptions, *, overwrite: 
     return manifest
 
 
-def _step(steps: list[Step], name: str, function, staging: Path):
+def _step(steps: list[Step], name: str, function, staging: Path, shown: str | None = None):
+    """Run one step, timed; ``shown`` (default: the step's result or its "path") is what the summary lists."""
     started = time.perf_counter()
     log.info("build: %s ...", name)
     result = function()
-    output = result.get("path", "") if isinstance(result, dict) and name != "validate" else result
-    if name == "validate":
-        output = "validation/report.html"
+    output = shown or (result.get("path", "") if isinstance(result, dict) else result)
     if isinstance(output, Path) and staging in output.parents:
         output = output.relative_to(staging)  # where it will be once the folder appears
     steps.append(Step(name, round(time.perf_counter() - started, 2), str(output)))
@@ -210,17 +211,16 @@ def _target_step(target: TargetProfile, model_dir: Path, profile: Path, staging:
 
 def bytes_per_token(model_path: Path) -> int:
     """Weight bytes one decode step reads: every initializer, but only one row of an embedding table."""
+    import numpy as np
+
+    from accullm_export.graph.summary import storage_bytes
+
     path = model_path / "model.onnx" if model_path.is_dir() else model_path
     model = onnx.load(str(path), load_external_data=False)
     gathered = {node.input[0] for node in model.graph.node if node.op_type in ("Gather", "GatherBlockQuantized")}
     total = 0
     for tensor in model.graph.initializer:
-        count = 1
-        for dim in tensor.dims:
-            count *= dim
-        bits = 4 if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else \
-            onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize * 8
-        size = (count * bits + 7) // 8
+        size = storage_bytes(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type), int(np.prod(tensor.dims)))
         if tensor.name in gathered and len(tensor.dims) == 2:
             size //= max(tensor.dims[0], 1)  # one row per token
         total += size

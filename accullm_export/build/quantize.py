@@ -60,9 +60,9 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
     """Rewrite ``model`` into ``out_dir``; returns the manifest (also written as ``manifest.json``).
 
     ``sparsity`` (a ``SparsityConfig``) adds sparse-skip MLPs after quantization; with the guesser, those MLPs'
-    projections keep no FP16 outlier branch (it narrows gate and up, which must be plain MatMuls). ``finishing`` passes run last (TensorRT
-    targets skip the merging ONNX Runtime benefits from: TensorRT fuses on its own, and the plugin swaps need
-    the unmerged layers).
+    projections keep no FP16 outlier branch (it narrows gate and up, which must be plain MatMuls).
+    ``finishing`` passes run last (TensorRT targets skip the merging ONNX Runtime benefits from: TensorRT fuses
+    on its own, and the plugin swaps need the unmerged layers).
     """
     from accullm_export.calibration.profile import load_profile
     from accullm_export.graph.io import load_onnx
@@ -80,7 +80,7 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
     plans = plan_layers(recipe, layers, profile)
     if sparsity is not None and sparsity.active and recipe.activations == "dynamic" and \
             recipe.defaults.quantize_activations:
-        raise UserError(f"--sparsity composes with w4a16, fp16 and w8a8 with --activations static; dynamic "
+        raise UserError("--sparsity composes with w4a16, fp16 and w8a8 with --activations static; dynamic "
                         "per-token INT8 (MatMulInteger, one quantization block per row) is not narrowed")
     notes = [f"{layer.node}: {layer.op_type} is not rewritten (only MatMul is); left as it is"
              for layer in layers if layer.op_type != "MatMul"]
@@ -100,7 +100,7 @@ def _without_mlp_branches(graph, plans: dict[str, LayerPlan], statistics: dict,
     changed = dict(plans)
     for block in find_mlp_blocks(graph):
         for node in (block.gate, block.up, block.down):
-            plan = plans.get(node.name)
+            plan = plans.get(node.name) if node is not None else None
             if plan is not None and plan.outliers:
                 scale = (activation_scale(statistics[plan.input], ()) if plan.activations == "static"
                          else plan.activation_scale)
@@ -124,7 +124,7 @@ def refuse_quantized(model: onnx.ModelProto, path: Path) -> None:
 
 def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite,
              sparsity=None, finishing=FINISHING_PASSES) -> dict:
-    from accullm_export.build.sparsify import SPARSITY_KEY, sparsity_plans, sparsity_summary
+    from accullm_export.build.sparsify import sparsity_metadata, sparsity_plans, sparsity_summary
     from accullm_export.graph.ir import load_graph, save_graph
     from accullm_export.graph.passes.skip_sparse_neurons import SparseContext
     from accullm_export.graph.pipeline import constant_bytes, run_passes
@@ -133,23 +133,23 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
     sparse = sparsity is not None and sparsity.active
     if sparse and sparsity.method == "predictor":  # the guesser narrows gate/up: they must be plain MatMuls
         plans = _without_mlp_branches(graph, plans, statistics, notes)
-    if sparse:
-        sparse_context = SparseContext(plans=sparsity_plans(model_path, graph, profile, sparsity), notes=notes)
     float_dtype = _float_dtype(graph, plans)
     context = PassContext(plans=plans, float_dtype=float_dtype, statistics=statistics, hessians=hessians,
                           embeddings=recipe.embeddings, smoothing=recipe.smoothquant, notes=notes)
+    if sparse:  # shares the AWQ / SmoothQuant divisors the recipe passes record
+        sparse_context = SparseContext(plans=sparsity_plans(model_path, graph, profile, sparsity), notes=notes,
+                                       input_scales=context.input_scales)
     for note in notes:
         log.info("%s", note)
     parameters, source_bytes = _parameter_count(graph), constant_bytes(graph)
     graph, reports = run_passes(graph, [(name, context) for name in recipe_passes(recipe)])
     bits = _bits(graph, plans, parameters)  # per layer, before merging puts several layers in one MatMul
     if sparse:
-        sparse_context.input_scales.update(context.input_scales)  # AWQ / SmoothQuant divisors, filled by now
         graph, sparse_reports = run_passes(graph, [("skip_sparse_neurons", sparse_context)])
         reports += sparse_reports
     graph, merged = run_passes(graph, [(name, context) for name in finishing])
     reports += merged
-    metadata = {RECIPE_KEY: recipe.name} | ({SPARSITY_KEY: f"{sparsity.method}:{sparsity.sparsity}"} if sparse else {})
+    metadata = {RECIPE_KEY: recipe.name} | (sparsity_metadata(sparsity) if sparse else {})
     with atomic_dir(out_dir, overwrite=overwrite) as staging:
         save_graph(graph, source, staging / "model.onnx", metadata)
         copy_side_files(model_path.parent, staging)

@@ -34,6 +34,11 @@ def refuse_sparse(model: onnx.ModelProto, path: Path) -> None:
                         "export instead")
 
 
+def sparsity_metadata(config: SparsityConfig) -> dict[str, str]:
+    """The metadata_props entry that marks a sparse-skip model (``refuse_sparse`` reads it)."""
+    return {SPARSITY_KEY: f"{config.method}:{config.sparsity}"}
+
+
 def sparsity_plans(model_path: Path, graph, profile, config: SparsityConfig) -> dict:
     """Find the MLPs of ``graph`` and plan them (the guessers train on ``model_path``'s activations)."""
     from accullm_export.sparsity.mlp import find_mlp_blocks
@@ -77,7 +82,7 @@ def sparsify_model(model: str | Path, out_dir: str | Path, config: SparsityConfi
     else:
         context.notes.append("sparsity 0: every MLP left dense (the output is the input model, bit for bit)")
     with atomic_dir(out_dir, overwrite=overwrite) as staging:
-        save_graph(graph, source, staging / "model.onnx", {SPARSITY_KEY: f"{config.method}:{config.sparsity}"})
+        save_graph(graph, source, staging / "model.onnx", sparsity_metadata(config))
         copy_side_files(model_path.parent, staging)
         check_loads(staging / "model.onnx")
         manifest = {

@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from accullm_export.graph.io import load_onnx
+from accullm_export.graph.summary import storage_bytes
 
 IR_VERSION = 10  # onnx >= 1.23 writes 14, which ONNX Runtime rejects
 DATA_FILE = "model.onnx.data"
@@ -37,9 +38,7 @@ def constant(name: str, values: np.ndarray) -> gs.Constant:
 def stored_bytes(tensor: gs.Constant) -> int:
     """Bytes the constant takes in the file (int4 packs two values per byte)."""
     values = tensor._values if isinstance(tensor._values, gs.ir.tensor.LazyValues) else tensor.values
-    count = int(np.prod(values.shape, dtype=np.int64))
-    bits = 4 if np.dtype(values.dtype).name in ("int4", "uint4") else np.dtype(values.dtype).itemsize * 8
-    return (count * bits + 7) // 8
+    return storage_bytes(np.dtype(values.dtype), int(np.prod(values.shape, dtype=np.int64)))
 
 
 def save_graph(graph: gs.Graph, source: onnx.ModelProto, path: Path, metadata: dict[str, str]) -> onnx.ModelProto:

@@ -20,6 +20,13 @@ def planned_nodes(graph: gs.Graph, plans: Mapping) -> Iterator[tuple[gs.Node, ob
             yield node, plan
 
 
+def producer_of(tensor, op: str) -> gs.Node | None:
+    """The node producing ``tensor`` if it is the only one and of type ``op`` (None for constants and inputs)."""
+    if isinstance(tensor, gs.Constant) or len(tensor.inputs) != 1 or tensor.inputs[0].op != op:
+        return None
+    return tensor.inputs[0]
+
+
 def float_weight(node: gs.Node) -> gs.Constant | None:
     """The layer's weight if it is still a float constant (not already behind a DequantizeLinear)."""
     weight = node.inputs[1]
@@ -109,9 +116,9 @@ def fold_target(tensor: gs.Variable):
     * a Mul of two tensors, one a MatMul output read only there (SwiGLU's up projection feeding the down
       projection): that MatMul's weight columns are divided.
     """
-    if len(tensor.inputs) != 1 or tensor.inputs[0].op != "Mul":
+    producer = producer_of(tensor, "Mul")
+    if producer is None:
         return None
-    producer = tensor.inputs[0]
     for index, operand in enumerate(producer.inputs):
         if isinstance(operand, gs.Constant) and operand.values.ndim >= 1 and operand.values.shape[-1] > 1:
             return lambda s, node=producer, index=index: _divide_last_axis(node, index, s)

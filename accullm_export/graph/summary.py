@@ -49,7 +49,7 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
         dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
         count = int(np.prod(tensor.dims, dtype=np.int64))
         parameters[dtype.name][0] += count
-        parameters[dtype.name][1] += _storage_bytes(dtype, count)
+        parameters[dtype.name][1] += storage_bytes(dtype, count)
     linear = []
     for node in graph.node:
         if node.op_type in LINEAR_OPS:
@@ -96,6 +96,7 @@ def _value_info(value: onnx.ValueInfoProto) -> tuple[str, str, list]:
     return value.name, dtype, shape
 
 
-def _storage_bytes(dtype: np.dtype, count: int) -> int:
+def storage_bytes(dtype: np.dtype, count: int) -> int:
+    """Bytes ``count`` values of ``dtype`` take in an ONNX file (4-bit types pack two per byte)."""
     bits = {"int4": 4, "uint4": 4, "float4_e2m1fn": 4}.get(dtype.name, dtype.itemsize * 8)
     return (count * bits + 7) // 8

@@ -36,6 +36,17 @@ class CausalLMRunner(abc.ABC):
                 past: KVCache) -> tuple[np.ndarray, KVCache]:
         """Run the model. Returns logits [batch, seq, vocab] (fp32) and the new cache (past + these tokens)."""
 
+    def input_feed(self, input_ids, attention_mask, position_ids, past: KVCache) -> dict[str, np.ndarray]:
+        """The model's inputs by name: token ids, mask and positions as int64, and the cache per layer."""
+        feed = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+                "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
+        if self.layout.has_position_ids:
+            feed["position_ids"] = np.ascontiguousarray(position_ids, dtype=np.int64)
+        for i, (key, value) in enumerate(past):
+            feed[f"past_key_values.{i}.key"] = key
+            feed[f"past_key_values.{i}.value"] = value
+        return feed
+
     def empty_cache(self, batch_size: int) -> KVCache:
         shape = (batch_size, self.layout.num_kv_heads, 0, self.layout.head_dim)
         return [(np.zeros(shape, self.layout.kv_dtype), np.zeros(shape, self.layout.kv_dtype))

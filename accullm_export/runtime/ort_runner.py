@@ -44,14 +44,7 @@ class OrtCausalLM(CausalLMRunner):
         limit = self.layout.max_positions
         if limit is not None and attention_mask.shape[1] > limit:
             raise UserError(f"{attention_mask.shape[1]} tokens exceed the model's maximum of {limit} positions")
-        feed = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-                "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
-        if self.layout.has_position_ids:
-            feed["position_ids"] = np.ascontiguousarray(position_ids, dtype=np.int64)
-        for i, (key, value) in enumerate(past):
-            feed[f"past_key_values.{i}.key"] = key
-            feed[f"past_key_values.{i}.value"] = value
-        outputs = self.session.run(self._output_names, feed)
+        outputs = self.session.run(self._output_names, self.input_feed(input_ids, attention_mask, position_ids, past))
         present = [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(self.layout.num_layers)]
         return np.asarray(outputs[0], dtype=np.float32), present
 

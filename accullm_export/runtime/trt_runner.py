@@ -69,11 +69,7 @@ class TrtCausalLM(CausalLMRunner):
         return tensor, tensor
 
     def forward(self, input_ids, attention_mask, position_ids, past: KVCache):
-        feed = {"input_ids": np.asarray(input_ids, np.int64), "attention_mask": np.asarray(attention_mask, np.int64)}
-        if self.layout.has_position_ids:
-            feed["position_ids"] = np.asarray(position_ids, np.int64)
-        for i, (key, value) in enumerate(past):
-            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = key, value
+        feed = self.input_feed(input_ids, attention_mask, position_ids, past)
         decode = feed["input_ids"].shape[1] == 1 and past and past[0][0].shape[2] > 0
         profile = DECODE_PROFILE if decode and self.engine.num_optimization_profiles > 1 else PREFILL_PROFILE
         handle = self.stream.cuda_stream

@@ -1,10 +1,11 @@
 """Find the SwiGLU MLPs of a graph: down(silu(gate(x)) * up(x)), as exported (and as quantized) by this kit.
 
-The match is structural, not by name: a MatMul ("down") whose input is Mul(Mul(g, Sigmoid(g)), u) where g and
-u are MatMuls of the same input x. A weight may be a float constant or come from a DequantizeLinear or Cast of
-a stored constant (a quantized model); an input may pass through a static QuantizeLinear/DequantizeLinear pair
-(w8a8 with static activation scales, one scale per tensor, so it holds for any number of kept channels). An MLP whose gate or up output passes through anything else first (a
-bias Add, an outlier-branch Add) does not match and is reported as unrecognised.
+The match is structural, not by name: a MatMul ("down") whose input is Mul(Mul(g, Sigmoid(g)), u). A weight
+may be a float constant or come from a DequantizeLinear or Cast of a stored constant (a quantized model); the
+down projection's input may pass through a static QuantizeLinear/DequantizeLinear pair (w8a8 with one scale per
+tensor, which holds for any number of kept channels). g and u are usually MatMuls of the same input; when an
+FP16 outlier branch is added to them, the block records no gate/up node (the threshold method does not need
+them, the guesser refuses such a block). An MLP whose intermediates have other readers does not match.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import dataclasses
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from accullm_export.graph.rewrite import producer_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,16 +83,10 @@ def find_mlp_blocks(graph: gs.Graph) -> list[MLPBlock]:
     return blocks
 
 
-def _producer(tensor, op: str) -> gs.Node | None:
-    if isinstance(tensor, gs.Constant) or len(tensor.inputs) != 1 or tensor.inputs[0].op != op:
-        return None
-    return tensor.inputs[0]
-
-
 def _through_static_qdq(tensor) -> tuple[gs.Variable, gs.Node | None]:
     """The tensor before a per-tensor QuantizeLinear -> DequantizeLinear pair, and that QuantizeLinear."""
-    dequantize = _producer(tensor, "DequantizeLinear")
-    quantize = _producer(dequantize.inputs[0], "QuantizeLinear") if dequantize is not None else None
+    dequantize = producer_of(tensor, "DequantizeLinear")
+    quantize = producer_of(dequantize.inputs[0], "QuantizeLinear") if dequantize is not None else None
     if quantize is None or len(quantize.inputs) < 2 or np.size(getattr(quantize.inputs[1], "values", [0, 0])) != 1:
         return tensor, None
     return quantize.inputs[0], quantize
@@ -97,7 +94,7 @@ def _through_static_qdq(tensor) -> tuple[gs.Variable, gs.Node | None]:
 
 def _projection(tensor) -> gs.Node | None:
     """The plain MatMul (constant or stored weight) producing ``tensor``, if that is what produces it."""
-    node = _producer(tensor, "MatMul")
+    node = producer_of(tensor, "MatMul")
     return node if node is not None and weight_source(node) is not None and len(tensor.outputs) <= 2 else None
 
 
@@ -105,15 +102,15 @@ def _match(down: gs.Node) -> MLPBlock | None:
     if down.op != "MatMul" or weight_source(down) is None or down.name.endswith("/outliers/MatMul"):
         return None
     down_input, quantize = _through_static_qdq(down.inputs[0])
-    product = _producer(down_input, "Mul")
+    product = producer_of(down_input, "Mul")
     if product is None:
         return None
     for activated, up_tensor in (product.inputs, product.inputs[::-1]):
-        activation = _producer(activated, "Mul")
+        activation = producer_of(activated, "Mul")
         if activation is None:
             continue
         for gate_tensor, sigmoid_tensor in (activation.inputs, activation.inputs[::-1]):
-            sigmoid = _producer(sigmoid_tensor, "Sigmoid")
+            sigmoid = producer_of(sigmoid_tensor, "Sigmoid")
             if sigmoid is None or sigmoid.inputs[0] is not gate_tensor:
                 continue
             if len(gate_tensor.outputs) != 2 or len(up_tensor.outputs) != 1:

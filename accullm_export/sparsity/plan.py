@@ -61,6 +61,9 @@ def plan_sparsity(model_path: Path, blocks: list[MLPBlock], profile, config: Spa
     if not blocks:
         raise UserError(f"{model_path} has no recognisable SwiGLU MLP (down(silu(gate(x)) * up(x)) with constant "
                         "weights): nothing to sparsify")
+    if config.method == "predictor" and not all(block.plain for block in blocks):
+        raise UserError(f"{model_path}: the guesser narrows gate and up, which must be plain MatMuls of one input; "
+                        "sparsify the dense export, not a quantized model with outlier branches")
     plans = {block.name: SparsePlan(mlp=block.name, down=block.down.name, method=config.method,
                                     sparsity=config.sparsity,
                                     threshold=layer_threshold(profile, block.down.name, config.sparsity))

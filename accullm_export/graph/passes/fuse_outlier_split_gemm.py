@@ -17,6 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from accullm_export.graph.passes import PLUGIN_ATTRIBUTES, PLUGIN_DOMAIN, register
+from accullm_export.graph.rewrite import producer_of
 
 OP_TYPE, DOMAIN, VERSION = "OutlierSplitGemm", PLUGIN_DOMAIN, 1
 
@@ -32,18 +33,12 @@ def run(graph: gs.Graph, context) -> gs.Graph:
     return graph.cleanup().toposort()
 
 
-def _producer(tensor, op: str):
-    if isinstance(tensor, gs.Constant) or len(tensor.inputs) != 1 or tensor.inputs[0].op != op:
-        return None
-    return tensor.inputs[0]
-
-
 def _fused(add: gs.Node) -> gs.Node | str:
-    main, branch = (_producer(tensor, "MatMul") for tensor in add.inputs)
+    main, branch = (producer_of(tensor, "MatMul") for tensor in add.inputs)
     if main is None or branch is None:
         return "not a MatMul plus outlier-branch MatMul"
-    dequantize = _producer(main.inputs[1], "DequantizeLinear")
-    gather = _producer(branch.inputs[0], "Gather")
+    dequantize = producer_of(main.inputs[1], "DequantizeLinear")
+    gather = producer_of(branch.inputs[0], "Gather")
     if dequantize is None or gather is None or gather.inputs[0] is not main.inputs[0]:
         return "the low-bit part is not a weight DequantizeLinear on the branch's input"
     values, scales = dequantize.inputs[0], dequantize.inputs[1]
@@ -51,7 +46,7 @@ def _fused(add: gs.Node) -> gs.Node | str:
     if kind not in ("int4", "int8") or not isinstance(values, gs.Constant):
         return f"weights stored as {kind}, not int4/int8 constants"
     rows = branch.inputs[1]
-    cast = _producer(rows, "Cast")
+    cast = producer_of(rows, "Cast")
     rows = cast.inputs[0] if cast is not None else rows
     if not isinstance(rows, gs.Constant) or rows.values.dtype != np.float16:
         return "outlier rows are not an FP16 constant"

@@ -13,6 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from accullm_export.graph.passes import PLUGIN_ATTRIBUTES, PLUGIN_DOMAIN, register
+from accullm_export.graph.rewrite import producer_of
 
 OP_TYPE, DOMAIN, VERSION = "SparseSkipMLP", PLUGIN_DOMAIN, 1
 
@@ -32,14 +33,15 @@ def run(graph: gs.Graph, context) -> gs.Graph:
 
 def _stored_weight(tensor) -> tuple[gs.Tensor, gs.Tensor | None, int] | str:
     """(values, scales or None, block size) behind a (possibly Compress-ed) MatMul weight."""
-    if not isinstance(tensor, gs.Constant) and tensor.inputs and tensor.inputs[0].op == "Compress":
-        tensor = tensor.inputs[0].inputs[0]
+    compress = producer_of(tensor, "Compress")
+    if compress is not None:
+        tensor = compress.inputs[0]
     if isinstance(tensor, gs.Constant):
         return tensor, None, 0
-    producer = tensor.inputs[0] if tensor.inputs else None
-    if (producer is not None and producer.op == "DequantizeLinear" and "block_size" in producer.attrs
-            and np.dtype(producer.inputs[0].dtype).name == "int4"):
-        return producer.inputs[0], producer.inputs[1], int(producer.attrs["block_size"])
+    dequantize = producer_of(tensor, "DequantizeLinear")
+    if (dequantize is not None and "block_size" in dequantize.attrs
+            and np.dtype(dequantize.inputs[0].dtype).name == "int4"):
+        return dequantize.inputs[0], dequantize.inputs[1], int(dequantize.attrs["block_size"])
     return "weights stored in a form the plugin does not take (float, or blocked int4 only)"
 
 

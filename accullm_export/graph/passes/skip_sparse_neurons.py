@@ -47,9 +47,9 @@ def run(graph: gs.Graph, context: SparseContext) -> gs.Graph:
             continue
         if plan.sparsity <= 0.0:
             continue
-        if plan.method == "predictor" and not block.plain:
-            context.notes.append(f"{name}: gate/up are not plain MatMuls of one input (an outlier branch?); the "
-                                 "guesser cannot narrow them; left dense")
+        if plan.method == "predictor" and (not block.plain or len(block.product.outputs[0].outputs) != 1):
+            context.notes.append(f"{name}: an outlier branch (or another reader) on the MLP; the guesser narrows "
+                                 "every projection and needs plain MatMuls; left dense")
             continue
         _Rewriter(graph, block, context.input_scales).apply(plan)
     return graph.cleanup().toposort()
@@ -79,8 +79,8 @@ class _Rewriter:
             level = plan.threshold if a_scales is None else plan.threshold / np.asarray(a_scales, np.float64)
         level = self._const("level", np.array(level))
         keep = self._node("Greater", [score, level], "keep", dtype=np.bool_)
-        flat = self._node("Reshape", [score, gs.Constant(f"{self.prefix}/rows", np.array([-1, block.intermediate_size],
-                                                                                           np.int64))], "rows")
+        rows = gs.Constant(f"{self.prefix}/rows", np.array([-1, block.intermediate_size], np.int64))
+        flat = self._node("Reshape", [score, rows], "rows")
         peak = self._node("ReduceMax", [flat, gs.Constant(f"{self.prefix}/axis0", np.array([0], np.int64))], "peak",
                           keepdims=0)
         union = self._node("Greater", [peak, level], "union", dtype=np.bool_)
