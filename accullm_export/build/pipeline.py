@@ -164,13 +164,29 @@ def _quantize(reference: Path, out: Path, profile: Path, recipe: str, options: B
     from accullm_export.graph.recipes import Recipe
 
     quantized = recipe != "fp16"
+    activations = {}
+    if recipe == "w8a8" and target.backend == "onnxruntime":  # an integer GEMM with per-token, per-group scales
+        activations = dict(activations="dynamic", activation_group=_activation_group(reference))
+    elif recipe == "w8a8":  # TensorRT's explicit quantization takes static per-tensor scales
+        activations = dict(activations="static", smoothquant=0.85)
     quantize_model(reference, out, Recipe(name=recipe, block_size=options.block_size,
                                           policy="sensitivity" if quantized else None,
-                                          gptq=options.gptq and recipe == "w4a16",
-                                          activations="dynamic" if recipe == "w8a8" else "static"),
+                                          gptq=options.gptq and (recipe == "w4a16" or activations.get(
+                                              "activations") == "dynamic"), **activations),
                    profile, sparsity=options.sparsity,
                    finishing=FINISHING_PASSES if target.backend == "onnxruntime" else ())
     return out
+
+
+def _activation_group(reference: Path) -> int:
+    """32 input channels per dynamic scale (as MatMulNBits at accuracy level 4) where every linear layer's width
+    allows it, else 16, else one scale per token."""
+    from accullm_export.graph.io import load_onnx
+    from accullm_export.graph.linear import find_linear_layers
+
+    path = reference / "model.onnx" if reference.is_dir() else reference
+    widths = {layer.in_features for layer in find_linear_layers(load_onnx(path, load_external_data=False))}
+    return next((group for group in (32, 16) if all(width % group == 0 for width in widths)), 0)
 
 
 def _validate(reference: Path, candidate: Path, report_dir: Path, options: BuildOptions, recipe: str,

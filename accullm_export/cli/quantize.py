@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which of the profile's outlier policies 'auto' uses (default: the profile's choice)")
     parser.add_argument("--activations", choices=("static", "dynamic"), default="static",
                         help="w8a8: per-tensor scales from the profile, or per-token scales computed at run time")
+    parser.add_argument("--activation-group", type=int, default=0, metavar="G",
+                        help="w8a8 dynamic: one scale per G input channels of each token (32, 64, 128; as "
+                             "MatMulNBits at accuracy level 4), instead of one per token")
     parser.add_argument("--awq", action="store_true", help="w4a16: activation-aware weight scaling")
     parser.add_argument("--gptq", action="store_true", help="w4a16, w8a8: GPTQ error compensation (act-order)")
     parser.add_argument("--smoothquant", type=float, metavar="ALPHA",
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.gptq_samples < 1:
         raise UserError("--gptq-samples must be at least 1")
     recipe = Recipe(name=args.recipe, block_size=args.block_size, outliers=args.outliers, policy=args.policy,
-                    activations=args.activations, awq=args.awq, gptq=args.gptq, smoothquant=args.smoothquant,
+                    activations=args.activations, activation_group=args.activation_group, awq=args.awq, gptq=args.gptq, smoothquant=args.smoothquant,
                     overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings,
                     outlier_layers=tuple(args.outlier_layers))
     manifest = quantize_model(args.model, args.output, recipe, args.profile,

@@ -47,6 +47,7 @@ class Recipe:
     outliers: str | int = "auto"  # auto: the profile's policy; N: the N largest channels per layer; 0: none
     policy: str | None = None  # which of the profile's outlier policies "auto" uses (default: its chosen one)
     activations: str = "static"  # w8a8: static per-tensor scales from the profile, or dynamic per-token
+    activation_group: int = 0  # dynamic: input channels per scale within a token (0: one scale per token)
     awq: bool = False
     gptq: bool = False
     smoothquant: float | None = None  # w8a8: SmoothQuant's migration strength alpha
@@ -64,6 +65,11 @@ class Recipe:
             raise UserError(f"--outliers must be auto, 0 or a positive count, not {self.outliers!r}")
         if self.activations not in ("static", "dynamic"):
             raise UserError(f"--activations must be static or dynamic, not {self.activations!r}")
+        if self.activation_group and (self.activations != "dynamic" or not self.defaults.quantize_activations):
+            raise UserError("--activation-group applies to w8a8 with --activations dynamic (static scales are "
+                            "per tensor)")
+        if self.activation_group and self.activation_group not in (16, 32, 64, 128, 256):
+            raise UserError(f"--activation-group must be 16, 32, 64, 128 or 256, not {self.activation_group}")
         if self.embeddings not in ("int8", "fp16", "fp32"):
             raise UserError(f"--embeddings must be int8, fp16 or fp32, not {self.embeddings!r}")
         if self.awq and self.name != "w4a16":  # its scales would invalidate w8a8's static activation ranges
@@ -125,6 +131,7 @@ class LayerPlan:
     outliers: tuple[int, ...]  # input channels computed from FP16 weight rows, excluded from the low-bit part
     activations: str | None  # "static", "dynamic" or None (not quantized)
     activation_scale: float | None  # static: the input's scale (absmax of the non-outlier channels / 127)
+    activation_group: int | None = None  # dynamic: channels per scale within a token (None: the whole row)
 
     @property
     def quantized(self) -> bool:
@@ -170,14 +177,22 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
     for layer in layers:
         chosen = tuple(sorted(outliers.get(layer.input, ()))) if precision[layer.node] in ("int8", "int4") else ()
         quantize_input = recipe.defaults.quantize_activations and precision[layer.node] == "int8"
-        scale = None
+        scale = group = None
         if quantize_input and recipe.activations == "static":
             scale = activation_scale(profile.input_statistics(layer.input), chosen)
+        if quantize_input and recipe.activations == "dynamic" and recipe.activation_group:
+            group = recipe.activation_group
+            if layer.in_features % group:
+                usable = [g for g in (16, 32, 64, 128, 256) if all(other.in_features % g == 0 for other in layers)]
+                raise UserError(f"--activation-group {group}: {layer.node} has {layer.in_features} input channels, "
+                                f"not a multiple of {group}; this model takes "
+                                f"{', '.join(map(str, usable)) or 'no group size'}")
         plans[layer.node] = LayerPlan(
             node=layer.node, input=layer.input, weight=layer.weight, in_features=layer.in_features,
             out_features=layer.out_features, precision=precision[layer.node],
             block_size=recipe.block_size if precision[layer.node] == "int4" else None, outliers=chosen,
-            activations=recipe.activations if quantize_input else None, activation_scale=scale)
+            activations=recipe.activations if quantize_input else None, activation_scale=scale,
+            activation_group=group)
     return plans
 
 

@@ -197,5 +197,9 @@ def test_build_a_plain_onnx_model_with_a_load_data_script(tmp_path):
     bundle = build(str(model), tmp_path / "trt", BuildOptions(target="hopper", recipe="w8a8", calib=str(script),
                                                               calib_samples=4, gptq=False))
     script_text = (tmp_path / "trt/bundle/build_engine.sh").read_text()
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "trt/bundle/model/model.onnx")).graph.node}
+    assert "QuantizeLinear" in ops and "MatMulInteger" not in ops  # TensorRT takes static per-tensor Q/DQ
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "out/model/model.onnx")).graph.node}
+    assert "MatMulInteger" in ops  # ONNX Runtime: the integer GEMM with per-token scales
     assert bundle["deliverable"]["kind"] == "tensorrt-bundle" and "--int8" in script_text
     assert "-DCMAKE_CUDA_ARCHITECTURES=90" in script_text or "needs no accullm plugin" in script_text

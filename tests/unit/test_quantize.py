@@ -49,9 +49,14 @@ def np_layer(x: np.ndarray, weight: np.ndarray, plan: LayerPlan) -> np.ndarray:
         scale = np.float32(plan.activation_scale)
         x_low = np.clip(np.rint(x / scale), -128, 127) * scale  # QuantizeLinear saturates to the int8 range
     elif plan.activations == "dynamic":
-        inliers = np.abs(np.delete(x, outliers, axis=-1)).max(axis=-1, keepdims=True)
-        scale = np.maximum(inliers / np.float32(127), np.float32(1e-12)).astype(np.float32)
-        x_low = np.clip(np.rint(x / scale), -128, 127) * scale
+        group = plan.activation_group or x.shape[-1]
+        inlier = np.abs(x)
+        inlier[..., outliers] = 0
+        x_low = np.empty_like(x)
+        for start in range(0, x.shape[-1], group):
+            part = slice(start, start + group)
+            scale = np.maximum(inlier[..., part].max(axis=-1, keepdims=True) / np.float32(127), np.float32(1e-12))
+            x_low[..., part] = np.clip(np.rint(x[..., part] / scale), -128, 127) * scale
     out = x_low @ low.astype(np.float32)
     if outliers:
         out = out + x[..., outliers] @ weight[outliers].astype(np.float16).astype(np.float32)
@@ -73,10 +78,10 @@ def run_graph(graph: gs.Graph, x: np.ndarray) -> np.ndarray:
     return create_session(model.SerializeToString(), device="cpu", optimization="basic").run(None, {"x": x})[0]
 
 
-def plan_for(weight, precision, *, outliers=(), block=None, activations=None, scale=None) -> LayerPlan:
+def plan_for(weight, precision, *, outliers=(), block=None, activations=None, scale=None, group=None) -> LayerPlan:
     return LayerPlan(node="/layer/MatMul", input="x", weight="W", in_features=weight.shape[0],
                      out_features=weight.shape[1], precision=precision, block_size=block, outliers=tuple(outliers),
-                     activations=activations, activation_scale=scale)
+                     activations=activations, activation_scale=scale, activation_group=group)
 
 
 CASES = {
@@ -86,6 +91,8 @@ CASES = {
     "w8a8 static": dict(precision="int8", outliers=(3, 17), activations="static", scale=2.0 ** -6),
     "w8a8 dynamic": dict(precision="int8", outliers=(3, 17), activations="dynamic"),
     "w8a8 dynamic, no branch": dict(precision="int8", activations="dynamic"),
+    "w8a8 dynamic, groups of 8, outliers": dict(precision="int8", outliers=(3, 17), activations="dynamic", group=8),
+    "w8a8 dynamic, groups of 20": dict(precision="int8", activations="dynamic", group=20),
     "fp16": dict(precision="fp16"),
 }
 
@@ -312,6 +319,39 @@ def test_w8a8_model_runs_and_the_branch_pays(planted_model, profile, tmp_path):
         assert errors["auto"] < 0.75 * errors[0], errors
 
 
+def test_w8a8_activation_groups(planted_model, profile, tmp_path):
+    """--activation-group: one batched MatMulInteger over [K/G, G, N] weights per layer, the same stored bits, and
+    a smaller error than one scale per token; group sizes that do not divide a layer's width are refused."""
+    from accullm_export.calibration.feeds import llm_feeds, text_windows
+
+    folder, text = planted_model
+    windows, _ = text_windows(folder, str(text), 2, 32, seed=5)
+    feed = llm_feeds(windows[1:], folder / "model.onnx")[0]
+    reference = _logits(folder / "model.onnx", feed)
+    errors, bits = {}, {}
+    for group in (0, 16):
+        out = tmp_path / f"group{group}"
+        manifest = quantize_model(folder, out, Recipe(name="w8a8", activations="dynamic", activation_group=group,
+                                                      outliers=0), profile)
+        model = onnx.load(str(out / "model.onnx"))
+        onnx.checker.check_model(model, full_check=True)
+        initializers = {t.name: t for t in model.graph.initializer}
+        weights = [initializers[n.input[1]] for n in model.graph.node if n.op_type == "MatMulInteger"]
+        assert weights and all(len(w.dims) == (3 if group else 2) for w in weights)
+        if group:
+            assert all(w.dims[1] == group for w in weights)
+            assert {p["activation_group"] for p in manifest["layers"] if p["activations"]} == {group}
+        errors[group] = np.abs(_logits(out / "model.onnx", feed) - reference).mean()
+        bits[group] = manifest["size"]["linear_bits_per_weight"]
+        create_session(out / "model.onnx", device="cpu", optimization="all").run(["logits"], feed)
+    assert bits[16] == bits[0]
+    assert errors[16] < errors[0], errors
+    with pytest.raises(UserError, match="not a multiple of 128; this model takes 16, 32, 64"):
+        quantize_model(folder, tmp_path / "bad", Recipe(name="w8a8", activations="dynamic", activation_group=128),
+                       profile)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_quantizing_twice_or_with_a_foreign_profile_is_refused(planted_model, profile, tiny_exports, tmp_path):
     folder, _ = planted_model
     quantize_model(folder, tmp_path / "q", Recipe(name="w4a16", block_size=32), profile)
@@ -413,7 +453,9 @@ def test_quantize_cli(planted_model, profile, tmp_path, capsys):
     for bad, message in ((["--outliers", "-1"], "--outliers"), (["--awq", "--recipe", "w8a8"], "--awq"),
                          (["--override", "nothing=int8"], "matches no linear layer"),
                          (["--override", "lm_head=int3"], "precision must be one of"),
-                         (["--smoothquant", "0.5"], "--smoothquant"), (["--block-size", "100"], "--block-size")):
+                         (["--smoothquant", "0.5"], "--smoothquant"), (["--block-size", "100"], "--block-size"),
+                         (["--activation-group", "32"], "--activation-group"),
+                         (["--recipe", "w8a8", "--activation-group", "32"], "--activation-group")):
         args = ["quantize", str(folder), "--recipe", "w4a16", "--profile", str(profile), "-o", str(tmp_path / "bad"),
                 *bad]
         assert main(args) == 2

@@ -7,7 +7,11 @@
   (Mul by a 0/1 mask, Abs, ReduceMax, / 127), then a blocked QuantizeLinear whose block is the whole row. The
   layer becomes an integer GEMM in standard ONNX: ``MatMulInteger`` of the quantized input (stored as uint8
   with zero point 128, which ONNX Runtime's fast u8 x s8 kernel takes; the values are the int8 grid shifted)
-  and the int8 weight, then the int32 sum times the token's scale times the channel's weight scale. A QDQ
+  and the int8 weight, then the int32 sum times the token's scale times the channel's weight scale.
+  With ``--activation-group G`` each token has one scale per G input channels (as ONNX Runtime's
+  MatMulNBits does at accuracy level 4 for onnxruntime-genai's int8 models): the input is reshaped to
+  [tokens, K/G, G] and moved group-first, the weight is stored as [K/G, G, N], one batched ``MatMulInteger``
+  gives each group's int32 partial sums, which are scaled by their group's scale and summed. A QDQ
   form with a run-time scale would make ONNX Runtime dequantize every weight at every step. TensorRT needs
   static scales, so TensorRT targets use ``static``.
 
@@ -49,7 +53,7 @@ def run(graph: gs.Graph, context) -> gs.Graph:
             continue
         quantized, token_scale = _dynamic(graph, source, plan, float_dtype)
         for node, _ in members:
-            if not _integer_gemm(graph, node, quantized, token_scale, float_dtype):
+            if not _integer_gemm(graph, node, quantized, token_scale, float_dtype, plan.activation_group):
                 context.notes.append(f"{node.name}: weight is not per-channel int8; activations left unquantized")
     return graph.cleanup().toposort()
 
@@ -63,12 +67,20 @@ def _static(graph: gs.Graph, source: gs.Variable, plan, float_dtype: np.dtype) -
 
 
 def _dynamic(graph: gs.Graph, source: gs.Variable, plan, float_dtype: np.dtype) -> tuple[gs.Variable, gs.Variable]:
-    """The input quantized per token (uint8, zero point 128) and the per-token scales."""
+    """The input quantized per token (uint8, zero point 128) and the per-token scales; with a group size G, both
+    group-first: [K/G, tokens, G] and [K/G, tokens, 1]."""
     name = source.name
+    group = plan.activation_group
+    mask = np.ones(plan.in_features, dtype=float_dtype)
+    mask[list(plan.outliers)] = 0
+    if group:  # [..., K] -> [tokens, K/G, G] -> [K/G, tokens, G]: one scale per (group, token)
+        flat = _node(graph, "Reshape", f"{name}/groups/Reshape",
+                     [source, constant(f"{name}/groups/shape", np.asarray([-1, plan.in_features // group, group],
+                                                                         dtype=np.int64))], float_dtype)
+        source = _node(graph, "Transpose", f"{name}/groups/Transpose", [flat], float_dtype, perm=[1, 0, 2])
+        mask = mask.reshape(plan.in_features // group, 1, group)
     magnitude_of = source
     if plan.outliers:
-        mask = np.ones(plan.in_features, dtype=float_dtype)
-        mask[list(plan.outliers)] = 0
         magnitude_of = _node(graph, "Mul", f"{name}/token_scale/Mul", [source, constant(f"{name}/inlier_mask", mask)],
                              float_dtype)
     magnitude = _node(graph, "Abs", f"{name}/token_scale/Abs", [magnitude_of], float_dtype)
@@ -83,26 +95,43 @@ def _dynamic(graph: gs.Graph, source: gs.Variable, plan, float_dtype: np.dtype) 
                        [constant(f"{name}/uint8_zero_point", np.asarray(128, dtype=np.uint8)),
                         _node(graph, "Shape", f"{name}/token_scale/Shape", [scale], np.int64)], np.uint8)
     quantized = _node(graph, "QuantizeLinear", f"{name}/QuantizeLinear", [source, scale, zero_point], np.uint8,
-                      axis=-1, block_size=plan.in_features)
+                      axis=-1, block_size=group or plan.in_features)
     return quantized, scale
 
 
 def _integer_gemm(graph: gs.Graph, node: gs.Node, quantized: gs.Variable, token_scale: gs.Variable,
-                  float_dtype: np.dtype) -> bool:
-    """Replace MatMul(x, DequantizeLinear(w_int8, w_scale)) by the integer GEMM and two rescales."""
+                  float_dtype: np.dtype, group: int | None = None) -> bool:
+    """Replace MatMul(x, DequantizeLinear(w_int8, w_scale)) by the integer GEMM and two rescales; with ``group``,
+    ``quantized`` is [K/G, tokens, G] and the per-group sums are scaled, added and shaped back to [..., N]."""
     weight = node.inputs[1]
     producer = weight.inputs[0] if len(weight.inputs) == 1 else None
     if (producer is None or producer.op != "DequantizeLinear" or producer.attrs.get("axis") != 1
             or producer.inputs[0].values.dtype != np.int8):
         return False
     name = node.name
+    values = producer.inputs[0]
+    if group:
+        rows, columns = values.values.shape
+        values = constant(f"{name}/weight_grouped", values.values.reshape(rows // group, group, columns))
     accumulated = _node(graph, "MatMulInteger", f"{name}/MatMulInteger",
-                        [quantized, producer.inputs[0], constant(f"{name}/input_zero_point_u8",
-                                                                 np.asarray(128, dtype=np.uint8))], np.int32)
+                        [quantized, values, constant(f"{name}/input_zero_point_u8",
+                                                     np.asarray(128, dtype=np.uint8))], np.int32)
     widened = _node(graph, "Cast", f"{name}/Cast", [accumulated], float_dtype, to=onnx_type(float_dtype))
     per_token = _node(graph, "Mul", f"{name}/token_scale/Mul", [widened, token_scale], float_dtype)
     output = node.outputs[0]
     node.outputs.clear()
+    if group:  # [K/G, tokens, N] -> [tokens, N] -> [..., N]
+        summed = _node(graph, "ReduceSum", f"{name}/groups/ReduceSum",
+                       [per_token, constant(f"{name}/groups/axes", np.asarray([0], dtype=np.int64))], float_dtype,
+                       keepdims=0)
+        scaled = _node(graph, "Mul", f"{name}/weight_scale/Mul", [summed, producer.inputs[1]], float_dtype)
+        leading = _node(graph, "Shape", f"{name}/groups/Shape", [node.inputs[0]], np.int64, end=-1)
+        shape = _node(graph, "Concat", f"{name}/groups/Concat",
+                      [leading, constant(f"{name}/groups/width", np.asarray([columns], dtype=np.int64))], np.int64,
+                      axis=0)
+        graph.nodes.append(gs.Node("Reshape", name=f"{name}/groups/Reshape", inputs=[scaled, shape],
+                                   outputs=[output]))
+        return True
     graph.nodes.append(gs.Node("Mul", name=f"{name}/weight_scale/Mul", inputs=[per_token, producer.inputs[1]],
                                outputs=[output]))
     return True
