@@ -35,8 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activations", choices=("static", "dynamic"), default="static",
                         help="w8a8: per-tensor scales from the profile, or per-token scales computed at run time")
     parser.add_argument("--activation-group", type=int, default=0, metavar="G",
-                        help="w8a8 dynamic: one scale per G input channels of each token (32, 64, 128; as "
-                             "MatMulNBits at accuracy level 4), instead of one per token")
+                        help="w8a8 dynamic: one scale per G input channels of each token (16 to 256; as "
+                             "MatMulNBits at accuracy level 4) instead of one per token: much less error, about "
+                             "half the CPU decode speed (a batched integer GEMM ONNX Runtime does not prepack)")
     parser.add_argument("--awq", action="store_true", help="w4a16: activation-aware weight scaling")
     parser.add_argument("--gptq", action="store_true", help="w4a16, w8a8: GPTQ error compensation (act-order)")
     parser.add_argument("--smoothquant", type=float, metavar="ALPHA",
