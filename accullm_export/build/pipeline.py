@@ -93,7 +93,7 @@ def build(model: str, out_dir: str | Path, options: BuildOptions, *, overwrite: 
         profile = _step(steps, "calibrate", lambda: _calibrate(reference, work / "profile", options, is_llm),
                         staging)
         rewritten = _step(steps, "quantize", lambda: _quantize(reference, work / "model", profile, recipe, options,
-                                                              target), staging)
+                                                              target, is_llm), staging)
         try:
             report = _step(steps, "validate", lambda: _validate(reference, rewritten, staging / "validation",
                                                                   options, recipe, is_llm), staging,
@@ -159,7 +159,7 @@ def _calibrate(reference: Path, profile_dir: Path, options: BuildOptions, is_llm
 
 
 def _quantize(reference: Path, out: Path, profile: Path, recipe: str, options: BuildOptions,
-              target: TargetProfile) -> Path:
+              target: TargetProfile, is_llm: bool) -> Path:
     from accullm_export.build.quantize import FINISHING_PASSES, quantize_model
     from accullm_export.graph.recipes import Recipe
 
@@ -169,6 +169,8 @@ def _quantize(reference: Path, out: Path, profile: Path, recipe: str, options: B
         activations = dict(activations="dynamic", activation_group=_activation_group(reference))
     elif recipe == "w8a8":  # TensorRT's explicit quantization takes static per-tensor scales
         activations = dict(activations="static", smoothquant=0.85)
+    if recipe == "w4a16" and is_llm and options.gptq:  # with GPTQ, o_proj/down_proj branches did not pay
+        activations["outlier_layers"] = ("residual",)
     quantize_model(reference, out, Recipe(name=recipe, block_size=options.block_size,
                                           policy="sensitivity" if quantized else None,
                                           gptq=options.gptq and (recipe == "w4a16" or activations.get(

@@ -98,6 +98,13 @@ class Recipe:
         return cls(**values)
 
 
+# ``--outlier-layers residual``: the layers that read the residual stream through a norm, where its outlier
+# features enter (q/k/v and gate/up after the RMSNorms, the LM head after the final norm). The attention output
+# (o_proj) and the SwiGLU product (down_proj) carry no such channels; on the sample, with GPTQ, their branches did
+# not lower the KL.
+RESIDUAL_READERS = ("*q_proj*", "*k_proj*", "*v_proj*", "*gate_proj*", "*up_proj*", "lm_head")
+
+
 def parse_override(text: str) -> tuple[str, str]:
     """``PATTERN=PRECISION`` from the command line, e.g. ``lm_head=int8`` or ``layers.0=fp16``."""
     pattern, sep, precision = text.rpartition("=")
@@ -163,14 +170,21 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
     Raises:
         UserError: an override that matches no layer, or a layer the profile does not know.
     """
+    outlier_layers = recipe.outlier_layers
+    if "residual" in outlier_layers:
+        readers = [p for p in RESIDUAL_READERS if any(override_matches(p, layer.node) for layer in layers)]
+        if not readers:
+            raise UserError("--outlier-layers residual: no q/k/v, gate/up or lm_head layer in this model (names look "
+                            f"like {layers[0].node}); give name patterns instead")
+        outlier_layers = tuple(p for p in outlier_layers if p != "residual") + tuple(readers)
     for option, pattern in [("--override", p) for p, _ in recipe.overrides] + [
-            ("--outlier-layers", p) for p in recipe.outlier_layers]:
+            ("--outlier-layers", p) for p in outlier_layers]:
         if not any(override_matches(pattern, layer.node) for layer in layers):
             raise UserError(f"{option} {pattern!r} matches no linear layer (names look like {layers[0].node})")
     precision = {layer.node: layer_precision(recipe, layer.node) for layer in layers}
     outliers: dict[str, set[int]] = {}
     for layer in layers:
-        branch = not recipe.outlier_layers or any(override_matches(p, layer.node) for p in recipe.outlier_layers)
+        branch = not outlier_layers or any(override_matches(p, layer.node) for p in outlier_layers)
         if precision[layer.node] in ("int8", "int4") and recipe.defaults.outlier_branch and branch:
             outliers.setdefault(layer.input, set()).update(_outlier_channels(recipe, layer, profile))
     plans = {}

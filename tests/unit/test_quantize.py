@@ -270,6 +270,22 @@ def test_outlier_layers_limit_the_branch(planted_model, profile, tmp_path):
     assert with_branch and all("down_proj" in node or "lm_head" in node for node in with_branch)
     with pytest.raises(UserError, match="--outlier-layers"):
         quantize_model(folder, tmp_path / "x", Recipe(name="w4a16", outlier_layers=("nothing",)), profile)
+    manifest = quantize_model(folder, tmp_path / "r", Recipe(name="w4a16", block_size=32, policy="topk",
+                                                             outlier_layers=("residual",)), profile)
+    with_branch = {layer["node"] for layer in manifest["layers"] if layer["outliers"]}
+    readers = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
+    assert {node for node in with_branch if "lm_head" in node} and {node for node in with_branch if "up_proj" in node}
+    assert all(any(name in node for name in readers) for node in with_branch)
+    assert all(layer["outliers"] for layer in manifest["layers"] if any(name in layer["node"] for name in readers))
+
+
+def test_residual_outlier_layers_need_named_readers():
+    from accullm_export.graph.linear import LinearLayer
+    from accullm_export.graph.recipes import plan_layers
+
+    layers = [LinearLayer(node="/fc1/MatMul", op_type="MatMul", input="x", weight="w", in_features=8, out_features=8, dtype="float32")]
+    with pytest.raises(UserError, match="no q/k/v, gate/up or lm_head layer"):
+        plan_layers(Recipe(name="w4a16", outlier_layers=("residual",)), layers, profile=None)
 
 
 def test_override_patterns():
