@@ -164,17 +164,16 @@ def _quantize(reference: Path, out: Path, profile: Path, recipe: str, options: B
     from accullm_export.graph.recipes import Recipe
 
     quantized = recipe != "fp16"
-    activations = {}
+    extra: dict = {}  # recipe options this target and model call for
     if recipe == "w8a8" and target.backend == "onnxruntime":  # an integer GEMM with per-token, per-group scales
-        activations = dict(activations="dynamic", activation_group=_activation_group(reference))
+        extra = dict(activations="dynamic", activation_group=_activation_group(reference),
+                     gptq=options.gptq and is_llm)
     elif recipe == "w8a8":  # TensorRT's explicit quantization takes static per-tensor scales
-        activations = dict(activations="static", smoothquant=0.85)
-    if recipe == "w4a16" and is_llm and options.gptq:  # with GPTQ, o_proj/down_proj branches did not pay
-        activations["outlier_layers"] = ("residual",)
+        extra = dict(activations="static", smoothquant=0.85)
+    elif recipe == "w4a16":  # with GPTQ, o_proj/down_proj branches did not lower the KL on the sample
+        extra = dict(gptq=options.gptq, outlier_layers=("residual",) if is_llm and options.gptq else ())
     quantize_model(reference, out, Recipe(name=recipe, block_size=options.block_size,
-                                          policy="sensitivity" if quantized else None,
-                                          gptq=options.gptq and (recipe == "w4a16" or activations.get(
-                                              "activations") == "dynamic"), **activations),
+                                          policy="sensitivity" if quantized else None, **extra),
                    profile, sparsity=options.sparsity,
                    finishing=FINISHING_PASSES if target.backend == "onnxruntime" else ())
     return out

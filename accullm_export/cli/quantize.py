@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if args.gptq_samples < 1:
         raise UserError("--gptq-samples must be at least 1")
     recipe = Recipe(name=args.recipe, block_size=args.block_size, outliers=args.outliers, policy=args.policy,
-                    activations=args.activations, activation_group=args.activation_group, awq=args.awq, gptq=args.gptq, smoothquant=args.smoothquant,
+                    activations=args.activations, activation_group=args.activation_group, awq=args.awq,
+                    gptq=args.gptq, smoothquant=args.smoothquant,
                     overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings,
                     outlier_layers=tuple(args.outlier_layers))
     manifest = quantize_model(args.model, args.output, recipe, args.profile,
