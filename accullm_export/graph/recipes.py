@@ -103,6 +103,20 @@ class Recipe:
 # (o_proj) and the SwiGLU product (down_proj) carry no such channels; on the sample, with GPTQ, their branches did
 # not lower the KL.
 RESIDUAL_READERS = ("*q_proj*", "*k_proj*", "*v_proj*", "*gate_proj*", "*up_proj*", "lm_head")
+# ... plus the layers that write the attention sink's massive activations: their input at the sink token exceeds
+# every other token's by this factor (on the sample, the down projections of blocks 11 and 28: 154x and 35x).
+# Their sink channels join the FP16 rows: GPTQ's statistics leave the sink out, so nothing else protects them
+# (without them, 64 GPTQ windows instead of 32 moved block 11's massive activation by 21% and broke the model).
+SINK_RATIO = 10.0
+
+
+def sink_channels(statistics: Mapping[str, np.ndarray], ratio: float = SINK_RATIO) -> list[int]:
+    """Channels whose |x| at the attention-sink token exceeds ``ratio`` x the largest |x| of any other token."""
+    sink = statistics.get("sink_absmax")
+    if sink is None or not np.asarray(statistics["absmax"]).size:
+        return []
+    limit = ratio * float(np.max(statistics["absmax"]))
+    return sorted(int(c) for c in np.flatnonzero(np.asarray(sink) > limit))
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -177,6 +191,8 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
             raise UserError("--outlier-layers residual: no q/k/v, gate/up or lm_head layer in this model (names look "
                             f"like {layers[0].node}); give name patterns instead")
         outlier_layers = tuple(p for p in outlier_layers if p != "residual") + tuple(readers)
+        sink_writers = {layer.node: sink_channels(profile.input_statistics(layer.input)) for layer in layers}
+        outlier_layers += tuple(node for node, channels in sink_writers.items() if channels)
     for option, pattern in [("--override", p) for p, _ in recipe.overrides] + [
             ("--outlier-layers", p) for p in outlier_layers]:
         if not any(override_matches(pattern, layer.node) for layer in layers):
@@ -187,6 +203,8 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
         branch = not outlier_layers or any(override_matches(p, layer.node) for p in outlier_layers)
         if precision[layer.node] in ("int8", "int4") and recipe.defaults.outlier_branch and branch:
             outliers.setdefault(layer.input, set()).update(_outlier_channels(recipe, layer, profile))
+            if "residual" in recipe.outlier_layers and recipe.outliers != 0:
+                outliers[layer.input].update(sink_writers.get(layer.node, ()))
     plans = {}
     for layer in layers:
         chosen = tuple(sorted(outliers.get(layer.input, ()))) if precision[layer.node] in ("int8", "int4") else ()

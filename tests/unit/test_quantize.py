@@ -279,6 +279,35 @@ def test_outlier_layers_limit_the_branch(planted_model, profile, tmp_path):
     assert all(layer["outliers"] for layer in manifest["layers"] if any(name in layer["node"] for name in readers))
 
 
+def test_residual_outlier_layers_take_the_sink_writers():
+    """A layer whose input at the attention sink dwarfs every other token's gets the branch, sink channels included."""
+    from accullm_export.graph.linear import LinearLayer
+    from accullm_export.graph.recipes import plan_layers, sink_channels
+
+    absmax = np.ones(8)
+    assert sink_channels({"absmax": absmax, "sink_absmax": np.array([1, 50, 2, 11, 0, 0, 0, 0.0])}) == [1, 3]
+    assert sink_channels({"absmax": absmax}) == []
+
+    class Profile:
+        manifest = {"layers": []}
+        stats = {"q_in": {"absmax": absmax, "sink_absmax": absmax},
+                 "down_in": {"absmax": absmax, "sink_absmax": np.array([0, 0, 500.0, 0, 0, 0, 0, 0])},
+                 "o_in": {"absmax": absmax, "sink_absmax": absmax * 2}}
+
+        def input_statistics(self, name):
+            return self.stats[name]
+
+        def outliers(self, node, policy=None):
+            return [0]
+
+    layers = [LinearLayer(node=f"/model/layers.0/{name}/MatMul", op_type="MatMul", input=tensor, weight=f"w{i}",
+                          in_features=8, out_features=8, dtype="float32")
+              for i, (name, tensor) in enumerate((("self_attn/q_proj", "q_in"), ("self_attn/o_proj", "o_in"),
+                                                  ("mlp/down_proj", "down_in")))]
+    plans = plan_layers(Recipe(name="w4a16", block_size=16, outlier_layers=("residual",)), layers, Profile())
+    assert [plans[layer.node].outliers for layer in layers] == [(0,), (), (0, 2)]
+
+
 def test_residual_outlier_layers_need_named_readers():
     from accullm_export.graph.linear import LinearLayer
     from accullm_export.graph.recipes import plan_layers
