@@ -101,7 +101,7 @@ class Recipe:
 # ``--outlier-layers residual``: the layers that read the residual stream through a norm, where its outlier
 # features enter (q/k/v and gate/up after the RMSNorms, the LM head after the final norm). The attention output
 # (o_proj) and the SwiGLU product (down_proj) carry no such channels; on the sample, with GPTQ, their branches did
-# not lower the KL.
+# not lower the KL, except where a down projection writes the attention sink (below).
 RESIDUAL_READERS = ("*q_proj*", "*k_proj*", "*v_proj*", "*gate_proj*", "*up_proj*", "lm_head")
 # ... plus the layers that write the attention sink's massive activations: their input at the sink token exceeds
 # every other token's by this factor (on the sample, the down projections of blocks 11 and 28: 154x and 35x).
