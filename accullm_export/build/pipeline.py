@@ -184,10 +184,11 @@ def _activation_group(reference: Path) -> int:
     allows it, else 16, else one scale per token."""
     from accullm_export.graph.io import load_onnx
     from accullm_export.graph.linear import find_linear_layers
+    from accullm_export.graph.recipes import activation_groups
 
     path = reference / "model.onnx" if reference.is_dir() else reference
-    widths = {layer.in_features for layer in find_linear_layers(load_onnx(path, load_external_data=False))}
-    return next((group for group in (32, 16) if all(width % group == 0 for width in widths)), 0)
+    usable = activation_groups(find_linear_layers(load_onnx(path, load_external_data=False)))
+    return next((group for group in (32, 16) if group in usable), 0)
 
 
 def _validate(reference: Path, candidate: Path, report_dir: Path, options: BuildOptions, recipe: str,

@@ -17,6 +17,7 @@ import numpy as np
 from accullm_export.errors import UserError
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")  # fp32: left as it is
+ACTIVATION_GROUPS = (16, 32, 64, 128, 256)  # --activation-group sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +69,7 @@ class Recipe:
         if self.activation_group and (self.activations != "dynamic" or not self.defaults.quantize_activations):
             raise UserError("--activation-group applies to w8a8 with --activations dynamic (static scales are "
                             "per tensor)")
-        if self.activation_group and self.activation_group not in (16, 32, 64, 128, 256):
+        if self.activation_group and self.activation_group not in ACTIVATION_GROUPS:
             raise UserError(f"--activation-group must be 16, 32, 64, 128 or 256, not {self.activation_group}")
         if self.embeddings not in ("int8", "fp16", "fp32"):
             raise UserError(f"--embeddings must be int8, fp16 or fp32, not {self.embeddings!r}")
@@ -185,14 +186,16 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
         UserError: an override that matches no layer, or a layer the profile does not know.
     """
     outlier_layers = recipe.outlier_layers
+    sink_writers: dict[str, list[int]] = {}  # residual mode: layer -> the sink channels its FP16 rows must hold
     if "residual" in outlier_layers:
         readers = [p for p in RESIDUAL_READERS if any(override_matches(p, layer.node) for layer in layers)]
         if not readers:
             raise UserError("--outlier-layers residual: no q/k/v, gate/up or lm_head layer in this model (names look "
                             f"like {layers[0].node}); give name patterns instead")
         outlier_layers = tuple(p for p in outlier_layers if p != "residual") + tuple(readers)
-        sink_writers = {layer.node: sink_channels(profile.input_statistics(layer.input)) for layer in layers}
-        outlier_layers += tuple(node for node, channels in sink_writers.items() if channels)
+        sink_writers = {layer.node: channels for layer in layers
+                        if (channels := sink_channels(profile.input_statistics(layer.input)))}
+        outlier_layers += tuple(sink_writers)
     for option, pattern in [("--override", p) for p, _ in recipe.overrides] + [
             ("--outlier-layers", p) for p in outlier_layers]:
         if not any(override_matches(pattern, layer.node) for layer in layers):
@@ -203,7 +206,7 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
         branch = not outlier_layers or any(override_matches(p, layer.node) for p in outlier_layers)
         if precision[layer.node] in ("int8", "int4") and recipe.defaults.outlier_branch and branch:
             outliers.setdefault(layer.input, set()).update(_outlier_channels(recipe, layer, profile))
-            if "residual" in recipe.outlier_layers and recipe.outliers != 0:
+            if recipe.outliers != 0:
                 outliers[layer.input].update(sink_writers.get(layer.node, ()))
     plans = {}
     for layer in layers:
@@ -215,7 +218,7 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
         if quantize_input and recipe.activations == "dynamic" and recipe.activation_group:
             group = recipe.activation_group
             if layer.in_features % group:
-                usable = [g for g in (16, 32, 64, 128, 256) if all(other.in_features % g == 0 for other in layers)]
+                usable = activation_groups(layers)
                 raise UserError(f"--activation-group {group}: {layer.node} has {layer.in_features} input channels, "
                                 f"not a multiple of {group}; this model takes "
                                 f"{', '.join(map(str, usable)) or 'no group size'}")
@@ -226,6 +229,11 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
             activations=recipe.activations if quantize_input else None, activation_scale=scale,
             activation_group=group)
     return plans
+
+
+def activation_groups(layers: Sequence) -> list[int]:
+    """The ``--activation-group`` sizes that divide every layer's input width, smallest first."""
+    return [g for g in ACTIVATION_GROUPS if all(layer.in_features % g == 0 for layer in layers)]
 
 
 def _outlier_channels(recipe: Recipe, layer, profile) -> list[int]:
