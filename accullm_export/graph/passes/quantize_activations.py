@@ -54,8 +54,11 @@ def run(graph: gs.Graph, context) -> gs.Graph:
                 node.inputs[0] = quantized
             continue
         quantized, token_scale = _dynamic(graph, source, plan, float_dtype)
+        leading = None  # grouped: the input's shape but its channels, computed once for every reader
+        if plan.activation_group:
+            leading = _node(graph, "Shape", f"{tensor_name}/groups/Shape", [source], np.int64, end=-1)
         for node, _ in members:
-            if not _integer_gemm(graph, node, quantized, token_scale, float_dtype, plan.activation_group):
+            if not _integer_gemm(graph, node, quantized, token_scale, float_dtype, plan.activation_group, leading):
                 context.notes.append(f"{node.name}: weight is not per-channel int8; activations left unquantized")
     return graph.cleanup().toposort()
 
@@ -102,9 +105,10 @@ def _dynamic(graph: gs.Graph, source: gs.Variable, plan, float_dtype: np.dtype) 
 
 
 def _integer_gemm(graph: gs.Graph, node: gs.Node, quantized: gs.Variable, token_scale: gs.Variable,
-                  float_dtype: np.dtype, group: int | None = None) -> bool:
+                  float_dtype: np.dtype, group: int | None = None, leading: gs.Variable | None = None) -> bool:
     """Replace MatMul(x, DequantizeLinear(w_int8, w_scale)) by the integer GEMM and two rescales; with ``group``,
-    ``quantized`` is [K/G, tokens, G] and the per-group sums are scaled, added and shaped back to [..., N]."""
+    ``quantized`` is [K/G, tokens, G] and the per-group sums are scaled, added and shaped back to [..., N]
+    (``leading``: the input's shape without its last axis)."""
     weight = node.inputs[1]
     producer = weight.inputs[0] if len(weight.inputs) == 1 else None
     if (producer is None or producer.op != "DequantizeLinear" or producer.attrs.get("axis") != 1
@@ -127,7 +131,6 @@ def _integer_gemm(graph: gs.Graph, node: gs.Node, quantized: gs.Variable, token_
                        [per_token, constant(f"{name}/groups/axes", np.asarray([0], dtype=np.int64))], float_dtype,
                        keepdims=0)
         scaled = _node(graph, "Mul", f"{name}/weight_scale/Mul", [summed, producer.inputs[1]], float_dtype)
-        leading = _node(graph, "Shape", f"{name}/groups/Shape", [node.inputs[0]], np.int64, end=-1)
         shape = _node(graph, "Concat", f"{name}/groups/Concat",
                       [leading, constant(f"{name}/groups/width", np.asarray([columns], dtype=np.int64))], np.int64,
                       axis=0)
