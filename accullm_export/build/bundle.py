@@ -1,7 +1,9 @@
 """The deployment bundle: everything a device with TensorRT needs to finish the build, when this machine has none.
 
     bundle/
-      model/            the rewritten standard-ONNX model (TensorRT runs every op natively), tokenizer, manifest
+      model/            the rewritten standard-ONNX model (TensorRT runs every op natively), tokenizer, manifest;
+                        its FP16 block scales are widened to plain constants (TensorRT's Dequantize takes a
+                        build-time constant scale)
       model_plugins/    the same with the accullm plugin ops swapped in (only when a swap applied)
       profile/          the calibration profile            validation/   the validation report
       plugins/          the plugin sources and their CMakeLists.txt
@@ -43,6 +45,7 @@ def write_bundle(model_dir: Path, profile: Path, validation: Path, bundle: Path,
     """Write the bundle folder; returns the build manifest's deliverable entry."""
     bundle.mkdir()
     shutil.copytree(model_dir, bundle / "model")
+    _fold_scale_casts(bundle / "model" / "model.onnx")
     shutil.copytree(profile, bundle / "profile")
     if validation.is_dir():
         shutil.copytree(validation, bundle / "validation")
@@ -73,6 +76,20 @@ def _copy_plugins(destination: Path) -> None:
             target = destination / path.relative_to(source)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
+
+
+def _fold_scale_casts(path: Path) -> int:
+    """Rewrite ``path`` in place with its scale Casts folded (``fold_scale_casts``); returns how many."""
+    from accullm_export.graph.ir import load_graph, save_graph
+    from accullm_export.graph.pipeline import run_passes
+
+    graph, source = load_graph(path)
+    casts = sum(1 for node in graph.nodes if node.op == "Cast")
+    graph, _ = run_passes(graph, [("fold_scale_casts", None)])
+    folded = casts - sum(1 for node in graph.nodes if node.op == "Cast")
+    if folded:
+        save_graph(graph, source, path, {})
+    return folded
 
 
 def _plugin_model(model_dir: Path, out_dir: Path) -> dict[str, int]:

@@ -42,6 +42,16 @@ def is_dequantized(node: gs.Node) -> bool:
         "DequantizeLinear", "Cast")
 
 
+def stored_scales(dequantize: gs.Node) -> gs.Constant | None:
+    """The constant holding a weight DequantizeLinear's scales: its scale input, or the FP16 constant behind the
+    Cast that widens blocked scales to the model's float type (see ``replace_weight_dequantized``)."""
+    scale = dequantize.inputs[1]
+    cast = producer_of(scale, "Cast")
+    if cast is not None:
+        scale = cast.inputs[0]
+    return scale if isinstance(scale, gs.Constant) else None
+
+
 def replace_weight_dequantized(graph: gs.Graph, node: gs.Node, values: np.ndarray, scales: np.ndarray, bits: int,
                                block_size: int | None, float_dtype: np.dtype) -> None:
     """Make ``node`` read DequantizeLinear(int values, scales) instead of its float weight.
@@ -50,7 +60,10 @@ def replace_weight_dequantized(graph: gs.Graph, node: gs.Node, values: np.ndarra
         values: integers on the symmetric grid, [in, out].
         scales: [blocks, out] (blocked, axis 0) or [1, out] (per output channel, axis 1).
         bits: 4 (stored packed as int4) or 8.
-        float_dtype: the dtype of the weight being replaced; the scales are stored in it.
+        float_dtype: the dtype of the weight being replaced. Per-channel scales are stored in it; blocked
+            scales (FP16 values, ``symmetric.half_representable``) are stored in FP16 and, in a float32 graph,
+            widened by a Cast of the constant, which ONNX Runtime folds at load time (MatMulNBits fusion included)
+            and the TensorRT bundle folds before parsing.
     """
     storage = ml_dtypes.int4 if bits == 4 else np.int8
     quantized = constant(f"{node.name}/weight_quantized", values.astype(storage))
@@ -60,7 +73,12 @@ def replace_weight_dequantized(graph: gs.Graph, node: gs.Node, values: np.ndarra
         inputs = [quantized, scale, constant(f"{node.name}/weight_zero_point", np.zeros(scales.size, storage))]
     else:
         # ONNX Runtime's blocked DequantizeLinear rejects a zero point of another rank; 0 is the default
-        scale = constant(f"{node.name}/weight_scale", scales.astype(float_dtype))
+        scale = constant(f"{node.name}/weight_scale", scales.astype(np.float16))
+        if np.dtype(float_dtype) != np.float16:
+            widened = gs.Variable(f"{node.name}/weight_scale_widened", dtype=float_dtype, shape=list(scales.shape))
+            graph.nodes.append(gs.Node("Cast", name=f"{node.name}/weight_scale/Cast",
+                                       attrs={"to": onnx_type(float_dtype)}, inputs=[scale], outputs=[widened]))
+            scale = widened
         attrs = {"axis": 0, "block_size": int(block_size)}
         inputs = [quantized, scale]
     weight = gs.Variable(f"{node.name}/weight_dequantized", dtype=float_dtype, shape=list(values.shape))

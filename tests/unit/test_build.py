@@ -104,6 +104,8 @@ def test_build_orin_writes_a_bundle(planted_model, tmp_path, capsys):
     assert not any(node.op_type == "Compress" for node in plugin_model.graph.node)
     standard = onnx.load(str(bundle / "model/model.onnx"), load_external_data=False)
     assert not any(node.domain == "accullm" for node in standard.graph.node)
+    scale_inputs = {node.input[1] for node in standard.graph.node if node.op_type == "DequantizeLinear"}
+    assert scale_inputs and scale_inputs <= {t.name for t in standard.graph.initializer}  # Casts folded for TRT
     assert not any(node.op_type == "Split" for node in standard.graph.node)  # TensorRT targets skip merging
 
 

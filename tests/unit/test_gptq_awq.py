@@ -19,13 +19,17 @@ LARGE_CHANNELS = [3, 17, 30]
 # ---- emulations -------------------------------------------------------------------------------------------------
 
 def reference_scales(weight: np.ndarray, bits: int, block_size: int | None) -> np.ndarray:
-    """absmax / qmax per (block of rows, column), written as a plain loop; all-zero blocks get 1."""
+    """absmax / qmax per (block of rows, column), written as a plain loop; all-zero blocks get 1; blocked scales
+    are stored in FP16, so they are FP16 values (at least FP16's smallest normal)."""
     weight = np.asarray(weight, dtype=np.float32)
     step = weight.shape[0] if block_size is None else block_size
     limit = np.float32(2 ** (bits - 1) - 1)
     rows = [np.abs(weight[start:start + step]).max(axis=0) / limit for start in range(0, weight.shape[0], step)]
     scales = np.stack(rows).astype(np.float32)
-    return np.where(scales == 0, np.float32(1.0), scales)
+    scales = np.where(scales == 0, np.float32(1.0), scales)
+    if block_size is not None:
+        scales = np.maximum(scales, np.finfo(np.float16).tiny).astype(np.float16).astype(np.float32)
+    return scales
 
 
 def reference_fake_quantize(weight: np.ndarray, bits: int, block_size: int | None) -> np.ndarray:

@@ -26,7 +26,8 @@ RNG = np.random.default_rng(7)
 
 # ------------------------------------------------------------------------------------------- emulation
 def np_round_symmetric(weight: np.ndarray, bits: int, block: int | None) -> np.ndarray:
-    """Independent emulation: absmax scales per (block, column), round half to even, clip, dequantize."""
+    """Independent emulation: absmax scales per (block, column), round half to even, clip, dequantize. Blocked
+    scales are stored in FP16, so they are rounded to FP16 values first."""
     limit = 2 ** (bits - 1) - 1
     out = np.empty_like(weight, dtype=np.float32)
     step = weight.shape[0] if block is None else block
@@ -34,6 +35,8 @@ def np_round_symmetric(weight: np.ndarray, bits: int, block: int | None) -> np.n
         chunk = weight[start:start + step].astype(np.float32)
         scale = np.abs(chunk).max(axis=0) / np.float32(limit)
         scale = np.where(scale == 0, np.float32(1), scale).astype(np.float32)
+        if block is not None:
+            scale = np.maximum(scale, np.finfo(np.float16).tiny).astype(np.float16).astype(np.float32)
         out[start:start + step] = np.clip(np.rint(chunk / scale), -limit, limit) * scale
     return out
 
@@ -123,8 +126,9 @@ def test_outlier_rows_are_excluded_from_the_low_bit_part():
     values = tensors["/layer/MatMul/weight_quantized"].values.astype(np.int8)
     scales = tensors["/layer/MatMul/weight_scale"].values
     assert not values[3].any()
+    assert scales.dtype == np.float16  # blocked scales are stored in half precision
     expected_scale = np.abs(np.delete(weight[:16], 3, axis=0)).max(axis=0) / 7
-    np.testing.assert_allclose(scales[0], expected_scale, rtol=1e-6)
+    np.testing.assert_allclose(scales[0], expected_scale, rtol=2 ** -11)
     np.testing.assert_array_equal(tensors["/layer/MatMul/outlier_weight"].values, weight[[3]].astype(np.float16))
 
 
@@ -223,6 +227,51 @@ def test_weight_only_model_equals_numpy_emulation(planted_model, profile, tmp_pa
     else:  # the planted channels are found and split off wherever the layer reads a normed input
         assert branch and all(set(PLANTED) <= set(layer["outliers"]) for layer in branch
                               if "proj" in layer["node"] and "down" not in layer["node"] and "o_proj" not in layer["node"])
+
+
+def test_block_scales_stored_in_half_precision(planted_model, profile, tmp_path):
+    """Blocked INT4 scales are FP16 constants behind a Cast: the bit count is 4 + 16 / block exactly, ONNX Runtime
+    still fuses DequantizeLinear + MatMul into MatMulNBits, and folding the Casts (the TensorRT bundle does)
+    leaves the logits unchanged."""
+    import onnxruntime as ort
+
+    from accullm_export.graph.ir import load_graph, save_graph
+
+    folder, _ = planted_model
+    manifest = quantize_model(folder, tmp_path / "q", Recipe(name="w4a16", block_size=16, outliers=0), profile)
+    for layer in manifest["layers"]:  # no outlier rows: int4 values plus one FP16 scale per 16 rows and column
+        blocks = -(-layer["in_features"] // 16)
+        expected = (layer["in_features"] * 4 + blocks * 16) / layer["in_features"]
+        assert layer["bits_per_weight"] == pytest.approx(expected, abs=1e-4), layer["node"]
+    path = tmp_path / "q" / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    producers = {output: node for node in model.graph.node for output in node.output}
+    stored = {t.name: t for t in model.graph.initializer}
+    blocked = [node for node in model.graph.node if node.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" for a in node.attribute)]
+    assert blocked
+    for node in blocked:
+        cast = producers[node.input[1]]
+        assert cast.op_type == "Cast" and stored[cast.input[0]].data_type == onnx.TensorProto.FLOAT16
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+    assert sum(node.op_type == "MatMulNBits" for node in optimized.graph.node) >= len(blocked)
+    assert not any(node.op_type == "DequantizeLinear" for node in optimized.graph.node)
+
+    graph, source = load_graph(path)
+    graph, _ = run_passes(graph, [("fold_scale_casts", None)])
+    save_graph(graph, source, tmp_path / "folded.onnx", {})
+    folded = onnx.load(str(tmp_path / "folded.onnx"), load_external_data=False)
+    folded_initializers = {t.name for t in folded.graph.initializer}
+    for node in folded.graph.node:
+        if node.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in node.attribute):
+            assert node.input[1] in folded_initializers  # a plain constant scale, as TensorRT's parser wants
+    feed = _feed(folder)
+    np.testing.assert_array_equal(_logits(tmp_path / "folded.onnx", feed), _logits(path, feed))
 
 
 def test_overrides_are_honoured(planted_model, profile, tmp_path):

@@ -158,7 +158,9 @@ def test_w4a16_composition_gathers_int4_blocks(planted_model, profile, tmp_path)
         dq = producers[compress.input[0]]
         assert dq.op_type == "DequantizeLinear" and by_name[dq.input[0]].data_type == onnx.TensorProto.INT4
         values = numpy_helper.to_array(by_name[dq.input[0]]).astype(np.float64)
-        scales = np.repeat(numpy_helper.to_array(by_name[dq.input[1]]).astype(np.float64), 64, axis=0)
+        scale_input = dq.input[1] if dq.input[1] in by_name else producers[dq.input[1]].input[0]  # FP16 behind a Cast
+        assert by_name[scale_input].data_type == onnx.TensorProto.FLOAT16
+        scales = np.repeat(numpy_helper.to_array(by_name[scale_input]).astype(np.float64), 64, axis=0)
         stored = values * scales[:values.shape[0]]
         branch = nodes.get(f"{prefix}/down_proj/MatMul/outliers/MatMul")
         channels = []

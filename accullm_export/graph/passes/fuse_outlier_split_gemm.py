@@ -17,7 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from accullm_export.graph.passes import PLUGIN_ATTRIBUTES, PLUGIN_DOMAIN, register
-from accullm_export.graph.rewrite import producer_of
+from accullm_export.graph.rewrite import producer_of, stored_scales
 
 OP_TYPE, DOMAIN, VERSION = "OutlierSplitGemm", PLUGIN_DOMAIN, 1
 
@@ -41,7 +41,7 @@ def _fused(add: gs.Node) -> gs.Node | str:
     gather = producer_of(branch.inputs[0], "Gather")
     if dequantize is None or gather is None or gather.inputs[0] is not main.inputs[0]:
         return "the low-bit part is not a weight DequantizeLinear on the branch's input"
-    values, scales = dequantize.inputs[0], dequantize.inputs[1]
+    values, scales = dequantize.inputs[0], stored_scales(dequantize)
     kind = np.dtype(values.dtype).name
     if kind not in ("int4", "int8") or not isinstance(values, gs.Constant):
         return f"weights stored as {kind}, not int4/int8 constants"
@@ -52,7 +52,7 @@ def _fused(add: gs.Node) -> gs.Node | str:
         return "outlier rows are not an FP16 constant"
     channels = gs.Constant(f"{main.name}/outlier_channels_int32",
                            np.asarray(gather.inputs[1].values, dtype=np.int32))
-    if not isinstance(scales, gs.Constant):
+    if scales is None:
         return "scales are not a constant"
     scales = gs.Constant(f"{main.name}/weight_scale_fp16", np.asarray(scales.values, dtype=np.float16))
     output = add.outputs[0]

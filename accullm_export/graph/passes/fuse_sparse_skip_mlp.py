@@ -13,7 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from accullm_export.graph.passes import PLUGIN_ATTRIBUTES, PLUGIN_DOMAIN, register
-from accullm_export.graph.rewrite import producer_of
+from accullm_export.graph.rewrite import producer_of, stored_scales
 
 OP_TYPE, DOMAIN, VERSION = "SparseSkipMLP", PLUGIN_DOMAIN, 1
 
@@ -41,7 +41,9 @@ def _stored_weight(tensor) -> tuple[gs.Tensor, gs.Tensor | None, int] | str:
     dequantize = producer_of(tensor, "DequantizeLinear")
     if (dequantize is not None and "block_size" in dequantize.attrs
             and np.dtype(dequantize.inputs[0].dtype).name == "int4"):
-        return dequantize.inputs[0], dequantize.inputs[1], int(dequantize.attrs["block_size"])
+        scales = stored_scales(dequantize)
+        if scales is not None:
+            return dequantize.inputs[0], scales, int(dequantize.attrs["block_size"])
     return "weights stored in a form the plugin does not take (float, or blocked int4 only)"
 
 

@@ -5,7 +5,7 @@ At batch-1 decode every MatMul is a kernel launch over a small matrix; three lau
 [576, 192] and [576, 192] cost more than one over [576, 960]. Weights of the same kind are concatenated along
 the output axis: float constants, FP16 constants behind a Cast, and quantized constants behind the same
 DequantizeLinear form (per-channel scales and blocked scales both concatenate along the output axis, since
-blocks run along the input). The Split's outputs are the original layers' output tensors, so every name
+blocks run along the input; FP16 block scales behind a Cast stay so). The Split's outputs are the original layers' output tensors, so every name
 downstream (bisection, the KV cache wiring) is unchanged. When a merged main path and a merged outlier branch
 are added output by output, the Adds merge too: Add before Split. Each column is computed as before, so the
 numerics do not change.
@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 
 from accullm_export.graph.ir import constant
 from accullm_export.graph.passes import register
+from accullm_export.graph.rewrite import producer_of
 
 
 @register("merge_parallel_linears")
@@ -46,21 +47,35 @@ def _weight_kind(node: gs.Node) -> tuple | None:
     if len(weight.inputs) != 1 or len(weight.outputs) != 1:
         return None
     producer = weight.inputs[0]
+    if producer.op == "DequantizeLinear":
+        widened = tuple(_widening(value) for value in producer.inputs)
+        if any(cast is None and not isinstance(value, gs.Constant) for value, cast in zip(producer.inputs, widened)):
+            return None
+        attrs = tuple(sorted((key, int(value)) for key, value in producer.attrs.items()))
+        casts = tuple(int(cast.attrs["to"]) if cast is not None else None for cast in widened)
+        return ("dequantize", attrs, len(producer.inputs), str(producer.inputs[0].dtype), casts)
     if not all(isinstance(value, gs.Constant) for value in producer.inputs):
         return None
     if producer.op == "Cast":
         return ("cast", int(producer.attrs["to"]), str(producer.inputs[0].dtype))
-    if producer.op == "DequantizeLinear":
-        attrs = tuple(sorted((key, int(value)) for key, value in producer.attrs.items()))
-        return ("dequantize", attrs, len(producer.inputs), str(producer.inputs[0].dtype))
     return None
+
+
+def _widening(tensor) -> gs.Node | None:
+    """The Cast producing ``tensor`` from a stored constant (FP16 block scales), else None."""
+    cast = producer_of(tensor, "Cast")
+    return cast if cast is not None and isinstance(cast.inputs[0], gs.Constant) else None
 
 
 def _weight_constants(node: gs.Node) -> list[np.ndarray]:
     weight = node.inputs[1]
     if isinstance(weight, gs.Constant):
         return [weight.values]
-    return [value.values for value in weight.inputs[0].inputs]
+    stored = []
+    for value in weight.inputs[0].inputs:
+        cast = _widening(value)
+        stored.append(cast.inputs[0].values if cast is not None else value.values)
+    return stored
 
 
 def _merge(graph: gs.Graph, members: list[gs.Node], kind: tuple) -> gs.Node:
@@ -75,7 +90,14 @@ def _merge(graph: gs.Graph, members: list[gs.Node], kind: tuple) -> gs.Node:
         for index in range(len(arrays[0])):
             parts = [a[index] for a in arrays]
             along = 1 if parts[0].ndim == 2 else 0  # [in, out] values, [blocks, out] scales; 1-D per-channel: axis 0
-            merged_inputs.append(constant(f"{name}/weight_{index}", np.concatenate(parts, axis=along)))
+            merged = constant(f"{name}/weight_{index}", np.concatenate(parts, axis=along))
+            cast = _widening(producer.inputs[index])
+            if cast is not None:  # stored narrow, widened at load time as in the members
+                widened = gs.Variable(f"{name}/weight_{index}_widened", dtype=producer.inputs[index].dtype)
+                graph.nodes.append(gs.Node("Cast", name=f"{name}/weight_{index}/Cast", attrs=dict(cast.attrs),
+                                           inputs=[merged], outputs=[widened]))
+                merged = widened
+            merged_inputs.append(merged)
         weight = gs.Variable(f"{name}/weight", dtype=members[0].inputs[1].dtype)
         graph.nodes.append(gs.Node(producer.op, name=f"{name}/{producer.op}", attrs=dict(producer.attrs),
                                    inputs=merged_inputs, outputs=[weight]))

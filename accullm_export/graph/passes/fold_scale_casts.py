@@ -1,0 +1,31 @@
+"""Fold the Casts that widen stored FP16 block scales into plain constants of the model's float type.
+
+``quantize`` stores blocked INT4 scales in half precision behind a Cast (see
+``accullm_export.graph.rewrite.replace_weight_dequantized``). ONNX Runtime folds that Cast when it loads the
+model; TensorRT's Dequantize layer wants its scale as a build-time constant, so the TensorRT bundle runs this
+pass first. The values are exactly the widened FP16 values, so the numerics do not change; only the file grows
+by the scales' extra bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from onnx import helper
+
+from accullm_export.graph.passes import register
+from accullm_export.graph.rewrite import producer_of
+
+
+@register("fold_scale_casts")
+def run(graph: gs.Graph, context) -> gs.Graph:
+    for node in graph.nodes:
+        if node.op != "DequantizeLinear" or len(node.inputs) < 2:
+            continue
+        cast = producer_of(node.inputs[1], "Cast")
+        if cast is None or not isinstance(cast.inputs[0], gs.Constant):
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(int(cast.attrs["to"]))
+        stored = cast.inputs[0]
+        node.inputs[1] = gs.Constant(stored.name, np.asarray(stored.values).astype(dtype))
+    return graph.cleanup().toposort()
