@@ -135,7 +135,8 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
         plans = _without_mlp_branches(graph, plans, statistics, notes)
     float_dtype = _float_dtype(graph, plans)
     context = PassContext(plans=plans, float_dtype=float_dtype, statistics=statistics, hessians=hessians,
-                          embeddings=recipe.embeddings, smoothing=recipe.smoothquant, notes=notes)
+                          embeddings=recipe.embeddings, smoothing=recipe.smoothquant, notes=notes,
+                          scale_search=recipe.scale_search)
     if sparse:  # shares the AWQ / SmoothQuant divisors the recipe passes record
         sparse_context = SparseContext(plans=sparsity_plans(model_path, graph, profile, sparsity), notes=notes,
                                        input_scales=context.input_scales)

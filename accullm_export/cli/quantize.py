@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "half the CPU decode speed (a batched integer GEMM ONNX Runtime does not prepack)")
     parser.add_argument("--awq", action="store_true", help="w4a16: activation-aware weight scaling")
     parser.add_argument("--gptq", action="store_true", help="w4a16, w8a8: GPTQ error compensation (act-order)")
+    parser.add_argument("--scale-search", action="store_true",
+                        help="INT4 layers: choose each block's scale (clipping level) for the least rounding error, "
+                             "weighted by the input's second moments, on the full grid [-8, 7]")
     parser.add_argument("--smoothquant", type=float, metavar="ALPHA",
                         help="w8a8: SmoothQuant with migration strength ALPHA (e.g. 0.5), folded into the producers")
     parser.add_argument("--gptq-samples", type=int, default=32, help="calibration windows for GPTQ's statistics")
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--gptq-samples must be at least 1")
     recipe = Recipe(name=args.recipe, block_size=args.block_size, outliers=args.outliers, policy=args.policy,
                     activations=args.activations, activation_group=args.activation_group, awq=args.awq,
-                    gptq=args.gptq, smoothquant=args.smoothquant,
+                    gptq=args.gptq, scale_search=args.scale_search, smoothquant=args.smoothquant,
                     overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings,
                     outlier_layers=tuple(args.outlier_layers))
     manifest = quantize_model(args.model, args.output, recipe, args.profile,

@@ -51,6 +51,7 @@ class Recipe:
     activation_group: int = 0  # dynamic: input channels per scale within a token (0: one scale per token)
     awq: bool = False
     gptq: bool = False
+    scale_search: bool = False  # INT4 layers: each block's scale searched for the least rounding error
     smoothquant: float | None = None  # w8a8: SmoothQuant's migration strength alpha
     overrides: tuple[tuple[str, str], ...] = ()  # (layer pattern, precision)
     outlier_layers: tuple[str, ...] = ()  # only layers matching one of these get the FP16 branch (default: all)
@@ -77,6 +78,8 @@ class Recipe:
             raise UserError("--awq applies to the weight-only w4a16 recipe")
         if self.smoothquant is not None and (self.name != "w8a8" or not 0 < self.smoothquant < 1):
             raise UserError("--smoothquant takes an alpha in (0, 1) and applies to the w8a8 recipe")
+        if self.scale_search and self.name == "fp16":
+            raise UserError("--scale-search applies to INT4 layers (the w4a16 recipe, or int4 overrides)")
         if self.gptq and self.name == "fp16":
             raise UserError("--gptq applies to the integer recipes (w4a16, w8a8)")
         for pattern, precision in self.overrides:
@@ -283,5 +286,6 @@ class PassContext:
     hessians: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
     embeddings: str = "fp32"
     smoothing: float | None = None  # SmoothQuant's alpha, for the smooth_activations pass
+    scale_search: bool = False  # INT4 block scales searched (quant.symmetric.searched_scales)
     notes: list = dataclasses.field(default_factory=list)
     input_scales: dict = dataclasses.field(default_factory=dict)

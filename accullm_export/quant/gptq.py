@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from accullm_export.errors import UserError
-from accullm_export.quant.symmetric import block_index, qmax, weight_scales
+from accullm_export.quant.symmetric import block_index, qmax, qmin, searched_scales, weight_scales
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ DAMPING_RETRIES = 3  # after the first attempt, each retry multiplies the dampin
 
 def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None = None, *,
                   exclude: Sequence[int] = (), damp: float = 0.01, batch: int = 128,
-                  act_order: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  act_order: bool = False, search: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Quantize ``weight`` with GPTQ error compensation.
 
     Args:
@@ -49,9 +49,11 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size
         batch: rows per lazy update.
         act_order: round the rows with the largest H[i, i] first (GPTQ's "act-order"). The scales stay fixed
             per block ("static groups"), so the result keeps the blocked DequantizeLinear layout.
+        search: blocked only: pick each block's scale by ``symmetric.searched_scales`` (rounding error weighted
+            by H[i, i]) and round onto the full grid [qmin, qmax].
 
     Returns:
-        int8 values [in, out] in [-qmax, qmax] and float32 scales [blocks, out], so that
+        int8 values [in, out] in [qmin, qmax] and float32 scales [blocks, out], so that
         ``symmetric.dequantize(values, scales, block_size)`` is the quantized weight.
 
     Raises:
@@ -61,7 +63,11 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size
     rows = weight.shape[0]
     excluded = _excluded_mask(rows, exclude)
     original = np.where(excluded[:, None], np.float32(0.0), weight.astype(np.float32))
-    scales = weight_scales(original, bits, block_size)
+    search = search and block_size is not None
+    if search:
+        scales = searched_scales(original, bits, block_size, importance=np.where(excluded, 0.0, np.diag(hessian)))
+    else:
+        scales = weight_scales(original, bits, block_size)
     values = np.zeros(weight.shape, dtype=np.int8)
     kept = np.flatnonzero(~excluded)
     if kept.size == 0:
@@ -74,7 +80,8 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size
     row_scales = scales[block_index(rows, block_size)[kept]].astype(np.float64)
     order = np.argsort(-np.diag(reduced), kind="stable") if act_order else np.arange(kept.size)
     upper = _inverse_cholesky_upper(reduced[np.ix_(order, order)], damp)
-    values[kept[order]] = _quantize_rows(work[order], upper, row_scales[order], qmax(bits), batch)
+    values[kept[order]] = _quantize_rows(work[order], upper, row_scales[order], (qmin(bits, search), qmax(bits)),
+                                         batch)
     return values, scales
 
 
@@ -144,7 +151,7 @@ def _inverse_cholesky_upper(hessian: np.ndarray, damp: float) -> np.ndarray:
                     "collect it over more calibration tokens or quantize this layer without GPTQ")
 
 
-def _quantize_rows(work: np.ndarray, upper: np.ndarray, row_scales: np.ndarray, limit: int,
+def _quantize_rows(work: np.ndarray, upper: np.ndarray, row_scales: np.ndarray, limits: tuple[int, int],
                    batch: int) -> np.ndarray:
     """The GPTQ loop over rows of ``work`` (float64, updated in place); returns the int8 values."""
     rows = work.shape[0]
@@ -155,7 +162,7 @@ def _quantize_rows(work: np.ndarray, upper: np.ndarray, row_scales: np.ndarray, 
         errors = np.zeros_like(block)
         for offset in range(stop - start):
             row = start + offset
-            quantized = np.clip(np.round(block[offset] / row_scales[row]), -limit, limit)
+            quantized = np.clip(np.round(block[offset] / row_scales[row]), *limits)
             values[row] = quantized.astype(np.int8)
             errors[offset] = (block[offset] - quantized * row_scales[row]) / upper[row, row]
             block[offset + 1:] -= np.outer(upper[row, row + 1:stop], errors[offset])

@@ -7,6 +7,12 @@ a multiple of the block size the last block is shorter (ragged), as ONNX's block
 Zero points are always 0 (TensorRT's explicit-quantization convention) and the grid is symmetric,
 [-qmax, qmax]: -8 / -128 are never used.
 
+With ``search`` (``quantize --scale-search``, INT4 only) each block's scale is chosen from candidates
+absmax * r / d (r in ``CLIP_RATIOS``, d in {qmax, qmax + 1}) to minimize the block's rounding error, weighted
+per input row by E[x^2] when the input's second moments are known; the grid then takes its full range
+[-qmax - 1, qmax] (zero point still 0: DequantizeLinear, MatMulNBits and TensorRT read -8 like any value).
+Clipping the few largest weights of a block buys a finer step for all the others.
+
 Blocked scales are rounded to values half precision holds exactly: the rewrite stores them as FP16 (one scale
 per block of 64 rows costs 0.25 bits per weight in FP16, 0.5 in FP32), and the integers are computed against
 the rounded scales, so storing them in half precision changes nothing.
@@ -19,11 +25,20 @@ import numpy as np
 from accullm_export.errors import UserError
 
 
+CLIP_RATIOS = np.linspace(0.70, 1.0, 13)  # fractions of a block's absmax tried as its clipping level
+SEARCH_COLUMNS = 4096  # output columns searched at once (bounds the candidates' temporary arrays)
+
+
 def qmax(bits: int) -> int:
     """Largest magnitude of the symmetric signed grid: 127 for int8, 7 for int4 (zero point 0)."""
     if bits not in (4, 8):
         raise UserError(f"weights quantize to 4 or 8 bits, not {bits}")
     return 2 ** (bits - 1) - 1
+
+
+def qmin(bits: int, search: bool = False) -> int:
+    """Most negative grid value: -qmax, or with ``search`` the full two's-complement range (-8 for int4)."""
+    return -qmax(bits) - 1 if search else -qmax(bits)
 
 
 def block_rows(in_features: int, block_size: int | None) -> int:
@@ -70,18 +85,71 @@ def weight_scales(weight: np.ndarray, bits: int, block_size: int | None = None) 
     return half_representable(scale) if block_size is not None else scale
 
 
-def quantize_with_scales(weight: np.ndarray, scale: np.ndarray, bits: int, block_size: int | None = None) -> np.ndarray:
-    """Round ``weight`` onto the grid of the given scales: int8 values in [-qmax, qmax], shape [in, out]."""
+def searched_scales(weight: np.ndarray, bits: int, block_size: int, importance: np.ndarray | None = None) -> np.ndarray:
+    """Per (block, output column), the candidate scale with the least weighted rounding error on the full grid.
+
+    Args:
+        weight: MatMul weight [in, out].
+        bits: 4 (the search is for blocked INT4).
+        block_size: rows per block.
+        importance: per input row, the weight of its squared error (E[x^2] of that input channel); None: 1.
+
+    Returns:
+        float32 FP16-representable scales [blocks, out]; absmax / qmax is always a candidate (r = 1, d = qmax),
+        so the weighted error is never above plain rounding's.
+    """
+    weight = np.asarray(weight, dtype=np.float32)
+    rows, cols = weight.shape
+    blocks = -(-rows // block_size)
+    low, high = qmin(bits, search=True), qmax(bits)
+    padded = np.zeros((blocks * block_size, cols), dtype=np.float32)
+    padded[:rows] = weight
+    grouped = padded.reshape(blocks, block_size, cols)
+    rows_weight = np.zeros(blocks * block_size, dtype=np.float32)
+    rows_weight[:rows] = 1.0 if importance is None else np.asarray(importance, dtype=np.float32)
+    rows_weight = rows_weight.reshape(blocks, block_size, 1)
+    absmax = np.abs(grouped).max(axis=1)
+    best = weight_scales(weight, bits, block_size)
+    for start in range(0, cols, SEARCH_COLUMNS):
+        part = slice(start, min(start + SEARCH_COLUMNS, cols))
+        values, peak = grouped[:, :, part], absmax[:, part]
+        chosen = best[:, part]
+        least = _weighted_error(values, chosen, rows_weight, low, high)
+        for ratio in CLIP_RATIOS:
+            for divisor in (high, high + 1):
+                candidate = half_representable(np.where(peak == 0, np.float32(1.0), peak * np.float32(ratio / divisor)))
+                error = _weighted_error(values, candidate, rows_weight, low, high)
+                better = error < least
+                chosen = np.where(better, candidate, chosen)
+                least = np.where(better, error, least)
+        best[:, part] = chosen
+    return best
+
+
+def _weighted_error(values: np.ndarray, scale: np.ndarray, rows_weight: np.ndarray, low: int, high: int) -> np.ndarray:
+    """sum over a block's rows of weight * (w - Q(w))^2, per (block, column)."""
+    step = scale[:, None, :]
+    rounded = np.clip(np.round(values / step), low, high) * step
+    return (rows_weight * (rounded - values) ** 2).sum(axis=1)
+
+
+def quantize_with_scales(weight: np.ndarray, scale: np.ndarray, bits: int, block_size: int | None = None,
+                         search: bool = False) -> np.ndarray:
+    """Round ``weight`` onto the grid of the given scales: int8 values in [qmin, qmax], shape [in, out]."""
     weight = np.asarray(weight, dtype=np.float32)
     expanded = scale[block_index(weight.shape[0], block_size)]
-    limit = qmax(bits)
-    return np.clip(np.round(weight / expanded), -limit, limit).astype(np.int8)
+    return np.clip(np.round(weight / expanded), qmin(bits, search), qmax(bits)).astype(np.int8)
 
 
-def quantize(weight: np.ndarray, bits: int, block_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Integer values (int8 storage, [in, out]) and float32 scales ([blocks, out]) of ``weight``."""
-    scale = weight_scales(weight, bits, block_size)
-    return quantize_with_scales(weight, scale, bits, block_size), scale
+def quantize(weight: np.ndarray, bits: int, block_size: int | None = None, *, search: bool = False,
+             importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Integer values (int8 storage, [in, out]) and float32 scales ([blocks, out]) of ``weight``; ``search``
+    (blocked only) picks each block's scale by ``searched_scales``."""
+    if search and block_size is not None:
+        scale = searched_scales(weight, bits, block_size, importance)
+    else:
+        scale, search = weight_scales(weight, bits, block_size), False
+    return quantize_with_scales(weight, scale, bits, block_size, search), scale
 
 
 def dequantize(values: np.ndarray, scale: np.ndarray, block_size: int | None = None) -> np.ndarray:

@@ -11,7 +11,7 @@ from accullm_export.calibration.hessian import collect_hessians
 from accullm_export.errors import UserError
 from accullm_export.quant.awq import candidate_scales, search_awq_scales
 from accullm_export.quant.gptq import gptq_proxy_error, gptq_quantize
-from accullm_export.quant.symmetric import dequantize, quantize
+from accullm_export.quant.symmetric import CLIP_RATIOS, dequantize, quantize
 
 LARGE_CHANNELS = [3, 17, 30]
 
@@ -79,6 +79,72 @@ def correlated_problem(rows: int, cols: int, seed: int) -> tuple[np.ndarray, np.
 
 
 # ---- GPTQ ---------------------------------------------------------------------------------------------------
+
+# ---- scale search ------------------------------------------------------------------------------------------
+
+def brute_force_search(weight, block_size, importance):
+    """For every (block, column), try each candidate absmax * r / d in a plain loop; keep the least weighted
+    error (ties: the plain absmax / 7 scale first, then candidates in order)."""
+    rows, cols = weight.shape
+    scales = []
+    for start in range(0, rows, block_size):
+        chunk, weights = weight[start:start + block_size].astype(np.float32), importance[start:start + block_size]
+        row = []
+        for column in range(cols):
+            values = chunk[:, column]
+            peak = np.float32(np.abs(values).max())
+
+            def error(scale):
+                rounded = np.clip(np.round(values / scale), -8, 7) * scale
+                return float((weights * (rounded - values) ** 2).sum())
+
+            half = lambda x: np.float32(np.float16(max(x, np.finfo(np.float16).tiny)))
+            best = half(peak / np.float32(7)) if peak else np.float32(1)
+            least = error(best)
+            for ratio in CLIP_RATIOS:
+                for divisor in (7, 8):
+                    candidate = half(peak * np.float32(ratio / divisor)) if peak else np.float32(1)
+                    if error(candidate) < least:
+                        best, least = candidate, error(candidate)
+            row.append(best)
+        scales.append(row)
+    return np.asarray(scales, dtype=np.float32)
+
+
+@pytest.mark.parametrize("block_size", [16, 12])
+def test_scale_search_matches_brute_force_and_beats_plain_rounding(block_size):
+    rng = np.random.default_rng(3)
+    weight = rng.standard_t(3, size=(40, 9)).astype(np.float32)  # heavy tails: clipping pays
+    weight[:, 4] = 0.0  # an all-zero column keeps scale 1
+    importance = rng.uniform(0.1, 4.0, size=40)
+    values, scales = quantize(weight, 4, block_size, search=True, importance=importance)
+    np.testing.assert_array_equal(scales, brute_force_search(weight, block_size, importance))
+    assert values.min() >= -8 and values.max() <= 7 and (values == -8).any()  # the full grid is used
+    plain_values, plain_scales = quantize(weight, 4, block_size)
+    weighted = lambda q: float((importance[:, None] * (q - weight) ** 2).sum())
+    assert weighted(dequantize(values, scales, block_size)) < 0.9 * weighted(dequantize(plain_values, plain_scales,
+                                                                                        block_size))
+    assert not np.array_equal(scales, plain_scales)
+
+
+def test_gptq_with_scale_search_and_identity_hessian_is_searched_rounding():
+    """With H = I, GPTQ spreads no error: it equals rounding with the searched scales (importance 1)."""
+    weight = np.random.default_rng(4).standard_t(3, size=(40, 24)).astype(np.float32)
+    values, scales = gptq_quantize(weight, np.eye(40), 4, 16, search=True)
+    expected_values, expected_scales = quantize(weight, 4, 16, search=True, importance=np.ones(40))
+    np.testing.assert_array_equal(scales, expected_scales)
+    np.testing.assert_array_equal(values, expected_values)
+
+
+def test_gptq_with_scale_search_lowers_the_proxy_error():
+    weight, hessian = correlated_problem(40, 24, seed=5)
+    weight = np.random.default_rng(5).standard_t(3, size=weight.shape).astype(np.float32)
+    errors = {}
+    for search in (False, True):
+        values, scales = gptq_quantize(weight, hessian, 4, 16, search=search, act_order=True)
+        errors[search] = gptq_proxy_error(weight, dequantize(values, scales, 16), hessian)
+    assert errors[True] < errors[False]
+
 
 @pytest.mark.parametrize("bits,block_size", [(4, 16), (8, None), (4, None)])
 def test_gptq_with_identity_hessian_is_plain_rounding(bits, block_size):

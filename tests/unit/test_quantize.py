@@ -274,6 +274,39 @@ def test_block_scales_stored_in_half_precision(planted_model, profile, tmp_path)
     np.testing.assert_array_equal(_logits(tmp_path / "folded.onnx", feed), _logits(path, feed))
 
 
+def test_scale_search_model_equals_emulation(planted_model, profile, tmp_path):
+    """--scale-search: each INT4 layer equals rounding with the searched scales, the rows weighted by the
+    profile's E[x^2] of that input (outlier rows left out), on the full grid; stored values reach -8."""
+    from accullm_export.calibration.profile import load_profile
+    from accullm_export.quant.symmetric import dequantize, quantize
+
+    folder, _ = planted_model
+    manifest = quantize_model(folder, tmp_path / "q", Recipe(name="w4a16", block_size=16, scale_search=True,
+                                                             embeddings="fp32"), profile)
+    assert manifest["recipe"]["scale_search"] is True
+    moments = {layer["node"]: layer for layer in load_profile(profile).manifest["layers"]}
+    arrays = load_profile(profile).arrays
+
+    def emulate(weight, plan):
+        importance = arrays[f"{moments[plan.node]['input_index']}.second_moment"].astype(np.float64).copy()
+        importance[list(plan.outliers)] = 0.0
+        rest = weight.copy()
+        rest[list(plan.outliers)] = 0
+        values, scales = quantize(rest, 4, 16, search=True, importance=importance)
+        out = dequantize(values, scales, 16)
+        out[list(plan.outliers)] = weight[list(plan.outliers)].astype(np.float16).astype(np.float32)
+        return out
+
+    emulated = _substituted(folder, manifest, tmp_path, emulate)
+    feed = _feed(folder)
+    np.testing.assert_allclose(_logits(tmp_path / "q" / "model.onnx", feed), _logits(emulated, feed),
+                               rtol=1e-5, atol=1e-5)
+    stored = _initializers(tmp_path / "q" / "model.onnx")
+    assert any(v.dtype == ml_dtypes.int4 and (v.astype(np.int8) == -8).any() for v in stored.values())
+    with pytest.raises(UserError, match="--scale-search"):
+        Recipe(name="fp16", scale_search=True)
+
+
 def test_overrides_are_honoured(planted_model, profile, tmp_path):
     folder, _ = planted_model
     recipe = Recipe(name="w4a16", block_size=32, overrides=(("lm_head", "fp32"), ("layers.0", "int8"),

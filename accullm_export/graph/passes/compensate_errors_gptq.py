@@ -32,7 +32,8 @@ def run(graph: gs.Graph, context) -> gs.Graph:
             inverse = 1.0 / scales.astype(np.float64)
             hessian = hessian * np.outer(inverse, inverse)
         values, block_scales = gptq_quantize(weight.values.astype(np.float32), hessian, plan.bits, plan.block_size,
-                                             exclude=plan.outliers, act_order=True)
+                                             exclude=plan.outliers, act_order=True,
+                                             search=context.scale_search and plan.bits == 4)
         replace_weight_dequantized(graph, node, values, block_scales, plan.bits, plan.block_size,
                                    weight.values.dtype)
     return graph.cleanup().toposort()

@@ -4,7 +4,9 @@ Integer weights are stored quantized (int4 packed two per byte) behind a Dequant
 (TensorRT's explicit-quantization convention): per-channel INT8 on axis 1 of the [in, out] MatMul weight,
 blocked INT4 on axis 0 (ONNX Runtime fuses that pattern into MatMulNBits; TensorRT 10 takes it as weight-only
 INT4). FP16 weights are stored in half precision and cast back to the model's float type. Layers whose weight
-an earlier pass already replaced (GPTQ) are left as they are.
+an earlier pass already replaced (GPTQ) are left as they are. With ``scale_search`` INT4 block scales are
+searched (``quant.symmetric.searched_scales``), each row's error weighted by its input channel's E[x^2] from the
+profile (divided by s^2 where AWQ divided the input by s).
 """
 
 from __future__ import annotations
@@ -33,6 +35,22 @@ def run(graph: gs.Graph, context) -> gs.Graph:
                 replace_weight_cast(graph, node, values, np.float16, values.dtype)
             continue
         bits = plan.bits
-        integers, scales = quantize(values, bits, plan.block_size)
+        search = context.scale_search and bits == 4
+        importance = _row_importance(context, node, plan) if search else None
+        integers, scales = quantize(values, bits, plan.block_size, search=search, importance=importance)
         replace_weight_dequantized(graph, node, integers, scales, bits, plan.block_size, values.dtype)
     return graph.cleanup().toposort()
+
+
+def _row_importance(context, node: gs.Node, plan) -> np.ndarray | None:
+    """E[x_c^2] of the layer's input as the graph now computes it (AWQ's x / s included); outlier rows 0."""
+    statistics = context.statistics.get(node.inputs[0].name)
+    if statistics is None or "second_moment" not in statistics:
+        return None
+    importance = np.asarray(statistics["second_moment"], dtype=np.float64)
+    scales = context.input_scales.get(node.inputs[0].name)
+    if scales is not None:
+        importance = importance / np.asarray(scales, dtype=np.float64) ** 2
+    importance = importance.copy()
+    importance[list(plan.outliers)] = 0.0
+    return importance
