@@ -345,6 +345,8 @@ register(Peer(name="genai-int4", label="onnxruntime-genai int4 (defaults)",
               build=functools.partial(build_genai, precision="int4", extra_options=())))
 register(Peer(name="genai-int4-b128", label="onnxruntime-genai int4, block 128", expected_block_size=BLOCK_SIZE,
               build=functools.partial(build_genai, precision="int4", extra_options=(f"block_size={BLOCK_SIZE}",))))
+register(Peer(name="genai-int4-b64", label="onnxruntime-genai int4, block 64", expected_block_size=64,
+              build=functools.partial(build_genai, precision="int4", extra_options=("block_size=64",))))
 register(Peer(name="genai-int8", label="onnxruntime-genai int8",
               build=functools.partial(build_genai, precision="int8", extra_options=())))
 register(Peer(name="ort-dynamic-int8", label="ORT quantize_dynamic int8", build=build_dynamic_int8, in_child=True))
@@ -366,8 +368,11 @@ OURS_W8A8_STATIC = ("--recipe", "w8a8", "--activations", "static", "--policy", "
 # FP16 outlier rows only where the residual stream's outlier features enter (``--outlier-layers residual``: q/k/v,
 # gate/up and the LM head): measured with GPTQ, the o_proj and down_proj branches did not lower the KL (0.2198 with
 # them, 0.223 without), and each branch costs three small kernels per decode step.
+# --scale-search picks each block's clipping level: measured with the flags above, KL 0.2205 -> 0.161 and
+# Δppl +20.2% -> +13.5% at block 128 (benchmarks/ablate.py, bench_out/ablate2).
 OURS_W4A16 = ("--recipe", "w4a16", "--block-size", str(BLOCK_SIZE), "--policy", "sensitivity",
-              "--gptq", "--outlier-layers", "residual")
+              "--gptq", "--scale-search", "--outlier-layers", "residual")
+OURS_W4A16_B64 = tuple("64" if flag == str(BLOCK_SIZE) else flag for flag in OURS_W4A16)
 for _name, _label, _recipe in (
         ("ours-fp16", "accullm-export fp16", ("--recipe", "fp16")),
         ("ours-w8a8", "accullm-export w8a8, FP16 outlier branch", OURS_W8A8),
@@ -375,7 +380,8 @@ for _name, _label, _recipe in (
         ("ours-w8a8-per-token", "accullm-export w8a8, one activation scale per token", OURS_W8A8_PER_TOKEN),
         ("ours-w8a8-static", "accullm-export w8a8, static per-tensor scales", OURS_W8A8_STATIC),
         ("ours-w4a16", "accullm-export w4a16, FP16 outlier rows", OURS_W4A16),
-        ("ours-w4a16-no-outliers", "accullm-export w4a16, --outliers 0", OURS_W4A16 + ("--outliers", "0"))):
+        ("ours-w4a16-no-outliers", "accullm-export w4a16, --outliers 0", OURS_W4A16 + ("--outliers", "0")),
+        ("ours-w4a16-b64", "accullm-export w4a16 block 64, FP16 outlier rows", OURS_W4A16_B64)):
     # no expected_block_size: our graphs hold standard blocked DequantizeLinear; ONNX Runtime fuses it into
     # MatMulNBits when the session starts, so the file has no MatMulNBits node to read it back from
     register(Peer(name=_name, label=_label, build=functools.partial(build_ours, recipe=_recipe)))
