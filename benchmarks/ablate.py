@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--base", default=" ".join(peers.OURS_W4A16), help="flags every variant starts from")
     parser.add_argument("--variant", action="append", required=True, metavar="NAME=FLAGS")
+    parser.add_argument("--text", default="wiki:evaluation",
+                        help="validation text (wiki:calibration to choose settings without the evaluation split)")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--prompts", type=int, default=8)
@@ -54,16 +56,17 @@ def main(argv: list[str] | None = None) -> int:
                      *shlex.split(args.base), *shlex.split(flags))
         folder, seconds = build(name, arguments, work, args.reuse)
         started = time.perf_counter()
-        result = validate(args.reference, folder, args)
+        result = validate(args.reference, folder, args, text=args.text)
         metrics = result["metrics"]
         rows.append({"name": name, "flags": flags, "bits": bits_per_weight(folder),
                      "delta_ppl_pct": metrics["ppl_delta_pct"], "kl": metrics["kl_mean"],
                      "top1": metrics["top1_agreement"], "greedy_prefix": result["greedy_prefix"],
                      "build_s": seconds, "validate_s": time.perf_counter() - started})
         print(json.dumps(rows[-1]), flush=True)
-        (args.out / "ablate.json").write_text(json.dumps({"base": args.base, "rows": rows}, indent=1))
+        (args.out / "ablate.json").write_text(json.dumps({"base": args.base, "text": args.text, "rows": rows},
+                                                          indent=1))
 
-    lines = [f"base flags: `{args.base}`", "", "| variant | flags | bits/w | Δppl % | KL | top-1 | greedy |",
+    lines = [f"base flags: `{args.base}`; validated on `{args.text}`", "", "| variant | flags | bits/w | Δppl % | KL | top-1 | greedy |",
              "|---|---|--:|--:|--:|--:|--:|"]
     for row in rows:
         bits = f"{row['bits']:.3f}" if row["bits"] is not None else "—"

@@ -56,11 +56,11 @@ def sparsify_args(reference: Path, profile: Path, method: str, sparsity: float) 
     return ("sparsify", str(reference), "--profile", str(profile), "--method", method, "--sparsity", str(sparsity))
 
 
-def validate(reference: Path, candidate: Path, args) -> dict:
+def validate(reference: Path, candidate: Path, args, text: str = "wiki:evaluation") -> dict:
     from accullm_export.validate.llm import LLMValidationConfig
     from accullm_export.validate.pipeline import ValidateOptions, validate as run_validate
 
-    config = LLMValidationConfig(windows=args.windows, seq_len=args.seq_len, num_prompts=args.prompts,
+    config = LLMValidationConfig(text=text, windows=args.windows, seq_len=args.seq_len, num_prompts=args.prompts,
                                  new_tokens=args.new_tokens, probes_per_task=0, optimization="basic")
     report = run_validate(reference, candidate, ValidateOptions(llm=config))
     greedy = report["greedy"]
