@@ -139,6 +139,7 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
                           scale_search=recipe.scale_search)
     if sparse:  # shares the AWQ / SmoothQuant divisors the recipe passes record
         sparse_context = SparseContext(plans=sparsity_plans(model_path, graph, profile, sparsity), notes=notes,
+                                       dense_first=sparsity.dense_first,
                                        input_scales=context.input_scales)
     for note in notes:
         log.info("%s", note)

@@ -75,7 +75,7 @@ def sparsify_model(model: str | Path, out_dir: str | Path, config: SparsityConfi
     profile = load_profile(profile_dir, model_path)
     graph, source = load_graph(model_path)
     plans = sparsity_plans(model_path, graph, profile, config)
-    context = SparseContext(plans=plans)
+    context = SparseContext(plans=plans, dense_first=config.dense_first)
     reports = []
     if config.active:
         graph, reports = run_passes(graph, [("skip_sparse_neurons", context)])

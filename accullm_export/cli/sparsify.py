@@ -23,13 +23,17 @@ def add_sparsity_arguments(parser: argparse.ArgumentParser, required: bool) -> N
                         help="calibration windows (from the profile's text) that train the guessers")
     parser.add_argument("--predictor-steps", type=int, default=400, help="optimizer steps per guesser")
     parser.add_argument("--seed", type=int, default=0, help="seeds the guessers' training")
+    parser.add_argument("--sparse-first-token", action="store_true",
+                        help="also skip neurons at the sequence's first position (the attention sink; by default "
+                             "it stays dense: it runs once, in the prefill, and masking it costs accuracy)")
 
 
 def sparsity_config(args: argparse.Namespace):
     from accullm_export.sparsity.config import SparsityConfig
 
     return SparsityConfig(sparsity=args.sparsity, method=args.method, rank=args.predictor_rank,
-                          samples=args.predictor_samples, steps=args.predictor_steps, seed=args.seed)
+                          samples=args.predictor_samples, steps=args.predictor_steps, seed=args.seed,
+                          dense_first=not args.sparse_first_token)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

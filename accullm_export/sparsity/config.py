@@ -22,6 +22,9 @@ class SparsityConfig:
         samples: calibration windows whose activations train the guessers (from the profile's text).
         steps: optimizer steps per guesser.
         seed: seeds the guessers' initialization and batches (training is reproducible with it).
+        dense_first: the sequence's first position (position id 0, the attention sink whose MLP writes the
+            massive activations every later token attends to) keeps all its neurons. It is computed once, in
+            the prompt's prefill, so decoding skips exactly as much as without it.
     """
 
     sparsity: float
@@ -30,6 +33,7 @@ class SparsityConfig:
     samples: int = 16
     steps: int = 400
     seed: int = 0
+    dense_first: bool = True
     version: int = 1
 
     def __post_init__(self):

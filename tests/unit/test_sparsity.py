@@ -48,11 +48,15 @@ def initializers(path) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
 
 
-def feeds(folder, seq):
+def feeds(folder, seq, start=1):
+    """``seq`` tokens at positions start.. (no KV cache). From 1 by default: position 0, the attention sink,
+    stays dense (``dense_first``; tested on its own below), so the other tests see only skipping tokens."""
     from accullm_export.calibration.feeds import llm_feeds
 
     ids = np.random.default_rng(5).integers(3, 250, size=(1, seq))
-    return llm_feeds(ids, folder / "model.onnx")[0]
+    feed = llm_feeds(ids, folder / "model.onnx")[0]
+    feed["position_ids"] = feed["position_ids"] + start
+    return feed
 
 
 def check_against_numpy(dense_folder, sparse_folder, weights, seq, level_of):
@@ -126,6 +130,30 @@ def test_predictor_method_equals_numpy(planted_model, profile, tmp_path, seq):
         assert 0 <= guesser["recall"] <= 1 and 0 <= guesser["precision"] <= 1
         # rank 8 on hidden 64 / intermediate 128: (64*8 + 8*128) / (3*64*128)
         assert guesser["flops_percent_of_mlp"] == pytest.approx(100 * (64 * 8 + 8 * 128) / (3 * 64 * 128), abs=1e-3)
+
+
+@pytest.mark.parametrize("dense_first", [True, False])
+def test_the_first_position_stays_dense(planted_model, profile, tmp_path, dense_first):
+    """The sink (position 0) keeps every neuron, so a prefill holding it computes them all (the union is full)
+    while the other tokens keep only their own selection; --sparse-first-token masks it like the rest."""
+    folder, _ = planted_model
+    sparsify_model(folder, tmp_path / "t", SparsityConfig(sparsity=0.5, dense_first=dense_first), profile)
+    dense_weights = initializers(folder / "model.onnx")
+    constants = initializers(tmp_path / "t/model.onnx")
+    names = mlp_names(folder)
+    reader = IntermediateReader(tmp_path / "t/model.onnx", "basic")
+    taps = [name for entry in names for name in (entry[1], entry[3], f"{entry[0]}/sparse/union_output")]
+    values = reader.run(feeds(folder, 12, start=0), taps)
+    for prefix, x_name, _, out_name, gate, up, down in names:
+        x = values[x_name].reshape(-1, values[x_name].shape[-1]).astype(np.float64)
+        g, u, d = (dense_weights[name].astype(np.float64) for name in (gate, up, down))
+        score, level = threshold_level(prefix, x, g, u, constants)
+        if dense_first:
+            score[0] = np.inf
+        expected, union, keep = np_sparse_mlp(x, g, u, d, score, level)
+        np.testing.assert_array_equal(values[f"{prefix}/sparse/union_output"], union)
+        assert union.all() == dense_first and keep[0].all() == dense_first and not keep[1:].all()
+        np.testing.assert_allclose(values[out_name].reshape(expected.shape), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_the_rewrite_reads_fewer_weight_rows_at_decode(planted_model, profile, tmp_path):

@@ -5,6 +5,10 @@ The op's inputs and semantics are defined in ``plugins/sparse_skip_mlp/reference
 stored: float constants, or int4 values plus their block scales (``block_size`` > 0). An MLP whose weights are
 stored any other way (int8 per channel, a Cast of fp16), or with an FP16 outlier branch on one of its
 projections, stays standard, with a note.
+
+The fused op selects every token's neurons by its score alone: the standard graph's dense first position
+(``dense_first``: position 0 keeps all neurons) is not carried over, so a prefill that holds the sequence's first
+token skips neurons there too. Decode steps (positions > 0) are identical.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ the guesser, the k columns of gate and up) are read. For prefill the union of th
 computed (close to dense for long prompts: that is the documented fallback) and each token is still masked to
 its own selection, so a full-sequence pass gives exactly the numbers token-by-token decoding gives; validation
 with teacher forcing therefore measures the decode behaviour.
+
+With ``dense_first`` the score of the sequence's first position (``position_ids == 0``, the attention sink) is
+raised to the float type's largest value, so that token keeps every neuron (and the union then holds all of
+them: that call runs dense). The sink is computed once, in the prompt's prefill; decode steps are unchanged.
 """
 
 from __future__ import annotations
@@ -35,11 +39,13 @@ class SparseContext:
     plans: dict
     notes: list = dataclasses.field(default_factory=list)
     input_scales: dict = dataclasses.field(default_factory=dict)
+    dense_first: bool = False  # position 0 keeps all its neurons (needs a position_ids input)
 
 
 @register("skip_sparse_neurons")
 def run(graph: gs.Graph, context: SparseContext) -> gs.Graph:
     blocks = {block.name: block for block in find_mlp_blocks(graph)}
+    first = _first_position(graph, context) if context.dense_first else None
     for name, plan in context.plans.items():
         block = blocks.get(name)
         if block is None:
@@ -51,14 +57,31 @@ def run(graph: gs.Graph, context: SparseContext) -> gs.Graph:
             context.notes.append(f"{name}: an outlier branch (or another reader) on the MLP; the guesser narrows "
                                  "every projection and needs plain MatMuls; left dense")
             continue
-        _Rewriter(graph, block, context.input_scales).apply(plan)
+        _Rewriter(graph, block, context.input_scales, first).apply(plan)
     return graph.cleanup().toposort()
 
 
+def _first_position(graph: gs.Graph, context: SparseContext) -> gs.Variable | None:
+    """[batch, seq, 1] bool: the token is the sequence's first (position id 0); None without position ids."""
+    positions = next((tensor for tensor in graph.inputs if tensor.name == "position_ids"), None)
+    if positions is None:
+        context.notes.append("no position_ids input: the first position is sparse like every other")
+        return None
+    prefix = "/sparse_first_position"
+    zero = gs.Constant(f"{prefix}/zero", np.array(0, dtype=np.dtype(positions.dtype or np.int64)))
+    equal = gs.Variable(f"{prefix}/is_first", dtype=np.bool_)
+    graph.nodes.append(gs.Node("Equal", name=f"{prefix}/Equal", inputs=[positions, zero], outputs=[equal]))
+    first = gs.Variable(f"{prefix}/is_first_unsqueezed", dtype=np.bool_)
+    graph.nodes.append(gs.Node("Unsqueeze", name=f"{prefix}/Unsqueeze",
+                               inputs=[equal, gs.Constant(f"{prefix}/last_axis", np.array([-1], np.int64))],
+                               outputs=[first]))
+    return first
+
+
 class _Rewriter:
-    def __init__(self, graph: gs.Graph, block: MLPBlock, input_scales: dict):
+    def __init__(self, graph: gs.Graph, block: MLPBlock, input_scales: dict, first: gs.Variable | None = None):
         self.graph, self.block, self.prefix = graph, block, f"{block.name}/sparse"
-        self.input_scales = input_scales
+        self.input_scales, self.first = input_scales, first
         self.dtype = np.dtype(block.product.outputs[0].dtype or np.float32)
 
     def apply(self, plan) -> None:
@@ -77,6 +100,9 @@ class _Rewriter:
             a_scales = self.input_scales.get(product.name)  # |a| > t  <=>  |a / s| > t / s
             score = self._node("Abs", [product], "magnitude")
             level = plan.threshold if a_scales is None else plan.threshold / np.asarray(a_scales, np.float64)
+        if self.first is not None:  # the sink keeps every neuron
+            score = self._node("Where", [self.first, self._const("dense", np.array(np.finfo(self.dtype).max)), score],
+                               "score_first_dense")
         level = self._const("level", np.array(level))
         keep = self._node("Greater", [score, level], "keep", dtype=np.bool_)
         rows = gs.Constant(f"{self.prefix}/rows", np.array([-1, block.intermediate_size], np.int64))
