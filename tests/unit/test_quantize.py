@@ -116,6 +116,29 @@ def test_layer_passes_equal_numpy_emulation(case):
         assert reports[0].nodes_added == {"Gather": 1, "MatMul": 1, "Cast": 1, "Add": 1}
 
 
+@pytest.mark.parametrize("sink,outliers,plain", [(50.0, (), True), (50.0, (31,), False), (5.0, (), False)])
+def test_gptq_leaves_unprotected_sink_writers_to_plain_rounding(sink, outliers, plain):
+    """GPTQ's H leaves the sink token out: a layer whose input at the sink exceeds 10x every other token's (channel
+    31 here) is rounded plainly, with a note, unless that channel is an FP16 outlier row."""
+    from accullm_export.quant.symmetric import quantize
+
+    rng = np.random.default_rng(11)
+    weight = rng.standard_normal((32, 8)).astype(np.float32)
+    inputs = rng.standard_normal((256, 32)) @ (np.eye(32) + 0.5 * rng.standard_normal((32, 32)))
+    hessian = inputs.T @ inputs / len(inputs)  # correlated: GPTQ moves rows away from plain rounding
+    statistics = {"absmax": np.ones(32), "sink_absmax": np.r_[np.full(31, 0.5), sink]}
+    plan = plan_for(weight, "int4", block=16, outliers=outliers)
+    context = PassContext(plans={plan.node: plan}, float_dtype=np.dtype(np.float32), statistics={"x": statistics},
+                          hessians={"x": hessian})
+    passes = ["isolate_outliers", "compensate_errors_gptq", "quantize_weights"]
+    graph, _ = run_passes(one_layer_graph(weight), [(name, context) for name in passes])
+    values = graph.tensors()["/layer/MatMul/weight_quantized"].values.astype(np.int8)
+    rest = weight.copy()
+    rest[list(outliers)] = 0.0
+    assert np.array_equal(values, quantize(rest, 4, 16)[0]) == plain
+    assert any("attention sink" in note for note in context.notes) == plain
+
+
 def test_outlier_rows_are_excluded_from_the_low_bit_part():
     weight = (RNG.standard_normal((40, 24)) * 0.1).astype(np.float32)
     weight[3] *= 30.0  # a huge row would dominate its block's scale
