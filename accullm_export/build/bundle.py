@@ -84,9 +84,8 @@ def _fold_scale_casts(path: Path) -> int:
     from accullm_export.graph.pipeline import run_passes
 
     graph, source = load_graph(path)
-    casts = sum(1 for node in graph.nodes if node.op == "Cast")
-    graph, _ = run_passes(graph, [("fold_scale_casts", None)])
-    folded = casts - sum(1 for node in graph.nodes if node.op == "Cast")
+    graph, (report,) = run_passes(graph, [("fold_scale_casts", None)])
+    folded = report.nodes_removed.get("Cast", 0)
     if folded:
         save_graph(graph, source, path, {})
     return folded

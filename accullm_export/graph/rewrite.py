@@ -42,13 +42,20 @@ def is_dequantized(node: gs.Node) -> bool:
         "DequantizeLinear", "Cast")
 
 
+def widening_cast(tensor) -> gs.Node | None:
+    """The Cast producing ``tensor`` from a stored constant (FP16 block scales widened to the float type), else
+    None."""
+    cast = producer_of(tensor, "Cast")
+    return cast if cast is not None and isinstance(cast.inputs[0], gs.Constant) else None
+
+
 def stored_scales(dequantize: gs.Node) -> gs.Constant | None:
     """The constant holding a weight DequantizeLinear's scales: its scale input, or the FP16 constant behind the
     Cast that widens blocked scales to the model's float type (see ``replace_weight_dequantized``)."""
     scale = dequantize.inputs[1]
-    cast = producer_of(scale, "Cast")
+    cast = widening_cast(scale)
     if cast is not None:
-        scale = cast.inputs[0]
+        return cast.inputs[0]
     return scale if isinstance(scale, gs.Constant) else None
 
 

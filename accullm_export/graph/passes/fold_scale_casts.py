@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from accullm_export.graph.passes import register
-from accullm_export.graph.rewrite import producer_of
+from accullm_export.graph.rewrite import widening_cast
 
 
 @register("fold_scale_casts")
@@ -22,8 +22,8 @@ def run(graph: gs.Graph, context) -> gs.Graph:
     for node in graph.nodes:
         if node.op != "DequantizeLinear" or len(node.inputs) < 2:
             continue
-        cast = producer_of(node.inputs[1], "Cast")
-        if cast is None or not isinstance(cast.inputs[0], gs.Constant):
+        cast = widening_cast(node.inputs[1])
+        if cast is None:
             continue
         dtype = helper.tensor_dtype_to_np_dtype(int(cast.attrs["to"]))
         stored = cast.inputs[0]

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 
 from accullm_export.graph.ir import constant
 from accullm_export.graph.passes import register
-from accullm_export.graph.rewrite import producer_of
+from accullm_export.graph.rewrite import widening_cast
 
 
 @register("merge_parallel_linears")
@@ -48,7 +48,7 @@ def _weight_kind(node: gs.Node) -> tuple | None:
         return None
     producer = weight.inputs[0]
     if producer.op == "DequantizeLinear":
-        widened = tuple(_widening(value) for value in producer.inputs)
+        widened = tuple(widening_cast(value) for value in producer.inputs)
         if any(cast is None and not isinstance(value, gs.Constant) for value, cast in zip(producer.inputs, widened)):
             return None
         attrs = tuple(sorted((key, int(value)) for key, value in producer.attrs.items()))
@@ -61,19 +61,13 @@ def _weight_kind(node: gs.Node) -> tuple | None:
     return None
 
 
-def _widening(tensor) -> gs.Node | None:
-    """The Cast producing ``tensor`` from a stored constant (FP16 block scales), else None."""
-    cast = producer_of(tensor, "Cast")
-    return cast if cast is not None and isinstance(cast.inputs[0], gs.Constant) else None
-
-
 def _weight_constants(node: gs.Node) -> list[np.ndarray]:
     weight = node.inputs[1]
     if isinstance(weight, gs.Constant):
         return [weight.values]
     stored = []
     for value in weight.inputs[0].inputs:
-        cast = _widening(value)
+        cast = widening_cast(value)
         stored.append(cast.inputs[0].values if cast is not None else value.values)
     return stored
 
@@ -91,7 +85,7 @@ def _merge(graph: gs.Graph, members: list[gs.Node], kind: tuple) -> gs.Node:
             parts = [a[index] for a in arrays]
             along = 1 if parts[0].ndim == 2 else 0  # [in, out] values, [blocks, out] scales; 1-D per-channel: axis 0
             merged = constant(f"{name}/weight_{index}", np.concatenate(parts, axis=along))
-            cast = _widening(producer.inputs[index])
+            cast = widening_cast(producer.inputs[index])
             if cast is not None:  # stored narrow, widened at load time as in the members
                 widened = gs.Variable(f"{name}/weight_{index}_widened", dtype=producer.inputs[index].dtype)
                 graph.nodes.append(gs.Node("Cast", name=f"{name}/weight_{index}/Cast", attrs=dict(cast.attrs),
