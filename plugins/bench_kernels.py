@@ -93,8 +93,9 @@ def copies_for(torch, footprint_bytes: int) -> int:
     return max(1, min(MAX_COPIES, math.ceil(2 * l2 / max(footprint_bytes, 1))))
 
 
-def gemm_row(torch, lib, timer, rng, k, n, rows, bits, block_size, bandwidth) -> list:
-    """One OutlierSplitGemm table row: our kernel and fp16 cuBLAS on the same shape."""
+def time_gemm(torch, lib, timer, rng, k, n, rows, bits, block_size, cublas: bool = True) -> dict:
+    """Seconds per call of our OutlierSplitGemm and (``cublas``) of fp16 cuBLAS on the same shape, with the bytes
+    each must move."""
     cuda = dict(device=DEVICE)
     limit = 7 if bits == 4 else 127
     values = rng.integers(-limit, limit + 1, size=(k, n), dtype=np.int8)
@@ -122,12 +123,23 @@ def gemm_row(torch, lib, timer, rng, k, n, rows, bits, block_size, bandwidth) ->
         return call
 
     ours_seconds = timer([ours(weight) for weight in weights])
-    dense = torch.randn(k, n, **cuda).half()
-    dense_copies = [dense] + [dense.clone() for _ in range(copies_for(torch, dense.numel() * 2) - 1)]
-    cublas_seconds = timer([lambda w=w: torch.matmul(x, w, out=y) for w in dense_copies])
-    del weights, dense_copies
+    del weights
+    cublas_seconds = None
+    if cublas:
+        dense = torch.randn(k, n, **cuda).half()
+        dense_copies = [dense] + [dense.clone() for _ in range(copies_for(torch, dense.numel() * 2) - 1)]
+        cublas_seconds = timer([lambda w=w: torch.matmul(x, w, out=y) for w in dense_copies])
+        del dense_copies
     activations = 2 * (rows * k + rows * n)
-    ours_bytes, cublas_bytes = weight_bytes + activations, 2 * k * n + activations
+    return dict(ours_seconds=ours_seconds, cublas_seconds=cublas_seconds, ours_bytes=weight_bytes + activations,
+                cublas_bytes=2 * k * n + activations)
+
+
+def gemm_row(torch, lib, timer, rng, k, n, rows, bits, block_size, bandwidth) -> list:
+    """One OutlierSplitGemm table row: our kernel and fp16 cuBLAS on the same shape."""
+    timed = time_gemm(torch, lib, timer, rng, k, n, rows, bits, block_size)
+    ours_seconds, cublas_seconds = timed["ours_seconds"], timed["cublas_seconds"]
+    ours_bytes, cublas_bytes = timed["ours_bytes"], timed["cublas_bytes"]
     quant = f"int4 b{block_size}" if bits == 4 else "int8"
     return [f"{k}x{n}", rows, quant, f"{ours_seconds * 1e6:.1f}", f"{ours_bytes / ours_seconds / 1e9:.0f}",
             f"{ours_bytes / ours_seconds / bandwidth:.2f}", f"{cublas_seconds * 1e6:.1f}",

@@ -33,10 +33,12 @@ class KernelBuildError(RuntimeError):
 
 
 def nvcc_compile_command(source: Path, output: Path, architectures=DEFAULT_ARCHITECTURES,
-                         nvcc: str = "nvcc") -> list[str]:
-    """One .cu to a position-independent object with SASS for each architecture ("87", "90", ...)."""
+                         nvcc: str = "nvcc", defines: dict | None = None) -> list[str]:
+    """One .cu to a position-independent object with SASS for each architecture ("87", "90", ...). ``defines``
+    sets compile-time knobs (``{"ACCULLM_GEMV_THREADS": 256}``: see common/gemmCommon.cuh)."""
     gencode = [flag for arch in architectures for flag in ("-gencode", f"arch=compute_{arch},code=sm_{arch}")]
-    return [nvcc, "-c", "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden", *gencode,
+    macros = [f"-D{name}={value}" for name, value in (defines or {}).items()]
+    return [nvcc, "-c", "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden", *gencode, *macros,
             "-o", str(output), str(source)]
 
 
@@ -45,7 +47,8 @@ def nvcc_link_command(objects: list[Path], output: Path, nvcc: str = "nvcc") -> 
     return [nvcc, "-shared", "-o", str(output), *map(str, objects)]
 
 
-def build_library(folder: Path, architectures=DEFAULT_ARCHITECTURES, nvcc: str | None = None) -> Path:
+def build_library(folder: Path, architectures=DEFAULT_ARCHITECTURES, nvcc: str | None = None,
+                  defines: dict | None = None) -> Path:
     """Compile both kernels (in parallel) and link them into ``folder/libaccullm_kernels.so``; returns its path."""
     nvcc = nvcc or shutil.which("nvcc")
     if nvcc is None:
@@ -53,8 +56,8 @@ def build_library(folder: Path, architectures=DEFAULT_ARCHITECTURES, nvcc: str |
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     objects = [folder / f"{source.stem}.o" for source in KERNEL_SOURCES]
-    jobs = [subprocess.Popen(nvcc_compile_command(source, obj, architectures, nvcc), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    jobs = [subprocess.Popen(nvcc_compile_command(source, obj, architectures, nvcc, defines),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for source, obj in zip(KERNEL_SOURCES, objects)]
     failures = [(job.args, job.communicate()[0]) for job in jobs]
     failures = [(args, out) for (args, out), job in zip(failures, jobs) if job.returncode != 0]

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 namespace accullm
 {
@@ -23,13 +24,31 @@ enum WeightKind : int
     kWeightINT8 = 2,
 };
 
-constexpr int kThreads = 128;           // GEMV block: 4 warps
+// The GEMV's tuning knobs. Each can be set at compile time (-DACCULLM_GEMV_THREADS=256, ...) so that
+// plugins/tune_gemv.py can sweep them on a GPU; the defaults are what that sweep picked (plugins/README.md).
+#ifndef ACCULLM_GEMV_THREADS
+#define ACCULLM_GEMV_THREADS 128
+#endif
+#ifndef ACCULLM_GEMV_ROWS_PER_BATCH
+#define ACCULLM_GEMV_ROWS_PER_BATCH 8
+#endif
+#ifndef ACCULLM_GEMV_SEGMENT_BYTES
+#define ACCULLM_GEMV_SEGMENT_BYTES 64
+#endif
+#ifndef ACCULLM_GEMV_TARGET_BLOCKS
+#define ACCULLM_GEMV_TARGET_BLOCKS 512
+#endif
+
+constexpr int kThreads = ACCULLM_GEMV_THREADS;             // GEMV block
 constexpr int kWarps = kThreads / 32;
-constexpr int kRowsPerBatch = 8;        // weight rows whose loads each thread has in flight together
-constexpr int kRowSegmentBytes = 64;    // bytes of one weight row that one warp reads (two full 32-byte sectors)
+constexpr int kRowsPerBatch = ACCULLM_GEMV_ROWS_PER_BATCH; // weight rows whose loads a thread has in flight together
+constexpr int kRowSegmentBytes = ACCULLM_GEMV_SEGMENT_BYTES; // bytes of one weight row that one warp reads
 constexpr int kMaxGemvRows = 8;         // rows of x the GEMV takes; more go to the tiled GEMM
 constexpr int kMaxFusedOutliers = 64;   // outlier channels the GEMV fuses (more: tiled GEMM)
-constexpr int kTargetBlocks = 512;      // split K until about this many blocks (shape-only: no device query)
+constexpr int kTargetBlocks = ACCULLM_GEMV_TARGET_BLOCKS; // split K until about this many blocks (shape-only)
+static_assert(kThreads % 32 == 0 && kThreads <= 1024, "ACCULLM_GEMV_THREADS: whole warps, at most 1024");
+static_assert(kRowSegmentBytes >= 16 && (kRowSegmentBytes & (kRowSegmentBytes - 1)) == 0,
+    "ACCULLM_GEMV_SEGMENT_BYTES: a power of two, at least 16");
 constexpr size_t kSmemBudget = 40 * 1024;
 
 // Bytes each thread loads per weight row: 16 where the accumulators allow, narrower for more rows of x so that
@@ -46,7 +65,7 @@ __host__ __device__ constexpr int values_per_load(int kind, int mt)
 }
 __host__ __device__ constexpr int chunks_per_warp(int kind, int mt)
 {
-    return kRowSegmentBytes / load_bytes(kind, mt);
+    return kRowSegmentBytes / load_bytes(kind, mt) < 32 ? kRowSegmentBytes / load_bytes(kind, mt) : 32;
 }
 __host__ __device__ constexpr int k_lanes_per_warp(int kind, int mt)
 {

@@ -25,6 +25,7 @@
 
 #include "gemmCommon.cuh"
 #include "gemvKernel.cuh"
+#include "mmaGemvKernel.cuh"
 #include "tiledGemmKernel.cuh"
 
 namespace accullm
@@ -52,10 +53,16 @@ inline bool gemv_applies(GemmProblem const& p, int max_rows)
     {
         return false;
     }
-    int const v = values_per_load(p.kind, gemv_rows_tile(p.M));
+    int const mt = gemv_rows_tile(p.M);
+    int const v = values_per_load(p.kind, mt);
     bool const scales_ok = p.kind == kWeightFP16 || aligned16(p.scales);
     bool const outliers_ok = p.num_outliers == 0 || aligned16(p.outlier_weight);
-    return p.N % v == 0 && aligned16(p.weight) && scales_ok && outliers_ok && p.K < (int64_t{1} << 31);
+    // shared memory: the fixed part (outlier x, reduction tile) and at least one batch of rows per k-lane
+    size_t const fixed = sizeof(float) * (static_cast<size_t>(mt) * p.num_outliers
+                                             + static_cast<size_t>(kWarps) * mt * tile_columns(p.kind, mt));
+    size_t const rows = static_cast<size_t>(k_lanes_per_block(p.kind, mt)) * kRowsPerBatch;
+    bool const smem_ok = fixed + sizeof(float) * (mt + 1) * rows <= kSmemBudget;
+    return p.N % v == 0 && aligned16(p.weight) && scales_ok && outliers_ok && smem_ok && p.K < (int64_t{1} << 31);
 }
 
 inline GemvPlan plan_gemv(GemmProblem const& p)
@@ -88,18 +95,89 @@ inline GemvPlan plan_gemv(GemmProblem const& p)
     return plan;
 }
 
-inline size_t gemm_workspace_bytes(GemmProblem const& p, int max_gemv_rows)
+// The tensor-core GEMV (mmaGemvKernel.cuh): fp16 x, int4 with blocks of a multiple of 16 or int8, kMinMmaRows
+// (1) to 16 rows, no GEMV options (plugins/README.md has its timings against the CUDA-core GEMV). `device_ok` is whether the device has mma.sync (sm_80+); the workspace assumes it has.
+inline bool mma_gemv_applies(GemmProblem const& p, bool device_ok = true)
 {
-    if (!gemv_applies(p, max_gemv_rows))
-    {
-        return 0;
-    }
-    GemvPlan const plan = plan_gemv(p);
-    return plan.splits > 1 ? sizeof(float) * static_cast<size_t>(plan.splits) * p.M * p.N : 0;
+    bool const kind_ok = (p.kind == kWeightINT4 && p.block_size > 0 && p.block_size % 16 == 0)
+        || p.kind == kWeightINT8;
+    return device_ok && kind_ok && p.x_is_half && p.M >= kMinMmaRows && p.M <= kMaxMmaRows
+        && p.N % mma_group_columns(p.kind) == 0 && p.num_outliers <= kMaxFusedOutliers && p.column_keep == nullptr
+        && !p.sparse_rows && aligned16(p.weight) && aligned16(p.scales) && p.K < (int64_t{1} << 31);
 }
 
-template <int KIND, int MT, typename TX>
-cudaError_t launch_gemv_tile(GemmProblem const& p, GemvPlan const& plan, float* partial, cudaStream_t stream)
+inline bool device_has_mma(cudaStream_t stream)
+{
+    (void) stream;
+    int device = 0;
+    int major = 0;
+    if (cudaGetDevice(&device) != cudaSuccess
+        || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
+    {
+        return false;
+    }
+    return major >= 8;
+}
+
+inline GemvPlan plan_mma_gemv(GemmProblem const& p)
+{
+    GemvPlan plan{};
+    plan.mt = p.M <= 8 ? 8 : 16;
+    int const columns = mma_tile_columns(p.kind);
+    plan.n_tiles = static_cast<int>((p.N + columns - 1) / columns);
+    int64_t const cap = static_cast<int64_t>(kMmaStageBytes / (sizeof(__half) * plan.mt));
+    int64_t k_range = int64_t{kMmaWarps} * kMmaGroupRows;
+    // Longer runs per warp (fewer splits, less partial traffic) while enough blocks remain.
+    while (k_range * 2 <= cap && k_range < p.K)
+    {
+        int64_t const splits = (p.K + 2 * k_range - 1) / (2 * k_range);
+        if (plan.n_tiles * splits < kMmaTargetBlocks)
+        {
+            break;
+        }
+        k_range *= 2;
+    }
+    plan.k_range = static_cast<int>(k_range);
+    plan.splits = static_cast<int>((p.K + k_range - 1) / k_range);
+    plan.smem_bytes = mma_region_bytes(p.kind, plan.mt / 8, plan.k_range) + mma_pipe_bytes()
+        + sizeof(float) * plan.mt * p.num_outliers;
+    return plan;
+}
+
+inline size_t gemm_workspace_bytes(GemmProblem const& p, int max_gemv_rows)
+{
+    size_t bytes = 0;
+    if (mma_gemv_applies(p))
+    {
+        GemvPlan const plan = plan_mma_gemv(p);
+        bytes = plan.splits > 1 ? sizeof(float) * static_cast<size_t>(plan.splits) * p.M * p.N : 0;
+    }
+    if (gemv_applies(p, max_gemv_rows)) // the CUDA-core GEMV: devices without mma.sync
+    {
+        GemvPlan const plan = plan_gemv(p);
+        bytes = std::max(bytes, plan.splits > 1 ? sizeof(float) * static_cast<size_t>(plan.splits) * p.M * p.N : 0);
+    }
+    return bytes;
+}
+
+template <int KIND, int NB>
+cudaError_t launch_mma_gemv_tile(GemvArgs const& a, GemvPlan const& plan, cudaStream_t stream)
+{
+    if (plan.smem_bytes > 48 * 1024)
+    {
+        cudaError_t const status = cudaFuncSetAttribute(
+            mma_gemv_kernel<KIND, NB>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem_bytes));
+        if (status != cudaSuccess)
+        {
+            return status;
+        }
+    }
+    dim3 const grid(plan.n_tiles, plan.splits);
+    mma_gemv_kernel<KIND, NB><<<grid, kMmaThreads, plan.smem_bytes, stream>>>(a);
+    return cudaGetLastError();
+}
+
+inline GemvArgs gemv_args(GemmProblem const& p, GemvPlan const& plan, float* partial)
 {
     GemvArgs a{};
     a.x = p.x;
@@ -118,8 +196,14 @@ cudaError_t launch_gemv_tile(GemmProblem const& p, GemvPlan const& plan, float* 
     a.partial = partial;
     a.out = p.y;
     a.out_is_half = p.out_is_half ? 1 : 0;
+    return a;
+}
+
+template <int KIND, int MT, typename TX>
+cudaError_t launch_gemv_tile(GemmProblem const& p, GemvPlan const& plan, float* partial, cudaStream_t stream)
+{
     dim3 const grid(plan.n_tiles, plan.splits);
-    gemv_kernel<KIND, MT, TX><<<grid, kThreads, plan.smem_bytes, stream>>>(a);
+    gemv_kernel<KIND, MT, TX><<<grid, kThreads, plan.smem_bytes, stream>>>(gemv_args(p, plan, partial));
     return cudaGetLastError();
 }
 
@@ -150,6 +234,36 @@ cudaError_t launch_gemv(GemmProblem const& p, GemvPlan const& plan, float* parti
     return launch_gemv_tile<KIND, 1, TX>(p, plan, partial, stream);
 }
 
+// The split-K partials' sum into y, when the plan split K (partial: [splits, M, N] fp32).
+inline cudaError_t reduce_partials(GemmProblem const& p, GemvPlan const& plan, float const* partial,
+    cudaStream_t stream)
+{
+    int64_t const count = p.M * p.N;
+    int const blocks = static_cast<int>(std::min<int64_t>((count + 255) / 256, 4096));
+    reduce_partials_kernel<<<blocks, 256, 0, stream>>>(partial, plan.splits, count, p.y, p.out_is_half ? 1 : 0);
+    return cudaGetLastError();
+}
+
+template <int KIND>
+cudaError_t run_mma_gemv(GemmProblem const& p, void* workspace, size_t workspace_bytes, cudaStream_t stream)
+{
+    GemvPlan const plan = plan_mma_gemv(p);
+    size_t const needed = plan.splits > 1 ? sizeof(float) * static_cast<size_t>(plan.splits) * p.M * p.N : 0;
+    if (needed > 0 && (workspace == nullptr || workspace_bytes < needed))
+    {
+        return cudaErrorInvalidValue;
+    }
+    float* partial = static_cast<float*>(workspace);
+    GemvArgs const a = gemv_args(p, plan, plan.splits > 1 ? partial : nullptr);
+    cudaError_t const status = plan.mt == 8 ? launch_mma_gemv_tile<KIND, 1>(a, plan, stream)
+                                            : launch_mma_gemv_tile<KIND, 2>(a, plan, stream);
+    if (status != cudaSuccess || plan.splits == 1)
+    {
+        return status;
+    }
+    return reduce_partials(p, plan, partial, stream);
+}
+
 // y = x @ W (+ outliers) for one problem on `stream`. The caller dispatches KIND and TX; MAX_MT bounds the GEMV
 // row tiles instantiated (1, 2, 4 or 8). workspace must hold gemm_workspace_bytes(p, MAX_MT).
 template <int KIND, typename TX, int MAX_MT>
@@ -158,6 +272,13 @@ cudaError_t run_gemm(GemmProblem const& p, void* workspace, size_t workspace_byt
     if (p.M == 0 || p.N == 0)
     {
         return cudaSuccess;
+    }
+    if constexpr (std::is_same<TX, __half>::value && KIND != kWeightFP16)
+    {
+        if (mma_gemv_applies(p, device_has_mma(stream)))
+        {
+            return run_mma_gemv<KIND>(p, workspace, workspace_bytes, stream);
+        }
     }
     if (!gemv_applies(p, MAX_MT))
     {
@@ -182,10 +303,7 @@ cudaError_t run_gemm(GemmProblem const& p, void* workspace, size_t workspace_byt
     {
         return status;
     }
-    int64_t const count = p.M * p.N;
-    int const blocks = static_cast<int>(std::min<int64_t>((count + 255) / 256, 4096));
-    reduce_partials_kernel<<<blocks, 256, 0, stream>>>(partial, plan.splits, count, p.y, p.out_is_half ? 1 : 0);
-    return cudaGetLastError();
+    return reduce_partials(p, plan, partial, stream);
 }
 
 } // namespace

@@ -46,11 +46,16 @@ extern "C" size_t accullm_outlier_split_gemm_workspace_size(int64_t max_rows, in
     {
         return 0;
     }
-    size_t bytes = 0;
-    for (int64_t rows = 1; rows <= std::min<int64_t>(max_rows, kMaxDecodeRows); ++rows)
+    size_t bytes = 0; // the most any row count up to max_rows needs, with fp16 or fp32 x
+    int64_t const gemv_rows = std::max<int64_t>(kMaxDecodeRows, accullm::kMaxMmaRows);
+    for (int64_t rows = 1; rows <= std::min<int64_t>(max_rows, gemv_rows); ++rows)
     {
-        GemmProblem const p = shape_only_problem(rows, in_features, out_features, num_outliers, bits, block_size);
-        bytes = std::max(bytes, accullm::gemm_workspace_bytes(p, kMaxDecodeRows));
+        for (bool const x_is_half : {false, true})
+        {
+            GemmProblem p = shape_only_problem(rows, in_features, out_features, num_outliers, bits, block_size);
+            p.x_is_half = x_is_half;
+            bytes = std::max(bytes, accullm::gemm_workspace_bytes(p, kMaxDecodeRows));
+        }
     }
     return bytes;
 }

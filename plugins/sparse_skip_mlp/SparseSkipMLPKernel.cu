@@ -11,8 +11,9 @@
  *   activation: a = silu(gate) * up, zeroed where not kept (threshold: |a| <= level)
  *   down:       GEMV whose blocks stage only the rows with a != 0 and read only those rows of W_down (and, for
  *               int4, their packed bytes and their blocks' scales)
- * Several tokens take the tiled GEMM for the projections: each token masked to its own selection, so the union
- * of the tokens' selections is what is computed, as the reference does.
+ * Several tokens take the tiled GEMM for the projections (int4 gate/up with the threshold method: the tensor-core
+ * GEMV, up to 16 tokens): each token masked to its own selection, so the union of the tokens' selections is what
+ * is computed, as the reference does.
  */
 #include "SparseSkipMLPKernel.h"
 
@@ -81,7 +82,7 @@ GemmProblem down_problem(Shapes const& s, float const* activation, void const* w
 }
 
 // Buffers for `s.tokens` tokens, then one scratch region for the GEMV partial sums of whichever projection runs
-// (they run one after another on the stream), sized for the one-token GEMV with aligned weights.
+// (they run one after another on the stream), sized for the GEMVs of up to s.tokens tokens with aligned weights.
 Layout layout(Shapes const& s)
 {
     Layout l{};
@@ -101,15 +102,20 @@ Layout layout(Shapes const& s)
         l.logits = take(row_bytes);
         l.keep = take(static_cast<size_t>(s.intermediate));
     }
-    Shapes one = s;
-    one.tokens = 1;
-    l.scratch_bytes = std::max(accullm::gemm_workspace_bytes(gate_problem(one, kAligned, kAligned, kAligned,
-                                                                 nullptr, nullptr), kDecodeRows),
-        accullm::gemm_workspace_bytes(down_problem(one, nullptr, kAligned, kAligned, nullptr), kDecodeRows));
-    if (predictor(s))
+    l.scratch_bytes = 0; // the most any token count up to s.tokens needs (gate/up take the tensor-core GEMV
+    for (int64_t tokens = 1; tokens <= std::min<int64_t>(s.tokens, accullm::kMaxMmaRows); ++tokens) // up to 16)
     {
-        l.scratch_bytes = std::max(l.scratch_bytes,
-            accullm::gemm_workspace_bytes(rank_problem(one, nullptr, kAligned, nullptr), kDecodeRows));
+        Shapes some = s;
+        some.tokens = tokens;
+        l.scratch_bytes = std::max({l.scratch_bytes,
+            accullm::gemm_workspace_bytes(
+                gate_problem(some, kAligned, kAligned, kAligned, nullptr, nullptr), kDecodeRows),
+            accullm::gemm_workspace_bytes(down_problem(some, nullptr, kAligned, kAligned, nullptr), kDecodeRows)});
+        if (predictor(s))
+        {
+            l.scratch_bytes = std::max(l.scratch_bytes,
+                accullm::gemm_workspace_bytes(rank_problem(some, nullptr, kAligned, nullptr), kDecodeRows));
+        }
     }
     l.scratch = take(l.scratch_bytes);
     l.total = offset;

@@ -183,6 +183,16 @@ def test_outlier_split_gemm_fp32_io_and_unaligned_shapes(torch, lib, bits, block
     assert relative_error(y, expected) < 5e-3  # N % 8 != 0: the tiled path
 
 
+@pytest.mark.parametrize("bits,block_size", [(4, 64), (4, 16), (8, 0)])
+@pytest.mark.parametrize("rows,k,n", [(12, 200, 144), (3, 200, 144), (9, 1536, 576), (1, 40, 16)])
+def test_outlier_split_gemm_tensor_core_edges(torch, lib, rows, k, n, bits, block_size):
+    """The tensor-core GEMV (1..16 rows of fp16 x) at its edges: 9..16 rows (two MMAs per weight fragment), K not a
+    multiple of its 32-row groups (a partial last group and int4 block), a last column tile partly past N, int4
+    blocks of 16."""
+    y, expected = run_outlier_split_gemm(lib, Device(torch), rows, k, n, bits, block_size, outliers=5)
+    assert relative_error(y, expected) < 5e-3
+
+
 @pytest.mark.parametrize("tokens", ROWS)
 @pytest.mark.parametrize("method,block_size", [("threshold", 0), ("predictor", 0), ("threshold", 64),
                                                 ("predictor", 64)])
