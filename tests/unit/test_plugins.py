@@ -167,6 +167,8 @@ def test_kernel_library_host_side_without_a_gpu(kernel_library):
     one, eight = gemm_workspace(1, 4096, 11008, 8, 4, 64), gemm_workspace(8, 4096, 11008, 8, 4, 64)
     assert eight >= one > 0 and one % (4 * 11008) == 0  # fp32 partial sums of whole split-K slices
     assert gemm_workspace(16, 4096, 100, 0, 4, 64) == 0  # N not a multiple of 8: tiled GEMM, no split-K
+    # 9..16 rows take the tensor-core GEMV, which splits K too: the workspace covers all 16 rows' partials
+    assert gemm_workspace(16, 4096, 11008, 8, 4, 64) >= 2 * 16 * 4 * 11008
     status = lib.accullm_outlier_split_gemm(None, None, None, None, None, None, 1, 64, 64, 0, 4, 0, 0, None, 0,
                                             None)
     assert status == 1  # bits 4 with block_size 0
@@ -177,6 +179,34 @@ def test_kernel_library_host_side_without_a_gpu(kernel_library):
     assert predictor > threshold >= 3 * 4 * 4 * 1536  # gate, up, activation buffers in fp32
     assert mlp_workspace(1, 576, 1536, 0, 1, 0) == 0  # the predictor needs a rank
     assert lib.accullm_sparse_skip_mlp(*[None] * 12, 1, 576, 1536, 0, 7, 0, None, 0, None) == 1
+
+
+def test_compile_command_carries_the_tuning_knobs(tmp_path):
+    command = kernels.nvcc_compile_command(Path("k.cu"), tmp_path / "k.o", ("90",),
+                                           defines={"ACCULLM_MMA_STAGES": 4, "ACCULLM_GEMV_THREADS": 256})
+    assert "-DACCULLM_MMA_STAGES=4" in command and "-DACCULLM_GEMV_THREADS=256" in command
+    assert not any(flag.startswith("-D") for flag in kernels.nvcc_compile_command(Path("k.cu"), tmp_path / "k.o"))
+
+
+def test_tune_gemv_knob_arguments():
+    from plugins import tune_gemv
+
+    args = tune_gemv.parse_args(["--knob", "ACCULLM_MMA_STAGES=3,4", "--knob", "ACCULLM_MMA_WARPS=4"])
+    assert dict(args.knob) == {"ACCULLM_MMA_STAGES": [3, 4], "ACCULLM_MMA_WARPS": [4]}
+    for bad in ("STAGES=3", "ACCULLM_MMA_STAGES", "ACCULLM_MMA_STAGES=x"):
+        with pytest.raises(SystemExit):
+            tune_gemv.parse_args(["--knob", bad])
+    assert tune_gemv.parse_args([]).knob == []  # the sweep then uses DEFAULT_KNOBS
+
+
+@needs_nvcc
+def test_knob_macros_reach_the_kernels(tmp_path):
+    """A knob outside its range fails at compile time with its own message (the macros are really read)."""
+    source = kernels.KERNEL_SOURCES[0]
+    run = subprocess.run(kernels.nvcc_compile_command(source, tmp_path / "k.o", ("90",),
+                                                      defines={"ACCULLM_MMA_STAGES": 1}),
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "ACCULLM_MMA_STAGES: at least 2" in run.stdout + run.stderr
 
 
 # --- Plugin sources against the references ---------------------------------------------------------------------
