@@ -47,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="w8a8: SmoothQuant with migration strength ALPHA (e.g. 0.5), folded into the producers")
     parser.add_argument("--gptq-samples", type=int, default=32, help="calibration windows for GPTQ's statistics")
     parser.add_argument("--override", action="append", default=[], metavar="PATTERN=PRECISION",
-                        help="per-layer precision (fp32, fp16, int8, int4); PATTERN is a name part such as "
-                             "lm_head or layers.0, or a glob such as '*down_proj*'; repeatable, the last match wins")
+                        help="per-layer precision (fp32, fp16, int8, int4, or int4:B for INT4 blocks of B rows); "
+                             "PATTERN is a name part such as lm_head or layers.0, or a glob such as '*down_proj*'; "
+                             "repeatable, the last match wins")
     parser.add_argument("--outlier-layers", action="append", default=[], metavar="PATTERN",
                         help="give the FP16 outlier branch only to layers matching PATTERN (repeatable; default: "
                              "every INT8/INT4 layer); 'residual': the layers reading the residual stream through a "

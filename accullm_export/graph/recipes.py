@@ -17,6 +17,7 @@ import numpy as np
 from accullm_export.errors import UserError
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")  # fp32: left as it is
+BLOCKS = (16, 32, 64, 128, 256)  # int4 block sizes: powers of two that MatMulNBits and TensorRT take
 ACTIVATION_GROUPS = (16, 32, 64, 128, 256)  # --activation-group sizes
 
 
@@ -61,7 +62,7 @@ class Recipe:
     def __post_init__(self):
         if self.name not in RECIPES:
             raise UserError(f"unknown recipe {self.name!r}; choose from {', '.join(RECIPES)}")
-        if self.block_size not in (16, 32, 64, 128, 256):  # powers of two that MatMulNBits and TensorRT take
+        if self.block_size not in BLOCKS:
             raise UserError(f"--block-size must be 16, 32, 64, 128 or 256, not {self.block_size}")
         if self.outliers != "auto" and (not isinstance(self.outliers, int) or self.outliers < 0):
             raise UserError(f"--outliers must be auto, 0 or a positive count, not {self.outliers!r}")
@@ -82,9 +83,11 @@ class Recipe:
             raise UserError("--scale-search applies to INT4 layers (the w4a16 recipe, or int4 overrides)")
         if self.gptq and self.name == "fp16":
             raise UserError("--gptq applies to the integer recipes (w4a16, w8a8)")
-        for pattern, precision in self.overrides:
-            if precision not in PRECISIONS:
-                raise UserError(f"override {pattern}={precision}: precision must be one of {', '.join(PRECISIONS)}")
+        for pattern, value in self.overrides:
+            precision, block = split_precision(value)
+            if precision not in PRECISIONS or (block is not None and (precision != "int4" or block not in BLOCKS)):
+                raise UserError(f"override {pattern}={value}: precision must be one of {', '.join(PRECISIONS)}, or "
+                                f"int4:B for INT4 blocks of B rows (B one of {', '.join(map(str, BLOCKS))})")
 
     @property
     def defaults(self) -> RecipeDefaults:
@@ -123,8 +126,19 @@ def sink_channels(statistics: Mapping[str, np.ndarray], ratio: float = SINK_RATI
     return sorted(int(c) for c in np.flatnonzero(np.asarray(sink) > limit))
 
 
+def split_precision(value: str) -> tuple[str, int | None]:
+    """An override's precision and INT4 block size: ``int4:64`` -> ("int4", 64), ``int8`` -> ("int8", None)."""
+    precision, sep, block = value.partition(":")
+    if not sep:
+        return precision, None
+    if not block.isdigit():
+        raise UserError(f"override precision {value!r}: expected int4:B with B a block size such as 64")
+    return precision, int(block)
+
+
 def parse_override(text: str) -> tuple[str, str]:
-    """``PATTERN=PRECISION`` from the command line, e.g. ``lm_head=int8`` or ``layers.0=fp16``."""
+    """``PATTERN=PRECISION`` from the command line, e.g. ``lm_head=int8``, ``layers.0=fp16`` or
+    ``lm_head=int4:64`` (INT4 with its own block size)."""
     pattern, sep, precision = text.rpartition("=")
     if not sep or not pattern:
         raise UserError(f"--override {text!r}: expected PATTERN=PRECISION, e.g. lm_head=int8")
@@ -172,11 +186,17 @@ class LayerPlan:
 
 def layer_precision(recipe: Recipe, node: str) -> str:
     """The recipe default, or the last override whose pattern matches ``node``."""
-    precision = recipe.defaults.weights
+    return layer_weights(recipe, node)[0]
+
+
+def layer_weights(recipe: Recipe, node: str) -> tuple[str, int | None]:
+    """(precision, INT4 block size or None) from the recipe default or the last override matching ``node``; an
+    INT4 override without ``:B`` takes the recipe's ``--block-size``."""
+    precision, block = recipe.defaults.weights, None
     for pattern, value in recipe.overrides:
         if override_matches(pattern, node):
-            precision = value
-    return precision
+            precision, block = split_precision(value)
+    return precision, (block or recipe.block_size) if precision == "int4" else None
 
 
 def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPlan]:
@@ -228,7 +248,7 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
         plans[layer.node] = LayerPlan(
             node=layer.node, input=layer.input, weight=layer.weight, in_features=layer.in_features,
             out_features=layer.out_features, precision=precision[layer.node],
-            block_size=recipe.block_size if precision[layer.node] == "int4" else None, outliers=chosen,
+            block_size=layer_weights(recipe, layer.node)[1], outliers=chosen,
             activations=recipe.activations if quantize_input else None, activation_scale=scale,
             activation_group=group)
     return plans

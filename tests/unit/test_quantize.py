@@ -427,6 +427,26 @@ def test_residual_outlier_layers_need_named_readers():
         plan_layers(Recipe(name="w4a16", outlier_layers=("residual",)), layers, profile=None)
 
 
+def test_override_sets_an_int4_block_size(planted_model, profile, tmp_path):
+    """``int4:B`` gives matching layers their own INT4 block size; the others keep --block-size."""
+    folder, _ = planted_model
+    recipe = Recipe(name="w4a16", block_size=32, overrides=(("*down_proj*", "int4:16"), ("layers.1", "int4")))
+    manifest = quantize_model(folder, tmp_path / "q", recipe, profile)
+    blocks = {layer["node"]: (layer["precision"], layer["block_size"]) for layer in manifest["layers"]}
+    assert blocks["/model/layers.0/mlp/down_proj/MatMul"] == ("int4", 16)
+    assert blocks["/model/layers.1/mlp/down_proj/MatMul"] == ("int4", 32)  # the last match, plain int4, wins
+    assert blocks["/model/layers.0/mlp/up_proj/MatMul"] == ("int4", 32)
+    graph = onnx.load(str(tmp_path / "q" / "model.onnx"))
+    dq_blocks = {node.output[0]: next(a.i for a in node.attribute if a.name == "block_size")
+                 for node in graph.graph.node if node.op_type == "DequantizeLinear"
+                 and any(a.name == "block_size" for a in node.attribute)}
+    down = [b for name, b in dq_blocks.items() if "layers.0/mlp/down_proj" in name or "layers.0.mlp.down_proj" in name]
+    assert down == [16], dq_blocks
+    for bad in ("int8:64", "int4:48", "int4:x"):
+        with pytest.raises(UserError, match="override"):
+            Recipe(name="w4a16", overrides=(("lm_head", bad),))
+
+
 def test_override_patterns():
     assert override_matches("layers.1", "/model/layers.1/mlp/up_proj/MatMul")
     assert not override_matches("layers.1", "/model/layers.10/mlp/up_proj/MatMul")
