@@ -85,7 +85,7 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
     notes = [f"{layer.node}: {layer.op_type} is not rewritten (only MatMul is); left as it is"
              for layer in layers if layer.op_type != "MatMul"]
     statistics = {entry["name"]: profile.input_statistics(entry["name"]) for entry in profile.manifest["inputs"]}
-    hessians = _hessians(model_path, plans, profile, options) if recipe.gptq else {}
+    hessians = _hessians(model_path, plans, profile, options, notes) if recipe.gptq else {}
     return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite, sparsity,
                     finishing)
 
@@ -232,11 +232,15 @@ def check_loads(path: Path) -> None:
     create_session(path, optimization="basic")
 
 
-def _hessians(model_path: Path, plans: dict[str, LayerPlan], profile, options: QuantizeOptions) -> dict:
+def _hessians(model_path: Path, plans: dict[str, LayerPlan], profile, options: QuantizeOptions,
+              notes: list[str]) -> dict:
     from accullm_export.calibration.hessian import collect_hessians
     from accullm_export.calibration.run import profile_feeds
 
     tensors = sorted({plan.input for plan in plans.values() if plan.quantized})
     feeds = profile_feeds(model_path, profile.manifest, options.gptq_samples)
+    if len(feeds) < options.gptq_samples:
+        notes.append(f"GPTQ: --gptq-samples {options.gptq_samples}, but the profile holds {len(feeds)} calibration "
+                     f"windows, so GPTQ used {len(feeds)} (calibrate with --samples {options.gptq_samples} for more)")
     log.info("GPTQ: second moments of %d input tensors over %d calibration windows", len(tensors), len(feeds))
     return collect_hessians(model_path, tensors, lambda: iter(feeds), budget_bytes=options.budget_mb << 20)

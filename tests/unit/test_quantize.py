@@ -625,6 +625,11 @@ def test_quantize_cli(planted_model, profile, tmp_path, capsys):
                                                        "quantize_activations", "quantize_embeddings",
                                                        "merge_parallel_linears"]
     assert (tmp_path / "q" / "tokenizer.json").is_file() and (tmp_path / "q" / "genai_config.json").is_file()
+    assert not any(note.startswith("GPTQ: --gptq-samples") for note in manifest["notes"])
+    code = main(["quantize", str(folder), "--recipe", "w4a16", "--profile", str(profile), "-o", str(tmp_path / "q2"),
+                 "--block-size", "32", "--gptq", "--gptq-samples", "1000"])
+    notes = json.loads((tmp_path / "q2" / "manifest.json").read_text())["notes"]
+    assert code == 0 and any("--gptq-samples 1000, but the profile holds" in note for note in notes)
     for bad, message in ((["--outliers", "-1"], "--outliers"), (["--awq", "--recipe", "w8a8"], "--awq"),
                          (["--override", "nothing=int8"], "matches no linear layer"),
                          (["--override", "lm_head=int3"], "precision must be one of"),
