@@ -371,13 +371,9 @@ OURS_W8A8_STATIC = ("--recipe", "w8a8", "--activations", "static", "--policy", "
 # --scale-search picks each block's clipping level: measured with the flags above, KL 0.2205 -> 0.161 and
 # Δppl +20.2% -> +13.5% at block 128 (benchmarks/ablate.py, bench_out/ablate2). GPTQ on all 64 of the
 # profile's windows: at block 64, KL 0.144 -> 0.130 (at 128: 0.161 -> 0.160).
-# The LM head (the most sensitive layer: FP16 there took Δppl +20.2% -> +16.3% at block 128) gets blocks of half
-# the size: b128 + lm_head b64 measured KL 0.1598 -> 0.1485, Δppl +15.70% -> +13.97% for 0.023 bits; b64 +
-# lm_head b32 0.130 -> 0.122, +11.65% -> +11.35% (bench_out/ablate6, ablate7). `build` does the same.
-_W4A16 = ("--recipe", "w4a16", "--policy", "sensitivity", "--gptq", "--gptq-samples", "64", "--scale-search",
-          "--outlier-layers", "residual")
-OURS_W4A16 = _W4A16 + ("--block-size", str(BLOCK_SIZE), "--override", f"lm_head=int4:{BLOCK_SIZE // 2}")
-OURS_W4A16_B64 = _W4A16 + ("--block-size", "64", "--override", "lm_head=int4:32")
+OURS_W4A16 = ("--recipe", "w4a16", "--block-size", str(BLOCK_SIZE), "--policy", "sensitivity",
+              "--gptq", "--gptq-samples", "64", "--scale-search", "--outlier-layers", "residual")
+OURS_W4A16_B64 = tuple("64" if flag == str(BLOCK_SIZE) else flag for flag in OURS_W4A16)
 for _name, _label, _recipe in (
         ("ours-fp16", "accullm-export fp16", ("--recipe", "fp16")),
         ("ours-w8a8", "accullm-export w8a8, FP16 outlier branch", OURS_W8A8),
