@@ -139,6 +139,23 @@ struct GemvArgs
     int out_is_half;
 };
 
+// One output of a GEMV block: y directly when K is not split across blocks, else this split's fp32 partial.
+__device__ __forceinline__ void store_output(GemvArgs const& a, int m, int64_t n, float sum)
+{
+    if (gridDim.y > 1)
+    {
+        a.partial[(static_cast<int64_t>(blockIdx.y) * a.M + m) * a.N + n] = sum;
+    }
+    else if (a.out_is_half)
+    {
+        static_cast<__half*>(a.out)[m * a.N + n] = __float2half_rn(sum);
+    }
+    else
+    {
+        static_cast<float*>(a.out)[m * a.N + n] = sum;
+    }
+}
+
 struct GemvPlan
 {
     int mt;

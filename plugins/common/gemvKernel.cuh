@@ -359,18 +359,7 @@ __device__ void reduce_and_store(GemvArgs const& a, float (&acc)[MT][GemvTile<KI
         {
             sum += red[(w * MT + m) * T::TN + c];
         }
-        if (gridDim.y > 1)
-        {
-            a.partial[(static_cast<int64_t>(blockIdx.y) * a.M + m) * a.N + n] = sum;
-        }
-        else if (a.out_is_half)
-        {
-            static_cast<__half*>(a.out)[m * a.N + n] = __float2half_rn(sum);
-        }
-        else
-        {
-            static_cast<float*>(a.out)[m * a.N + n] = sum;
-        }
+        store_output(a, m, n, sum);
     }
 }
 

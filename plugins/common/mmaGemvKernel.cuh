@@ -386,18 +386,7 @@ __global__ void __launch_bounds__(kMmaThreads) mma_gemv_kernel(GemvArgs a)
                 sum = fmaf(xo[m * a.num_outliers + o], __half2float(a.outlier_weight[o * a.N + n]), sum);
             }
         }
-        if (gridDim.y > 1)
-        {
-            a.partial[(static_cast<int64_t>(blockIdx.y) * a.M + m) * a.N + n] = sum;
-        }
-        else if (a.out_is_half)
-        {
-            static_cast<__half*>(a.out)[m * a.N + n] = __float2half_rn(sum);
-        }
-        else
-        {
-            static_cast<float*>(a.out)[m * a.N + n] = sum;
-        }
+        store_output(a, m, n, sum);
     }
 }
 
