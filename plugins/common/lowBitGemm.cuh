@@ -96,7 +96,8 @@ inline GemvPlan plan_gemv(GemmProblem const& p)
 }
 
 // The tensor-core GEMV (mmaGemvKernel.cuh): fp16 x, int4 with blocks of a multiple of 16 or int8, kMinMmaRows
-// (1) to 16 rows, no GEMV options (plugins/README.md has its timings against the CUDA-core GEMV). `device_ok` is whether the device has mma.sync (sm_80+); the workspace assumes it has.
+// (1) to 16 rows, no GEMV options (plugins/README.md has its timings against the CUDA-core GEMV). `device_ok`
+// is whether the device has mma.sync (sm_80+); the workspace assumes it has.
 inline bool mma_gemv_applies(GemmProblem const& p, bool device_ok = true)
 {
     bool const kind_ok = (p.kind == kWeightINT4 && p.block_size > 0 && p.block_size % 16 == 0)
@@ -106,9 +107,8 @@ inline bool mma_gemv_applies(GemmProblem const& p, bool device_ok = true)
         && !p.sparse_rows && aligned16(p.weight) && aligned16(p.scales) && p.K < (int64_t{1} << 31);
 }
 
-inline bool device_has_mma(cudaStream_t stream)
+inline bool device_has_mma()
 {
-    (void) stream;
     int device = 0;
     int major = 0;
     if (cudaGetDevice(&device) != cudaSuccess
@@ -144,18 +144,18 @@ inline GemvPlan plan_mma_gemv(GemmProblem const& p)
     return plan;
 }
 
+// The fp32 split-K partials [splits, M, N] a plan needs in the workspace (0 when it does not split K).
+inline size_t partial_bytes(GemmProblem const& p, GemvPlan const& plan)
+{
+    return plan.splits > 1 ? sizeof(float) * static_cast<size_t>(plan.splits) * p.M * p.N : 0;
+}
+
 inline size_t gemm_workspace_bytes(GemmProblem const& p, int max_gemv_rows)
 {
-    size_t bytes = 0;
-    if (mma_gemv_applies(p))
-    {
-        GemvPlan const plan = plan_mma_gemv(p);
-        bytes = plan.splits > 1 ? sizeof(float) * static_cast<size_t>(plan.splits) * p.M * p.N : 0;
-    }
+    size_t bytes = mma_gemv_applies(p) ? partial_bytes(p, plan_mma_gemv(p)) : 0;
     if (gemv_applies(p, max_gemv_rows)) // the CUDA-core GEMV: devices without mma.sync
     {
-        GemvPlan const plan = plan_gemv(p);
-        bytes = std::max(bytes, plan.splits > 1 ? sizeof(float) * static_cast<size_t>(plan.splits) * p.M * p.N : 0);
+        bytes = std::max(bytes, partial_bytes(p, plan_gemv(p)));
     }
     return bytes;
 }
@@ -244,20 +244,20 @@ inline cudaError_t reduce_partials(GemmProblem const& p, GemvPlan const& plan, f
     return cudaGetLastError();
 }
 
-template <int KIND>
-cudaError_t run_mma_gemv(GemmProblem const& p, void* workspace, size_t workspace_bytes, cudaStream_t stream)
+// Run a GEMV plan: `launch(partial)` with the fp32 partials in `workspace` when the plan splits K (nullptr when
+// it does not), then their sum into y. Both GEMVs go through here.
+template <typename Launch>
+cudaError_t run_plan(GemmProblem const& p, GemvPlan const& plan, void* workspace, size_t workspace_bytes,
+    cudaStream_t stream, Launch const& launch)
 {
-    GemvPlan const plan = plan_mma_gemv(p);
-    size_t const needed = plan.splits > 1 ? sizeof(float) * static_cast<size_t>(plan.splits) * p.M * p.N : 0;
+    size_t const needed = partial_bytes(p, plan);
     if (needed > 0 && (workspace == nullptr || workspace_bytes < needed))
     {
         return cudaErrorInvalidValue;
     }
-    float* partial = static_cast<float*>(workspace);
-    GemvArgs const a = gemv_args(p, plan, plan.splits > 1 ? partial : nullptr);
-    cudaError_t const status = plan.mt == 8 ? launch_mma_gemv_tile<KIND, 1>(a, plan, stream)
-                                            : launch_mma_gemv_tile<KIND, 2>(a, plan, stream);
-    if (status != cudaSuccess || plan.splits == 1)
+    float* partial = needed > 0 ? static_cast<float*>(workspace) : nullptr;
+    cudaError_t const status = launch(partial);
+    if (status != cudaSuccess || partial == nullptr)
     {
         return status;
     }
@@ -275,9 +275,14 @@ cudaError_t run_gemm(GemmProblem const& p, void* workspace, size_t workspace_byt
     }
     if constexpr (std::is_same<TX, __half>::value && KIND != kWeightFP16)
     {
-        if (mma_gemv_applies(p, device_has_mma(stream)))
+        if (mma_gemv_applies(p, device_has_mma()))
         {
-            return run_mma_gemv<KIND>(p, workspace, workspace_bytes, stream);
+            GemvPlan const plan = plan_mma_gemv(p);
+            return run_plan(p, plan, workspace, workspace_bytes, stream, [&](float* partial) {
+                GemvArgs const a = gemv_args(p, plan, partial);
+                return plan.mt == 8 ? launch_mma_gemv_tile<KIND, 1>(a, plan, stream)
+                                    : launch_mma_gemv_tile<KIND, 2>(a, plan, stream);
+            });
         }
     }
     if (!gemv_applies(p, MAX_MT))
@@ -288,22 +293,8 @@ cudaError_t run_gemm(GemmProblem const& p, void* workspace, size_t workspace_byt
         return cudaGetLastError();
     }
     GemvPlan const plan = plan_gemv(p);
-    if (plan.splits == 1)
-    {
-        return launch_gemv<KIND, TX, MAX_MT>(p, plan, nullptr, stream);
-    }
-    size_t const needed = sizeof(float) * static_cast<size_t>(plan.splits) * p.M * p.N;
-    if (workspace == nullptr || workspace_bytes < needed)
-    {
-        return cudaErrorInvalidValue;
-    }
-    float* partial = static_cast<float*>(workspace);
-    cudaError_t const status = launch_gemv<KIND, TX, MAX_MT>(p, plan, partial, stream);
-    if (status != cudaSuccess)
-    {
-        return status;
-    }
-    return reduce_partials(p, plan, partial, stream);
+    return run_plan(p, plan, workspace, workspace_bytes, stream,
+        [&](float* partial) { return launch_gemv<KIND, TX, MAX_MT>(p, plan, partial, stream); });
 }
 
 } // namespace
