@@ -184,11 +184,6 @@ class LayerPlan:
         return dataclasses.asdict(self) | {"outliers": list(self.outliers)}
 
 
-def layer_precision(recipe: Recipe, node: str) -> str:
-    """The recipe default, or the last override whose pattern matches ``node``."""
-    return layer_weights(recipe, node)[0]
-
-
 def layer_weights(recipe: Recipe, node: str) -> tuple[str, int | None]:
     """(precision, INT4 block size or None) from the recipe default or the last override matching ``node``; an
     INT4 override without ``:B`` takes the recipe's ``--block-size``."""
@@ -223,7 +218,8 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
             ("--outlier-layers", p) for p in outlier_layers]:
         if not any(override_matches(pattern, layer.node) for layer in layers):
             raise UserError(f"{option} {pattern!r} matches no linear layer (names look like {layers[0].node})")
-    precision = {layer.node: layer_precision(recipe, layer.node) for layer in layers}
+    weights = {layer.node: layer_weights(recipe, layer.node) for layer in layers}  # (precision, int4 block)
+    precision = {node: chosen for node, (chosen, _) in weights.items()}
     outliers: dict[str, set[int]] = {}
     for layer in layers:
         branch = not outlier_layers or any(override_matches(p, layer.node) for p in outlier_layers)
@@ -248,7 +244,7 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
         plans[layer.node] = LayerPlan(
             node=layer.node, input=layer.input, weight=layer.weight, in_features=layer.in_features,
             out_features=layer.out_features, precision=precision[layer.node],
-            block_size=layer_weights(recipe, layer.node)[1], outliers=chosen,
+            block_size=weights[layer.node][1], outliers=chosen,
             activations=recipe.activations if quantize_input else None, activation_scale=scale,
             activation_group=group)
     return plans
