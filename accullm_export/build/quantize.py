@@ -36,6 +36,9 @@ class QuantizeOptions:
 
     gptq_samples: int = 32
     budget_mb: int = 512
+    distill_samples: int = 64  # calibration windows the block scales are distilled on (--distill-steps)
+    distill_lr: float = 1e-3
+    distill_batch: int = 1  # windows per distillation step
     version: int = 1
 
 
@@ -50,7 +53,10 @@ def recipe_passes(recipe: Recipe) -> list[str]:
     passes.append("isolate_outliers")
     if recipe.gptq:
         passes.append("compensate_errors_gptq")
-    passes += ["quantize_weights", "quantize_activations", "quantize_embeddings"]
+    passes.append("quantize_weights")
+    if recipe.distill_steps:
+        passes.append("distill_scales")
+    passes += ["quantize_activations", "quantize_embeddings"]
     return passes
 
 
@@ -87,7 +93,7 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
     statistics = {entry["name"]: profile.input_statistics(entry["name"]) for entry in profile.manifest["inputs"]}
     hessians = _hessians(model_path, plans, profile, options, notes) if recipe.gptq else {}
     return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite, sparsity,
-                    finishing)
+                    finishing, options)
 
 
 def _without_mlp_branches(graph, plans: dict[str, LayerPlan], statistics: dict,
@@ -123,7 +129,7 @@ def refuse_quantized(model: onnx.ModelProto, path: Path) -> None:
 
 
 def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite,
-             sparsity=None, finishing=FINISHING_PASSES) -> dict:
+             sparsity=None, finishing=FINISHING_PASSES, options: QuantizeOptions = QuantizeOptions()) -> dict:
     from accullm_export.build.sparsify import sparsity_metadata, sparsity_plans, sparsity_summary
     from accullm_export.graph.ir import load_graph, save_graph
     from accullm_export.graph.passes.skip_sparse_neurons import SparseContext
@@ -134,9 +140,10 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
     if sparse and sparsity.method == "predictor":  # the guesser narrows gate/up: they must be plain MatMuls
         plans = _without_mlp_branches(graph, plans, statistics, notes)
     float_dtype = _float_dtype(graph, plans)
+    distillation = _distillation(model_path, graph, recipe, profile, options, notes) if recipe.distill_steps else None
     context = PassContext(plans=plans, float_dtype=float_dtype, statistics=statistics, hessians=hessians,
                           embeddings=recipe.embeddings, smoothing=recipe.smoothquant, notes=notes,
-                          scale_search=recipe.scale_search)
+                          scale_search=recipe.scale_search, distillation=distillation)
     if sparse:  # shares the AWQ / SmoothQuant divisors the recipe passes record
         sparse_context = SparseContext(plans=sparsity_plans(model_path, graph, profile, sparsity), notes=notes,
                                        dense_first=sparsity.dense_first,
@@ -244,3 +251,26 @@ def _hessians(model_path: Path, plans: dict[str, LayerPlan], profile, options: Q
                      f"windows, so GPTQ used {len(feeds)} (calibrate with --samples {options.gptq_samples} for more)")
     log.info("GPTQ: second moments of %d input tensors over %d calibration windows", len(tensors), len(feeds))
     return collect_hessians(model_path, tensors, lambda: iter(feeds), budget_bytes=options.budget_mb << 20)
+
+
+def _distillation(model_path: Path, graph, recipe: Recipe, profile, options: QuantizeOptions, notes: list[str]):
+    """The teacher's weights (read from the graph before any pass) and the calibration windows the block scales
+    are distilled on."""
+    from accullm_export.calibration.run import profile_feeds
+    from accullm_export.graph.passes.distill_scales import DistillInputs, graph_weights
+    from accullm_export.quant.distill import DistillConfig
+
+    if not (model_path.parent / "config.json").is_file():
+        raise UserError(f"--distill-steps needs the export folder's config.json beside {model_path} (it builds a "
+                        "torch replica of the model); quantize an exported LLM folder")
+    feeds = profile_feeds(model_path, profile.manifest, options.distill_samples)
+    if not feeds or "input_ids" not in feeds[0]:
+        raise UserError("--distill-steps needs an LLM profile (calibration windows of token ids)")
+    if len(feeds) < options.distill_samples:
+        notes.append(f"distillation: the profile holds {len(feeds)} calibration windows, fewer than the "
+                     f"{options.distill_samples} asked for")
+    windows = np.concatenate([np.asarray(feed["input_ids"], dtype=np.int64) for feed in feeds], axis=0)
+    config = DistillConfig(steps=recipe.distill_steps, learning_rate=options.distill_lr,
+                           batch_windows=options.distill_batch, norms=recipe.distill_norms)
+    teacher = {name: value.copy() for name, value in graph_weights(graph).items()}
+    return DistillInputs(config=config, config_dir=model_path.parent, teacher=teacher, windows=windows)

@@ -35,6 +35,14 @@ def constant(name: str, values: np.ndarray) -> gs.Constant:
     return gs.Constant(name, values)
 
 
+def constant_array(tensor: gs.Constant) -> np.ndarray:
+    """A constant's values without caching them in the graph: reading ``.values`` of a packed int4 constant
+    would replace it by an unpacked array that the exporter then writes at twice its size."""
+    if isinstance(tensor._values, gs.ir.tensor.LazyValues):
+        return tensor._values.load()
+    return tensor.values
+
+
 def stored_bytes(tensor: gs.Constant) -> int:
     """Bytes the constant takes in the file (int4 packs two values per byte)."""
     values = tensor._values if isinstance(tensor._values, gs.ir.tensor.LazyValues) else tensor.values

@@ -57,6 +57,8 @@ class Recipe:
     overrides: tuple[tuple[str, str], ...] = ()  # (layer pattern, precision)
     outlier_layers: tuple[str, ...] = ()  # only layers matching one of these get the FP16 branch (default: all)
     embeddings: str = "int8"  # the token-embedding table: int8 per row, fp16, or fp32 (left as it is)
+    distill_steps: int = 0  # INT4 block scales trained this many steps against the source model (0: off)
+    distill_norms: bool = False  # ... and the RMSNorm gains with them
     version: int = 1
 
     def __post_init__(self):
@@ -83,6 +85,13 @@ class Recipe:
             raise UserError("--scale-search applies to INT4 layers (the w4a16 recipe, or int4 overrides)")
         if self.gptq and self.name == "fp16":
             raise UserError("--gptq applies to the integer recipes (w4a16, w8a8)")
+        if self.distill_steps < 0:
+            raise UserError(f"--distill-steps must be 0 (off) or positive, not {self.distill_steps}")
+        if self.distill_steps and self.name != "w4a16":
+            raise UserError("--distill-steps applies to the weight-only w4a16 recipe (its replica does not model "
+                            "activation quantization)")
+        if self.distill_norms and not self.distill_steps:
+            raise UserError("--distill-norms trains the norm gains along with the scales: give --distill-steps")
         for pattern, value in self.overrides:
             precision, block = split_precision(value)
             if precision not in PRECISIONS or (block is not None and (precision != "int4" or block not in BLOCKS)):
@@ -305,3 +314,4 @@ class PassContext:
     scale_search: bool = False  # INT4 block scales searched (quant.symmetric.searched_scales)
     notes: list = dataclasses.field(default_factory=list)
     input_scales: dict = dataclasses.field(default_factory=dict)
+    distillation: object = None  # passes.distill_scales.DistillInputs, for quantize --distill-steps

@@ -1,0 +1,152 @@
+"""Train the INT4 block scales against the full-precision model (``quantize --distill-steps N``).
+
+The low-bit layers' integers stay; their FP16 block scales (and, on request, the RMSNorm gains) are fitted by
+gradient descent on the KL divergence between the source model's and the rewritten model's next-token
+distributions over the profile's calibration text (``quant.distill``). Runs after the weights are rounded
+(``quantize_weights``, GPTQ before it) and before the embedding table is quantized and parallel layers merged,
+so each layer is still one MatMul named after its module. The layout and the file size do not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from accullm_export.errors import UserError
+from accullm_export.graph.ir import constant_array
+from accullm_export.graph.passes import register
+from accullm_export.graph.rewrite import producer_of, stored_scales
+from accullm_export.quant.distill import BlockScaled, DistillConfig, distill_scales, module_of
+from accullm_export.quant.symmetric import dequantize, half_representable
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillInputs:
+    """What the pass needs besides the graph: the export folder, the teacher's weights, the calibration text."""
+
+    config: DistillConfig
+    config_dir: Path
+    teacher: Mapping[str, np.ndarray]
+    windows: np.ndarray
+
+
+@register("distill_scales")
+def run(graph: gs.Graph, context) -> gs.Graph:
+    inputs = context.distillation
+    if inputs is None or not inputs.config.active:
+        return graph
+    layers, stored = block_scaled_layers(graph, context.notes)
+    if not layers:
+        context.notes.append("distill_scales: no INT4 block-scaled layer; nothing to train")
+        return graph
+    trained, gains, report = distill_scales(inputs.config_dir, inputs.teacher, graph_weights(graph), layers,
+                                            inputs.windows, inputs.config)
+    for module, scales in trained.items():
+        stored[module].values = half_representable(scales).astype(stored[module].values.dtype)
+    constants = {name: tensor for name, tensor in graph.tensors().items() if isinstance(tensor, gs.Constant)}
+    for name, gain in gains.items():
+        constants[name].values = gain.astype(constants[name].values.dtype)
+    outcome = "trained" if report["kept"] else "left as they were (training did not lower the held-out KL)"
+    context.notes.append(f"distill_scales: {report['layers']} layers' block scales"
+                         f"{' and ' + str(report['norms']) + ' norm gains' if report['norms'] else ''} {outcome}: "
+                         f"{report['steps']} steps on {report['windows']} calibration windows, KL on "
+                         f"{report['held_out_windows']} held-out ones {report['held_out_kl_before']} -> "
+                         f"{report['held_out_kl_after']} ({report['seconds']} s)")
+    return graph
+
+
+def block_scaled_layers(graph: gs.Graph, notes: list) -> tuple[list[BlockScaled], dict[str, gs.Constant]]:
+    """Every exported linear layer whose weight is INT4 behind a blocked DequantizeLinear, as ``BlockScaled``
+    (with its FP16 outlier rows), and module path -> the constant holding its stored scales."""
+    layers, stored = [], {}
+    for node in list(graph.nodes):
+        if node.op != "MatMul" or not node.name.endswith("/MatMul") or "/outliers/" in node.name:
+            continue
+        dequantize_node = producer_of(node.inputs[1], "DequantizeLinear")
+        if dequantize_node is None or "block_size" not in dequantize_node.attrs:
+            continue
+        scales = stored_scales(dequantize_node)
+        values = dequantize_node.inputs[0]
+        if isinstance(values, gs.Constant) and constant_array(values).dtype.name != "int4":
+            continue
+        if scales is None or not isinstance(values, gs.Constant):
+            notes.append(f"{node.name}: its scales are not a stored constant; not distilled")
+            continue
+        channels, rows = outlier_branch(node)
+        module = module_of(node.name)
+        layers.append(BlockScaled(module, constant_array(values).astype(np.int8),
+                                  np.asarray(scales.values, dtype=np.float32),
+                                  int(dequantize_node.attrs["block_size"]), channels, rows))
+        stored[module] = scales
+    return layers, stored
+
+
+def outlier_branch(node: gs.Node) -> tuple[tuple[int, ...], np.ndarray | None]:
+    """The FP16 outlier branch ``isolate_outliers`` gave ``node``: (its input channels, its weight rows as
+    float32), or ((), None)."""
+    output = node.outputs[0]
+    for consumer in output.outputs:
+        if consumer.op != "Add" or consumer.name != f"{node.name}/outliers/Add":
+            continue
+        branch = next(t for t in consumer.inputs if t is not output)
+        matmul = producer_of(branch, "MatMul")
+        gather = producer_of(matmul.inputs[0], "Gather") if matmul is not None else None
+        rows = constant_value(matmul.inputs[1]) if matmul is not None else None
+        if gather is None or rows is None or not isinstance(gather.inputs[1], gs.Constant):
+            raise UserError(f"{node.name}: its outlier branch is not laid out as isolate_outliers writes it")
+        return tuple(int(c) for c in constant_array(gather.inputs[1])), rows.astype(np.float32)
+    return (), None
+
+
+def constant_value(tensor) -> np.ndarray | None:
+    """The float value of a weight: a constant, a Cast of one, or a DequantizeLinear of stored integers (per
+    output channel on axis 1, or blocked on axis 0); None for anything computed."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(constant_array(tensor))
+    cast = producer_of(tensor, "Cast")
+    if cast is not None:
+        inner = constant_value(cast.inputs[0])
+        return None if inner is None else inner.astype(np.float32)
+    node = producer_of(tensor, "DequantizeLinear")
+    if node is None:
+        return None
+    values, scales = constant_value(node.inputs[0]), constant_value(node.inputs[1])
+    if values is None or scales is None or (len(node.inputs) > 2 and np.any(constant_value(node.inputs[2]))):
+        return None
+    values, scales = values.astype(np.float32), scales.astype(np.float32)
+    if "block_size" in node.attrs:
+        return dequantize(values, scales, int(node.attrs["block_size"]))
+    return values * scales.reshape(1, -1)
+
+
+def graph_weights(graph: gs.Graph) -> dict[str, np.ndarray]:
+    """The model's parameters by transformers name, read from an exported (and possibly rewritten) graph: each
+    linear layer's effective weight ([out, in]; dequantized, with its FP16 outlier rows put back), the norm
+    gains and biases, and the token-embedding table."""
+    weights: dict[str, np.ndarray] = {}
+    for name, tensor in graph.tensors().items():
+        if isinstance(tensor, gs.Constant) and name.endswith((".weight", ".bias")) and ".MatMul." not in name \
+                and np.dtype(tensor.dtype).kind == "f":
+            weights[name] = np.asarray(constant_array(tensor), dtype=np.float32)
+    for node in graph.nodes:
+        if node.op == "MatMul" and node.name.endswith("/MatMul") and "/outliers/" not in node.name:
+            weight = constant_value(node.inputs[1])
+            if weight is None or weight.ndim != 2:
+                continue
+            weight = weight.astype(np.float32)
+            channels, rows = outlier_branch(node)
+            if channels:
+                weight = weight.copy()
+                weight[list(channels)] = rows
+            weights[f"{module_of(node.name)}.weight"] = weight.T
+        elif node.op == "Gather" and node.name == "/model/embed_tokens/Gather":
+            table = constant_value(node.inputs[0])
+            if table is not None and table.dtype.kind == "f":  # an integer table is scaled after the Gather
+                axis = int(node.attrs.get("axis", 0))
+                weights["model.embed_tokens.weight"] = table.astype(np.float32).T if axis == 1 else \
+                    table.astype(np.float32)
+    return weights

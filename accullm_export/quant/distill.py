@@ -1,0 +1,255 @@
+"""Distil the INT4 block scales: fit a quantized LLM's block scales to the full-precision model's next-token
+distributions on calibration text, by gradient descent on KL(teacher || student).
+
+The integers stay as rounding (and GPTQ) left them; only the scales move, so the stored layout, the file size
+and the decode speed do not change. This is the end-to-end training of quantization parameters of PEQA (Kim et
+al., 2023) and EfficientQAT's E2E-QP (Chen et al., 2024), here on the few thousand calibration tokens the
+profile names: one scale per block of 64 or 128 weights is about 1% of the parameters, and a layer-by-layer
+objective (GPTQ's) cannot see how errors compound through the residual stream and the LM head; the KL does.
+
+Both models are torch replicas built with transformers from the export folder's ``config.json`` and the ONNX
+graph's constants (``graph_weights``): the teacher from the model before any pass, the student from the graph
+being rewritten, each low-bit layer replaced by ``BlockScaledLinear``: W = values * scales (blocked along the
+input rows) + the FP16 outlier rows, exactly what DequantizeLinear and the outlier branch compute. Scales are
+trained as s0 * exp(theta) (Adam on theta: every scale moves by a relative step, whatever its layer's range),
+and written back rounded to FP16 as the graph stores them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from accullm_export.errors import UserError, require
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """How long and how fast the scales are trained."""
+
+    steps: int = 0  # optimizer steps (0: off)
+    learning_rate: float = 1e-3  # Adam's step on log-scales (a relative change of about 0.1% per step)
+    batch_windows: int = 1  # calibration windows per step
+    seed: int = 0
+    norms: bool = False  # also train the RMSNorm gains (stored in float, so free at inference)
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise UserError(f"--distill-steps must be 0 (off) or positive, not {self.steps}")
+        if not self.learning_rate > 0:
+            raise UserError(f"--distill-lr must be positive, not {self.learning_rate}")
+        if self.batch_windows < 1:
+            raise UserError(f"the distillation batch must hold at least one window, not {self.batch_windows}")
+
+    @property
+    def active(self) -> bool:
+        return self.steps > 0
+
+
+@dataclasses.dataclass
+class BlockScaled:
+    """One low-bit layer as the graph stores it (MatMul layout, [in, out])."""
+
+    module: str  # the transformers module path, e.g. model.layers.3.mlp.down_proj
+    values: np.ndarray  # integers [in, out]; zero on the outlier rows
+    scales: np.ndarray  # [blocks, out]
+    block_size: int
+    outliers: tuple[int, ...] = ()
+    outlier_rows: np.ndarray | None = None  # [len(outliers), out], the FP16 branch's weight
+
+
+def module_of(node_name: str) -> str:
+    """'/model/layers.3/mlp/down_proj/MatMul' -> 'model.layers.3.mlp.down_proj' (the exporter's naming)."""
+    path = node_name.strip("/").split("/")
+    if len(path) < 2 or path[-1] != "MatMul":
+        raise UserError(f"{node_name!r} is not named like an exported linear layer ('/<module path>/MatMul')")
+    return ".".join(path[:-1])
+
+
+def build_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray]):
+    """A float32 transformers causal LM with ``weights`` (transformers parameter name -> array) loaded.
+
+    The LM head gets its own parameter even when the checkpoint ties it to the embedding table: the graph
+    quantizes the head and keeps the table, so the two differ.
+
+    Raises:
+        UserError: the config is not a causal LM transformers knows, or a parameter is missing from ``weights``
+            or has another shape.
+    """
+    torch = require("torch", "export")
+    transformers = require("transformers", "export")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(config_dir))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{config_dir} has no usable config.json for a torch replica ({exc}); distillation "
+                        "needs an exported LLM folder") from exc
+    config.tie_word_embeddings = False
+    with torch.random.fork_rng(devices=[]):
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        except ValueError as exc:
+            raise UserError(f"transformers cannot build {config.model_type!r} as a causal LM: {exc}") from exc
+    state = model.state_dict()
+    missing = [name for name in state if name not in weights]
+    if missing:
+        raise UserError(f"the graph has no weight for {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: "
+                        "it is not laid out as accullm-export exports this architecture")
+    loaded = {}
+    for name, tensor in state.items():
+        value = np.asarray(weights[name], dtype=np.float32)
+        if value.shape != tuple(tensor.shape):
+            raise UserError(f"{name}: the graph holds shape {value.shape}, the architecture needs "
+                            f"{tuple(tensor.shape)}")
+        loaded[name] = torch.from_numpy(np.ascontiguousarray(value))
+    model.load_state_dict(loaded, strict=True)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def block_scaled_linear_class():
+    """``BlockScaledLinear`` (defined lazily: torch is an optional dependency)."""
+    torch = require("torch", "export")
+
+    class BlockScaledLinear(torch.nn.Module):
+        """y = x @ (values * expand(s0 * exp(theta)) + outlier rows) + bias, theta trainable."""
+
+        def __init__(self, layer: BlockScaled, bias):
+            super().__init__()
+            rows = layer.values.shape[0]
+            self.register_buffer("values", torch.from_numpy(layer.values.astype(np.float32)))
+            self.register_buffer("initial", torch.from_numpy(layer.scales.astype(np.float32)))
+            self.register_buffer("rows", torch.from_numpy(np.arange(rows) // layer.block_size))
+            fixed = np.zeros(layer.values.shape, dtype=np.float32)
+            if layer.outliers:
+                fixed[list(layer.outliers)] = layer.outlier_rows
+            self.register_buffer("fixed", torch.from_numpy(fixed))
+            self.theta = torch.nn.Parameter(torch.zeros_like(self.initial))
+            self.bias = bias
+
+        def scales(self):
+            return self.initial * torch.exp(self.theta)
+
+        def forward(self, x):
+            weight = self.values * self.scales()[self.rows] + self.fixed
+            out = x @ weight
+            return out if self.bias is None else out + self.bias
+
+    return BlockScaledLinear
+
+
+def _set_module(model, path: str, module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, module)
+
+
+def student_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], layers: Sequence[BlockScaled]):
+    """The quantized model as torch: ``weights`` loaded, then each of ``layers`` swapped for a
+    ``BlockScaledLinear`` (a bias the module had stays). Returns (model, module path -> BlockScaledLinear)."""
+    student = build_replica(config_dir, weights)
+    linear_class = block_scaled_linear_class()
+    by_module = {}
+    for layer in layers:
+        original = student.get_submodule(layer.module)
+        bias = original.bias if getattr(original, "bias", None) is not None else None
+        by_module[layer.module] = linear_class(layer, bias)
+        _set_module(student, layer.module, by_module[layer.module])
+    return student, by_module
+
+
+def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndarray],
+                   student_weights: Mapping[str, np.ndarray], layers: Sequence[BlockScaled], windows: np.ndarray,
+                   config: DistillConfig) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+    """Train the block scales of ``layers`` (and with ``config.norms`` the RMSNorm gains) on ``windows``.
+
+    Args:
+        config_dir: the export folder (its config.json).
+        teacher_weights: the full-precision model's parameters by transformers name.
+        student_weights: the quantized model's float parameters by name (norms, embedding; a low-bit layer's
+            entry is ignored, ``layers`` replaces it).
+        layers: the low-bit layers whose scales train.
+        windows: int64 token ids [n, seq_len], the calibration text.
+        config: steps, learning rate, batch.
+
+    Returns:
+        (module -> trained scales [blocks, out] float32, norm parameter name -> trained gain, report).
+    """
+    torch = require("torch", "export")
+    if windows.ndim != 2 or len(windows) == 0:
+        raise UserError(f"distillation needs calibration windows [n, seq_len], got shape {windows.shape}")
+    if not layers:
+        raise UserError("distillation found no INT4 block-scaled layer to train")
+    started = time.perf_counter()
+    teacher = build_replica(config_dir, teacher_weights)
+    student, by_module = student_replica(config_dir, {**teacher_weights, **student_weights}, layers)
+    parameters = [module.theta for module in by_module.values()]
+    norms = {name: parameter for name, parameter in student.named_parameters()
+             if config.norms and name.endswith("norm.weight")}
+    for parameter in [*parameters, *norms.values()]:
+        parameter.requires_grad_(True)
+    groups = [{"params": parameters}]
+    if norms:
+        groups.append({"params": list(norms.values()), "lr": config.learning_rate * 0.5})
+    optimizer = torch.optim.Adam(groups, lr=config.learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
+    held = max(1, len(windows) // 8) if len(windows) > 1 else 0  # the last windows judge the result
+    train = windows[:len(windows) - held] if held else windows
+    checked = torch.from_numpy(np.asarray(windows[len(windows) - held:], dtype=np.int64)) if held else None
+    before = _mean_kl(teacher, student, checked) if held else None
+    order = np.random.default_rng(config.seed).permutation
+    tokens = torch.from_numpy(np.asarray(train, dtype=np.int64))
+    losses, batch_order = [], np.empty(0, dtype=np.int64)
+    for step in range(config.steps):
+        if batch_order.size < config.batch_windows:
+            batch_order = np.concatenate([batch_order, order(len(train))])
+        chosen, batch_order = batch_order[:config.batch_windows], batch_order[config.batch_windows:]
+        batch = tokens[torch.from_numpy(chosen)]
+        loss = _kl(teacher, student, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        if step % 10 == 0 or step == config.steps - 1:
+            log.info("distill step %d/%d: KL %.4f", step + 1, config.steps, losses[-1])
+    after = _mean_kl(teacher, student, checked) if held else None
+    kept = not held or after < before
+    with torch.no_grad():
+        scales = {module: (layer.scales() if kept else layer.initial).numpy().astype(np.float32)
+                  for module, layer in by_module.items()}
+        gains = {name: parameter.detach().numpy().astype(np.float32) for name, parameter in norms.items()} \
+            if kept else {}
+    report = {"steps": config.steps, "windows": int(len(train)), "held_out_windows": held,
+              "tokens_per_step": int(config.batch_windows * windows.shape[1]),
+              "held_out_kl_before": None if before is None else round(before, 5),
+              "held_out_kl_after": None if after is None else round(after, 5), "kept": kept,
+              "layers": len(by_module), "norms": len(gains), "seconds": round(time.perf_counter() - started, 1)}
+    log.info("distilled %d layers' scales in %.0f s: held-out KL %s -> %s%s", len(by_module), report["seconds"],
+             report["held_out_kl_before"], report["held_out_kl_after"],
+             "" if kept else " (no better: the original scales are kept)")
+    return scales, gains, report
+
+
+def _kl(teacher, student, batch):
+    """Mean over tokens of KL(teacher || student), the student's graph kept for backward."""
+    import torch
+
+    with torch.no_grad():
+        target = torch.log_softmax(teacher(batch).logits.float(), dim=-1)
+    predicted = torch.log_softmax(student(batch).logits.float(), dim=-1)
+    return torch.nn.functional.kl_div(predicted, target, log_target=True, reduction="none").sum(-1).mean()
+
+
+def _mean_kl(teacher, student, windows) -> float:
+    import torch
+
+    with torch.no_grad():
+        return float(np.mean([float(_kl(teacher, student, windows[i:i + 1])) for i in range(len(windows))]))
