@@ -206,7 +206,7 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
     before = _mean_kl(teacher, student, checked) if held else None
     order = np.random.default_rng(config.seed).permutation
     tokens = torch.from_numpy(np.asarray(train, dtype=np.int64))
-    losses, batch_order = [], np.empty(0, dtype=np.int64)
+    batch_order = np.empty(0, dtype=np.int64)
     for step in range(config.steps):
         if batch_order.size < config.batch_windows:
             batch_order = np.concatenate([batch_order, order(len(train))])
@@ -217,9 +217,8 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss.detach()))
         if step % 10 == 0 or step == config.steps - 1:
-            log.info("distill step %d/%d: KL %.4f", step + 1, config.steps, losses[-1])
+            log.info("distill step %d/%d: KL %.4f", step + 1, config.steps, float(loss.detach()))
     after = _mean_kl(teacher, student, checked) if held else None
     kept = not held or after < before
     with torch.no_grad():
@@ -228,7 +227,6 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
         gains = {name: parameter.detach().numpy().astype(np.float32) for name, parameter in norms.items()} \
             if kept else {}
     report = {"steps": config.steps, "windows": int(len(train)), "held_out_windows": held,
-              "tokens_per_step": int(config.batch_windows * windows.shape[1]),
               "held_out_kl_before": None if before is None else round(before, 5),
               "held_out_kl_after": None if after is None else round(after, 5), "kept": kept,
               "layers": len(by_module), "norms": len(gains), "seconds": round(time.perf_counter() - started, 1)}

@@ -14,7 +14,6 @@ from accullm_export.build.quantize import QuantizeOptions, quantize_model
 from accullm_export.errors import UserError
 from accullm_export.graph.ir import load_graph
 from accullm_export.graph.recipes import Recipe
-from accullm_export.runtime.session import create_session
 
 torch = pytest.importorskip("torch", reason="distillation trains with torch (the [export] extra)")
 pytest.importorskip("transformers", reason="the replicas are transformers models (the [export] extra)")
@@ -22,6 +21,8 @@ pytest.importorskip("transformers", reason="the replicas are transformers models
 from accullm_export.graph.passes.distill_scales import block_scaled_layers, graph_weights  # noqa: E402
 from accullm_export.quant.distill import DistillConfig, build_replica, module_of, student_replica  # noqa: E402
 from tests.conftest import TINY_ARCHITECTURES, load_torch_model  # noqa: E402
+from tests.unit.test_quantize import _logits  # noqa: E402
+from tests.unit.test_validate import hand_kl  # noqa: E402
 
 W4 = dict(name="w4a16", block_size=16, policy="ratio", embeddings="fp32")
 
@@ -33,17 +34,12 @@ def _ids(seq=12, seed=0):
 def _ort_logits(folder, ids):
     from accullm_export.calibration.feeds import llm_feeds
 
-    feed = llm_feeds(ids, folder / "model.onnx")[0]
-    return create_session(folder / "model.onnx", device="cpu", optimization="basic").run(["logits"], feed)[0]
+    return _logits(folder / "model.onnx", llm_feeds(ids, folder / "model.onnx")[0])
 
 
 def _kl(reference: np.ndarray, candidate: np.ndarray) -> float:
-    def log_softmax(x):
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-    p, q = log_softmax(reference.astype(np.float64)), log_softmax(candidate.astype(np.float64))
-    return float((np.exp(p) * (p - q)).sum(-1).mean())
+    """Mean KL over the positions of one sequence's logits [1, seq, vocab]."""
+    return float(hand_kl(reference[0], candidate[0]).mean())
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_ARCHITECTURES))

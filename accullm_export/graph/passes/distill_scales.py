@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Mapping
+from typing import Collection, Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -43,8 +43,9 @@ def run(graph: gs.Graph, context) -> gs.Graph:
     if not layers:
         context.notes.append("distill_scales: no INT4 block-scaled layer; nothing to train")
         return graph
-    trained, gains, report = distill_scales(inputs.config_dir, inputs.teacher, graph_weights(graph), layers,
-                                            inputs.windows, inputs.config)
+    student = graph_weights(graph, skip=set(stored))  # the low-bit layers come from ``layers``
+    trained, gains, report = distill_scales(inputs.config_dir, inputs.teacher, student, layers, inputs.windows,
+                                            inputs.config)
     for module, scales in trained.items():
         stored[module].values = half_representable(scales).astype(stored[module].values.dtype)
     constants = {name: tensor for name, tensor in graph.tensors().items() if isinstance(tensor, gs.Constant)}
@@ -71,14 +72,15 @@ def block_scaled_layers(graph: gs.Graph, notes: list) -> tuple[list[BlockScaled]
             continue
         scales = stored_scales(dequantize_node)
         values = dequantize_node.inputs[0]
-        if isinstance(values, gs.Constant) and constant_array(values).dtype.name != "int4":
+        values = constant_array(values) if isinstance(values, gs.Constant) else None
+        if values is not None and values.dtype.name != "int4":
             continue
-        if scales is None or not isinstance(values, gs.Constant):
+        if scales is None or values is None:
             notes.append(f"{node.name}: its scales are not a stored constant; not distilled")
             continue
         channels, rows = outlier_branch(node)
         module = module_of(node.name)
-        layers.append(BlockScaled(module, constant_array(values).astype(np.int8),
+        layers.append(BlockScaled(module, values.astype(np.int8),
                                   np.asarray(scales.values, dtype=np.float32),
                                   int(dequantize_node.attrs["block_size"]), channels, rows))
         stored[module] = scales
@@ -123,10 +125,11 @@ def constant_value(tensor) -> np.ndarray | None:
     return values * scales.reshape(1, -1)
 
 
-def graph_weights(graph: gs.Graph) -> dict[str, np.ndarray]:
+def graph_weights(graph: gs.Graph, skip: Collection[str] = ()) -> dict[str, np.ndarray]:
     """The model's parameters by transformers name, read from an exported (and possibly rewritten) graph: each
     linear layer's effective weight ([out, in]; dequantized, with its FP16 outlier rows put back), the norm
-    gains and biases, and the token-embedding table."""
+    gains and biases, and the token-embedding table. Linear layers whose module path is in ``skip`` are not
+    read."""
     weights: dict[str, np.ndarray] = {}
     for name, tensor in graph.tensors().items():
         if isinstance(tensor, gs.Constant) and name.endswith((".weight", ".bias")) and ".MatMul." not in name \
@@ -134,6 +137,8 @@ def graph_weights(graph: gs.Graph) -> dict[str, np.ndarray]:
             weights[name] = np.asarray(constant_array(tensor), dtype=np.float32)
     for node in graph.nodes:
         if node.op == "MatMul" and node.name.endswith("/MatMul") and "/outliers/" not in node.name:
+            if module_of(node.name) in skip:
+                continue
             weight = constant_value(node.inputs[1])
             if weight is None or weight.ndim != 2:
                 continue
