@@ -39,6 +39,7 @@ class QuantizeOptions:
     distill_samples: int = 64  # calibration windows the block scales are distilled on (--distill-steps)
     distill_lr: float = 1e-3
     distill_batch: int = 1  # windows per distillation step
+    distill_rounding_lr: float | None = None  # Adam's step on the integer offsets (None: 2 / steps)
     version: int = 1
 
 
@@ -271,6 +272,7 @@ def _distillation(model_path: Path, graph, recipe: Recipe, profile, options: Qua
                      f"{options.distill_samples} asked for")
     windows = np.concatenate([np.asarray(feed["input_ids"], dtype=np.int64) for feed in feeds], axis=0)
     config = DistillConfig(steps=recipe.distill_steps, learning_rate=options.distill_lr,
-                           batch_windows=options.distill_batch, norms=recipe.distill_norms)
+                           batch_windows=options.distill_batch, norms=recipe.distill_norms,
+                           rounding=recipe.distill_rounding, rounding_lr=options.distill_rounding_lr)
     teacher = {name: value.copy() for name, value in graph_weights(graph).items()}
     return DistillInputs(config=config, config_dir=model_path.parent, teacher=teacher, windows=windows)

@@ -53,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "if it lowers the KL on held-out calibration windows")
     parser.add_argument("--distill-norms", action="store_true",
                         help="with --distill-steps: train the RMSNorm gains too")
+    parser.add_argument("--distill-rounding", action="store_true",
+                        help="with --distill-steps: train the INT4 integers too (learned rounding: each may move "
+                             "one step up or down from where GPTQ or rounding left it); same layout and size")
+    parser.add_argument("--distill-rounding-lr", type=float, metavar="LR",
+                        help="with --distill-rounding: Adam's step on the integer offsets (default 2/N: an offset "
+                             "whose gradient keeps one sign moves about one step over the run)")
     parser.add_argument("--distill-lr", type=float, default=1e-3, help="Adam's step on the log-scales")
     parser.add_argument("--distill-samples", type=int, default=64,
                         help="calibration windows of the profile to distill on (one eighth are held out)")
@@ -86,14 +92,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--distill-samples must be at least 1")
     if not args.distill_lr > 0:
         raise UserError(f"--distill-lr must be positive, not {args.distill_lr}")
+    if args.distill_rounding_lr is not None and not (args.distill_rounding and args.distill_rounding_lr > 0):
+        raise UserError("--distill-rounding-lr takes a positive rate and needs --distill-rounding")
     recipe = Recipe(name=args.recipe, block_size=args.block_size, outliers=args.outliers, policy=args.policy,
                     activations=args.activations, activation_group=args.activation_group, awq=args.awq,
                     gptq=args.gptq, scale_search=args.scale_search, smoothquant=args.smoothquant,
                     overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings,
                     outlier_layers=tuple(args.outlier_layers), distill_steps=args.distill_steps,
-                    distill_norms=args.distill_norms)
+                    distill_norms=args.distill_norms, distill_rounding=args.distill_rounding)
     options = QuantizeOptions(gptq_samples=args.gptq_samples, distill_samples=args.distill_samples,
-                              distill_lr=args.distill_lr)
+                              distill_lr=args.distill_lr, distill_rounding_lr=args.distill_rounding_lr)
     manifest = quantize_model(args.model, args.output, recipe, args.profile, options=options,
                               sparsity=sparsity_config(args),
                               overwrite=args.overwrite)

@@ -59,6 +59,7 @@ class Recipe:
     embeddings: str = "int8"  # the token-embedding table: int8 per row, fp16, or fp32 (left as it is)
     distill_steps: int = 0  # INT4 block scales trained this many steps against the source model (0: off)
     distill_norms: bool = False  # ... and the RMSNorm gains with them
+    distill_rounding: bool = False  # ... and the integers, each within one step of where rounding left it
     version: int = 1
 
     def __post_init__(self):
@@ -92,6 +93,8 @@ class Recipe:
                             "activation quantization)")
         if self.distill_norms and not self.distill_steps:
             raise UserError("--distill-norms trains the norm gains along with the scales: give --distill-steps")
+        if self.distill_rounding and not self.distill_steps:
+            raise UserError("--distill-rounding trains the integers along with the scales: give --distill-steps")
         for pattern, value in self.overrides:
             precision, block = split_precision(value)
             if precision not in PRECISIONS or (block is not None and (precision != "int4" or block not in BLOCKS)):

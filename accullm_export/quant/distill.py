@@ -1,8 +1,10 @@
 """Distil the INT4 block scales: fit a quantized LLM's block scales to the full-precision model's next-token
 distributions on calibration text, by gradient descent on KL(teacher || student).
 
-The integers stay as rounding (and GPTQ) left them; only the scales move, so the stored layout, the file size
-and the decode speed do not change. This is the end-to-end training of quantization parameters of PEQA (Kim et
+The integers stay as rounding (and GPTQ) left them and only the scales move, unless ``rounding`` is asked for:
+then each integer may also move one step up or down (learned rounding, as AdaRound and SignRound do, here with
+the end-to-end KL instead of a layer's output error). Either way the stored layout, the file size and the decode
+speed do not change. This is the end-to-end training of quantization parameters of PEQA (Kim et
 al., 2023) and EfficientQAT's E2E-QP (Chen et al., 2024), here on the few thousand calibration tokens the
 profile names: one scale per block of 64 or 128 weights is about 1% of the parameters, and a layer-by-layer
 objective (GPTQ's) cannot see how errors compound through the residual stream and the LM head; the KL does.
@@ -39,12 +41,23 @@ class DistillConfig:
     batch_windows: int = 1  # calibration windows per step
     seed: int = 0
     norms: bool = False  # also train the RMSNorm gains (stored in float, so free at inference)
+    rounding: bool = False  # also train the integers, each within one step of where rounding left it
+    rounding_lr: float | None = None  # Adam's step on the integer offsets (default: rounding_rate's)
+
+    @property
+    def rounding_rate(self) -> float:
+        """Adam's step on the integer offsets: 2 / steps, so that over the cosine schedule (whose mean factor is
+        1/2) an offset that keeps one sign of gradient moves by about one integer step, and one whose gradient
+        wavers stays under the 0.5 that flips it (SignRound's choice of a rate tied to the step count)."""
+        return self.rounding_lr if self.rounding_lr is not None else 2.0 / max(self.steps, 1)
 
     def __post_init__(self):
         if self.steps < 0:
             raise UserError(f"--distill-steps must be 0 (off) or positive, not {self.steps}")
         if not self.learning_rate > 0:
             raise UserError(f"--distill-lr must be positive, not {self.learning_rate}")
+        if self.rounding_lr is not None and not (self.rounding and self.rounding_lr > 0):
+            raise UserError(f"the rounding rate must be positive and needs rounding on, not {self.rounding_lr}")
         if self.batch_windows < 1:
             raise UserError(f"the distillation batch must hold at least one window, not {self.batch_windows}")
 
@@ -63,6 +76,7 @@ class BlockScaled:
     block_size: int
     outliers: tuple[int, ...] = ()
     outlier_rows: np.ndarray | None = None  # [len(outliers), out], the FP16 branch's weight
+    bounds: tuple[int, int] = (-8, 7)  # the integer type's range
 
 
 def module_of(node_name: str) -> str:
@@ -119,11 +133,14 @@ def block_scaled_linear_class():
     torch = require("torch", "export")
 
     class BlockScaledLinear(torch.nn.Module):
-        """y = x @ (values * expand(s0 * exp(theta)) + outlier rows) + bias, theta trainable."""
+        """y = x @ (integers * expand(s0 * exp(theta)) + outlier rows) + bias, theta trainable; with
+        ``rounding`` the integers are values + round(offset), the offset trainable in [-1, 1] through a
+        straight-through estimate of round, and clamped to the type's range (the outlier rows stay zero)."""
 
-        def __init__(self, layer: BlockScaled, bias):
+        def __init__(self, layer: BlockScaled, bias, rounding: bool = False):
             super().__init__()
             rows = layer.values.shape[0]
+            self.bounds = layer.bounds
             self.register_buffer("values", torch.from_numpy(layer.values.astype(np.float32)))
             self.register_buffer("initial", torch.from_numpy(layer.scales.astype(np.float32)))
             self.register_buffer("rows", torch.from_numpy(np.arange(rows) // layer.block_size))
@@ -131,14 +148,25 @@ def block_scaled_linear_class():
             if layer.outliers:
                 fixed[list(layer.outliers)] = layer.outlier_rows
             self.register_buffer("fixed", torch.from_numpy(fixed))
+            low_bit = np.ones((rows, 1), dtype=np.float32)
+            low_bit[list(layer.outliers)] = 0.0
+            self.register_buffer("low_bit", torch.from_numpy(low_bit))
             self.theta = torch.nn.Parameter(torch.zeros_like(self.initial))
+            self.offset = torch.nn.Parameter(torch.zeros_like(self.values)) if rounding else None
             self.bias = bias
 
         def scales(self):
             return self.initial * torch.exp(self.theta)
 
+        def integers(self):
+            if self.offset is None:
+                return self.values
+            offset = self.offset.clamp(-1.0, 1.0)
+            rounded = offset + (torch.round(offset) - offset).detach()
+            return (self.values + rounded).clamp(*self.bounds) * self.low_bit
+
         def forward(self, x):
-            weight = self.values * self.scales()[self.rows] + self.fixed
+            weight = self.integers() * self.scales()[self.rows] + self.fixed
             out = x @ weight
             return out if self.bias is None else out + self.bias
 
@@ -151,16 +179,18 @@ def _set_module(model, path: str, module) -> None:
     setattr(parent, leaf, module)
 
 
-def student_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], layers: Sequence[BlockScaled]):
+def student_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], layers: Sequence[BlockScaled],
+                    rounding: bool = False):
     """The quantized model as torch: ``weights`` loaded, then each of ``layers`` swapped for a
-    ``BlockScaledLinear`` (a bias the module had stays). Returns (model, module path -> BlockScaledLinear)."""
+    ``BlockScaledLinear`` (a bias the module had stays; ``rounding``: its integers train too). Returns (model,
+    module path -> BlockScaledLinear)."""
     student = build_replica(config_dir, weights)
     linear_class = block_scaled_linear_class()
     by_module = {}
     for layer in layers:
         original = student.get_submodule(layer.module)
         bias = original.bias if getattr(original, "bias", None) is not None else None
-        by_module[layer.module] = linear_class(layer, bias)
+        by_module[layer.module] = linear_class(layer, bias, rounding)
         _set_module(student, layer.module, by_module[layer.module])
     return student, by_module
 
@@ -180,7 +210,9 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
         config: steps, learning rate, batch.
 
     Returns:
-        (module -> trained scales [blocks, out] float32, norm parameter name -> trained gain, report).
+        (module -> trained scales [blocks, out] float32, module -> trained integers [in, out] int8 (with
+        ``config.rounding``, else empty), norm parameter name -> trained gain, report). Nothing trained is
+        returned (the initial scales, no integers or gains) when the held-out KL did not drop.
     """
     torch = require("torch", "export")
     if windows.ndim != 2 or len(windows) == 0:
@@ -189,15 +221,19 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
         raise UserError("distillation found no INT4 block-scaled layer to train")
     started = time.perf_counter()
     teacher = build_replica(config_dir, teacher_weights)
-    student, by_module = student_replica(config_dir, {**teacher_weights, **student_weights}, layers)
+    student, by_module = student_replica(config_dir, {**teacher_weights, **student_weights}, layers,
+                                         config.rounding)
     parameters = [module.theta for module in by_module.values()]
+    offsets = [module.offset for module in by_module.values() if module.offset is not None]
     norms = {name: parameter for name, parameter in student.named_parameters()
              if config.norms and name.endswith("norm.weight")}
-    for parameter in [*parameters, *norms.values()]:
+    for parameter in [*parameters, *offsets, *norms.values()]:
         parameter.requires_grad_(True)
     groups = [{"params": parameters}]
     if norms:
         groups.append({"params": list(norms.values()), "lr": config.learning_rate * 0.5})
+    if offsets:
+        groups.append({"params": offsets, "lr": config.rounding_rate})
     optimizer = torch.optim.Adam(groups, lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
     held = max(1, len(windows) // 8) if len(windows) > 1 else 0  # the last windows judge the result
@@ -224,16 +260,21 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
     with torch.no_grad():
         scales = {module: (layer.scales() if kept else layer.initial).numpy().astype(np.float32)
                   for module, layer in by_module.items()}
+        integers = {module: layer.integers().numpy().astype(np.int8) for module, layer in by_module.items()
+                    if kept and layer.offset is not None}
+        moved = sum(int(np.count_nonzero(integers[module] != by_module[module].values.numpy()))
+                    for module in integers)
         gains = {name: parameter.detach().numpy().astype(np.float32) for name, parameter in norms.items()} \
             if kept else {}
     report = {"steps": config.steps, "windows": int(len(train)), "held_out_windows": held,
               "held_out_kl_before": None if before is None else round(before, 5),
               "held_out_kl_after": None if after is None else round(after, 5), "kept": kept,
-              "layers": len(by_module), "norms": len(gains), "seconds": round(time.perf_counter() - started, 1)}
+              "layers": len(by_module), "norms": len(gains),
+              "integers_moved": moved, "seconds": round(time.perf_counter() - started, 1)}
     log.info("distilled %d layers' scales in %.0f s: held-out KL %s -> %s%s", len(by_module), report["seconds"],
              report["held_out_kl_before"], report["held_out_kl_after"],
              "" if kept else " (no better: the original scales are kept)")
-    return scales, gains, report
+    return scales, integers, gains, report
 
 
 def _kl(teacher, student, batch):

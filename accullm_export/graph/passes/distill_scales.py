@@ -1,6 +1,7 @@
 """Train the INT4 block scales against the full-precision model (``quantize --distill-steps N``).
 
-The low-bit layers' integers stay; their FP16 block scales (and, on request, the RMSNorm gains) are fitted by
+The low-bit layers' integers stay (``--distill-rounding``: each may move one step); their FP16 block scales (and,
+on request, the RMSNorm gains) are fitted by
 gradient descent on the KL divergence between the source model's and the rewritten model's next-token
 distributions over the profile's calibration text (``quant.distill``). Runs after the weights are rounded
 (``quantize_weights``, GPTQ before it) and before the embedding table is quantized and parallel layers merged,
@@ -13,11 +14,12 @@ import dataclasses
 from pathlib import Path
 from typing import Collection, Mapping
 
+import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from accullm_export.errors import UserError
-from accullm_export.graph.ir import constant_array
+from accullm_export.graph.ir import constant, constant_array
 from accullm_export.graph.passes import register
 from accullm_export.graph.rewrite import producer_of, stored_scales
 from accullm_export.quant.distill import BlockScaled, DistillConfig, distill_scales, module_of
@@ -39,31 +41,38 @@ def run(graph: gs.Graph, context) -> gs.Graph:
     inputs = context.distillation
     if inputs is None or not inputs.config.active:
         return graph
-    layers, stored = block_scaled_layers(graph, context.notes)
+    layers, stored, stored_values = block_scaled_layers(graph, context.notes)
     if not layers:
         context.notes.append("distill_scales: no INT4 block-scaled layer; nothing to train")
         return graph
     student = graph_weights(graph, skip=set(stored))  # the low-bit layers come from ``layers``
-    trained, gains, report = distill_scales(inputs.config_dir, inputs.teacher, student, layers, inputs.windows,
-                                            inputs.config)
+    trained, integers, gains, report = distill_scales(inputs.config_dir, inputs.teacher, student, layers,
+                                                      inputs.windows, inputs.config)
     for module, scales in trained.items():
         stored[module].values = half_representable(scales).astype(stored[module].values.dtype)
+    for module, values in integers.items():
+        dequantize_node = stored_values[module]
+        dequantize_node.inputs[0] = constant(dequantize_node.inputs[0].name, values.astype(ml_dtypes.int4))
     constants = {name: tensor for name, tensor in graph.tensors().items() if isinstance(tensor, gs.Constant)}
     for name, gain in gains.items():
         constants[name].values = gain.astype(constants[name].values.dtype)
     outcome = "trained" if report["kept"] else "left as they were (training did not lower the held-out KL)"
+    moved = f" and {report['integers_moved']} integers moved by one step" if integers else ""
     context.notes.append(f"distill_scales: {report['layers']} layers' block scales"
-                         f"{' and ' + str(report['norms']) + ' norm gains' if report['norms'] else ''} {outcome}: "
+                         f"{' and ' + str(report['norms']) + ' norm gains' if report['norms'] else ''} {outcome}"
+                         f"{moved}: "
                          f"{report['steps']} steps on {report['windows']} calibration windows, KL on "
                          f"{report['held_out_windows']} held-out ones {report['held_out_kl_before']} -> "
                          f"{report['held_out_kl_after']} ({report['seconds']} s)")
     return graph
 
 
-def block_scaled_layers(graph: gs.Graph, notes: list) -> tuple[list[BlockScaled], dict[str, gs.Constant]]:
+def block_scaled_layers(graph: gs.Graph, notes: list) -> tuple[list[BlockScaled], dict[str, gs.Constant],
+                                                                dict[str, gs.Node]]:
     """Every exported linear layer whose weight is INT4 behind a blocked DequantizeLinear, as ``BlockScaled``
-    (with its FP16 outlier rows), and module path -> the constant holding its stored scales."""
-    layers, stored = [], {}
+    (with its FP16 outlier rows), module path -> the constant holding its stored scales, and module path -> that
+    DequantizeLinear (whose first input holds the integers)."""
+    layers, stored, stored_values = [], {}, {}
     for node in list(graph.nodes):
         if node.op != "MatMul" or not node.name.endswith("/MatMul") or "/outliers/" in node.name:
             continue
@@ -84,7 +93,8 @@ def block_scaled_layers(graph: gs.Graph, notes: list) -> tuple[list[BlockScaled]
                                   np.asarray(scales.values, dtype=np.float32),
                                   int(dequantize_node.attrs["block_size"]), channels, rows))
         stored[module] = scales
-    return layers, stored
+        stored_values[module] = dequantize_node
+    return layers, stored, stored_values
 
 
 def outlier_branch(node: gs.Node) -> tuple[tuple[int, ...], np.ndarray | None]:
