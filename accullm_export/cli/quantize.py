@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "half the CPU decode speed (a batched integer GEMM ONNX Runtime does not prepack)")
     parser.add_argument("--awq", action="store_true", help="w4a16: activation-aware weight scaling")
     parser.add_argument("--gptq", action="store_true", help="w4a16, w8a8: GPTQ error compensation (act-order)")
+    parser.add_argument("--gptq-absorb", action="store_true",
+                        help="with --gptq: the FP16 outlier rows come last in GPTQ's order and take the other rows' "
+                             "rounding error, which costs nothing since they are never rounded (OWQ); an ablation: "
+                             "on the sample it measured worse (README)")
     parser.add_argument("--scale-search", action="store_true",
                         help="INT4 layers: choose each block's scale (clipping level) for the least rounding error, "
                              "weighted by the input's second moments, on the full grid [-8, 7]")
@@ -96,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--distill-rounding-lr takes a positive rate and needs --distill-rounding")
     recipe = Recipe(name=args.recipe, block_size=args.block_size, outliers=args.outliers, policy=args.policy,
                     activations=args.activations, activation_group=args.activation_group, awq=args.awq,
-                    gptq=args.gptq, scale_search=args.scale_search, smoothquant=args.smoothquant,
+                    gptq=args.gptq, gptq_absorb=args.gptq_absorb, scale_search=args.scale_search,
+                    smoothquant=args.smoothquant,
                     overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings,
                     outlier_layers=tuple(args.outlier_layers), distill_steps=args.distill_steps,
                     distill_norms=args.distill_norms, distill_rounding=args.distill_rounding)

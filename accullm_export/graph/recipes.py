@@ -52,6 +52,7 @@ class Recipe:
     activation_group: int = 0  # dynamic: input channels per scale within a token (0: one scale per token)
     awq: bool = False
     gptq: bool = False
+    gptq_absorb: bool = False  # GPTQ's error updates also land on the FP16 outlier rows (OWQ), not only kept rows
     scale_search: bool = False  # INT4 layers: each block's scale searched for the least rounding error
     smoothquant: float | None = None  # w8a8: SmoothQuant's migration strength alpha
     overrides: tuple[tuple[str, str], ...] = ()  # (layer pattern, precision)
@@ -86,6 +87,10 @@ class Recipe:
             raise UserError("--scale-search applies to INT4 layers (the w4a16 recipe, or int4 overrides)")
         if self.gptq and self.name == "fp16":
             raise UserError("--gptq applies to the integer recipes (w4a16, w8a8)")
+        if self.gptq_absorb and not self.gptq:
+            raise UserError("--gptq-absorb changes how GPTQ treats the FP16 outlier rows: give --gptq")
+        if self.gptq_absorb and self.outliers == 0:
+            raise UserError("--gptq-absorb pushes GPTQ's error onto the FP16 outlier rows, and --outliers 0 has none")
         if self.distill_steps < 0:
             raise UserError(f"--distill-steps must be 0 (off) or positive, not {self.distill_steps}")
         if self.distill_steps and self.name != "w4a16":
@@ -315,6 +320,7 @@ class PassContext:
     embeddings: str = "fp32"
     smoothing: float | None = None  # SmoothQuant's alpha, for the smooth_activations pass
     scale_search: bool = False  # INT4 block scales searched (quant.symmetric.searched_scales)
+    gptq_absorb: bool = False  # compensate_errors_gptq: the FP16 outlier rows take error updates
     notes: list = dataclasses.field(default_factory=list)
     input_scales: dict = dataclasses.field(default_factory=dict)
     distillation: object = None  # passes.distill_scales.DistillInputs, for quantize --distill-steps

@@ -14,9 +14,12 @@ DequantizeLinear):
 * rows are processed in their natural order 0..in-1 (no act-order), and
 * scales are "static groups": computed by ``weight_scales`` from the original weight before any update.
 
-Rows listed in ``exclude`` (outlier input channels computed exactly in FP16 elsewhere) are dropped from the
-problem: they come back as 0, do not count towards the block scales, and neither receive nor spread error,
-i.e. H is restricted to the kept rows.
+Rows listed in ``exclude`` (outlier input channels computed exactly in FP16 elsewhere) come back as 0 and do not
+count towards the block scales. ``gptq_quantize`` drops them from the problem (they neither receive nor spread
+error: H is restricted to the kept rows); ``gptq_quantize_absorbing`` puts its ``absorb`` rows last, after every
+rounded row, so that they receive the rounded rows' error updates like any row not yet quantized, and returns
+their updated float values: since they are never rounded, the error they absorb is cancelled for free (OWQ's
+treatment of its FP16 "weak columns").
 """
 
 from __future__ import annotations
@@ -59,6 +62,40 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size
     Raises:
         UserError: shapes disagree, H is not finite, or H stays indefinite after damping.
     """
+    values, scales, _ = _gptq(weight, hessian, bits, block_size, exclude, damp, batch, act_order, search,
+                              absorb=())
+    return values, scales
+
+
+def gptq_quantize_absorbing(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None = None, *,
+                            absorb: Sequence[int], exclude: Sequence[int] = (), damp: float = 0.01, batch: int = 128,
+                            act_order: bool = False, search: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``gptq_quantize`` with rows that take the other rows' error instead of sitting it out.
+
+    The ``absorb`` rows (``weight`` holds their full-precision values) come after every rounded row in the
+    elimination order and are never rounded, so GPTQ's updates leave them at the values that cancel as much of
+    the other rows' rounding error as the inputs allow. ``exclude`` rows are dropped as in ``gptq_quantize``.
+    The damping is the rounded rows' (the outlier channels' large H[i, i] would otherwise inflate it for every
+    other row).
+
+    Returns:
+        (int8 values [in, out], zero on the absorbing and excluded rows; float32 scales [blocks, out], as
+        ``gptq_quantize``; float32 updated absorbing rows [len(absorb), out], in the order of ``absorb``).
+
+    Raises:
+        UserError: as ``gptq_quantize``; ``absorb`` is empty or shares a row with ``exclude``.
+    """
+    if len(absorb) == 0:
+        raise UserError("GPTQ needs at least one row to push error onto")
+    if set(absorb) & set(exclude):
+        raise UserError(f"rows {sorted(set(absorb) & set(exclude))} cannot both absorb error and be excluded")
+    return _gptq(weight, hessian, bits, block_size, [*exclude, *absorb], damp, batch, act_order, search,
+                 absorb=absorb)
+
+
+def _gptq(weight, hessian, bits, block_size, exclude, damp, batch, act_order, search,
+          absorb: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ over the rows not in ``exclude`` (which holds ``absorb``); the ``absorb`` rows go last, unrounded."""
     weight, hessian = _checked(weight, hessian, batch, damp)
     rows = weight.shape[0]
     excluded = _excluded_mask(rows, exclude)
@@ -69,20 +106,30 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size
     else:
         scales = weight_scales(original, bits, block_size)
     values = np.zeros(weight.shape, dtype=np.int8)
+    outliers = np.asarray(list(absorb), dtype=np.int64)
+    absorbed = weight[outliers].astype(np.float32)
     kept = np.flatnonzero(~excluded)
     if kept.size == 0:
-        return values, scales
-    work = weight[kept].astype(np.float64)
-    reduced = hessian[np.ix_(kept, kept)].astype(np.float64)
+        return values, scales, absorbed
+    kept_hessian = hessian[np.ix_(kept, kept)]
+    order = np.argsort(-np.diag(kept_hessian), kind="stable") if act_order else np.arange(kept.size)
+    solved = kept[order]
+    if len(absorb):
+        solved = np.concatenate([solved, outliers])
+    work = weight[solved].astype(np.float64)
+    reduced = hessian[np.ix_(solved, solved)].astype(np.float64)
     dead = np.diag(reduced) == 0
     reduced[dead, dead] = 1.0  # an input that never fires: any weight is exact, so quantize it to 0
     work[dead] = 0.0
-    row_scales = scales[block_index(rows, block_size)[kept]].astype(np.float64)
-    order = np.argsort(-np.diag(reduced), kind="stable") if act_order else np.arange(kept.size)
-    upper = _inverse_cholesky_upper(reduced[np.ix_(order, order)], damp)
-    values[kept[order]] = _quantize_rows(work[order], upper, row_scales[order], (qmin(bits, search), qmax(bits)),
-                                         batch)
-    return values, scales
+    row_scales = scales[block_index(rows, block_size)[kept[order]]].astype(np.float64)
+    # with absorbed rows, damp by the kept rows' mean H[i, i] alone, exactly as when the outliers are dropped
+    reference = float(np.mean(np.diag(reduced)[:kept.size])) if len(absorb) else None
+    upper = _inverse_cholesky_upper(reduced, damp, reference)
+    values[kept[order]] = _quantize_rows(work, upper, row_scales, (qmin(bits, search), qmax(bits)), batch,
+                                         count=kept.size)
+    if len(absorb):
+        absorbed = np.where(dead[kept.size:, None], weight[outliers], work[kept.size:]).astype(np.float32)
+    return values, scales, absorbed
 
 
 def gptq_proxy_error(weight: np.ndarray, dequantized: np.ndarray, hessian: np.ndarray) -> float:
@@ -130,9 +177,10 @@ def _excluded_mask(rows: int, exclude: Sequence[int]) -> np.ndarray:
     return mask
 
 
-def _inverse_cholesky_upper(hessian: np.ndarray, damp: float) -> np.ndarray:
-    """Upper U with U^T U = (H + damping I)^-1, raising the damping x10 while H is not positive definite."""
-    mean_diagonal = float(np.mean(np.diag(hessian)))
+def _inverse_cholesky_upper(hessian: np.ndarray, damp: float, reference: float | None = None) -> np.ndarray:
+    """Upper U with U^T U = (H + damping I)^-1, raising the damping x10 while H is not positive definite; the
+    damping is ``damp`` x ``reference`` (default: H's mean diagonal)."""
+    mean_diagonal = float(np.mean(np.diag(hessian))) if reference is None else reference
     identity = np.eye(hessian.shape[0])
     for attempt in range(DAMPING_RETRIES + 1):
         fraction = damp * 10.0 ** attempt
@@ -152,10 +200,11 @@ def _inverse_cholesky_upper(hessian: np.ndarray, damp: float) -> np.ndarray:
 
 
 def _quantize_rows(work: np.ndarray, upper: np.ndarray, row_scales: np.ndarray, limits: tuple[int, int],
-                   batch: int) -> np.ndarray:
-    """The GPTQ loop over rows of ``work`` (float64, updated in place); returns the int8 values."""
-    rows = work.shape[0]
-    values = np.zeros(work.shape, dtype=np.int8)
+                   batch: int, count: int) -> np.ndarray:
+    """The GPTQ loop over the first ``count`` rows of ``work`` (float64, updated in place; the rows after them
+    only receive updates); returns their int8 values."""
+    rows = count
+    values = np.zeros((count, work.shape[1]), dtype=np.int8)
     for start in range(0, rows, batch):
         stop = min(start + batch, rows)
         block = work[start:stop]  # a view: the in-batch updates land in ``work``

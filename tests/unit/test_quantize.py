@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 from accullm_export.build.quantize import quantize_model
 from accullm_export.cli.main import main
 from accullm_export.errors import UserError
-from accullm_export.graph.ir import constant
+from accullm_export.graph.ir import constant, constant_array
 from accullm_export.graph.pipeline import run_passes
 from accullm_export.graph.recipes import LayerPlan, PassContext, Recipe, override_matches
 from accullm_export.runtime.session import create_session
@@ -137,6 +137,48 @@ def test_gptq_leaves_unprotected_sink_writers_to_plain_rounding(sink, outliers, 
     rest[list(outliers)] = 0.0
     assert np.array_equal(values, quantize(rest, 4, 16)[0]) == plain
     assert any("attention sink" in note for note in context.notes) == plain
+
+
+def test_gptq_absorb_moves_the_fp16_rows_except_the_sinks():
+    """--gptq-absorb: the FP16 branch holds the rows GPTQ left after pushing the other rows' error onto them
+    (equal to quant.gptq's result), the sink channel's row stays as it was, and ONNX Runtime computes exactly
+    x @ (dequantized low-bit part + branch rows)."""
+    from accullm_export.quant.gptq import gptq_quantize_absorbing
+    from accullm_export.quant.symmetric import dequantize
+
+    rng = np.random.default_rng(12)
+    weight = rng.standard_normal((32, 8)).astype(np.float32)
+    inputs = rng.standard_normal((256, 32)) @ (np.eye(32) + 0.5 * rng.standard_normal((32, 32)))
+    hessian = inputs.T @ inputs / len(inputs)
+    statistics = {"absmax": np.ones(32), "sink_absmax": np.r_[np.full(31, 0.5), 50.0]}  # channel 31: a sink
+    plan = plan_for(weight, "int4", block=16, outliers=(5, 31, 12))
+    context = PassContext(plans={plan.node: plan}, float_dtype=np.dtype(np.float32), statistics={"x": statistics},
+                          hessians={"x": hessian}, gptq_absorb=True)
+    passes = ["isolate_outliers", "compensate_errors_gptq", "quantize_weights"]
+    graph, _ = run_passes(one_layer_graph(weight), [(name, context) for name in passes])
+    tensors = graph.tensors()
+    values = constant_array(tensors["/layer/MatMul/weight_quantized"]).astype(np.int8)
+    scales = tensors["/layer/MatMul/weight_scale"].values.astype(np.float32)
+    rows = tensors["/layer/MatMul/outlier_weight"].values
+    start = weight.copy()
+    start[[5, 31, 12]] = weight[[5, 31, 12]].astype(np.float16)  # the branch's FP16 rows are GPTQ's start
+    expected_values, _, expected_rows = gptq_quantize_absorbing(start, hessian, 4, 16, absorb=[5, 12], exclude=[31],
+                                                                act_order=True)
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(rows[[0, 2]], expected_rows.astype(np.float16))
+    np.testing.assert_array_equal(rows[1], weight[31].astype(np.float16))  # the sink's row is untouched
+    assert not np.array_equal(rows[[0, 2]], weight[[5, 12]].astype(np.float16))
+    x = rng.standard_normal((2, 3, 32)).astype(np.float32)
+    effective = dequantize(values, scales, 16)
+    effective[[5, 31, 12]] = rows.astype(np.float32)
+    np.testing.assert_allclose(run_graph(graph, x), x @ effective, rtol=1e-5, atol=1e-5)
+
+
+def test_gptq_absorb_needs_gptq_and_outliers():
+    with pytest.raises(UserError, match="give --gptq"):
+        Recipe(name="w4a16", gptq_absorb=True)
+    with pytest.raises(UserError, match="--outliers 0"):
+        Recipe(name="w4a16", gptq=True, gptq_absorb=True, outliers=0)
 
 
 def test_outlier_rows_are_excluded_from_the_low_bit_part():

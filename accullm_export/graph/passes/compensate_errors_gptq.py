@@ -3,8 +3,10 @@ yet rounded, weighted by the input's second-moment matrix H = E[x x^T] (``quant.
 
 H comes from the calibration text named in the profile (``quantize --gptq`` collects it). The scales are fixed
 before rounding from the weight itself ("static groups"), so the result is stored exactly like plain
-rounding's: blocked DequantizeLinear. Rows are rounded in order of decreasing H[i, i] ("act-order"). Outlier rows (FP16 branch) are excluded from the problem; inputs that
-AWQ scaled by s use diag(1/s) H diag(1/s).
+rounding's: blocked DequantizeLinear. Rows are rounded in order of decreasing H[i, i]
+("act-order"). Outlier rows (FP16 branch) are excluded from the problem, or, with ``--gptq-absorb``, come after
+every other row and take their share of the error updates, written back into the branch's FP16 weight (OWQ).
+Inputs that AWQ scaled by s use diag(1/s) H diag(1/s).
 
 H leaves the attention-sink token (position 0) out. A layer whose input at the sink is over ``SINK_RATIO`` x any
 other token's (the down projections that write the sink's massive activations) is therefore left to plain
@@ -20,7 +22,7 @@ import onnx_graphsurgeon as gs
 from accullm_export.graph.passes import register
 from accullm_export.graph.recipes import SINK_RATIO, sink_channels
 from accullm_export.graph.rewrite import float_weight, is_dequantized, planned_nodes, replace_weight_dequantized
-from accullm_export.quant.gptq import gptq_quantize
+from accullm_export.quant.gptq import gptq_quantize, gptq_quantize_absorbing
 
 
 @register("compensate_errors_gptq")
@@ -44,9 +46,29 @@ def run(graph: gs.Graph, context) -> gs.Graph:
         if scales is not None:
             inverse = 1.0 / scales.astype(np.float64)
             hessian = hessian * np.outer(inverse, inverse)
-        values, block_scales = gptq_quantize(weight.values.astype(np.float32), hessian, plan.bits, plan.block_size,
-                                             exclude=plan.outliers, act_order=True,
-                                             search=context.scale_search and plan.bits == 4)
+        search = context.scale_search and plan.bits == 4
+        branch = _branch_weight(graph, node) if context.gptq_absorb and plan.outliers else None
+        # the sink's own channels stay as they are: H leaves the sink out, so it cannot see what moving them costs
+        sinks = set(sink_channels(statistics)) if statistics else set()
+        absorbing = [index for index, channel in enumerate(plan.outliers) if channel not in sinks]
+        if branch is None or not absorbing:
+            values, block_scales = gptq_quantize(weight.values.astype(np.float32), hessian, plan.bits,
+                                                 plan.block_size, exclude=plan.outliers, act_order=True, search=search)
+        else:
+            full = weight.values.astype(np.float32)
+            full[list(plan.outliers)] = branch.values.astype(np.float32)
+            values, block_scales, rows = gptq_quantize_absorbing(
+                full, hessian, plan.bits, plan.block_size, absorb=[plan.outliers[i] for i in absorbing],
+                exclude=[c for c in plan.outliers if c in sinks], act_order=True, search=search)
+            updated = branch.values.copy()
+            updated[absorbing] = rows.astype(updated.dtype)
+            branch.values = updated
         replace_weight_dequantized(graph, node, values, block_scales, plan.bits, plan.block_size,
                                    weight.values.dtype)
     return graph.cleanup().toposort()
+
+
+def _branch_weight(graph: gs.Graph, node: gs.Node) -> gs.Constant | None:
+    """The FP16 rows ``isolate_outliers`` gave ``node``'s outlier channels (None: it gave none)."""
+    branch = graph.tensors().get(f"{node.name}/outlier_weight")
+    return branch if isinstance(branch, gs.Constant) else None
