@@ -93,7 +93,8 @@ def gptq_quantize_absorbing(weight: np.ndarray, hessian: np.ndarray, bits: int, 
                  absorb=absorb)
 
 
-def _gptq(weight, hessian, bits, block_size, exclude, damp, batch, act_order, search,
+def _gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None, exclude: Sequence[int],
+          damp: float, batch: int, act_order: bool, search: bool,
           absorb: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ over the rows not in ``exclude`` (which holds ``absorb``); the ``absorb`` rows go last, unrounded."""
     weight, hessian = _checked(weight, hessian, batch, damp)
