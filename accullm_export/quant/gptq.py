@@ -114,22 +114,18 @@ def _gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | 
         return values, scales, absorbed
     kept_hessian = hessian[np.ix_(kept, kept)]
     order = np.argsort(-np.diag(kept_hessian), kind="stable") if act_order else np.arange(kept.size)
-    solved = kept[order]
-    if len(absorb):
-        solved = np.concatenate([solved, outliers])
+    solved = np.concatenate([kept[order], outliers])  # the absorbing rows (if any) last
     work = weight[solved].astype(np.float64)
     reduced = hessian[np.ix_(solved, solved)].astype(np.float64)
     dead = np.diag(reduced) == 0
     reduced[dead, dead] = 1.0  # an input that never fires: any weight is exact, so quantize it to 0
     work[dead] = 0.0
     row_scales = scales[block_index(rows, block_size)[kept[order]]].astype(np.float64)
-    # with absorbed rows, damp by the kept rows' mean H[i, i] alone, exactly as when the outliers are dropped
-    reference = float(np.mean(np.diag(reduced)[:kept.size])) if len(absorb) else None
-    upper = _inverse_cholesky_upper(reduced, damp, reference)
+    # damped by the rounded rows' mean H[i, i] alone, as when the absorbing rows are dropped
+    upper = _inverse_cholesky_upper(reduced, damp, reference=float(np.mean(np.diag(reduced)[:kept.size])))
     values[kept[order]] = _quantize_rows(work, upper, row_scales, (qmin(bits, search), qmax(bits)), batch,
                                          count=kept.size)
-    if len(absorb):
-        absorbed = np.where(dead[kept.size:, None], weight[outliers], work[kept.size:]).astype(np.float32)
+    absorbed = np.where(dead[kept.size:, None], weight[outliers], work[kept.size:]).astype(np.float32)
     return values, scales, absorbed
 
 
@@ -178,15 +174,14 @@ def _excluded_mask(rows: int, exclude: Sequence[int]) -> np.ndarray:
     return mask
 
 
-def _inverse_cholesky_upper(hessian: np.ndarray, damp: float, reference: float | None = None) -> np.ndarray:
-    """Upper U with U^T U = (H + damping I)^-1, raising the damping x10 while H is not positive definite; the
-    damping is ``damp`` x ``reference`` (default: H's mean diagonal)."""
-    mean_diagonal = float(np.mean(np.diag(hessian))) if reference is None else reference
+def _inverse_cholesky_upper(hessian: np.ndarray, damp: float, reference: float) -> np.ndarray:
+    """Upper U with U^T U = (H + damping I)^-1, the damping ``damp`` x ``reference`` (a mean H[i, i]), raised x10
+    while H is not positive definite."""
     identity = np.eye(hessian.shape[0])
     for attempt in range(DAMPING_RETRIES + 1):
         fraction = damp * 10.0 ** attempt
         try:
-            lower = np.linalg.cholesky(hessian + fraction * mean_diagonal * identity)
+            lower = np.linalg.cholesky(hessian + fraction * reference * identity)
             lower_inverse = np.linalg.solve(lower, identity)
             upper = np.linalg.cholesky(lower_inverse.T @ lower_inverse).T
         except np.linalg.LinAlgError:
@@ -204,10 +199,9 @@ def _quantize_rows(work: np.ndarray, upper: np.ndarray, row_scales: np.ndarray, 
                    batch: int, count: int) -> np.ndarray:
     """The GPTQ loop over the first ``count`` rows of ``work`` (float64, updated in place; the rows after them
     only receive updates); returns their int8 values."""
-    rows = count
     values = np.zeros((count, work.shape[1]), dtype=np.int8)
-    for start in range(0, rows, batch):
-        stop = min(start + batch, rows)
+    for start in range(0, count, batch):
+        stop = min(start + batch, count)
         block = work[start:stop]  # a view: the in-batch updates land in ``work``
         errors = np.zeros_like(block)
         for offset in range(stop - start):

@@ -36,7 +36,8 @@ def run(graph: gs.Graph, context) -> gs.Graph:
             context.notes.append(f"{node.name}: no second-moment matrix for its input; plain rounding")
             continue
         statistics = context.statistics.get(node.inputs[0].name)
-        unprotected = sorted(set(sink_channels(statistics)) - set(plan.outliers)) if statistics else []
+        sinks = set(sink_channels(statistics)) if statistics else set()
+        unprotected = sorted(sinks - set(plan.outliers))
         if unprotected:
             context.notes.append(f"{node.name}: its input at the attention sink exceeds {SINK_RATIO:g}x every other "
                                  f"token's in channels {unprotected}, which have no FP16 row and which GPTQ's "
@@ -49,7 +50,6 @@ def run(graph: gs.Graph, context) -> gs.Graph:
         search = context.scale_search and plan.bits == 4
         branch = _branch_weight(graph, node) if context.gptq_absorb and plan.outliers else None
         # the sink's own channels stay as they are: H leaves the sink out, so it cannot see what moving them costs
-        sinks = set(sink_channels(statistics)) if statistics else set()
         absorbing = [index for index, channel in enumerate(plan.outliers) if channel not in sinks]
         if branch is None or not absorbing:
             values, block_scales = gptq_quantize(weight.values.astype(np.float32), hessian, plan.bits,
