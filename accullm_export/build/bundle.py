@@ -18,8 +18,6 @@ import shlex
 import shutil
 from pathlib import Path
 
-import onnx
-
 import accullm_export
 from accullm_export.errors import BackendError
 from accullm_export.graph.passes import PLUGIN_DOMAIN
@@ -107,11 +105,7 @@ def _plugin_model(model_dir: Path, out_dir: Path) -> dict[str, int]:
     if not fused:
         return fused
     out_dir.mkdir()
-    save_graph(graph, source, out_dir / "model.onnx", {})
-    written = onnx.load(str(out_dir / "model.onnx"), load_external_data=False)
-    if all(entry.domain != PLUGIN_DOMAIN for entry in written.opset_import):
-        written.opset_import.append(onnx.helper.make_opsetid(PLUGIN_DOMAIN, 1))
-    onnx.save_model(written, str(out_dir / "model.onnx"))  # the external data file is left as it is
+    save_graph(graph, source, out_dir / "model.onnx", {})  # adds the plugin domain's opset
     return fused
 
 

@@ -160,7 +160,7 @@ def _calibrate(reference: Path, profile_dir: Path, options: BuildOptions, is_llm
 
 def _quantize(reference: Path, out: Path, profile: Path, recipe: str, options: BuildOptions,
               target: TargetProfile, is_llm: bool) -> Path:
-    from accullm_export.build.quantize import FINISHING_PASSES, quantize_model
+    from accullm_export.build.quantize import FINISHING_PASSES, ONNXRUNTIME_FUSIONS, quantize_model
     from accullm_export.graph.recipes import Recipe
 
     quantized = recipe != "fp16"
@@ -177,7 +177,7 @@ def _quantize(reference: Path, out: Path, profile: Path, recipe: str, options: B
     quantize_model(reference, out, Recipe(name=recipe, block_size=options.block_size,
                                           policy="sensitivity" if quantized else None, **extra),
                    profile, sparsity=options.sparsity,
-                   finishing=FINISHING_PASSES if target.backend == "onnxruntime" else ())
+                   finishing=FINISHING_PASSES + ONNXRUNTIME_FUSIONS if target.backend == "onnxruntime" else ())
     return out
 
 

@@ -44,6 +44,10 @@ class QuantizeOptions:
 
 
 FINISHING_PASSES = ("merge_parallel_linears",)  # after the per-layer passes; numerics unchanged
+# ONNX Runtime's contrib ops for attention and residual + RMSNorm, as onnxruntime-genai's builder writes them:
+# fewer nodes per decode step; the file then runs only in ONNX Runtime (`quantize --onnxruntime-fusions`, and
+# `build` for the cpu target)
+ONNXRUNTIME_FUSIONS = ("fuse_group_query_attention", "fuse_skip_rms_norm")
 
 
 def recipe_passes(recipe: Recipe) -> list[str]:

@@ -78,6 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "few small kernels per decode step")
     parser.add_argument("--embeddings", choices=("int8", "fp16", "fp32"), default="int8",
                         help="the token-embedding table (fp32: left as it is)")
+    parser.add_argument("--onnxruntime-fusions", action="store_true",
+                        help="write attention as GroupQueryAttention (rotary inside) and each residual Add + "
+                             "RMSNorm as SkipSimplifiedLayerNormalization, ONNX Runtime's contrib ops, as "
+                             "onnxruntime-genai does: fewer nodes per CPU decode step; the file then runs only in "
+                             "ONNX Runtime (not TensorRT or Polygraphy's TensorRT backend)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     from accullm_export.cli.sparsify import add_sparsity_arguments
 
@@ -85,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from accullm_export.build.quantize import QuantizeOptions, quantize_model
+    from accullm_export.build.quantize import FINISHING_PASSES, ONNXRUNTIME_FUSIONS, QuantizeOptions, quantize_model
     from accullm_export.cli.sparsify import format_sparsity_summary, sparsity_config
     from accullm_export.errors import UserError
     from accullm_export.graph.recipes import Recipe, parse_override
@@ -108,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
     options = QuantizeOptions(gptq_samples=args.gptq_samples, distill_samples=args.distill_samples,
                               distill_lr=args.distill_lr, distill_rounding_lr=args.distill_rounding_lr)
     manifest = quantize_model(args.model, args.output, recipe, args.profile, options=options,
-                              sparsity=sparsity_config(args),
-                              overwrite=args.overwrite)
+                              sparsity=sparsity_config(args), overwrite=args.overwrite,
+                              finishing=FINISHING_PASSES + (ONNXRUNTIME_FUSIONS if args.onnxruntime_fusions else ()))
     print(format_quantize_summary(manifest))
     if manifest["sparsity"]:
         print(format_sparsity_summary(manifest["sparsity"]))

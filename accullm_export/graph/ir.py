@@ -58,6 +58,9 @@ def save_graph(graph: gs.Graph, source: onnx.ModelProto, path: Path, metadata: d
     model.ir_version = IR_VERSION
     del model.opset_import[:]
     model.opset_import.extend(source.opset_import)
+    known = {entry.domain or "ai.onnx" for entry in model.opset_import}
+    for domain in sorted({node.domain for node in model.graph.node} - known - {"", "ai.onnx"}):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))  # a contrib or plugin op's domain
     model.producer_name, model.producer_version = source.producer_name, source.producer_version
     merged = {entry.key: entry.value for entry in source.metadata_props} | metadata
     for key, value in merged.items():

@@ -72,6 +72,8 @@ def test_build_cpu_end_to_end(planted_model, tmp_path):
     assert len(generate(model, [[1, 5, 9]], GenerationConfig(max_new_tokens=4)).tokens[0]) == 4
     nodes = {node.op_type for node in onnx.load(str(out / "model/model.onnx"), load_external_data=False).graph.node}
     assert "DequantizeLinear" in nodes  # w4a16, the cpu target's default recipe
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= nodes  # ONNX Runtime's contrib ops
+    assert not {"Attention", "RotaryEmbedding"} & nodes
     quantized = json.loads((out / "model/manifest.json").read_text())
     assert quantized["recipe"]["scale_search"] and quantized["recipe"]["gptq"]  # w4a16's searched block scales
     layers = quantized["layers"]  # FP16 rows where the residual enters

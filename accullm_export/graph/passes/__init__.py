@@ -19,7 +19,8 @@ PLUGIN_ATTRIBUTES = {"plugin_version": "1", "plugin_namespace": PLUGIN_DOMAIN}
 BUILTIN_MODULES = ("isolate_outliers", "quantize_weights", "quantize_activations", "scale_activations_awq",
                    "smooth_activations", "compensate_errors_gptq", "quantize_embeddings", "merge_parallel_linears",
                    "skip_sparse_neurons", "fuse_sparse_skip_mlp",
-                   "fuse_outlier_split_gemm", "fold_scale_casts", "distill_scales")
+                   "fuse_outlier_split_gemm", "fold_scale_casts", "distill_scales", "fuse_group_query_attention",
+                   "fuse_skip_rms_norm")
 
 
 def register(name: str) -> Callable[[PassFunction], PassFunction]:
