@@ -19,10 +19,11 @@ class OrtCausalLM(CausalLMRunner):
     """A decoder with a KV cache, run by ONNX Runtime."""
 
     def __init__(self, model_path: Path, *, device: str = "auto", optimization: str = "all",
-                 threads: int | None = None):
+                 threads: int | None = None, profile_prefix: str | None = None):
         self.model_path = Path(model_path)
         self.folder = self.model_path.parent
-        self.session = create_session(self.model_path, device=device, optimization=optimization, threads=threads)
+        self.session = create_session(self.model_path, device=device, optimization=optimization, threads=threads,
+                                      profile_prefix=profile_prefix)
         self.layout = _layout(self.session, self.model_path)
         self._output_names = ["logits"] + [f"present.{i}.{kind}" for i in range(self.layout.num_layers)
                                            for kind in ("key", "value")]

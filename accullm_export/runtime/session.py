@@ -13,7 +13,7 @@ OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
 def create_session(model_path: str | Path | bytes, *, device: str = "auto", optimization: str = "all",
-                   threads: int | None = None):
+                   threads: int | None = None, profile_prefix: str | None = None):
     """An InferenceSession on CPU or CUDA.
 
     Args:
@@ -21,6 +21,8 @@ def create_session(model_path: str | Path | bytes, *, device: str = "auto", opti
         device: "cpu", "cuda" or "auto" (CUDA when onnxruntime-gpu and a GPU are present).
         optimization: graph optimization level; "basic" keeps numerics exact (no MatMulNBits fusion).
         threads: intra-op threads; None lets ONNX Runtime choose.
+        profile_prefix: write ONNX Runtime's per-node profile (JSON) to files starting with this; the session's
+            ``end_profiling()`` returns the file's name.
 
     Raises:
         UserError: the file is not a loadable model, or the option values are unknown.
@@ -47,6 +49,9 @@ def create_session(model_path: str | Path | bytes, *, device: str = "auto", opti
     }[optimization]
     if threads:
         options.intra_op_num_threads = threads
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     path = "<in-memory model>" if isinstance(model_path, bytes) else Path(model_path)
     if isinstance(path, Path) and not path.is_file():
         raise UserError(f"{path}: no such model file")
