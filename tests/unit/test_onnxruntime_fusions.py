@@ -112,3 +112,17 @@ def test_quantize_cli_writes_the_fusions(planted_model, profile, tmp_path):
     model = onnx.load(str(tmp_path / "fused" / "model.onnx"), load_external_data=False)
     assert {entry.domain: entry.version for entry in model.opset_import}.get("com.microsoft") == 1
     _assert_same_model(tmp_path / "plain" / "model.onnx", tmp_path / "fused" / "model.onnx")
+
+
+def test_bisection_still_reads_a_fused_model(tiny_exports, tmp_path):
+    """The fused ops keep the block outputs' names (the residual sum is SkipSimplifiedLayerNormalization's fourth
+    output), so validate --bisect compares every block of a fused candidate."""
+    from accullm_export.calibration.feeds import llm_feeds
+    from accullm_export.validate.bisect import bisect
+
+    _, folder = tiny_exports["llama"]
+    path, _, _ = _fused_copy(folder, tmp_path / "fused")
+    feed = llm_feeds(np.arange(3, 15)[None], folder / "model.onnx")[0]
+    layers, found = bisect(folder / "model.onnx", path, feed, tolerance=1e-4)
+    assert [row["index"] for row in layers["blocks"]] == [0, 1]
+    assert all(row["rel_error"] < 1e-5 for row in layers["blocks"]) and found["culprit"] is None
