@@ -63,9 +63,7 @@ def main(argv=None) -> int:
     lines.append(f"\nmedian of {args.rounds} interleaved rounds; other processes took "
                  f"{'unknown' if others is None else f'{others:.0%}'} of the CPU time meanwhile")
     report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.write_text(report + "\n")
+    peers.print_report(report, args.out)
     return 0
 
 

@@ -382,7 +382,12 @@ for _name, _label, _recipe in (
         ("ours-w8a8-static", "accullm-export w8a8, static per-tensor scales", OURS_W8A8_STATIC),
         ("ours-w4a16", "accullm-export w4a16, FP16 outlier rows", OURS_W4A16),
         ("ours-w4a16-no-outliers", "accullm-export w4a16, --outliers 0", OURS_W4A16 + ("--outliers", "0")),
-        ("ours-w4a16-b64", "accullm-export w4a16 block 64, FP16 outlier rows", OURS_W4A16_B64)):
+        ("ours-w4a16-b64", "accullm-export w4a16 block 64, FP16 outlier rows", OURS_W4A16_B64),
+        # the same builds with ONNX Runtime's contrib attention and residual + RMSNorm ops, as genai writes them
+        # (the default of `build --target cpu`; the numerics do not change, the decode step has fewer nodes)
+        ("ours-w4a16-fused", "accullm-export w4a16, ONNX Runtime fusions", OURS_W4A16 + ("--onnxruntime-fusions",)),
+        ("ours-w4a16-b64-fused", "accullm-export w4a16 block 64, ONNX Runtime fusions",
+         OURS_W4A16_B64 + ("--onnxruntime-fusions",))):
     # no expected_block_size: our graphs hold standard blocked DequantizeLinear; ONNX Runtime fuses it into
     # MatMulNBits when the session starts, so the file has no MatMulNBits node to read it back from
     register(Peer(name=_name, label=_label, build=functools.partial(build_ours, recipe=_recipe)))
@@ -627,6 +632,13 @@ def validate_row(row: Row, reference: Path, settings: Settings, reports: Path) -
     row.probe_agreement = report.get("probes", {}).get("agreement")
     log.info("%s: KL %.4g, top-1 %.3f, greedy prefix %.1f (%.0f s)", row.name, row.metrics["kl_mean"],
              row.metrics["top1_agreement"], row.greedy["mean_prefix"], row.validate_seconds)
+
+
+def print_report(report: str, out: Path | None) -> None:
+    """Print a benchmark's markdown table, and write it to ``out`` too when given (the side-by-side scripts)."""
+    print(report)
+    if out:
+        atomic_write_text(out, report + "\n")
 
 
 def decode_prompt(reference: Path) -> list[int]:

@@ -80,9 +80,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         results = {str(folder): profile_folder(folder, prompt, args.steps, Path(scratch)) for folder in args.folders}
     report = table(results, args.top) + f"\n\n{args.steps} decode steps each, ONNX Runtime all, profiling on"
-    print(report)
-    if args.out:
-        args.out.write_text(report + "\n")
+    peers.print_report(report, args.out)
     return 0
 
 
