@@ -126,3 +126,18 @@ def test_bisection_still_reads_a_fused_model(tiny_exports, tmp_path):
     layers, found = bisect(folder / "model.onnx", path, feed, tolerance=1e-4)
     assert [row["index"] for row in layers["blocks"]] == [0, 1]
     assert all(row["rel_error"] < 1e-5 for row in layers["blocks"]) and found["culprit"] is None
+
+
+def test_fp16_export_fuses_attention(tmp_path):
+    """An fp16 export (the bias is fp16 too): attention fuses, its RMSNorm (cast to float32 and back) is left."""
+    from accullm_export.models.export import export_model
+    from tests.conftest import make_tiny_checkpoint
+
+    hf = make_tiny_checkpoint(tmp_path / "hf", "llama")
+    export_model(str(hf), tmp_path / "fp16", dtype="fp16")
+    path, _, ops = _fused_copy(tmp_path / "fp16", tmp_path / "fused")
+    assert ops["GroupQueryAttention"] == 2 and not ops["Attention"] and not ops["SkipSimplifiedLayerNormalization"]
+    for batch in ([list(range(3, 17))], [list(range(3, 17)), [9, 30, 41, 52, 5]]):
+        expected = _run(OrtCausalLM.from_path(tmp_path / "fp16", optimization="basic"), batch)
+        got = _run(OrtCausalLM.from_path(path, optimization="basic"), batch)
+        np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-3)
