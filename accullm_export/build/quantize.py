@@ -278,6 +278,7 @@ def _distillation(model_path: Path, graph, recipe: Recipe, profile, options: Qua
     windows = np.concatenate([np.asarray(feed["input_ids"], dtype=np.int64) for feed in feeds], axis=0)
     config = DistillConfig(steps=recipe.distill_steps, learning_rate=options.distill_lr,
                            batch_windows=options.distill_batch, norms=recipe.distill_norms,
-                           rounding=recipe.distill_rounding, rounding_lr=options.distill_rounding_lr)
+                           rounding=recipe.distill_rounding, rounding_lr=options.distill_rounding_lr,
+                           outlier_rows=recipe.distill_outlier_rows)
     teacher = {name: value.copy() for name, value in graph_weights(graph).items()}
     return DistillInputs(config=config, config_dir=model_path.parent, teacher=teacher, windows=windows)

@@ -63,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distill-rounding-lr", type=float, metavar="LR",
                         help="with --distill-rounding: Adam's step on the integer offsets (default 2/N: an offset "
                              "whose gradient keeps one sign moves about one step over the run)")
+    parser.add_argument("--distill-outlier-rows", action="store_true",
+                        help="with --distill-steps: also train the FP16 outlier rows (same size and speed)")
     parser.add_argument("--distill-lr", type=float, default=1e-3, help="Adam's step on the log-scales")
     parser.add_argument("--distill-samples", type=int, default=64,
                         help="calibration windows of the profile to distill on (one eighth are held out)")
@@ -109,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
                     smoothquant=args.smoothquant,
                     overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings,
                     outlier_layers=tuple(args.outlier_layers), distill_steps=args.distill_steps,
-                    distill_norms=args.distill_norms, distill_rounding=args.distill_rounding)
+                    distill_norms=args.distill_norms, distill_rounding=args.distill_rounding,
+                    distill_outlier_rows=args.distill_outlier_rows)
     options = QuantizeOptions(gptq_samples=args.gptq_samples, distill_samples=args.distill_samples,
                               distill_lr=args.distill_lr, distill_rounding_lr=args.distill_rounding_lr)
     manifest = quantize_model(args.model, args.output, recipe, args.profile, options=options,

@@ -61,6 +61,7 @@ class Recipe:
     distill_steps: int = 0  # INT4 block scales trained this many steps against the source model (0: off)
     distill_norms: bool = False  # ... and the RMSNorm gains with them
     distill_rounding: bool = False  # ... and the integers, each within one step of where rounding left it
+    distill_outlier_rows: bool = False  # ... and the FP16 outlier rows
     version: int = 1
 
     def __post_init__(self):
@@ -100,6 +101,11 @@ class Recipe:
             raise UserError("--distill-norms trains the norm gains along with the scales: give --distill-steps")
         if self.distill_rounding and not self.distill_steps:
             raise UserError("--distill-rounding trains the integers along with the scales: give --distill-steps")
+        if self.distill_outlier_rows and not self.distill_steps:
+            raise UserError("--distill-outlier-rows trains the FP16 outlier rows along with the scales: give "
+                            "--distill-steps")
+        if self.distill_outlier_rows and self.outliers == 0:
+            raise UserError("--distill-outlier-rows trains the FP16 outlier rows, and --outliers 0 has none")
         for pattern, value in self.overrides:
             precision, block = split_precision(value)
             if precision not in PRECISIONS or (block is not None and (precision != "int4" or block not in BLOCKS)):

@@ -106,17 +106,24 @@ def test_distillation_moves_only_scales_and_lowers_the_kl(planted_model, profile
     assert recorded["distill_steps"] == 40
 
 
+def _plain_and_trained(planted_model, profile, tmp_path, **fields):
+    """A plain w4a16 build and one distilled for 40 steps with ``fields``: (distill note, plain constants,
+    trained constants)."""
+    folder, _ = planted_model
+    options = QuantizeOptions(distill_lr=2e-2, distill_samples=6)
+    quantize_model(folder, tmp_path / "plain", Recipe(**W4), profile, options=options)
+    manifest = quantize_model(folder, tmp_path / "trained", Recipe(**W4, distill_steps=40, **fields), profile,
+                              options=options)
+    note = next(note for note in manifest["notes"] if note.startswith("distill_scales"))
+    return note, _stored(tmp_path / "plain"), _stored(tmp_path / "trained")
+
+
 def test_learned_rounding_moves_integers_one_step_within_range(planted_model, profile, tmp_path):
     """--distill-rounding: integers move (by one step at most, inside [-8, 7], never on an FP16 outlier row),
     the file keeps its size, and ONNX Runtime measures the lower KL the pass kept the result for."""
     folder, text = planted_model
-    options = QuantizeOptions(distill_lr=2e-2, distill_samples=6)
-    quantize_model(folder, tmp_path / "plain", Recipe(**W4), profile, options=options)
-    manifest = quantize_model(folder, tmp_path / "rounded", Recipe(**W4, distill_steps=40, distill_rounding=True),
-                              profile, options=options)
-    note = next(note for note in manifest["notes"] if note.startswith("distill_scales"))
+    note, plain, rounded = _plain_and_trained(planted_model, profile, tmp_path, distill_rounding=True)
     assert "trained" in note and "integers moved by one step" in note
-    plain, rounded = _stored(tmp_path / "plain"), _stored(tmp_path / "rounded")
     integers = [name for name in plain if plain[name].dtype.name == "int4"]  # q/k/v and gate/up merged too
     assert integers
     moved = 0
@@ -127,8 +134,36 @@ def test_learned_rounding_moves_integers_one_step_within_range(planted_model, pr
         assert not np.any(after[np.all(before == 0, axis=1)]), "an all-zero (outlier) row gained integers"
         moved += int(np.count_nonzero(after != before))
     assert moved > 0 and f"{moved} integers moved" in note
-    _assert_same_size_and_lower_kl(folder, text, tmp_path / "rounded", tmp_path / "plain")
-    assert json.loads((tmp_path / "rounded" / "manifest.json").read_text())["recipe"]["distill_rounding"] is True
+    _assert_same_size_and_lower_kl(folder, text, tmp_path / "trained", tmp_path / "plain")
+    assert json.loads((tmp_path / "trained" / "manifest.json").read_text())["recipe"]["distill_rounding"] is True
+
+
+def test_outlier_rows_train_with_the_scales(planted_model, profile, tmp_path):
+    """--distill-outlier-rows: the FP16 branch's weight rows move too (stored in FP16, same size), the integers do
+    not, and ONNX Runtime measures the lower KL the pass kept the result for."""
+    folder, text = planted_model
+    note, plain, rows = _plain_and_trained(planted_model, profile, tmp_path, distill_outlier_rows=True)
+    assert "trained" in note and "outlier rows" in note
+    branches = [name for name in plain if "/outliers/" in name and plain[name].dtype == np.float16]
+    assert branches and all(rows[name].dtype == np.float16 for name in branches)
+    assert any(not np.array_equal(plain[name], rows[name]) for name in branches)
+    for name in (name for name in plain if plain[name].dtype.name == "int4"):
+        np.testing.assert_array_equal(plain[name], rows[name])
+    _assert_same_size_and_lower_kl(folder, text, tmp_path / "trained", tmp_path / "plain")
+
+
+def test_trainable_outlier_rows_leave_the_low_bit_rows_alone():
+    """Only the outlier rows of the trainable FP16 part get a gradient; the low-bit rows' part stays zero."""
+    values = np.array([[1, -2], [0, 0], [3, 4]], dtype=np.int8)
+    layer = BlockScaled("m", values, np.ones((1, 2), dtype=np.float32), block_size=4, outliers=(1,),
+                        outlier_rows=np.array([[0.5, -0.25]], dtype=np.float32))
+    linear = block_scaled_linear_class()(layer, None, outlier_rows=True)
+    linear.fixed.requires_grad_(True)
+    out = linear(torch.tensor([[1.0, 2.0, 3.0]]))
+    np.testing.assert_allclose(out.detach().numpy(), [[1 + 1.0 + 9, -2 - 0.5 + 12]])
+    out.sum().backward()
+    grad = linear.fixed.grad.numpy()
+    assert np.all(grad[[0, 2]] == 0) and np.all(grad[1] == 2.0)
 
 
 def test_rounding_offsets_round_through_and_clamp():
@@ -151,6 +186,8 @@ def test_rounding_offsets_round_through_and_clamp():
     (dict(name="w4a16", distill_steps=-1), r"0 \(off\) or positive"),
     (dict(name="w4a16", distill_norms=True), "give --distill-steps"),
     (dict(name="w4a16", distill_rounding=True), "give --distill-steps"),
+    (dict(name="w4a16", distill_outlier_rows=True), "give --distill-steps"),
+    (dict(name="w4a16", distill_steps=5, distill_outlier_rows=True, outliers=0), "--outliers 0"),
 ])
 def test_bad_distillation_settings_are_refused(fields, message):
     with pytest.raises(UserError, match=message):

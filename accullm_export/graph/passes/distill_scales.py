@@ -46,20 +46,25 @@ def run(graph: gs.Graph, context) -> gs.Graph:
         context.notes.append("distill_scales: no INT4 block-scaled layer; nothing to train")
         return graph
     student = graph_weights(graph, skip=set(stored))  # the low-bit layers come from ``layers``
-    trained, integers, gains, report = distill_scales(inputs.config_dir, inputs.teacher, student, layers,
-                                                      inputs.windows, inputs.config)
-    for module, scales in trained.items():
+    result = distill_scales(inputs.config_dir, inputs.teacher, student, layers, inputs.windows, inputs.config)
+    report = result.report
+    for module, scales in result.scales.items():
         stored[module].values = half_representable(scales).astype(stored[module].values.dtype)
-    for module, values in integers.items():
+    for module, values in result.integers.items():
         dequantize_node = stored_values[module]
         dequantize_node.inputs[0] = constant(dequantize_node.inputs[0].name, values.astype(ml_dtypes.int4))
+    for module, rows in result.outlier_rows.items():
+        weight = outlier_weight_constant(graph, module)
+        weight.values = rows.astype(weight.values.dtype)  # the branch stores FP16 (or the model's type)
     constants = {name: tensor for name, tensor in graph.tensors().items() if isinstance(tensor, gs.Constant)}
-    for name, gain in gains.items():
+    for name, gain in result.gains.items():
         constants[name].values = gain.astype(constants[name].values.dtype)
     outcome = "trained" if report["kept"] else "left as they were (training did not lower the held-out KL)"
-    moved = f" and {report['integers_moved']} integers moved by one step" if integers else ""
+    moved = f" and {report['integers_moved']} integers moved by one step" if result.integers else ""
+    extras = [f"{report['norms']} norm gains"] if report["norms"] else []
+    extras += [f"{report['outlier_rows']} FP16 outlier rows"] if report["outlier_rows"] else []
     context.notes.append(f"distill_scales: {report['layers']} layers' block scales"
-                         f"{' and ' + str(report['norms']) + ' norm gains' if report['norms'] else ''} {outcome}"
+                         f"{''.join(' and ' + extra for extra in extras)} {outcome}"
                          f"{moved}: "
                          f"{report['steps']} steps on {report['windows']} calibration windows, KL on "
                          f"{report['held_out_windows']} held-out ones {report['held_out_kl_before']} -> "
@@ -112,6 +117,16 @@ def outlier_branch(node: gs.Node) -> tuple[tuple[int, ...], np.ndarray | None]:
             raise UserError(f"{node.name}: its outlier branch is not laid out as isolate_outliers writes it")
         return tuple(int(c) for c in constant_array(gather.inputs[1])), rows.astype(np.float32)
     return (), None
+
+
+def outlier_weight_constant(graph: gs.Graph, module: str) -> gs.Constant:
+    """The constant holding the FP16 outlier branch's weight rows of the layer ``module`` (behind its Cast)."""
+    node = next(node for node in graph.nodes if node.op == "MatMul" and node.name.endswith("/MatMul")
+                and "/outliers/" not in node.name and module_of(node.name) == module)
+    add = next(consumer for consumer in node.outputs[0].outputs if consumer.name == f"{node.name}/outliers/Add")
+    matmul = producer_of(next(t for t in add.inputs if t is not node.outputs[0]), "MatMul")
+    cast = producer_of(matmul.inputs[1], "Cast")
+    return cast.inputs[0] if cast is not None else matmul.inputs[1]
 
 
 def constant_value(tensor) -> np.ndarray | None:
