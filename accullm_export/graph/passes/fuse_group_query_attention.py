@@ -69,7 +69,7 @@ def _unsupported(node: gs.Node, graph_outputs: set[str]) -> str | None:
     q, k, v, mask, past_key, past_value = inputs[:6]
     if len(node.inputs) > 6:
         return "it has inputs beyond the KV cache"
-    if len(node.outputs) != 3 or not past_key or not past_value:
+    if len(node.outputs) != 3 or not all(tensor is not None and tensor.name for tensor in (past_key, past_value)):
         return "no KV cache in and out"
     if any(int(node.attrs.get(name, 0)) for name in ("is_causal", "qk_matmul_output_mode")) or \
             float(node.attrs.get("softcap", 0.0)):
