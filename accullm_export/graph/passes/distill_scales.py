@@ -53,8 +53,8 @@ def run(graph: gs.Graph, context) -> gs.Graph:
     for module, values in result.integers.items():
         dequantize_node = stored_values[module]
         dequantize_node.inputs[0] = constant(dequantize_node.inputs[0].name, values.astype(ml_dtypes.int4))
-    for module, rows in result.outlier_rows.items():
-        weight = outlier_weight_constant(graph, module)
+    for module, rows in result.outlier_rows.items():  # the layer's MatMul reads its DequantizeLinear's output
+        weight = outlier_weight_constant(stored_values[module].outputs[0].outputs[0])
         weight.values = rows.astype(weight.values.dtype)  # the branch stores FP16 (or the model's type)
     constants = {name: tensor for name, tensor in graph.tensors().items() if isinstance(tensor, gs.Constant)}
     for name, gain in result.gains.items():
@@ -102,29 +102,35 @@ def block_scaled_layers(graph: gs.Graph, notes: list) -> tuple[list[BlockScaled]
     return layers, stored, stored_values
 
 
+def _branch_matmul(node: gs.Node) -> gs.Node | None:
+    """The MatMul of the FP16 outlier branch ``isolate_outliers`` gave ``node`` (added to its output), or None."""
+    output = node.outputs[0]
+    for consumer in output.outputs:
+        if consumer.op == "Add" and consumer.name == f"{node.name}/outliers/Add":
+            branch = next(t for t in consumer.inputs if t is not output)
+            matmul = producer_of(branch, "MatMul")
+            if matmul is None:
+                raise UserError(f"{node.name}: its outlier branch is not laid out as isolate_outliers writes it")
+            return matmul
+    return None
+
+
 def outlier_branch(node: gs.Node) -> tuple[tuple[int, ...], np.ndarray | None]:
     """The FP16 outlier branch ``isolate_outliers`` gave ``node``: (its input channels, its weight rows as
     float32), or ((), None)."""
-    output = node.outputs[0]
-    for consumer in output.outputs:
-        if consumer.op != "Add" or consumer.name != f"{node.name}/outliers/Add":
-            continue
-        branch = next(t for t in consumer.inputs if t is not output)
-        matmul = producer_of(branch, "MatMul")
-        gather = producer_of(matmul.inputs[0], "Gather") if matmul is not None else None
-        rows = constant_value(matmul.inputs[1]) if matmul is not None else None
-        if gather is None or rows is None or not isinstance(gather.inputs[1], gs.Constant):
-            raise UserError(f"{node.name}: its outlier branch is not laid out as isolate_outliers writes it")
-        return tuple(int(c) for c in constant_array(gather.inputs[1])), rows.astype(np.float32)
-    return (), None
+    matmul = _branch_matmul(node)
+    if matmul is None:
+        return (), None
+    gather = producer_of(matmul.inputs[0], "Gather")
+    rows = constant_value(matmul.inputs[1])
+    if gather is None or rows is None or not isinstance(gather.inputs[1], gs.Constant):
+        raise UserError(f"{node.name}: its outlier branch is not laid out as isolate_outliers writes it")
+    return tuple(int(c) for c in constant_array(gather.inputs[1])), rows.astype(np.float32)
 
 
-def outlier_weight_constant(graph: gs.Graph, module: str) -> gs.Constant:
-    """The constant holding the FP16 outlier branch's weight rows of the layer ``module`` (behind its Cast)."""
-    node = next(node for node in graph.nodes if node.op == "MatMul" and node.name.endswith("/MatMul")
-                and "/outliers/" not in node.name and module_of(node.name) == module)
-    add = next(consumer for consumer in node.outputs[0].outputs if consumer.name == f"{node.name}/outliers/Add")
-    matmul = producer_of(next(t for t in add.inputs if t is not node.outputs[0]), "MatMul")
+def outlier_weight_constant(node: gs.Node) -> gs.Constant:
+    """The constant holding the FP16 outlier branch's weight rows of ``node`` (behind its Cast, if any)."""
+    matmul = _branch_matmul(node)
     cast = producer_of(matmul.inputs[1], "Cast")
     return cast.inputs[0] if cast is not None else matmul.inputs[1]
 

@@ -121,8 +121,7 @@ def _fuse(graph: gs.Graph, node: gs.Node, shared: dict[str, gs.Variable], return
 def _packed_input(query, key, value, q_rotary, k_rotary, node, returned: set[str]) -> gs.Variable | None:
     """The packed projection when q, k and v are the outputs, in order, of one last-axis Split read by nothing
     else; the Split is then left without consumers (cleanup removes it)."""
-    producers = {id(tensor.inputs[0]) if len(tensor.inputs) == 1 else None for tensor in (query, key, value)}
-    if len(producers) != 1 or None in producers:
+    if len(query.inputs) != 1:
         return None
     split = query.inputs[0]
     if split.op != "Split" or list(split.outputs) != [query, key, value]:
@@ -145,12 +144,9 @@ def _lengths(graph: gs.Graph, shared: dict, query, past_key) -> tuple[gs.Variabl
         zero, one, two, three = (_constant(name, [value]) for value, name in enumerate(("zero", "one", "two", "three")))
         query_shape = _node(graph, "Shape", [query], f"{PREFIX}/Shape_query", np.int64)
         past_shape = _node(graph, "Shape", [past_key], f"{PREFIX}/Shape_past", np.int64)
-        batch = _node(graph, "Slice", [query_shape, zero, one],
-                      f"{PREFIX}/Slice_batch", np.int64)
-        seq = _node(graph, "Slice", [query_shape, one, two],
-                    f"{PREFIX}/Slice_seq", np.int64)
-        past = _node(graph, "Slice", [past_shape, two, three],
-                     f"{PREFIX}/Slice_past", np.int64)
+        batch = _node(graph, "Slice", [query_shape, zero, one], f"{PREFIX}/Slice_batch", np.int64)
+        seq = _node(graph, "Slice", [query_shape, one, two], f"{PREFIX}/Slice_seq", np.int64)
+        past = _node(graph, "Slice", [past_shape, two, three], f"{PREFIX}/Slice_past", np.int64)
         total = _node(graph, "Add", [past, seq], f"{PREFIX}/Add_total", np.int64)  # [1]
         last = _node(graph, "Sub", [total, one], f"{PREFIX}/Sub_last", np.int64)
         rows = _node(graph, "Expand", [last, batch], f"{PREFIX}/Expand_rows", np.int64)
@@ -164,11 +160,12 @@ def _bias(graph: gs.Graph, shared: dict, mask, dtype) -> gs.Variable:
     """The boolean mask as an additive bias of the attention's float type, made once per mask."""
     key = f"bias:{mask.name}"
     if key not in shared:
+        suffix = "" if not any(name.startswith("bias:") for name in shared) else f"_{len(shared)}"  # unique names
         dtype = np.dtype(dtype)
         blocked = np.array(np.finfo(dtype).min / 2, dtype=dtype)  # finite: a row with nothing allowed stays finite
-        shared[key] = _node(graph, "Where", [mask, gs.Constant(f"{PREFIX}/allowed", np.array(0, dtype=dtype)),
-                                             gs.Constant(f"{PREFIX}/blocked", blocked)],
-                            f"{PREFIX}/attention_bias", dtype)
+        shared[key] = _node(graph, "Where", [mask, gs.Constant(f"{PREFIX}/allowed{suffix}", np.array(0, dtype=dtype)),
+                                             gs.Constant(f"{PREFIX}/blocked{suffix}", blocked)],
+                            f"{PREFIX}/attention_bias{suffix}", dtype)
     return shared[key]
 
 
