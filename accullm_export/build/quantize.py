@@ -148,7 +148,8 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
     distillation = _distillation(model_path, graph, recipe, profile, options, notes) if recipe.distill_steps else None
     context = PassContext(plans=plans, float_dtype=float_dtype, statistics=statistics, hessians=hessians,
                           embeddings=recipe.embeddings, smoothing=recipe.smoothquant, notes=notes,
-                          scale_search=recipe.scale_search, gptq_absorb=recipe.gptq_absorb,
+                          scale_search=recipe.scale_search, asymmetric=recipe.asymmetric,
+                          gptq_absorb=recipe.gptq_absorb,
                           distillation=distillation)
     if sparse:  # shares the AWQ / SmoothQuant divisors the recipe passes record
         sparse_context = SparseContext(plans=sparsity_plans(model_path, graph, profile, sparsity), notes=notes,

@@ -47,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale-search", action="store_true",
                         help="INT4 layers: choose each block's scale (clipping level) for the least rounding error, "
                              "weighted by the input's second moments, on the full grid [-8, 7]")
+    parser.add_argument("--asymmetric", action="store_true",
+                        help="blocked INT4 layers: unsigned 4-bit values with a 4-bit zero point per block, the "
+                             "block's range [min, max] on all 16 levels (+0.0625 bits per weight at block 64). "
+                             "ONNX Runtime runs it (MatMulNBits with zero points); TensorRT takes only zero points "
+                             "of 0, so TensorRT targets refuse it")
     parser.add_argument("--smoothquant", type=float, metavar="ALPHA",
                         help="w8a8: SmoothQuant with migration strength ALPHA (e.g. 0.5), folded into the producers")
     parser.add_argument("--gptq-samples", type=int, default=32, help="calibration windows for GPTQ's statistics")
@@ -108,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = Recipe(name=args.recipe, block_size=args.block_size, outliers=args.outliers, policy=args.policy,
                     activations=args.activations, activation_group=args.activation_group, awq=args.awq,
                     gptq=args.gptq, gptq_absorb=args.gptq_absorb, scale_search=args.scale_search,
-                    smoothquant=args.smoothquant,
+                    asymmetric=args.asymmetric, smoothquant=args.smoothquant,
                     overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings,
                     outlier_layers=tuple(args.outlier_layers), distill_steps=args.distill_steps,
                     distill_norms=args.distill_norms, distill_rounding=args.distill_rounding,

@@ -54,6 +54,7 @@ class Recipe:
     gptq: bool = False
     gptq_absorb: bool = False  # GPTQ's error updates also land on the FP16 outlier rows (OWQ), not only kept rows
     scale_search: bool = False  # INT4 layers: each block's scale searched for the least rounding error
+    asymmetric: bool = False  # blocked INT4 layers: uint4 with a zero point per block (ONNX Runtime only)
     smoothquant: float | None = None  # w8a8: SmoothQuant's migration strength alpha
     overrides: tuple[tuple[str, str], ...] = ()  # (layer pattern, precision)
     outlier_layers: tuple[str, ...] = ()  # only layers matching one of these get the FP16 branch (default: all)
@@ -86,6 +87,12 @@ class Recipe:
             raise UserError("--smoothquant takes an alpha in (0, 1) and applies to the w8a8 recipe")
         if self.scale_search and self.name == "fp16":
             raise UserError("--scale-search applies to INT4 layers (the w4a16 recipe, or int4 overrides)")
+        if self.asymmetric and self.name != "w4a16" and not any(
+                split_precision(value)[0] == "int4" for _, value in self.overrides):
+            raise UserError("--asymmetric applies to blocked INT4 layers (the w4a16 recipe, or int4 overrides)")
+        if self.asymmetric and self.distill_rounding:
+            raise UserError("--distill-rounding moves the integers within the symmetric INT4 range; it does not "
+                            "take --asymmetric")
         if self.gptq and self.name == "fp16":
             raise UserError("--gptq applies to the integer recipes (w4a16, w8a8)")
         if self.gptq_absorb and not self.gptq:
@@ -326,6 +333,7 @@ class PassContext:
     embeddings: str = "fp32"
     smoothing: float | None = None  # SmoothQuant's alpha, for the smooth_activations pass
     scale_search: bool = False  # INT4 block scales searched (quant.symmetric.searched_scales)
+    asymmetric: bool = False  # blocked INT4 layers get zero points (quant.asymmetric)
     gptq_absorb: bool = False  # compensate_errors_gptq: the FP16 outlier rows take error updates
     notes: list = dataclasses.field(default_factory=list)
     input_scales: dict = dataclasses.field(default_factory=dict)

@@ -10,6 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from accullm_export.graph.ir import constant
+from accullm_export.quant.asymmetric import stored_unsigned
 
 
 def planned_nodes(graph: gs.Graph, plans: Mapping) -> Iterator[tuple[gs.Node, object]]:
@@ -60,19 +61,28 @@ def stored_scales(dequantize: gs.Node) -> gs.Constant | None:
 
 
 def replace_weight_dequantized(graph: gs.Graph, node: gs.Node, values: np.ndarray, scales: np.ndarray, bits: int,
-                               block_size: int | None, float_dtype: np.dtype) -> None:
+                               block_size: int | None, float_dtype: np.dtype,
+                               zero_points: np.ndarray | None = None) -> None:
     """Make ``node`` read DequantizeLinear(int values, scales) instead of its float weight.
 
     Args:
-        values: integers on the symmetric grid, [in, out].
+        values: integers on the symmetric grid, [in, out]; with ``zero_points``, the signed v = q - z of
+            asymmetric INT4 (``quant.asymmetric``), stored as uint4 q with the zero points beside them.
         scales: [blocks, out] (blocked, axis 0) or [1, out] (per output channel, axis 1).
         bits: 4 (stored packed as int4) or 8.
         float_dtype: the dtype of the weight being replaced. Per-channel scales are stored in it; blocked
             scales (FP16 values, ``symmetric.half_representable``) are stored in FP16 and, in a float32 graph,
             widened by a Cast of the constant, which ONNX Runtime folds at load time (MatMulNBits fusion included)
             and the TensorRT bundle folds before parsing.
+        zero_points: blocked INT4 only: uint8 [blocks, out] in [0, 15], stored as uint4 (ONNX Runtime only:
+            TensorRT takes zero points of 0 alone).
     """
     storage = ml_dtypes.int4 if bits == 4 else np.int8
+    if zero_points is not None:
+        if bits != 4 or block_size is None:
+            raise ValueError("zero points are for blocked INT4 weights")
+        values = stored_unsigned(values, zero_points, block_size)
+        storage = ml_dtypes.uint4
     quantized = constant(f"{node.name}/weight_quantized", values.astype(storage))
     if block_size is None:
         scale = constant(f"{node.name}/weight_scale", scales.reshape(-1).astype(float_dtype))
@@ -88,6 +98,8 @@ def replace_weight_dequantized(graph: gs.Graph, node: gs.Node, values: np.ndarra
             scale = widened
         attrs = {"axis": 0, "block_size": int(block_size)}
         inputs = [quantized, scale]
+        if zero_points is not None:  # the same shape as the scales
+            inputs.append(constant(f"{node.name}/weight_zero_point", zero_points.astype(ml_dtypes.uint4)))
     weight = gs.Variable(f"{node.name}/weight_dequantized", dtype=float_dtype, shape=list(values.shape))
     dequantize = gs.Node("DequantizeLinear", name=f"{node.name}/weight/DequantizeLinear", attrs=attrs,
                          inputs=inputs, outputs=[weight])

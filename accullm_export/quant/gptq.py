@@ -12,7 +12,9 @@ Choices that keep the result on the exact layout of ``accullm_export.quant.symme
 DequantizeLinear):
 
 * rows are processed in their natural order 0..in-1 (no act-order), and
-* scales are "static groups": computed by ``weight_scales`` from the original weight before any update.
+* scales are "static groups": computed by ``weight_scales`` from the original weight before any update (or
+  given: ``gptq_grid`` makes them, with asymmetric INT4's zero points, and each row is then rounded into its
+  block's signed range [-z, 15 - z], see ``quant.asymmetric``).
 
 Rows listed in ``exclude`` (outlier input channels computed exactly in FP16 elsewhere) come back as 0 and do not
 count towards the block scales. ``gptq_quantize`` drops them from the problem (they neither receive nor spread
@@ -30,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from accullm_export.errors import UserError
+from accullm_export.quant.asymmetric import asymmetric_grid, row_limits
 from accullm_export.quant.symmetric import block_index, qmax, qmin, searched_scales, weight_scales
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,8 @@ DAMPING_RETRIES = 3  # after the first attempt, each retry multiplies the dampin
 
 def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None = None, *,
                   exclude: Sequence[int] = (), damp: float = 0.01, batch: int = 128,
-                  act_order: bool = False, search: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  act_order: bool = False, search: bool = False,
+                  grid: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Quantize ``weight`` with GPTQ error compensation.
 
     Args:
@@ -54,6 +58,9 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size
             per block ("static groups"), so the result keeps the blocked DequantizeLinear layout.
         search: blocked only: pick each block's scale by ``symmetric.searched_scales`` (rounding error weighted
             by H[i, i]) and round onto the full grid [qmin, qmax].
+        grid: (scales, uint8 zero points), both [blocks, out], from ``gptq_grid(..., asymmetric=True)``: blocked
+            INT4 with zero points; each row is rounded into its block's [-z, 15 - z] (``search`` then only
+            describes how the grid was made).
 
     Returns:
         int8 values [in, out] in [qmin, qmax] and float32 scales [blocks, out], so that
@@ -63,13 +70,14 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size
         UserError: shapes disagree, H is not finite, or H stays indefinite after damping.
     """
     values, scales, _ = _gptq(weight, hessian, bits, block_size, exclude, damp, batch, act_order, search,
-                              absorb=())
+                              absorb=(), grid=grid)
     return values, scales
 
 
 def gptq_quantize_absorbing(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None = None, *,
                             absorb: Sequence[int], exclude: Sequence[int] = (), damp: float = 0.01, batch: int = 128,
-                            act_order: bool = False, search: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                            act_order: bool = False, search: bool = False,
+                            grid: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``gptq_quantize`` with rows that take the other rows' error instead of sitting it out.
 
     The ``absorb`` rows (``weight`` holds their full-precision values) come after every rounded row in the
@@ -90,22 +98,29 @@ def gptq_quantize_absorbing(weight: np.ndarray, hessian: np.ndarray, bits: int, 
     if set(absorb) & set(exclude):
         raise UserError(f"rows {sorted(set(absorb) & set(exclude))} cannot both absorb error and be excluded")
     return _gptq(weight, hessian, bits, block_size, [*exclude, *absorb], damp, batch, act_order, search,
-                 absorb=absorb)
+                 absorb=absorb, grid=grid)
 
 
 def _gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None, exclude: Sequence[int],
           damp: float, batch: int, act_order: bool, search: bool,
-          absorb: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+          absorb: Sequence[int], grid: tuple[np.ndarray, np.ndarray] | None = None,
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ over the rows not in ``exclude`` (which holds ``absorb``); the ``absorb`` rows go last, unrounded."""
     weight, hessian = _checked(weight, hessian, batch, damp)
     rows = weight.shape[0]
     excluded = _excluded_mask(rows, exclude)
-    original = np.where(excluded[:, None], np.float32(0.0), weight.astype(np.float32))
     search = search and block_size is not None
-    if search:
-        scales = searched_scales(original, bits, block_size, importance=np.where(excluded, 0.0, np.diag(hessian)))
+    if grid is None:
+        scales, _ = gptq_grid(weight, hessian, bits, block_size, exclude=exclude, search=search)
+        limits = (qmin(bits, search), qmax(bits))
     else:
-        scales = weight_scales(original, bits, block_size)
+        scales, zero_points = grid
+        if block_size is None or bits != 4 or scales.shape != zero_points.shape \
+                or scales.shape != (-(-rows // block_size), weight.shape[1]):
+            raise UserError(f"GPTQ's asymmetric grid must be blocked INT4 scales and zero points of shape "
+                            f"[{-(-rows // block_size) if block_size else '?'}, {weight.shape[1]}], got "
+                            f"{scales.shape} and {zero_points.shape}")
+        limits = row_limits(zero_points, rows, block_size)
     values = np.zeros(weight.shape, dtype=np.int8)
     outliers = np.asarray(list(absorb), dtype=np.int64)
     absorbed = weight[outliers].astype(np.float32)
@@ -123,10 +138,31 @@ def _gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | 
     row_scales = scales[block_index(rows, block_size)[kept[order]]].astype(np.float64)
     # damped by the rounded rows' mean H[i, i] alone, as when the absorbing rows are dropped
     upper = _inverse_cholesky_upper(reduced, damp, reference=float(np.mean(np.diag(reduced)[:kept.size])))
-    values[kept[order]] = _quantize_rows(work, upper, row_scales, (qmin(bits, search), qmax(bits)), batch,
-                                         count=kept.size)
+    if grid is not None:  # each row's own [-z, 15 - z]
+        limits = tuple(bound[kept[order]] for bound in limits)
+    values[kept[order]] = _quantize_rows(work, upper, row_scales, limits, batch, count=kept.size)
     absorbed = np.where(dead[kept.size:, None], weight[outliers], work[kept.size:]).astype(np.float32)
     return values, scales, absorbed
+
+
+def gptq_grid(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None, *,
+              exclude: Sequence[int] = (), search: bool = False,
+              asymmetric: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """The static-group grid GPTQ rounds onto, from the weight before any update with the ``exclude`` rows
+    zeroed: (scales, None) for the symmetric grid (``search``: ``symmetric.searched_scales``, errors weighted by
+    H[i, i]), or with ``asymmetric`` (blocked INT4) (scales, zero points) by ``asymmetric.asymmetric_grid``,
+    to pass to ``gptq_quantize(..., grid=...)``."""
+    weight = np.asarray(weight, dtype=np.float32)
+    excluded = _excluded_mask(weight.shape[0], exclude)
+    original = np.where(excluded[:, None], np.float32(0.0), weight)
+    importance = np.where(excluded, 0.0, np.diag(np.asarray(hessian, dtype=np.float64)))
+    if asymmetric:
+        if bits != 4 or block_size is None:
+            raise UserError("asymmetric weights are blocked INT4")
+        return asymmetric_grid(original, block_size, search=search, importance=importance)
+    if search and block_size is not None:
+        return searched_scales(original, bits, block_size, importance=importance), None
+    return weight_scales(original, bits, block_size), None
 
 
 def gptq_proxy_error(weight: np.ndarray, dequantized: np.ndarray, hessian: np.ndarray) -> float:
@@ -195,10 +231,13 @@ def _inverse_cholesky_upper(hessian: np.ndarray, damp: float, reference: float) 
                     "collect it over more calibration tokens or quantize this layer without GPTQ")
 
 
-def _quantize_rows(work: np.ndarray, upper: np.ndarray, row_scales: np.ndarray, limits: tuple[int, int],
+def _quantize_rows(work: np.ndarray, upper: np.ndarray, row_scales: np.ndarray, limits: tuple,
                    batch: int, count: int) -> np.ndarray:
     """The GPTQ loop over the first ``count`` rows of ``work`` (float64, updated in place; the rows after them
-    only receive updates); returns their int8 values."""
+    only receive updates); returns their int8 values. ``limits``: the grid's (low, high), two ints or two
+    [count, out] arrays (each row's own range)."""
+    low, high = limits
+    per_row = np.ndim(low) == 2
     values = np.zeros((count, work.shape[1]), dtype=np.int8)
     for start in range(0, count, batch):
         stop = min(start + batch, count)
@@ -206,7 +245,8 @@ def _quantize_rows(work: np.ndarray, upper: np.ndarray, row_scales: np.ndarray, 
         errors = np.zeros_like(block)
         for offset in range(stop - start):
             row = start + offset
-            quantized = np.clip(np.round(block[offset] / row_scales[row]), *limits)
+            quantized = np.clip(np.round(block[offset] / row_scales[row]), low[row] if per_row else low,
+                                high[row] if per_row else high)
             values[row] = quantized.astype(np.int8)
             errors[offset] = (block[offset] - quantized * row_scales[row]) / upper[row, row]
             block[offset + 1:] -= np.outer(upper[row, row + 1:stop], errors[offset])

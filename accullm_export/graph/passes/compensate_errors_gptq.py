@@ -12,6 +12,9 @@ H leaves the attention-sink token (position 0) out. A layer whose input at the s
 other token's (the down projections that write the sink's massive activations) is therefore left to plain
 rounding, with a note, unless those channels are FP16 outlier rows: GPTQ would move its weights freely along
 exactly the channels the sink needs (measured on the sample: with 64 windows and no FP16 rows, Δppl +659%).
+
+With ``quantize --asymmetric`` blocked INT4 layers round onto a grid with a zero point per block
+(``quant.gptq.gptq_grid``), each row into its block's [-z, 15 - z].
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import onnx_graphsurgeon as gs
 from accullm_export.graph.passes import register
 from accullm_export.graph.recipes import SINK_RATIO, sink_channels
 from accullm_export.graph.rewrite import float_weight, is_dequantized, planned_nodes, replace_weight_dequantized
-from accullm_export.quant.gptq import gptq_quantize, gptq_quantize_absorbing
+from accullm_export.graph.passes.quantize_weights import asymmetric_layer
+from accullm_export.quant.gptq import gptq_grid, gptq_quantize, gptq_quantize_absorbing
 
 
 @register("compensate_errors_gptq")
@@ -51,20 +55,26 @@ def run(graph: gs.Graph, context) -> gs.Graph:
         branch = _branch_weight(graph, node) if context.gptq_absorb and plan.outliers else None
         # the sink's own channels stay as they are: H leaves the sink out, so it cannot see what moving them costs
         absorbing = [index for index, channel in enumerate(plan.outliers) if channel not in sinks]
+        grid, zero_points = None, None
+        if asymmetric_layer(context, plan):  # every outlier row is left out of the grid, absorbing or not
+            grid = gptq_grid(weight.values, hessian, plan.bits, plan.block_size, exclude=plan.outliers,
+                             search=search, asymmetric=True)
+            zero_points = grid[1]
         if branch is None or not absorbing:
             values, block_scales = gptq_quantize(weight.values.astype(np.float32), hessian, plan.bits,
-                                                 plan.block_size, exclude=plan.outliers, act_order=True, search=search)
+                                                 plan.block_size, exclude=plan.outliers, act_order=True, search=search,
+                                                 grid=grid)
         else:
             full = weight.values.astype(np.float32)
             full[list(plan.outliers)] = branch.values.astype(np.float32)
             values, block_scales, rows = gptq_quantize_absorbing(
                 full, hessian, plan.bits, plan.block_size, absorb=[plan.outliers[i] for i in absorbing],
-                exclude=[c for c in plan.outliers if c in sinks], act_order=True, search=search)
+                exclude=[c for c in plan.outliers if c in sinks], act_order=True, search=search, grid=grid)
             updated = branch.values.copy()
             updated[absorbing] = rows.astype(updated.dtype)
             branch.values = updated
         replace_weight_dequantized(graph, node, values, block_scales, plan.bits, plan.block_size,
-                                   weight.values.dtype)
+                                   weight.values.dtype, zero_points)
     return graph.cleanup().toposort()
 
 

@@ -22,6 +22,7 @@ from accullm_export.errors import UserError
 from accullm_export.graph.ir import constant, constant_array
 from accullm_export.graph.passes import register
 from accullm_export.graph.rewrite import producer_of, stored_scales
+from accullm_export.quant.asymmetric import signed_values
 from accullm_export.quant.distill import BlockScaled, DistillConfig, distill_scales, module_of
 from accullm_export.quant.symmetric import dequantize, half_representable
 
@@ -87,16 +88,20 @@ def block_scaled_layers(graph: gs.Graph, notes: list) -> tuple[list[BlockScaled]
         scales = stored_scales(dequantize_node)
         values = dequantize_node.inputs[0]
         values = constant_array(values) if isinstance(values, gs.Constant) else None
-        if values is not None and values.dtype.name != "int4":
+        if values is not None and values.dtype.name not in ("int4", "uint4"):
             continue
+        block_size = int(dequantize_node.attrs["block_size"])
+        if values is not None and values.dtype.name == "uint4":  # asymmetric: train s on v = q - z
+            zero_points = (constant_array(dequantize_node.inputs[2]) if len(dequantize_node.inputs) > 2
+                           and isinstance(dequantize_node.inputs[2], gs.Constant) else None)
+            values = None if zero_points is None else signed_values(values, zero_points, block_size)
         if scales is None or values is None:
-            notes.append(f"{node.name}: its scales are not a stored constant; not distilled")
+            notes.append(f"{node.name}: its scales or zero points are not stored constants; not distilled")
             continue
         channels, rows = outlier_branch(node)
         module = module_of(node.name)
         layers.append(BlockScaled(module, values.astype(np.int8),
-                                  np.asarray(scales.values, dtype=np.float32),
-                                  int(dequantize_node.attrs["block_size"]), channels, rows))
+                                  np.asarray(scales.values, dtype=np.float32), block_size, channels, rows))
         stored[module] = scales
         stored_values[module] = dequantize_node
     return layers, stored, stored_values
@@ -148,11 +153,17 @@ def constant_value(tensor) -> np.ndarray | None:
     if node is None:
         return None
     values, scales = constant_value(node.inputs[0]), constant_value(node.inputs[1])
-    if values is None or scales is None or (len(node.inputs) > 2 and np.any(constant_value(node.inputs[2]))):
+    zero_points = constant_value(node.inputs[2]) if len(node.inputs) > 2 else None
+    if values is None or scales is None or (len(node.inputs) > 2 and zero_points is None):
         return None
     values, scales = values.astype(np.float32), scales.astype(np.float32)
     if "block_size" in node.attrs:
-        return dequantize(values, scales, int(node.attrs["block_size"]))
+        block_size = int(node.attrs["block_size"])
+        if zero_points is not None:
+            values = signed_values(values, zero_points, block_size).astype(np.float32)
+        return dequantize(values, scales, block_size)
+    if zero_points is not None:
+        values = values - zero_points.astype(np.float32).reshape(1, -1)
     return values * scales.reshape(1, -1)
 
 

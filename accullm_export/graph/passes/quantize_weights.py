@@ -6,7 +6,8 @@ blocked INT4 on axis 0 (ONNX Runtime fuses that pattern into MatMulNBits; Tensor
 INT4). FP16 weights are stored in half precision and cast back to the model's float type. Layers whose weight
 an earlier pass already replaced (GPTQ) are left as they are. With ``scale_search`` INT4 block scales are
 searched (``quant.symmetric.searched_scales``), each row's error weighted by its input channel's E[x^2] from the
-profile (divided by s^2 where AWQ divided the input by s).
+profile (divided by s^2 where AWQ divided the input by s). With ``asymmetric`` blocked INT4 layers get a zero point
+per block and store uint4 (``quant.asymmetric``; ONNX Runtime only).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import onnx_graphsurgeon as gs
 from accullm_export.graph.passes import register
 from accullm_export.graph.rewrite import (float_weight, is_dequantized, planned_nodes, replace_weight_cast,
                                           replace_weight_dequantized)
+from accullm_export.quant.asymmetric import quantize_asymmetric
 from accullm_export.quant.symmetric import quantize
 
 
@@ -37,9 +39,19 @@ def run(graph: gs.Graph, context) -> gs.Graph:
         bits = plan.bits
         search = context.scale_search and bits == 4
         importance = _row_importance(context, node, plan) if search else None
-        integers, scales = quantize(values, bits, plan.block_size, search=search, importance=importance)
-        replace_weight_dequantized(graph, node, integers, scales, bits, plan.block_size, values.dtype)
+        zero_points = None
+        if asymmetric_layer(context, plan):
+            integers, scales, zero_points = quantize_asymmetric(values, plan.block_size, search=search,
+                                                                importance=importance)
+        else:
+            integers, scales = quantize(values, bits, plan.block_size, search=search, importance=importance)
+        replace_weight_dequantized(graph, node, integers, scales, bits, plan.block_size, values.dtype, zero_points)
     return graph.cleanup().toposort()
+
+
+def asymmetric_layer(context, plan) -> bool:
+    """Whether the layer gets asymmetric INT4 (``quantize --asymmetric``: blocked INT4 layers only)."""
+    return context.asymmetric and plan.bits == 4 and plan.block_size is not None
 
 
 def _row_importance(context, node: gs.Node, plan) -> np.ndarray | None:
