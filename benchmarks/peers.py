@@ -6,6 +6,9 @@ For the sample model (SmolLM2-135M-Instruct) this script builds, in one run:
   comparison, so its row compares it with itself: KL 0 and full agreement are the sanity check.
 * ``genai-int4``: onnxruntime-genai's model builder, ``-p int4 -e cpu`` at its default settings.
 * ``genai-int4-b128``: the same at block size 128 (``--extra_options block_size=128``, the key 0.18 reads).
+* ``genai-int4-b64-asym``: block 64 with zero points (``--extra_options block_size=64 is_symmetric=false
+  shared_embeddings=false``; the shared table fails to load in ONNX Runtime 1.32),
+  the peer of ``ours-w4a16-b64-asym`` (``quantize --asymmetric``).
 * ``genai-int8``: the builder's ``-p int8 -e cpu``.
 * ``ort-dynamic-int8``: ONNX Runtime's ``quantize_dynamic`` (int8 weights, per channel) on our fp32 export.
 * ``ours-fp16``, ``ours-w8a8``, ``ours-w8a8-static``, ``ours-w4a16``: ``accullm-export quantize`` on our fp32
@@ -347,6 +350,13 @@ register(Peer(name="genai-int4-b128", label="onnxruntime-genai int4, block 128",
               build=functools.partial(build_genai, precision="int4", extra_options=(f"block_size={BLOCK_SIZE}",))))
 register(Peer(name="genai-int4-b64", label="onnxruntime-genai int4, block 64", expected_block_size=64,
               build=functools.partial(build_genai, precision="int4", extra_options=("block_size=64",))))
+register(Peer(name="genai-int4-b64-asym", label="onnxruntime-genai int4, block 64, asymmetric (zero points)",
+              expected_block_size=64,
+              # with the default shared_embeddings=true the builder writes an embedding Reshape whose uint8 output
+              # ONNX Runtime 1.32 refuses to load ("does not match expected type (tensor(float))")
+              build=functools.partial(build_genai, precision="int4",
+                                      extra_options=("block_size=64", "is_symmetric=false",
+                                                     "shared_embeddings=false"))))
 register(Peer(name="genai-int8", label="onnxruntime-genai int8",
               build=functools.partial(build_genai, precision="int8", extra_options=())))
 register(Peer(name="ort-dynamic-int8", label="ORT quantize_dynamic int8", build=build_dynamic_int8, in_child=True))
@@ -387,7 +397,10 @@ for _name, _label, _recipe in (
         # (the default of `build --target cpu`; the numerics do not change, the decode step has fewer nodes)
         ("ours-w4a16-fused", "accullm-export w4a16, ONNX Runtime fusions", OURS_W4A16 + ("--onnxruntime-fusions",)),
         ("ours-w4a16-b64-fused", "accullm-export w4a16 block 64, ONNX Runtime fusions",
-         OURS_W4A16_B64 + ("--onnxruntime-fusions",))):
+         OURS_W4A16_B64 + ("--onnxruntime-fusions",)),
+        # zero points per block (uint4, ONNX Runtime only), against genai-int4-b64-asym
+        ("ours-w4a16-b64-asym", "accullm-export w4a16 block 64, asymmetric, ONNX Runtime fusions",
+         OURS_W4A16_B64 + ("--asymmetric", "--onnxruntime-fusions"))):
     # no expected_block_size: our graphs hold standard blocked DequantizeLinear; ONNX Runtime fuses it into
     # MatMulNBits when the session starts, so the file has no MatMulNBits node to read it back from
     register(Peer(name=_name, label=_label, build=functools.partial(build_ours, recipe=_recipe)))

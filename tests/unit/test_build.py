@@ -76,6 +76,7 @@ def test_build_cpu_end_to_end(planted_model, tmp_path):
     assert not {"Attention", "RotaryEmbedding"} & nodes
     quantized = json.loads((out / "model/manifest.json").read_text())
     assert quantized["recipe"]["scale_search"] and quantized["recipe"]["gptq"]  # w4a16's searched block scales
+    assert quantized["recipe"]["asymmetric"]  # zero points: ONNX Runtime targets only
     layers = quantized["layers"]  # FP16 rows where the residual enters
     assert any(layer["outliers"] for layer in layers)
     assert not any(layer["outliers"] for layer in layers if "o_proj" in layer["node"] or "down_proj" in layer["node"])
@@ -111,6 +112,10 @@ def test_build_orin_writes_a_bundle(planted_model, tmp_path, capsys):
     scale_inputs = {node.input[1] for node in standard.graph.node if node.op_type == "DequantizeLinear"}
     assert scale_inputs and scale_inputs <= {t.name for t in standard.graph.initializer}  # Casts folded for TRT
     assert not any(node.op_type == "Split" for node in standard.graph.node)  # TensorRT targets skip merging
+    recipe = json.loads((bundle / "model/manifest.json").read_text())["recipe"]
+    assert not recipe["asymmetric"]  # TensorRT's Dequantize takes zero points of 0 only
+    assert not any(node.op_type == "DequantizeLinear" and len(node.input) > 2 and node.input[2]
+                   and "block_size" in {a.name for a in node.attribute} for node in standard.graph.node)
 
 
 def test_build_errors(planted_model, tmp_path, capsys):
