@@ -167,9 +167,9 @@ def test_gptq_and_distillation_take_zero_points(planted_model, profile, tmp_path
     v = q - z, moves only the scales and keeps a lower KL; the CLI flag reaches the manifest."""
     pytest.importorskip("torch", reason="distillation trains with torch (the [export] extra)")
     from accullm_export.build.quantize import QuantizeOptions
-    from accullm_export.graph.ir import load_graph
+    from accullm_export.graph.ir import constant_array, load_graph
     from accullm_export.graph.passes.distill_scales import block_scaled_layers, constant_value
-    from tests.unit.test_distill import _assert_same_size_and_lower_kl, _stored
+    from tests.unit.test_distill import _assert_same_size_and_lower_kl, _plain_and_trained
 
     folder, text = planted_model
     options = QuantizeOptions(distill_lr=2e-2, distill_samples=6)
@@ -180,14 +180,14 @@ def test_gptq_and_distillation_take_zero_points(planted_model, profile, tmp_path
     layers, _, dequantizers = block_scaled_layers(graph, [])
     assert layers
     for layer in layers:  # the signed values the replica trains on give back what DequantizeLinear computes
-        np.testing.assert_allclose(dequantize(layer.values, layer.scales, 16),
-                                   constant_value(dequantizers[layer.module].outputs[0]), rtol=0, atol=0)
-    quantize_model(folder, tmp_path / "plain", Recipe(**base), profile, options=options)
-    manifest = quantize_model(folder, tmp_path / "trained", Recipe(**base, distill_steps=40), profile,
-                              options=options)
-    note = next(note for note in manifest["notes"] if note.startswith("distill_scales"))
+        node = dequantizers[layer.module]
+        stored, zeros = (constant_array(node.inputs[i]).astype(np.float32) for i in (0, 2))
+        rows = np.arange(stored.shape[0]) // 16
+        by_hand = (stored - zeros[rows]) * layer.scales[rows]
+        np.testing.assert_array_equal(dequantize(layer.values, layer.scales, 16), by_hand)
+        np.testing.assert_array_equal(constant_value(node.outputs[0]), by_hand)
+    note, plain, trained = _plain_and_trained(planted_model, profile, tmp_path, base=base)
     assert "trained" in note and "left as they were" not in note
-    plain, trained = _stored(tmp_path / "plain"), _stored(tmp_path / "trained")
     for name in plain:
         if name.endswith(("/weight_quantized", "/weight_zero_point")):
             np.testing.assert_array_equal(plain[name], trained[name])

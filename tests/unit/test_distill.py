@@ -107,13 +107,13 @@ def test_distillation_moves_only_scales_and_lowers_the_kl(planted_model, profile
     assert recorded["distill_steps"] == 40
 
 
-def _plain_and_trained(planted_model, profile, tmp_path, learning_rate=2e-2, **fields):
-    """A plain w4a16 build and one distilled for 40 steps with ``fields``: (distill note, plain constants,
-    trained constants)."""
+def _plain_and_trained(planted_model, profile, tmp_path, learning_rate=2e-2, base=W4, **fields):
+    """A plain build of recipe ``base`` and one distilled for 40 steps with ``fields``: (distill note, plain
+    constants, trained constants)."""
     folder, _ = planted_model
     options = QuantizeOptions(distill_lr=learning_rate, distill_samples=6)
-    quantize_model(folder, tmp_path / "plain", Recipe(**W4), profile, options=options)
-    manifest = quantize_model(folder, tmp_path / "trained", Recipe(**W4, distill_steps=40, **fields), profile,
+    quantize_model(folder, tmp_path / "plain", Recipe(**base), profile, options=options)
+    manifest = quantize_model(folder, tmp_path / "trained", Recipe(**base, distill_steps=40, **fields), profile,
                               options=options)
     note = next(note for note in manifest["notes"] if note.startswith("distill_scales"))
     return note, _stored(tmp_path / "plain"), _stored(tmp_path / "trained")
