@@ -166,12 +166,16 @@ def test_the_rewrite_reads_fewer_weight_rows_at_decode(planted_model, profile, t
     assert 0 < rows < 128
 
 
-def test_w4a16_composition_gathers_int4_blocks(planted_model, profile, tmp_path):
-    """The down projection reads the kept rows of its stored int4 blocks; the FP16 outlier branches stay (the
-    threshold method leaves gate/up alone, and a down branch gathers from the masked activations)."""
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_w4a16_composition_gathers_int4_blocks(planted_model, profile, tmp_path, asymmetric):
+    """The down projection reads the kept rows of its stored int4 blocks (uint4 and zero points with
+    --asymmetric); the FP16 outlier branches stay (the threshold method leaves gate/up alone, and a down branch
+    gathers from the masked activations)."""
+    from tests.unit.test_asymmetric import np_round_asymmetric
+
     folder, _ = planted_model
     out = tmp_path / "q"
-    manifest = quantize_model(folder, out, Recipe(name="w4a16", block_size=64), profile,
+    manifest = quantize_model(folder, out, Recipe(name="w4a16", block_size=64, asymmetric=asymmetric), profile,
                               sparsity=SparsityConfig(sparsity=0.5))
     model = onnx.load(str(out / "model.onnx"))
     by_name = {t.name: t for t in model.graph.initializer}
@@ -184,8 +188,12 @@ def test_w4a16_composition_gathers_int4_blocks(planted_model, profile, tmp_path)
         compress = producers[down.input[1]]
         assert compress.op_type == "Compress" and compress.attribute[0].i == 0  # whole rows of each block
         dq = producers[compress.input[0]]
-        assert dq.op_type == "DequantizeLinear" and by_name[dq.input[0]].data_type == onnx.TensorProto.INT4
+        storage = onnx.TensorProto.UINT4 if asymmetric else onnx.TensorProto.INT4
+        assert dq.op_type == "DequantizeLinear" and by_name[dq.input[0]].data_type == storage
         values = numpy_helper.to_array(by_name[dq.input[0]]).astype(np.float64)
+        if asymmetric:  # q - z, each block's zero point over its 64 rows
+            zeros = numpy_helper.to_array(by_name[dq.input[2]]).astype(np.float64)
+            values = values - np.repeat(zeros, 64, axis=0)[:values.shape[0]]
         scale_input = dq.input[1] if dq.input[1] in by_name else producers[dq.input[1]].input[0]  # FP16 behind a Cast
         assert by_name[scale_input].data_type == onnx.TensorProto.FLOAT16
         scales = np.repeat(numpy_helper.to_array(by_name[scale_input]).astype(np.float64), 64, axis=0)
@@ -196,7 +204,8 @@ def test_w4a16_composition_gathers_int4_blocks(planted_model, profile, tmp_path)
             channels = list(numpy_helper.to_array(by_name[producers[branch.input[0]].input[1]]))
         rest = dense_weights[down_weight].copy()
         rest[channels] = 0  # independent RTN emulation of the low-bit part
-        np.testing.assert_allclose(stored, np_round_symmetric(rest, 4, 64), rtol=1e-6, atol=1e-7)
+        emulated = np_round_asymmetric(rest, 64)[0] if asymmetric else np_round_symmetric(rest, 4, 64)
+        np.testing.assert_allclose(stored, emulated, rtol=1e-6, atol=1e-7)
         tapped = IntermediateReader(out / "model.onnx", "basic").run(feeds(folder, 24), [product, out_name])
         a = tapped[product].reshape(-1, tapped[product].shape[-1]).astype(np.float64)
         keep = np.abs(a) > numpy_helper.to_array(by_name[f"{prefix}/sparse/level"])
