@@ -50,14 +50,15 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
         count = int(np.prod(tensor.dims, dtype=np.int64))
         parameters[dtype.name][0] += count
         parameters[dtype.name][1] += storage_bytes(dtype, count)
+    producers = {output: node for node in graph.node for output in node.output}
     linear = []
     for node in graph.node:
-        if node.op_type in LINEAR_OPS:
-            weight = next((name for name in node.input[1:2] if name in initializers), None)
-            if weight is not None:
+        if node.op_type in LINEAR_OPS and len(node.input) > 1:
+            found = _stored_weight(node.input[1], initializers, producers)
+            if found is not None:
+                weight, storage = found
                 tensor = initializers[weight]
-                linear.append(LinearLayer(node.name, node.op_type, weight, tuple(tensor.dims),
-                                          helper.tensor_dtype_to_np_dtype(tensor.data_type).name))
+                linear.append(LinearLayer(node.name, node.op_type, weight, tuple(tensor.dims), storage))
     return ModelSummary(
         opsets={entry.domain or "ai.onnx": entry.version for entry in model.opset_import},
         ir_version=model.ir_version,
@@ -83,10 +84,34 @@ def format_summary(summary: ModelSummary, max_linear: int = 12) -> str:
     layers = summary.linear_layers
     lines.append(f"linear layers ({len(layers)}):")
     shown = layers if not max_linear or len(layers) <= max_linear else layers[:max_linear]
-    lines += [f"  {layer.node:50s} {layer.op_type:8s} {layer.dtype:8s} {list(layer.shape)}" for layer in shown]
+    lines += [f"  {layer.node:50s} {layer.op_type:8s} {layer.dtype:16s} {list(layer.shape)}" for layer in shown]
     if len(shown) < len(layers):
         lines.append(f"  ... {len(layers) - len(shown)} more (use --all)")
     return "\n".join(lines)
+
+
+def _stored_weight(name: str, initializers: dict, producers: dict) -> tuple[str, str] | None:
+    """(initializer, how it is stored) behind a linear layer's weight input: the initializer itself, or one
+    behind a Cast ("float16>float32") or a weight DequantizeLinear ("int4/b64", "uint4+zp/b64", "int8/ch")."""
+    if name in initializers:
+        return name, _dtype_name(initializers[name])
+    producer = producers.get(name)
+    if producer is None or not producer.input or producer.input[0] not in initializers:
+        return None
+    stored = initializers[producer.input[0]]
+    if producer.op_type == "Cast":
+        return stored.name, f"{_dtype_name(stored)}>{helper.tensor_dtype_to_np_dtype(producer.attribute[0].i).name}"
+    if producer.op_type != "DequantizeLinear":
+        return None
+    attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in producer.attribute}
+    zero_point = "+zp" if len(producer.input) > 2 and producer.input[2] and \
+        np.dtype(helper.tensor_dtype_to_np_dtype(stored.data_type)).name.startswith("uint") else ""
+    layout = f"b{attributes['block_size']}" if attributes.get("block_size") else "ch"
+    return stored.name, f"{_dtype_name(stored)}{zero_point}/{layout}"
+
+
+def _dtype_name(tensor: onnx.TensorProto) -> str:
+    return helper.tensor_dtype_to_np_dtype(tensor.data_type).name
 
 
 def _value_info(value: onnx.ValueInfoProto) -> tuple[str, str, list]:

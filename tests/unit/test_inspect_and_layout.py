@@ -58,3 +58,24 @@ def test_inspect_cli(capsys, tiny_exports):
     assert main(["inspect", str(folder), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["op_counts"]["MatMul"] >= 15
+
+
+def test_inspect_sees_quantized_layers(planted_model, profile, tmp_path, capsys):
+    """A quantized model's layers are listed with how their weights are stored: behind a blocked
+    DequantizeLinear (with zero points when asymmetric), per output channel, or a Cast of FP16 rows."""
+    from accullm_export.build.quantize import quantize_model
+    from accullm_export.graph.recipes import Recipe
+
+    folder, _ = planted_model
+    recipe = Recipe(name="w4a16", block_size=16, asymmetric=True, overrides=(("layers.0", "int8"),))
+    quantize_model(folder, tmp_path / "q", recipe, profile)
+    assert main(["inspect", str(tmp_path / "q"), "--all"]) == 0
+    out = capsys.readouterr().out
+    layers = [line.split() for line in out.splitlines()[out.splitlines().index(
+        next(line for line in out.splitlines() if line.startswith("linear layers"))) + 1:]]
+    storage = {fields[0]: fields[2] for fields in layers}
+    assert storage["/model/layers.1/mlp/down_proj/MatMul"] == "uint4+zp/b16"
+    assert storage["/model/layers.0/mlp/down_proj/MatMul"] == "int8/ch"
+    assert any("/outliers/MatMul" in name and kind == "float16>float32" for name, kind in storage.items())
+    summary = summarize(load_onnx(tmp_path / "q" / "model.onnx", load_external_data=False))
+    assert len(summary.linear_layers) == len(storage) > 10
