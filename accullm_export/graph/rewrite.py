@@ -21,6 +21,11 @@ def planned_nodes(graph: gs.Graph, plans: Mapping) -> Iterator[tuple[gs.Node, ob
             yield node, plan
 
 
+def asymmetric_layer(context, plan) -> bool:
+    """Whether a planned layer gets asymmetric INT4 (``quantize --asymmetric``: blocked INT4 layers only)."""
+    return context.asymmetric and plan.bits == 4 and plan.block_size is not None
+
+
 def producer_of(tensor, op: str) -> gs.Node | None:
     """The node producing ``tensor`` if it is the only one and of type ``op`` (None for constants and inputs)."""
     if isinstance(tensor, gs.Constant) or len(tensor.inputs) != 1 or tensor.inputs[0].op != op:

@@ -24,8 +24,8 @@ import onnx_graphsurgeon as gs
 
 from accullm_export.graph.passes import register
 from accullm_export.graph.recipes import SINK_RATIO, sink_channels
-from accullm_export.graph.rewrite import float_weight, is_dequantized, planned_nodes, replace_weight_dequantized
-from accullm_export.graph.passes.quantize_weights import asymmetric_layer
+from accullm_export.graph.rewrite import (asymmetric_layer, float_weight, is_dequantized, planned_nodes,
+                                          replace_weight_dequantized)
 from accullm_export.quant.gptq import gptq_grid, gptq_quantize, gptq_quantize_absorbing
 
 

@@ -16,8 +16,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from accullm_export.graph.passes import register
-from accullm_export.graph.rewrite import (float_weight, is_dequantized, planned_nodes, replace_weight_cast,
-                                          replace_weight_dequantized)
+from accullm_export.graph.rewrite import (asymmetric_layer, float_weight, is_dequantized, planned_nodes,
+                                          replace_weight_cast, replace_weight_dequantized)
 from accullm_export.quant.asymmetric import quantize_asymmetric
 from accullm_export.quant.symmetric import quantize
 
@@ -47,11 +47,6 @@ def run(graph: gs.Graph, context) -> gs.Graph:
             integers, scales = quantize(values, bits, plan.block_size, search=search, importance=importance)
         replace_weight_dequantized(graph, node, integers, scales, bits, plan.block_size, values.dtype, zero_points)
     return graph.cleanup().toposort()
-
-
-def asymmetric_layer(context, plan) -> bool:
-    """Whether the layer gets asymmetric INT4 (``quantize --asymmetric``: blocked INT4 layers only)."""
-    return context.asymmetric and plan.bits == 4 and plan.block_size is not None
 
 
 def _row_importance(context, node: gs.Node, plan) -> np.ndarray | None:
