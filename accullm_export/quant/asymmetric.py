@@ -22,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from accullm_export.errors import UserError
-from accullm_export.quant.symmetric import CLIP_RATIOS, SEARCH_COLUMNS, block_index, half_representable
+from accullm_export.quant.symmetric import (CLIP_RATIOS, SEARCH_COLUMNS, block_index, grouped_blocks,
+                                            half_representable)
 
 LEVELS = 15  # the largest unsigned 4-bit value; zero points lie in [0, LEVELS]
 
@@ -45,14 +46,8 @@ def asymmetric_grid(weight: np.ndarray, block_size: int, *, search: bool = False
         raise UserError(f"asymmetric quantization takes a 2-D MatMul weight [in, out], got shape {weight.shape}")
     if block_size is None or block_size < 1:
         raise UserError(f"asymmetric INT4 is blocked: give a positive block size, not {block_size}")
-    rows, cols = weight.shape
-    blocks = -(-rows // block_size)
-    grouped = np.zeros((blocks * block_size, cols), dtype=np.float32)
-    grouped[:rows] = weight
-    grouped = grouped.reshape(blocks, block_size, cols)  # padding rows are 0, inside every block's range
-    rows_weight = np.zeros(blocks * block_size, dtype=np.float32)
-    rows_weight[:rows] = 1.0 if importance is None else np.asarray(importance, dtype=np.float32)
-    rows_weight = rows_weight.reshape(blocks, block_size, 1)
+    cols = weight.shape[1]
+    grouped, rows_weight = grouped_blocks(weight, block_size, importance)  # padding rows 0: in every block's range
     low, high = np.minimum(grouped.min(axis=1), 0.0), np.maximum(grouped.max(axis=1), 0.0)
     scales, zero_points = _candidate(low, high)
     if not search:

@@ -99,15 +99,9 @@ def searched_scales(weight: np.ndarray, bits: int, block_size: int, importance: 
         so the weighted error is never above plain rounding's.
     """
     weight = np.asarray(weight, dtype=np.float32)
-    rows, cols = weight.shape
-    blocks = -(-rows // block_size)
+    cols = weight.shape[1]
     low, high = qmin(bits, search=True), qmax(bits)
-    padded = np.zeros((blocks * block_size, cols), dtype=np.float32)
-    padded[:rows] = weight
-    grouped = padded.reshape(blocks, block_size, cols)
-    rows_weight = np.zeros(blocks * block_size, dtype=np.float32)
-    rows_weight[:rows] = 1.0 if importance is None else np.asarray(importance, dtype=np.float32)
-    rows_weight = rows_weight.reshape(blocks, block_size, 1)
+    grouped, rows_weight = grouped_blocks(weight, block_size, importance)
     absmax = np.abs(grouped).max(axis=1)
     best = weight_scales(weight, bits, block_size)
     for start in range(0, cols, SEARCH_COLUMNS):
@@ -124,6 +118,19 @@ def searched_scales(weight: np.ndarray, bits: int, block_size: int, importance: 
                 least = np.where(better, error, least)
         best[:, part] = chosen
     return best
+
+
+def grouped_blocks(weight: np.ndarray, block_size: int,
+                   importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``weight`` [in, out] as [blocks, block_size, out] (a ragged last block padded with zero rows) and each
+    row's error weight as [blocks, block_size, 1] (``importance``, or 1; 0 on the padding rows)."""
+    rows, cols = weight.shape
+    blocks = -(-rows // block_size)
+    padded = np.zeros((blocks * block_size, cols), dtype=np.float32)
+    padded[:rows] = weight
+    rows_weight = np.zeros(blocks * block_size, dtype=np.float32)
+    rows_weight[:rows] = 1.0 if importance is None else np.asarray(importance, dtype=np.float32)
+    return padded.reshape(blocks, block_size, cols), rows_weight.reshape(blocks, block_size, 1)
 
 
 def _weighted_error(values: np.ndarray, scale: np.ndarray, rows_weight: np.ndarray, low: int, high: int) -> np.ndarray:
