@@ -52,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "block's range [min, max] on all 16 levels (+0.0625 bits per weight at block 64). "
                              "ONNX Runtime runs it (MatMulNBits with zero points); TensorRT takes only zero points "
                              "of 0, so TensorRT targets refuse it")
+    parser.add_argument("--scale-bits", type=int, choices=(16, 8), default=16,
+                        help="blocked INT4 layers: each block's scale in FP16 (16), or as an 8-bit code on a log "
+                             "grid shared by the layers that read one input (8: -0.125 bits per weight at block 64; "
+                             "scales move by under 1%%). ONNX Runtime folds the codes at load time and still fuses "
+                             "MatMulNBits; the TensorRT bundle decodes them into FP16 constants")
     parser.add_argument("--smoothquant", type=float, metavar="ALPHA",
                         help="w8a8: SmoothQuant with migration strength ALPHA (e.g. 0.5), folded into the producers")
     parser.add_argument("--gptq-samples", type=int, default=32, help="calibration windows for GPTQ's statistics")
@@ -113,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = Recipe(name=args.recipe, block_size=args.block_size, outliers=args.outliers, policy=args.policy,
                     activations=args.activations, activation_group=args.activation_group, awq=args.awq,
                     gptq=args.gptq, gptq_absorb=args.gptq_absorb, scale_search=args.scale_search,
-                    asymmetric=args.asymmetric, smoothquant=args.smoothquant,
+                    asymmetric=args.asymmetric, scale_bits=args.scale_bits, smoothquant=args.smoothquant,
                     overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings,
                     outlier_layers=tuple(args.outlier_layers), distill_steps=args.distill_steps,
                     distill_norms=args.distill_norms, distill_rounding=args.distill_rounding,

@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from accullm_export.errors import UserError
+from accullm_export.quant.scale_codes import SCALE_BITS
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")  # fp32: left as it is
 BLOCKS = (16, 32, 64, 128, 256)  # int4 block sizes: powers of two that MatMulNBits and TensorRT take
@@ -55,6 +56,7 @@ class Recipe:
     gptq_absorb: bool = False  # GPTQ's error updates also land on the FP16 outlier rows (OWQ), not only kept rows
     scale_search: bool = False  # INT4 layers: each block's scale searched for the least rounding error
     asymmetric: bool = False  # blocked INT4 layers: uint4 with a zero point per block (ONNX Runtime only)
+    scale_bits: int = 16  # blocked INT4 layers' scales: FP16, or 8-bit log codes (quant.scale_codes)
     smoothquant: float | None = None  # w8a8: SmoothQuant's migration strength alpha
     overrides: tuple[tuple[str, str], ...] = ()  # (layer pattern, precision)
     outlier_layers: tuple[str, ...] = ()  # only layers matching one of these get the FP16 branch (default: all)
@@ -87,9 +89,12 @@ class Recipe:
             raise UserError("--smoothquant takes an alpha in (0, 1) and applies to the w8a8 recipe")
         if self.scale_search and self.name == "fp16":
             raise UserError("--scale-search applies to INT4 layers (the w4a16 recipe, or int4 overrides)")
-        if self.asymmetric and self.name != "w4a16" and not any(
-                split_precision(value)[0] == "int4" for _, value in self.overrides):
+        if self.asymmetric and not self.int4_layers:
             raise UserError("--asymmetric applies to blocked INT4 layers (the w4a16 recipe, or int4 overrides)")
+        if self.scale_bits not in SCALE_BITS:
+            raise UserError(f"--scale-bits must be 16 (FP16 block scales) or 8 (8-bit codes), not {self.scale_bits}")
+        if self.scale_bits != 16 and not self.int4_layers:
+            raise UserError("--scale-bits 8 applies to blocked INT4 layers (the w4a16 recipe, or int4 overrides)")
         if self.asymmetric and self.distill_rounding:
             raise UserError("--distill-rounding moves the integers within the symmetric INT4 range; it does not "
                             "take --asymmetric")
@@ -122,6 +127,11 @@ class Recipe:
     @property
     def defaults(self) -> RecipeDefaults:
         return RECIPES[self.name]
+
+    @property
+    def int4_layers(self) -> bool:
+        """Whether the recipe can give any layer blocked INT4 weights (w4a16, or an int4 override)."""
+        return self.name == "w4a16" or any(split_precision(value)[0] == "int4" for _, value in self.overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"overrides": [list(item) for item in self.overrides]}

@@ -9,7 +9,8 @@ import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from accullm_export.graph.ir import constant
+from accullm_export.graph.ir import constant, constant_array
+from accullm_export.quant import scale_codes
 from accullm_export.quant.asymmetric import stored_unsigned
 
 
@@ -188,3 +189,52 @@ def replace_input(node: gs.Node, index: int, values: np.ndarray, suffix: str) ->
     """Give ``node`` a new constant: the old one may be shared (tied embeddings read the lm_head's weight)."""
     old = node.inputs[index]
     node.inputs[index] = constant(f"{node.name}/{suffix}", values.astype(old.values.dtype))
+
+
+def coded_scale(graph: gs.Graph, owner: str, codes: np.ndarray, log_min: np.float32, log_step: np.float32,
+                float_dtype: np.dtype) -> gs.Variable:
+    """Blocked scales decoded in the graph from uint8 codes (``quant.scale_codes``): Cast to float32, Mul by
+    log_step, Add log_min, Exp, and a Cast to ``float_dtype`` if that is not float32. Constants only, so ONNX
+    Runtime folds the chain at load time. The constants are named after ``owner`` (the layer), which the bits
+    accounting counts them under."""
+    shape = list(codes.shape)
+    stored = constant(f"{owner}/weight_scale_code", np.asarray(codes, dtype=np.uint8))
+    tensor = stored
+    steps = [("Cast", {"to": onnx_type(np.float32)}, None),
+             ("Mul", {}, constant(f"{owner}/weight_scale_log_step", np.asarray(log_step, dtype=np.float32))),
+             ("Add", {}, constant(f"{owner}/weight_scale_log_min", np.asarray(log_min, dtype=np.float32))),
+             ("Exp", {}, None)]
+    if np.dtype(float_dtype) != np.float32:
+        steps.append(("Cast", {"to": onnx_type(float_dtype)}, None))
+    for index, (op, attrs, operand) in enumerate(steps):
+        dtype = float_dtype if index == len(steps) - 1 else np.float32
+        output = gs.Variable(f"{owner}/weight_scale_decoded_{index}", dtype=dtype, shape=shape)
+        inputs = [tensor] if operand is None else [tensor, operand]
+        graph.nodes.append(gs.Node(op, name=f"{owner}/weight_scale_code/{op}_{index}", attrs=attrs, inputs=inputs,
+                                   outputs=[output]))
+        tensor = output
+    return tensor
+
+
+def scale_code(tensor) -> tuple[gs.Constant, np.float32, np.float32, dict | None] | None:
+    """(the uint8 code constant, log_min, log_step, the final Cast's attributes or None) if ``tensor`` is
+    decoded from codes as ``coded_scale`` writes it, else None."""
+    final = producer_of(tensor, "Cast")
+    exp = producer_of(final.inputs[0] if final is not None else tensor, "Exp")
+    add = producer_of(exp.inputs[0], "Add") if exp is not None else None
+    mul = producer_of(add.inputs[0], "Mul") if add is not None else None
+    cast = producer_of(mul.inputs[0], "Cast") if mul is not None else None
+    if cast is None or not isinstance(cast.inputs[0], gs.Constant) or cast.inputs[0].values.dtype != np.uint8 or \
+            not all(isinstance(t, gs.Constant) and t.values.size == 1 for t in (mul.inputs[1], add.inputs[1])):
+        return None
+    return (cast.inputs[0], np.float32(add.inputs[1].values.reshape(-1)[0]),
+            np.float32(mul.inputs[1].values.reshape(-1)[0]), dict(final.attrs) if final is not None else None)
+
+
+def decoded_scale(coded: tuple) -> np.ndarray:
+    """The scales a ``scale_code`` chain computes, in the chain's output type (float32, or narrowed by its final
+    Cast)."""
+    from onnx import helper
+
+    values = scale_codes.decode(constant_array(coded[0]), coded[1], coded[2])
+    return values if coded[3] is None else values.astype(helper.tensor_dtype_to_np_dtype(int(coded[3]["to"])))

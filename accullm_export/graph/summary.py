@@ -92,7 +92,8 @@ def format_summary(summary: ModelSummary, max_linear: int = 12) -> str:
 
 def _stored_weight(name: str, initializers: dict, producers: dict) -> tuple[str, str] | None:
     """(initializer, how it is stored) behind a linear layer's weight input: the initializer itself, or one
-    behind a Cast ("float16>float32") or a weight DequantizeLinear ("int4/b64", "uint4+zp/b64", "int8/ch")."""
+    behind a Cast ("float16>float32") or a weight DequantizeLinear ("int4/b64", "uint4+zp/b64", "int8/ch"; "/s8"
+    when its block scales are 8-bit codes)."""
     if name in initializers:
         return name, _dtype_name(initializers[name])
     producer = producers.get(name)
@@ -107,7 +108,11 @@ def _stored_weight(name: str, initializers: dict, producers: dict) -> tuple[str,
     zero_point = "+zp" if len(producer.input) > 2 and producer.input[2] and \
         np.dtype(helper.tensor_dtype_to_np_dtype(stored.data_type)).name.startswith("uint") else ""
     layout = f"b{attributes['block_size']}" if attributes.get("block_size") else "ch"
-    return stored.name, f"{_dtype_name(stored)}{zero_point}/{layout}"
+    scale = producers.get(producer.input[1])
+    if scale is not None and scale.op_type == "Cast":  # FP16 scales, or the end of an FP16 graph's decoding
+        scale = producers.get(scale.input[0])
+    coded = "/s8" if scale is not None and scale.op_type == "Exp" else ""  # 8-bit codes (quant.scale_codes)
+    return stored.name, f"{_dtype_name(stored)}{zero_point}/{layout}{coded}"
 
 
 def _dtype_name(tensor: onnx.TensorProto) -> str:

@@ -24,12 +24,12 @@ from tests.unit.test_quantize import _feed, _initializers, _logits, _substituted
 RNG = np.random.default_rng(11)
 
 
-def np_round_asymmetric(weight: np.ndarray, block: int, low_ratio: float = 1.0, high_ratio: float = 1.0):
+def np_asymmetric_parts(weight: np.ndarray, block: int, low_ratio: float = 1.0, high_ratio: float = 1.0):
     """Independent emulation, one block at a time: the block's [min(w, 0), max(w, 0)] (each end shrunk by its
     ratio) onto 0..15, the scale rounded to FP16 first, zero point round(-low / s) in [0, 15], each weight
-    rounded half to even and clipped to [0, 15]. Returns (dequantized weight, zero points)."""
-    out = np.empty_like(weight, dtype=np.float32)
-    zeros = []
+    rounded half to even and clipped to [0, 15]. Returns (v = q - z, scales [blocks, out], zero points)."""
+    values = np.empty(weight.shape, dtype=np.float32)
+    scales, zeros = [], []
     for start in range(0, weight.shape[0], block):
         chunk = weight[start:start + block].astype(np.float32)
         low = np.minimum(chunk.min(axis=0), 0) * np.float32(low_ratio)
@@ -38,10 +38,16 @@ def np_round_asymmetric(weight: np.ndarray, block: int, low_ratio: float = 1.0, 
         scale = np.where(span == 0, np.float32(1), span / np.float32(15))
         scale = np.maximum(scale, np.finfo(np.float16).tiny).astype(np.float16).astype(np.float32)
         zero = np.clip(np.rint(-low / scale), 0, 15)
-        stored = np.clip(np.rint(chunk / scale) + zero, 0, 15)
-        out[start:start + block] = (stored - zero) * scale
+        values[start:start + block] = np.clip(np.rint(chunk / scale) + zero, 0, 15) - zero
+        scales.append(scale)
         zeros.append(zero)
-    return out, np.stack(zeros).astype(np.uint8)
+    return values, np.stack(scales), np.stack(zeros).astype(np.uint8)
+
+
+def np_round_asymmetric(weight: np.ndarray, block: int, low_ratio: float = 1.0, high_ratio: float = 1.0):
+    """``np_asymmetric_parts`` dequantized: (the weight it gives, zero points)."""
+    values, scales, zeros = np_asymmetric_parts(weight, block, low_ratio, high_ratio)
+    return values * np.repeat(scales, block, axis=0)[:weight.shape[0]], zeros
 
 
 @pytest.mark.parametrize("rows, block", [(64, 16), (40, 16)])  # 40: a short last block

@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 from accullm_export.errors import UserError
 from accullm_export.graph.ir import constant, constant_array
 from accullm_export.graph.passes import register
-from accullm_export.graph.rewrite import producer_of, stored_scales
+from accullm_export.graph.rewrite import decoded_scale, producer_of, scale_code, stored_scales
 from accullm_export.quant.asymmetric import signed_values
 from accullm_export.quant.distill import BlockScaled, DistillConfig, distill_scales, module_of
 from accullm_export.quant.symmetric import dequantize, half_representable
@@ -142,9 +142,13 @@ def outlier_weight_constant(node: gs.Node) -> gs.Constant:
 
 def constant_value(tensor) -> np.ndarray | None:
     """The float value of a weight: a constant, a Cast of one, or a DequantizeLinear of stored integers (per
-    output channel on axis 1, or blocked on axis 0); None for anything computed."""
+    output channel on axis 1, or blocked on axis 0, its scales stored or decoded from 8-bit codes); None for
+    anything else computed."""
     if isinstance(tensor, gs.Constant):
         return np.asarray(constant_array(tensor))
+    coded = scale_code(tensor)
+    if coded is not None:  # 8-bit block scales (quant.scale_codes)
+        return decoded_scale(coded).astype(np.float32)
     cast = producer_of(tensor, "Cast")
     if cast is not None:
         inner = constant_value(cast.inputs[0])

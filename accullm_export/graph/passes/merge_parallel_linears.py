@@ -1,14 +1,15 @@
 """Merge linear layers that read the same input into one MatMul and a Split (q/k/v, gate/up, and their
 outlier branches), as onnxruntime-genai's builder does for its packed QKV and gate/up weights.
 
-At batch-1 decode every MatMul is a kernel launch over a small matrix; three launches over [576, 576],
-[576, 192] and [576, 192] cost more than one over [576, 960]. Weights of the same kind are concatenated along
-the output axis: float constants, FP16 constants behind a Cast, and quantized constants behind the same
-DequantizeLinear form (per-channel scales and blocked scales both concatenate along the output axis, since
-blocks run along the input; FP16 block scales behind a Cast stay so). The Split's outputs are the original layers' output tensors, so every name
-downstream (bisection, the KV cache wiring) is unchanged. When a merged main path and a merged outlier branch
-are added output by output, the Adds merge too: Add before Split. Each column is computed as before, so the
-numerics do not change.
+At batch-1 decode every MatMul is a kernel launch over a small matrix; three launches over [576, 576], [576, 192]
+and [576, 192] cost more than one over [576, 960]. Weights of the same kind are concatenated along the output axis:
+float constants, FP16 constants behind a Cast, and quantized constants behind the same DequantizeLinear form
+(per-channel scales and blocked scales both concatenate along the output axis, since blocks run along the input; FP16
+block scales behind a Cast stay so, and 8-bit block scales concatenate their codes when the members share a grid,
+as ``code_block_scales`` makes those reading one input do). The Split's outputs are the original layers' output
+tensors, so every name downstream (bisection, the KV cache wiring) is unchanged. When a merged main path and a
+merged outlier branch are added output by output, the Adds merge too: Add before Split. Each column is computed as
+before, so the numerics do not change.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import collections
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from accullm_export.graph.ir import constant
+from accullm_export.graph.ir import constant, constant_array
 from accullm_export.graph.passes import register
-from accullm_export.graph.rewrite import widening_cast
+from accullm_export.graph.rewrite import coded_scale, scale_code, widening_cast
 
 
 @register("merge_parallel_linears")
@@ -48,12 +49,11 @@ def _weight_kind(node: gs.Node) -> tuple | None:
         return None
     producer = weight.inputs[0]
     if producer.op == "DequantizeLinear":
-        widened = tuple(widening_cast(value) for value in producer.inputs)
-        if any(cast is None and not isinstance(value, gs.Constant) for value, cast in zip(producer.inputs, widened)):
+        stored = tuple(_stored_form(value) for value in producer.inputs)
+        if any(form == "computed" for form in stored):
             return None
         attrs = tuple(sorted((key, int(value)) for key, value in producer.attrs.items()))
-        casts = tuple(int(cast.attrs["to"]) if cast is not None else None for cast in widened)
-        return ("dequantize", attrs, len(producer.inputs), str(producer.inputs[0].dtype), casts)
+        return ("dequantize", attrs, len(producer.inputs), str(producer.inputs[0].dtype), stored)
     if not all(isinstance(value, gs.Constant) for value in producer.inputs):
         return None
     if producer.op == "Cast":
@@ -67,9 +67,22 @@ def _weight_constants(node: gs.Node) -> list[np.ndarray]:
         return [weight.values]
     stored = []
     for value in weight.inputs[0].inputs:
-        cast = widening_cast(value)
-        stored.append(cast.inputs[0].values if cast is not None else value.values)
+        cast, coded = widening_cast(value), scale_code(value)
+        stored.append(cast.inputs[0].values if cast is not None else
+                      constant_array(coded[0]) if coded is not None else value.values)
     return stored
+
+
+def _stored_form(value) -> tuple | int | str | None:
+    """How a DequantizeLinear input is stored: None (a constant), the Cast's target type (a constant widened by
+    a Cast), ("code", log_min, log_step, final cast) for 8-bit block scales (only the same grid merges), or
+    "computed"."""
+    cast, coded = widening_cast(value), scale_code(value)
+    if cast is not None:
+        return int(cast.attrs["to"])
+    if coded is not None:
+        return ("code", float(coded[1]), float(coded[2]), None if coded[3] is None else int(coded[3]["to"]))
+    return None if isinstance(value, gs.Constant) else "computed"
 
 
 def _merge(graph: gs.Graph, members: list[gs.Node], kind: tuple) -> gs.Node:
@@ -84,6 +97,11 @@ def _merge(graph: gs.Graph, members: list[gs.Node], kind: tuple) -> gs.Node:
         for index in range(len(arrays[0])):
             parts = [a[index] for a in arrays]
             along = 1 if parts[0].ndim == 2 else 0  # [in, out] values, [blocks, out] scales; 1-D per-channel: axis 0
+            coded = scale_code(producer.inputs[index])
+            if coded is not None:  # 8-bit block scales: the codes concatenate, the members share the grid
+                merged_inputs.append(coded_scale(graph, f"{name}/weight_{index}", np.concatenate(parts, axis=along),
+                                                 coded[1], coded[2], producer.inputs[index].dtype))
+                continue
             merged = constant(f"{name}/weight_{index}", np.concatenate(parts, axis=along))
             cast = widening_cast(producer.inputs[index])
             if cast is not None:  # stored narrow, widened at load time as in the members
