@@ -181,3 +181,25 @@ def test_cli_flag_and_refusals(planted_model, profile, tmp_path):
     with pytest.raises(UserError, match="--scale-bits must be 16"):
         Recipe(name="w4a16", scale_bits=4)
     Recipe(name="w8a8", scale_bits=8, overrides=(("lm_head", "int4"),))  # an INT4 override is enough
+
+
+def test_sparse_skip_composes_with_codes(planted_model, profile, tmp_path):
+    """quantize --sparsity narrows the dequantized weight (Compress after DequantizeLinear), so it reads coded
+    scales as it reads FP16 ones: the down projections keep their codes, and the model equals the FP16-scale
+    sparse build up to the scales' moves."""
+    from accullm_export.sparsity.config import SparsityConfig
+
+    folder, _ = planted_model
+    built = {}
+    for bits in (8, 16):
+        quantize_model(folder, tmp_path / f"s{bits}", Recipe(name="w4a16", block_size=16, scale_bits=bits), profile,
+                       sparsity=SparsityConfig(sparsity=0.5))
+        built[bits] = _logits(tmp_path / f"s{bits}" / "model.onnx", _feed(folder))
+    model = onnx.load(str(tmp_path / "s8" / "model.onnx"))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    down = next(n for n in model.graph.node if n.name == "/model/layers.1/mlp/down_proj/MatMul")
+    dequantize = producers[producers[down.input[1]].input[0]]
+    assert producers[down.input[1]].op_type == "Compress" and dequantize.op_type == "DequantizeLinear"
+    assert producers[dequantize.input[1]].op_type == "Exp"
+    spread = np.abs(built[16]).max()
+    assert 0 < np.abs(built[8] - built[16]).max() < 0.05 * spread
