@@ -8,7 +8,6 @@ import json
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from accullm_export.build.quantize import quantize_model
@@ -19,7 +18,7 @@ from accullm_export.quant.asymmetric import asymmetric_grid, quantize_asymmetric
 from accullm_export.quant.gptq import gptq_grid, gptq_proxy_error, gptq_quantize
 from accullm_export.quant.symmetric import CLIP_RATIOS, dequantize
 from accullm_export.runtime.session import create_session
-from tests.unit.test_quantize import _feed, _initializers, _logits, _substituted
+from tests.unit.test_quantize import _builds_equal_emulation, _fused_at_level_1, _initializers, _logits
 
 RNG = np.random.default_rng(11)
 
@@ -130,12 +129,8 @@ def test_model_equals_emulation_and_runs_as_matmulnbits(planted_model, profile, 
         out[list(plan.outliers)] = weight[list(plan.outliers)].astype(np.float16).astype(np.float32)
         return out
 
-    feed = _feed(folder)
-    expected = _logits(_substituted(folder, manifest, tmp_path, emulate), feed)
-    for build in ("q", "u"):
-        np.testing.assert_allclose(_logits(tmp_path / build / "model.onnx", feed), expected, rtol=1e-5, atol=1e-5)
+    feed, _ = _builds_equal_emulation(folder, manifest, tmp_path, emulate)
     model = onnx.load(str(tmp_path / "q" / "model.onnx"))
-    onnx.checker.check_model(model, full_check=True)
     dequantize_nodes = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
                         and any(a.name == "block_size" for a in n.attribute)]
     stored = _initializers(tmp_path / "q" / "model.onnx")
@@ -145,13 +140,8 @@ def test_model_equals_emulation_and_runs_as_matmulnbits(planted_model, profile, 
     assert any(stored[n.input[2]].astype(np.uint8).max() > 0 for n in dequantize_nodes)
 
     # MatMulNBits at accuracy level 1 (float inputs) computes exactly what basic does: the zero points are right
-    optimized = tmp_path / "optimized.onnx"
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.optimized_model_filepath = str(optimized)
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-    session = ort.InferenceSession(str(tmp_path / "q" / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    nbits = [n for n in onnx.load(str(optimized), load_external_data=False).graph.node if n.op_type == "MatMulNBits"]
+    session, nodes = _fused_at_level_1(tmp_path / "q" / "model.onnx", tmp_path)
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
     assert nbits and all(len(n.input) >= 4 and n.input[3] for n in nbits)  # the zero points are its 4th input
     basic = _logits(tmp_path / "q" / "model.onnx", feed)
     np.testing.assert_allclose(session.run(["logits"], feed)[0], basic, rtol=1e-4, atol=1e-4)

@@ -9,6 +9,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
@@ -239,6 +240,28 @@ def _logits(path, feed):
     return create_session(path, device="cpu", optimization="basic").run(["logits"], feed)[0]
 
 
+def _builds_equal_emulation(folder, manifest, tmp_path, emulate, builds=("q", "u")) -> tuple[dict, np.ndarray]:
+    """Assert that each build folder under ``tmp_path`` gives the logits of the fp32 model with ``emulate``'s
+    weights (within 1e-5, ONNX Runtime basic) and that the first passes onnx.checker; returns (feed, logits)."""
+    feed = _feed(folder)
+    expected = _logits(_substituted(folder, manifest, tmp_path, emulate), feed)
+    for build in builds:
+        np.testing.assert_allclose(_logits(tmp_path / build / "model.onnx", feed), expected, rtol=1e-5, atol=1e-5)
+    onnx.checker.check_model(onnx.load(str(tmp_path / builds[0] / "model.onnx")), full_check=True)
+    return feed, expected
+
+
+def _fused_at_level_1(path, tmp_path) -> tuple[ort.InferenceSession, list[onnx.NodeProto]]:
+    """An ORT_ENABLE_ALL session with MatMulNBits at accuracy level 1 (float inputs, so it computes what the
+    unfused graph does) and the nodes of its optimized graph."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session, list(onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node)
+
+
 def _substituted(source, quantized_manifest, tmp_path, emulate):
     """The fp32 model with every planned weight replaced by its NumPy emulation (a weight-only check)."""
     model = onnx.load(str(source / "model.onnx"))
@@ -298,7 +321,6 @@ def test_block_scales_stored_in_half_precision(planted_model, profile, tmp_path)
     """Blocked INT4 scales are FP16 constants behind a Cast: the bit count is 4 + 16 / block exactly, ONNX Runtime
     still fuses DequantizeLinear + MatMul into MatMulNBits, and folding the Casts (the TensorRT bundle does)
     leaves the logits unchanged."""
-    import onnxruntime as ort
 
     from accullm_export.graph.ir import load_graph, save_graph
 

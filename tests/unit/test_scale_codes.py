@@ -8,7 +8,6 @@ import json
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -23,7 +22,7 @@ from accullm_export.quant import scale_codes
 from accullm_export.quant.symmetric import dequantize
 from accullm_export.runtime.session import create_session
 from tests.unit.test_asymmetric import np_asymmetric_parts
-from tests.unit.test_quantize import _feed, _logits, _substituted
+from tests.unit.test_quantize import _builds_equal_emulation, _feed, _fused_at_level_1, _logits
 
 
 def np_code(scales: np.ndarray, used: np.ndarray, group: list[np.ndarray]) -> np.ndarray:
@@ -142,12 +141,8 @@ def test_model_with_codes_equals_emulation_and_fuses(planted_model, profile, tmp
         out[list(plan.outliers)] = weight[list(plan.outliers)].astype(np.float16).astype(np.float32)
         return out
 
-    feed = _feed(folder)
-    expected = _logits(_substituted(folder, unmerged, tmp_path, emulate), feed)
-    for build in ("q", "u"):
-        np.testing.assert_allclose(_logits(tmp_path / build / "model.onnx", feed), expected, rtol=1e-5, atol=1e-5)
-    model = onnx.load(str(tmp_path / "q" / "model.onnx"))
-    onnx.checker.check_model(model, full_check=True)
+    feed, expected = _builds_equal_emulation(folder, unmerged, tmp_path, emulate)
+    model = onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False)
     assert sum(n.op_type == "Exp" for n in model.graph.node) < len(unmerged["layers"])  # the merged share one
 
     for layer in unmerged["layers"]:  # 8 bits per block fewer, 64 bits per layer more
@@ -159,13 +154,8 @@ def test_model_with_codes_equals_emulation_and_fuses(planted_model, profile, tmp
                                                                            load_external_data=False)).linear_layers}
     assert storages["/model/layers.1/mlp/down_proj/MatMul"] == "uint4+zp/b16/s8"
 
-    optimized = tmp_path / "optimized.onnx"
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.optimized_model_filepath = str(optimized)
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-    session = ort.InferenceSession(str(tmp_path / "q" / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(str(optimized), load_external_data=False).graph.node]
+    session, nodes = _fused_at_level_1(tmp_path / "q" / "model.onnx", tmp_path)
+    ops = [n.op_type for n in nodes]
     assert ops.count("MatMulNBits") >= 1 and "Exp" not in ops and "DequantizeLinear" not in ops
     np.testing.assert_allclose(session.run(["logits"], feed)[0], expected, rtol=1e-4, atol=1e-4)
 
