@@ -37,7 +37,8 @@ def run(graph: gs.Graph, context) -> gs.Graph:
     largest_step = largest_move = 0.0
     for members in groups.values():
         log_min, log_step = scale_codes.scale_grid([scales[used] for _, _, scales, used in members])
-        largest_step = max(largest_step, float(np.expm1(log_step)) if len(members) else 0.0)
+        if any(used.any() for _, _, _, used in members):  # else every block is zero and the grid is moot
+            largest_step = max(largest_step, float(np.expm1(log_step)))
         for node, dequantize, scales, used in members:
             codes = np.where(used, scale_codes.encode(scales, log_min, log_step), 0).astype(np.uint8)
             decoded = scale_codes.decode(codes, log_min, log_step)
