@@ -86,8 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="give the FP16 outlier branch only to layers matching PATTERN (repeatable; default: "
                              "every INT8/INT4 layer); 'residual': the layers reading the residual stream through a "
                              "norm (q/k/v, gate/up, lm_head), where its outlier features enter, and those writing the "
-                             "attention sink's massive activations; each branch costs a "
-                             "few small kernels per decode step")
+                             "attention sink's massive activations; '!PATTERN' takes matching layers out (e.g. "
+                             "residual and '!*up_proj*'); each branch costs a few small kernels per decode step")
     parser.add_argument("--embeddings", choices=("int8", "fp16", "fp32"), default="int8",
                         help="the token-embedding table (fp32: left as it is)")
     parser.add_argument("--onnxruntime-fusions", action="store_true",

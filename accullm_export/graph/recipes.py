@@ -243,7 +243,8 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
     Raises:
         UserError: an override that matches no layer, or a layer the profile does not know.
     """
-    outlier_layers = recipe.outlier_layers
+    outlier_layers = tuple(p for p in recipe.outlier_layers if not p.startswith("!"))
+    excluded = tuple(p[1:] for p in recipe.outlier_layers if p.startswith("!"))  # '!PATTERN': never a branch
     sink_writers: dict[str, list[int]] = {}  # residual mode: layer -> the sink channels its FP16 rows must hold
     if "residual" in outlier_layers:
         readers = [p for p in RESIDUAL_READERS if any(override_matches(p, layer.node) for layer in layers)]
@@ -255,14 +256,15 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
                         if (channels := sink_channels(profile.input_statistics(layer.input)))}
         outlier_layers += tuple(sink_writers)
     for option, pattern in [("--override", p) for p, _ in recipe.overrides] + [
-            ("--outlier-layers", p) for p in outlier_layers]:
+            ("--outlier-layers", p) for p in outlier_layers] + [("--outlier-layers !", p) for p in excluded]:
         if not any(override_matches(pattern, layer.node) for layer in layers):
             raise UserError(f"{option} {pattern!r} matches no linear layer (names look like {layers[0].node})")
     weights = {layer.node: layer_weights(recipe, layer.node) for layer in layers}  # (precision, int4 block)
     precision = {node: chosen for node, (chosen, _) in weights.items()}
     outliers: dict[str, set[int]] = {}
     for layer in layers:
-        branch = not outlier_layers or any(override_matches(p, layer.node) for p in outlier_layers)
+        branch = (not outlier_layers or any(override_matches(p, layer.node) for p in outlier_layers)) and \
+            not any(override_matches(p, layer.node) for p in excluded)
         if precision[layer.node] in ("int8", "int4") and recipe.defaults.outlier_branch and branch:
             outliers.setdefault(layer.input, set()).update(_outlier_channels(recipe, layer, profile))
             if recipe.outliers != 0:

@@ -451,6 +451,13 @@ def test_outlier_layers_limit_the_branch(planted_model, profile, tmp_path):
     assert {node for node in with_branch if "lm_head" in node} and {node for node in with_branch if "up_proj" in node}
     assert all(any(name in node for name in readers) for node in with_branch)
     assert all(layer["outliers"] for layer in manifest["layers"] if any(name in layer["node"] for name in readers))
+    # '!PATTERN' takes layers out of the branch: the same without gate/up
+    manifest = quantize_model(folder, tmp_path / "e", Recipe(name="w4a16", block_size=32, policy="topk", outlier_layers=(
+        "residual", "!*gate_proj*", "!*up_proj*")), profile)
+    without = {layer["node"] for layer in manifest["layers"] if layer["outliers"]}
+    assert without == {node for node in with_branch if "gate_proj" not in node and "up_proj" not in node}
+    with pytest.raises(UserError, match="matches no linear layer"):
+        quantize_model(folder, tmp_path / "y", Recipe(name="w4a16", outlier_layers=("residual", "!nothing")), profile)
 
 
 def test_residual_outlier_layers_take_the_sink_writers():
