@@ -20,6 +20,7 @@ def _outliers(text: str) -> str | int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from accullm_export.graph.recipes import RECIPES
+    from accullm_export.quant.scale_codes import SCALE_BITS
 
     parser.add_argument("model", metavar="MODEL", help="exported folder or .onnx file (fp32 or fp16)")
     parser.add_argument("--recipe", required=True, choices=list(RECIPES),
@@ -52,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "block's range [min, max] on all 16 levels (+0.0625 bits per weight at block 64). "
                              "ONNX Runtime runs it (MatMulNBits with zero points); TensorRT takes only zero points "
                              "of 0, so TensorRT targets refuse it")
-    parser.add_argument("--scale-bits", type=int, choices=(16, 8), default=16,
+    parser.add_argument("--scale-bits", type=int, choices=SCALE_BITS, default=16,
                         help="blocked INT4 layers: each block's scale in FP16 (16), or as an 8-bit code on a log "
                              "grid shared by the layers that read one input (8: -0.125 bits per weight at block 64; "
                              "scales move by under 1%%). ONNX Runtime folds the codes at load time and still fuses "

@@ -19,6 +19,7 @@ from accullm_export.graph.passes import register
 from accullm_export.graph.rewrite import coded_scale, planned_nodes, producer_of, stored_scales
 from accullm_export.quant import scale_codes
 from accullm_export.quant.asymmetric import signed_values
+from accullm_export.quant.symmetric import grouped_blocks
 
 
 @register("code_block_scales")
@@ -33,7 +34,7 @@ def run(graph: gs.Graph, context) -> gs.Graph:
             context.notes.append(f"{node.name}: its block scales are computed, not stored; left in FP16")
             continue
         scales = np.asarray(constant_array(stored), dtype=np.float32)
-        groups[node.inputs[0].name].append((node, dequantize, scales, _used_blocks(dequantize, scales.shape)))
+        groups[node.inputs[0].name].append((node, dequantize, scales, _used_blocks(dequantize)))
     largest_step = largest_move = 0.0
     for members in groups.values():
         log_min, log_step = scale_codes.scale_grid([scales[used] for _, _, scales, used in members])
@@ -52,14 +53,11 @@ def run(graph: gs.Graph, context) -> gs.Graph:
     return graph.cleanup().toposort()
 
 
-def _used_blocks(dequantize: gs.Node, shape: tuple) -> np.ndarray:
+def _used_blocks(dequantize: gs.Node) -> np.ndarray:
     """[blocks, out]: whether the block holds a nonzero integer (v = q - z with zero points)."""
     block = int(dequantize.attrs["block_size"])
     values = np.asarray(constant_array(dequantize.inputs[0]))
     if len(dequantize.inputs) > 2:
         values = signed_values(values, np.asarray(constant_array(dequantize.inputs[2])), block)
-    nonzero = np.asarray(values, dtype=np.int16) != 0
-    rows = values.shape[0]
-    padded = np.zeros((shape[0] * block, values.shape[1]), dtype=bool)
-    padded[:rows] = nonzero
-    return padded.reshape(shape[0], block, -1).any(axis=1)
+    nonzero, _ = grouped_blocks(np.asarray(values, dtype=np.int16) != 0, block, None)  # padding rows: zero
+    return nonzero.any(axis=1)
