@@ -64,6 +64,8 @@ def recipe_passes(recipe: Recipe) -> list[str]:
     passes += ["quantize_activations", "quantize_embeddings"]
     if recipe.scale_bits == 8:  # after every pass that chooses scales
         passes.append("code_block_scales")
+    if recipe.bias_correction:  # after every pass that changes a weight
+        passes.append("correct_bias")
     return passes
 
 
@@ -98,9 +100,10 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
     notes = [f"{layer.node}: {layer.op_type} is not rewritten (only MatMul is); left as it is"
              for layer in layers if layer.op_type != "MatMul"]
     statistics = {entry["name"]: profile.input_statistics(entry["name"]) for entry in profile.manifest["inputs"]}
-    hessians = _hessians(model_path, plans, profile, options, notes) if recipe.gptq else {}
-    return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite, sparsity,
-                    finishing, options)
+    hessians, means = _moments(model_path, plans, profile, options, notes) \
+        if recipe.gptq or recipe.bias_correction else ({}, {})
+    return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, (hessians, means), notes, overwrite,
+                    sparsity, finishing, options)
 
 
 def _without_mlp_branches(graph, plans: dict[str, LayerPlan], statistics: dict,
@@ -135,7 +138,7 @@ def refuse_quantized(model: onnx.ModelProto, path: Path) -> None:
                         "the original fp32/fp16 export instead")
 
 
-def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite,
+def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, moments, notes, overwrite,
              sparsity=None, finishing=FINISHING_PASSES, options: QuantizeOptions = QuantizeOptions()) -> dict:
     from accullm_export.build.sparsify import sparsity_metadata, sparsity_plans, sparsity_summary
     from accullm_export.graph.ir import load_graph, save_graph
@@ -148,10 +151,13 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
         plans = _without_mlp_branches(graph, plans, statistics, notes)
     float_dtype = _float_dtype(graph, plans)
     distillation = _distillation(model_path, graph, recipe, profile, options, notes) if recipe.distill_steps else None
-    context = PassContext(plans=plans, float_dtype=float_dtype, statistics=statistics, hessians=hessians,
+    hessians, means = moments
+    context = PassContext(plans=plans, float_dtype=float_dtype, statistics=statistics,
+                          hessians=hessians if recipe.gptq else {},
                           embeddings=recipe.embeddings, smoothing=recipe.smoothquant, notes=notes,
                           scale_search=recipe.scale_search, asymmetric=recipe.asymmetric,
-                          gptq_absorb=recipe.gptq_absorb,
+                          gptq_absorb=recipe.gptq_absorb, bias_correction=recipe.bias_correction, means=means,
+                          reference_weights=_reference_weights(graph, plans) if recipe.bias_correction else {},
                           distillation=distillation)
     if sparse:  # shares the AWQ / SmoothQuant divisors the recipe passes record
         sparse_context = SparseContext(plans=sparsity_plans(model_path, graph, profile, sparsity), notes=notes,
@@ -248,9 +254,20 @@ def check_loads(path: Path) -> None:
     create_session(path, optimization="basic")
 
 
-def _hessians(model_path: Path, plans: dict[str, LayerPlan], profile, options: QuantizeOptions,
-              notes: list[str]) -> dict:
-    from accullm_export.calibration.hessian import collect_hessians
+def _reference_weights(graph, plans: dict[str, LayerPlan]) -> dict[str, np.ndarray]:
+    """Each planned low-bit layer's source weight (a copy: passes replace and rescale weights), for
+    ``correct_bias``."""
+    from accullm_export.graph.rewrite import float_weight, planned_nodes
+
+    return {node.name: np.array(weight.values, dtype=np.float32) for node, plan in planned_nodes(graph, plans)
+            if plan.quantized and (weight := float_weight(node)) is not None}
+
+
+def _moments(model_path: Path, plans: dict[str, LayerPlan], profile, options: QuantizeOptions,
+             notes: list[str]) -> tuple[dict, dict]:
+    """E[x x^T] and E[x] of every low-bit layer's input over ``--gptq-samples`` calibration windows (GPTQ and
+    bias correction)."""
+    from accullm_export.calibration.hessian import collect_moments
     from accullm_export.calibration.run import profile_feeds
 
     tensors = sorted({plan.input for plan in plans.values() if plan.quantized})
@@ -258,8 +275,9 @@ def _hessians(model_path: Path, plans: dict[str, LayerPlan], profile, options: Q
     if len(feeds) < options.gptq_samples:
         notes.append(f"GPTQ: --gptq-samples {options.gptq_samples}, but the profile holds {len(feeds)} calibration "
                      f"windows, so GPTQ used {len(feeds)} (calibrate with --samples {options.gptq_samples} for more)")
-    log.info("GPTQ: second moments of %d input tensors over %d calibration windows", len(tensors), len(feeds))
-    return collect_hessians(model_path, tensors, lambda: iter(feeds), budget_bytes=options.budget_mb << 20)
+    log.info("moments of %d input tensors over %d calibration windows (GPTQ, bias correction)", len(tensors),
+             len(feeds))
+    return collect_moments(model_path, tensors, lambda: iter(feeds), budget_bytes=options.budget_mb << 20)
 
 
 def _distillation(model_path: Path, graph, recipe: Recipe, profile, options: QuantizeOptions, notes: list[str]):

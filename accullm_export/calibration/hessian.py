@@ -1,4 +1,5 @@
-"""Stream the mean outer product H = E[x x^T] of chosen activation tensors over calibration feeds (for GPTQ).
+"""Stream the mean outer product H = E[x x^T] (and the mean E[x]) of chosen activation tensors over calibration
+feeds (for GPTQ and bias correction).
 
 x is a tensor's last axis (the channels) and the mean runs over every other position. Tensors are tapped a
 group at a time, as ``accullm_export.calibration.collect`` does: a group's fp32 activations for one batch fit
@@ -29,7 +30,14 @@ CHUNK_ROWS = 4096  # rows converted to float64 at a time, bounding the temporary
 
 def collect_hessians(model_path: str | Path, tensors: Sequence[str], feeds: Feeds, *, budget_bytes: int = 512 << 20,
                      skip_first_position: bool = True) -> dict[str, np.ndarray]:
-    """Mean x x^T over all rows of each named tensor, x being its last axis.
+    """Mean x x^T over all rows of each named tensor, x being its last axis (``collect_moments``' first half)."""
+    return collect_moments(model_path, tensors, feeds, budget_bytes=budget_bytes,
+                           skip_first_position=skip_first_position)[0]
+
+
+def collect_moments(model_path: str | Path, tensors: Sequence[str], feeds: Feeds, *, budget_bytes: int = 512 << 20,
+                    skip_first_position: bool = True) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Mean x x^T and mean x over all rows of each named tensor, x being its last axis.
 
     Args:
         model_path: the ONNX model (or exported folder).
@@ -41,7 +49,7 @@ def collect_hessians(model_path: str | Path, tensors: Sequence[str], feeds: Feed
             activations are outliers the main statistics exclude too) out of the mean.
 
     Returns:
-        Tensor name -> float64 [channels, channels], in the order asked for.
+        (tensor name -> float64 [channels, channels], tensor name -> float64 [channels]), in the order asked for.
 
     Raises:
         UserError: a name is not a tensor of the model, the feeds are empty, or a tensor's channels change.
@@ -56,17 +64,18 @@ def collect_hessians(model_path: str | Path, tensors: Sequence[str], feeds: Feed
     groups = plan_groups(sizes, 1, budget_bytes)
     log.info("collecting Hessians of %d tensors in %d pass(es)", len(names), len(groups))
     sums: dict[str, np.ndarray] = {}
+    firsts: dict[str, np.ndarray] = {}
     rows = dict.fromkeys(names, 0)
     for number, group in enumerate(groups):
         tap = reader.open(group)
         for feed in _progress(feeds(), f"Hessian pass {number + 1}/{len(groups)}"):
             values = tap.run(feed)
             for name in group:
-                rows[name] += _accumulate(sums, name, values[name], skip_first_position)
+                rows[name] += _accumulate(sums, firsts, name, values[name], skip_first_position)
     empty = [name for name in names if rows[name] == 0]
     if empty:
         raise UserError(f"no rows reached {empty[:3]}: the feeds are too short (position 0 is skipped)")
-    return {name: sums[name] / rows[name] for name in names}
+    return ({name: sums[name] / rows[name] for name in names}, {name: firsts[name] / rows[name] for name in names})
 
 
 def _check_names(reader: IntermediateReader, names: list[str], model_path: str | Path) -> None:
@@ -77,8 +86,9 @@ def _check_names(reader: IntermediateReader, names: list[str], model_path: str |
                         f"{' ...' if len(unknown) > 5 else ''} (graph inputs and node outputs can be measured)")
 
 
-def _accumulate(sums: dict[str, np.ndarray], name: str, value: np.ndarray, skip_first_position: bool) -> int:
-    """Add one batch of ``name`` to its running sum of x x^T; returns the rows added."""
+def _accumulate(sums: dict[str, np.ndarray], firsts: dict[str, np.ndarray], name: str, value: np.ndarray,
+                skip_first_position: bool) -> int:
+    """Add one batch of ``name`` to its running sums of x x^T and of x; returns the rows added."""
     value = np.asarray(value)
     if value.ndim == 0:
         raise UserError(f"{name} is a scalar: it has no channels to measure")
@@ -89,9 +99,11 @@ def _accumulate(sums: dict[str, np.ndarray], name: str, value: np.ndarray, skip_
     total = sums.setdefault(name, np.zeros((channels, channels), dtype=np.float64))
     if total.shape[0] != channels:
         raise UserError(f"{name} changed from {total.shape[0]} to {channels} channels between batches")
+    first = firsts.setdefault(name, np.zeros(channels, dtype=np.float64))
     for start in range(0, flat.shape[0], CHUNK_ROWS):
         chunk = flat[start:start + CHUNK_ROWS].astype(np.float64)
         total += chunk.T @ chunk
+        first += chunk.sum(axis=0)
     return flat.shape[0]
 
 

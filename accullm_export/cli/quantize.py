@@ -58,9 +58,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "grid shared by the layers that read one input (8: -0.125 bits per weight at block 64; "
                              "scales move by under 1%%). ONNX Runtime folds the codes at load time and still fuses "
                              "MatMulNBits; the TensorRT bundle decodes them into FP16 constants")
+    parser.add_argument("--bias-correction", action="store_true",
+                        help="INT8/INT4 layers: add the FP16 bias E[x] (W - W_quantized), E[x] measured on the "
+                             "calibration text, so that each layer's output error has zero mean; GPTQ then works on "
+                             "the covariance of x instead of E[x x^T]. Inputs whose outlier channels are near "
+                             "constant (the residual stream's massive activations) then need no FP16 branch (about "
+                             "16/K bits per weight; ONNX Runtime fuses the Add into MatMulNBits)")
     parser.add_argument("--smoothquant", type=float, metavar="ALPHA",
                         help="w8a8: SmoothQuant with migration strength ALPHA (e.g. 0.5), folded into the producers")
-    parser.add_argument("--gptq-samples", type=int, default=32, help="calibration windows for GPTQ's statistics")
+    parser.add_argument("--gptq-samples", type=int, default=32, help="calibration windows for the statistics of GPTQ and --bias-correction")
     parser.add_argument("--distill-steps", type=int, default=0, metavar="N",
                         help="w4a16: train the INT4 block scales N steps (one calibration window each) to match the "
                              "source model's next-token distributions (KL); integers, layout and size unchanged; "
@@ -120,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
                     activations=args.activations, activation_group=args.activation_group, awq=args.awq,
                     gptq=args.gptq, gptq_absorb=args.gptq_absorb, scale_search=args.scale_search,
                     asymmetric=args.asymmetric, scale_bits=args.scale_bits, smoothquant=args.smoothquant,
+                    bias_correction=args.bias_correction,
                     overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings,
                     outlier_layers=tuple(args.outlier_layers), distill_steps=args.distill_steps,
                     distill_norms=args.distill_norms, distill_rounding=args.distill_rounding,

@@ -57,6 +57,7 @@ class Recipe:
     scale_search: bool = False  # INT4 layers: each block's scale searched for the least rounding error
     asymmetric: bool = False  # blocked INT4 layers: uint4 with a zero point per block (ONNX Runtime only)
     scale_bits: int = 16  # blocked INT4 layers' scales: FP16, or 8-bit log codes (quant.scale_codes)
+    bias_correction: bool = False  # each low-bit layer gets the FP16 bias E[x] (W - W_quantized); GPTQ centres H
     smoothquant: float | None = None  # w8a8: SmoothQuant's migration strength alpha
     overrides: tuple[tuple[str, str], ...] = ()  # (layer pattern, precision)
     outlier_layers: tuple[str, ...] = ()  # only layers matching one of these get the FP16 branch (default: all)
@@ -98,6 +99,10 @@ class Recipe:
         if self.asymmetric and self.distill_rounding:
             raise UserError("--distill-rounding moves the integers within the symmetric INT4 range; it does not "
                             "take --asymmetric")
+        if self.bias_correction and self.name == "fp16" and not any(
+                split_precision(value)[0] in ("int8", "int4") for _, value in self.overrides):
+            raise UserError("--bias-correction corrects the low-bit layers' mean error: the fp16 recipe has none "
+                            "(give an int8 or int4 override, or the w4a16 or w8a8 recipe)")
         if self.gptq and self.name == "fp16":
             raise UserError("--gptq applies to the integer recipes (w4a16, w8a8)")
         if self.gptq_absorb and not self.gptq:
@@ -347,6 +352,9 @@ class PassContext:
     scale_search: bool = False  # INT4 block scales searched (quant.symmetric.searched_scales)
     asymmetric: bool = False  # blocked INT4 layers get zero points (quant.asymmetric)
     gptq_absorb: bool = False  # compensate_errors_gptq: the FP16 outlier rows take error updates
+    bias_correction: bool = False  # correct_bias adds E[x] (W - W_quantized); GPTQ works on the covariance
+    means: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)  # input tensor -> E[x] (calibration)
+    reference_weights: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)  # node -> source weight
     notes: list = dataclasses.field(default_factory=list)
     input_scales: dict = dataclasses.field(default_factory=dict)
     distillation: object = None  # passes.distill_scales.DistillInputs, for quantize --distill-steps

@@ -93,6 +93,8 @@ class BlockScaled:
     outliers: tuple[int, ...] = ()
     outlier_rows: np.ndarray | None = None  # [len(outliers), out], the FP16 branch's weight
     bounds: tuple[int, int] = (-8, 7)  # the integer type's range
+    mean: np.ndarray | None = None  # bias correction: E[x] of the layer's input [in] ...
+    target: np.ndarray | None = None  # ... and E[x] W of the source layer [out]: the layer adds target - mean @ W_q
 
 
 def module_of(node_name: str) -> str:
@@ -151,7 +153,9 @@ def block_scaled_linear_class():
     class BlockScaledLinear(torch.nn.Module):
         """y = x @ (integers * expand(s0 * exp(theta)) + outlier rows) + bias, theta trainable; with
         ``rounding`` the integers are values + round(offset), the offset trainable in [-1, 1] through a
-        straight-through estimate of round, and clamped to the type's range (the outlier rows stay zero)."""
+        straight-through estimate of round, and clamped to the type's range (the outlier rows stay zero). With a
+        bias correction (``mean``, ``target``), y also gets target - mean @ W_q, recomputed as W_q trains, as
+        ``correct_bias`` computes it from the final weights."""
 
         def __init__(self, layer: BlockScaled, bias, rounding: bool = False, outlier_rows: bool = False):
             super().__init__()
@@ -174,6 +178,10 @@ def block_scaled_linear_class():
             self.theta = torch.nn.Parameter(torch.zeros_like(self.initial))
             self.offset = torch.nn.Parameter(torch.zeros_like(self.values)) if rounding else None
             self.bias = bias
+            self.correction = None
+            if layer.mean is not None:
+                self.correction = (torch.from_numpy(np.asarray(layer.mean, dtype=np.float32)),
+                                   torch.from_numpy(np.asarray(layer.target, dtype=np.float32)))
 
         def scales(self):
             return self.initial * torch.exp(self.theta)
@@ -188,6 +196,9 @@ def block_scaled_linear_class():
         def forward(self, x):
             weight = self.integers() * self.scales()[self.rows] + self.fixed * (1.0 - self.low_bit)
             out = x @ weight
+            if self.correction is not None:
+                mean, target = self.correction
+                out = out + (target - mean @ weight)
             return out if self.bias is None else out + self.bias
 
     return BlockScaledLinear

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from accullm_export.calibration.hessian import collect_hessians
+from accullm_export.calibration.hessian import collect_hessians, collect_moments
 from accullm_export.errors import UserError
 from accullm_export.quant.awq import candidate_scales, search_awq_scales
 from accullm_export.quant.gptq import gptq_proxy_error, gptq_quantize, gptq_quantize_absorbing
@@ -366,7 +366,7 @@ def matmul_model(tmp_path_factory):
 @pytest.mark.parametrize("skip_first_position", [True, False])
 def test_collect_hessians_equals_numpy(matmul_model, skip_first_position):
     path, weight, feeds = matmul_model
-    hessians = collect_hessians(path, ["x", "y"], lambda: iter(feeds), skip_first_position=skip_first_position)
+    hessians, means = collect_moments(path, ["x", "y"], lambda: iter(feeds), skip_first_position=skip_first_position)
     start = 1 if skip_first_position else 0
     inputs = np.concatenate([feed["x"][0, start:] for feed in feeds]).astype(np.float64)
     outputs = np.concatenate([feed["x"][0, start:] @ weight for feed in feeds]).astype(np.float64)
@@ -374,6 +374,11 @@ def test_collect_hessians_equals_numpy(matmul_model, skip_first_position):
     assert list(hessians) == ["x", "y"] and hessians["x"].dtype == np.float64
     np.testing.assert_allclose(hessians["x"], inputs.T @ inputs / len(inputs), rtol=1e-12)
     np.testing.assert_allclose(hessians["y"], outputs.T @ outputs / len(outputs), rtol=1e-5)
+    assert list(means) == ["x", "y"] and means["x"].dtype == np.float64
+    np.testing.assert_allclose(means["x"], inputs.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(means["y"], outputs.mean(axis=0), rtol=1e-5)
+    np.testing.assert_array_equal(collect_hessians(path, ["x"], lambda: iter(feeds),
+                                                   skip_first_position=skip_first_position)["x"], hessians["x"])
 
 
 @pytest.mark.parametrize("budget_bytes,passes", [(300, 1), (200, 2)])

@@ -13,6 +13,10 @@ other token's (the down projections that write the sink's massive activations) i
 rounding, with a note, unless those channels are FP16 outlier rows: GPTQ would move its weights freely along
 exactly the channels the sink needs (measured on the sample: with 64 windows and no FP16 rows, Δppl +659%).
 
+With ``quantize --bias-correction`` H is the covariance E[x x^T] - E[x] E[x]^T: ``correct_bias`` cancels the mean
+of the output error with a bias, so GPTQ need only minimise its variance. A channel that is nearly constant (the
+residual stream's massive activations, after the norm) then weighs by its small spread, not by its large mean.
+
 With ``quantize --asymmetric`` blocked INT4 layers round onto a grid with a zero point per block
 (``quant.gptq.gptq_grid``), each row into its block's [-z, 15 - z].
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from accullm_export.errors import UserError
 from accullm_export.graph.passes import register
 from accullm_export.graph.recipes import SINK_RATIO, sink_channels
 from accullm_export.graph.rewrite import (asymmetric_layer, float_weight, is_dequantized, planned_nodes,
@@ -39,6 +44,11 @@ def run(graph: gs.Graph, context) -> gs.Graph:
         if weight is None or hessian is None:
             context.notes.append(f"{node.name}: no second-moment matrix for its input; plain rounding")
             continue
+        if context.bias_correction:
+            mean = context.means.get(node.inputs[0].name)
+            if mean is None:
+                raise UserError(f"{node.name}: --bias-correction has no calibration mean for its input")
+            hessian = hessian - np.outer(mean, mean)
         statistics = context.statistics.get(node.inputs[0].name)
         sinks = set(sink_channels(statistics)) if statistics else set()
         unprotected = sorted(sinks - set(plan.outliers))

@@ -46,6 +46,9 @@ def run(graph: gs.Graph, context) -> gs.Graph:
     if not layers:
         context.notes.append("distill_scales: no INT4 block-scaled layer; nothing to train")
         return graph
+    if context.bias_correction:  # train with the bias correct_bias will add from the trained weights
+        layers = [_with_correction(layer, stored_values[layer.module].outputs[0].outputs[0], context)
+                  for layer in layers]
     student = graph_weights(graph, skip=set(stored))  # the low-bit layers come from ``layers``
     result = distill_scales(inputs.config_dir, inputs.teacher, student, layers, inputs.windows, inputs.config)
     report = result.report
@@ -71,6 +74,17 @@ def run(graph: gs.Graph, context) -> gs.Graph:
                          f"{report['held_out_windows']} held-out ones {report['held_out_kl_before']} -> "
                          f"{report['held_out_kl_after']} ({report['seconds']} s)")
     return graph
+
+
+def _with_correction(layer: BlockScaled, node: gs.Node, context) -> BlockScaled:
+    """``layer`` with the mean of its input as the MatMul sees it and E[x] W of the source layer (see
+    ``correct_bias``); unchanged when either is unknown (``correct_bias`` then notes it)."""
+    from accullm_export.graph.passes.correct_bias import correction_terms  # it reads effective_weight from here
+
+    terms = correction_terms(node, context)
+    if terms is None:
+        return layer
+    return dataclasses.replace(layer, mean=terms[0].astype(np.float32), target=terms[1].astype(np.float32))
 
 
 def block_scaled_layers(graph: gs.Graph, notes: list) -> tuple[list[BlockScaled], dict[str, gs.Constant],
@@ -108,8 +122,11 @@ def block_scaled_layers(graph: gs.Graph, notes: list) -> tuple[list[BlockScaled]
 
 
 def _branch_matmul(node: gs.Node) -> gs.Node | None:
-    """The MatMul of the FP16 outlier branch ``isolate_outliers`` gave ``node`` (added to its output), or None."""
+    """The MatMul of the FP16 outlier branch ``isolate_outliers`` gave ``node`` (added to its output, after the
+    bias ``correct_bias`` may have added), or None."""
     output = node.outputs[0]
+    if len(output.outputs) == 1 and output.outputs[0].name == f"{node.name}/bias_correction/Add":
+        output = output.outputs[0].outputs[0]
     for consumer in output.outputs:
         if consumer.op == "Add" and consumer.name == f"{node.name}/outliers/Add":
             branch = next(t for t in consumer.inputs if t is not output)
@@ -171,6 +188,20 @@ def constant_value(tensor) -> np.ndarray | None:
     return values * scales.reshape(1, -1)
 
 
+def effective_weight(node: gs.Node) -> np.ndarray | None:
+    """What a linear layer multiplies its input by, float32 [in, out]: its weight dequantized, with the FP16
+    outlier rows of its branch put back; None when the weight is computed from anything but constants."""
+    weight = constant_value(node.inputs[1])
+    if weight is None or weight.ndim != 2:
+        return None
+    weight = weight.astype(np.float32)
+    channels, rows = outlier_branch(node)
+    if channels:
+        weight = weight.copy()
+        weight[list(channels)] = rows
+    return weight
+
+
 def graph_weights(graph: gs.Graph, skip: Collection[str] = ()) -> dict[str, np.ndarray]:
     """The model's parameters by transformers name, read from an exported (and possibly rewritten) graph: each
     linear layer's effective weight ([out, in]; dequantized, with its FP16 outlier rows put back), the norm
@@ -185,15 +216,9 @@ def graph_weights(graph: gs.Graph, skip: Collection[str] = ()) -> dict[str, np.n
         if node.op == "MatMul" and node.name.endswith("/MatMul") and "/outliers/" not in node.name:
             if module_of(node.name) in skip:
                 continue
-            weight = constant_value(node.inputs[1])
-            if weight is None or weight.ndim != 2:
-                continue
-            weight = weight.astype(np.float32)
-            channels, rows = outlier_branch(node)
-            if channels:
-                weight = weight.copy()
-                weight[list(channels)] = rows
-            weights[f"{module_of(node.name)}.weight"] = weight.T
+            weight = effective_weight(node)
+            if weight is not None:
+                weights[f"{module_of(node.name)}.weight"] = weight.T
         elif node.op == "Gather" and node.name == "/model/embed_tokens/Gather":
             table = constant_value(node.inputs[0])
             if table is not None and table.dtype.kind == "f":  # an integer table is scaled after the Gather

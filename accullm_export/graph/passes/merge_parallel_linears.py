@@ -8,8 +8,9 @@ float constants, FP16 constants behind a Cast, and quantized constants behind th
 block scales behind a Cast stay so, and 8-bit block scales concatenate their codes when the members share a grid,
 as ``code_block_scales`` makes those reading one input do). The Split's outputs are the original layers' output
 tensors, so every name downstream (bisection, the KV cache wiring) is unchanged. When a merged main path and a
-merged outlier branch are added output by output, the Adds merge too: Add before Split. Each column is computed as
-before, so the numerics do not change.
+merged outlier branch are added output by output, the Adds merge too: Add before Split; so do the constant biases
+``correct_bias`` adds after each member (concatenated, stored as they were). Each column is computed as before, so
+the numerics do not change.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def run(graph: gs.Graph, context) -> gs.Graph:
     for (_, kind), members in groups.items():
         if len(members) > 1 and len({_weight_constants(node)[0].shape[0] for node in members}) == 1:
             splits.append(_merge(graph, members, kind))
+    splits = [_merge_biases(graph, split) or split for split in splits]
     _merge_adds(graph, splits)
     return graph.cleanup().toposort()
 
@@ -131,10 +133,10 @@ def _split(graph: gs.Graph, name: str, source: gs.Variable, widths: list[int], o
 def _merge_adds(graph: gs.Graph, splits: list[gs.Node]) -> None:
     """Split(a)[i] + Split(b)[i] for every i, each output read only by its Add: Split(a + b)."""
     by_sizes: dict[tuple, list[gs.Node]] = collections.defaultdict(list)
+    used: set[int] = set()
     for split in splits:
         by_sizes[tuple(split.inputs[1].values.tolist())].append(split)
     for candidates in by_sizes.values():
-        used: set[int] = set()
         for first in candidates:
             for second in candidates:
                 if first is second or id(first) in used or id(second) in used:
@@ -164,3 +166,39 @@ def _paired_adds(first: gs.Node, second: gs.Node) -> list[gs.Node] | None:
             return None
         adds.append(left.outputs[0])
     return adds
+
+
+def _merge_biases(graph: gs.Graph, split: gs.Node) -> gs.Node | None:
+    """Split(a)[i] + b_i for every i, each output read only by its Add of a constant bias (``correct_bias``'s,
+    stored alike): Split(a + concat(b)), returned (None: nothing merged)."""
+    adds, stored, casts = [], [], []
+    for output in split.outputs:
+        if len(output.outputs) != 1 or output.outputs[0].op != "Add":
+            return None
+        add = output.outputs[0]
+        addend = add.inputs[1] if add.inputs[0] is output else add.inputs[0]
+        cast = widening_cast(addend)
+        value = cast.inputs[0] if cast is not None else addend
+        if not isinstance(value, gs.Constant) or value.values.ndim != 1:
+            return None
+        adds.append(add)
+        stored.append(value.values)
+        casts.append(cast)
+    if len({array.dtype for array in stored}) != 1 or \
+            len({None if cast is None else int(cast.attrs["to"]) for cast in casts}) != 1:
+        return None
+    cast = casts[0]
+    name = f"{split.name}/bias"
+    bias = constant(f"{name}/value", np.concatenate(stored))
+    if cast is not None:
+        widened = gs.Variable(f"{name}/widened", dtype=split.inputs[0].dtype, shape=[int(bias.values.size)])
+        graph.nodes.append(gs.Node("Cast", name=f"{name}/Cast", attrs=dict(cast.attrs), inputs=[bias],
+                                   outputs=[widened]))
+        bias = widened
+    total = gs.Variable(f"{name}/output_0", dtype=split.inputs[0].dtype)
+    graph.nodes.append(gs.Node("Add", name=f"{name}/Add", inputs=[split.inputs[0], bias], outputs=[total]))
+    results = [add.outputs[0] for add in adds]
+    for add in adds:
+        add.outputs.clear()
+    split.outputs.clear()
+    return _split(graph, f"{name}/Split", total, split.inputs[1].values.tolist(), results, [])
