@@ -100,9 +100,9 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
     notes = [f"{layer.node}: {layer.op_type} is not rewritten (only MatMul is); left as it is"
              for layer in layers if layer.op_type != "MatMul"]
     statistics = {entry["name"]: profile.input_statistics(entry["name"]) for entry in profile.manifest["inputs"]}
-    hessians, means = _moments(model_path, plans, profile, options, notes) \
-        if recipe.gptq or recipe.bias_correction else ({}, {})
-    return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, (hessians, means), notes, overwrite,
+    moments = _moments(model_path, plans, profile, options, notes) if recipe.gptq or recipe.bias_correction \
+        else None
+    return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, moments, notes, overwrite,
                     sparsity, finishing, options)
 
 
@@ -151,12 +151,15 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, moments, n
         plans = _without_mlp_branches(graph, plans, statistics, notes)
     float_dtype = _float_dtype(graph, plans)
     distillation = _distillation(model_path, graph, recipe, profile, options, notes) if recipe.distill_steps else None
-    hessians, means = moments
     context = PassContext(plans=plans, float_dtype=float_dtype, statistics=statistics,
-                          hessians=hessians if recipe.gptq else {},
+                          hessians=moments.second if moments is not None and recipe.gptq else {},
                           embeddings=recipe.embeddings, smoothing=recipe.smoothquant, notes=notes,
                           scale_search=recipe.scale_search, asymmetric=recipe.asymmetric,
-                          gptq_absorb=recipe.gptq_absorb, bias_correction=recipe.bias_correction, means=means,
+                          gptq_absorb=recipe.gptq_absorb, bias_correction=recipe.bias_correction,
+                          means=moments.mean if moments is not None else {},
+                          gptq_sink_weight=recipe.gptq_sink_weight,
+                          sink_moments={name: (moments.sink_second[name], moments.sink_mean[name])
+                                        for name in moments.sink_second} if moments is not None else {},
                           reference_weights=_reference_weights(graph, plans) if recipe.bias_correction else {},
                           distillation=distillation)
     if sparse:  # shares the AWQ / SmoothQuant divisors the recipe passes record
@@ -263,10 +266,9 @@ def _reference_weights(graph, plans: dict[str, LayerPlan]) -> dict[str, np.ndarr
             if plan.quantized and (weight := float_weight(node)) is not None}
 
 
-def _moments(model_path: Path, plans: dict[str, LayerPlan], profile, options: QuantizeOptions,
-             notes: list[str]) -> tuple[dict, dict]:
-    """E[x x^T] and E[x] of every low-bit layer's input over ``--gptq-samples`` calibration windows (GPTQ and
-    bias correction)."""
+def _moments(model_path: Path, plans: dict[str, LayerPlan], profile, options: QuantizeOptions, notes: list[str]):
+    """``calibration.hessian.Moments`` of every low-bit layer's input over ``--gptq-samples`` calibration windows
+    (GPTQ and bias correction)."""
     from accullm_export.calibration.hessian import collect_moments
     from accullm_export.calibration.run import profile_feeds
 

@@ -1,5 +1,5 @@
 """Stream the mean outer product H = E[x x^T] (and the mean E[x]) of chosen activation tensors over calibration
-feeds (for GPTQ and bias correction).
+feeds (for GPTQ and bias correction), and the same of the attention sink's position alone.
 
 x is a tensor's last axis (the channels) and the mean runs over every other position. Tensors are tapped a
 group at a time, as ``accullm_export.calibration.collect`` does: a group's fp32 activations for one batch fit
@@ -11,6 +11,7 @@ tensors at a time as their C^2 * 8 bytes allow.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -28,16 +29,28 @@ log = logging.getLogger(__name__)
 CHUNK_ROWS = 4096  # rows converted to float64 at a time, bounding the temporary copy
 
 
+@dataclasses.dataclass(frozen=True)
+class Moments:
+    """What ``collect_moments`` measures, tensor name -> float64 array, in the order asked for."""
+
+    second: dict[str, np.ndarray]  # E[x x^T] [C, C] over every row but position 0's (when skipped)
+    mean: dict[str, np.ndarray]  # E[x] [C] over the same rows
+    # position 0 (the attention sink) alone, for [batch, seq, C] tensors when it is skipped above (else empty):
+    sink_second: dict[str, np.ndarray]  # E[x0 x0^T] [C, C]
+    sink_mean: dict[str, np.ndarray]  # E[x0] [C]
+
+
 def collect_hessians(model_path: str | Path, tensors: Sequence[str], feeds: Feeds, *, budget_bytes: int = 512 << 20,
                      skip_first_position: bool = True) -> dict[str, np.ndarray]:
-    """Mean x x^T over all rows of each named tensor, x being its last axis (``collect_moments``' first half)."""
+    """Mean x x^T over all rows of each named tensor, x being its last axis (``collect_moments(...).second``)."""
     return collect_moments(model_path, tensors, feeds, budget_bytes=budget_bytes,
-                           skip_first_position=skip_first_position)[0]
+                           skip_first_position=skip_first_position).second
 
 
 def collect_moments(model_path: str | Path, tensors: Sequence[str], feeds: Feeds, *, budget_bytes: int = 512 << 20,
-                    skip_first_position: bool = True) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Mean x x^T and mean x over all rows of each named tensor, x being its last axis.
+                    skip_first_position: bool = True) -> Moments:
+    """Mean x x^T and mean x over all rows of each named tensor, x being its last axis, and the same of position
+    0 alone when it is skipped.
 
     Args:
         model_path: the ONNX model (or exported folder).
@@ -49,7 +62,7 @@ def collect_moments(model_path: str | Path, tensors: Sequence[str], feeds: Feeds
             activations are outliers the main statistics exclude too) out of the mean.
 
     Returns:
-        (tensor name -> float64 [channels, channels], tensor name -> float64 [channels]), in the order asked for.
+        ``Moments``.
 
     Raises:
         UserError: a name is not a tensor of the model, the feeds are empty, or a tensor's channels change.
@@ -63,19 +76,27 @@ def collect_moments(model_path: str | Path, tensors: Sequence[str], feeds: Feeds
     sizes = _elements_per_batch(reader.model, names, first, budget_bytes)
     groups = plan_groups(sizes, 1, budget_bytes)
     log.info("collecting Hessians of %d tensors in %d pass(es)", len(names), len(groups))
-    sums: dict[str, np.ndarray] = {}
-    firsts: dict[str, np.ndarray] = {}
-    rows = dict.fromkeys(names, 0)
+    kept, sink = _Sums(), _Sums()
     for number, group in enumerate(groups):
         tap = reader.open(group)
         for feed in _progress(feeds(), f"Hessian pass {number + 1}/{len(groups)}"):
             values = tap.run(feed)
             for name in group:
-                rows[name] += _accumulate(sums, firsts, name, values[name], skip_first_position)
-    empty = [name for name in names if rows[name] == 0]
+                value = np.asarray(values[name])
+                if value.ndim == 0:
+                    raise UserError(f"{name} is a scalar: it has no channels to measure")
+                if skip_first_position and value.ndim == 3:
+                    sink.add(name, value[:, 0, :])
+                    value = value[:, 1:, :]
+                kept.add(name, value)
+    empty = [name for name in names if kept.rows.get(name, 0) == 0]
     if empty:
         raise UserError(f"no rows reached {empty[:3]}: the feeds are too short (position 0 is skipped)")
-    return ({name: sums[name] / rows[name] for name in names}, {name: firsts[name] / rows[name] for name in names})
+    sinks = [name for name in names if sink.rows.get(name)]
+    return Moments(second={name: kept.second[name] / kept.rows[name] for name in names},
+                   mean={name: kept.first[name] / kept.rows[name] for name in names},
+                   sink_second={name: sink.second[name] / sink.rows[name] for name in sinks},
+                   sink_mean={name: sink.first[name] / sink.rows[name] for name in sinks})
 
 
 def _check_names(reader: IntermediateReader, names: list[str], model_path: str | Path) -> None:
@@ -86,25 +107,26 @@ def _check_names(reader: IntermediateReader, names: list[str], model_path: str |
                         f"{' ...' if len(unknown) > 5 else ''} (graph inputs and node outputs can be measured)")
 
 
-def _accumulate(sums: dict[str, np.ndarray], firsts: dict[str, np.ndarray], name: str, value: np.ndarray,
-                skip_first_position: bool) -> int:
-    """Add one batch of ``name`` to its running sums of x x^T and of x; returns the rows added."""
-    value = np.asarray(value)
-    if value.ndim == 0:
-        raise UserError(f"{name} is a scalar: it has no channels to measure")
-    if skip_first_position and value.ndim == 3:
-        value = value[:, 1:, :]
-    channels = value.shape[-1]
-    flat = value.reshape(-1, channels)
-    total = sums.setdefault(name, np.zeros((channels, channels), dtype=np.float64))
-    if total.shape[0] != channels:
-        raise UserError(f"{name} changed from {total.shape[0]} to {channels} channels between batches")
-    first = firsts.setdefault(name, np.zeros(channels, dtype=np.float64))
-    for start in range(0, flat.shape[0], CHUNK_ROWS):
-        chunk = flat[start:start + CHUNK_ROWS].astype(np.float64)
-        total += chunk.T @ chunk
-        first += chunk.sum(axis=0)
-    return flat.shape[0]
+class _Sums:
+    """Running sums of x x^T and of x, and row counts, per tensor."""
+
+    def __init__(self):
+        self.second: dict[str, np.ndarray] = {}
+        self.first: dict[str, np.ndarray] = {}
+        self.rows: dict[str, int] = {}
+
+    def add(self, name: str, value: np.ndarray) -> None:
+        channels = value.shape[-1]
+        flat = value.reshape(-1, channels)
+        total = self.second.setdefault(name, np.zeros((channels, channels), dtype=np.float64))
+        if total.shape[0] != channels:
+            raise UserError(f"{name} changed from {total.shape[0]} to {channels} channels between batches")
+        first = self.first.setdefault(name, np.zeros(channels, dtype=np.float64))
+        for start in range(0, flat.shape[0], CHUNK_ROWS):
+            chunk = flat[start:start + CHUNK_ROWS].astype(np.float64)
+            total += chunk.T @ chunk
+            first += chunk.sum(axis=0)
+        self.rows[name] = self.rows.get(name, 0) + flat.shape[0]
 
 
 def _elements_per_batch(model: onnx.ModelProto, names: list[str], feed: Mapping[str, np.ndarray],

@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --gptq: the FP16 outlier rows come last in GPTQ's order and take the other rows' "
                              "rounding error, which costs nothing since they are never rounded (OWQ); an ablation: "
                              "on the sample it measured worse (README)")
+    parser.add_argument("--gptq-sink-weight", type=float, default=0.0, metavar="W",
+                        help="with --gptq: GPTQ's objective also counts the attention sink (position 0 of each "
+                             "calibration window), whose inputs no other token resembles, weighted W against all "
+                             "other tokens together (0, the default: left out)")
     parser.add_argument("--scale-search", action="store_true",
                         help="INT4 layers: choose each block's scale (clipping level) for the least rounding error, "
                              "weighted by the input's second moments, on the full grid [-8, 7]")
@@ -126,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
                     activations=args.activations, activation_group=args.activation_group, awq=args.awq,
                     gptq=args.gptq, gptq_absorb=args.gptq_absorb, scale_search=args.scale_search,
                     asymmetric=args.asymmetric, scale_bits=args.scale_bits, smoothquant=args.smoothquant,
-                    bias_correction=args.bias_correction,
+                    bias_correction=args.bias_correction, gptq_sink_weight=args.gptq_sink_weight,
                     overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings,
                     outlier_layers=tuple(args.outlier_layers), distill_steps=args.distill_steps,
                     distill_norms=args.distill_norms, distill_rounding=args.distill_rounding,

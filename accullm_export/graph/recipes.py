@@ -54,6 +54,7 @@ class Recipe:
     awq: bool = False
     gptq: bool = False
     gptq_absorb: bool = False  # GPTQ's error updates also land on the FP16 outlier rows (OWQ), not only kept rows
+    gptq_sink_weight: float = 0.0  # GPTQ's H also counts the attention sink's position, with this weight
     scale_search: bool = False  # INT4 layers: each block's scale searched for the least rounding error
     asymmetric: bool = False  # blocked INT4 layers: uint4 with a zero point per block (ONNX Runtime only)
     scale_bits: int = 16  # blocked INT4 layers' scales: FP16, or 8-bit log codes (quant.scale_codes)
@@ -105,6 +106,10 @@ class Recipe:
                             "(give an int8 or int4 override, or the w4a16 or w8a8 recipe)")
         if self.gptq and self.name == "fp16":
             raise UserError("--gptq applies to the integer recipes (w4a16, w8a8)")
+        if not 0 <= self.gptq_sink_weight < float("inf"):
+            raise UserError(f"--gptq-sink-weight must be 0 (off) or positive, not {self.gptq_sink_weight}")
+        if self.gptq_sink_weight and not self.gptq:
+            raise UserError("--gptq-sink-weight changes GPTQ's objective: give --gptq")
         if self.gptq_absorb and not self.gptq:
             raise UserError("--gptq-absorb changes how GPTQ treats the FP16 outlier rows: give --gptq")
         if self.gptq_absorb and self.outliers == 0:
@@ -354,6 +359,8 @@ class PassContext:
     gptq_absorb: bool = False  # compensate_errors_gptq: the FP16 outlier rows take error updates
     bias_correction: bool = False  # correct_bias adds E[x] (W - W_quantized); GPTQ works on the covariance
     means: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)  # input tensor -> E[x] (calibration)
+    gptq_sink_weight: float = 0.0  # compensate_errors_gptq: H + weight x the sink position's moment
+    sink_moments: Mapping[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)  # E[x0 x0^T], E[x0]
     reference_weights: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)  # node -> source weight
     notes: list = dataclasses.field(default_factory=list)
     input_scales: dict = dataclasses.field(default_factory=dict)

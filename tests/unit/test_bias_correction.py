@@ -140,20 +140,26 @@ def test_onnxruntime_fuses_the_bias_into_matmulnbits(corrected, planted_model, t
     np.testing.assert_allclose(session.run(["logits"], feed)[0], _logits(path, feed), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("bias_correction", [True, False])
-def test_gptq_works_on_the_covariance(bias_correction):
+@pytest.mark.parametrize("bias_correction,sink_weight", [(True, 0.0), (False, 0.0), (False, 0.3), (True, 0.3)])
+def test_gptq_objective(bias_correction, sink_weight):
+    """GPTQ works on the covariance with bias correction, and adds the sink position's moment with its weight."""
     rng = np.random.default_rng(5)
     weight = (rng.standard_normal((32, 12)) * 0.1).astype(np.float32)
     x = rng.standard_normal((400, 32))
     x[:, 7] = 20.0 + 0.5 * rng.standard_normal(400)  # a large, nearly constant channel
+    sinks = rng.standard_normal((6, 32))
+    sinks[:, 3] = 50.0  # ... and one that only the sink position has
     hessian, mean = x.T @ x / len(x), x.mean(axis=0)
+    sink_second, sink_mean = sinks.T @ sinks / len(sinks), sinks.mean(axis=0)
     plan = plan_for(weight, "int4", block=16)
     context = PassContext(plans={plan.node: plan}, float_dtype=np.dtype(np.float32), hessians={"x": hessian},
                           means={"x": mean}, bias_correction=bias_correction,
-                          reference_weights={plan.node: weight.copy()})
+                          reference_weights={plan.node: weight.copy()}, gptq_sink_weight=sink_weight,
+                          sink_moments={"x": (sink_second, sink_mean)})
     graph, _ = run_passes(one_layer_graph(weight), [("compensate_errors_gptq", context),
                                                     ("correct_bias", context)])
-    used = hessian - np.outer(mean, mean) if bias_correction else hessian
+    centre = mean if bias_correction else np.zeros(32)
+    used = (x - centre).T @ (x - centre) / len(x) + sink_weight * (sinks - centre).T @ (sinks - centre) / len(sinks)
     values, _ = gptq_quantize(weight, used, 4, 16, act_order=True)
     dequantize = next(node for node in graph.nodes if node.op == "DequantizeLinear")
     np.testing.assert_array_equal(np.asarray(dequantize.inputs[0].values).astype(np.int8), values)
@@ -209,3 +215,36 @@ def test_tensorrt_swap_keeps_the_bias_after_the_plugin_op():
     bias = fused.outputs[0].outputs[0]
     assert bias.op == "Add" and bias.outputs[0].name == "y" and bias.outputs[0] in graph.outputs
     assert not [node for node in graph.nodes if node.op == "MatMul"]
+
+
+def test_gptq_sink_weight_needs_gptq_and_sink_statistics():
+    with pytest.raises(UserError, match="--gptq-sink-weight"):
+        Recipe(name="w4a16", gptq_sink_weight=0.2)
+    with pytest.raises(UserError, match="--gptq-sink-weight"):
+        Recipe(name="w4a16", gptq=True, gptq_sink_weight=-1.0)
+    weight = np.ones((16, 4), np.float32)
+    plan = plan_for(weight, "int4", block=16)
+    context = PassContext(plans={plan.node: plan}, float_dtype=np.dtype(np.float32),
+                          hessians={"x": np.eye(16)}, gptq_sink_weight=0.2)
+    with pytest.raises(UserError, match="position 0"):
+        run_passes(one_layer_graph(weight), [("compensate_errors_gptq", context)])
+
+
+def test_quantize_cli_takes_both_options(planted_model, profile, tmp_path, capsys):
+    import json
+
+    from accullm_export.cli.main import main
+
+    folder, _ = planted_model
+    common = ["quantize", str(folder), "--recipe", "w4a16", "--profile", str(profile), "--block-size", "32",
+              "--gptq", "--gptq-samples", str(SAMPLES), "--embeddings", "fp32"]
+    assert main([*common, "-o", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--bias-correction", "--gptq-sink-weight", "0.5", "-o", str(tmp_path / "both")]) == 0
+    recipe = json.loads((tmp_path / "both" / "manifest.json").read_text())["recipe"]
+    assert recipe["bias_correction"] is True and recipe["gptq_sink_weight"] == 0.5
+    plain, both = _initializers(tmp_path / "plain" / "model.onnx"), _initializers(tmp_path / "both" / "model.onnx")
+    assert any(name.endswith("/bias_correction") for name in both)
+    assert not any(name.endswith("/bias_correction") for name in plain)
+    moved = [name for name in plain if name.endswith("weight_quantized")
+             and not np.array_equal(plain[name].astype(np.int8), both[name].astype(np.int8))]
+    assert moved  # the other objective rounds some layer differently

@@ -366,7 +366,8 @@ def matmul_model(tmp_path_factory):
 @pytest.mark.parametrize("skip_first_position", [True, False])
 def test_collect_hessians_equals_numpy(matmul_model, skip_first_position):
     path, weight, feeds = matmul_model
-    hessians, means = collect_moments(path, ["x", "y"], lambda: iter(feeds), skip_first_position=skip_first_position)
+    moments = collect_moments(path, ["x", "y"], lambda: iter(feeds), skip_first_position=skip_first_position)
+    hessians, means = moments.second, moments.mean
     start = 1 if skip_first_position else 0
     inputs = np.concatenate([feed["x"][0, start:] for feed in feeds]).astype(np.float64)
     outputs = np.concatenate([feed["x"][0, start:] @ weight for feed in feeds]).astype(np.float64)
@@ -379,6 +380,14 @@ def test_collect_hessians_equals_numpy(matmul_model, skip_first_position):
     np.testing.assert_allclose(means["y"], outputs.mean(axis=0), rtol=1e-5)
     np.testing.assert_array_equal(collect_hessians(path, ["x"], lambda: iter(feeds),
                                                    skip_first_position=skip_first_position)["x"], hessians["x"])
+    if not skip_first_position:
+        assert moments.sink_second == {} and moments.sink_mean == {}
+        return
+    sinks = np.stack([feed["x"][0, 0] for feed in feeds]).astype(np.float64)
+    np.testing.assert_allclose(moments.sink_second["x"], sinks.T @ sinks / len(sinks), rtol=1e-12)
+    np.testing.assert_allclose(moments.sink_mean["x"], sinks.mean(axis=0), rtol=1e-12)
+    sink_outputs = sinks @ weight.astype(np.float64)
+    np.testing.assert_allclose(moments.sink_mean["y"], sink_outputs.mean(axis=0), rtol=1e-5)
 
 
 @pytest.mark.parametrize("budget_bytes,passes", [(300, 1), (200, 2)])

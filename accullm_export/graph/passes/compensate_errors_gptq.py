@@ -17,6 +17,14 @@ With ``quantize --bias-correction`` H is the covariance E[x x^T] - E[x] E[x]^T: 
 of the output error with a bias, so GPTQ need only minimise its variance. A channel that is nearly constant (the
 residual stream's massive activations, after the norm) then weighs by its small spread, not by its large mean.
 
+With ``quantize --gptq-sink-weight W`` the sink's position comes back into the objective as one term of its own:
+M = H + W E[x0 x0^T] (x0: the input at position 0 of each calibration window; centred with bias correction), so
+the sink's error weighs W times the mean token's in all. The attention sink's keys and values are read by every
+later token, and its input is unlike any other token's (on the sample, the q/k/v inputs' massive channel is
+about 7 at ordinary tokens and 1 at the sink, where another channel dominates); measured on four q_proj and
+four gate_proj layers of the sample with their FP16 rows, W = 0.2 cut the sink's relative output error 5-10x
+and changed the other tokens' by under 1%.
+
 With ``quantize --asymmetric`` blocked INT4 layers round onto a grid with a zero point per block
 (``quant.gptq.gptq_grid``), each row into its block's [-z, 15 - z].
 """
@@ -44,11 +52,7 @@ def run(graph: gs.Graph, context) -> gs.Graph:
         if weight is None or hessian is None:
             context.notes.append(f"{node.name}: no second-moment matrix for its input; plain rounding")
             continue
-        if context.bias_correction:
-            mean = context.means.get(node.inputs[0].name)
-            if mean is None:
-                raise UserError(f"{node.name}: --bias-correction has no calibration mean for its input")
-            hessian = hessian - np.outer(mean, mean)
+        hessian = _objective(node, hessian, context)
         statistics = context.statistics.get(node.inputs[0].name)
         sinks = set(sink_channels(statistics)) if statistics else set()
         unprotected = sorted(sinks - set(plan.outliers))
@@ -86,6 +90,26 @@ def run(graph: gs.Graph, context) -> gs.Graph:
         replace_weight_dequantized(graph, node, values, block_scales, plan.bits, plan.block_size,
                                    weight.values.dtype, zero_points)
     return graph.cleanup().toposort()
+
+
+def _objective(node: gs.Node, hessian: np.ndarray, context) -> np.ndarray:
+    """The matrix GPTQ minimises trace(D^T M D) for: H, centred with ``--bias-correction``, plus the sink
+    position's (centred alike) times ``--gptq-sink-weight``."""
+    name = node.inputs[0].name
+    mean = context.means.get(name) if context.bias_correction else None
+    if context.bias_correction and mean is None:
+        raise UserError(f"{node.name}: --bias-correction has no calibration mean for its input")
+    if mean is not None:
+        hessian = hessian - np.outer(mean, mean)
+    if context.gptq_sink_weight:
+        if name not in context.sink_moments:
+            raise UserError(f"{node.name}: --gptq-sink-weight needs its input's values at position 0 (a [batch, "
+                            "sequence, channels] tensor)")
+        second, sink_mean = context.sink_moments[name]
+        if mean is not None:  # E[(x0 - m)(x0 - m)^T]
+            second = second - np.outer(sink_mean, mean) - np.outer(mean, sink_mean) + np.outer(mean, mean)
+        hessian = hessian + context.gptq_sink_weight * second
+    return hessian
 
 
 def _branch_weight(graph: gs.Graph, node: gs.Node) -> gs.Constant | None:
