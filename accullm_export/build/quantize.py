@@ -62,6 +62,8 @@ def recipe_passes(recipe: Recipe) -> list[str]:
     if recipe.distill_steps:
         passes.append("distill_scales")
     passes += ["quantize_activations", "quantize_embeddings"]
+    if recipe.outlier_bits == 8:  # after every pass that moves the rows
+        passes.append("quantize_outlier_rows")
     if recipe.scale_bits == 8:  # after every pass that chooses scales
         passes.append("code_block_scales")
     if recipe.bias_correction:  # after every pass that changes a weight

@@ -62,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "grid shared by the layers that read one input (8: -0.125 bits per weight at block 64; "
                              "scales move by under 1%%). ONNX Runtime folds the codes at load time and still fuses "
                              "MatMulNBits; the TensorRT bundle decodes them into FP16 constants")
+    parser.add_argument("--outlier-bits", type=int, choices=(16, 8), default=16,
+                        help="the outlier branch's weight rows in FP16 (16) or INT8 with one FP16 scale per 16 rows "
+                             "(8: half the rows' bytes, and ONNX Runtime runs the branch as an 8-bit MatMulNBits; "
+                             "TensorRT's OutlierSplitGemm plugin takes FP16 rows only)")
     parser.add_argument("--bias-correction", action="store_true",
                         help="INT8/INT4 layers: add the FP16 bias E[x] (W - W_quantized), E[x] measured on the "
                              "calibration text, so that each layer's output error has zero mean; GPTQ then works on "
@@ -131,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
                     gptq=args.gptq, gptq_absorb=args.gptq_absorb, scale_search=args.scale_search,
                     asymmetric=args.asymmetric, scale_bits=args.scale_bits, smoothquant=args.smoothquant,
                     bias_correction=args.bias_correction, gptq_sink_weight=args.gptq_sink_weight,
+                    outlier_bits=args.outlier_bits,
                     overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings,
                     outlier_layers=tuple(args.outlier_layers), distill_steps=args.distill_steps,
                     distill_norms=args.distill_norms, distill_rounding=args.distill_rounding,

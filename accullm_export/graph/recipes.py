@@ -59,6 +59,7 @@ class Recipe:
     asymmetric: bool = False  # blocked INT4 layers: uint4 with a zero point per block (ONNX Runtime only)
     scale_bits: int = 16  # blocked INT4 layers' scales: FP16, or 8-bit log codes (quant.scale_codes)
     bias_correction: bool = False  # each low-bit layer gets the FP16 bias E[x] (W - W_quantized); GPTQ centres H
+    outlier_bits: int = 16  # the outlier branch's weight rows: FP16, or INT8 in blocks of 16 rows
     smoothquant: float | None = None  # w8a8: SmoothQuant's migration strength alpha
     overrides: tuple[tuple[str, str], ...] = ()  # (layer pattern, precision)
     outlier_layers: tuple[str, ...] = ()  # only layers matching one of these get the FP16 branch (default: all)
@@ -104,6 +105,10 @@ class Recipe:
                 split_precision(value)[0] in ("int8", "int4") for _, value in self.overrides):
             raise UserError("--bias-correction corrects the low-bit layers' mean error: the fp16 recipe has none "
                             "(give an int8 or int4 override, or the w4a16 or w8a8 recipe)")
+        if self.outlier_bits not in (16, 8):
+            raise UserError(f"--outlier-bits must be 16 (FP16 rows) or 8 (INT8 rows), not {self.outlier_bits}")
+        if self.outlier_bits == 8 and (self.outliers == 0 or not self.defaults.outlier_branch):
+            raise UserError("--outlier-bits 8 stores the outlier branch's rows as INT8: this recipe has no branch")
         if self.gptq and self.name == "fp16":
             raise UserError("--gptq applies to the integer recipes (w4a16, w8a8)")
         if not 0 <= self.gptq_sink_weight < float("inf"):

@@ -1,0 +1,75 @@
+"""INT8 outlier rows (``quantize --outlier-bits 8``): the model against an independent NumPy emulation, the bit
+count, ONNX Runtime's 8-bit MatMulNBits, the refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from accullm_export.build.quantize import quantize_model
+from accullm_export.errors import UserError
+from accullm_export.graph.recipes import Recipe
+from tests.unit.test_quantize import _builds_equal_emulation, _emulate_weight, _fused_at_level_1, _logits
+
+
+def np_int8_rows(rows: np.ndarray) -> np.ndarray:
+    """Rows quantized to INT8 per output column and block of 16 rows: scale = FP16(absmax / 127), at least FP16's
+    smallest normal, 1 if zero."""
+    out = np.empty_like(rows, dtype=np.float32)
+    for start in range(0, rows.shape[0], 16):
+        block = rows[start:start + 16].astype(np.float32)
+        scale = np.abs(block).max(axis=0) / np.float32(127)
+        scale[scale == 0] = 1.0
+        scale = np.maximum(scale, np.finfo(np.float16).tiny).astype(np.float16).astype(np.float32)
+        out[start:start + 16] = np.clip(np.rint(block / scale), -127, 127) * scale
+    return out
+
+
+def _emulate_int8_rows(weight: np.ndarray, plan) -> np.ndarray:
+    out = _emulate_weight(weight, plan)
+    if plan.outliers:
+        rows = list(plan.outliers)
+        out[rows] = np_int8_rows(weight[rows].astype(np.float16).astype(np.float32))
+    return out
+
+
+def test_int8_rows_equal_numpy_emulation(planted_model, profile, tmp_path):
+    folder, _ = planted_model
+    recipe = Recipe(name="w4a16", block_size=32, embeddings="fp32", outlier_bits=8)
+    manifest = quantize_model(folder, tmp_path / "q", recipe, profile, finishing=())
+    quantize_model(folder, tmp_path / "u", recipe, profile)
+    _builds_equal_emulation(folder, manifest, tmp_path, _emulate_int8_rows)
+    fp16_rows = quantize_model(folder, tmp_path / "f", Recipe(name="w4a16", block_size=32, embeddings="fp32"),
+                               profile, finishing=())
+    branched = [layer for layer in manifest["layers"] if layer["outliers"]]
+    assert branched
+    for layer, other in zip(manifest["layers"], fp16_rows["layers"]):
+        # each row entry: 8 bits + one FP16 scale per 16 rows (a partial block counts whole), against 16 bits
+        blocks = -(-len(layer["outliers"]) // 16)
+        saved = (16 * len(layer["outliers"]) - 8 * len(layer["outliers"]) - 16 * blocks) * layer["out_features"]
+        assert layer["bits_per_weight"] == pytest.approx(
+            other["bits_per_weight"] - saved / (layer["in_features"] * layer["out_features"]), abs=1e-3)
+
+
+def test_onnxruntime_runs_the_rows_as_8bit_matmulnbits(planted_model, profile, tmp_path):
+    folder, _ = planted_model
+    quantize_model(folder, tmp_path / "u", Recipe(name="w4a16", block_size=32, embeddings="fp32", outlier_bits=8),
+                   profile)
+    session, nodes = _fused_at_level_1(tmp_path / "u" / "model.onnx", tmp_path)
+    bits = [next(a.i for a in node.attribute if a.name == "bits") for node in nodes if node.op_type == "MatMulNBits"]
+    assert 8 in bits and 4 in bits
+    assert not [node for node in nodes if node.op_type in ("DequantizeLinear", "MatMul")]
+    from tests.unit.test_quantize import _feed
+
+    feed = _feed(folder)
+    np.testing.assert_allclose(session.run(["logits"], feed)[0], _logits(tmp_path / "u" / "model.onnx", feed),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_int8_rows_need_a_branch():
+    with pytest.raises(UserError, match="--outlier-bits"):
+        Recipe(name="w4a16", outliers=0, outlier_bits=8)
+    with pytest.raises(UserError, match="--outlier-bits"):
+        Recipe(name="fp16", outlier_bits=8)
+    with pytest.raises(UserError, match="--outlier-bits"):
+        Recipe(name="w4a16", outlier_bits=4)
