@@ -78,6 +78,7 @@ def test_build_cpu_end_to_end(planted_model, tmp_path):
     assert quantized["recipe"]["scale_search"] and quantized["recipe"]["gptq"]  # w4a16's searched block scales
     assert quantized["recipe"]["asymmetric"]  # zero points: ONNX Runtime targets only
     assert quantized["recipe"]["scale_bits"] == 8  # 8-bit block scales, folded by ONNX Runtime
+    assert quantized["recipe"]["outlier_bits"] == 8  # INT8 outlier rows (8-bit MatMulNBits)
     layers = quantized["layers"]  # FP16 rows where the residual enters
     assert any(layer["outliers"] for layer in layers)
     assert not any(layer["outliers"] for layer in layers if "o_proj" in layer["node"] or "down_proj" in layer["node"])
@@ -115,7 +116,7 @@ def test_build_orin_writes_a_bundle(planted_model, tmp_path, capsys):
     assert not any(node.op_type == "Split" for node in standard.graph.node)  # TensorRT targets skip merging
     recipe = json.loads((bundle / "model/manifest.json").read_text())["recipe"]
     assert not recipe["asymmetric"]  # TensorRT's Dequantize takes zero points of 0 only
-    assert recipe["scale_bits"] == 16
+    assert recipe["scale_bits"] == 16 and recipe["outlier_bits"] == 16  # what TensorRT and its plugin take
     assert not any(node.op_type == "DequantizeLinear" and len(node.input) > 2 and node.input[2]
                    and "block_size" in {a.name for a in node.attribute} for node in standard.graph.node)
 
