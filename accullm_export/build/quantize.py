@@ -279,7 +279,7 @@ def _moments(model_path: Path, plans: dict[str, LayerPlan], profile, options: Qu
     if len(feeds) < options.gptq_samples:
         notes.append(f"GPTQ: --gptq-samples {options.gptq_samples}, but the profile holds {len(feeds)} calibration "
                      f"windows, so GPTQ used {len(feeds)} (calibrate with --samples {options.gptq_samples} for more)")
-    log.info("moments of %d input tensors over %d calibration windows (GPTQ, bias correction)", len(tensors),
+    log.info("second moments and means of %d input tensors over %d calibration windows", len(tensors),
              len(feeds))
     return collect_moments(model_path, tensors, lambda: iter(feeds), budget_bytes=options.budget_mb << 20)
 

@@ -96,12 +96,7 @@ def replace_weight_dequantized(graph: gs.Graph, node: gs.Node, values: np.ndarra
         inputs = [quantized, scale, constant(f"{node.name}/weight_zero_point", np.zeros(scales.size, storage))]
     else:
         # ONNX Runtime's blocked DequantizeLinear rejects a zero point of another rank; 0 is the default
-        scale = constant(f"{node.name}/weight_scale", scales.astype(np.float16))
-        if np.dtype(float_dtype) != np.float16:
-            widened = gs.Variable(f"{node.name}/weight_scale_widened", dtype=float_dtype, shape=list(scales.shape))
-            graph.nodes.append(gs.Node("Cast", name=f"{node.name}/weight_scale/Cast",
-                                       attrs={"to": onnx_type(float_dtype)}, inputs=[scale], outputs=[widened]))
-            scale = widened
+        scale = half_constant(graph, f"{node.name}/weight_scale", scales, float_dtype)
         attrs = {"axis": 0, "block_size": int(block_size)}
         inputs = [quantized, scale]
         if zero_points is not None:  # the same shape as the scales
@@ -111,6 +106,18 @@ def replace_weight_dequantized(graph: gs.Graph, node: gs.Node, values: np.ndarra
                          inputs=inputs, outputs=[weight])
     node.inputs[1] = weight
     graph.nodes.append(dequantize)
+
+
+def half_constant(graph: gs.Graph, name: str, values: np.ndarray, float_dtype: np.dtype):
+    """``values`` stored as an FP16 constant ``name``, widened to ``float_dtype`` by a Cast (``name/Cast``, output
+    ``name_widened``) unless that is FP16; returns the tensor readers should take."""
+    stored = constant(name, np.asarray(values).astype(np.float16))
+    if np.dtype(float_dtype) == np.float16:
+        return stored
+    widened = gs.Variable(f"{name}_widened", dtype=float_dtype, shape=list(np.shape(values)))
+    graph.nodes.append(gs.Node("Cast", name=f"{name}/Cast", attrs={"to": onnx_type(float_dtype)}, inputs=[stored],
+                               outputs=[widened]))
+    return widened
 
 
 def replace_weight_cast(graph: gs.Graph, node: gs.Node, values: np.ndarray, storage_dtype: np.dtype,

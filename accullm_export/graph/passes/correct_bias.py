@@ -25,10 +25,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from accullm_export.graph.ir import constant
 from accullm_export.graph.passes import register
 from accullm_export.graph.passes.distill_scales import effective_weight
-from accullm_export.graph.rewrite import onnx_type, planned_nodes
+from accullm_export.graph.rewrite import half_constant, planned_nodes
 
 SUFFIX = "bias_correction"
 
@@ -80,12 +79,7 @@ def add_bias(graph: gs.Graph, node: gs.Node, bias: np.ndarray, float_dtype: np.d
     """MatMul + bias in place of ``node``'s output (its readers, an outlier branch's Add included, keep their
     tensor; ONNX Runtime fuses the Add into MatMulNBits); the bias stored in FP16."""
     result = node.outputs[0]
-    stored = constant(f"{node.name}/{SUFFIX}", bias.astype(np.float16))
-    addend = stored
-    if np.dtype(float_dtype) != np.float16:
-        addend = gs.Variable(f"{node.name}/{SUFFIX}_widened", dtype=float_dtype, shape=[bias.size])
-        graph.nodes.append(gs.Node("Cast", name=f"{node.name}/{SUFFIX}/Cast", attrs={"to": onnx_type(float_dtype)},
-                                   inputs=[stored], outputs=[addend]))
+    addend = half_constant(graph, f"{node.name}/{SUFFIX}", bias, float_dtype)
     before = gs.Variable(f"{node.name}/uncorrected_output", dtype=result.dtype, shape=result.shape)
     node.outputs[0] = before
     graph.nodes.append(gs.Node("Add", name=f"{node.name}/{SUFFIX}/Add", inputs=[before, addend], outputs=[result]))

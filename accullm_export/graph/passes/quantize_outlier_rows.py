@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 
 from accullm_export.graph.ir import constant, constant_array
 from accullm_export.graph.passes import register
-from accullm_export.graph.rewrite import onnx_type, planned_nodes, producer_of
+from accullm_export.graph.rewrite import half_constant, planned_nodes, producer_of
 from accullm_export.quant.symmetric import quantize
 
 ROW_BLOCK = 16  # rows per scale: the smallest block ONNX Runtime's MatMulNBits takes
@@ -50,12 +50,7 @@ def run(graph: gs.Graph, context) -> gs.Graph:
 def _dequantized(graph: gs.Graph, layer: str, values: np.ndarray, scales: np.ndarray,
                  float_dtype: np.dtype) -> gs.Variable:
     """DequantizeLinear(int8 ``values``, FP16 ``scales`` widened to ``float_dtype``), blocked along the rows."""
-    scale = constant(f"{layer}/outlier_weight_scale", scales.astype(np.float16))
-    if np.dtype(float_dtype) != np.float16:
-        widened = gs.Variable(f"{layer}/outlier_weight_scale_widened", dtype=float_dtype, shape=list(scales.shape))
-        graph.nodes.append(gs.Node("Cast", name=f"{layer}/outlier_weight_scale/Cast",
-                                   attrs={"to": onnx_type(float_dtype)}, inputs=[scale], outputs=[widened]))
-        scale = widened
+    scale = half_constant(graph, f"{layer}/outlier_weight_scale", scales, float_dtype)
     weight = gs.Variable(f"{layer}/outlier_weight_dequantized", dtype=float_dtype, shape=list(values.shape))
     graph.nodes.append(gs.Node("DequantizeLinear", name=f"{layer}/outlier_weight/DequantizeLinear",
                                attrs={"axis": 0, "block_size": ROW_BLOCK},
