@@ -164,10 +164,11 @@ def format_quantize_summary(manifest: dict) -> str:
         f"recipe {manifest['recipe']['name']}: " + ", ".join(f"{n} layers {p}" for p, n in sorted(precisions.items())),
         f"size: {manifest['source']['constant_bytes'] / 2**20:.1f} MiB -> {size['file_constant_bytes'] / 2**20:.1f} MiB "
         f"({size['file_bits_per_parameter']:.2f} bits per parameter in the file)",
-        f"linear layers: {size['linear_bits_per_weight']:.3f} effective bits per weight (scales and FP16 outlier "
-        f"rows included)",
+        f"linear layers: {size['linear_bits_per_weight']:.3f} effective bits per weight (scales, zero points, outlier "
+        f"rows and bias corrections included)",
         f"outlier branch: {len(with_outliers)} layers, "
-        f"{sum(len(layer['outliers']) for layer in with_outliers)} channels in all",
+        f"{sum(len(layer['outliers']) for layer in with_outliers)} channels in all, rows in "
+        f"{'INT8' if manifest['recipe'].get('outlier_bits') == 8 else 'FP16'}",
     ]
     if manifest["notes"]:
         lines.append(f"notes: {len(manifest['notes'])} (see manifest.json); first: {manifest['notes'][0]}")

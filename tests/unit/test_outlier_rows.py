@@ -73,3 +73,12 @@ def test_int8_rows_need_a_branch():
         Recipe(name="fp16", outlier_bits=8)
     with pytest.raises(UserError, match="--outlier-bits"):
         Recipe(name="w4a16", outlier_bits=4)
+
+
+def test_quantize_cli_reports_int8_rows(planted_model, profile, tmp_path, capsys):
+    from accullm_export.cli.main import main
+
+    folder, _ = planted_model
+    assert main(["quantize", str(folder), "--recipe", "w4a16", "--profile", str(profile), "--block-size", "32",
+                 "--outlier-bits", "8", "-o", str(tmp_path / "q")]) == 0
+    assert "channels in all, rows in INT8" in capsys.readouterr().out
