@@ -4,15 +4,19 @@ quantization", here with measured means).
 
 E[x] is the layer input's mean over the calibration windows (position 0, the attention sink, left out like GPTQ's
 statistics), measured on the source model; W is the source weight and W_q what the rewritten layer multiplies by:
-its integers dequantized (after GPTQ, distillation and 8-bit scale codes) with its FP16 outlier rows put back.
+its integers dequantized (after GPTQ, distillation, INT8 rows and 8-bit scale codes) with its outlier rows put
+back.
 Inputs divided by AWQ's or SmoothQuant's s have the mean E[x] / s, so b = E[x] W - (E[x] / s) W_q.
 
-Why it pays on the sample model: after the RMSNorms, the residual stream's massive channels are large and
-nearly constant (on SmolLM2-135M the largest one's |x| has a coefficient of variation of 0.12-0.3). Their rows'
-rounding error then mostly shifts the output by a constant, which the bias takes back, and GPTQ (which works on
-the covariance of x once bias correction is on) spends its compensation on what varies. Those channels can then
-leave the FP16 branch, whose Gather, fp32 MatMul and Add cost about a sixth of a CPU decode step, for the price
-of one FP16 vector per layer (16 / in_features bits per weight) that ONNX Runtime folds into MatMulNBits.
+What it was for, and what it measured on the sample model: after the RMSNorms, the residual stream's massive
+channels are large and nearly constant (on SmolLM2-135M the largest one's |x| has a coefficient of variation of
+0.12-0.3), so their rows' rounding error mostly shifts the output by a constant, which the bias takes back, and
+GPTQ (on the covariance of x once bias correction is on) spends its compensation on what varies. Those channels
+might then leave the FP16 branch (about 3 us of ONNX Runtime node work per layer) for one FP16 vector per layer
+(16 / in_features bits per weight; ONNX Runtime folds the Add into MatMulNBits, 0.6 us). They cannot: without the
+rows the attention sink's q/k/v inputs, unlike any other token's, break, and the other tokens' error stays 10-25%
+above the branch's (``benchmarks/layer_error_probe.py``); with the rows the bias changes the layer error by 2% or
+less. So it is off by default, an option for models whose outliers are steadier.
 
 The bias is stored in FP16 (widened by a Cast in a float32 graph) as ``<layer>/bias_correction`` and added to the
 MatMul's output (before an outlier branch's Add, so that ONNX Runtime can fuse it into MatMulNBits);
