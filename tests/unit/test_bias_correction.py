@@ -248,3 +248,16 @@ def test_quantize_cli_takes_both_options(planted_model, profile, tmp_path, capsy
     moved = [name for name in plain if name.endswith("weight_quantized")
              and not np.array_equal(plain[name].astype(np.int8), both[name].astype(np.int8))]
     assert moved  # the other objective rounds some layer differently
+
+
+def test_w8a8_static_layers_get_their_bias_behind_the_activation_quantizer(planted_model, profile, tmp_path):
+    """The layer reads its input through w8a8's Q/DQ; the mean is found by the planned input's name."""
+    from accullm_export.build.quantize import QuantizeOptions
+
+    folder, _ = planted_model
+    manifest = quantize_model(folder, tmp_path / "q", Recipe(name="w8a8", embeddings="fp32", bias_correction=True),
+                              profile, options=QuantizeOptions(gptq_samples=SAMPLES), finishing=())
+    stored = _initializers(tmp_path / "q" / "model.onnx")
+    quantized = [layer for layer in manifest["layers"] if layer["precision"] in ("int8", "int4")]
+    assert quantized and all(f"{layer['node']}/bias_correction" in stored for layer in quantized)
+    assert not [note for note in manifest["notes"] if "no bias correction" in note]

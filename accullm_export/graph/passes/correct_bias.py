@@ -44,7 +44,7 @@ def run(graph: gs.Graph, context) -> gs.Graph:
     for node, plan in planned_nodes(graph, context.plans):
         if not plan.quantized:
             continue
-        bias = layer_bias(node, context)
+        bias = layer_bias(node, plan.input, context)
         if bias is None:
             context.notes.append(f"{node.name}: no calibration mean, source weight or constant quantized weight; "
                                  "no bias correction")
@@ -56,9 +56,10 @@ def run(graph: gs.Graph, context) -> gs.Graph:
     return graph.cleanup().toposort()
 
 
-def layer_bias(node: gs.Node, context) -> np.ndarray | None:
-    """E[x] W - E[x'] W_q for ``node`` (float64 [out]); None when a piece is missing."""
-    terms = correction_terms(node, context)
+def layer_bias(node: gs.Node, input_name: str, context) -> np.ndarray | None:
+    """E[x] W - E[x'] W_q for ``node``, whose planned input is ``input_name`` (float64 [out]); None when a piece
+    is missing."""
+    terms = correction_terms(node.name, input_name, context)
     quantized = effective_weight(node)
     if terms is None or quantized is None:
         return None
@@ -66,15 +67,16 @@ def layer_bias(node: gs.Node, context) -> np.ndarray | None:
     return target - seen @ quantized.astype(np.float64)
 
 
-def correction_terms(node: gs.Node, context) -> tuple[np.ndarray, np.ndarray] | None:
-    """(E[x'], the mean of the input as ``node`` reads it, x' = x / s after AWQ or SmoothQuant; E[x] W of the
-    source layer), float64; None without a calibration mean or source weight."""
-    mean = context.means.get(node.inputs[0].name)
-    reference = context.reference_weights.get(node.name)
+def correction_terms(layer: str, input_name: str, context) -> tuple[np.ndarray, np.ndarray] | None:
+    """(E[x'], the mean of the input as the layer reads it, x' = x / s after AWQ or SmoothQuant; E[x] W of the
+    source layer), float64, for the layer named ``layer`` whose planned input is ``input_name`` (by that name,
+    since w8a8's activation Q/DQ comes between); None without a calibration mean or source weight."""
+    mean = context.means.get(input_name)
+    reference = context.reference_weights.get(layer)
     if mean is None or reference is None:
         return None
     mean = np.asarray(mean, dtype=np.float64)
-    scales = context.input_scales.get(node.inputs[0].name)
+    scales = context.input_scales.get(input_name)
     seen = mean if scales is None else mean / np.asarray(scales, dtype=np.float64)
     return seen, mean @ reference.astype(np.float64)
 

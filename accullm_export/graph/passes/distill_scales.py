@@ -81,7 +81,8 @@ def _with_correction(layer: BlockScaled, node: gs.Node, context) -> BlockScaled:
     ``correct_bias``); unchanged when either is unknown (``correct_bias`` then notes it)."""
     from accullm_export.graph.passes.correct_bias import correction_terms  # it reads effective_weight from here
 
-    terms = correction_terms(node, context)
+    plan = context.plans.get(node.name)
+    terms = correction_terms(node.name, plan.input, context) if plan is not None else None
     if terms is None:
         return layer
     return dataclasses.replace(layer, mean=terms[0].astype(np.float32), target=terms[1].astype(np.float32))
