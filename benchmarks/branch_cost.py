@@ -115,8 +115,9 @@ def main(argv=None) -> int:
         median = statistics.median(samples[(kind, count)])
         label = f"branch, {count} channels" if kind == "branch" else kind
         lines.append(f"| {label} | {median:.0f} | {(median - base) / args.layers:+.2f} |")
-    lines.append(f"\n{args.layers} layers ({HIDDEN} x {' / '.join(map(str, WIDTHS))}, INT4 block {args.block_size} with "
-                 f"zero points), median of {args.rounds} interleaved rounds of {args.calls} calls, ORT all, "
+    shapes = " / ".join(map(str, WIDTHS))
+    lines.append(f"\n{args.layers} layers ({HIDDEN} x {shapes}, INT4 block {args.block_size} with zero points), "
+                 f"median of {args.rounds} interleaved rounds of {args.calls} calls, ORT all, "
                  f"{args.threads} threads")
     peers.print_report("\n".join(lines), args.out)
     return 0

@@ -365,7 +365,8 @@ class PassContext:
     bias_correction: bool = False  # correct_bias adds E[x] (W - W_quantized); GPTQ works on the covariance
     means: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)  # input tensor -> E[x] (calibration)
     gptq_sink_weight: float = 0.0  # compensate_errors_gptq: H + weight x the sink position's moment
-    sink_moments: Mapping[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)  # E[x0 x0^T], E[x0]
+    # input tensor -> (E[x0 x0^T], E[x0]) at the sink's position, for --gptq-sink-weight
+    sink_moments: Mapping[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
     reference_weights: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)  # node -> source weight
     notes: list = dataclasses.field(default_factory=list)
     input_scales: dict = dataclasses.field(default_factory=dict)

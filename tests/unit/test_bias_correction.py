@@ -133,7 +133,8 @@ def test_onnxruntime_fuses_the_bias_into_matmulnbits(corrected, planted_model, t
     session, nodes = _fused_at_level_1(path, tmp_path)
     fused = [node for node in nodes if node.op_type == "MatMulNBits"]
     assert fused and all(len(node.input) >= 6 and node.input[5] for node in fused)
-    constants = {t.name for t in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.initializer}
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+    constants = {tensor.name for tensor in optimized.graph.initializer}
     assert not [node for node in nodes if node.op_type == "DequantizeLinear"
                 or node.op_type == "Add" and set(node.input) & constants]  # every bias went into MatMulNBits
     feed = _feed(planted_model[0])

@@ -19,7 +19,7 @@ residual stream's massive activations, after the norm) then weighs by its small 
 
 With ``quantize --gptq-sink-weight W`` the sink's position comes back into the objective as one term of its own:
 M = H + W E[x0 x0^T] (x0: the input at position 0 of each calibration window; centred with bias correction), so
-the sink's error weighs W times the mean token's in all. The attention sink's keys and values are read by every
+the sink weighs W against all other tokens together. The attention sink's keys and values are read by every
 later token, and its input is unlike any other token's (on the sample, the q/k/v inputs' massive channel is
 about 7 at ordinary tokens and 1 at the sink, where another channel dominates); measured on four q_proj and
 four gate_proj layers of the sample with their FP16 rows, W = 0.2 cut the sink's relative output error 5-10x
