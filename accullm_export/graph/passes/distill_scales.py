@@ -122,7 +122,7 @@ def block_scaled_layers(graph: gs.Graph, notes: list) -> tuple[list[BlockScaled]
     return layers, stored, stored_values
 
 
-def _branch_matmul(node: gs.Node) -> gs.Node | None:
+def branch_matmul(node: gs.Node) -> gs.Node | None:
     """The MatMul of the FP16 outlier branch ``isolate_outliers`` gave ``node`` (added to its output, after the
     bias ``correct_bias`` may have added), or None."""
     output = node.outputs[0]
@@ -141,7 +141,7 @@ def _branch_matmul(node: gs.Node) -> gs.Node | None:
 def outlier_branch(node: gs.Node) -> tuple[tuple[int, ...], np.ndarray | None]:
     """The FP16 outlier branch ``isolate_outliers`` gave ``node``: (its input channels, its weight rows as
     float32), or ((), None)."""
-    matmul = _branch_matmul(node)
+    matmul = branch_matmul(node)
     if matmul is None:
         return (), None
     gather = producer_of(matmul.inputs[0], "Gather")
@@ -153,7 +153,7 @@ def outlier_branch(node: gs.Node) -> tuple[tuple[int, ...], np.ndarray | None]:
 
 def outlier_weight_constant(node: gs.Node) -> gs.Constant:
     """The constant holding the FP16 outlier branch's weight rows of ``node`` (behind its Cast, if any)."""
-    matmul = _branch_matmul(node)
+    matmul = branch_matmul(node)
     cast = producer_of(matmul.inputs[1], "Cast")
     return cast.inputs[0] if cast is not None else matmul.inputs[1]
 

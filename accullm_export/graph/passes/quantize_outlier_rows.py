@@ -21,7 +21,8 @@ import onnx_graphsurgeon as gs
 
 from accullm_export.graph.ir import constant, constant_array
 from accullm_export.graph.passes import register
-from accullm_export.graph.rewrite import half_constant, planned_nodes, producer_of
+from accullm_export.graph.passes.distill_scales import branch_matmul, outlier_weight_constant
+from accullm_export.graph.rewrite import half_constant, planned_nodes
 from accullm_export.quant.symmetric import quantize
 
 ROW_BLOCK = 16  # rows per scale: the smallest block ONNX Runtime's MatMulNBits takes
@@ -33,10 +34,8 @@ def run(graph: gs.Graph, context) -> gs.Graph:
     for node, plan in planned_nodes(graph, context.plans):
         if not plan.outliers:
             continue
-        branch = graph.tensors().get(f"{node.name}/outlier_output")
-        matmul = producer_of(branch, "MatMul") if branch is not None else None
-        cast = producer_of(matmul.inputs[1], "Cast") if matmul is not None else None
-        rows = cast.inputs[0] if cast is not None else (matmul.inputs[1] if matmul is not None else None)
+        matmul = branch_matmul(node)
+        rows = outlier_weight_constant(node) if matmul is not None else None
         if not isinstance(rows, gs.Constant):
             context.notes.append(f"{node.name}: its outlier branch is not an FP16 constant times the gathered "
                                  "channels; its rows stay as they are")
