@@ -20,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -84,10 +87,7 @@ def main(argv=None) -> int:
              "| block | zero points | us per call | ratio to block 64 without |", "|--:|---|--:|--:|"]
     lines += [f"| {block} | {'yes' if zero_points else 'no'} | {medians[block, zero_points] * 1e6:.0f} | "
               f"{medians[block, zero_points] / reference:.2f}x |" for block, zero_points in rows]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    peers.print_report("\n".join(lines), args.out)
     return 0
 
 

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -80,10 +83,7 @@ def main(argv=None) -> int:
         total = sum(a for _, a in pairs) / max(sum(s for s, _ in pairs), 1e-30)
         lines.append(f"| {kind} | {len(pairs)} | {total:.3f} | {np.median(ratios):.3f} "
                      f"({ratios[0]:.3f}-{ratios[-1]:.3f}) |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
+    peers.print_report("\n".join(lines), args.out)
     return 0
 
 
