@@ -56,6 +56,8 @@ def recipe_passes(recipe: Recipe) -> list[str]:
     if recipe.smoothquant is not None:
         passes.append("smooth_activations")
     passes.append("isolate_outliers")
+    if recipe.rotate:  # the branch reads x, the rest x R: after the split, before any rounding
+        passes.append("rotate_inputs")
     if recipe.gptq:
         passes.append("compensate_errors_gptq")
     passes.append("quantize_weights")

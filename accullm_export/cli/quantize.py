@@ -74,6 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the covariance of x instead of E[x x^T] (16/K bits per weight; ONNX Runtime fuses the "
                              "Add into MatMulNBits). An ablation: on the sample it did not replace the FP16 branch "
                              "and changed little beside it (README)")
+    parser.add_argument("--rotate", action="append", default=[], metavar="PATTERN",
+                        help="weight-only INT4 layers matching PATTERN (repeatable, as --override matches): the "
+                             "low-bit part reads its input block-Hadamard rotated, x R, and rounds R^T W, whose "
+                             "blocks round more evenly; the FP16 branch keeps the outlier channels. Four small "
+                             "nodes per layer: for the LM head (--rotate lm_head), whose block size sets a large "
+                             "share of the decode time (README)")
     parser.add_argument("--smoothquant", type=float, metavar="ALPHA",
                         help="w8a8: SmoothQuant with migration strength ALPHA (e.g. 0.5), folded into the producers")
     parser.add_argument("--gptq-samples", type=int, default=32,
@@ -142,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
                     overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings,
                     outlier_layers=tuple(args.outlier_layers), distill_steps=args.distill_steps,
                     distill_norms=args.distill_norms, distill_rounding=args.distill_rounding,
-                    distill_outlier_rows=args.distill_outlier_rows)
+                    distill_outlier_rows=args.distill_outlier_rows, rotate=tuple(args.rotate))
     options = QuantizeOptions(gptq_samples=args.gptq_samples, distill_samples=args.distill_samples,
                               distill_lr=args.distill_lr, distill_rounding_lr=args.distill_rounding_lr)
     manifest = quantize_model(args.model, args.output, recipe, args.profile, options=options,

@@ -68,6 +68,7 @@ class Recipe:
     distill_norms: bool = False  # ... and the RMSNorm gains with them
     distill_rounding: bool = False  # ... and the integers, each within one step of where rounding left it
     distill_outlier_rows: bool = False  # ... and the FP16 outlier rows
+    rotate: tuple[str, ...] = ()  # INT4 layers whose low-bit part reads its input block-Hadamard rotated
     version: int = 1
 
     def __post_init__(self):
@@ -133,6 +134,11 @@ class Recipe:
                             "--distill-steps")
         if self.distill_outlier_rows and self.outliers == 0:
             raise UserError("--distill-outlier-rows trains the FP16 outlier rows, and --outliers 0 has none")
+        if self.rotate and not self.int4_layers:
+            raise UserError("--rotate applies to blocked INT4 layers (the w4a16 recipe, or int4 overrides)")
+        if self.rotate and self.bias_correction:
+            raise UserError("--rotate and --bias-correction do not combine yet: the bias would need the rotated "
+                            "input's mean in the distillation replica; give one of them")
         for pattern, value in self.overrides:
             precision, block = split_precision(value)
             if precision not in PRECISIONS or (block is not None and (precision != "int4" or block not in BLOCKS)):
@@ -157,6 +163,7 @@ class Recipe:
         values = {key: value for key, value in data.items() if key in fields}
         values["overrides"] = tuple(tuple(item) for item in values.get("overrides", ()))
         values["outlier_layers"] = tuple(values.get("outlier_layers", ()))
+        values["rotate"] = tuple(values.get("rotate", ()))
         return cls(**values)
 
 
@@ -226,10 +233,17 @@ class LayerPlan:
     activations: str | None  # "static", "dynamic" or None (not quantized)
     activation_scale: float | None  # static: the input's scale (absmax of the non-outlier channels / 127)
     activation_group: int | None = None  # dynamic: channels per scale within a token (None: the whole row)
+    rotation: int | None = None  # --rotate: the low-bit part reads x R, R block-Hadamard with blocks of this size
 
     @property
     def quantized(self) -> bool:
         return self.precision in ("int8", "int4")
+
+    @property
+    def excluded_rows(self) -> tuple[int, ...]:
+        """The low-bit weight's rows that are not rounded (zero): the outlier channels, unless the low-bit part
+        reads a rotated input, whose every row is rounded (the branch still reads the outlier channels)."""
+        return () if self.rotation else self.outliers
 
     @property
     def bits(self) -> int:
@@ -271,7 +285,8 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
                         if (channels := sink_channels(profile.input_statistics(layer.input)))}
         outlier_layers += tuple(sink_writers)
     for option, pattern in [("--override", p) for p, _ in recipe.overrides] + [
-            ("--outlier-layers", p) for p in outlier_layers] + [("--outlier-layers !", p) for p in excluded]:
+            ("--outlier-layers", p) for p in outlier_layers] + [("--outlier-layers !", p) for p in excluded] + [
+            ("--rotate", p) for p in recipe.rotate]:
         if not any(override_matches(pattern, layer.node) for layer in layers):
             raise UserError(f"{option} {pattern!r} matches no linear layer (names look like {layers[0].node})")
     weights = {layer.node: layer_weights(recipe, layer.node) for layer in layers}  # (precision, int4 block)
@@ -298,13 +313,36 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
                 raise UserError(f"--activation-group {group}: {layer.node} has {layer.in_features} input channels, "
                                 f"not a multiple of {group}; this model takes "
                                 f"{', '.join(map(str, usable)) or 'no group size'}")
+        rotation = None
+        if any(override_matches(p, layer.node) for p in recipe.rotate):
+            rotation = rotation_block(layer, precision[layer.node], quantize_input)
         plans[layer.node] = LayerPlan(
             node=layer.node, input=layer.input, weight=layer.weight, in_features=layer.in_features,
             out_features=layer.out_features, precision=precision[layer.node],
             block_size=weights[layer.node][1], outliers=chosen,
             activations=recipe.activations if quantize_input else None, activation_scale=scale,
-            activation_group=group)
+            activation_group=group, rotation=rotation)
     return plans
+
+
+ROTATION_BLOCKS = (128, 64, 32, 16)  # Hadamard sizes --rotate picks from, largest first
+
+
+def rotation_block(layer, precision: str, quantized_input: bool) -> int:
+    """The Hadamard block size ``--rotate`` gives ``layer``: the largest of ROTATION_BLOCKS dividing its input
+    channels.
+
+    Raises:
+        UserError: the layer is not a weight-only INT4 layer, or no block size divides its input channels.
+    """
+    if precision != "int4" or quantized_input:
+        raise UserError(f"--rotate: {layer.node} is {precision}{' with INT8 activations' if quantized_input else ''};"
+                        " only weight-only INT4 layers are rotated")
+    block = next((size for size in ROTATION_BLOCKS if layer.in_features % size == 0), None)
+    if block is None:
+        raise UserError(f"--rotate: {layer.node} has {layer.in_features} input channels, which no Hadamard block of "
+                        f"{', '.join(map(str, ROTATION_BLOCKS))} divides")
+    return block
 
 
 def activation_groups(layers: Sequence) -> list[int]:

@@ -95,6 +95,7 @@ class BlockScaled:
     bounds: tuple[int, int] = (-8, 7)  # the integer type's range
     mean: np.ndarray | None = None  # bias correction: E[x] of the layer's input [in] ...
     target: np.ndarray | None = None  # ... and E[x] W of the source layer [out]: the layer adds target - mean @ W_q
+    rotation: np.ndarray | None = None  # --rotate: the integers multiply x @ rotation [in, in]; every row is low-bit
 
 
 def module_of(node_name: str) -> str:
@@ -172,9 +173,14 @@ def block_scaled_linear_class():
             # leaves them at 0
             self.fixed = torch.nn.Parameter(fixed, requires_grad=False) if outlier_rows and layer.outliers \
                 else torch.nn.Buffer(fixed)
-            low_bit = np.ones((rows, 1), dtype=np.float32)
-            low_bit[list(layer.outliers)] = 0.0
-            self.register_buffer("low_bit", torch.from_numpy(low_bit))
+            branch = np.zeros((rows, 1), dtype=np.float32)
+            branch[list(layer.outliers)] = 1.0
+            self.register_buffer("branch", torch.from_numpy(branch))
+            # the rows rounded to integers: all of them when the integers read a rotated input
+            self.register_buffer("low_bit", torch.from_numpy(1.0 - branch if layer.rotation is None
+                                                             else np.ones_like(branch)))
+            self.rotation = None if layer.rotation is None else torch.nn.Buffer(
+                torch.from_numpy(np.asarray(layer.rotation, dtype=np.float32)))
             self.theta = torch.nn.Parameter(torch.zeros_like(self.initial))
             self.offset = torch.nn.Parameter(torch.zeros_like(self.values)) if rounding else None
             self.bias = bias
@@ -194,8 +200,14 @@ def block_scaled_linear_class():
             return (self.values + rounded).clamp(*self.bounds) * self.low_bit
 
         def forward(self, x):
-            weight = self.integers() * self.scales()[self.rows] + self.fixed * (1.0 - self.low_bit)
-            out = x @ weight
+            if self.rotation is None:
+                weight = self.integers() * self.scales()[self.rows] + self.fixed * self.branch
+                out = x @ weight
+            else:
+                if self.correction is not None:
+                    raise ValueError("bias correction of a rotated layer is not modelled")
+                low_bit = self.integers() * self.scales()[self.rows]
+                out = (x @ self.rotation) @ low_bit + x @ (self.fixed * self.branch)
             if self.correction is not None:
                 mean, target = self.correction
                 out = out + (target - mean @ weight)

@@ -67,18 +67,18 @@ def run(graph: gs.Graph, context) -> gs.Graph:
             inverse = 1.0 / scales.astype(np.float64)
             hessian = hessian * np.outer(inverse, inverse)
         search = context.scale_search and plan.bits == 4
-        branch = _branch_weight(graph, node) if context.gptq_absorb and plan.outliers else None
+        branch = _branch_weight(graph, node) if context.gptq_absorb and plan.excluded_rows else None
         # the sink's own channels stay as they are: H leaves the sink out, so it cannot see what moving them costs
         absorbing = [index for index, channel in enumerate(plan.outliers) if channel not in sinks]
         grid, zero_points = None, None
         if asymmetric_layer(context, plan):  # every outlier row is left out of the grid, absorbing or not
-            grid = gptq_grid(weight.values, hessian, plan.bits, plan.block_size, exclude=plan.outliers,
+            grid = gptq_grid(weight.values, hessian, plan.bits, plan.block_size, exclude=plan.excluded_rows,
                              search=search, asymmetric=True)
             zero_points = grid[1]
         if branch is None or not absorbing:
             values, block_scales = gptq_quantize(weight.values.astype(np.float32), hessian, plan.bits,
-                                                 plan.block_size, exclude=plan.outliers, act_order=True, search=search,
-                                                 grid=grid)
+                                                 plan.block_size, exclude=plan.excluded_rows, act_order=True,
+                                                 search=search, grid=grid)
         else:
             full = weight.values.astype(np.float32)
             full[list(plan.outliers)] = branch.values.astype(np.float32)

@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 from accullm_export.errors import UserError
 from accullm_export.graph.ir import constant, constant_array
 from accullm_export.graph.passes import register
+from accullm_export.graph.passes.rotate_inputs import input_rotation
 from accullm_export.graph.rewrite import decoded_scale, producer_of, scale_code, stored_scales
 from accullm_export.quant.asymmetric import signed_values
 from accullm_export.quant.distill import BlockScaled, DistillConfig, distill_scales, module_of
@@ -115,8 +116,10 @@ def block_scaled_layers(graph: gs.Graph, notes: list) -> tuple[list[BlockScaled]
             continue
         channels, rows = outlier_branch(node)
         module = module_of(node.name)
-        layers.append(BlockScaled(module, values.astype(np.int8),
-                                  np.asarray(scales.values, dtype=np.float32), block_size, channels, rows))
+        rotation = input_rotation(node)
+        layers.append(BlockScaled(module, values.astype(np.int8), np.asarray(scales.values, dtype=np.float32),
+                                  block_size, channels, rows,
+                                  rotation=None if rotation is None else rotation[1].astype(np.float32)))
         stored[module] = scales
         stored_values[module] = dequantize_node
     return layers, stored, stored_values

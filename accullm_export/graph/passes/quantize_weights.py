@@ -59,5 +59,5 @@ def _row_importance(context, node: gs.Node, plan) -> np.ndarray | None:
     if scales is not None:
         importance = importance / np.asarray(scales, dtype=np.float64) ** 2
     importance = importance.copy()
-    importance[list(plan.outliers)] = 0.0
+    importance[list(plan.excluded_rows)] = 0.0
     return importance

@@ -1,0 +1,151 @@
+"""Block-Hadamard rotation of an INT4 layer's input (``quantize --rotate PATTERN``): the low-bit part computes
+(x R)(R^T W) = x W, and R^T W rounds better than W.
+
+R = diag(d) (I (x) H_b / sqrt(b)): random signs d, then a Hadamard transform within each block of b consecutive
+channels (b the largest of 128/64/32/16 dividing the input width; 64 on the sample). Rotating the weight's rows
+within a block spreads each block's largest entries over all of its rows, so a block's scale fits its rows more
+evenly (QuIP#/QuaRot's incoherence processing, here on one layer's input only, never on the residual stream:
+the outlier channels stay where the FP16 branch reads them). The outlier channels' signs are 0, so the rotated
+input leaves them out exactly as the zero rows of an unrotated layer do, and its values carry no outliers into
+ONNX Runtime's per-block activation quantization (accuracy level 4) either.
+
+In the graph, once per rotated input (layers that read one input share it, so they still merge): Mul(x, d) ->
+Reshape [batch, seq, C/b, b] -> MatMul(H_b / sqrt(b)) -> Reshape [batch, seq, C], four small nodes whose constants
+take C + b^2 floats. The layer's statistics follow the input: its second-moment matrix (GPTQ) becomes R^T H R,
+its per-channel second moments (scale search) diag(R^T H R), and its plan reads the rotated tensor with no
+excluded rows. The distillation replica multiplies by the same R (``quant.distill``). Runs after
+``isolate_outliers`` (the branch keeps reading x) and before GPTQ and rounding.
+
+Meant for a layer whose block size costs a large share of the decode time, the LM head above all (measured
+figures in the README, ``quantize``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from accullm_export.errors import UserError
+from accullm_export.graph.ir import constant
+from accullm_export.graph.passes import register
+from accullm_export.graph.rewrite import float_weight, planned_nodes, producer_of
+
+
+@register("rotate_inputs")
+def run(graph: gs.Graph, context) -> gs.Graph:
+    rotated, inputs = 0, {}  # source tensor name -> (rotated tensor, R): layers that share an input share R
+    for node, plan in planned_nodes(graph, context.plans):
+        if not plan.rotation:
+            continue
+        weight = float_weight(node)
+        source = node.inputs[0]
+        if weight is None:
+            raise UserError(f"--rotate: {node.name}'s weight is not a float constant; it cannot be rotated")
+        if source.shape is not None and len(source.shape) != 3:
+            raise UserError(f"--rotate: {node.name} reads a rank-{len(source.shape)} input; the rotation reshapes "
+                            "[batch, sequence, channels] inputs only")
+        if source.name not in inputs:
+            signs = rotation_signs(source.name, weight.values.shape[0], plan.outliers)
+            matrix = rotation_matrix(signs, plan.rotation)
+            inputs[source.name] = (_insert_rotation(graph, node.name, source, signs, plan.rotation), matrix)
+            _rotate_statistics(context, source.name, inputs[source.name][0].name, matrix)
+        rotated_input, matrix = inputs[source.name]
+        node.inputs[0] = rotated_input
+        rest = np.asarray(weight.values, dtype=np.float64).copy()
+        rest[list(plan.outliers)] = 0.0  # the branch computes these rows (isolate_outliers zeroed them already)
+        values = (matrix.T @ rest).astype(weight.values.dtype)  # every row, the outlier rows' 0 spread out
+        node.inputs[1] = constant(f"{node.name}/weight_rotated", values)
+        context.plans[node.name] = dataclasses.replace(plan, input=rotated_input.name)
+        rotated += 1
+    context.notes.append(f"{rotated} layers' low-bit parts read their input block-Hadamard rotated, {len(inputs)} "
+                         "rotations (--rotate)")
+    return graph.cleanup().toposort()
+
+
+def rotation_signs(source: str, channels: int, outliers) -> np.ndarray:
+    """The random signs d of the rotation of input tensor ``source`` (seeded by its name, so a rebuild gives the
+    same R), 0 on the outlier channels."""
+    signs = np.random.default_rng(zlib.crc32(source.encode())).choice([-1.0, 1.0], size=channels)
+    signs[list(outliers)] = 0.0
+    return signs.astype(np.float32)
+
+
+def hadamard(size: int) -> np.ndarray:
+    """The Sylvester Hadamard matrix of a power-of-two ``size``, scaled to be orthogonal."""
+    matrix = np.ones((1, 1))
+    while matrix.shape[0] < size:
+        matrix = np.block([[matrix, matrix], [matrix, -matrix]])
+    return matrix / np.sqrt(size)
+
+
+def rotation_matrix(signs: np.ndarray, block: int) -> np.ndarray:
+    """R = diag(d) (I (x) H_b): x R is what the rotation nodes compute (float64 [C, C])."""
+    channels = signs.shape[0]
+    return np.kron(np.eye(channels // block), hadamard(block)) * np.asarray(signs, dtype=np.float64)[:, None]
+
+
+def input_rotation(node: gs.Node) -> tuple[gs.Variable, np.ndarray] | None:
+    """(the unrotated input, R) when ``node`` reads its input through the nodes ``rotate_inputs`` writes, else
+    None."""
+    back = producer_of(node.inputs[0], "Reshape")
+    matmul = producer_of(back.inputs[0], "MatMul") if back is not None else None
+    split = producer_of(matmul.inputs[0], "Reshape") if matmul is not None else None
+    multiply = producer_of(split.inputs[0], "Mul") if split is not None else None
+    if multiply is None or not multiply.name.endswith("/rotation/Mul"):
+        return None
+    signs = np.asarray(multiply.inputs[1].values, dtype=np.float64)
+    return multiply.inputs[0], rotation_matrix(signs, int(matmul.inputs[1].values.shape[0]))
+
+
+def _insert_rotation(graph: gs.Graph, layer: str, source: gs.Variable, signs: np.ndarray,
+                     block: int) -> gs.Variable:
+    """x R as four nodes named after the input; the constants carry the first reader's name (``layer``), so the
+    manifest counts their bytes with that layer."""
+    prefix = f"{source.name}/rotation"
+    channels, dtype = signs.shape[0], source.dtype or np.float32
+    signed, blocks, mixed, output = (gs.Variable(f"{prefix}/{name}", dtype=dtype)
+                                     for name in ("signed", "blocks", "mixed", "output"))
+    graph.nodes += [
+        gs.Node("Mul", name=f"{prefix}/Mul", inputs=[source, constant(f"{layer}/rotation_signs", signs.astype(dtype))],
+                outputs=[signed]),
+        gs.Node("Reshape", name=f"{prefix}/Reshape_blocks",
+                inputs=[signed, constant(f"{prefix}/blocks_shape", np.array([0, 0, channels // block, block]))],
+                outputs=[blocks]),
+        gs.Node("MatMul", name=f"{prefix}/MatMul",
+                inputs=[blocks, constant(f"{layer}/rotation_hadamard", hadamard(block).astype(dtype))],
+                outputs=[mixed]),
+        gs.Node("Reshape", name=f"{prefix}/Reshape_channels",
+                inputs=[mixed, constant(f"{prefix}/channels_shape", np.array([0, 0, channels]))], outputs=[output]),
+    ]
+    return output
+
+
+def _rotate_statistics(context, source: str, rotated: str, matrix: np.ndarray) -> None:
+    """The rotated input's second moments (and mean, sink moments) from the source's, for GPTQ and the scale
+    search; AWQ's divisors of the source are applied first (the rotation reads x / s)."""
+    scales = context.input_scales.get(source)
+    inverse = None if scales is None else 1.0 / np.asarray(scales, dtype=np.float64)
+    hessian = context.hessians.get(source)
+    if hessian is not None:
+        hessian = np.asarray(hessian, dtype=np.float64)
+        if inverse is not None:
+            hessian = hessian * np.outer(inverse, inverse)
+        context.hessians[rotated] = matrix.T @ hessian @ matrix
+        second = np.diag(context.hessians[rotated]).copy()
+    else:
+        statistics = context.statistics.get(source, {})
+        if "second_moment" not in statistics:
+            return
+        diagonal = np.asarray(statistics["second_moment"], dtype=np.float64)
+        if inverse is not None:
+            diagonal = diagonal * inverse ** 2
+        second = (matrix ** 2 * diagonal[:, None]).sum(axis=0)
+    context.statistics[rotated] = {"second_moment": second}
+    if source in context.sink_moments:
+        sink_second, sink_mean = context.sink_moments[source]
+        if inverse is not None:
+            sink_second, sink_mean = sink_second * np.outer(inverse, inverse), sink_mean * inverse
+        context.sink_moments[rotated] = (matrix.T @ sink_second @ matrix, sink_mean @ matrix)
