@@ -31,6 +31,7 @@ import onnx_graphsurgeon as gs
 from accullm_export.errors import UserError
 from accullm_export.graph.ir import constant
 from accullm_export.graph.passes import register
+from accullm_export.graph.recipes import sink_channels
 from accullm_export.graph.rewrite import float_weight, planned_nodes, producer_of
 
 
@@ -48,6 +49,11 @@ def run(graph: gs.Graph, context) -> gs.Graph:
             raise UserError(f"--rotate: {node.name} reads a rank-{len(source.shape)} input; the rotation reshapes "
                             "[batch, sequence, channels] inputs only")
         if source.name not in inputs:
+            unprotected = sorted(set(sink_channels(context.statistics.get(source.name) or {})) - set(plan.outliers))
+            if unprotected:
+                context.notes.append(f"{node.name}: its input's attention-sink channels {unprotected} have no FP16 "
+                                     "row, so the rotation mixes them into the low-bit part, whose statistics leave "
+                                     "the sink out")
             signs = rotation_signs(source.name, weight.values.shape[0], plan.outliers)
             matrix = rotation_matrix(signs, plan.rotation)
             inputs[source.name] = (_insert_rotation(graph, node.name, source, signs, plan.rotation), matrix)
