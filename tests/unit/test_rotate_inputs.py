@@ -168,3 +168,27 @@ def test_readers_of_one_input_share_the_rotation_and_still_merge(planted_model, 
               and node.input[0].endswith("/rotation/output")]
     assert len(merged) == blocks  # q, k and v read the same rotated tensor, so they still merge
     _builds_equal_emulation(folder, manifest, tmp_path, _emulate_rotated(tmp_path / "q"))
+
+
+def test_tensorrt_swap_leaves_a_rotated_layer_standard():
+    """OutlierSplitGemm reads one input for both parts; a rotated layer's low-bit part reads x R, so the swap
+    leaves it as standard ONNX, with a note, and the graph computes what it did before the swap."""
+    import dataclasses
+
+    from accullm_export.graph.pipeline import run_passes
+    from accullm_export.graph.recipes import PassContext
+    from tests.unit.test_quantize import one_layer_graph, plan_for, run_graph
+
+    weight = (np.random.default_rng(5).standard_normal((32, 8)) * 0.1).astype(np.float32)
+    plan = dataclasses.replace(plan_for(weight, "int4", block=16, outliers=(3,)), rotation=16)
+    passes = ("isolate_outliers", "rotate_inputs", "quantize_weights")
+    graphs = {}
+    for name, extra in (("standard", ()), ("swapped", ("fuse_outlier_split_gemm",))):
+        context = PassContext(plans={plan.node: plan}, float_dtype=np.dtype(np.float32))
+        graphs[name], reports = run_passes(one_layer_graph(weight), [(p, context) for p in passes + extra])
+    assert not [node for node in graphs["swapped"].nodes if node.op == "OutlierSplitGemm"]
+    assert any("left as standard ONNX" in note for note in reports[-1].notes)
+    x = np.random.default_rng(6).standard_normal((2, 3, 32)).astype(np.float32)
+    swapped = run_graph(graphs["swapped"], x)
+    np.testing.assert_array_equal(swapped, run_graph(graphs["standard"], x))
+    assert np.abs(swapped - x @ weight).mean() < 0.1 * np.abs(x @ weight).mean()  # INT4 rounding only
