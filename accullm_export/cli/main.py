@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "and TensorRT targets.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="count", default=0, help="debug log output, Polygraphy's own log included")
+    verbosity.add_argument("-v", "--verbose", action="count", default=0,
+                           help="debug log output, Polygraphy's own log included")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in SUBCOMMANDS.items():

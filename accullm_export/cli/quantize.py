@@ -172,7 +172,8 @@ def format_quantize_summary(manifest: dict) -> str:
         precisions[layer["precision"]] = precisions.get(layer["precision"], 0) + 1
     lines = [
         f"recipe {manifest['recipe']['name']}: " + ", ".join(f"{n} layers {p}" for p, n in sorted(precisions.items())),
-        f"size: {manifest['source']['constant_bytes'] / 2**20:.1f} MiB -> {size['file_constant_bytes'] / 2**20:.1f} MiB "
+        f"size: {manifest['source']['constant_bytes'] / 2**20:.1f} MiB -> "
+        f"{size['file_constant_bytes'] / 2**20:.1f} MiB "
         f"({size['file_bits_per_parameter']:.2f} bits per parameter in the file)",
         f"linear layers: {size['linear_bits_per_weight']:.3f} effective bits per weight (scales, zero points, outlier "
         f"rows and bias corrections included)",

@@ -77,7 +77,8 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size
 def gptq_quantize_absorbing(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None = None, *,
                             absorb: Sequence[int], exclude: Sequence[int] = (), damp: float = 0.01, batch: int = 128,
                             act_order: bool = False, search: bool = False,
-                            grid: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                            grid: tuple[np.ndarray, np.ndarray] | None = None
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``gptq_quantize`` with rows that take the other rows' error instead of sitting it out.
 
     The ``absorb`` rows (``weight`` holds their full-precision values) come after every rounded row in the

@@ -92,8 +92,8 @@ def _dynamic(graph: gs.Graph, source: gs.Variable, plan, float_dtype: np.dtype) 
     largest = _node(graph, "ReduceMax", f"{name}/token_scale/ReduceMax",
                     [magnitude, constant(f"{name}/token_scale/axes", np.asarray([-1], dtype=np.int64))], float_dtype,
                     keepdims=1)
-    scale = _node(graph, "Div", f"{name}/token_scale/Div", [largest, constant(f"{name}/qmax", np.asarray(127, float_dtype))],
-                  float_dtype)
+    qmax = constant(f"{name}/qmax", np.asarray(127, float_dtype))
+    scale = _node(graph, "Div", f"{name}/token_scale/Div", [largest, qmax], float_dtype)
     scale = _node(graph, "Max", f"{name}/token_scale/Max",
                   [scale, constant(f"{name}/token_scale/floor", np.asarray(_TINY, float_dtype))], float_dtype)
     zero_point = _node(graph, "Expand", f"{name}/token_zero_point/Expand",
