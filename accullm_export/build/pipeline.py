@@ -189,26 +189,28 @@ def _quantize(reference: Path, out: Path, profile: Path, recipe: str, options: B
     return out
 
 
-def _has_layer(reference: Path, pattern: str) -> bool:
-    """Whether a linear layer of the model matches ``pattern`` (as ``--override`` matches)."""
+def _linear_layers(reference: Path) -> list:
+    """The model's linear layers (``graph.linear.find_linear_layers``), read from its header only."""
     from accullm_export.graph.io import load_onnx
     from accullm_export.graph.linear import find_linear_layers
-    from accullm_export.graph.recipes import override_matches
 
     path = reference / "model.onnx" if reference.is_dir() else reference
-    return any(override_matches(pattern, layer.node)
-               for layer in find_linear_layers(load_onnx(path, load_external_data=False)))
+    return find_linear_layers(load_onnx(path, load_external_data=False))
+
+
+def _has_layer(reference: Path, pattern: str) -> bool:
+    """Whether a linear layer of the model matches ``pattern`` (as ``--override`` matches)."""
+    from accullm_export.graph.recipes import override_matches
+
+    return any(override_matches(pattern, layer.node) for layer in _linear_layers(reference))
 
 
 def _activation_group(reference: Path) -> int:
     """32 input channels per dynamic scale (as MatMulNBits at accuracy level 4) where every linear layer's width
     allows it, else 16, else one scale per token."""
-    from accullm_export.graph.io import load_onnx
-    from accullm_export.graph.linear import find_linear_layers
     from accullm_export.graph.recipes import activation_groups
 
-    path = reference / "model.onnx" if reference.is_dir() else reference
-    usable = activation_groups(find_linear_layers(load_onnx(path, load_external_data=False)))
+    usable = activation_groups(_linear_layers(reference))
     return next((group for group in (32, 16) if group in usable), 0)
 
 
