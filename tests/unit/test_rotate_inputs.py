@@ -76,6 +76,10 @@ def test_rotated_model_equals_numpy_emulation(planted_model, profile, tmp_path):
         assert set(np.unique(np.abs(signs))) <= {0.0, 1.0}
         assert sorted(np.flatnonzero(signs == 0)) == layer["outliers"]
     _builds_equal_emulation(folder, manifest, tmp_path, _emulate_rotated(tmp_path / "q"))
+    mixers = [node for node in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node
+              if node.name.endswith("/rotation/MatMul")]
+    assert len(mixers) == len({layer["input"] for layer in rotated.values()}) > 1
+    assert len({node.input[1] for node in mixers}) == 1  # one H_64 shared by every rotation
     note = next(note for note in manifest["notes"] if "rotated" in note)
     assert note.startswith(f"{len(rotated)} layers'")
 

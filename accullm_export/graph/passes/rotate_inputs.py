@@ -11,9 +11,9 @@ ONNX Runtime's per-block activation quantization (accuracy level 4) either.
 
 In the graph, once per rotated input (layers that read one input share it, so they still merge): Mul(x, d) ->
 Reshape [batch, seq, C/b, b] -> MatMul(H_b / sqrt(b)) -> Reshape [batch, seq, C], four small nodes whose constants
-take C + b^2 floats. The layer's statistics follow the input: its second-moment matrix (GPTQ) becomes R^T H R,
-its per-channel second moments (scale search) diag(R^T H R), and its plan reads the rotated tensor with no
-excluded rows. The distillation replica multiplies by the same R (``quant.distill``). Runs after
+take C floats (every rotation of block b shares one H_b). The layer's statistics follow the input: its
+second-moment matrix (GPTQ) becomes R^T H R, its per-channel second moments (scale search) diag(R^T H R), and its
+plan reads the rotated tensor with no excluded rows. The distillation replica multiplies by the same R (``quant.distill``). Runs after
 ``isolate_outliers`` (the branch keeps reading x) and before GPTQ and rounding.
 
 Meant for a layer whose block size costs a large share of the decode time, the LM head above all (measured
@@ -38,6 +38,7 @@ from accullm_export.graph.rewrite import float_weight, planned_nodes, producer_o
 @register("rotate_inputs")
 def run(graph: gs.Graph, context) -> gs.Graph:
     rotated, inputs = 0, {}  # source tensor name -> (rotated tensor, signs): its readers share the rotation
+    hadamards: dict = {}  # (block size, dtype) -> H_b / sqrt(b), one constant for every rotation
     for node, plan in planned_nodes(graph, context.plans):
         if not plan.rotation:
             continue
@@ -55,7 +56,7 @@ def run(graph: gs.Graph, context) -> gs.Graph:
                                      "row, so the rotation mixes them into the low-bit part, whose statistics leave "
                                      "the sink out")
             signs = rotation_signs(source.name, weight.values.shape[0], plan.outliers)
-            inputs[source.name] = (_insert_rotation(graph, node.name, source, signs, plan.rotation), signs)
+            inputs[source.name] = (_insert_rotation(graph, node.name, source, signs, plan.rotation, hadamards), signs)
             _rotate_statistics(context, source.name, inputs[source.name][0].name,
                                rotation_matrix(signs, plan.rotation))
         rotated_input, signs = inputs[source.name]
@@ -113,12 +114,16 @@ def input_rotation(node: gs.Node) -> tuple[gs.Variable, np.ndarray] | None:
     return multiply.inputs[0], rotation_matrix(signs, int(matmul.inputs[1].values.shape[0]))
 
 
-def _insert_rotation(graph: gs.Graph, layer: str, source: gs.Variable, signs: np.ndarray,
-                     block: int) -> gs.Variable:
+def _insert_rotation(graph: gs.Graph, layer: str, source: gs.Variable, signs: np.ndarray, block: int,
+                     hadamards: dict) -> gs.Variable:
     """x R as four nodes named after the input; the constants carry the first reader's name (``layer``), so the
-    manifest counts their bytes with that layer."""
+    manifest counts their bytes with that layer. Rotations of one block size share one H_b constant
+    (``hadamards``, (block size, dtype) -> constant), counted once, with the first layer rotated."""
     prefix = f"{source.name}/rotation"
     channels, dtype = signs.shape[0], source.dtype or np.float32
+    key = (block, np.dtype(dtype).name)
+    if key not in hadamards:
+        hadamards[key] = constant(f"{layer}/rotation_hadamard", hadamard(block).astype(dtype))
     signed, blocks, mixed, output = (gs.Variable(f"{prefix}/{name}", dtype=dtype)
                                      for name in ("signed", "blocks", "mixed", "output"))
     graph.nodes += [
@@ -128,7 +133,7 @@ def _insert_rotation(graph: gs.Graph, layer: str, source: gs.Variable, signs: np
                 inputs=[signed, constant(f"{prefix}/blocks_shape", np.array([0, 0, channels // block, block]))],
                 outputs=[blocks]),
         gs.Node("MatMul", name=f"{prefix}/MatMul",
-                inputs=[blocks, constant(f"{layer}/rotation_hadamard", hadamard(block).astype(dtype))],
+                inputs=[blocks, hadamards[key]],
                 outputs=[mixed]),
         gs.Node("Reshape", name=f"{prefix}/Reshape_channels",
                 inputs=[mixed, constant(f"{prefix}/channels_shape", np.array([0, 0, channels]))], outputs=[output]),
