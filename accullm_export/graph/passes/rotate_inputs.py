@@ -13,8 +13,8 @@ In the graph, once per rotated input (layers that read one input share it, so th
 Reshape [batch, seq, C/b, b] -> MatMul(H_b / sqrt(b)) -> Reshape [batch, seq, C], four small nodes whose constants
 take C floats (every rotation of block b shares one H_b). The layer's statistics follow the input: its
 second-moment matrix (GPTQ) becomes R^T H R, its per-channel second moments (scale search) diag(R^T H R), and its
-plan reads the rotated tensor with no excluded rows. The distillation replica multiplies by the same R (``quant.distill``). Runs after
-``isolate_outliers`` (the branch keeps reading x) and before GPTQ and rounding.
+plan reads the rotated tensor with no excluded rows. The distillation replica multiplies by the same R
+(``quant.distill``). Runs after ``isolate_outliers`` (the branch keeps reading x) and before GPTQ and rounding.
 
 Meant for a layer whose block size costs a large share of the decode time, the LM head above all (measured
 figures in the README, ``quantize``).
@@ -56,8 +56,9 @@ def run(graph: gs.Graph, context) -> gs.Graph:
                                      "row, so the rotation mixes them into the low-bit part, whose statistics leave "
                                      "the sink out")
             signs = rotation_signs(source.name, weight.values.shape[0], plan.outliers)
-            inputs[source.name] = (_insert_rotation(graph, node.name, source, signs, plan.rotation, hadamards), signs)
-            _rotate_statistics(context, source.name, inputs[source.name][0].name,
+            rotated_input = _insert_rotation(graph, node.name, source, signs, plan.rotation, hadamards)
+            inputs[source.name] = (rotated_input, signs)
+            _rotate_statistics(context, source.name, rotated_input.name,
                                rotation_matrix(signs, plan.rotation))
         rotated_input, signs = inputs[source.name]
         node.inputs[0] = rotated_input
