@@ -113,6 +113,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "norm (q/k/v, gate/up, lm_head), where its outlier features enter, and those writing the "
                              "attention sink's massive activations; '!PATTERN' takes matching layers out (e.g. "
                              "residual and '!*up_proj*'); each branch costs a few small kernels per decode step")
+    parser.add_argument("--min-outliers", action="append", default=[], metavar="PATTERN=N",
+                        help="at least N outlier channels for the branch of each layer matching PATTERN: the "
+                             "policy's, topped up by the channels of largest calibration E[x^2] (repeatable; e.g. "
+                             "lm_head=32, where 24 more FP16 rows cost the sample 0.14 bits per weight)")
     parser.add_argument("--embeddings", choices=("int8", "fp16", "fp32"), default="int8",
                         help="the token-embedding table (fp32: left as it is)")
     parser.add_argument("--onnxruntime-fusions", action="store_true",
@@ -130,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     from accullm_export.build.quantize import FINISHING_PASSES, ONNXRUNTIME_FUSIONS, QuantizeOptions, quantize_model
     from accullm_export.cli.sparsify import format_sparsity_summary, sparsity_config
     from accullm_export.errors import UserError
-    from accullm_export.graph.recipes import Recipe, parse_override
+    from accullm_export.graph.recipes import Recipe, parse_min_outliers, parse_override
 
     if args.gptq_samples < 1:
         raise UserError("--gptq-samples must be at least 1")
@@ -149,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
                     overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings,
                     outlier_layers=tuple(args.outlier_layers), distill_steps=args.distill_steps,
                     distill_norms=args.distill_norms, distill_rounding=args.distill_rounding,
-                    distill_outlier_rows=args.distill_outlier_rows, rotate=tuple(args.rotate))
+                    distill_outlier_rows=args.distill_outlier_rows, rotate=tuple(args.rotate),
+                    min_outliers=tuple(parse_min_outliers(text) for text in args.min_outliers))
     options = QuantizeOptions(gptq_samples=args.gptq_samples, distill_samples=args.distill_samples,
                               distill_lr=args.distill_lr, distill_rounding_lr=args.distill_rounding_lr)
     manifest = quantize_model(args.model, args.output, recipe, args.profile, options=options,

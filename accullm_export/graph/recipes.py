@@ -63,6 +63,7 @@ class Recipe:
     smoothquant: float | None = None  # w8a8: SmoothQuant's migration strength alpha
     overrides: tuple[tuple[str, str], ...] = ()  # (layer pattern, precision)
     outlier_layers: tuple[str, ...] = ()  # only layers matching one of these get the FP16 branch (default: all)
+    min_outliers: tuple[tuple[str, int], ...] = ()  # (layer pattern, N): at least N branch channels there
     embeddings: str = "int8"  # the token-embedding table: int8 per row, fp16, or fp32 (left as it is)
     distill_steps: int = 0  # INT4 block scales trained this many steps against the source model (0: off)
     distill_norms: bool = False  # ... and the RMSNorm gains with them
@@ -139,6 +140,12 @@ class Recipe:
         if self.rotate and self.bias_correction:
             raise UserError("--rotate and --bias-correction do not combine yet: the bias would need the rotated "
                             "input's mean in the distillation replica; give one of them")
+        for pattern, count in self.min_outliers:
+            if not (isinstance(count, int) and count >= 1):
+                raise UserError(f"--min-outliers {pattern}={count}: the count must be a positive integer")
+            if self.outliers == 0 or not self.defaults.outlier_branch:
+                raise UserError(f"--min-outliers {pattern}={count} asks for outlier channels, and this recipe "
+                                f"({self.name}, --outliers {self.outliers}) has no outlier branch")
         for pattern, value in self.overrides:
             precision, block = split_precision(value)
             if precision not in PRECISIONS or (block is not None and (precision != "int4" or block not in BLOCKS)):
@@ -155,7 +162,8 @@ class Recipe:
         return self.name == "w4a16" or any(split_precision(value)[0] == "int4" for _, value in self.overrides)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"overrides": [list(item) for item in self.overrides]}
+        return dataclasses.asdict(self) | {"overrides": [list(item) for item in self.overrides],
+                                           "min_outliers": [list(item) for item in self.min_outliers]}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "Recipe":
@@ -164,6 +172,7 @@ class Recipe:
         values["overrides"] = tuple(tuple(item) for item in values.get("overrides", ()))
         values["outlier_layers"] = tuple(values.get("outlier_layers", ()))
         values["rotate"] = tuple(values.get("rotate", ()))
+        values["min_outliers"] = tuple((pattern, int(count)) for pattern, count in values.get("min_outliers", ()))
         return cls(**values)
 
 
@@ -205,6 +214,14 @@ def parse_override(text: str) -> tuple[str, str]:
     if not sep or not pattern:
         raise UserError(f"--override {text!r}: expected PATTERN=PRECISION, e.g. lm_head=int8")
     return pattern, precision
+
+
+def parse_min_outliers(text: str) -> tuple[str, int]:
+    """``PATTERN=N`` from the command line (``--min-outliers lm_head=32``)."""
+    pattern, sep, count = text.rpartition("=")
+    if not sep or not pattern or not count.strip().isdigit():
+        raise UserError(f"--min-outliers {text!r}: expected PATTERN=N with N a positive integer, e.g. lm_head=32")
+    return pattern, int(count)
 
 
 def override_matches(pattern: str, node: str) -> bool:
@@ -286,12 +303,13 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
         outlier_layers += tuple(sink_writers)
     for option, pattern in [("--override", p) for p, _ in recipe.overrides] + [
             ("--outlier-layers", p) for p in outlier_layers] + [("--outlier-layers !", p) for p in excluded] + [
-            ("--rotate", p) for p in recipe.rotate]:
+            ("--rotate", p) for p in recipe.rotate] + [("--min-outliers", p) for p, _ in recipe.min_outliers]:
         if not any(override_matches(pattern, layer.node) for layer in layers):
             raise UserError(f"{option} {pattern!r} matches no linear layer (names look like {layers[0].node})")
     weights = {layer.node: layer_weights(recipe, layer.node) for layer in layers}  # (precision, int4 block)
     precision = {node: chosen for node, (chosen, _) in weights.items()}
     outliers: dict[str, set[int]] = {}
+    topped: set[str] = set()  # layers --min-outliers applied to
     for layer in layers:
         branch = (not outlier_layers or any(override_matches(p, layer.node) for p in outlier_layers)) and \
             not any(override_matches(p, layer.node) for p in excluded)
@@ -299,6 +317,14 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
             outliers.setdefault(layer.input, set()).update(_outlier_channels(recipe, layer, profile))
             if recipe.outliers != 0:
                 outliers[layer.input].update(sink_writers.get(layer.node, ()))
+            counts = [count for pattern, count in recipe.min_outliers if override_matches(pattern, layer.node)]
+            if counts:
+                outliers[layer.input] = _topped_up(outliers[layer.input], max(counts), profile, layer.input)
+                topped.add(layer.node)
+    for pattern, count in recipe.min_outliers:
+        if not any(override_matches(pattern, node) for node in topped):
+            raise UserError(f"--min-outliers {pattern}={count}: no layer it matches gets an outlier branch "
+                            "(INT8/INT4 layers do, within --outlier-layers)")
     plans = {}
     for layer in layers:
         chosen = tuple(sorted(outliers.get(layer.input, ()))) if precision[layer.node] in ("int8", "int4") else ()
@@ -361,6 +387,13 @@ def _outlier_channels(recipe: Recipe, layer, profile) -> list[int]:
     absmax = profile.input_statistics(layer.input)["absmax"]
     count = min(int(recipe.outliers), absmax.size)
     return sorted(int(c) for c in np.argsort(-absmax, kind="stable")[:count])
+
+
+def _topped_up(chosen: set[int], count: int, profile, tensor: str) -> set[int]:
+    """``chosen`` plus the channels of largest E[x^2] (calibration) until it holds ``count`` (--min-outliers)."""
+    second = np.asarray(profile.input_statistics(tensor)["second_moment"], dtype=np.float64)
+    extra = [int(c) for c in np.argsort(-second, kind="stable") if int(c) not in chosen]
+    return set(chosen) | set(extra[:max(count - len(chosen), 0)])
 
 
 def activation_range(statistics: Mapping[str, np.ndarray]) -> np.ndarray:

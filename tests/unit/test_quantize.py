@@ -18,7 +18,7 @@ from accullm_export.cli.main import main
 from accullm_export.errors import UserError
 from accullm_export.graph.ir import constant, constant_array
 from accullm_export.graph.pipeline import run_passes
-from accullm_export.graph.recipes import LayerPlan, PassContext, Recipe, override_matches
+from accullm_export.graph.recipes import LayerPlan, PassContext, Recipe, override_matches, parse_min_outliers
 from accullm_export.runtime.session import create_session
 from tests.conftest import PLANTED
 
@@ -458,6 +458,43 @@ def test_outlier_layers_limit_the_branch(planted_model, profile, tmp_path):
     assert without == {node for node in with_branch if "gate_proj" not in node and "up_proj" not in node}
     with pytest.raises(UserError, match="matches no linear layer"):
         quantize_model(folder, tmp_path / "y", Recipe(name="w4a16", outlier_layers=("residual", "!nothing")), profile)
+
+
+def test_min_outliers_tops_up_the_branch(planted_model, profile, tmp_path):
+    """--min-outliers PATTERN=N: the policy's channels plus the next by calibration E[x^2], N in all; the
+    other layers keep the policy's."""
+    from accullm_export.calibration.profile import load_profile
+
+    folder, _ = planted_model
+    base = dict(name="w4a16", block_size=32, policy="topk", outlier_layers=("lm_head", "*down_proj*"))
+    plain = quantize_model(folder, tmp_path / "p", Recipe(**base), profile)
+    head = next(layer for layer in plain["layers"] if layer["node"] == "/lm_head/MatMul")
+    count = len(head["outliers"]) + 3
+    topped = quantize_model(folder, tmp_path / "t", Recipe(**base, min_outliers=(("lm_head", count),)), profile)
+    second = load_profile(profile, folder / "model.onnx").input_statistics(head["input"])["second_moment"]
+    extra = [int(c) for c in np.argsort(-np.asarray(second, dtype=np.float64), kind="stable")
+             if int(c) not in head["outliers"]][:3]
+    layers = {layer["node"]: layer for layer in topped["layers"]}
+    assert layers["/lm_head/MatMul"]["outliers"] == sorted(head["outliers"] + extra)
+    assert all(layers[layer["node"]]["outliers"] == layer["outliers"] for layer in plain["layers"]
+               if layer["node"] != "/lm_head/MatMul")
+    assert Recipe.from_dict(Recipe(**base, min_outliers=(("lm_head", 5),)).to_dict()).min_outliers == (("lm_head", 5),)
+    assert parse_min_outliers("lm_head=32") == ("lm_head", 32)
+    for text in ("lm_head", "lm_head=x", "=3", "lm_head=-2"):
+        with pytest.raises(UserError, match="--min-outliers"):
+            parse_min_outliers(text)
+    with pytest.raises(UserError, match="positive integer"):
+        Recipe(**base, min_outliers=(("lm_head", 0),))
+    with pytest.raises(UserError, match="no outlier branch"):
+        Recipe(name="w4a16", outliers=0, min_outliers=(("lm_head", 4),))
+    with pytest.raises(UserError, match="no layer it matches gets an outlier branch"):
+        quantize_model(folder, tmp_path / "x", Recipe(**base, min_outliers=(("*up_proj*", 4),)), profile)
+    assert main(["quantize", str(folder), "--recipe", "w4a16", "--block-size", "32", "--policy", "topk",
+                 "--outlier-layers", "lm_head", "--outlier-layers", "*down_proj*", "--min-outliers", f"lm_head={count}",
+                 "--profile", str(profile), "-o", str(tmp_path / "c")]) == 0
+    written = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert next(layer for layer in written["layers"] if layer["node"] == "/lm_head/MatMul")["outliers"] == \
+        layers["/lm_head/MatMul"]["outliers"]
 
 
 def test_residual_outlier_layers_take_the_sink_writers():
