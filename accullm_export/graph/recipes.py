@@ -392,6 +392,8 @@ def _outlier_channels(recipe: Recipe, layer, profile) -> list[int]:
 def _topped_up(chosen: set[int], count: int, profile, tensor: str) -> set[int]:
     """``chosen`` plus the channels of largest E[x^2] (calibration) until it holds ``count`` (--min-outliers)."""
     second = np.asarray(profile.input_statistics(tensor)["second_moment"], dtype=np.float64)
+    if count >= second.size:
+        raise UserError(f"--min-outliers {count}: {tensor} has {second.size} channels, so no row would stay low-bit")
     extra = [int(c) for c in np.argsort(-second, kind="stable") if int(c) not in chosen]
     return set(chosen) | set(extra[:max(count - len(chosen), 0)])
 

@@ -487,6 +487,8 @@ def test_min_outliers_tops_up_the_branch(planted_model, profile, tmp_path):
         Recipe(**base, min_outliers=(("lm_head", 0),))
     with pytest.raises(UserError, match="no outlier branch"):
         Recipe(name="w4a16", outliers=0, min_outliers=(("lm_head", 4),))
+    with pytest.raises(UserError, match="no row would stay low-bit"):
+        quantize_model(folder, tmp_path / "w", Recipe(**base, min_outliers=(("lm_head", 10 ** 6),)), profile)
     with pytest.raises(UserError, match="no layer it matches gets an outlier branch"):
         quantize_model(folder, tmp_path / "x", Recipe(**base, min_outliers=(("*up_proj*", 4),)), profile)
     assert main(["quantize", str(folder), "--recipe", "w4a16", "--block-size", "32", "--policy", "topk",
