@@ -309,6 +309,7 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
     weights = {layer.node: layer_weights(recipe, layer.node) for layer in layers}  # (precision, int4 block)
     precision = {node: chosen for node, (chosen, _) in weights.items()}
     outliers: dict[str, set[int]] = {}
+    wanted: dict[str, int] = {}  # input tensor -> the largest --min-outliers count among its branch readers
     topped: set[str] = set()  # layers --min-outliers applied to
     for layer in layers:
         branch = (not outlier_layers or any(override_matches(p, layer.node) for p in outlier_layers)) and \
@@ -319,8 +320,10 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
                 outliers[layer.input].update(sink_writers.get(layer.node, ()))
             counts = [count for pattern, count in recipe.min_outliers if override_matches(pattern, layer.node)]
             if counts:
-                outliers[layer.input] = _topped_up(outliers[layer.input], max(counts), profile, layer.input)
+                wanted[layer.input] = max(wanted.get(layer.input, 0), *counts)
                 topped.add(layer.node)
+    for tensor, count in wanted.items():  # after every reader added its channels: the top-up fills only the gap
+        outliers[tensor] = _topped_up(outliers[tensor], count, profile, tensor)
     for pattern, count in recipe.min_outliers:
         if not any(override_matches(pattern, node) for node in topped):
             raise UserError(f"--min-outliers {pattern}={count}: no layer it matches gets an outlier branch "

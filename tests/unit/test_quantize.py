@@ -479,6 +479,17 @@ def test_min_outliers_tops_up_the_branch(planted_model, profile, tmp_path):
     assert all(layers[layer["node"]]["outliers"] == layer["outliers"] for layer in plain["layers"]
                if layer["node"] != "/lm_head/MatMul")
     assert Recipe.from_dict(Recipe(**base, min_outliers=(("lm_head", 5),)).to_dict()).min_outliers == (("lm_head", 5),)
+    # readers of one input (q/k/v): the count applies to the union of their channels, whichever reader it names
+    shared = dict(name="w4a16", block_size=32, policy="topk", outlier_layers=("residual",))
+    plain = quantize_model(folder, tmp_path / "sp", Recipe(**shared), profile)
+    query = next(layer for layer in plain["layers"] if "q_proj" in layer["node"])
+    union = query["outliers"]
+    topped = quantize_model(folder, tmp_path / "st", Recipe(**shared, min_outliers=(("*q_proj*", len(union) + 2),)),
+                            profile)
+    second = load_profile(profile, folder / "model.onnx").input_statistics(query["input"])["second_moment"]
+    extra = [int(c) for c in np.argsort(-np.asarray(second, dtype=np.float64), kind="stable") if int(c) not in union]
+    readers = [layer for layer in topped["layers"] if layer["input"] == query["input"]]
+    assert len(readers) == 3 and all(layer["outliers"] == sorted(union + extra[:2]) for layer in readers)
     assert parse_min_outliers("lm_head=32") == ("lm_head", 32)
     for text in ("lm_head", "lm_head=x", "=3", "lm_head=-2"):
         with pytest.raises(UserError, match="--min-outliers"):
