@@ -469,11 +469,16 @@ def test_min_outliers_tops_up_the_branch(planted_model, profile, tmp_path):
     base = dict(name="w4a16", block_size=32, policy="topk", outlier_layers=("lm_head", "*down_proj*"))
     plain = quantize_model(folder, tmp_path / "p", Recipe(**base), profile)
     head = next(layer for layer in plain["layers"] if layer["node"] == "/lm_head/MatMul")
+    statistics = load_profile(profile, folder / "model.onnx")
+
+    def by_second_moment(tensor: str, taken: list[int]) -> list[int]:
+        """The channels not in ``taken``, largest calibration E[x^2] first (NumPy, apart from the pass)."""
+        second = np.asarray(statistics.input_statistics(tensor)["second_moment"], dtype=np.float64)
+        return [int(c) for c in np.argsort(-second, kind="stable") if int(c) not in taken]
+
     count = len(head["outliers"]) + 3
     topped = quantize_model(folder, tmp_path / "t", Recipe(**base, min_outliers=(("lm_head", count),)), profile)
-    second = load_profile(profile, folder / "model.onnx").input_statistics(head["input"])["second_moment"]
-    extra = [int(c) for c in np.argsort(-np.asarray(second, dtype=np.float64), kind="stable")
-             if int(c) not in head["outliers"]][:3]
+    extra = by_second_moment(head["input"], head["outliers"])[:3]
     layers = {layer["node"]: layer for layer in topped["layers"]}
     assert layers["/lm_head/MatMul"]["outliers"] == sorted(head["outliers"] + extra)
     assert all(layers[layer["node"]]["outliers"] == layer["outliers"] for layer in plain["layers"]
@@ -486,8 +491,7 @@ def test_min_outliers_tops_up_the_branch(planted_model, profile, tmp_path):
     union = query["outliers"]
     topped = quantize_model(folder, tmp_path / "st", Recipe(**shared, min_outliers=(("*q_proj*", len(union) + 2),)),
                             profile)
-    second = load_profile(profile, folder / "model.onnx").input_statistics(query["input"])["second_moment"]
-    extra = [int(c) for c in np.argsort(-np.asarray(second, dtype=np.float64), kind="stable") if int(c) not in union]
+    extra = by_second_moment(query["input"], union)
     readers = [layer for layer in topped["layers"] if layer["input"] == query["input"]]
     assert len(readers) == 3 and all(layer["outliers"] == sorted(union + extra[:2]) for layer in readers)
     assert parse_min_outliers("lm_head=32") == ("lm_head", 32)
