@@ -40,6 +40,7 @@ class QuantizeOptions:
     distill_lr: float = 1e-3
     distill_batch: int = 1  # windows per distillation step
     distill_rounding_lr: float | None = None  # Adam's step on the integer offsets (None: 2 / steps)
+    vocab_samples: int = 32  # calibration windows --refine-vocab ranks the head's rows on
     version: int = 1
 
 
@@ -70,6 +71,8 @@ def recipe_passes(recipe: Recipe) -> list[str]:
         passes.append("code_block_scales")
     if recipe.bias_correction:  # after every pass that changes a weight
         passes.append("correct_bias")
+    if recipe.refine_vocab:  # on the head as it will be saved
+        passes.append("refine_vocab_rows")
     return passes
 
 
@@ -165,7 +168,9 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, moments, n
                           sink_moments={name: (moments.sink_second[name], moments.sink_mean[name])
                                         for name in moments.sink_second} if moments is not None else {},
                           reference_weights=_reference_weights(graph, plans) if recipe.bias_correction else {},
-                          distillation=distillation)
+                          distillation=distillation,
+                          vocab_rows=_vocab_rows(model_path, graph, plans, recipe, profile, options)
+                          if recipe.refine_vocab else None)
     if sparse:  # shares the AWQ / SmoothQuant divisors the recipe passes record
         sparse_context = SparseContext(plans=sparsity_plans(model_path, graph, profile, sparsity), notes=notes,
                                        dense_first=sparsity.dense_first,
@@ -284,6 +289,45 @@ def _moments(model_path: Path, plans: dict[str, LayerPlan], profile, options: Qu
     log.info("second moments and means of %d input tensors over %d calibration windows", len(tensors),
              len(feeds))
     return collect_moments(model_path, tensors, lambda: iter(feeds), budget_bytes=options.budget_mb << 20)
+
+
+def _vocab_rows(model_path: Path, graph, plans: dict[str, LayerPlan], recipe: Recipe, profile,
+                options: QuantizeOptions):
+    """The LM head, its source weight and its input on ``--vocab-samples`` calibration windows, for
+    ``--refine-vocab``."""
+    from accullm_export.calibration.run import profile_feeds
+    from accullm_export.graph.io import load_onnx
+    from accullm_export.graph.passes.refine_vocab_rows import VocabRows, head_tensors
+    from accullm_export.graph.rewrite import float_weight
+    from accullm_export.runtime.intermediates import IntermediateReader
+
+    header = load_onnx(model_path, load_external_data=False)
+    found = head_tensors(header, find_linear_layers(header))
+    if found is None:
+        raise UserError(f"--refine-vocab: no MatMul of {model_path} writes its first output (the logits) directly; "
+                        "it refines an LM head")
+    layer, output = found
+    plan = plans[layer.node]
+    if plan.precision != "int4":
+        raise UserError(f"--refine-vocab: the LM head {layer.node} is {plan.precision}; it refines an INT4 head")
+    if recipe.refine_vocab > layer.out_features:
+        raise UserError(f"--refine-vocab {recipe.refine_vocab} is over the head's {layer.out_features} rows")
+    node = next(node for node in graph.nodes if node.name == layer.node)
+    weight = float_weight(node)
+    if weight is None:
+        raise UserError(f"--refine-vocab: the LM head {layer.node}'s weight is not a float constant")
+    feeds = profile_feeds(model_path, profile.manifest, options.vocab_samples)
+    if not feeds or "input_ids" not in feeds[0]:
+        raise UserError("--refine-vocab needs an LLM profile (calibration windows of token ids)")
+    tap = IntermediateReader(model_path).open([layer.input])
+    values = [tap.run(feed)[layer.input] for feed in feeds]
+    if any(value.ndim != 3 for value in values):
+        raise UserError(f"--refine-vocab: the LM head {layer.node} reads a tensor of rank {values[0].ndim}, not "
+                        "[batch, sequence, channels]")
+    samples = np.concatenate([value[:, 1:].reshape(-1, layer.in_features) for value in values])  # sink left out
+    log.info("--refine-vocab: the head's input on %d calibration rows", len(samples))
+    return VocabRows(count=recipe.refine_vocab, head=layer.node, input=layer.input, output=output,
+                     samples=samples.astype(np.float32), source_weight=np.array(weight.values, dtype=np.float32))
 
 
 def _distillation(model_path: Path, graph, recipe: Recipe, profile, options: QuantizeOptions, notes: list[str]):

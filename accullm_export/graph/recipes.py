@@ -70,6 +70,7 @@ class Recipe:
     distill_rounding: bool = False  # ... and the integers, each within one step of where rounding left it
     distill_outlier_rows: bool = False  # ... and the FP16 outlier rows
     rotate: tuple[str, ...] = ()  # INT4 layers whose low-bit part reads its input block-Hadamard rotated
+    refine_vocab: int = 0  # the INT4 LM head's K rows of largest calibration error get a second INT4 stage
     version: int = 1
 
     def __post_init__(self):
@@ -140,6 +141,10 @@ class Recipe:
         if self.rotate and self.bias_correction:
             raise UserError("--rotate and --bias-correction do not combine yet: the bias would need the rotated "
                             "input's mean in the distillation replica; give one of them")
+        if not (isinstance(self.refine_vocab, int) and self.refine_vocab >= 0):
+            raise UserError(f"--refine-vocab must be 0 (off) or a positive row count, not {self.refine_vocab!r}")
+        if self.refine_vocab and not self.int4_layers:
+            raise UserError("--refine-vocab refines an INT4 LM head (the w4a16 recipe, or an int4 override)")
         for pattern, count in self.min_outliers:
             if not (isinstance(count, int) and count >= 1):
                 raise UserError(f"--min-outliers {pattern}={count}: the count must be a positive integer")
@@ -447,3 +452,4 @@ class PassContext:
     notes: list = dataclasses.field(default_factory=list)
     input_scales: dict = dataclasses.field(default_factory=dict)
     distillation: object = None  # passes.distill_scales.DistillInputs, for quantize --distill-steps
+    vocab_rows: object = None  # passes.refine_vocab_rows.VocabRows, for quantize --refine-vocab
