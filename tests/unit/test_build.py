@@ -81,6 +81,8 @@ def test_build_cpu_end_to_end(planted_model, tmp_path):
     assert quantized["recipe"]["outlier_bits"] == 8  # INT8 outlier rows (8-bit MatMulNBits)
     layers = quantized["layers"]  # FP16 rows where the residual enters
     assert [layer["node"] for layer in layers if layer["rotation"]] == ["/lm_head/MatMul"]  # the rotated head
+    assert quantized["recipe"]["refine_vocab"] == 256 // 12  # a twelfth of the head's rows refined
+    assert "ScatterElements" in nodes
     assert any(layer["outliers"] for layer in layers)
     assert not any(layer["outliers"] for layer in layers if "o_proj" in layer["node"] or "down_proj" in layer["node"])
 
@@ -119,6 +121,7 @@ def test_build_orin_writes_a_bundle(planted_model, tmp_path, capsys):
     assert not recipe["asymmetric"]  # TensorRT's Dequantize takes zero points of 0 only
     assert recipe["scale_bits"] == 16 and recipe["outlier_bits"] == 16  # what TensorRT and its plugin take
     assert not recipe["rotate"]  # the OutlierSplitGemm swap takes the plain head
+    assert not recipe["refine_vocab"]  # the vocabulary refinement is an ONNX Runtime target's
     assert not any(node.op_type == "DequantizeLinear" and len(node.input) > 2 and node.input[2]
                    and "block_size" in {a.name for a in node.attribute} for node in standard.graph.node)
 
