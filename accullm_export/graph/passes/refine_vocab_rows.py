@@ -11,10 +11,11 @@ In the graph: MatMul(x', DequantizeLinear(int4 [C, K])) -> [batch, seq, K], x' b
 reads (x, or x R with ``--rotate``, the error then carried over as pinv(R) d_v = R^T d_v), scattered onto the
 head's logits by ScatterElements(reduction="add") on the last axis, its indices Expand-ed to the correction's
 shape. Reading the head's own input, the correction merges with the head (``merge_parallel_linears``) into one
-MatMulNBits of V + K columns in ONNX Runtime; TensorRT runs the ScatterElements add through its scatterElements
-plugin (TensorRT's own plugin library). A row costs 4 bits plus its share of the
-scales per entry (K = 4096 on the sample: 0.075 bits per weight of the model), and decoding reads K/V more of the
-head's bytes.
+MatMulNBits of V + K columns and a Split in ONNX Runtime. TensorRT would take the ScatterElements add through the
+scatterElements plugin of its own plugin library (not tried: TensorRT cannot be installed here), so ``build``
+gives the refinement to the cpu target only. A row costs 4 bits plus its share of the scales per entry (K = 4096
+on the sample: 0.075 bits per weight), and decoding reads K/V more of the head's bytes (measured on the sample:
+about 3% of the decode time at block 64; the README has the figures).
 
 Runs after every pass that changes the head (GPTQ, distillation, INT8 rows, scale codes), on the graph as it will
 be saved; the constants carry the head's name as prefix, so the manifest counts them with the layer.
