@@ -177,9 +177,9 @@ def _quantize(reference: Path, out: Path, profile: Path, recipe: str, options: B
         # outlier rows save 0.064 more there, for +0.1 Δppl points on 32 windows (TensorRT's plugin takes FP16 rows).
         # The rotated LM head (--rotate lm_head) cut this build's KL from 0.127 to 0.115 there at block 128, at no
         # measurable decode cost (TensorRT targets keep the plain head, which their OutlierSplitGemm swap takes)
-        # The busiest twelfth of the head's vocabulary refined (--refine-vocab): on the sample at block 128 (this
-        # recipe's build with the refinement applied after the fact) Δppl +8.71% -> +7.72%, KL 0.115 -> 0.104 on 8
-        # windows, for 0.072 bits per weight and no measurable decode cost (0.92x genai-int4-b128 both, 101 rounds)
+        # The busiest twelfth of the head's vocabulary refined (--refine-vocab): on the sample at block 128 Δppl
+        # +8.71% -> +7.72%, KL 0.115 -> 0.104 on 8 windows, for 0.072 bits per weight and no measurable decode cost
+        # (0.91x genai-int4-b128 both, 101 rounds); without the head's branch too: +8.38% at 0.93x, so it stays
         onnxruntime = target.backend == "onnxruntime"
         extra = dict(gptq=options.gptq, scale_search=True, asymmetric=onnxruntime, scale_bits=8 if onnxruntime else 16,
                      outlier_bits=8 if onnxruntime else 16,
