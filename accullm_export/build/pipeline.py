@@ -193,23 +193,27 @@ def _quantize(reference: Path, out: Path, profile: Path, recipe: str, options: B
     return out
 
 
+def _header(reference: Path):
+    """The model's graph without its weights."""
+    from accullm_export.graph.io import load_onnx
+
+    return load_onnx(reference / "model.onnx" if reference.is_dir() else reference, load_external_data=False)
+
+
 def _linear_layers(reference: Path) -> list:
     """The model's linear layers (``graph.linear.find_linear_layers``), read from its header only."""
-    from accullm_export.graph.io import load_onnx
     from accullm_export.graph.linear import find_linear_layers
 
-    path = reference / "model.onnx" if reference.is_dir() else reference
-    return find_linear_layers(load_onnx(path, load_external_data=False))
+    return find_linear_layers(_header(reference))
 
 
 def _vocab_rows_to_refine(reference: Path) -> int:
     """A twelfth of the LM head's rows (in multiples of 64 where that leaves any; 4,096 of the sample's 49,152),
     or 0 when no MatMul writes the logits directly."""
-    from accullm_export.graph.io import load_onnx
     from accullm_export.graph.linear import find_linear_layers
     from accullm_export.graph.passes.refine_vocab_rows import head_tensors
 
-    header = load_onnx(reference / "model.onnx" if reference.is_dir() else reference, load_external_data=False)
+    header = _header(reference)
     found = head_tensors(header, find_linear_layers(header))
     if found is None:
         return 0

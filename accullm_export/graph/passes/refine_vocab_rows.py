@@ -65,26 +65,29 @@ def ranked_columns(samples: np.ndarray, weight: np.ndarray, error: np.ndarray, c
     return np.sort(np.argsort(-importance, kind="stable")[:count])
 
 
-def effective_weight(graph: gs.Graph, source: str, target: str, channels: int, float_dtype: np.dtype) -> np.ndarray:
-    """The [C, V] matrix the graph applies between tensors ``source`` and ``target`` (a linear map, bias left
-    out), by running that part of the graph in ONNX Runtime on the identity."""
+def linear_maps(graph: gs.Graph, source: str, targets: list[str], channels: int,
+                float_dtype: np.dtype) -> list[np.ndarray]:
+    """The [C, N] matrix the graph applies between tensor ``source`` and each of ``targets`` (linear maps, bias
+    left out), by running that part of the graph once in ONNX Runtime on the identity. Unlike
+    ``distill_scales.effective_weight``, which reads one node's constants in its own input's terms, this takes in
+    whatever lies between: the rotation in front of the head, its branch, the Add."""
     from accullm_export.runtime.session import create_session
 
     part = graph.copy()
     tensors = part.tensors()
-    start, end = tensors[source], tensors[target]
+    start, ends = tensors[source], [tensors[target] for target in targets]
     start.inputs.clear()
     start.dtype, start.shape = float_dtype, [1, channels, channels]
-    end.dtype, end.shape = float_dtype, None
-    part.inputs, part.outputs = [start], [end]
+    for end in ends:
+        end.dtype, end.shape = float_dtype, None
+    part.inputs, part.outputs = [start], ends
     part.cleanup(remove_unused_graph_inputs=True)
     model = gs.export_onnx(part)
     model.ir_version = 10
     session = create_session(model.SerializeToString(), device="cpu", optimization="basic")
     identity = np.eye(channels, dtype=float_dtype)[None]
-    ones, zeros = (session.run(None, {source: value})[0][0].astype(np.float32) for value in
-                   (identity, np.zeros_like(identity)))
-    return ones - zeros
+    ones, zeros = (session.run(None, {source: value}) for value in (identity, np.zeros_like(identity)))
+    return [one[0].astype(np.float32) - zero[0].astype(np.float32) for one, zero in zip(ones, zeros)]
 
 
 @register("refine_vocab_rows")
@@ -96,13 +99,14 @@ def run(graph: gs.Graph, context) -> gs.Graph:
         raise UserError(f"--refine-vocab: {rows.head}'s input or output tensor is gone from the rewritten graph")
     head = next(node for node in graph.nodes if node.name == rows.head)
     reads = head.inputs[0]  # what the head's low-bit part reads: x, or x R with --rotate
-    error = rows.source_weight - effective_weight(graph, rows.input, rows.output, plan.in_features,
-                                                  context.float_dtype)
+    rotated = reads.name != rows.input
+    maps = linear_maps(graph, rows.input, [rows.output] + ([reads.name] if rotated else []), plan.in_features,
+                       context.float_dtype)
+    error = rows.source_weight - maps[0]
     columns = ranked_columns(rows.samples, rows.source_weight, error, rows.count)
     refined = error[:, columns]
-    if reads.name != rows.input:  # x R E = x D for the channels R keeps: E = pinv(R) D (R^T for a rotation)
-        mixing = effective_weight(graph, rows.input, reads.name, plan.in_features, context.float_dtype)
-        refined = (np.linalg.pinv(mixing.astype(np.float64)) @ refined).astype(np.float32)
+    if rotated:  # x R E = x D for the channels R keeps: E = pinv(R) D (R^T for a rotation)
+        refined = (np.linalg.pinv(maps[1].astype(np.float64)) @ refined).astype(np.float32)
     values, scales = quantize(refined, 4, plan.block_size)
     name = f"{rows.head}/vocab_rows"
     correction_weight = gs.Variable(f"{name}_dequantized", dtype=context.float_dtype, shape=list(values.shape))
