@@ -56,6 +56,7 @@ class BuildOptions:
     gates: dict | None = None  # gate name -> threshold; None: DEFAULT_GATES for the recipe
     max_batch: int = 1
     max_seq_len: int = 2048
+    distill_steps: int = 0  # w4a16 on a decoder: train block scales, norm gains and outlier rows (0: off)
     version: int = 1
 
     def to_dict(self) -> dict:
@@ -83,6 +84,10 @@ def build(model: str, out_dir: str | Path, options: BuildOptions, *, overwrite: 
     target.check_recipe(recipe)
     if recipe == "fp8":
         raise UserError("the fp8 recipe is not implemented yet (quantize offers w8a8, w4a16 and fp16)")
+    if options.distill_steps < 0:
+        raise UserError(f"--distill-steps must be 0 (off) or positive, not {options.distill_steps}")
+    if options.distill_steps and recipe != "w4a16":
+        raise UserError(f"--distill-steps trains w4a16's INT4 block scales; the {recipe} recipe has none to train")
     steps: list[Step] = []
     failure: AccuLLMError | None = None
     with atomic_dir(out_dir, overwrite=overwrite) as staging:
@@ -90,6 +95,9 @@ def build(model: str, out_dir: str | Path, options: BuildOptions, *, overwrite: 
         work.mkdir()
         reference = _step(steps, "export", lambda: _reference(model, work / "export"), staging)
         is_llm = _is_llm(reference)
+        if options.distill_steps and not is_llm:
+            raise UserError(f"--distill-steps trains against the source model's next-token distributions: "
+                            f"{reference} is not an exported decoder")
         profile = _step(steps, "calibrate", lambda: _calibrate(reference, work / "profile", options, is_llm),
                         staging)
         rewritten = _step(steps, "quantize", lambda: _quantize(reference, work / "model", profile, recipe, options,
@@ -185,7 +193,10 @@ def _quantize(reference: Path, out: Path, profile: Path, recipe: str, options: B
                      outlier_bits=8 if onnxruntime else 16,
                      outlier_layers=("residual",) if is_llm and options.gptq else (),
                      rotate=("lm_head",) if onnxruntime and is_llm and _has_layer(reference, "lm_head") else (),
-                     refine_vocab=_vocab_rows_to_refine(reference) if onnxruntime and is_llm else 0)
+                     refine_vocab=_vocab_rows_to_refine(reference) if onnxruntime and is_llm else 0,
+                     # --distill-steps: the best command's training (README): scales, norm gains, outlier rows
+                     distill_steps=options.distill_steps, distill_norms=bool(options.distill_steps),
+                     distill_outlier_rows=bool(options.distill_steps))
     quantize_model(reference, out, Recipe(name=recipe, block_size=options.block_size,
                                           policy="sensitivity" if quantized else None, **extra),
                    profile, sparsity=options.sparsity,

@@ -87,6 +87,38 @@ def test_build_cpu_end_to_end(planted_model, tmp_path):
     assert not any(layer["outliers"] for layer in layers if "o_proj" in layer["node"] or "down_proj" in layer["node"])
 
 
+def test_build_cpu_distills_on_request(planted_model, tmp_path, capsys):
+    folder, text = planted_model
+    small = dict(SMALL, calib_samples=6)
+    plain = build(str(folder), tmp_path / "plain", BuildOptions(target="cpu", calib=str(text), **small))
+    code = main(["build", str(folder), "--target", "cpu", "-o", str(tmp_path / "distilled"), "--calib", str(text),
+                 "--calib-samples", "6", "--calib-seq-len", "40", "--validation-windows", "2",
+                 "--validation-seq-len", "32", "--block-size", "64", "--max-kl", "5", "--distill-steps", "20"])
+    assert code == 0, capsys.readouterr().err
+    distilled = json.loads((tmp_path / "distilled/manifest.json").read_text())
+    assert distilled["options"]["distill_steps"] == 20 and plain["options"]["distill_steps"] == 0
+    recipe = json.loads((tmp_path / "distilled/model/manifest.json").read_text())
+    assert recipe["recipe"]["distill_steps"] == 20  # the best command's training, with the cpu recipe's passes
+    assert recipe["recipe"]["distill_norms"] and recipe["recipe"]["distill_outlier_rows"]
+    assert recipe["recipe"]["refine_vocab"] and recipe["recipe"]["outlier_bits"] == 8
+    note = next(note for note in recipe["notes"] if note.startswith("distill_scales"))
+    assert "20 steps on 5 calibration windows" in note  # one of the 6 is held out (kept or not: the tiny
+    # model's build is already close, so training may not lower its held-out KL; test_distill covers training)
+    plain_recipe = json.loads((tmp_path / "plain/model/manifest.json").read_text())
+    assert not plain_recipe["recipe"]["distill_steps"]
+    assert not any(note.startswith("distill_scales") for note in plain_recipe["notes"])
+
+
+def test_build_refuses_distillation_it_cannot_do(planted_model, tmp_path, capsys):
+    folder, text = planted_model
+    for flags, message in ((["--recipe", "w8a8", "--distill-steps", "5"], "the w8a8 recipe has none to train"),
+                           (["--distill-steps", "-1"], "--distill-steps must be 0 (off) or positive")):
+        out = tmp_path / flags[-1].replace("-", "m")
+        assert main(["build", str(folder), "--target", "cpu", "-o", str(out), *flags]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+
+
 def test_build_orin_writes_a_bundle(planted_model, tmp_path, capsys):
     folder, text = planted_model
     code = main(["build", str(folder), "--target", "orin", "-o", str(tmp_path / "orin"), "--calib", str(text),
@@ -225,3 +257,7 @@ def test_build_a_plain_onnx_model_with_a_load_data_script(tmp_path):
     assert "MatMulInteger" in ops  # ONNX Runtime: the integer GEMM with per-token scales
     assert bundle["deliverable"]["kind"] == "tensorrt-bundle" and "--int8" in script_text
     assert "-DCMAKE_CUDA_ARCHITECTURES=90" in script_text or "needs no accullm plugin" in script_text
+    with pytest.raises(UserError, match="is not an exported decoder"):
+        build(str(model), tmp_path / "distilled", BuildOptions(target="cpu", recipe="w4a16", calib=str(script),
+                                                               calib_samples=4, gptq=False, distill_steps=5))
+    assert not (tmp_path / "distilled").exists()
