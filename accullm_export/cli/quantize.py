@@ -140,7 +140,6 @@ def run(args: argparse.Namespace) -> int:
     from accullm_export.build.quantize import FINISHING_PASSES, ONNXRUNTIME_FUSIONS, QuantizeOptions, quantize_model
     from accullm_export.cli.sparsify import format_sparsity_summary, sparsity_config
     from accullm_export.errors import UserError
-    from accullm_export.graph.recipes import Recipe, parse_min_outliers, parse_override
 
     if args.gptq_samples < 1:
         raise UserError("--gptq-samples must be at least 1")
@@ -152,18 +151,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--distill-lr must be positive, not {args.distill_lr}")
     if args.distill_rounding_lr is not None and not (args.distill_rounding and args.distill_rounding_lr > 0):
         raise UserError("--distill-rounding-lr takes a positive rate and needs --distill-rounding")
-    recipe = Recipe(name=args.recipe, block_size=args.block_size, outliers=args.outliers, policy=args.policy,
-                    activations=args.activations, activation_group=args.activation_group, awq=args.awq,
-                    gptq=args.gptq, gptq_absorb=args.gptq_absorb, scale_search=args.scale_search,
-                    asymmetric=args.asymmetric, scale_bits=args.scale_bits, smoothquant=args.smoothquant,
-                    bias_correction=args.bias_correction, gptq_sink_weight=args.gptq_sink_weight,
-                    outlier_bits=args.outlier_bits,
-                    overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings,
-                    outlier_layers=tuple(args.outlier_layers), distill_steps=args.distill_steps,
-                    distill_norms=args.distill_norms, distill_rounding=args.distill_rounding,
-                    distill_outlier_rows=args.distill_outlier_rows, rotate=tuple(args.rotate),
-                    min_outliers=tuple(parse_min_outliers(text) for text in args.min_outliers),
-                    refine_vocab=args.refine_vocab)
+    recipe = recipe_from_args(args)
     options = QuantizeOptions(gptq_samples=args.gptq_samples, distill_samples=args.distill_samples,
                               vocab_samples=args.vocab_samples,
                               distill_lr=args.distill_lr, distill_rounding_lr=args.distill_rounding_lr)
@@ -199,3 +187,21 @@ def format_quantize_summary(manifest: dict) -> str:
     if manifest["notes"]:
         lines.append(f"notes: {len(manifest['notes'])} (see manifest.json); first: {manifest['notes'][0]}")
     return "\n".join(lines)
+
+
+def recipe_from_args(args: argparse.Namespace):
+    """The ``Recipe`` the command line asks for (its own checks raise ``UserError``)."""
+    from accullm_export.graph.recipes import Recipe, parse_min_outliers, parse_override
+
+    return Recipe(name=args.recipe, block_size=args.block_size, outliers=args.outliers, policy=args.policy,
+                  activations=args.activations, activation_group=args.activation_group, awq=args.awq,
+                  gptq=args.gptq, gptq_absorb=args.gptq_absorb, scale_search=args.scale_search,
+                  asymmetric=args.asymmetric, scale_bits=args.scale_bits, smoothquant=args.smoothquant,
+                  bias_correction=args.bias_correction, gptq_sink_weight=args.gptq_sink_weight,
+                  outlier_bits=args.outlier_bits,
+                  overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings,
+                  outlier_layers=tuple(args.outlier_layers), distill_steps=args.distill_steps,
+                  distill_norms=args.distill_norms, distill_rounding=args.distill_rounding,
+                  distill_outlier_rows=args.distill_outlier_rows, rotate=tuple(args.rotate),
+                  min_outliers=tuple(parse_min_outliers(text) for text in args.min_outliers),
+                  refine_vocab=args.refine_vocab)

@@ -1,0 +1,54 @@
+"""benchmarks/peers.py's rows: every one of our recipes is a valid `quantize` command line, and a peer that needs
+a longer build gets it (a typo in a flag or a short timeout would only show after the run's other builds)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+
+def _our_recipes():
+    import peers
+
+    return {name: peer.build.keywords["recipe"] for name, peer in peers.PEERS.items()
+            if isinstance(peer.build, functools.partial) and peer.build.func is peers.build_ours}
+
+
+def test_every_recipe_row_is_a_valid_quantize_command():
+    from accullm_export.cli.main import build_parser
+    from accullm_export.cli.quantize import recipe_from_args
+
+    recipes = _our_recipes()
+    assert "ours-w4a16-b64-best" in recipes and len(recipes) >= 10
+    for name, flags in recipes.items():
+        args = build_parser().parse_args(["quantize", "MODEL", "--profile", "P", "-o", "OUT", *flags])
+        recipe = recipe_from_args(args)  # the recipe's own checks raise on flags that do not go together
+        assert recipe.name in ("fp16", "w8a8", "w4a16"), name
+    best = recipe_from_args(build_parser().parse_args(
+        ["quantize", "MODEL", "--profile", "P", "-o", "OUT", *recipes["ours-w4a16-b64-best"]]))
+    assert best.distill_steps == 120 and best.refine_vocab == 4096 and best.rotate == ("lm_head",)
+    assert best.outlier_layers == ("residual", "!lm_head") and best.asymmetric and best.scale_bits == 8
+
+
+def test_a_peer_gets_its_longer_build_time(tmp_path):
+    import peers
+
+    seen = []
+
+    def build(context, folder, log_path):
+        seen.append(context.timeout_s)
+        (folder / "model.onnx").write_bytes(b"")
+        return ["built"]
+
+    context = peers.BuildContext(reference=tmp_path / "ref", hf_folder=tmp_path / "hf", work=tmp_path / "work",
+                                 settings=peers.QUICK, timeout_s=600)
+    for minutes, expected in ((40, 2400), (5, 600)):
+        peer = peers.Peer(name=f"p{minutes}", label="test", build=build, build_minutes=minutes)
+        record = peers.ensure_built(peer, context, reuse=False)
+        assert record["notes"] == ["built"] and (tmp_path / f"work/p{minutes}/model.onnx").is_file()
+    assert seen == [2400, 600]
+    assert peers.PEERS["ours-w4a16-b64-best"].build_minutes == 40
+    assert {peer.build_minutes for name, peer in peers.PEERS.items() if name != "ours-w4a16-b64-best"} == {10}
