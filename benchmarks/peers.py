@@ -47,7 +47,8 @@ Measurements, per row:
 Outputs under --out: peers.md, peers.json, peers_accuracy_vs_size.png, the built models under work/ and
 each row's validation report under reports/. It measures; it never asserts on a time.
 
-Run from the repository root (about 45 minutes on a 2-core machine, 20 of them the distilled row; --quick for a smoke run)::
+Run from the repository root (about 45 minutes on a 2-core machine, 20 of them the distilled row; --quick for a
+smoke run)::
 
     .venv/bin/python benchmarks/peers.py
     .venv/bin/python benchmarks/peers.py --quick --only ours-fp32,genai-int4
