@@ -125,7 +125,7 @@ def test_build_orin_writes_a_bundle(planted_model, tmp_path, capsys):
                  "--calib-samples", "4", "--calib-seq-len", "40", "--validation-windows", "2",
                  "--validation-seq-len", "32", "--block-size", "64", "--max-kl", "5", "--sparsity", "0.5",
                  "--method", "predictor", "--predictor-rank", "8", "--predictor-samples", "2",
-                 "--predictor-steps", "20"])
+                 "--predictor-steps", "20", "--distill-steps", "5"])
     out = capsys.readouterr().out
     assert code == 0
     assert "deployment bundle: on the Jetson AGX Orin 64GB run `bash" in out
@@ -154,6 +154,7 @@ def test_build_orin_writes_a_bundle(planted_model, tmp_path, capsys):
     assert recipe["scale_bits"] == 16 and recipe["outlier_bits"] == 16  # what TensorRT and its plugin take
     assert not recipe["rotate"]  # the OutlierSplitGemm swap takes the plain head
     assert not recipe["refine_vocab"]  # the vocabulary refinement is an ONNX Runtime target's
+    assert recipe["distill_steps"] == 5 and recipe["distill_outlier_rows"]  # trained FP16 scales and rows
     assert not any(node.op_type == "DequantizeLinear" and len(node.input) > 2 and node.input[2]
                    and "block_size" in {a.name for a in node.attribute} for node in standard.graph.node)
 
