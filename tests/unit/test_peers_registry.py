@@ -45,7 +45,7 @@ def test_a_peer_gets_its_longer_build_time(tmp_path):
 
     context = peers.BuildContext(reference=tmp_path / "ref", hf_folder=tmp_path / "hf", work=tmp_path / "work",
                                  settings=peers.QUICK, timeout_s=600)
-    for minutes, expected in ((40, 2400), (5, 600)):
+    for minutes in (40, 5):
         peer = peers.Peer(name=f"p{minutes}", label="test", build=build, build_minutes=minutes)
         record = peers.ensure_built(peer, context, reuse=False)
         assert record["notes"] == ["built"] and (tmp_path / f"work/p{minutes}/model.onnx").is_file()
