@@ -566,8 +566,17 @@ def describe_quantization(folder: Path, vocab_size: int) -> dict:
         elif node.op_type in ("MatMul", "MatMulInteger") and node.input[1] in initializers:
             if list(initializers[node.input[1]].dims)[-1:] == [vocab_size]:
                 lm_head = f"{node.op_type}, weight {_dtype_name(initializers[node.input[1]])}"
+        elif node.op_type == "MatMul" and producers.get(node.input[1]) is not None:
+            dequantize = producers[node.input[1]]  # our graphs: a stored low-bit weight behind DequantizeLinear
+            stored = initializers.get(dequantize.input[0]) if dequantize.op_type == "DequantizeLinear" else None
+            if stored is not None and list(stored.dims)[-1:] == [vocab_size]:
+                block = {a.name: onnx.helper.get_attribute_value(a) for a in dequantize.attribute}.get("block_size")
+                lm_head = (f"MatMul of a DequantizeLinear {_dtype_name(stored)} weight"
+                           + (f", block {block}" if block else ", per channel"))
         if "input_ids" in node.input and node.op_type in ("Gather", "GatherBlockQuantized"):
             data = _source_initializer(node.input[0], initializers, producers)
+            if data is not None and len(data.dims) < 2:
+                continue  # a per-token scale gathered beside an integer table, not the table
             bits = f"{attributes.get('bits', 4)}-bit, block {attributes.get('block_size')}"
             embedding = (f"GatherBlockQuantized {bits}" if node.op_type == "GatherBlockQuantized"
                          else f"Gather, table {_dtype_name(data) if data is not None else 'computed'}")

@@ -52,3 +52,21 @@ def test_a_peer_gets_its_longer_build_time(tmp_path):
     assert seen == [2400, 600]
     assert peers.PEERS["ours-w4a16-b64-best"].build_minutes == 40
     assert {peer.build_minutes for name, peer in peers.PEERS.items() if name != "ours-w4a16-b64-best"} == {10}
+
+
+def test_the_table_reads_our_quantized_head_and_embedding(planted_model, profile, tmp_path):
+    """Our graphs keep the LM head behind a DequantizeLinear and gather an INT8 table beside its per-token
+    scales: the table says so, where it once said "not found" and "table float" (the scales' Gather)."""
+    import peers
+
+    from accullm_export.build.quantize import quantize_model
+    from accullm_export.graph.recipes import Recipe
+
+    folder, _ = planted_model
+    quantize_model(folder, tmp_path / "q", Recipe(name="w4a16", block_size=16, policy="ratio", asymmetric=True),
+                   profile)
+    described = peers.describe_quantization(tmp_path / "q", vocab_size=256)
+    assert described["lm_head"] == "MatMul of a DequantizeLinear uint4 weight, block 16"
+    assert described["embedding"] == "Gather, table int8"
+    reference = peers.describe_quantization(folder, vocab_size=256)
+    assert reference["lm_head"] == "MatMul, weight float" and reference["embedding"] == "Gather, table float"
