@@ -390,7 +390,7 @@ OURS_W4A16_B64 = tuple("64" if flag == str(BLOCK_SIZE) else flag for flag in OUR
 OURS_W4A16_B64_BEST = OURS_W4A16_B64 + (
     "--asymmetric", "--onnxruntime-fusions", "--distill-steps", "120", "--distill-norms", "--distill-outlier-rows",
     "--scale-bits", "8", "--rotate", "lm_head", "--refine-vocab", "4096", "--outlier-layers", "!lm_head")
-for _name, _label, _recipe, *_minutes in (
+for _name, _label, _recipe in (
         ("ours-fp16", "accullm-export fp16", ("--recipe", "fp16")),
         ("ours-w8a8", "accullm-export w8a8, FP16 outlier branch", OURS_W8A8),
         ("ours-w8a8-no-outliers", "accullm-export w8a8, --outliers 0", OURS_W8A8 + ("--outliers", "0")),
@@ -406,16 +406,16 @@ for _name, _label, _recipe, *_minutes in (
          OURS_W4A16_B64 + ("--onnxruntime-fusions",)),
         # zero points per block (uint4, ONNX Runtime only), against genai-int4-b64-asym
         ("ours-w4a16-b64-asym", "accullm-export w4a16 block 64, asymmetric, ONNX Runtime fusions",
-         OURS_W4A16_B64 + ("--asymmetric", "--onnxruntime-fusions")),
-        # the best w4a16 build (README, "What is not done"): the row above distilled, with 8-bit scale codes, the
-        # LM head's input rotated and its 4,096 most probable-and-worst rows rounded twice; the head keeps no FP16
-        # branch. About 25 minutes of the run's build time, most of it distillation.
-        ("ours-w4a16-b64-best", "accullm-export w4a16 block 64, asymmetric, distilled, refined rotated head",
-         OURS_W4A16_B64_BEST, 40)):
+         OURS_W4A16_B64 + ("--asymmetric", "--onnxruntime-fusions"))):
     # no expected_block_size: our graphs hold standard blocked DequantizeLinear; ONNX Runtime fuses it into
     # MatMulNBits when the session starts, so the file has no MatMulNBits node to read it back from
-    register(Peer(name=_name, label=_label, build=functools.partial(build_ours, recipe=_recipe),
-                  build_minutes=_minutes[0] if _minutes else Peer.build_minutes))
+    register(Peer(name=_name, label=_label, build=functools.partial(build_ours, recipe=_recipe)))
+# the best w4a16 build (README, "What is not done"): the row above distilled, with 8-bit scale codes, the LM head's
+# input rotated and its 4,096 most probable-and-worst rows rounded twice; the head keeps no FP16 branch. About 20-25
+# minutes of the run's build time, most of it distillation, so its build may run 40.
+register(Peer(name="ours-w4a16-b64-best",
+              label="accullm-export w4a16 block 64, asymmetric, distilled, refined rotated head",
+              build=functools.partial(build_ours, recipe=OURS_W4A16_B64_BEST), build_minutes=40))
 for _method in ("rtn", "gptq", "hqq"):
     register(Peer(name=f"ort-{_method}-b128", label=f"ORT MatMulNBits 4-bit {_method.upper()}, block 128",
                   build=functools.partial(build_matmul_nbits, method=_method), in_child=True,
