@@ -69,6 +69,8 @@ def recipe_passes(recipe: Recipe) -> list[str]:
         passes.append("quantize_outlier_rows")
     if recipe.scale_bits == 8:  # after every pass that chooses scales
         passes.append("code_block_scales")
+    if recipe.outlier_planes:  # after every pass that sets rows or scales, before those that measure the result
+        passes.append("fold_outlier_planes")
     if recipe.bias_correction:  # after every pass that changes a weight
         passes.append("correct_bias")
     if recipe.refine_vocab:  # on the head as it will be saved

@@ -68,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(8: half the rows' bytes, 0.064 bits per weight on the sample, run by ONNX Runtime as an "
                              "8-bit MatMulNBits, no faster there; TensorRT's OutlierSplitGemm plugin takes FP16 rows "
                              "only)")
+    parser.add_argument("--outlier-planes", action="store_true",
+                        help="ONNX Runtime: fold each INT4 layer's outlier branch into its weight as two INT4 planes "
+                             "(the rows rounded on their blocks' grid, and what that left in one more block that "
+                             "reads the outlier channels again): one MatMulNBits per layer instead of three nodes, "
+                             "the rows kept to about 8 bits. TensorRT targets keep the FP16 branch (its plugin)")
     parser.add_argument("--bias-correction", action="store_true",
                         help="INT8/INT4 layers: add the FP16 bias E[x] (W - W_quantized), E[x] measured on the "
                              "calibration text, so that each layer's output error has zero mean; GPTQ then works on "
@@ -165,6 +170,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rows_form(recipe: dict) -> str:
+    if recipe.get("outlier_planes"):
+        return "rows folded into INT4 planes"
+    return f"rows in {'INT8' if recipe.get('outlier_bits') == 8 else 'FP16'}"
+
+
 def format_quantize_summary(manifest: dict) -> str:
     """A few lines: recipe, sizes, bits per weight, outlier channels, notes."""
     size = manifest["size"]
@@ -181,8 +192,7 @@ def format_quantize_summary(manifest: dict) -> str:
         f"linear layers: {size['linear_bits_per_weight']:.3f} effective bits per weight (scales, zero points, outlier "
         f"rows and bias corrections included)",
         f"outlier branch: {len(with_outliers)} layers, "
-        f"{sum(len(layer['outliers']) for layer in with_outliers)} channels in all, rows in "
-        f"{'INT8' if manifest['recipe'].get('outlier_bits') == 8 else 'FP16'}",
+        f"{sum(len(layer['outliers']) for layer in with_outliers)} channels in all, " + _rows_form(manifest["recipe"]),
     ]
     if manifest["notes"]:
         lines.append(f"notes: {len(manifest['notes'])} (see manifest.json); first: {manifest['notes'][0]}")
@@ -198,7 +208,7 @@ def recipe_from_args(args: argparse.Namespace):
                   gptq=args.gptq, gptq_absorb=args.gptq_absorb, scale_search=args.scale_search,
                   asymmetric=args.asymmetric, scale_bits=args.scale_bits, smoothquant=args.smoothquant,
                   bias_correction=args.bias_correction, gptq_sink_weight=args.gptq_sink_weight,
-                  outlier_bits=args.outlier_bits,
+                  outlier_bits=args.outlier_bits, outlier_planes=args.outlier_planes,
                   overrides=tuple(parse_override(text) for text in args.override), embeddings=args.embeddings,
                   outlier_layers=tuple(args.outlier_layers), distill_steps=args.distill_steps,
                   distill_norms=args.distill_norms, distill_rounding=args.distill_rounding,

@@ -60,6 +60,7 @@ class Recipe:
     scale_bits: int = 16  # blocked INT4 layers' scales: FP16, or 8-bit log codes (quant.scale_codes)
     bias_correction: bool = False  # each low-bit layer gets the FP16 bias E[x] (W - W_quantized); GPTQ centres H
     outlier_bits: int = 16  # the outlier branch's weight rows: FP16, or INT8 in blocks of 16 rows
+    outlier_planes: bool = False  # INT4 layers: the branch folded into the weight as two INT4 planes (ORT only)
     smoothquant: float | None = None  # w8a8: SmoothQuant's migration strength alpha
     overrides: tuple[tuple[str, str], ...] = ()  # (layer pattern, precision)
     outlier_layers: tuple[str, ...] = ()  # only layers matching one of these get the FP16 branch (default: all)
@@ -112,6 +113,12 @@ class Recipe:
             raise UserError(f"--outlier-bits must be 16 (FP16 rows) or 8 (INT8 rows), not {self.outlier_bits}")
         if self.outlier_bits == 8 and (self.outliers == 0 or not self.defaults.outlier_branch):
             raise UserError("--outlier-bits 8 stores the outlier branch's rows as INT8: this recipe has no branch")
+        if self.outlier_planes and (self.outliers == 0 or not self.defaults.outlier_branch):
+            raise UserError("--outlier-planes folds the outlier branch into the INT4 weights: this recipe "
+                            f"({self.name}, --outliers {self.outliers}) has no branch")
+        if self.outlier_planes and not self.int4_layers:
+            raise UserError("--outlier-planes folds the outlier rows into blocked INT4 weights (the w4a16 recipe, "
+                            "or int4 overrides)")
         if self.gptq and self.name == "fp16":
             raise UserError("--gptq applies to the integer recipes (w4a16, w8a8)")
         if not 0 <= self.gptq_sink_weight < float("inf"):

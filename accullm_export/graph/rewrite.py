@@ -199,25 +199,25 @@ def replace_input(node: gs.Node, index: int, values: np.ndarray, suffix: str) ->
 
 
 def coded_scale(graph: gs.Graph, owner: str, codes: np.ndarray, log_min: np.float32, log_step: np.float32,
-                float_dtype: np.dtype) -> gs.Variable:
+                float_dtype: np.dtype, stem: str = "weight_scale") -> gs.Variable:
     """Blocked scales decoded in the graph from uint8 codes (``quant.scale_codes``): Cast to float32, Mul by
     log_step, Add log_min, Exp, and a Cast to ``float_dtype`` if that is not float32. Constants only, so ONNX
-    Runtime folds the chain at load time. The constants are named after ``owner`` (the layer), which the bits
-    accounting counts them under."""
+    Runtime folds the chain at load time. The constants are named ``owner/stem_...`` after ``owner`` (the layer),
+    which the bits accounting counts them under."""
     shape = list(codes.shape)
-    stored = constant(f"{owner}/weight_scale_code", np.asarray(codes, dtype=np.uint8))
+    stored = constant(f"{owner}/{stem}_code", np.asarray(codes, dtype=np.uint8))
     tensor = stored
     steps = [("Cast", {"to": onnx_type(np.float32)}, None),
-             ("Mul", {}, constant(f"{owner}/weight_scale_log_step", np.asarray(log_step, dtype=np.float32))),
-             ("Add", {}, constant(f"{owner}/weight_scale_log_min", np.asarray(log_min, dtype=np.float32))),
+             ("Mul", {}, constant(f"{owner}/{stem}_log_step", np.asarray(log_step, dtype=np.float32))),
+             ("Add", {}, constant(f"{owner}/{stem}_log_min", np.asarray(log_min, dtype=np.float32))),
              ("Exp", {}, None)]
     if np.dtype(float_dtype) != np.float32:
         steps.append(("Cast", {"to": onnx_type(float_dtype)}, None))
     for index, (op, attrs, operand) in enumerate(steps):
         dtype = float_dtype if index == len(steps) - 1 else np.float32
-        output = gs.Variable(f"{owner}/weight_scale_decoded_{index}", dtype=dtype, shape=shape)
+        output = gs.Variable(f"{owner}/{stem}_decoded_{index}", dtype=dtype, shape=shape)
         inputs = [tensor] if operand is None else [tensor, operand]
-        graph.nodes.append(gs.Node(op, name=f"{owner}/weight_scale_code/{op}_{index}", attrs=attrs, inputs=inputs,
+        graph.nodes.append(gs.Node(op, name=f"{owner}/{stem}_code/{op}_{index}", attrs=attrs, inputs=inputs,
                                    outputs=[output]))
         tensor = output
     return tensor

@@ -21,7 +21,7 @@ BUILTIN_MODULES = ("isolate_outliers", "quantize_weights", "quantize_activations
                    "skip_sparse_neurons", "fuse_sparse_skip_mlp",
                    "fuse_outlier_split_gemm", "fold_scale_casts", "distill_scales", "fuse_group_query_attention",
                    "fuse_skip_rms_norm", "code_block_scales", "correct_bias", "quantize_outlier_rows",
-                   "rotate_inputs", "refine_vocab_rows")
+                   "rotate_inputs", "refine_vocab_rows", "fold_outlier_planes")
 
 
 def register(name: str) -> Callable[[PassFunction], PassFunction]:

@@ -1,0 +1,173 @@
+"""Outlier rows folded into the INT4 weights as two planes (``quantize --outlier-planes``): the model against an
+independent NumPy emulation, ONNX Runtime's single MatMulNBits per layer, merging, the bit count, the refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from accullm_export.build.quantize import quantize_model
+from accullm_export.errors import UserError
+from accullm_export.graph.recipes import Recipe
+from tests.unit.test_quantize import (_builds_equal_emulation, _feed, _fused_at_level_1, _logits,
+                                      np_round_symmetric)
+
+
+def _half(scale: np.ndarray) -> np.ndarray:
+    return np.maximum(scale, np.finfo(np.float16).tiny).astype(np.float16).astype(np.float32)
+
+
+def np_planes(rows: np.ndarray, row_scales: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    """What two symmetric INT4 planes keep of ``rows`` [n, N], column by column and entry by entry: plane 1 on each
+    row's block grid (int4's full range, -8..7), plane 2 with one FP16 scale per column, searched over 2^(k/8)
+    times absmax / 7 of what plane 1 alone leaves (k = -40..8) for the least E[x^2]-weighted squared error; each
+    entry takes the plane-2 integer of least error (the first on ties)."""
+    out = np.empty_like(rows)
+    for column in range(rows.shape[1]):
+        scales, target = row_scales[:, column], rows[:, column]
+        anchor = np.abs(target - np.clip(np.rint(target / scales), -8, 7) * scales).max() / np.float32(7)
+        best = None
+        for k in range(-40, 9):
+            scale = _half(np.float32(anchor * np.float32(2.0 ** (k / 8))))
+            kept = np.empty_like(target)
+            for row in range(len(target)):
+                options = []
+                for second in range(-8, 8):
+                    rest = target[row] - np.float32(second) * scale
+                    first = np.clip(np.rint(rest / scales[row]), -8, 7)
+                    options.append((abs(rest - first * scales[row]), first * scales[row] + np.float32(second) * scale))
+                kept[row] = min(options, key=lambda option: option[0])[1]
+            cost = float((importance * (target - kept).astype(np.float64) ** 2).sum())
+            if best is None or cost < best[0]:
+                best = (cost, kept)
+        out[:, column] = best[1]
+    return out
+
+
+def _emulator(profile):
+    from accullm_export.calibration.profile import load_profile
+
+    loaded = load_profile(profile)
+
+    def emulate(weight: np.ndarray, plan) -> np.ndarray:
+        if not plan.outliers:
+            return np_round_symmetric(weight, plan.bits, plan.block_size) if plan.quantized else weight
+        rows = list(plan.outliers)
+        rest = weight.copy()
+        rest[rows] = 0
+        out = np_round_symmetric(rest, plan.bits, plan.block_size)
+        scales = np.empty_like(rest)
+        for start in range(0, rest.shape[0], plan.block_size):  # the scales np_round_symmetric used
+            chunk = np.abs(rest[start:start + plan.block_size]).max(axis=0) / np.float32(7)
+            scales[start:start + plan.block_size] = _half(np.where(chunk == 0, np.float32(1), chunk))
+        importance = loaded.input_statistics(plan.input)["second_moment"][rows].astype(np.float64)
+        out[rows] = np_planes(weight[rows].astype(np.float16).astype(np.float32), scales[rows], importance)
+        return out
+
+    return emulate
+
+
+def test_planes_equal_numpy_emulation(planted_model, profile, tmp_path):
+    folder, _ = planted_model
+    recipe = Recipe(name="w4a16", block_size=32, embeddings="fp32", outlier_planes=True)
+    manifest = quantize_model(folder, tmp_path / "q", recipe, profile, finishing=())
+    quantize_model(folder, tmp_path / "u", recipe, profile)
+    assert [layer for layer in manifest["layers"] if layer["outliers"]]
+    _builds_equal_emulation(folder, manifest, tmp_path, _emulator(profile))
+    for build in ("q", "u"):
+        names = [node.name for node in onnx.load(str(tmp_path / build / "model.onnx")).graph.node]
+        assert not [name for name in names if "/outliers/MatMul" in name or name.endswith("/outliers/Add")]
+        assert [name for name in names if name.endswith("/outlier_planes/Concat")]
+
+
+def test_onnxruntime_runs_one_matmulnbits_per_layer(planted_model, profile, tmp_path):
+    """Asymmetric weights with 8-bit scale codes, merged: each merged layer is one MatMulNBits over K + |O|
+    inputs, and ONNX Runtime's fused graph (accuracy level 1) computes what the unfused one does."""
+    folder, _ = planted_model
+    recipe = Recipe(name="w4a16", block_size=32, embeddings="fp32", asymmetric=True, scale_bits=8,
+                    outlier_planes=True)
+    manifest = quantize_model(folder, tmp_path / "u", recipe, profile)
+    assert any("outlier branches folded into their INT4 weights as two planes" in note for note in manifest["notes"])
+    session, nodes = _fused_at_level_1(tmp_path / "u" / "model.onnx", tmp_path)
+    assert not [node for node in nodes if node.op_type in ("DequantizeLinear", "MatMul")]
+    hidden = next(layer["in_features"] for layer in manifest["layers"] if layer["outliers"])
+    widths = {next(a.i for a in node.attribute if a.name == "K") for node in nodes if node.op_type == "MatMulNBits"}
+    outliers = {len(layer["outliers"]) for layer in manifest["layers"] if layer["outliers"]}
+    assert {hidden + count for count in outliers} <= widths
+    feed = _feed(folder)
+    np.testing.assert_allclose(session.run(["logits"], feed)[0], _logits(tmp_path / "u" / "model.onnx", feed),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_planes_stay_close_to_the_fp16_rows_and_cost_fewer_bits(planted_model, profile, tmp_path):
+    folder, _ = planted_model
+    branch = quantize_model(folder, tmp_path / "b", Recipe(name="w4a16", block_size=32, embeddings="fp32"), profile)
+    planes = quantize_model(folder, tmp_path / "p", Recipe(name="w4a16", block_size=32, embeddings="fp32",
+                                                           outlier_planes=True), profile)
+    for layer, other in zip(planes["layers"], branch["layers"]):
+        # n FP16 rows (16 bits an entry) become n INT4 entries of plane 2 and one more FP16 scale per column;
+        # plane 1 reuses the zero rows the INT4 part already stored
+        rows, columns = len(layer["outliers"]), layer["out_features"]
+        saved = (16 * rows - 4 * rows - 16) * columns if rows else 0
+        assert layer["bits_per_weight"] == pytest.approx(
+            other["bits_per_weight"] - saved / (layer["in_features"] * columns), abs=1e-3)
+    feed = _feed(folder)
+    reference = _logits(folder / "model.onnx", feed)
+    branch_error = np.abs(_logits(tmp_path / "b" / "model.onnx", feed) - reference).mean()
+    planes_error = np.abs(_logits(tmp_path / "p" / "model.onnx", feed) - reference).mean()
+    assert planes_error < 1.1 * branch_error
+
+
+def test_layers_in_another_form_keep_their_branch(planted_model, profile, tmp_path):
+    folder, _ = planted_model
+    recipe = Recipe(name="w4a16", block_size=32, embeddings="fp32", outlier_planes=True,
+                    overrides=(("layers.0", "int8"),))
+    manifest = quantize_model(folder, tmp_path / "q", recipe, profile, finishing=())
+    kept = [note for note in manifest["notes"] if "its outlier branch stays" in note]
+    assert kept and all("layers.0" in note for note in kept)
+    names = [node.name for node in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node]
+    assert [name for name in names if "layers.0" in name and name.endswith("/outliers/Add")]
+    assert not [name for name in names if "layers.1" in name and name.endswith("/outliers/Add")]
+
+
+def test_planes_need_int4_layers_with_a_branch():
+    with pytest.raises(UserError, match="--outlier-planes"):
+        Recipe(name="w4a16", outliers=0, outlier_planes=True)
+    with pytest.raises(UserError, match="--outlier-planes"):
+        Recipe(name="fp16", outlier_planes=True)
+    with pytest.raises(UserError, match="--outlier-planes"):
+        Recipe(name="w8a8", outlier_planes=True)
+
+
+def test_quantize_cli_reports_planes(planted_model, profile, tmp_path, capsys):
+    from accullm_export.cli.main import main
+
+    folder, _ = planted_model
+    assert main(["quantize", str(folder), "--recipe", "w4a16", "--profile", str(profile), "--block-size", "32",
+                 "--outlier-planes", "-o", str(tmp_path / "q")]) == 0
+    assert "rows folded into INT4 planes" in capsys.readouterr().out
+
+
+def test_branches_on_the_attention_sinks_activations_stay(planted_model, profile, tmp_path, monkeypatch):
+    """An input whose outlier channels see the attention sink's activations far beyond their usual range keeps its
+    FP16 branch (folded rows would carry those activations' errors into every later token); the rest fold."""
+    from accullm_export.calibration.profile import Profile
+
+    original = Profile.input_statistics
+
+    def with_a_sink(self, tensor):
+        statistics = dict(original(self, tensor))
+        if "layers.1/post_attention_layernorm" in tensor:
+            statistics["sink_absmax"] = np.asarray(statistics["p999"]) * 1000
+        return statistics
+
+    monkeypatch.setattr(Profile, "input_statistics", with_a_sink)
+    folder, _ = planted_model
+    manifest = quantize_model(folder, tmp_path / "q", Recipe(name="w4a16", block_size=32, embeddings="fp32",
+                                                             outlier_planes=True), profile, finishing=())
+    kept = [note for note in manifest["notes"] if "attention sink" in note]
+    assert kept and all("layers.1/mlp/" in note and "1000x" in note for note in kept)
+    names = [node.name for node in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node]
+    branches = {name.split("/")[2] + "/" + name.split("/")[4] for name in names if name.endswith("/outliers/Add")}
+    assert branches == {"layers.1/gate_proj", "layers.1/up_proj"}
