@@ -416,6 +416,12 @@ for _name, _label, _recipe in (
 register(Peer(name="ours-w4a16-b64-best",
               label="accullm-export w4a16 block 64, asymmetric, distilled, refined rotated head",
               build=functools.partial(build_ours, recipe=OURS_W4A16_B64_BEST), build_minutes=40))
+# the same with each outlier branch but the attention sink's folded into its layer's INT4 weight as two planes
+# (--outlier-planes): no branch MatMul and Add per layer at decode
+register(Peer(name="ours-w4a16-b64-planes",
+              label="accullm-export w4a16 block 64, best, outlier rows as INT4 planes",
+              build=functools.partial(build_ours, recipe=OURS_W4A16_B64_BEST + ("--outlier-planes",)),
+              build_minutes=40))
 for _method in ("rtn", "gptq", "hqq"):
     register(Peer(name=f"ort-{_method}-b128", label=f"ORT MatMulNBits 4-bit {_method.upper()}, block 128",
                   build=functools.partial(build_matmul_nbits, method=_method), in_child=True,

@@ -9,6 +9,7 @@ import pytest
 
 from accullm_export.build.quantize import quantize_model
 from accullm_export.errors import UserError
+from accullm_export.graph.passes.fold_outlier_planes import COPIES
 from accullm_export.graph.recipes import Recipe
 from tests.unit.test_quantize import (_builds_equal_emulation, _feed, _fused_at_level_1, _logits,
                                       np_round_symmetric)
@@ -18,22 +19,23 @@ def _half(scale: np.ndarray) -> np.ndarray:
     return np.maximum(scale, np.finfo(np.float16).tiny).astype(np.float16).astype(np.float32)
 
 
-def np_planes(rows: np.ndarray, row_scales: np.ndarray, importance: np.ndarray) -> np.ndarray:
-    """What two symmetric INT4 planes keep of ``rows`` [n, N], column by column and entry by entry: plane 1 on each
-    row's block grid (int4's full range, -8..7), plane 2 with one FP16 scale per column, searched over 2^(k/8)
-    times absmax / 7 of what plane 1 alone leaves (k = -40..8) for the least E[x^2]-weighted squared error; each
-    entry takes the plane-2 integer of least error (the first on ties)."""
+def np_planes(rows: np.ndarray, row_scales: np.ndarray, importance: np.ndarray, copies: int = 2) -> np.ndarray:
+    """What two INT4 planes keep of ``rows`` [n, N], column by column and entry by entry: plane 1 on each row's
+    block grid (int4's full range, -8..7); plane 2, read ``copies`` times, an integer in [-8 copies, 7 copies]
+    times one FP16 scale per column, searched over 2^(k/8) times absmax / (7 copies) of what plane 1 alone leaves
+    (k = -40..8) for the least E[x^2]-weighted squared error; each entry takes the plane-2 integer of least error
+    (the first on ties)."""
     out = np.empty_like(rows)
     for column in range(rows.shape[1]):
         scales, target = row_scales[:, column], rows[:, column]
-        anchor = np.abs(target - np.clip(np.rint(target / scales), -8, 7) * scales).max() / np.float32(7)
+        anchor = np.abs(target - np.clip(np.rint(target / scales), -8, 7) * scales).max() / np.float32(7 * copies)
         best = None
         for k in range(-40, 9):
             scale = _half(np.float32(anchor * np.float32(2.0 ** (k / 8))))
             kept = np.empty_like(target)
             for row in range(len(target)):
                 options = []
-                for second in range(-8, 8):
+                for second in range(-8 * copies, 7 * copies + 1):
                     rest = target[row] - np.float32(second) * scale
                     first = np.clip(np.rint(rest / scales[row]), -8, 7)
                     options.append((abs(rest - first * scales[row]), first * scales[row] + np.float32(second) * scale))
@@ -82,7 +84,7 @@ def test_planes_equal_numpy_emulation(planted_model, profile, tmp_path):
 
 
 def test_onnxruntime_runs_one_matmulnbits_per_layer(planted_model, profile, tmp_path):
-    """Asymmetric weights with 8-bit scale codes, merged: each merged layer is one MatMulNBits over K + |O|
+    """Asymmetric weights with 8-bit scale codes, merged: each merged layer is one MatMulNBits over K + 2 |O|
     inputs, and ONNX Runtime's fused graph (accuracy level 1) computes what the unfused one does."""
     folder, _ = planted_model
     recipe = Recipe(name="w4a16", block_size=32, embeddings="fp32", asymmetric=True, scale_bits=8,
@@ -94,7 +96,7 @@ def test_onnxruntime_runs_one_matmulnbits_per_layer(planted_model, profile, tmp_
     hidden = next(layer["in_features"] for layer in manifest["layers"] if layer["outliers"])
     widths = {next(a.i for a in node.attribute if a.name == "K") for node in nodes if node.op_type == "MatMulNBits"}
     outliers = {len(layer["outliers"]) for layer in manifest["layers"] if layer["outliers"]}
-    assert {hidden + count for count in outliers} <= widths
+    assert {hidden + COPIES * count for count in outliers} <= widths
     feed = _feed(folder)
     np.testing.assert_allclose(session.run(["logits"], feed)[0], _logits(tmp_path / "u" / "model.onnx", feed),
                                rtol=1e-4, atol=1e-4)
@@ -106,10 +108,10 @@ def test_planes_stay_close_to_the_fp16_rows_and_cost_fewer_bits(planted_model, p
     planes = quantize_model(folder, tmp_path / "p", Recipe(name="w4a16", block_size=32, embeddings="fp32",
                                                            outlier_planes=True), profile)
     for layer, other in zip(planes["layers"], branch["layers"]):
-        # n FP16 rows (16 bits an entry) become n INT4 entries of plane 2 and one more FP16 scale per column;
-        # plane 1 reuses the zero rows the INT4 part already stored
+        # n FP16 rows (16 bits an entry) become 2 n INT4 entries of plane 2 (read twice) and one more FP16 scale
+        # per column; plane 1 reuses the zero rows the INT4 part already stored
         rows, columns = len(layer["outliers"]), layer["out_features"]
-        saved = (16 * rows - 4 * rows - 16) * columns if rows else 0
+        saved = (16 * rows - 2 * 4 * rows - 16) * columns if rows else 0
         assert layer["bits_per_weight"] == pytest.approx(
             other["bits_per_weight"] - saved / (layer["in_features"] * columns), abs=1e-3)
     feed = _feed(folder)
@@ -171,3 +173,11 @@ def test_branches_on_the_attention_sinks_activations_stay(planted_model, profile
     names = [node.name for node in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node]
     branches = {name.split("/")[2] + "/" + name.split("/")[4] for name in names if name.endswith("/outliers/Add")}
     assert branches == {"layers.1/gate_proj", "layers.1/up_proj"}
+
+
+def test_plane_two_copies_sum_to_its_integer():
+    from accullm_export.graph.passes.fold_outlier_planes import split_copies
+
+    total = np.arange(-16, 15).reshape(1, -1)
+    first, second = split_copies(total, 2)
+    assert (first + second == total).all() and first.min() >= -8 and second.max() <= 7 and first.max() <= 7

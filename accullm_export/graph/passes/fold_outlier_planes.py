@@ -4,22 +4,24 @@
 The branch ``y = x @ W_int4 + x[..., O] @ R`` costs three nodes per layer (a Gather shared by the layers of an
 input, a small MatMul and an Add); at batch-1 decode in ONNX Runtime each node is a dispatch of a few
 microseconds, and on the sample the branches cost about a tenth of a decode step while their multiply-adds are
-a few thousandths of it. Here the layer reads ``x' = Concat(x, x[..., O])`` (the branch's Gather, kept, appended
-to the input; one Concat per input, shared like the Gather) through a ``[K + |O|, N]`` INT4 weight behind the
-same blocked DequantizeLinear, which ONNX Runtime fuses into one ``MatMulNBits``:
+a few thousandths of it. Here the layer reads ``x' = Concat(x, x[..., O], x[..., O])`` (the branch's Gather,
+kept, appended twice to the input; one Concat per input, shared like the Gather) through a ``[K + 2|O|, N]`` INT4
+weight behind the same blocked DequantizeLinear, which ONNX Runtime fuses into one ``MatMulNBits``:
 
 * plane 1, in place: row c of O (zero so far) takes integers on its own block's grid (the block's scale and zero
   point stay, so the other rows of the block keep their values);
-* plane 2, a new block of |O| rows after the K: integers on int4's symmetric range (zero point 8 for asymmetric
-  weights) with one new scale per output column, stored like the layer's other scales (FP16, or an 8-bit log code
-  on the layer's grid).
+* plane 2, a new block of ``COPIES`` x |O| rows after the K (each copy of a channel has its own row, so the
+  channel's plane-2 integer is the sum of ``COPIES`` int4 values, in [-16, 14] for two): int4's symmetric range
+  (zero point 8 for asymmetric weights) with one new scale per output column, stored like the layer's other
+  scales (FP16, or an 8-bit log code on the layer's grid).
 
 ``two_planes`` searches each column's plane-2 scale and gives every entry the pair of integers of least error,
-for the least squared error weighted by the channels' E[x^2]; on the sample that error, weighted by a typical
-token's |x|, is 0.9x that of the INT8 rows of ``--outlier-bits 8`` (which measured as accurate as FP16 rows). A
-Concat of the input copies far faster in ONNX Runtime than a Gather of every channel (about 2 against 14 us per
-layer measured). The last block holds |O| rows instead of ``block_size``, which ONNX's blocked DequantizeLinear
-allows (its scale axis is ceil(K'/B)) and ONNX Runtime fuses.
+for the least squared error weighted by the channels' E[x^2]. On the sample one copy left the rows' error, weighted
+by a typical token's |x|, at 0.9x that of the INT8 rows of ``--outlier-bits 8`` (which measured as accurate as
+FP16 rows), but the best w4a16 build lost 0.3 Δppl points on 32 windows; two copies measured as FP16 rows, three
+no better (README). A Concat of the input copies far faster in ONNX Runtime than a Gather of every channel
+(about 5 against 14 us per layer measured). The last block holds 2|O| rows instead of ``block_size``, which
+ONNX's blocked DequantizeLinear allows (its scale axis is ceil(K'/B)) and ONNX Runtime fuses.
 
 A branch stays FP16, with a note, when the profile saw the attention sink (position 0) drive its channels beyond
 ``SINK_RATIO`` times their 99.9th percentile: any rounding of those rows is multiplied by activations of ~5e4 on
@@ -45,6 +47,7 @@ from accullm_export.quant.asymmetric import signed_values
 from accullm_export.quant.symmetric import block_index, half_representable
 
 LOW, HIGH = -8, 7  # int4 storage range (symmetric weights: zero point 0)
+COPIES = 2  # plane 2 reads the outlier channels this many times: its integer is the sum of COPIES int4 values
 LEVELS = 15  # uint4 storage range [0, 15] (asymmetric weights)
 CANDIDATES = range(-40, 9)  # plane 2's scale: anchor * 2^(step / 8), from 1/32 of it to twice it
 # a branch whose channels see the attention sink's activations beyond this many times their 99.9th percentile stays
@@ -78,7 +81,7 @@ def run(graph: gs.Graph, context) -> gs.Graph:
         moments = statistics.get("second_moment")
         importance = np.ones(len(channels)) if moments is None else np.asarray(moments, np.float64)[channels]
         worst = max(worst, _fold(graph, node, dequantize, channels, branch_rows, importance, context.float_dtype))
-        node.inputs[0] = _extended_input(graph, inputs, node.inputs[0], matmul.inputs[0])
+        node.inputs[0] = _extended_input(graph, inputs, node.inputs[0], matmul.inputs[0], COPIES)
         output = add.outputs[0]
         add.outputs.clear()
         node.outputs[0] = output
@@ -119,6 +122,8 @@ def _layout(node: gs.Node, matmul: gs.Node):
         return "its dequantized weight has other readers"
     if values.shape[0] % int(dequantize.attrs["block_size"]):
         return "its input size is not a whole number of blocks"
+    if COPIES * gather.inputs[1].values.size > int(dequantize.attrs["block_size"]):
+        return f"{COPIES} copies of its {gather.inputs[1].values.size} outlier channels exceed one block"
     rows = constant_value(matmul.inputs[1])
     scales = constant_value(dequantize.inputs[1])
     if rows is None or scales is None:
@@ -142,14 +147,15 @@ def _fold(graph: gs.Graph, node: gs.Node, dequantize: gs.Node, channels: np.ndar
     target = values[channels] * row_scales + branch_rows
     low, high = _limits(zero_points[row_blocks] if zero_points is not None else None)
     first, second, second_scale = two_planes(target, row_scales, low, high, importance,
-                                             lambda scale: _storable(dequantize, scale))
+                                             lambda scale: _storable(dequantize, scale), COPIES)
     values[channels] = first
-    values = np.concatenate([values, second])
+    values = np.concatenate([values, *split_copies(second, COPIES)])
     error = np.abs(target - first * row_scales - second * second_scale).max(axis=1)
     span = np.maximum(np.abs(target).max(axis=1), np.finfo(np.float32).tiny)
     all_scales = np.concatenate([scales, second_scale])
     if zero_points is not None:  # plane 2 on int4's symmetric range: zero point 8
         zero_points = np.concatenate([zero_points, np.full(second_scale.shape, -LOW, dtype=np.int16)])
+        # (the extra rows, COPIES x |O| <= block_size, share the one new block's scale and zero point)
         stored_values = (values + zero_points[block_index(values.shape[0], block)]).astype(ml_dtypes.uint4)
     else:
         stored_values = values.astype(ml_dtypes.int4)
@@ -161,8 +167,16 @@ def _fold(graph: gs.Graph, node: gs.Node, dequantize: gs.Node, channels: np.ndar
     return float((error / span).max())
 
 
+def split_copies(total: np.ndarray, copies: int) -> list[np.ndarray]:
+    """``copies`` int4 arrays summing to ``total`` (each entry in [LOW * copies, HIGH * copies]): the floor of the
+    share in every copy and one more in the first ``total - copies * floor`` of them."""
+    base = np.floor_divide(total, copies)
+    extra = total - base * copies
+    return [(base + (extra > index)).astype(np.int16) for index in range(copies)]
+
+
 def two_planes(target: np.ndarray, row_scales: np.ndarray, low, high, importance: np.ndarray,
-               storable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               storable, copies: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(plane 1 [n, N], plane 2 [n, N], plane 2's scales [1, N]) for rows ``target`` [n, N]: plane 1 on each row's
     block grid (``row_scales``, integers in [low, high]), plane 2 on int4's symmetric range with one scale per
     column. Each column's scale is searched: CANDIDATES steps of 2^(1/8) below and above absmax / 7 of what
@@ -173,7 +187,7 @@ def two_planes(target: np.ndarray, row_scales: np.ndarray, low, high, importance
     safe = np.where(row_scales > 0, row_scales, 1).astype(np.float32)
 
     def best(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        plane2 = np.arange(LOW, HIGH + 1, dtype=np.float32).reshape(-1, 1, 1)
+        plane2 = np.arange(LOW * copies, HIGH * copies + 1, dtype=np.float32).reshape(-1, 1, 1)
         rest = target - plane2 * scale
         plane1 = np.where(row_scales > 0, np.clip(np.rint(rest / safe), low, high), 0)
         error = np.abs(rest - plane1 * row_scales)
@@ -182,7 +196,7 @@ def two_planes(target: np.ndarray, row_scales: np.ndarray, low, high, importance
                 np.take_along_axis(error, pick, 0)[0])
 
     plane1 = np.where(row_scales > 0, np.clip(np.rint(target / safe), low, high), 0)
-    anchor = np.abs(target - plane1 * row_scales).max(axis=0, keepdims=True) / np.float32(HIGH)
+    anchor = np.abs(target - plane1 * row_scales).max(axis=0, keepdims=True) / np.float32(HIGH * copies)
     weights = np.asarray(importance, dtype=np.float64).reshape(-1, 1)
     chosen, chosen_cost = None, None
     for step in CANDIDATES:
@@ -223,13 +237,14 @@ def _scale_tensor(graph: gs.Graph, layer: str, old, scales: np.ndarray, float_dt
     return constant(f"{layer}/weight_planes_scale", scales.astype(old.dtype))
 
 
-def _extended_input(graph: gs.Graph, inputs: dict, source: gs.Variable, gathered: gs.Variable) -> gs.Variable:
+def _extended_input(graph: gs.Graph, inputs: dict, source: gs.Variable, gathered: gs.Variable,
+                    copies: int) -> gs.Variable:
     """Concat(source, the branch's gathered outlier channels) along the last axis, one per input and Gather (a
     Concat copies far faster in ONNX Runtime than a Gather of every channel)."""
     key = (source.name, gathered.name)
     if key not in inputs:
         extended = gs.Variable(f"{source.name}/outlier_planes_input", dtype=source.dtype)
         graph.nodes.append(gs.Node("Concat", name=f"{source.name}/outlier_planes/Concat", attrs={"axis": -1},
-                                   inputs=[source, gathered], outputs=[extended]))
+                                   inputs=[source] + [gathered] * copies, outputs=[extended]))
         inputs[key] = extended
     return inputs[key]
