@@ -116,6 +116,9 @@ class Recipe:
         if self.outlier_planes and (self.outliers == 0 or not self.defaults.outlier_branch):
             raise UserError("--outlier-planes folds the outlier branch into the INT4 weights: this recipe "
                             f"({self.name}, --outliers {self.outliers}) has no branch")
+        if self.outlier_planes and self.bias_correction:
+            raise UserError("--outlier-planes and --bias-correction do not combine: the bias is measured on the "
+                            "layer's input, which the planes widen; give one of them")
         if self.outlier_planes and not self.int4_layers:
             raise UserError("--outlier-planes folds the outlier rows into blocked INT4 weights (the w4a16 recipe, "
                             "or int4 overrides)")

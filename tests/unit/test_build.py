@@ -70,7 +70,8 @@ def test_build_cpu_end_to_end(planted_model, tmp_path):
     assert (out / "validation/report.json").is_file() and (out / "model/genai_config.json").is_file()
     model = OrtCausalLM.from_path(out / "model", device="cpu")
     assert len(generate(model, [[1, 5, 9]], GenerationConfig(max_new_tokens=4)).tokens[0]) == 4
-    nodes = {node.op_type for node in onnx.load(str(out / "model/model.onnx"), load_external_data=False).graph.node}
+    graph_nodes = onnx.load(str(out / "model/model.onnx"), load_external_data=False).graph.node
+    nodes, names = {node.op_type for node in graph_nodes}, {node.name for node in graph_nodes}
     assert "DequantizeLinear" in nodes  # w4a16, the cpu target's default recipe
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= nodes  # ONNX Runtime's contrib ops
     assert not {"Attention", "RotaryEmbedding"} & nodes
@@ -78,7 +79,9 @@ def test_build_cpu_end_to_end(planted_model, tmp_path):
     assert quantized["recipe"]["scale_search"] and quantized["recipe"]["gptq"]  # w4a16's searched block scales
     assert quantized["recipe"]["asymmetric"]  # zero points: ONNX Runtime targets only
     assert quantized["recipe"]["scale_bits"] == 8  # 8-bit block scales, folded by ONNX Runtime
-    assert quantized["recipe"]["outlier_bits"] == 8  # INT8 outlier rows (8-bit MatMulNBits)
+    assert quantized["recipe"]["outlier_planes"]  # outlier rows folded into the INT4 weights
+    assert any("folded into their INT4 weights as two planes" in note for note in quantized["notes"])
+    assert "Concat" in nodes and "/lm_head/MatMul/outliers/Add" in names  # the rotated head keeps its branch
     layers = quantized["layers"]  # FP16 rows where the residual enters
     assert [layer["node"] for layer in layers if layer["rotation"]] == ["/lm_head/MatMul"]  # the rotated head
     assert quantized["recipe"]["refine_vocab"] == 256 // 12  # a twelfth of the head's rows refined
@@ -100,7 +103,7 @@ def test_build_cpu_distills_on_request(planted_model, tmp_path, capsys):
     recipe = json.loads((tmp_path / "distilled/model/manifest.json").read_text())
     assert recipe["recipe"]["distill_steps"] == 20  # the best command's training, with the cpu recipe's passes
     assert recipe["recipe"]["distill_norms"] and recipe["recipe"]["distill_outlier_rows"]
-    assert recipe["recipe"]["refine_vocab"] and recipe["recipe"]["outlier_bits"] == 8
+    assert recipe["recipe"]["refine_vocab"] and recipe["recipe"]["outlier_planes"]
     note = next(note for note in recipe["notes"] if note.startswith("distill_scales"))
     assert "20 steps on 5 calibration windows" in note  # one of the 6 is held out (kept or not: the tiny
     # model's build is already close, so training may not lower its held-out KL; test_distill covers training)

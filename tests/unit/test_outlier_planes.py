@@ -140,6 +140,8 @@ def test_planes_need_int4_layers_with_a_branch():
         Recipe(name="fp16", outlier_planes=True)
     with pytest.raises(UserError, match="--outlier-planes"):
         Recipe(name="w8a8", outlier_planes=True)
+    with pytest.raises(UserError, match="--outlier-planes and --bias-correction"):
+        Recipe(name="w4a16", outlier_planes=True, bias_correction=True)
 
 
 def test_quantize_cli_reports_planes(planted_model, profile, tmp_path, capsys):
@@ -181,3 +183,19 @@ def test_plane_two_copies_sum_to_its_integer():
     total = np.arange(-16, 15).reshape(1, -1)
     first, second = split_copies(total, 2)
     assert (first + second == total).all() and first.min() >= -8 and second.max() <= 7 and first.max() <= 7
+
+
+def test_planes_compose_with_sparse_skip(planted_model, profile, tmp_path):
+    """The threshold method narrows the down projections' inputs and leaves gate/up (folded) alone; the model runs
+    and skips as many MLPs as without the planes."""
+    from accullm_export.sparsity.config import SparsityConfig
+
+    folder, _ = planted_model
+    runs = {}
+    for planes in (False, True):
+        out = tmp_path / ("p" if planes else "b")
+        runs[planes] = quantize_model(folder, out, Recipe(name="w4a16", block_size=32, outlier_planes=planes),
+                                      profile, sparsity=SparsityConfig(sparsity=0.5))
+        assert np.isfinite(_logits(out / "model.onnx", _feed(folder))).all()
+    assert runs[True]["sparsity"]["mlps"] == runs[False]["sparsity"]["mlps"] > 0
+    assert any("two planes" in note for note in runs[True]["notes"])
