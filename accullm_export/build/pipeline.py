@@ -188,12 +188,13 @@ def _quantize(reference: Path, out: Path, profile: Path, recipe: str, options: B
         # The busiest twelfth of the head's vocabulary refined (--refine-vocab): on the sample at block 128 Δppl
         # +8.71% -> +7.72%, KL 0.115 -> 0.104 on 8 windows, for 0.072 bits per weight and no measurable decode cost
         # (0.91x genai-int4-b128 both, 101 rounds); without the head's branch too: +8.38% at 0.93x, so it stays.
-        # The branches folded into the INT4 weights as two planes (--outlier-planes; the rotated head's branch and the
-        # attention sink's stay FP16): the best block-64 build decoded at 0.96-0.97x instead of 0.90-0.92x genai
-        # with Δppl +4.91% instead of +4.84% on 32 windows (TensorRT's OutlierSplitGemm takes the FP16 branch)
+        # The branches folded into the INT4 weights as two planes (--outlier-planes) where the input is whole
+        # blocks (K % block == 0: block 64 on the sample, not 128): the best block-64 build decoded at 0.91-0.97x
+        # instead of 0.85-0.92x genai, Δppl +4.91% instead of +4.84% on 32 windows; the branches left (the rotated
+        # head's, the attention sink's, partial blocks) get the INT8 rows (TensorRT's plugin takes FP16 branches)
         onnxruntime = target.backend == "onnxruntime"
         extra = dict(gptq=options.gptq, scale_search=True, asymmetric=onnxruntime, scale_bits=8 if onnxruntime else 16,
-                     outlier_planes=onnxruntime,
+                     outlier_planes=onnxruntime, outlier_bits=8 if onnxruntime else 16,
                      outlier_layers=("residual",) if is_llm and options.gptq else (),
                      rotate=("lm_head",) if onnxruntime and is_llm and _has_layer(reference, "lm_head") else (),
                      refine_vocab=_vocab_rows_to_refine(reference) if onnxruntime and is_llm else 0,

@@ -65,12 +65,12 @@ def recipe_passes(recipe: Recipe) -> list[str]:
     if recipe.distill_steps:
         passes.append("distill_scales")
     passes += ["quantize_activations", "quantize_embeddings"]
-    if recipe.outlier_bits == 8:  # after every pass that moves the rows
-        passes.append("quantize_outlier_rows")
     if recipe.scale_bits == 8:  # after every pass that chooses scales
         passes.append("code_block_scales")
     if recipe.outlier_planes:  # after every pass that sets rows or scales, before those that measure the result
         passes.append("fold_outlier_planes")
+    if recipe.outlier_bits == 8:  # after every pass that moves the rows; the branches the planes did not take
+        passes.append("quantize_outlier_rows")
     if recipe.bias_correction:  # after every pass that changes a weight
         passes.append("correct_bias")
     if recipe.refine_vocab:  # on the head as it will be saved

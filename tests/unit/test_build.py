@@ -81,7 +81,9 @@ def test_build_cpu_end_to_end(planted_model, tmp_path):
     assert quantized["recipe"]["scale_bits"] == 8  # 8-bit block scales, folded by ONNX Runtime
     assert quantized["recipe"]["outlier_planes"]  # outlier rows folded into the INT4 weights
     assert any("folded into their INT4 weights as two planes" in note for note in quantized["notes"])
-    assert "Concat" in nodes and "/lm_head/MatMul/outliers/Add" in names  # the rotated head keeps its branch
+    assert "Concat" in nodes and "/lm_head/MatMul/outliers/Add" in names  # the rotated head keeps its branch,
+    assert quantized["recipe"]["outlier_bits"] == 8 and "/lm_head/MatMul/outlier_weight/DequantizeLinear" in names
+    # with INT8 rows (8-bit MatMulNBits)
     layers = quantized["layers"]  # FP16 rows where the residual enters
     assert [layer["node"] for layer in layers if layer["rotation"]] == ["/lm_head/MatMul"]  # the rotated head
     assert quantized["recipe"]["refine_vocab"] == 256 // 12  # a twelfth of the head's rows refined
@@ -104,6 +106,7 @@ def test_build_cpu_distills_on_request(planted_model, tmp_path, capsys):
     assert recipe["recipe"]["distill_steps"] == 20  # the best command's training, with the cpu recipe's passes
     assert recipe["recipe"]["distill_norms"] and recipe["recipe"]["distill_outlier_rows"]
     assert recipe["recipe"]["refine_vocab"] and recipe["recipe"]["outlier_planes"]
+    assert recipe["recipe"]["outlier_bits"] == 8
     note = next(note for note in recipe["notes"] if note.startswith("distill_scales"))
     assert "20 steps on 5 calibration windows" in note  # one of the 6 is held out (kept or not: the tiny
     # model's build is already close, so training may not lower its held-out KL; test_distill covers training)

@@ -199,3 +199,17 @@ def test_planes_compose_with_sparse_skip(planted_model, profile, tmp_path):
         assert np.isfinite(_logits(out / "model.onnx", _feed(folder))).all()
     assert runs[True]["sparsity"]["mlps"] == runs[False]["sparsity"]["mlps"] > 0
     assert any("two planes" in note for note in runs[True]["notes"])
+
+
+def test_int8_rows_go_to_the_branches_the_planes_leave(planted_model, profile, tmp_path):
+    """``build --target cpu`` asks for both: the planes fold from the FP16 rows (no double rounding), and the
+    branches left (here layers.0's, an INT8 per-channel override) store INT8 rows."""
+    folder, _ = planted_model
+    recipe = Recipe(name="w4a16", block_size=32, embeddings="fp32", outlier_planes=True, outlier_bits=8,
+                    overrides=(("layers.0", "int8"),))
+    manifest = quantize_model(folder, tmp_path / "q", recipe, profile, finishing=())
+    names = [node.name for node in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node]
+    int8_rows = {name.split("/")[2] for name in names if name.endswith("/outlier_weight/DequantizeLinear")}
+    assert int8_rows == {"layers.0"}
+    assert not [name for name in names if "layers.1" in name and name.endswith("/outliers/Add")]
+    assert not [note for note in manifest["notes"] if "its rows stay as they are" in note]

@@ -10,8 +10,9 @@ sample). ONNX Runtime fuses the DequantizeLinear and the branch's MatMul into an
 make decoding measurably faster (a branch's cost is its nodes, not its bytes). TensorRT's ``OutlierSplitGemm``
 plugin takes FP16 rows, so TensorRT targets do not get this (``build`` never asks for it).
 
-Runs after every pass that changes the rows (GPTQ's absorption, distillation). The constants keep the layer's
-name as prefix, so the manifest counts them with the layer.
+Runs after every pass that changes the rows (GPTQ's absorption, distillation) and after ``fold_outlier_planes``,
+on the branches it left. The constants keep the layer's name as prefix, so the manifest counts them with the
+layer.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def run(graph: gs.Graph, context) -> gs.Graph:
         if not plan.outliers:
             continue
         matmul = branch_matmul(node)
-        rows = outlier_weight_constant(node) if matmul is not None else None
+        if matmul is None:  # no branch: folded into the INT4 weight (--outlier-planes), or never made
+            continue
+        rows = outlier_weight_constant(node)
         if not isinstance(rows, gs.Constant):
             context.notes.append(f"{node.name}: its outlier branch is not an FP16 constant times the gathered "
                                  "channels; its rows stay as they are")
