@@ -25,10 +25,12 @@ ONNX's blocked DequantizeLinear allows (its scale axis is ceil(K'/B)) and ONNX R
 
 A branch stays FP16, with a note, when the profile saw the attention sink (position 0) drive its channels beyond
 ``SINK_RATIO`` times their 99.9th percentile: any rounding of those rows is multiplied by activations of ~5e4 on
-the sample, and the sink's keys and values reach every later token. So does a branch in any other form. Runs
-after every pass that sets weights or scales (GPTQ, distillation, INT8 rows, 8-bit scale codes) and before
-``correct_bias`` and ``refine_vocab_rows``, which measure the weights as saved; ``merge_parallel_linears`` then
-merges the layers of an input (they read the same Concat) as before.
+the sample, and the sink's keys and values reach every later token. So does a layer whose input is not a whole
+number of blocks (the new rows need a block of their own: the sample's 576 channels at block 128), and a branch
+in any other form. Runs after every pass that sets weights or scales (GPTQ, distillation, 8-bit scale codes),
+before ``quantize_outlier_rows`` (INT8 rows for the branches left) and ``refine_vocab_rows``, which measures the
+head as saved; ``merge_parallel_linears`` then merges the layers of an input (they read the same Concat) as
+before. ``--bias-correction`` is refused with it (the bias is measured on the unwidened input).
 """
 
 from __future__ import annotations
