@@ -71,8 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--outlier-planes", action="store_true",
                         help="ONNX Runtime: fold each INT4 layer's outlier branch into its weight as two INT4 planes "
                              "(the rows rounded on their blocks' grid, and what that left in one more block that "
-                             "reads the outlier channels again): one MatMulNBits per layer instead of three nodes, "
-                             "the rows kept to about 8 bits. TensorRT targets keep the FP16 branch (its plugin)")
+                             "reads the outlier channels twice): one MatMulNBits per layer instead of three nodes, "
+                             "as accurate as INT8 rows on the sample. Layers whose input is not whole blocks and "
+                             "branches on the attention sink's activations keep theirs (with --outlier-bits 8, as "
+                             "INT8 rows). TensorRT targets keep the FP16 branch (its plugin)")
     parser.add_argument("--bias-correction", action="store_true",
                         help="INT8/INT4 layers: add the FP16 bias E[x] (W - W_quantized), E[x] measured on the "
                              "calibration text, so that each layer's output error has zero mean; GPTQ then works on "
@@ -172,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _rows_form(recipe: dict) -> str:
     if recipe.get("outlier_planes"):
-        return "rows folded into INT4 planes"
+        return "rows folded into INT4 planes" + (" (those left in INT8)" if recipe.get("outlier_bits") == 8 else "")
     return f"rows in {'INT8' if recipe.get('outlier_bits') == 8 else 'FP16'}"
 
 
