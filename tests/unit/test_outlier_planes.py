@@ -213,3 +213,19 @@ def test_int8_rows_go_to_the_branches_the_planes_leave(planted_model, profile, t
     assert int8_rows == {"layers.0"}
     assert not [name for name in names if "layers.1" in name and name.endswith("/outliers/Add")]
     assert not [note for note in manifest["notes"] if "its rows stay as they are" in note]
+
+
+def test_a_folded_head_takes_the_vocabulary_refinement(planted_model, profile, tmp_path):
+    """--refine-vocab measures the head as saved: folded, it reads Concat(x, x[O], x[O]), whose map from x the
+    refinement inverts as it does a rotation; the result is as close to the fp32 logits as with the head's branch."""
+    folder, _ = planted_model
+    common = dict(name="w4a16", block_size=32, refine_vocab=16, min_outliers=(("lm_head", 2),))
+    planes = quantize_model(folder, tmp_path / "p", Recipe(outlier_planes=True, **common), profile)
+    quantize_model(folder, tmp_path / "b", Recipe(**common), profile)
+    names = [node.name for node in onnx.load(str(tmp_path / "p" / "model.onnx")).graph.node]
+    assert not [name for name in names if name.startswith("/lm_head/") and name.endswith("/outliers/Add")]
+    assert any(note.startswith("/lm_head/MatMul: its 16 vocabulary rows") for note in planes["notes"])
+    feed = _feed(folder)
+    reference = _logits(folder / "model.onnx", feed)
+    errors = [np.abs(_logits(tmp_path / build / "model.onnx", feed) - reference).mean() for build in ("p", "b")]
+    assert errors[0] < 1.1 * errors[1]
