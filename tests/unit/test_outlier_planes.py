@@ -12,7 +12,7 @@ from accullm_export.errors import UserError
 from accullm_export.graph.passes.fold_outlier_planes import COPIES
 from accullm_export.graph.recipes import Recipe
 from tests.unit.test_quantize import (_builds_equal_emulation, _feed, _fused_at_level_1, _logits,
-                                      np_round_symmetric)
+                                      np_round_symmetric, np_symmetric_scales)
 
 
 def _half(scale: np.ndarray) -> np.ndarray:
@@ -59,10 +59,7 @@ def _emulator(profile):
         rest = weight.copy()
         rest[rows] = 0
         out = np_round_symmetric(rest, plan.bits, plan.block_size)
-        scales = np.empty_like(rest)
-        for start in range(0, rest.shape[0], plan.block_size):  # the scales np_round_symmetric used
-            chunk = np.abs(rest[start:start + plan.block_size]).max(axis=0) / np.float32(7)
-            scales[start:start + plan.block_size] = _half(np.where(chunk == 0, np.float32(1), chunk))
+        scales = np_symmetric_scales(rest, plan.bits, plan.block_size)  # the scales np_round_symmetric used
         importance = loaded.input_statistics(plan.input)["second_moment"][rows].astype(np.float64)
         out[rows] = np_planes(weight[rows].astype(np.float16).astype(np.float32), scales[rows], importance)
         return out

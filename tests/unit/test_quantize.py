@@ -26,20 +26,26 @@ RNG = np.random.default_rng(7)
 
 
 # ------------------------------------------------------------------------------------------- emulation
-def np_round_symmetric(weight: np.ndarray, bits: int, block: int | None) -> np.ndarray:
-    """Independent emulation: absmax scales per (block, column), round half to even, clip, dequantize. Blocked
-    scales are stored in FP16, so they are rounded to FP16 values first."""
+def np_symmetric_scales(weight: np.ndarray, bits: int, block: int | None) -> np.ndarray:
+    """Independent emulation's scale of every row [in, out]: absmax / qmax per (block, column), 1 where that is 0;
+    blocked scales are stored in FP16, so they are rounded to FP16 values."""
     limit = 2 ** (bits - 1) - 1
-    out = np.empty_like(weight, dtype=np.float32)
+    scales = np.empty_like(weight, dtype=np.float32)
     step = weight.shape[0] if block is None else block
     for start in range(0, weight.shape[0], step):
-        chunk = weight[start:start + step].astype(np.float32)
-        scale = np.abs(chunk).max(axis=0) / np.float32(limit)
+        scale = np.abs(weight[start:start + step].astype(np.float32)).max(axis=0) / np.float32(limit)
         scale = np.where(scale == 0, np.float32(1), scale).astype(np.float32)
         if block is not None:
             scale = np.maximum(scale, np.finfo(np.float16).tiny).astype(np.float16).astype(np.float32)
-        out[start:start + step] = np.clip(np.rint(chunk / scale), -limit, limit) * scale
-    return out
+        scales[start:start + step] = scale
+    return scales
+
+
+def np_round_symmetric(weight: np.ndarray, bits: int, block: int | None) -> np.ndarray:
+    """Independent emulation: absmax scales per (block, column), round half to even, clip, dequantize."""
+    limit = 2 ** (bits - 1) - 1
+    scales = np_symmetric_scales(weight, bits, block)
+    return np.clip(np.rint(weight.astype(np.float32) / scales), -limit, limit) * scales
 
 
 def np_layer(x: np.ndarray, weight: np.ndarray, plan: LayerPlan) -> np.ndarray:

@@ -72,7 +72,7 @@ def run(graph: gs.Graph, context) -> gs.Graph:
         if isinstance(layout, str):
             context.notes.append(f"{node.name}: {layout}; its outlier branch stays")
             continue
-        dequantize, channels, branch_rows, add = layout
+        dequantize, channels, branch_rows, scales, add = layout
         statistics = context.statistics.get(plan.input, {})
         sink = sink_ratio(statistics, channels)
         if sink > SINK_RATIO:
@@ -82,7 +82,8 @@ def run(graph: gs.Graph, context) -> gs.Graph:
             continue
         moments = statistics.get("second_moment")
         importance = np.ones(len(channels)) if moments is None else np.asarray(moments, np.float64)[channels]
-        worst = max(worst, _fold(graph, node, dequantize, channels, branch_rows, importance, context.float_dtype))
+        worst = max(worst, _fold(graph, node, dequantize, channels, branch_rows, scales, importance,
+                                 context.float_dtype))
         node.inputs[0] = _extended_input(graph, inputs, node.inputs[0], matmul.inputs[0], COPIES)
         output = add.outputs[0]
         add.outputs.clear()
@@ -105,7 +106,8 @@ def sink_ratio(statistics: dict, channels: np.ndarray) -> float:
 
 
 def _layout(node: gs.Node, matmul: gs.Node):
-    """(the layer's DequantizeLinear, the outlier channels, their float32 rows, the branch's Add) or why not."""
+    """(the layer's DequantizeLinear, the outlier channels, their float32 rows, the weight's float32 block scales,
+    the branch's Add) or why not."""
     add = matmul.outputs[0].outputs[0] if len(matmul.outputs[0].outputs) == 1 else None
     if add is None or add.op != "Add" or node.outputs[0] not in add.inputs:
         return "its branch is not added straight to the layer's output"
@@ -124,23 +126,22 @@ def _layout(node: gs.Node, matmul: gs.Node):
         return "its dequantized weight has other readers"
     if values.shape[0] % int(dequantize.attrs["block_size"]):
         return "its input size is not a whole number of blocks"
-    if COPIES * gather.inputs[1].values.size > int(dequantize.attrs["block_size"]):
-        return f"{COPIES} copies of its {gather.inputs[1].values.size} outlier channels exceed one block"
+    channels = np.asarray(constant_array(gather.inputs[1]), dtype=np.int64).reshape(-1)
+    if COPIES * channels.size > int(dequantize.attrs["block_size"]):
+        return f"{COPIES} copies of its {channels.size} outlier channels exceed one block"
     rows = constant_value(matmul.inputs[1])
     scales = constant_value(dequantize.inputs[1])
     if rows is None or scales is None:
         return "its branch rows or block scales are computed, not stored"
-    channels = np.asarray(constant_array(gather.inputs[1]), dtype=np.int64).reshape(-1)
-    return dequantize, channels, rows.astype(np.float32), add
+    return dequantize, channels, rows.astype(np.float32), np.asarray(scales, dtype=np.float32), add
 
 
 def _fold(graph: gs.Graph, node: gs.Node, dequantize: gs.Node, channels: np.ndarray, branch_rows: np.ndarray,
-          importance: np.ndarray, float_dtype: np.dtype) -> float:
+          scales: np.ndarray, importance: np.ndarray, float_dtype: np.dtype) -> float:
     """Rewrite the DequantizeLinear's constants to hold both planes; returns the largest error of a folded entry
     relative to the largest weight of its row."""
     block = int(dequantize.attrs["block_size"])
     stored = np.asarray(constant_array(dequantize.inputs[0]))
-    scales = np.asarray(constant_value(dequantize.inputs[1]), dtype=np.float32)
     zero_points = np.asarray(constant_array(dequantize.inputs[2])).astype(np.int16) if len(dequantize.inputs) > 2 \
         else None
     values = (signed_values(stored, zero_points, block) if zero_points is not None else stored).astype(np.int16)
@@ -148,8 +149,9 @@ def _fold(graph: gs.Graph, node: gs.Node, dequantize: gs.Node, channels: np.ndar
     row_scales = scales[row_blocks]  # [|O|, N]
     target = values[channels] * row_scales + branch_rows
     low, high = _limits(zero_points[row_blocks] if zero_points is not None else None)
+    coded = scale_code(dequantize.inputs[1])  # once: every candidate scale is made storable the same way
     first, second, second_scale = two_planes(target, row_scales, low, high, importance,
-                                             lambda scale: _storable(dequantize, scale), COPIES)
+                                             lambda scale: _storable(coded, scale), COPIES)
     values[channels] = first
     values = np.concatenate([values, *split_copies(second, COPIES)])
     error = np.abs(target - first * row_scales - second * second_scale).max(axis=1)
@@ -194,8 +196,8 @@ def two_planes(target: np.ndarray, row_scales: np.ndarray, low, high, importance
         plane1 = np.where(row_scales > 0, np.clip(np.rint(rest / safe), low, high), 0)
         error = np.abs(rest - plane1 * row_scales)
         pick = np.argmin(error, axis=0)[None]
-        return (np.take_along_axis(plane1, pick, 0)[0], np.take_along_axis(plane2 + 0 * rest, pick, 0)[0],
-                np.take_along_axis(error, pick, 0)[0])
+        plane2 = np.broadcast_to(plane2, rest.shape)
+        return tuple(np.take_along_axis(array, pick, 0)[0] for array in (plane1, plane2, error))
 
     plane1 = np.where(row_scales > 0, np.clip(np.rint(target / safe), low, high), 0)
     anchor = np.abs(target - plane1 * row_scales).max(axis=0, keepdims=True) / np.float32(HIGH * copies)
@@ -220,9 +222,9 @@ def _limits(zero_points: np.ndarray | None) -> tuple:
     return -zero_points, LEVELS - zero_points
 
 
-def _storable(dequantize: gs.Node, scale: np.ndarray) -> np.ndarray:
-    """The nearest scale the layer can store: on its 8-bit code grid, or FP16 (at least FP16's smallest normal)."""
-    coded = scale_code(dequantize.inputs[1])
+def _storable(coded: tuple | None, scale: np.ndarray) -> np.ndarray:
+    """The nearest scale the layer can store: on its 8-bit code grid (``coded``, as ``scale_code`` reads it), or
+    FP16 (at least FP16's smallest normal)."""
     if coded is None:
         return half_representable(np.maximum(scale, 0))
     return scale_codes.decode(scale_codes.encode(scale, coded[1], coded[2]), coded[1], coded[2])
