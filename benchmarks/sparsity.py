@@ -8,6 +8,12 @@ Speed: batch-1 greedy decode tokens/s with ONNX Runtime on CPU (ORT_ENABLE_ALL),
 with and without w4a16 (the peers table's flags), all models loaded and timed in interleaved rounds (median).
 The guesser's cost is inside the sparse graphs' times.
 
+Ceiling: the most any sparse-skip kernel could give on this model and machine. ONNX Runtime's profiler times the
+decode steps of each dense model per node; the MLPs' nodes (found by structure, then by their name prefix in the
+optimized graph) and their down projections' are summed. Skipping a fraction s of them for free shortens a step
+by s times their time (threshold: the down projection only; predictor: the whole MLP, plus the guesser's own
+kernel time, profiled in the predictor model). Ceiling = step / (step - s * skippable + guesser).
+
 Outputs under --out: sparsity.md, sparsity.json, sparsity_curve.png, the models under work/. It measures; it
 never asserts on a time. Run from the repository root (about 45 minutes on a 2-core machine)::
 
@@ -28,6 +34,7 @@ import time
 from pathlib import Path
 
 import peers  # benchmarks/ is on sys.path when a script here runs: its decode timing and prompt
+import profile_decode  # noqa: E402  per-node decode profiles
 
 log = logging.getLogger("sparsity")
 LEVELS = (0.25, 0.40, 0.50, 0.60, 0.70)
@@ -78,7 +85,68 @@ def decode_speed(models: dict[str, Path], reference: Path, rounds: int) -> tuple
     return {row.name: row.decode_samples for row in rows}, others
 
 
-def render(results: dict, speed: dict, others: float | None, args) -> str:
+def mlp_prefixes(folder: Path) -> list[tuple[str, str]]:
+    """(MLP name prefix, down-projection name prefix) of every SwiGLU MLP of a model, found by structure.
+
+    The prefixes match the optimized graph's nodes too: ONNX Runtime names a fused node after one it replaced."""
+    from accullm_export.graph.ir import load_graph
+    from accullm_export.sparsity.mlp import find_mlp_blocks
+
+    blocks = find_mlp_blocks(load_graph(folder / "model.onnx")[0])
+    if not blocks:
+        raise RuntimeError(f"{folder} has no SwiGLU MLP to measure")
+    pairs = []
+    for block in blocks:
+        down = block.down.name.rsplit("/", 1)[0]
+        pairs.append((block.name, down if down.startswith(block.name + "/") else block.down.name))
+    return pairs
+
+
+def step_shares(node_us: dict[str, float], prefixes: list[tuple[str, str]]) -> dict[str, float]:
+    """Kernel time per decode step in the MLPs, in their down projections and in the guessers (us)."""
+    def under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + "/")
+
+    totals = {"mlp_us": 0.0, "down_us": 0.0, "guesser_us": 0.0}
+    for name, us in node_us.items():
+        for mlp, down in prefixes:
+            if under(name, mlp):
+                totals["mlp_us"] += us
+                totals["down_us"] += us if under(name, down) else 0.0
+                totals["guesser_us"] += us if name.startswith(f"{mlp}/sparse/guess") else 0.0
+                break
+    return totals
+
+
+def ceiling(step_us: float, skippable_us: float, sparsity: float, added_us: float = 0.0) -> float:
+    """Speedup of a step if ``sparsity`` of ``skippable_us`` cost nothing and ``added_us`` were added."""
+    return step_us / (step_us - sparsity * skippable_us + added_us)
+
+
+def speed_ceilings(models: dict[str, Path], steps: int, prompt: list[int]) -> dict[str, dict]:
+    """Profile each dense model (and its predictor model for the guesser's time); the ceilings at 50%."""
+    import tempfile
+
+    percent = int(100 * SPEED_SPARSITY)
+    found = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for dense in ("fp32", "w4a16"):
+            if dense not in models:
+                continue
+            prefixes = mlp_prefixes(models[dense])  # the sparse models keep the dense model's node names
+            profile = profile_decode.profile_folder(models[dense], prompt, steps, Path(scratch))
+            shares = step_shares(profile["node_us"], prefixes)
+            predictor = models[f"{dense}+predictor-{percent}"]
+            guesser = step_shares(profile_decode.profile_folder(predictor, prompt, steps, Path(scratch))["node_us"],
+                                  prefixes)["guesser_us"]
+            run = profile["run_us"]
+            found[dense] = {"step_us": run, **shares, "guesser_us": guesser,
+                            "threshold": ceiling(run, shares["down_us"], SPEED_SPARSITY),
+                            "predictor": ceiling(run, shares["mlp_us"], SPEED_SPARSITY, guesser)}
+    return found
+
+
+def render(results: dict, speed: dict, others: float | None, args, ceilings: dict | None = None) -> str:
     lines = ["# Sparse-skip MLPs on SmolLM2-135M", "",
              f"Accuracy against our fp32 export: {args.windows} held-out windows x {args.seq_len} tokens, "
              f"{args.prompts} prompts x {args.new_tokens} greedy tokens, ONNX Runtime basic.", "",
@@ -100,6 +168,17 @@ def render(results: dict, speed: dict, others: float | None, args) -> str:
             dense = "w4a16" if name.startswith("w4a16") else "fp32"
             ratio = statistics.median(samples) / statistics.median(speed[dense])
             lines.append(f"| {name} | {statistics.median(samples):.1f} | {ratio:.2f}x |")
+    if ceilings:
+        percent = int(100 * SPEED_SPARSITY)
+        lines += ["", f"Ceiling at {percent}%: the dense step (profiled, {args.profile_steps} decode steps, ORT all) "
+                      "if the skipped share of the MLPs cost nothing; the guesser's profiled time added.", "",
+                  "| dense model | step ms | MLP % of step | down proj % | guesser % | "
+                  f"threshold-{percent} ceiling | predictor-{percent} ceiling |", "|---|--:|--:|--:|--:|--:|--:|"]
+        for name, entry in ceilings.items():
+            step = entry["step_us"]
+            lines.append(f"| {name} | {step / 1000:.2f} | {100 * entry['mlp_us'] / step:.1f} | "
+                         f"{100 * entry['down_us'] / step:.1f} | {100 * entry['guesser_us'] / step:.1f} | "
+                         f"{entry['threshold']:.2f}x | {entry['predictor']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -132,11 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="keep models already built under --out/work")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-timing", action="store_true",
+                        help="build the speed models and profile the ceilings, but do not time decoding")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--profile-steps", type=int, default=32, help="decode steps profiled for the ceiling")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     work = args.out / "work"
@@ -158,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("%s: %s", name, results[name]["metrics"])
                 record_path.write_text(json.dumps({**record, "accuracy": results}, indent=2))  # survive a crash
         plot(results, args.out / "sparsity_curve.png")
-    speed, others = record.get("speed", {}), record.get("others_share")
+    speed, others, ceilings = record.get("speed", {}), record.get("others_share"), record.get("ceilings")
     if not args.skip_speed:
         percent = int(100 * SPEED_SPARSITY)
         models = {"fp32": args.reference}
@@ -170,10 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         for method in METHODS:
             models[f"w4a16+{method}-{percent}"] = build(f"w4a16-{method}-{percent}", base + (
                 "--sparsity", str(SPEED_SPARSITY), "--method", method), work, args.reuse)[0]
-        speed, others = decode_speed(models, args.reference, args.rounds)
-    record = {"accuracy": results, "speed": speed, "others_share": others}
+        if not args.skip_timing:
+            speed, others = decode_speed(models, args.reference, args.rounds)
+            record_path.write_text(json.dumps({**record, "accuracy": results, "speed": speed,
+                                               "others_share": others}, indent=2))  # survive a crash
+        ceilings = speed_ceilings(models, args.profile_steps, peers.decode_prompt(args.reference))
+    record = {"accuracy": results, "speed": speed, "others_share": others, "ceilings": ceilings}
     record_path.write_text(json.dumps(record, indent=2))
-    (args.out / "sparsity.md").write_text(render(results, speed, others, args))
+    (args.out / "sparsity.md").write_text(render(results, speed, others, args, ceilings))
     print((args.out / "sparsity.md").read_text())
     return 0
 
