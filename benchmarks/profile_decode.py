@@ -50,15 +50,13 @@ def summarize(events: list[dict]) -> dict:
     if len(runs) < 2:
         raise ValueError("the profile holds no decode step")
     start, count = runs[1]["ts"], len(runs) - 1
-    by_op, by_node, nodes = collections.Counter(), collections.Counter(), 0
+    by_op, nodes = collections.Counter(), 0
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= start:
             by_op[event["args"].get("op_name", "?")] += event["dur"]
-            by_node[event["name"][:-len("_kernel_time")]] += event["dur"]
             nodes += 1
     return {"run_us": sum(run["dur"] for run in runs[1:]) / count, "kernel_us": sum(by_op.values()) / count,
-            "nodes": nodes / count, "ops": {op: total / count for op, total in by_op.most_common()},
-            "node_us": {node: total / count for node, total in by_node.items()}}
+            "nodes": nodes / count, "ops": {op: total / count for op, total in by_op.most_common()}}
 
 
 def table(results: dict[str, dict], top: int) -> str:

@@ -8,11 +8,10 @@ Speed: batch-1 greedy decode tokens/s with ONNX Runtime on CPU (ORT_ENABLE_ALL),
 with and without w4a16 (the peers table's flags), all models loaded and timed in interleaved rounds (median).
 The guesser's cost is inside the sparse graphs' times.
 
-Ceiling: the most any sparse-skip kernel could give on this model and machine. ONNX Runtime's profiler times the
-decode steps of each dense model per node; the MLPs' nodes (found by structure, then by their name prefix in the
-optimized graph) and their down projections' are summed. Skipping a fraction s of them for free shortens a step
-by s times their time (threshold: the down projection only; predictor: the whole MLP, plus the guesser's own
-kernel time, profiled in the predictor model). Ceiling = step / (step - s * skippable + guesser).
+Ceiling: the most skipping neurons gives on this model and machine with ONNX Runtime's own kernels doing the
+kept work, timed in the same rounds. The ceiling models are our fp32 export with every MLP physically narrowed
+to the kept width (``ceiling_model``): the per-token selection ops stay, gathering the selected rows costs
+nothing. They are also calibrated and quantized with the w4a16 row's flags, so each has a w4a16 ceiling too.
 
 Outputs under --out: sparsity.md, sparsity.json, sparsity_curve.png, the models under work/. It measures; it
 never asserts on a time. Run from the repository root (about 45 minutes on a 2-core machine)::
@@ -34,7 +33,6 @@ import time
 from pathlib import Path
 
 import peers  # benchmarks/ is on sys.path when a script here runs: its decode timing and prompt
-import profile_decode  # noqa: E402  per-node decode profiles
 
 log = logging.getLogger("sparsity")
 LEVELS = (0.25, 0.40, 0.50, 0.60, 0.70)
@@ -85,68 +83,92 @@ def decode_speed(models: dict[str, Path], reference: Path, rounds: int) -> tuple
     return {row.name: row.decode_samples for row in rows}, others
 
 
-def mlp_prefixes(folder: Path) -> list[tuple[str, str]]:
-    """(MLP name prefix, down-projection name prefix) of every SwiGLU MLP of a model, found by structure.
+def ceiling_model(reference: Path, out: Path, method: str, sparsity: float, rank: int) -> Path:
+    """A copy of our fp32 export whose MLPs do what the sparse model does at decode when gathering the selected
+    weight rows costs nothing: the same per-token selection ops, then MatMuls over weights that are
+    physically ``1 - sparsity`` as wide (the first neurons: the numbers are meaningless, the work is exact).
 
-    The prefixes match the optimized graph's nodes too: ONNX Runtime names a fused node after one it replaced."""
-    from accullm_export.graph.ir import load_graph
+    threshold: |a| > t, Where, then a Slice of the kept width into the narrowed down projection (gate and up
+    dense). predictor: a random guesser of the same shape (x -> rank -> intermediate) whose score, cut to the kept
+    width, masks the product of narrowed gate and up before the narrowed down projection.
+    """
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    from accullm_export.build.quantize import copy_side_files
+    from accullm_export.graph.ir import load_graph, save_graph
     from accullm_export.sparsity.mlp import find_mlp_blocks
 
-    blocks = find_mlp_blocks(load_graph(folder / "model.onnx")[0])
+    graph, source = load_graph(reference / "model.onnx")
+    blocks = [block for block in find_mlp_blocks(graph) if block.plain and block.down_reader is block.down]
     if not blocks:
-        raise RuntimeError(f"{folder} has no SwiGLU MLP to measure")
-    pairs = []
+        raise RuntimeError(f"{reference} has no plain SwiGLU MLP to narrow")
+    rng = np.random.default_rng(0)
+
+    def node(op: str, inputs: list, name: str, dtype=np.float32, **attrs) -> gs.Variable:
+        output = gs.Variable(f"{name}_output", dtype=dtype)
+        graph.nodes.append(gs.Node(op, name=name, attrs=attrs, inputs=inputs, outputs=[output]))
+        return output
+
     for block in blocks:
-        down = block.down.name.rsplit("/", 1)[0]
-        pairs.append((block.name, down if down.startswith(block.name + "/") else block.down.name))
-    return pairs
+        prefix, width = f"{block.name}/ceiling", block.intermediate_size
+        kept = width - int(round(sparsity * width))
+        product = block.product.outputs[0]
+        down = block.down.inputs[1]
+        block.down.inputs[1] = gs.Constant(f"{prefix}/down_weight", np.ascontiguousarray(down.values[:kept]))
+        cut = [gs.Constant(f"{prefix}/{key}", np.array(value, np.int64))
+               for key, value in (("start", [0]), ("end", [kept]), ("axis", [-1]))]
+        zero = gs.Constant(f"{prefix}/zero", np.array(0.0, np.float32))
+        if method == "threshold":
+            keep = node("Greater", [node("Abs", [product], f"{prefix}/magnitude"),
+                                    gs.Constant(f"{prefix}/level", np.array(1e-3, np.float32))], f"{prefix}/keep",
+                        dtype=np.bool_)
+            masked = node("Where", [keep, product, zero], f"{prefix}/masked")
+            block.down.inputs[0] = node("Slice", [masked, *cut], f"{prefix}/selected")
+            continue
+        for projection in (block.gate, block.up):
+            weight = projection.inputs[1]
+            projection.inputs[1] = gs.Constant(f"{projection.name}/ceiling_weight",
+                                               np.ascontiguousarray(weight.values[:, :kept]))
+        for tensor in (block.gate.outputs[0], block.up.outputs[0], block.sigmoid.outputs[0],
+                       block.activation.outputs[0], product):
+            tensor.shape = None
+        hidden = block.hidden_size
+        low = node("MatMul", [block.input, gs.Constant(f"{prefix}/down_rank", (rng.standard_normal(
+            (hidden, rank)) / np.sqrt(hidden)).astype(np.float32))], f"{prefix}/guess_rank")
+        score = node("MatMul", [low, gs.Constant(f"{prefix}/up_rank", (rng.standard_normal(
+            (rank, width)) / np.sqrt(rank)).astype(np.float32))], f"{prefix}/guess")
+        keep = node("Greater", [node("Slice", [score, *cut], f"{prefix}/guess_kept"),
+                                gs.Constant(f"{prefix}/level", np.array(0.0, np.float32))], f"{prefix}/keep",
+                    dtype=np.bool_)
+        block.down.inputs[0] = node("Where", [keep, product, zero], f"{prefix}/masked")
+    out.mkdir(parents=True, exist_ok=True)
+    save_graph(graph, source, out / "model.onnx", {"accullm_export.ceiling": f"{method}:{sparsity}"})
+    copy_side_files(reference, out)
+    return out
 
 
-def step_shares(node_us: dict[str, float], prefixes: list[tuple[str, str]]) -> dict[str, float]:
-    """Kernel time per decode step in the MLPs, in their down projections and in the guessers (us)."""
-    def under(name: str, prefix: str) -> bool:
-        return name == prefix or name.startswith(prefix + "/")
-
-    totals = {"mlp_us": 0.0, "down_us": 0.0, "guesser_us": 0.0}
-    for name, us in node_us.items():
-        for mlp, down in prefixes:
-            if under(name, mlp):
-                totals["mlp_us"] += us
-                totals["down_us"] += us if under(name, down) else 0.0
-                totals["guesser_us"] += us if name.startswith(f"{mlp}/sparse/guess") else 0.0
-                break
-    return totals
-
-
-def ceiling(step_us: float, skippable_us: float, sparsity: float, added_us: float = 0.0) -> float:
-    """Speedup of a step if ``sparsity`` of ``skippable_us`` cost nothing and ``added_us`` were added."""
-    return step_us / (step_us - sparsity * skippable_us + added_us)
-
-
-def speed_ceilings(models: dict[str, Path], steps: int, prompt: list[int]) -> dict[str, dict]:
-    """Profile each dense model (and its predictor model for the guesser's time); the ceilings at 50%."""
-    import tempfile
-
-    percent = int(100 * SPEED_SPARSITY)
-    found = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        for dense in ("fp32", "w4a16"):
-            if dense not in models:
-                continue
-            prefixes = mlp_prefixes(models[dense])  # the sparse models keep the dense model's node names
-            profile = profile_decode.profile_folder(models[dense], prompt, steps, Path(scratch))
-            shares = step_shares(profile["node_us"], prefixes)
-            predictor = models[f"{dense}+predictor-{percent}"]
-            guesser = step_shares(profile_decode.profile_folder(predictor, prompt, steps, Path(scratch))["node_us"],
-                                  prefixes)["guesser_us"]
-            run = profile["run_us"]
-            found[dense] = {"step_us": run, **shares, "guesser_us": guesser,
-                            "threshold": ceiling(run, shares["down_us"], SPEED_SPARSITY),
-                            "predictor": ceiling(run, shares["mlp_us"], SPEED_SPARSITY, guesser)}
+def ceiling_models(args, work: Path) -> dict[str, Path]:
+    """The ceiling models at 50%, fp32 and (calibrated and quantized like the w4a16 row) w4a16."""
+    percent, found = int(100 * SPEED_SPARSITY), {}
+    profile = json.loads((args.profile / "manifest.json").read_text())["config"]
+    for method in METHODS:
+        name = f"ceiling-{method}-{percent}"
+        folder = work / name
+        if not (args.reuse and (folder / "model.onnx").is_file()):
+            ceiling_model(args.reference, folder, method, SPEED_SPARSITY, args.predictor_rank)
+        found[f"fp32+{name}"] = folder
+        calibrated = work / f"{name}-profile"
+        if not (args.reuse and (calibrated / "manifest.json").is_file()):
+            cli("calibrate", str(folder), "-o", str(calibrated), "--overwrite", "--calib", profile["source"],
+                "--samples", str(profile["samples"]), "--seq-len", str(profile["seq_len"]),
+                "--seed", str(profile["seed"]), log_path=work / f"{name}-profile.log")
+        arguments = ("quantize", str(folder), "--profile", str(calibrated), *peers.OURS_W4A16)
+        found[f"w4a16+{name}"] = build(f"w4a16-{name}", arguments, work, args.reuse)[0]
     return found
 
 
-def render(results: dict, speed: dict, others: float | None, args, ceilings: dict | None = None) -> str:
+def render(results: dict, speed: dict, others: float | None, args) -> str:
     lines = ["# Sparse-skip MLPs on SmolLM2-135M", "",
              f"Accuracy against our fp32 export: {args.windows} held-out windows x {args.seq_len} tokens, "
              f"{args.prompts} prompts x {args.new_tokens} greedy tokens, ONNX Runtime basic.", "",
@@ -168,17 +190,6 @@ def render(results: dict, speed: dict, others: float | None, args, ceilings: dic
             dense = "w4a16" if name.startswith("w4a16") else "fp32"
             ratio = statistics.median(samples) / statistics.median(speed[dense])
             lines.append(f"| {name} | {statistics.median(samples):.1f} | {ratio:.2f}x |")
-    if ceilings:
-        percent = int(100 * SPEED_SPARSITY)
-        lines += ["", f"Ceiling at {percent}%: the dense step (profiled, {args.profile_steps} decode steps, ORT all) "
-                      "if the skipped share of the MLPs cost nothing; the guesser's profiled time added.", "",
-                  "| dense model | step ms | MLP % of step | down proj % | guesser % | "
-                  f"threshold-{percent} ceiling | predictor-{percent} ceiling |", "|---|--:|--:|--:|--:|--:|--:|"]
-        for name, entry in ceilings.items():
-            step = entry["step_us"]
-            lines.append(f"| {name} | {step / 1000:.2f} | {100 * entry['mlp_us'] / step:.1f} | "
-                         f"{100 * entry['down_us'] / step:.1f} | {100 * entry['guesser_us'] / step:.1f} | "
-                         f"{entry['threshold']:.2f}x | {entry['predictor']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -212,13 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-timing", action="store_true",
-                        help="build the speed models and profile the ceilings, but do not time decoding")
+                        help="build the speed and ceiling models, but do not time decoding")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--profile-steps", type=int, default=32, help="decode steps profiled for the ceiling")
+    parser.add_argument("--predictor-rank", type=int, default=64, help="the guesser width in the ceiling model")
+    parser.add_argument("--no-ceiling", action="store_true", help="leave out the ceiling models")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     work = args.out / "work"
@@ -240,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("%s: %s", name, results[name]["metrics"])
                 record_path.write_text(json.dumps({**record, "accuracy": results}, indent=2))  # survive a crash
         plot(results, args.out / "sparsity_curve.png")
-    speed, others, ceilings = record.get("speed", {}), record.get("others_share"), record.get("ceilings")
+    speed, others = record.get("speed", {}), record.get("others_share")
     if not args.skip_speed:
         percent = int(100 * SPEED_SPARSITY)
         models = {"fp32": args.reference}
@@ -252,14 +264,13 @@ def main(argv: list[str] | None = None) -> int:
         for method in METHODS:
             models[f"w4a16+{method}-{percent}"] = build(f"w4a16-{method}-{percent}", base + (
                 "--sparsity", str(SPEED_SPARSITY), "--method", method), work, args.reuse)[0]
+        if not args.no_ceiling:
+            models.update(ceiling_models(args, work))
         if not args.skip_timing:
             speed, others = decode_speed(models, args.reference, args.rounds)
-            record_path.write_text(json.dumps({**record, "accuracy": results, "speed": speed,
-                                               "others_share": others}, indent=2))  # survive a crash
-        ceilings = speed_ceilings(models, args.profile_steps, peers.decode_prompt(args.reference))
-    record = {"accuracy": results, "speed": speed, "others_share": others, "ceilings": ceilings}
+    record = {"accuracy": results, "speed": speed, "others_share": others}
     record_path.write_text(json.dumps(record, indent=2))
-    (args.out / "sparsity.md").write_text(render(results, speed, others, args, ceilings))
+    (args.out / "sparsity.md").write_text(render(results, speed, others, args))
     print((args.out / "sparsity.md").read_text())
     return 0
 

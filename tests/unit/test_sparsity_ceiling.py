@@ -1,57 +1,64 @@
-"""benchmarks/sparsity.py's speed ceiling: which profiled nodes belong to an MLP, to its down projection and to its
-guesser, and the bound they give."""
+"""benchmarks/sparsity.py's ceiling models: every MLP narrowed to the kept width, the selection ops kept, and the
+model still decodes."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
-
-from accullm_export.build.sparsify import sparsify_model
-from accullm_export.sparsity.config import SparsityConfig
+from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 
-def test_step_shares_sort_nodes_by_prefix():
+def mlp_weight_shapes(path: Path) -> dict[str, list[tuple[int, ...]]]:
+    """Shapes of the MatMul weights under each MLP, by projection name."""
+    model = onnx.load(str(path))
+    weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    shapes = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and "/mlp/" in node.name and node.input[1] in weights:
+            role = "guesser" if "/ceiling/" in node.name else node.name.split("/mlp/")[1].split("/")[0]
+            shapes.setdefault(role, []).append(weights[node.input[1]].shape)
+    return shapes
+
+
+@pytest.mark.parametrize("method", ["threshold", "predictor"])
+def test_ceiling_model_narrows_every_mlp(planted_model, tmp_path, method):
     import sparsity as bench
 
-    prefixes = [("/model/layers.0/mlp", "/model/layers.0/mlp/down_proj"),
-                ("/model/layers.1/mlp", "/model/layers.1/mlp/down_proj")]
-    node_us = {"/model/layers.0/mlp/down_proj/MatMul": 10.0,
-               "/model/layers.0/mlp/down_proj/MatMul/outliers/MatMul": 1.0,
-               "/model/layers.0/mlp/gate_proj/MatMul/merged_with_1": 20.0,
-               "/model/layers.0/mlp/sparse/guess_rank": 3.0,
-               "/model/layers.0/mlp/down_projection_elsewhere": 5.0,  # a sibling name, not under down_proj/
-               "/model/layers.1/mlp/Mul": 2.0,
-               "/model/layers.10/mlp/down_proj/MatMul": 100.0,  # layers.10 is not under layers.1
-               "/model/layers.1/self_attn/o_proj/MatMul": 50.0}
-    assert bench.step_shares(node_us, prefixes) == {"mlp_us": 41.0, "down_us": 11.0, "guesser_us": 3.0}
-    assert bench.ceiling(100.0, 40.0, 0.5) == pytest.approx(100 / 80)
-    assert bench.ceiling(100.0, 40.0, 0.5, added_us=10.0) == pytest.approx(100 / 90)
-    assert bench.ceiling(100.0, 40.0, 0.0) == 1.0
-
-
-def test_ceilings_on_a_profiled_tiny_model(planted_model, profile, tmp_path):
-    import peers
-    import profile_decode
-    import sparsity as bench
+    from accullm_export.runtime import GenerationConfig, OrtCausalLM, generate
 
     folder, _ = planted_model
-    predictor = tmp_path / "p"
-    sparsify_model(folder, predictor, SparsityConfig(sparsity=0.5, method="predictor", rank=8, samples=4, steps=20),
-                   profile)
-    prefixes = bench.mlp_prefixes(folder)
-    assert prefixes == [(f"/model/layers.{i}/mlp", f"/model/layers.{i}/mlp/down_proj") for i in range(2)]
-    prompt = peers.decode_prompt(folder)
-    # the prefixes find ONNX Runtime's optimized (fused, renamed) nodes in the profile
-    dense = profile_decode.profile_folder(folder, prompt, 3, tmp_path)
-    shares = bench.step_shares(dense["node_us"], prefixes)
-    assert 0 < shares["down_us"] < shares["mlp_us"] < dense["kernel_us"] and shares["guesser_us"] == 0
-    found = bench.speed_ceilings({"fp32": folder, "fp32+predictor-50": predictor}, 3, prompt)["fp32"]
-    assert found["guesser_us"] > 0 and found["mlp_us"] > found["down_us"] > 0
-    assert found["threshold"] == pytest.approx(found["step_us"] / (found["step_us"] - 0.5 * found["down_us"]))
-    assert found["predictor"] == pytest.approx(
-        found["step_us"] / (found["step_us"] - 0.5 * found["mlp_us"] + found["guesser_us"]))
-    assert found["threshold"] > 1.0
+    out = bench.ceiling_model(folder, tmp_path / method, method, 0.5, rank=8)
+    dense, narrow = mlp_weight_shapes(folder / "model.onnx"), mlp_weight_shapes(out / "model.onnx")
+    hidden, width = dense["down_proj"][0][1], dense["down_proj"][0][0]
+    assert narrow["down_proj"] == [(width // 2, hidden)] * 2
+    if method == "threshold":
+        assert narrow["gate_proj"] == dense["gate_proj"] and narrow["up_proj"] == dense["up_proj"]
+        assert "guesser" not in narrow
+    else:
+        assert narrow["gate_proj"] == narrow["up_proj"] == [(hidden, width // 2)] * 2
+        assert sorted(narrow["guesser"]) == sorted([(hidden, 8), (8, width)] * 2)
+    ops = {node.op_type for node in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert {"Greater", "Where", "Slice"} <= ops and "Compress" not in ops  # selection stays, gathering is free
+    runner = OrtCausalLM.from_path(out, device="cpu", optimization="all")
+    tokens = generate(runner, [[1, 2, 3]], GenerationConfig(max_new_tokens=3))
+    assert np.asarray(tokens).size > 0
+
+
+def test_ceiling_model_refuses_a_model_without_plain_mlps(tmp_path):
+    import sparsity as bench
+    from onnx import TensorProto, helper
+
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="linear")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+    (tmp_path / "m").mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m/model.onnx"))
+    with pytest.raises(RuntimeError, match="no plain SwiGLU MLP"):
+        bench.ceiling_model(tmp_path / "m", tmp_path / "out", "threshold", 0.5, rank=8)
