@@ -168,7 +168,7 @@ def test_the_rewrite_reads_fewer_weight_rows_at_decode(planted_model, profile, t
 
 @pytest.mark.parametrize("asymmetric", [False, True])
 def test_w4a16_composition_gathers_int4_blocks(planted_model, profile, tmp_path, asymmetric):
-    """The down projection reads the kept rows of its stored int4 blocks (uint4 and zero points with
+    """The down projection gathers the kept rows of its dequantized int4 blocks (uint4 and zero points with
     --asymmetric); the FP16 outlier branches stay (the threshold method leaves gate/up alone, and a down branch
     gathers from the masked activations)."""
     from tests.unit.test_asymmetric import np_round_asymmetric
