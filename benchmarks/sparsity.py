@@ -95,6 +95,7 @@ def ceiling_model(reference: Path, out: Path, method: str, sparsity: float, rank
     import numpy as np
     import onnx_graphsurgeon as gs
 
+    from accullm_export.atomic import atomic_dir
     from accullm_export.build.quantize import copy_side_files
     from accullm_export.graph.ir import load_graph, save_graph
     from accullm_export.sparsity.mlp import find_mlp_blocks
@@ -142,9 +143,9 @@ def ceiling_model(reference: Path, out: Path, method: str, sparsity: float, rank
                                 gs.Constant(f"{prefix}/level", np.array(0.0, np.float32))], f"{prefix}/keep",
                     dtype=np.bool_)
         block.down.inputs[0] = node("Where", [keep, product, zero], f"{prefix}/masked")
-    out.mkdir(parents=True, exist_ok=True)
-    save_graph(graph, source, out / "model.onnx", {"accullm_export.ceiling": f"{method}:{sparsity}"})
-    copy_side_files(reference, out)
+    with atomic_dir(out, overwrite=True) as staging:  # a crash leaves no half-written folder to --reuse
+        save_graph(graph, source, staging / "model.onnx", {"accullm_export.ceiling": f"{method}:{sparsity}"})
+        copy_side_files(reference, staging)
     return out
 
 
