@@ -45,12 +45,11 @@ from accullm_export.graph.passes.distill_scales import branch_matmul, constant_v
 from accullm_export.graph.rewrite import (coded_scale, half_constant, planned_nodes, producer_of, scale_code,
                                           widening_cast)
 from accullm_export.quant import scale_codes
-from accullm_export.quant.asymmetric import signed_values
+from accullm_export.quant.asymmetric import LEVELS, signed_values, stored_unsigned
 from accullm_export.quant.symmetric import block_index, half_representable
 
 LOW, HIGH = -8, 7  # int4 storage range (symmetric weights: zero point 0)
 COPIES = 2  # plane 2 reads the outlier channels this many times: its integer is the sum of COPIES int4 values
-LEVELS = 15  # uint4 storage range [0, 15] (asymmetric weights)
 CANDIDATES = range(-40, 9)  # plane 2's scale: anchor * 2^(step / 8), from 1/32 of it to twice it
 # a branch whose channels see the attention sink's activations beyond this many times their 99.9th percentile stays
 # FP16: on the sample the down projections of blocks 11 and 28 reach 17000x and 77000x (|x| ~ 5e4), where folding
@@ -160,11 +159,11 @@ def _fold(graph: gs.Graph, node: gs.Node, dequantize: gs.Node, channels: np.ndar
     if zero_points is not None:  # plane 2 on int4's symmetric range: zero point 8
         zero_points = np.concatenate([zero_points, np.full(second_scale.shape, -LOW, dtype=np.int16)])
         # (the extra rows, COPIES x |O| <= block_size, share the one new block's scale and zero point)
-        stored_values = (values + zero_points[block_index(values.shape[0], block)]).astype(ml_dtypes.uint4)
+        stored_values = stored_unsigned(values, zero_points, block).astype(ml_dtypes.uint4)
     else:
         stored_values = values.astype(ml_dtypes.int4)
     dequantize.inputs[0] = constant(f"{node.name}/weight_planes_quantized", stored_values)
-    dequantize.inputs[1] = _scale_tensor(graph, node.name, dequantize.inputs[1], all_scales, float_dtype)
+    dequantize.inputs[1] = _scale_tensor(graph, node.name, dequantize.inputs[1], coded, all_scales, float_dtype)
     if zero_points is not None:
         dequantize.inputs[2] = constant(f"{node.name}/weight_planes_zero_point", zero_points.astype(ml_dtypes.uint4))
     dequantize.outputs[0].shape = list(values.shape)
@@ -230,9 +229,10 @@ def _storable(coded: tuple | None, scale: np.ndarray) -> np.ndarray:
     return scale_codes.decode(scale_codes.encode(scale, coded[1], coded[2]), coded[1], coded[2])
 
 
-def _scale_tensor(graph: gs.Graph, layer: str, old, scales: np.ndarray, float_dtype: np.dtype):
-    """The tensor the DequantizeLinear reads its [blocks + 1, N] scales from, stored as the old ones were."""
-    coded = scale_code(old)
+def _scale_tensor(graph: gs.Graph, layer: str, old, coded: tuple | None, scales: np.ndarray,
+                  float_dtype: np.dtype):
+    """The tensor the DequantizeLinear reads its [blocks + 1, N] scales from, stored as the old ones were
+    (``coded``: ``scale_code(old)``)."""
     if coded is not None:
         codes = scale_codes.encode(scales, coded[1], coded[2])
         return coded_scale(graph, layer, codes, coded[1], coded[2], float_dtype, stem="weight_planes_scale")
