@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(CLI) export smollm2-135m -o $(DEMO_OUT) --overwrite
 	$(CLI) inspect $(DEMO_OUT)
 	$(CLI) generate $(DEMO_OUT) "The capital of France is" --max-new-tokens 32
-	$(CLI) build $(DEMO_OUT) --target orin -o $(DEMO_OUT)-orin --overwrite
+	$(CLI) build $(DEMO_OUT) --target orin --preset w4a16-fast -o $(DEMO_OUT)-orin --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -8,7 +8,7 @@ find where w4a16's error comes from (which layers, which passes). Run from the r
         --profile bench_out/peers8/work/profile --out bench_out/ablate \
         --variant "all=" --variant "mlp-fp16=--override *mlp*=fp16"
 
-A variant is ``NAME=FLAGS`` (FLAGS split on spaces). ``--base`` defaults to the peers table's w4a16 flags.
+A variant is ``NAME=FLAGS`` (FLAGS split on spaces, e.g. ``--config variant.toml``). ``--base`` defaults to ``--preset w4a16-fast``.
 Outputs: ablate.md and ablate.json under --out (rows are appended to the JSON as they finish, so an interrupted
 run keeps what it measured), the models under --out/work/.
 """
@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import peers  # benchmarks/ is on sys.path when a script here runs
 from sparsity import build, validate
 
 
@@ -36,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", type=Path, required=True)
     parser.add_argument("--profile", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--base", default=" ".join(peers.OURS_W4A16), help="flags every variant starts from")
+    parser.add_argument("--base", default="--preset w4a16-fast", help="flags every variant starts from")
     parser.add_argument("--variant", action="append", required=True, metavar="NAME=FLAGS")
     parser.add_argument("--text", default="wiki:evaluation",
                         help="validation text (wiki:calibration to choose settings without the evaluation split)")

@@ -6,7 +6,7 @@ which ONNX Runtime fuses into MatMulNBits) of the sample's q/k/v and gate/up sha
 its own session, timed in interleaved rounds (ORT all, ``--threads`` intra-op threads):
 
 * ``plain``: the chain as it is;
-* ``bias``: each layer plus the Add of a constant vector (what ``--bias-correction`` writes; ONNX Runtime folds it
+* ``bias``: each layer plus the Add of a constant vector (a bias correction; ONNX Runtime folds it
   into MatMulNBits, with a Reshape on either side);
 * ``branch-K``: each layer plus an outlier branch of K channels as ``isolate_outliers`` writes it (a last-axis
   Gather, an fp32 MatMul by K rows, an Add).

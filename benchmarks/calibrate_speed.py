@@ -1,4 +1,4 @@
-"""Time and peak memory of calibrating the sample model (issue goal: 128 x 512 tokens in under 3 minutes).
+"""Time and peak memory of calibrating the sample model, against the goal: 128 x 512 tokens in under 3 minutes.
 
 Runs ``accullm-export calibrate`` on our fp32 export of SmolLM2-135M as a child process and reports its wall
 time and peak RSS (os.wait4, the child alone) next to the goals: under 3 minutes, and peak memory under twice

@@ -11,13 +11,13 @@ For the sample model (SmolLM2-135M-Instruct, fp32) this script
    theirs run by onnxruntime-genai. Prefill is the latency of one 512-token prompt; decode is greedy tokens
    per second after a 32-token prompt. All three stay loaded and are timed in interleaved rounds (medians
    after a warm-up), and the share of CPU time other processes took meanwhile is reported, because a shared
-   machine easily swings these numbers by 2x. Each pair's greedy tokens are compared with theirs.
+   machine easily swings these numbers. Each pair's greedy tokens are compared with theirs.
 
 Prompts are token ids of real English text (a passage repeated until long enough), from the checkpoint's
 tokenizer.json. It prints a markdown table and writes decode_speed.md, decode_speed.json and decode_speed.png
 under --out. It measures; it never asserts on a time.
 
-Run from the repository root (a few minutes on a 2-core machine)::
+Run from the repository root::
 
     .venv/bin/python benchmarks/decode_speed.py
     .venv/bin/python benchmarks/decode_speed.py --reuse --repeats 3 --decode-tokens 64

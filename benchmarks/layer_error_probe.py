@@ -8,11 +8,11 @@ variant, and reports ||X (W - W_q) - b||^2 / ||X W||^2 over the scored windows, 
 ("tokens") and position 0 ("sink"):
 
 * ``branch``: the profile's outlier channels (its ``--policy``) stay FP16 (``isolate_outliers``), H = E[x x^T]
-  without the sink, as ``quantize --gptq`` does today;
+  without the sink, as the kit's GPTQ computes it;
 * ``nobranch``: no FP16 rows, the same H;
-* ``nobranch-bias``: no FP16 rows, GPTQ on the covariance and the bias E[x] (W - W_q) (``--bias-correction``);
+* ``nobranch-bias``: no FP16 rows, GPTQ on the covariance, and the bias b = E[x] (W - W_q);
 * ``nobranch-bias-sinkW`` / ``branch-sinkW`` / ``branch-bias-sinkW``: the same plus the sink position's moment
-  weighted W in GPTQ's objective (``--gptq-sink-weight W``), e.g. ``branch-sink0.2``.
+  weighted W in GPTQ's objective, e.g. ``branch-sink0.2``.
 
     .venv/bin/python benchmarks/layer_error_probe.py FP32_DIR PROFILE_DIR --out bench_out/layer_error \\
         branch nobranch nobranch-bias nobranch-bias-sink0.2 branch-sink0.2 branch-bias-sink0.2

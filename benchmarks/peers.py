@@ -8,14 +8,13 @@ For the sample model (SmolLM2-135M-Instruct) this script builds, in one run:
 * ``genai-int4-b128``: the same at block size 128 (``--extra_options block_size=128``, the key 0.18 reads).
 * ``genai-int4-b64-asym``: block 64 with zero points (``--extra_options block_size=64 is_symmetric=false
   shared_embeddings=false``; the shared table fails to load in ONNX Runtime 1.32),
-  the peer of ``ours-w4a16-b64-asym`` (``quantize --asymmetric``) and ``ours-w4a16-b64-best``.
+  the peer of ``ours-w4a16`` (asymmetric INT4 at block 64 in its ONNX Runtime form).
 * ``genai-int8``: the builder's ``-p int8 -e cpu``.
 * ``ort-dynamic-int8``: ONNX Runtime's ``quantize_dynamic`` (int8 weights, per channel) on our fp32 export.
-* ``ours-fp16``, ``ours-w8a8``, ``ours-w8a8-static``, ``ours-w4a16``: ``accullm-export quantize`` on our fp32
-  export with one shared calibration profile (``calibrate``, 64 x 512 tokens of ``wiki:calibration``), with the
-  recipe flags in ``OURS_*`` below; ``-no-outliers`` rows are the same with ``--outliers 0`` (the ablation that
-  shows what the FP16 branch buys). ``ours-w4a16-b64-best`` is the best w4a16 build (distilled, with a rotated
-  and refined LM head); its build takes about 25 minutes on a 2-core machine (the run allows it 40).
+* ``ours-<preset>``: ``accullm-export quantize --preset <preset>`` (its ONNX Runtime form) on our fp32 export,
+  one row per preset, with one shared calibration profile (``calibrate``, 64 x 512 tokens of
+  ``wiki:calibration``); ``ours-w4a16-fast-no-outliers`` is w4a16-fast with ``--outliers 0`` (the ablation that
+  shows what the exact outlier channels buy). A preset that distills is allowed a 40-minute build.
 * ``ort-rtn-b128``, ``ort-gptq-b128``, ``ort-hqq-b128``: ONNX Runtime's ``MatMulNBitsQuantizer`` (4-bit,
   block 128) on our fp32 export with RTN, GPTQ (calibrated on windows of the ``wiki:calibration`` split) and
   HQQ. The quantizer's default is asymmetric; when that fails, the row says why and uses symmetric.
@@ -47,8 +46,7 @@ Measurements, per row:
 Outputs under --out: peers.md, peers.json, peers_accuracy_vs_size.png, the built models under work/ and
 each row's validation report under reports/. It measures; it never asserts on a time.
 
-Run from the repository root (about 45 minutes on a 2-core machine, 20 of them the distilled row; --quick for a
-smoke run)::
+Run from the repository root (--quick for a smoke run)::
 
     .venv/bin/python benchmarks/peers.py
     .venv/bin/python benchmarks/peers.py --quick --only ours-fp32,genai-int4
@@ -112,6 +110,7 @@ class Settings:
     gptq_seq_len: int
     calib_samples: int
     calib_seq_len: int
+    second_text: str | None = None  # a second validation text (another domain than Wikipedia)
 
     def llm_config(self):
         from accullm_export.validate.llm import LLMValidationConfig
@@ -121,10 +120,9 @@ class Settings:
                                    optimization=self.accuracy_optimization)
 
 
-# On a quiet 2-core machine a row validates in about a minute and GPTQ builds in a few; the whole run
-# takes about 20 minutes. GPTQ's 6 x 128 calibration tokens exceed the hidden size (576), so the Hessians of
-# every MatMul input but down_proj's (1536 wide) can be full rank; more costs minutes (GPTQ reruns the whole
-# model for each layer input).
+# Sized to keep a full run short. GPTQ's 6 x 128 calibration tokens exceed the hidden size (576), so the Hessians
+# of every MatMul input but down_proj's (1536 wide) can be full rank; more windows cost build time (GPTQ reruns
+# the whole model for each layer input).
 FULL = Settings(windows=8, seq_len=256, num_prompts=8, new_tokens=64, probes_per_task=5,
                 accuracy_optimization="basic", speed_optimization="all", decode_tokens=64, speed_rounds=3,
                 gptq_windows=6, gptq_seq_len=128, calib_samples=64, calib_seq_len=512)
@@ -363,65 +361,23 @@ register(Peer(name="genai-int4-b64-asym", label="onnxruntime-genai int4, block 6
 register(Peer(name="genai-int8", label="onnxruntime-genai int8",
               build=functools.partial(build_genai, precision="int8", extra_options=())))
 register(Peer(name="ort-dynamic-int8", label="ORT quantize_dynamic int8", build=build_dynamic_int8, in_child=True))
-# The first and last blocks stay FP16 (an override the recipe documents): their activations are the hardest
-# to round to INT8, and they are 2 of 30 blocks. Dynamic activations take one scale per 32 input channels of a
-# token (the granularity of onnxruntime-genai's int8 MatMulNBits at accuracy level 4) and GPTQ weights;
-# measured on this model, SmoothQuant no longer helps once the scales are per group (KL 0.00212 with alpha 0.5,
-# 0.00187 without).
-_W8A8_OVERRIDES = ("--override", "layers.0=fp16", "--override", "layers.29=fp16")
-OURS_W8A8 = ("--recipe", "w8a8", "--activations", "dynamic", "--activation-group", "32", "--policy", "sensitivity",
-             "--gptq") + _W8A8_OVERRIDES
-# One scale per token: the fast integer GEMM (a 2-D int8 weight ONNX Runtime prepacks; per-group scales need a
-# batched one it repacks at every call, about half the decode speed), with SmoothQuant 0.5, measured best for it.
-OURS_W8A8_PER_TOKEN = ("--recipe", "w8a8", "--activations", "dynamic", "--policy", "sensitivity", "--smoothquant",
-                       "0.5") + _W8A8_OVERRIDES
-# Static per-tensor scales (TensorRT's form) need strong smoothing: alpha 0.85 measured best (0.5 -> KL 0.21).
-OURS_W8A8_STATIC = ("--recipe", "w8a8", "--activations", "static", "--policy", "sensitivity", "--smoothquant",
-                    "0.85") + _W8A8_OVERRIDES
-# FP16 outlier rows only where the residual stream's outlier features enter (``--outlier-layers residual``: q/k/v,
-# gate/up and the LM head): measured with GPTQ, the o_proj and down_proj branches did not lower the KL (0.2198 with
-# them, 0.223 without), and each branch costs three small kernels per decode step.
-# --scale-search picks each block's clipping level: measured with the flags above, KL 0.2205 -> 0.161 and
-# Δppl +20.2% -> +13.5% at block 128 (benchmarks/ablate.py, bench_out/ablate2). GPTQ on all 64 of the
-# profile's windows: at block 64, KL 0.144 -> 0.130 (at 128: 0.161 -> 0.160).
-OURS_W4A16 = ("--recipe", "w4a16", "--block-size", str(BLOCK_SIZE), "--policy", "sensitivity",
-              "--gptq", "--gptq-samples", "64", "--scale-search", "--outlier-layers", "residual")
-OURS_W4A16_B64 = tuple("64" if flag == str(BLOCK_SIZE) else flag for flag in OURS_W4A16)
-OURS_W4A16_B64_BEST = OURS_W4A16_B64 + (
-    "--asymmetric", "--onnxruntime-fusions", "--distill-steps", "120", "--distill-norms", "--distill-outlier-rows",
-    "--scale-bits", "8", "--rotate", "lm_head", "--refine-vocab", "4096", "--outlier-layers", "!lm_head")
-for _name, _label, _recipe in (
-        ("ours-fp16", "accullm-export fp16", ("--recipe", "fp16")),
-        ("ours-w8a8", "accullm-export w8a8, FP16 outlier branch", OURS_W8A8),
-        ("ours-w8a8-no-outliers", "accullm-export w8a8, --outliers 0", OURS_W8A8 + ("--outliers", "0")),
-        ("ours-w8a8-per-token", "accullm-export w8a8, one activation scale per token", OURS_W8A8_PER_TOKEN),
-        ("ours-w8a8-static", "accullm-export w8a8, static per-tensor scales", OURS_W8A8_STATIC),
-        ("ours-w4a16", "accullm-export w4a16, FP16 outlier rows", OURS_W4A16),
-        ("ours-w4a16-no-outliers", "accullm-export w4a16, --outliers 0", OURS_W4A16 + ("--outliers", "0")),
-        ("ours-w4a16-b64", "accullm-export w4a16 block 64, FP16 outlier rows", OURS_W4A16_B64),
-        # the same builds with ONNX Runtime's contrib attention and residual + RMSNorm ops, as genai writes them
-        # (the default of `build --target cpu`; the numerics do not change, the decode step has fewer nodes)
-        ("ours-w4a16-fused", "accullm-export w4a16, ONNX Runtime fusions", OURS_W4A16 + ("--onnxruntime-fusions",)),
-        ("ours-w4a16-b64-fused", "accullm-export w4a16 block 64, ONNX Runtime fusions",
-         OURS_W4A16_B64 + ("--onnxruntime-fusions",)),
-        # zero points per block (uint4, ONNX Runtime only), against genai-int4-b64-asym
-        ("ours-w4a16-b64-asym", "accullm-export w4a16 block 64, asymmetric, ONNX Runtime fusions",
-         OURS_W4A16_B64 + ("--asymmetric", "--onnxruntime-fusions"))):
-    # no expected_block_size: our graphs hold standard blocked DequantizeLinear; ONNX Runtime fuses it into
-    # MatMulNBits when the session starts, so the file has no MatMulNBits node to read it back from
-    register(Peer(name=_name, label=_label, build=functools.partial(build_ours, recipe=_recipe)))
-# the best w4a16 build (README, "What is not done"): the row above distilled, with 8-bit scale codes, the LM head's
-# input rotated and its 4,096 most probable-and-worst rows rounded twice; the head keeps no FP16 branch. About 20-25
-# minutes of the run's build time, most of it distillation, so its build may run 40.
-register(Peer(name="ours-w4a16-b64-best",
-              label="accullm-export w4a16 block 64, asymmetric, distilled, refined rotated head",
-              build=functools.partial(build_ours, recipe=OURS_W4A16_B64_BEST), build_minutes=40))
-# the same with each outlier branch but the attention sink's folded into its layer's INT4 weight as two planes
-# (--outlier-planes): no branch MatMul and Add per layer at decode
-register(Peer(name="ours-w4a16-b64-planes",
-              label="accullm-export w4a16 block 64, best, outlier rows as INT4 planes",
-              build=functools.partial(build_ours, recipe=OURS_W4A16_B64_BEST + ("--outlier-planes",)),
-              build_minutes=40))
+def _register_presets() -> None:
+    """One row per preset (its ONNX Runtime form), plus the w4a16-fast build without outlier channels: the
+    ablation that shows what keeping them exact buys. A preset that distills gets a longer build."""
+    from accullm_export.recipes.presets import all_presets
+
+    for name, preset in all_presets().items():
+        if "onnxruntime" not in preset.backends:
+            continue
+        distills = preset.resolve("onnxruntime").distill.steps > 0
+        register(Peer(name=f"ours-{name}", label=f"accullm-export --preset {name}",
+                      build=functools.partial(build_ours, recipe=("--preset", name)),
+                      build_minutes=40 if distills else 10))
+    register(Peer(name="ours-w4a16-fast-no-outliers", label="accullm-export --preset w4a16-fast --outliers 0",
+                  build=functools.partial(build_ours, recipe=("--preset", "w4a16-fast", "--outliers", "0"))))
+
+
+_register_presets()
 for _method in ("rtn", "gptq", "hqq"):
     register(Peer(name=f"ort-{_method}-b128", label=f"ORT MatMulNBits 4-bit {_method.upper()}, block 128",
                   build=functools.partial(build_matmul_nbits, method=_method), in_child=True,
@@ -638,6 +594,7 @@ class Row:
     validate_seconds: float | None = None
     decode_tokens_per_second: float | None = None
     decode_samples: list[float] = dataclasses.field(default_factory=list)
+    second_metrics: dict | None = None  # the same accuracy metrics on --second-text
 
     def fail(self, stage: str, exc: BaseException) -> None:
         message = str(exc).splitlines()[0] if str(exc) else ""
@@ -673,6 +630,13 @@ def validate_row(row: Row, reference: Path, settings: Settings, reports: Path) -
     row.probe_agreement = report.get("probes", {}).get("agreement")
     log.info("%s: KL %.4g, top-1 %.3f, greedy prefix %.1f (%.0f s)", row.name, row.metrics["kl_mean"],
              row.metrics["top1_agreement"], row.greedy["mean_prefix"], row.validate_seconds)
+    if settings.second_text:  # the held-out metrics on another text domain (no greedy prompts or probes)
+        llm = dataclasses.replace(settings.llm_config(), text=settings.second_text, num_prompts=0,
+                                  probes_per_task=0)
+        second = validate(reference, Path(row.folder),
+                          ValidateOptions(llm=llm, report_dir=str(reports / f"{row.name}-second-text")))
+        row.second_metrics = second["metrics"]
+        log.info("%s on %s: KL %.4g", row.name, settings.second_text, row.second_metrics["kl_mean"])
 
 
 def print_report(report: str, out: Path | None) -> None:
@@ -790,6 +754,31 @@ def table_row(row: Row) -> str:
             f"| {prefix} | {_number(row.probe_agreement, '.2f')} | {_number(row.decode_tokens_per_second, '.1f')} |")
 
 
+def second_text_table(rows: list[Row], text: str) -> list[str]:
+    """The rows' accuracy on the second text, beside their Wikipedia figures."""
+    lines = [f"Accuracy on `{text}` (same windows and length as above):", "",
+             "| Peer | Δppl % | KL mean | Top-1 | KL on Wikipedia |", "|---|--:|--:|--:|--:|"]
+    for row in rows:
+        if row.second_metrics and row.metrics:
+            second = row.second_metrics
+            lines.append(f"| {row.name} | {second['ppl_delta_pct']:+.2f} | {second['kl_mean']:.4g} | "
+                         f"{second['top1_agreement']:.3f} | {row.metrics['kl_mean']:.4g} |")
+    return lines + [""]
+
+
+def stdlib_code_text(path: Path) -> Path:
+    """A code-domain text: the Python sources of a few standard-library packages, concatenated in name order
+    (the same text for one Python version), written to ``path``."""
+    import email
+    import http
+    import json as json_package
+
+    sources = [file for package in (email, http, json_package)
+               for file in sorted(Path(package.__file__).parent.glob("*.py"))]
+    path.write_text("\n\n".join(file.read_text(encoding="utf-8") for file in sources), encoding="utf-8")
+    return path
+
+
 def details(row: Row) -> str:
     """What the row's graph holds, how it was built, and what went wrong."""
     lines = [f"- **{row.name}** ({row.label})"]
@@ -820,6 +809,7 @@ def render_markdown(rows: list[Row], environment: dict, settings: Settings, fact
         TABLE_HEADER,
         *(table_row(row) for row in rows),
         "",
+        *(second_text_table(rows, settings.second_text) if settings.second_text else []),
         f"- Accuracy: `validate(reference={REFERENCE}, candidate=row)` at ONNX Runtime optimization "
         f"**{settings.accuracy_optimization}** on both sides, for every row; text `{llm.text}`, {llm.windows} windows "
         f"of {llm.seq_len} tokens; greedy prefix over {llm.num_prompts} prompts of {llm.prompt_tokens} tokens, "
@@ -921,9 +911,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated rows to run, from: {', '.join(PEERS)} (the reference is built anyway)")
     parser.add_argument("--quick", action="store_true", help="tiny validation and timing settings for smoke runs")
     parser.add_argument("--speed-rounds", type=int, help="interleaved decode rounds (more on a noisy machine)")
+    parser.add_argument("--windows", type=int, help="held-out validation windows per row (default: the settings')")
+    parser.add_argument("--second-text", metavar="SOURCE",
+                        help="also validate every row on this text (a .txt/.jsonl file, or 'stdlib-code': Python "
+                             "standard-library sources, a code domain)")
     parser.add_argument("--build-timeout", type=int, default=600, metavar="SECONDS",
                         help="a build running longer is stopped and its row recorded as failed (a peer may be "
-                        "given more: ours-w4a16-b64-best, which distills, 40 minutes)")
+                        "given more: a preset that distills, 40 minutes)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.only or []) - set(PEERS))
     if unknown:
@@ -941,8 +935,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = QUICK if args.quick else FULL
     if args.speed_rounds is not None:
         settings = dataclasses.replace(settings, speed_rounds=args.speed_rounds)
+    if args.windows is not None:
+        settings = dataclasses.replace(settings, windows=args.windows)
     work = (args.out / "work").resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if args.second_text:
+        text = stdlib_code_text(work / "stdlib-code.txt") if args.second_text == "stdlib-code" else args.second_text
+        settings = dataclasses.replace(settings, second_text=str(text))
     context = BuildContext(reference=work / REFERENCE, hf_folder=Path(resolve_checkpoint_folder(SAMPLE_MODEL)),
                            work=work, settings=settings, timeout_s=args.build_timeout)
     try:

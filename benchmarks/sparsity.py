@@ -14,7 +14,7 @@ to the kept width (``ceiling_model``): the per-token selection ops stay, gatheri
 nothing. They are also calibrated and quantized with the w4a16 row's flags, so each has a w4a16 ceiling too.
 
 Outputs under --out: sparsity.md, sparsity.json, sparsity_curve.png, the models under work/. It measures; it
-never asserts on a time. Run from the repository root (about 45 minutes on a 2-core machine)::
+never asserts on a time. Run from the repository root::
 
     .venv/bin/python benchmarks/sparsity.py --reference bench_out/peers5/work/ours-fp32 \
         --profile bench_out/peers5/work/profile --out bench_out/sparsity
@@ -98,7 +98,7 @@ def ceiling_model(reference: Path, out: Path, method: str, sparsity: float, rank
     from accullm_export.atomic import atomic_dir
     from accullm_export.build.quantize import copy_side_files
     from accullm_export.graph.ir import load_graph, save_graph
-    from accullm_export.sparsity.mlp import find_mlp_blocks
+    from accullm_export.graph.mlp import find_mlp_blocks
 
     graph, source = load_graph(reference / "model.onnx")
     blocks = [block for block in find_mlp_blocks(graph) if block.plain and block.down_reader is block.down]
@@ -164,7 +164,7 @@ def ceiling_models(args, work: Path) -> dict[str, Path]:
             cli("calibrate", str(folder), "-o", str(calibrated), "--overwrite", "--calib", profile["source"],
                 "--samples", str(profile["samples"]), "--seq-len", str(profile["seq_len"]),
                 "--seed", str(profile["seed"]), log_path=work / f"{name}-profile.log")
-        arguments = ("quantize", str(folder), "--profile", str(calibrated), *peers.OURS_W4A16)
+        arguments = ("quantize", str(folder), "--profile", str(calibrated), "--preset", "w4a16-fast")
         found[f"w4a16+{name}"] = build(f"w4a16-{name}", arguments, work, args.reuse)[0]
     return found
 
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         for method in METHODS:
             models[f"fp32+{method}-{percent}"] = build(f"{method}-{percent}", sparsify_args(
                 args.reference, args.profile, method, SPEED_SPARSITY), work, True)[0]
-        base = ("quantize", str(args.reference), "--profile", str(args.profile), *peers.OURS_W4A16)
+        base = ("quantize", str(args.reference), "--profile", str(args.profile), "--preset", "w4a16-fast")
         models["w4a16"] = build("w4a16", base, work, args.reuse)[0]
         for method in METHODS:
             models[f"w4a16+{method}-{percent}"] = build(f"w4a16-{method}-{percent}", base + (

@@ -6,7 +6,7 @@
 Every combination of the given knobs (macros of common/gemmCommon.cuh and common/mmaGemvKernel.cuh) is compiled,
 in parallel, into its own ``libaccullm_kernels.so`` and timed with ``bench_kernels.py``'s method (CUDA graphs,
 weights cycled past the L2 cache) on OutlierSplitGemm cases of SmolLM2 and a 7B model. The defaults in those
-headers are meant to be the pick of this sweep on the GPUs it ran on (plugins/README.md has the runs). A tool:
+headers are meant to be the pick of this sweep on the GPUs it ran on. A tool:
 it measures, it asserts nothing.
 """
 

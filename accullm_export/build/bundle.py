@@ -82,7 +82,7 @@ def _fold_scale_casts(path: Path) -> int:
     from accullm_export.graph.pipeline import run_passes
 
     graph, source = load_graph(path)
-    graph, (report,) = run_passes(graph, [("fold_scale_casts", None)])
+    graph, (report,), _ = run_passes(graph, [("fold_scale_casts", None)])
     folded = report.nodes_removed.get("Cast", 0)
     if folded:
         save_graph(graph, source, path, {})
@@ -91,13 +91,11 @@ def _fold_scale_casts(path: Path) -> int:
 
 def _plugin_model(model_dir: Path, out_dir: Path) -> dict[str, int]:
     """The model with the plugin swaps applied, if any applied; returns op type -> count."""
-    from types import SimpleNamespace
-
     from accullm_export.graph.ir import load_graph, save_graph
     from accullm_export.graph.pipeline import run_passes
 
     graph, source = load_graph(model_dir / "model.onnx")
-    graph, _ = run_passes(graph, [(name, SimpleNamespace(notes=[])) for name in PLUGIN_SWAPS])
+    graph, _, _ = run_passes(graph, [(name, None) for name in PLUGIN_SWAPS])
     fused: dict[str, int] = {}
     for node in graph.nodes:
         if node.domain == PLUGIN_DOMAIN:

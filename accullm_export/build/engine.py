@@ -3,12 +3,12 @@
 TensorRT cannot be installed on the machines this kit is developed on: this module is written against the
 real API (``tensorrt`` is imported only inside these functions) and ``tensorrt_available`` tells the build
 pipeline to write a deployment bundle instead. Engines are written atomically beside a manifest that records
-the TensorRT version and the device, so a foreign or corrupted engine is refused with a clear error.
+the TensorRT version and the device (:mod:`accullm_export.runtime.engine_file`), so a foreign or corrupted
+engine is refused with a clear error.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -17,11 +17,11 @@ import onnx
 
 from accullm_export.atomic import atomic_write_bytes, atomic_write_text
 from accullm_export.errors import BackendError, UserError
+from accullm_export.runtime.engine_file import ENGINE_RECORD, engine_record
 
 log = logging.getLogger(__name__)
 
 ENGINE_FILE, TIMING_CACHE = "model.engine", "timing.cache"
-INSTALL_HINT = "install TensorRT 10+ for your CUDA (pip install tensorrt, or JetPack 6 on Jetson)"
 
 
 def tensorrt_available() -> tuple[bool, str]:
@@ -107,54 +107,5 @@ def build_engine(model_dir: Path, staging: Path, target, recipe: str, options, i
 
     copy_side_files(model_dir, staging)  # the tokenizer beside the engine, for `generate` and the samples
     record = engine_record(engine_bytes, trt.__version__, target, plugin_library)
-    atomic_write_text(staging / "engine.json", json.dumps(record, indent=2))
+    atomic_write_text(staging / ENGINE_RECORD, json.dumps(record, indent=2))
     return {"kind": "tensorrt-engine", "path": ENGINE_FILE, **record}
-
-
-def engine_record(engine_bytes: bytes, trt_version: str, target, plugin_library: Path | None) -> dict:
-    """What identifies an engine: its hash, the TensorRT version and the target it was built for."""
-    return {"sha256": hashlib.sha256(engine_bytes).hexdigest(), "tensorrt": trt_version, "target": target.name,
-            "compute_capability": target.compute_capability,
-            "plugin_library": str(plugin_library) if plugin_library else None}
-
-
-def check_engine_file(path: Path) -> dict:
-    """Refuse a missing, corrupted or foreign engine before TensorRT sees it; returns its record.
-
-    An engine built by this kit sits beside ``engine.json``; its SHA-256 must match (a truncated or edited file
-    does not), and TensorRT must be the version that built it (engines do not move between versions).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such engine file")
-    record_path = path.parent / "engine.json"
-    if not record_path.is_file():
-        raise UserError(f"{path} was not built by accullm-export (no engine.json beside it); build it with "
-                        "`accullm-export build --target ...` or pass the ONNX model instead")
-    record = json.loads(record_path.read_text())
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != record.get("sha256"):
-        raise UserError(f"{path} is corrupted or is not the engine engine.json describes (SHA-256 {digest[:12]}... "
-                        f"!= {str(record.get('sha256'))[:12]}...); rebuild it")
-    return record
-
-
-def load_engine(path: Path, plugin_library: Path | None = None):
-    """Deserialize a checked engine; BackendError without TensorRT, UserError for a foreign engine."""
-    record = check_engine_file(path)
-    try:
-        import tensorrt as trt
-    except Exception as exc:  # noqa: BLE001
-        raise BackendError(f"running {path} needs TensorRT: {INSTALL_HINT} ({type(exc).__name__})") from None
-    if record.get("tensorrt") != trt.__version__:
-        raise UserError(f"{path} was built with TensorRT {record.get('tensorrt')}; this is TensorRT "
-                        f"{trt.__version__}: engines do not move between versions, rebuild it here")
-    logger = trt.Logger(trt.Logger.WARNING)
-    trt.init_libnvinfer_plugins(logger, "")
-    runtime = trt.Runtime(logger)
-    if plugin_library is not None:
-        runtime.get_plugin_registry().load_library(str(plugin_library))
-    engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
-    if engine is None:
-        raise UserError(f"TensorRT could not deserialize {path} (built for another device or plugin library?)")
-    return engine

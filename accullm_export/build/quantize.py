@@ -21,7 +21,10 @@ import accullm_export
 from accullm_export.atomic import atomic_dir
 from accullm_export.errors import UserError
 from accullm_export.graph.linear import find_linear_layers
-from accullm_export.graph.recipes import LayerPlan, PassContext, Recipe, plan_layers
+from accullm_export.graph.pass_data import PassData
+from accullm_export.graph.recipes import LayerPlan
+from accullm_export.recipes.config import Recipe
+from accullm_export.recipes.plan import plan_layers
 
 log = logging.getLogger(__name__)
 
@@ -32,61 +35,60 @@ _MODEL_FILES = {"model.onnx", "model.onnx.data", "manifest.json"}
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantizeOptions:
-    """How much calibration text GPTQ's second-moment matrices use (the profile names the text)."""
+    """Resources, not numerics: the activation memory budget of the statistics passes and the distillation
+    batch."""
 
-    gptq_samples: int = 32
     budget_mb: int = 512
-    distill_samples: int = 64  # calibration windows the block scales are distilled on (--distill-steps)
-    distill_lr: float = 1e-3
     distill_batch: int = 1  # windows per distillation step
-    distill_rounding_lr: float | None = None  # Adam's step on the integer offsets (None: 2 / steps)
-    vocab_samples: int = 32  # calibration windows --refine-vocab ranks the head's rows on
     version: int = 1
 
 
-FINISHING_PASSES = ("merge_parallel_linears",)  # after the per-layer passes; numerics unchanged
 # ONNX Runtime's contrib ops for attention and residual + RMSNorm, as onnxruntime-genai's builder writes them:
-# fewer nodes per decode step; the file then runs only in ONNX Runtime (`quantize --onnxruntime-fusions`, and
-# `build` for the cpu target)
+# fewer nodes per decode step; the file then runs only in ONNX Runtime (``graph.onnxruntime_fusions``)
 ONNXRUNTIME_FUSIONS = ("fuse_group_query_attention", "fuse_skip_rms_norm")
+
+
+def finishing_passes(recipe: Recipe) -> tuple[str, ...]:
+    """The passes after the per-layer ones, numerics unchanged. TensorRT fuses on its own and its plugin swaps
+    need the unmerged layers, so only ONNX Runtime gets the parallel linears merged."""
+    if recipe.backend != "onnxruntime":
+        return ()
+    return ("merge_parallel_linears",) + (ONNXRUNTIME_FUSIONS if recipe.graph.onnxruntime_fusions else ())
 
 
 def recipe_passes(recipe: Recipe) -> list[str]:
     """The passes a recipe runs, in order."""
-    passes = ["scale_activations_awq"] if recipe.awq else []
-    if recipe.smoothquant is not None:
+    passes = ["scale_activations_awq"] if recipe.weights.awq else []
+    if recipe.activations.smoothquant:
         passes.append("smooth_activations")
     passes.append("isolate_outliers")
-    if recipe.rotate:  # the branch reads x, the rest x R: after the split, before any rounding
+    if recipe.rotation.layers:  # the branch reads x, the rest x R: after the split, before any rounding
         passes.append("rotate_inputs")
-    if recipe.gptq:
+    if recipe.gptq.enabled:
         passes.append("compensate_errors_gptq")
     passes.append("quantize_weights")
-    if recipe.distill_steps:
+    if recipe.distill.steps:
         passes.append("distill_scales")
     passes += ["quantize_activations", "quantize_embeddings"]
-    if recipe.scale_bits == 8:  # after every pass that chooses scales
+    if recipe.weights.scale_bits == 8:  # after every pass that chooses scales
         passes.append("code_block_scales")
-    if recipe.outlier_planes:  # after every pass that sets rows or scales, before those that measure the result
+    if recipe.outliers.planes:  # after every pass that sets rows or scales, before those that measure the result
         passes.append("fold_outlier_planes")
-    if recipe.outlier_bits == 8:  # after every pass that moves the rows; the branches the planes did not take
+    if recipe.outliers.bits == 8:  # after every pass that moves the rows; the branches the planes did not take
         passes.append("quantize_outlier_rows")
-    if recipe.bias_correction:  # after every pass that changes a weight
-        passes.append("correct_bias")
-    if recipe.refine_vocab:  # on the head as it will be saved
+    if recipe.vocab.refine_rows:  # on the head as it will be saved
         passes.append("refine_vocab_rows")
     return passes
 
 
 def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profile_dir: str | Path, *,
-                   options: QuantizeOptions = QuantizeOptions(), sparsity=None, overwrite: bool = False,
-                   finishing: tuple[str, ...] = FINISHING_PASSES) -> dict:
+                   options: QuantizeOptions = QuantizeOptions(), overwrite: bool = False,
+                   finishing: tuple[str, ...] | None = None) -> dict:
     """Rewrite ``model`` into ``out_dir``; returns the manifest (also written as ``manifest.json``).
 
-    ``sparsity`` (a ``SparsityConfig``) adds sparse-skip MLPs after quantization; with the guesser, those MLPs'
-    projections keep no FP16 outlier branch (it narrows gate and up, which must be plain MatMuls).
-    ``finishing`` passes run last (TensorRT targets skip the merging ONNX Runtime benefits from: TensorRT fuses
-    on its own, and the plugin swaps need the unmerged layers).
+    ``recipe.sparsity`` adds sparse-skip MLPs after quantization; with the guesser, those MLPs' projections keep
+    no FP16 outlier branch (it narrows gate and up, which must be plain MatMuls). ``finishing`` replaces the
+    passes that run last (default: ``finishing_passes(recipe)``; ``()`` keeps every layer its own MatMul).
     """
     from accullm_export.calibration.profile import load_profile
     from accullm_export.graph.io import load_onnx
@@ -101,18 +103,30 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
     layers = find_linear_layers(header)
     if not layers:
         raise UserError(f"{model_path} has no linear layers (MatMul with an initializer weight) to quantize")
+    if recipe.vocab.refine_rows == "auto":
+        recipe = dataclasses.replace(recipe, vocab=dataclasses.replace(recipe.vocab,
+                                                                       refine_rows=auto_vocab_rows(header, layers)))
     plans = plan_layers(recipe, layers, profile)
-    if sparsity is not None and sparsity.active and recipe.activations == "dynamic" and \
-            recipe.defaults.quantize_activations:
-        raise UserError("--sparsity composes with w4a16, fp16 and w8a8 with --activations static; dynamic "
-                        "per-token INT8 (MatMulInteger, one quantization block per row) is not narrowed")
     notes = [f"{layer.node}: {layer.op_type} is not rewritten (only MatMul is); left as it is"
              for layer in layers if layer.op_type != "MatMul"]
     statistics = {entry["name"]: profile.input_statistics(entry["name"]) for entry in profile.manifest["inputs"]}
-    moments = _moments(model_path, plans, profile, options, notes) if recipe.gptq or recipe.bias_correction \
+    moments = _moments(model_path, plans, profile, recipe.gptq.samples, options, notes) if recipe.gptq.enabled \
         else None
-    return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, moments, notes, overwrite,
-                    sparsity, finishing, options)
+    finishing = finishing_passes(recipe) if finishing is None else finishing
+    return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, moments, notes, overwrite, options,
+                    finishing)
+
+
+def auto_vocab_rows(header, layers) -> int:
+    """``vocab.refine_rows = "auto"``: a twelfth of the LM head's rows, in multiples of 64 where that leaves any;
+    0 when no MatMul writes the logits directly (nothing to refine)."""
+    from accullm_export.graph.passes.refine_vocab_rows import head_tensors
+
+    found = head_tensors(header, layers)
+    if found is None:
+        return 0
+    twelfth = found[0].out_features // 12
+    return twelfth // 64 * 64 or twelfth
 
 
 def _without_mlp_branches(graph, plans: dict[str, LayerPlan], statistics: dict,
@@ -120,7 +134,7 @@ def _without_mlp_branches(graph, plans: dict[str, LayerPlan], statistics: dict,
     """Drop the outlier branch of every SwiGLU MLP projection (the sparse rewrite narrows plain MatMuls); a
     static activation scale then has to cover the channels the branch would have taken."""
     from accullm_export.graph.recipes import activation_scale
-    from accullm_export.sparsity.mlp import find_mlp_blocks
+    from accullm_export.graph.mlp import find_mlp_blocks
 
     changed = dict(plans)
     for block in find_mlp_blocks(graph):
@@ -148,45 +162,42 @@ def refuse_quantized(model: onnx.ModelProto, path: Path) -> None:
 
 
 def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, moments, notes, overwrite,
-             sparsity=None, finishing=FINISHING_PASSES, options: QuantizeOptions = QuantizeOptions()) -> dict:
+             options: QuantizeOptions, finishing: tuple[str, ...]) -> dict:
     from accullm_export.build.sparsify import sparsity_metadata, sparsity_plans, sparsity_summary
     from accullm_export.graph.ir import load_graph, save_graph
-    from accullm_export.graph.passes.skip_sparse_neurons import SparseContext
+    from accullm_export.graph.passes import skip_sparse_neurons
     from accullm_export.graph.pipeline import constant_bytes, run_passes
 
     graph, source = load_graph(model_path)
-    sparse = sparsity is not None and sparsity.active
+    sparsity = recipe.sparsity.to_sparsity_config()
+    sparse = sparsity.active
     if sparse and sparsity.method == "predictor":  # the guesser narrows gate/up: they must be plain MatMuls
         plans = _without_mlp_branches(graph, plans, statistics, notes)
     float_dtype = _float_dtype(graph, plans)
-    distillation = _distillation(model_path, graph, recipe, profile, options, notes) if recipe.distill_steps else None
-    context = PassContext(plans=plans, float_dtype=float_dtype, statistics=statistics,
-                          hessians=moments.second if moments is not None and recipe.gptq else {},
-                          embeddings=recipe.embeddings, smoothing=recipe.smoothquant, notes=notes,
-                          scale_search=recipe.scale_search, asymmetric=recipe.asymmetric,
-                          gptq_absorb=recipe.gptq_absorb, bias_correction=recipe.bias_correction,
-                          means=moments.mean if moments is not None else {},
-                          gptq_sink_weight=recipe.gptq_sink_weight,
-                          sink_moments={name: (moments.sink_second[name], moments.sink_mean[name])
-                                        for name in moments.sink_second} if moments is not None else {},
-                          reference_weights=_reference_weights(graph, plans) if recipe.bias_correction else {},
-                          distillation=distillation,
-                          vocab_rows=_vocab_rows(model_path, graph, plans, recipe, profile, options)
-                          if recipe.refine_vocab else None)
-    if sparse:  # shares the AWQ / SmoothQuant divisors the recipe passes record
-        sparse_context = SparseContext(plans=sparsity_plans(model_path, graph, profile, sparsity), notes=notes,
-                                       dense_first=sparsity.dense_first,
-                                       input_scales=context.input_scales)
+    distillation = _distillation(model_path, graph, recipe, profile, options, notes) if recipe.distill.steps \
+        else None
+    data = PassData(plans=plans, float_dtype=float_dtype, statistics=statistics,
+                    hessians=moments.second if moments is not None else {},
+                    embeddings=recipe.weights.embeddings, smoothing=recipe.activations.smoothquant or None,
+                    scale_search=recipe.weights.scale_search, asymmetric=recipe.weights.asymmetric,
+                    distillation=distillation,
+                    vocab_rows=_vocab_rows(model_path, graph, plans, recipe, profile)
+                    if recipe.vocab.refine_rows else None)
+    sparse_plans = sparsity_plans(model_path, graph, profile, sparsity) if sparse else None
     for note in notes:
         log.info("%s", note)
     parameters, source_bytes = _parameter_count(graph), constant_bytes(graph)
-    graph, reports = run_passes(graph, [(name, context) for name in recipe_passes(recipe)])
+    graph, reports, data = run_passes(graph, recipe_passes(recipe), data)
+    plans = data.plans  # as the passes left them (a rotated layer reads its rotated input)
     bits = _bits(graph, plans, parameters)  # per layer, before merging puts several layers in one MatMul
-    if sparse:
-        graph, sparse_reports = run_passes(graph, [("skip_sparse_neurons", sparse_context)])
+    if sparse:  # with the AWQ / SmoothQuant divisors the recipe passes folded
+        config = skip_sparse_neurons.Config(plans=sparse_plans, dense_first=sparsity.dense_first,
+                                            input_scales=data.input_scales)
+        graph, sparse_reports, _ = run_passes(graph, [("skip_sparse_neurons", config)])
         reports += sparse_reports
-    graph, merged = run_passes(graph, [(name, context) for name in finishing])
+    graph, merged, _ = run_passes(graph, finishing, data)
     reports += merged
+    notes = notes + [note for report in reports for note in report.notes]
     metadata = {RECIPE_KEY: recipe.name} | (sparsity_metadata(sparsity) if sparse else {})
     with atomic_dir(out_dir, overwrite=overwrite) as staging:
         save_graph(graph, source, staging / "model.onnx", metadata)
@@ -199,8 +210,8 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, moments, n
             "profile": {"path": str(profile.folder), "policy": profile.manifest["policy"]["name"]},
             "recipe": recipe.to_dict(), "passes": [report.to_dict() for report in reports], "notes": notes,
             "input_scales": {name: {"max_scale": float(s.max()), "min_scale": float(s.min())}
-                             for name, s in context.input_scales.items()},
-            "sparsity": sparsity_summary(sparse_context.plans, sparsity) if sparse else None,
+                             for name, s in data.input_scales.items()},
+            "sparsity": sparsity_summary(sparse_plans, sparsity) if sparse else None,
             "size": bits, "layers": [plan.to_dict() | {"bits_per_weight": bits["layers"].get(plan.node)}
                                      for plan in plans.values()],
             "versions": {"accullm_export": accullm_export.__version__, "onnx": onnx.__version__,
@@ -268,35 +279,25 @@ def check_loads(path: Path) -> None:
     create_session(path, optimization="basic")
 
 
-def _reference_weights(graph, plans: dict[str, LayerPlan]) -> dict[str, np.ndarray]:
-    """Each planned low-bit layer's source weight (a copy: passes replace and rescale weights), for
-    ``correct_bias``."""
-    from accullm_export.graph.rewrite import float_weight, planned_nodes
-
-    return {node.name: np.array(weight.values, dtype=np.float32) for node, plan in planned_nodes(graph, plans)
-            if plan.quantized and (weight := float_weight(node)) is not None}
-
-
-def _moments(model_path: Path, plans: dict[str, LayerPlan], profile, options: QuantizeOptions, notes: list[str]):
-    """``calibration.hessian.Moments`` of every low-bit layer's input over ``--gptq-samples`` calibration windows
-    (GPTQ and bias correction)."""
+def _moments(model_path: Path, plans: dict[str, LayerPlan], profile, samples: int, options: QuantizeOptions,
+             notes: list[str]):
+    """``calibration.hessian.Moments`` of every low-bit layer's input over ``gptq.samples`` calibration windows."""
     from accullm_export.calibration.hessian import collect_moments
     from accullm_export.calibration.run import profile_feeds
 
     tensors = sorted({plan.input for plan in plans.values() if plan.quantized})
-    feeds = profile_feeds(model_path, profile.manifest, options.gptq_samples)
-    if len(feeds) < options.gptq_samples:
-        notes.append(f"GPTQ: --gptq-samples {options.gptq_samples}, but the profile holds {len(feeds)} calibration "
-                     f"windows, so GPTQ used {len(feeds)} (calibrate with --samples {options.gptq_samples} for more)")
+    feeds = profile_feeds(model_path, profile.manifest, samples)
+    if len(feeds) < samples:
+        notes.append(f"GPTQ: gptq.samples is {samples}, but the profile holds {len(feeds)} calibration windows, so "
+                     f"GPTQ used {len(feeds)} (calibrate with --samples {samples} for more)")
     log.info("second moments and means of %d input tensors over %d calibration windows", len(tensors),
              len(feeds))
     return collect_moments(model_path, tensors, lambda: iter(feeds), budget_bytes=options.budget_mb << 20)
 
 
-def _vocab_rows(model_path: Path, graph, plans: dict[str, LayerPlan], recipe: Recipe, profile,
-                options: QuantizeOptions):
-    """The LM head, its source weight and its input on ``--vocab-samples`` calibration windows, for
-    ``--refine-vocab``."""
+def _vocab_rows(model_path: Path, graph, plans: dict[str, LayerPlan], recipe: Recipe, profile):
+    """The LM head, its source weight and its input on ``vocab.samples`` calibration windows, for
+    ``vocab.refine_rows``."""
     from accullm_export.calibration.run import profile_feeds
     from accullm_export.graph.io import load_onnx
     from accullm_export.graph.passes.refine_vocab_rows import VocabRows, head_tensors
@@ -306,29 +307,29 @@ def _vocab_rows(model_path: Path, graph, plans: dict[str, LayerPlan], recipe: Re
     header = load_onnx(model_path, load_external_data=False)
     found = head_tensors(header, find_linear_layers(header))
     if found is None:
-        raise UserError(f"--refine-vocab: no MatMul of {model_path} writes its first output (the logits) directly; "
+        raise UserError(f"vocab.refine_rows: no MatMul of {model_path} writes its first output (the logits) directly; "
                         "it refines an LM head")
     layer, output = found
     plan = plans[layer.node]
     if plan.precision != "int4":
-        raise UserError(f"--refine-vocab: the LM head {layer.node} is {plan.precision}; it refines an INT4 head")
-    if recipe.refine_vocab > layer.out_features:
-        raise UserError(f"--refine-vocab {recipe.refine_vocab} is over the head's {layer.out_features} rows")
+        raise UserError(f"vocab.refine_rows: the LM head {layer.node} is {plan.precision}; it refines an INT4 head")
+    if recipe.vocab.refine_rows > layer.out_features:
+        raise UserError(f"vocab.refine_rows {recipe.vocab.refine_rows} is over the head's {layer.out_features} rows")
     node = next(node for node in graph.nodes if node.name == layer.node)
     weight = float_weight(node)
     if weight is None:
-        raise UserError(f"--refine-vocab: the LM head {layer.node}'s weight is not a float constant")
-    feeds = profile_feeds(model_path, profile.manifest, options.vocab_samples)
+        raise UserError(f"vocab.refine_rows: the LM head {layer.node}'s weight is not a float constant")
+    feeds = profile_feeds(model_path, profile.manifest, recipe.vocab.samples)
     if not feeds or "input_ids" not in feeds[0]:
-        raise UserError("--refine-vocab needs an LLM profile (calibration windows of token ids)")
+        raise UserError("vocab.refine_rows needs an LLM profile (calibration windows of token ids)")
     tap = IntermediateReader(model_path).open([layer.input])
     values = [tap.run(feed)[layer.input] for feed in feeds]
     if any(value.ndim != 3 for value in values):
-        raise UserError(f"--refine-vocab: the LM head {layer.node} reads a tensor of rank {values[0].ndim}, not "
+        raise UserError(f"vocab.refine_rows: the LM head {layer.node} reads a tensor of rank {values[0].ndim}, not "
                         "[batch, sequence, channels]")
     samples = np.concatenate([value[:, 1:].reshape(-1, layer.in_features) for value in values])  # sink left out
-    log.info("--refine-vocab: the head's input on %d calibration rows", len(samples))
-    return VocabRows(count=recipe.refine_vocab, head=layer.node, input=layer.input, output=output,
+    log.info("vocab.refine_rows: the head's input on %d calibration rows", len(samples))
+    return VocabRows(count=recipe.vocab.refine_rows, head=layer.node, input=layer.input, output=output,
                      samples=samples.astype(np.float32), source_weight=np.array(weight.values, dtype=np.float32))
 
 
@@ -337,21 +338,21 @@ def _distillation(model_path: Path, graph, recipe: Recipe, profile, options: Qua
     are distilled on."""
     from accullm_export.calibration.run import profile_feeds
     from accullm_export.graph.passes.distill_scales import DistillInputs, graph_weights
-    from accullm_export.quant.distill import DistillConfig
+    from accullm_export.training.distill import DistillConfig
 
     if not (model_path.parent / "config.json").is_file():
-        raise UserError(f"--distill-steps needs the export folder's config.json beside {model_path} (it builds a "
+        raise UserError(f"distill.steps needs the export folder's config.json beside {model_path} (it builds a "
                         "torch replica of the model); quantize an exported LLM folder")
-    feeds = profile_feeds(model_path, profile.manifest, options.distill_samples)
+    wanted = recipe.distill.samples
+    feeds = profile_feeds(model_path, profile.manifest, wanted)
     if not feeds or "input_ids" not in feeds[0]:
-        raise UserError("--distill-steps needs an LLM profile (calibration windows of token ids)")
-    if len(feeds) < options.distill_samples:
+        raise UserError("distill.steps needs an LLM profile (calibration windows of token ids)")
+    if len(feeds) < wanted:
         notes.append(f"distillation: the profile holds {len(feeds)} calibration windows, fewer than the "
-                     f"{options.distill_samples} asked for")
+                     f"{wanted} asked for")
     windows = np.concatenate([np.asarray(feed["input_ids"], dtype=np.int64) for feed in feeds], axis=0)
-    config = DistillConfig(steps=recipe.distill_steps, learning_rate=options.distill_lr,
-                           batch_windows=options.distill_batch, norms=recipe.distill_norms,
-                           rounding=recipe.distill_rounding, rounding_lr=options.distill_rounding_lr,
-                           outlier_rows=recipe.distill_outlier_rows)
+    config = DistillConfig(steps=recipe.distill.steps, learning_rate=recipe.distill.lr,
+                           batch_windows=options.distill_batch, norms=recipe.distill.norms,
+                           outlier_rows=recipe.distill.outlier_rows)
     teacher = {name: value.copy() for name, value in graph_weights(graph).items()}
     return DistillInputs(config=config, config_dir=model_path.parent, teacher=teacher, windows=windows)

@@ -41,7 +41,7 @@ def sparsity_metadata(config: SparsityConfig) -> dict[str, str]:
 
 def sparsity_plans(model_path: Path, graph, profile, config: SparsityConfig) -> dict:
     """Find the MLPs of ``graph`` and plan them (the guessers train on ``model_path``'s activations)."""
-    from accullm_export.sparsity.mlp import find_mlp_blocks
+    from accullm_export.graph.mlp import find_mlp_blocks
     from accullm_export.sparsity.plan import plan_sparsity
 
     return plan_sparsity(model_path, find_mlp_blocks(graph), profile, config)
@@ -64,7 +64,7 @@ def sparsify_model(model: str | Path, out_dir: str | Path, config: SparsityConfi
     from accullm_export.build.quantize import check_loads, copy_side_files
     from accullm_export.calibration.profile import load_profile
     from accullm_export.graph.ir import load_graph, save_graph
-    from accullm_export.graph.passes.skip_sparse_neurons import SparseContext
+    from accullm_export.graph.passes import skip_sparse_neurons
     from accullm_export.graph.pipeline import run_passes
 
     model_path = Path(model) / "model.onnx" if Path(model).is_dir() else Path(model)
@@ -75,12 +75,13 @@ def sparsify_model(model: str | Path, out_dir: str | Path, config: SparsityConfi
     profile = load_profile(profile_dir, model_path)
     graph, source = load_graph(model_path)
     plans = sparsity_plans(model_path, graph, profile, config)
-    context = SparseContext(plans=plans, dense_first=config.dense_first)
-    reports = []
+    reports, notes = [], []
     if config.active:
-        graph, reports = run_passes(graph, [("skip_sparse_neurons", context)])
+        pass_config = skip_sparse_neurons.Config(plans=plans, dense_first=config.dense_first)
+        graph, reports, _ = run_passes(graph, [("skip_sparse_neurons", pass_config)])
+        notes = [note for report in reports for note in report.notes]
     else:
-        context.notes.append("sparsity 0: every MLP left dense (the output is the input model, bit for bit)")
+        notes.append("sparsity 0: every MLP left dense (the output is the input model, bit for bit)")
     with atomic_dir(out_dir, overwrite=overwrite) as staging:
         save_graph(graph, source, staging / "model.onnx", sparsity_metadata(config))
         copy_side_files(model_path.parent, staging)
@@ -90,7 +91,7 @@ def sparsify_model(model: str | Path, out_dir: str | Path, config: SparsityConfi
             "source": {"path": str(model_path), "sha256": profile.manifest["model"]["sha256"]},
             "profile": {"path": str(profile.folder)},
             "sparsity": sparsity_summary(plans, config),
-            "passes": [report.to_dict() for report in reports], "notes": context.notes,
+            "passes": [report.to_dict() for report in reports], "notes": notes,
             "versions": {"accullm_export": accullm_export.__version__, "onnx": onnx.__version__,
                          "numpy": np.__version__},
         }

@@ -1,5 +1,5 @@
 """Stream the mean outer product H = E[x x^T] (and the mean E[x]) of chosen activation tensors over calibration
-feeds (for GPTQ and bias correction), and the same of the attention sink's position alone.
+feeds (for GPTQ), and the same of the attention sink's position alone.
 
 x is a tensor's last axis (the channels) and the mean runs over every other position. Tensors are tapped a
 group at a time, as ``accullm_export.calibration.collect`` does: a group's fp32 activations for one batch fit

@@ -6,7 +6,7 @@ exceeds the LLM.int8() threshold 6.0. The p99.9 is exact without holding the dat
 are kept per channel (66 for 65,536 rows), given the total row count up front.
 
 The attention-sink token (position 0 of every sequence) is accumulated separately, since its activations can
-be 10-100x larger than the rest; the main statistics exclude it.
+be orders of magnitude larger than the rest; the main statistics exclude it.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "inspect": "accullm_export.cli.inspect_cmd",
     "calibrate": "accullm_export.cli.calibrate",
     "validate": "accullm_export.cli.validate",
+    "presets": "accullm_export.cli.presets",
     "quantize": "accullm_export.cli.quantize",
     "sparsify": "accullm_export.cli.sparsify",
     "targets": "accullm_export.cli.targets",
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader (``| head``) closed the pipe: stop quietly, as command-line tools do
+        sys.stdout = None
+        return 141
 
 
 if __name__ == "__main__":

@@ -66,5 +66,6 @@ def format_sparsity_summary(summary: dict) -> str:
                      f"{guesser['flops_percent_of_mlp']:.2f}% of an MLP's FLOPs")
     if config["sparsity"] > 0:
         lines.append("note: on ONNX Runtime's CPU this standard-ONNX form runs slower than dense (Compress copies the "
-                     "kept rows; see README); the speedup needs the accullm::SparseSkipMLP plugin (TensorRT targets)")
+                     "kept rows; see docs/sparsify.md); the speedup needs the accullm::SparseSkipMLP plugin "
+                     "(TensorRT targets)")
     return "\n".join(lines)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "list the deployment targets: compute capability, precisions, default recipe, memory bandwidth, DLA"
+HELP = "list the deployment targets: compute capability, precisions, default preset, memory bandwidth, DLA"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,5 +22,5 @@ def run(args: argparse.Namespace) -> int:
     for target in TARGETS.values():
         bandwidth = f"{target.bandwidth_gbps:g} GB/s" if target.bandwidth_gbps else "measured"
         print(f"{target.name:<10} {target.backend:<11} {target.cuda_arch or '-':<5} {bandwidth:>10} "
-              f"{target.dla_cores:>3}  {target.default_recipe:<7} {','.join(target.precisions)} / {target.device}")
+              f"{target.dla_cores:>3}  {target.default_preset:<7} {','.join(target.precisions)} / {target.device}")
     return 0

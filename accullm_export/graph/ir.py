@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from accullm_export.graph.io import load_onnx
-from accullm_export.graph.summary import storage_bytes
+from accullm_export.quant.storage import storage_bytes
 
 IR_VERSION = 10  # onnx >= 1.23 writes 14, which ONNX Runtime rejects
 DATA_FILE = "model.onnx.data"

@@ -5,12 +5,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import onnx_graphsurgeon as gs
 
 from accullm_export.graph.ir import stored_bytes
-from accullm_export.graph.passes import get_pass
+from accullm_export.graph.pass_data import PassData, PassResult
+from accullm_export.graph.passes import get_pass, pass_config
 
 log = logging.getLogger(__name__)
 
@@ -41,28 +42,44 @@ class PassReport:
         return dataclasses.asdict(self) | {"bytes_saved": self.bytes_saved}
 
 
-def run_passes(graph: gs.Graph, passes: Sequence[tuple[str, Any]]) -> tuple[gs.Graph, list[PassReport]]:
-    """Apply ``(pass name, config)`` pairs in order; returns the graph and one report per pass.
+class PassRun(NamedTuple):
+    """What ``run_passes`` returns: the rewritten graph, one report per pass, the data after the last pass."""
 
-    A config may carry a ``notes`` list; what a pass appends there (what it left alone and why) is logged and
-    kept in its report.
+    graph: gs.Graph
+    reports: list[PassReport]
+    data: PassData
+
+
+def run_passes(graph: gs.Graph, steps: Sequence[str | tuple[str, Any]], data: PassData | None = None) -> PassRun:
+    """Apply passes in order and report what each changed.
+
+    Args:
+        graph: the graph to rewrite (changed in place and returned).
+        steps: pass names, whose configs are taken from ``data`` (``PassData.config_for``), or
+            ``(name, config)`` pairs with the pass's own config (None for a pass that takes none).
+        data: what the named passes read; each pass's produced data is merged in for the passes after it.
     """
+    data = PassData() if data is None else data
     reports = []
-    for name, config in passes:
+    for step in steps:
+        name, config = (step, None) if isinstance(step, str) else step
+        function, config_class = get_pass(name), pass_config(name)
+        if isinstance(step, str) and config_class is not None:
+            config = data.config_for(config_class)
         before_ops, before_bytes = _op_counts(graph), constant_bytes(graph)
-        notes = getattr(config, "notes", None)
-        start = len(notes) if notes is not None else 0
-        graph = get_pass(name)(graph, config)
+        result = function(graph, config)
+        if not isinstance(result, PassResult):
+            result = PassResult(graph=result)
+        graph, data = result.graph, data.updated(result.produced)
         after_ops, after_bytes = _op_counts(graph), constant_bytes(graph)
-        added = tuple(notes[start:]) if notes is not None else ()
         report = PassReport(name=name, nodes_added=dict(after_ops - before_ops),
                             nodes_removed=dict(before_ops - after_ops), constant_bytes_before=before_bytes,
-                            constant_bytes_after=after_bytes, notes=added)
+                            constant_bytes_after=after_bytes, notes=tuple(result.notes))
         log.info("%s", report.line())
-        for note in added:
+        for note in report.notes:
             log.info("  %s: %s", name, note)
         reports.append(report)
-    return graph, reports
+    return PassRun(graph, reports, data)
 
 
 def _op_counts(graph: gs.Graph) -> collections.Counter:

@@ -22,9 +22,9 @@ def planned_nodes(graph: gs.Graph, plans: Mapping) -> Iterator[tuple[gs.Node, ob
             yield node, plan
 
 
-def asymmetric_layer(context, plan) -> bool:
-    """Whether a planned layer gets asymmetric INT4 (``quantize --asymmetric``: blocked INT4 layers only)."""
-    return context.asymmetric and plan.bits == 4 and plan.block_size is not None
+def asymmetric_layer(config, plan) -> bool:
+    """Whether a planned layer gets asymmetric INT4 (``config.asymmetric``: blocked INT4 layers only)."""
+    return config.asymmetric and plan.bits == 4 and plan.block_size is not None
 
 
 def producer_of(tensor, op: str) -> gs.Node | None:
@@ -137,24 +137,24 @@ def onnx_type(dtype: np.dtype) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
-def scalable_inputs(graph: gs.Graph, context, precisions: tuple[str, ...]):
+def scalable_inputs(graph: gs.Graph, plans, precisions: tuple[str, ...], notes: list[str]):
     """(input tensor name, [(node, plan)], fold) for each input whose readers are all planned at one of
     ``precisions`` and whose producer can absorb a per-channel 1/s for free (see ``fold_target``); the
-    other inputs get a note saying why they are left unscaled."""
+    other inputs get a note in ``notes`` saying why they are left unscaled."""
     import collections
 
     by_input: dict[str, list] = collections.defaultdict(list)
-    for node, plan in planned_nodes(graph, context.plans):
+    for node, plan in planned_nodes(graph, plans):
         if plan.precision in precisions:
             by_input[node.inputs[0].name].append((node, plan))
     for tensor_name, members in by_input.items():
         source = members[0][0].inputs[0]
         if {id(consumer) for consumer in source.outputs} != {id(node) for node, _ in members}:
-            context.notes.append(f"{tensor_name}: read by layers outside the plan; not scaled")
+            notes.append(f"{tensor_name}: read by layers outside the plan; not scaled")
             continue
         fold = fold_target(source)
         if fold is None or any(float_weight(node) is None for node, _ in members):
-            context.notes.append(f"{tensor_name}: no producer to fold 1/s into; not scaled")
+            notes.append(f"{tensor_name}: no producer to fold 1/s into; not scaled")
             continue
         yield tensor_name, members, fold
 

@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from accullm_export.quant.storage import storage_bytes
+
 LINEAR_OPS = ("MatMul", "Gemm", "MatMulNBits", "MatMulInteger")
 
 
@@ -124,9 +126,3 @@ def _value_info(value: onnx.ValueInfoProto) -> tuple[str, str, list]:
     dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name if tensor_type.elem_type else "?"
     shape = [dim.dim_param or dim.dim_value for dim in tensor_type.shape.dim]
     return value.name, dtype, shape
-
-
-def storage_bytes(dtype: np.dtype, count: int) -> int:
-    """Bytes ``count`` values of ``dtype`` take in an ONNX file (4-bit types pack two per byte)."""
-    bits = {"int4": 4, "uint4": 4, "float4_e2m1fn": 4}.get(dtype.name, dtype.itemsize * 8)
-    return (count * bits + 7) // 8

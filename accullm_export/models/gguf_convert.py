@@ -1,7 +1,7 @@
 """GGUF files: checked with the ``gguf`` reader, dequantized once by transformers, cached as fp32 safetensors.
 
-Conversion takes about a minute for a small model; later exports of the same file (same SHA-256) reuse the
-cached Hugging Face folder and take seconds.
+Conversion is the slow step, so later exports of the same file (same SHA-256) reuse the cached Hugging Face
+folder.
 """
 
 from __future__ import annotations

@@ -17,11 +17,8 @@ DequantizeLinear):
   block's signed range [-z, 15 - z], see ``quant.asymmetric``).
 
 Rows listed in ``exclude`` (outlier input channels computed exactly in FP16 elsewhere) come back as 0 and do not
-count towards the block scales. ``gptq_quantize`` drops them from the problem (they neither receive nor spread
-error: H is restricted to the kept rows); ``gptq_quantize_absorbing`` puts its ``absorb`` rows last, after every
-rounded row, so that they receive the rounded rows' error updates like any row not yet quantized, and returns
-their updated float values: since they are never rounded, the error they absorb is cancelled for free (OWQ's
-treatment of its FP16 "weak columns").
+count towards the block scales: they are dropped from the problem (they neither receive nor spread error: H is
+restricted to the kept rows).
 """
 
 from __future__ import annotations
@@ -69,44 +66,13 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size
     Raises:
         UserError: shapes disagree, H is not finite, or H stays indefinite after damping.
     """
-    values, scales, _ = _gptq(weight, hessian, bits, block_size, exclude, damp, batch, act_order, search,
-                              absorb=(), grid=grid)
-    return values, scales
-
-
-def gptq_quantize_absorbing(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None = None, *,
-                            absorb: Sequence[int], exclude: Sequence[int] = (), damp: float = 0.01, batch: int = 128,
-                            act_order: bool = False, search: bool = False,
-                            grid: tuple[np.ndarray, np.ndarray] | None = None
-                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``gptq_quantize`` with rows that take the other rows' error instead of sitting it out.
-
-    The ``absorb`` rows (``weight`` holds their full-precision values) come after every rounded row in the
-    elimination order and are never rounded, so GPTQ's updates leave them at the values that cancel as much of
-    the other rows' rounding error as the inputs allow. ``exclude`` rows are dropped as in ``gptq_quantize``.
-    The damping is the rounded rows' (the outlier channels' large H[i, i] would otherwise inflate it for every
-    other row).
-
-    Returns:
-        (int8 values [in, out], zero on the absorbing and excluded rows; float32 scales [blocks, out], as
-        ``gptq_quantize``; float32 updated absorbing rows [len(absorb), out], in the order of ``absorb``).
-
-    Raises:
-        UserError: as ``gptq_quantize``; ``absorb`` is empty or shares a row with ``exclude``.
-    """
-    if len(absorb) == 0:
-        raise UserError("GPTQ needs at least one row to push error onto")
-    if set(absorb) & set(exclude):
-        raise UserError(f"rows {sorted(set(absorb) & set(exclude))} cannot both absorb error and be excluded")
-    return _gptq(weight, hessian, bits, block_size, [*exclude, *absorb], damp, batch, act_order, search,
-                 absorb=absorb, grid=grid)
+    return _gptq(weight, hessian, bits, block_size, exclude, damp, batch, act_order, search, grid=grid)
 
 
 def _gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None, exclude: Sequence[int],
           damp: float, batch: int, act_order: bool, search: bool,
-          absorb: Sequence[int], grid: tuple[np.ndarray, np.ndarray] | None = None,
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """GPTQ over the rows not in ``exclude`` (which holds ``absorb``); the ``absorb`` rows go last, unrounded."""
+          grid: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ over the rows not in ``exclude``."""
     weight, hessian = _checked(weight, hessian, batch, damp)
     rows = weight.shape[0]
     excluded = _excluded_mask(rows, exclude)
@@ -123,27 +89,23 @@ def _gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | 
                             f"{scales.shape} and {zero_points.shape}")
         limits = row_limits(zero_points, rows, block_size)
     values = np.zeros(weight.shape, dtype=np.int8)
-    outliers = np.asarray(list(absorb), dtype=np.int64)
-    absorbed = weight[outliers].astype(np.float32)
     kept = np.flatnonzero(~excluded)
     if kept.size == 0:
-        return values, scales, absorbed
+        return values, scales
     kept_hessian = hessian[np.ix_(kept, kept)]
     order = np.argsort(-np.diag(kept_hessian), kind="stable") if act_order else np.arange(kept.size)
-    solved = np.concatenate([kept[order], outliers])  # the absorbing rows (if any) last
+    solved = kept[order]
     work = weight[solved].astype(np.float64)
     reduced = hessian[np.ix_(solved, solved)].astype(np.float64)
     dead = np.diag(reduced) == 0
     reduced[dead, dead] = 1.0  # an input that never fires: any weight is exact, so quantize it to 0
     work[dead] = 0.0
     row_scales = scales[block_index(rows, block_size)[kept[order]]].astype(np.float64)
-    # damped by the rounded rows' mean H[i, i] alone, as when the absorbing rows are dropped
-    upper = _inverse_cholesky_upper(reduced, damp, reference=float(np.mean(np.diag(reduced)[:kept.size])))
+    upper = _inverse_cholesky_upper(reduced, damp, reference=float(np.mean(np.diag(reduced))))
     if grid is not None:  # each row's own [-z, 15 - z]
         limits = tuple(bound[kept[order]] for bound in limits)
     values[kept[order]] = _quantize_rows(work, upper, row_scales, limits, batch, count=kept.size)
-    absorbed = np.where(dead[kept.size:, None], weight[outliers], work[kept.size:]).astype(np.float32)
-    return values, scales, absorbed
+    return values, scales
 
 
 def gptq_grid(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None, *,

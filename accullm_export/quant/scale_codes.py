@@ -4,9 +4,9 @@ logarithmic grid, s = exp(log_min + c * log_step), instead of as an FP16 value.
 A blocked INT4 layer spends 16 bits per block on its FP16 scale (0.25 bits per weight at block 64); the code
 spends 8 (0.125). The grid is shared by the layers that read the same input (q/k/v; gate/up), so that merging them
 (``merge_parallel_linears``) concatenates their codes; it spans the group's smallest to largest positive scale in
-255 equal steps of log(s). On the sample the scales of a group span 20x to 95x, so a step is 1.2% to 1.8% and a
-code moves its scale by at most half of that (0.4% RMS). A weight v * s then moves by at most 0.9% of itself: with
-|v| <= 15, under 0.14 of a quantization step, where rounding moved it by up to 0.5. The codes are applied last,
+255 equal steps of log(s). A code moves its scale by at most half a step, log(max / min) / 510; for the spans
+a group's scales have, a weight v * s (|v| <= 15) then moves by a small fraction of a quantization step, where
+rounding moved it by up to half a step. The codes are applied last,
 after GPTQ and distillation chose the scales, and the integers are kept: only the scales move, to their nearest
 code.
 

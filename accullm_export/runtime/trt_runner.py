@@ -23,7 +23,7 @@ class TrtCausalLM(CausalLMRunner):
     """A decoder engine with a KV cache, run by TensorRT on the GPU."""
 
     def __init__(self, engine_path: str | Path, plugin_library: str | Path | None = None):
-        from accullm_export.build.engine import load_engine
+        from accullm_export.runtime.engine_file import load_engine
         from accullm_export.errors import require
 
         torch = require("torch", "export")

@@ -16,8 +16,8 @@ import numpy as np
 
 from accullm_export.calibration.stats import MagnitudeHistogram
 from accullm_export.errors import UserError
+from accullm_export.graph.mlp import MLPBlock
 from accullm_export.sparsity.config import SparsityConfig
-from accullm_export.sparsity.mlp import MLPBlock
 from accullm_export.sparsity.predictor import Predictor, train_predictor
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ class TargetProfile:
     backend: str
     compute_capability: str | None
     precisions: tuple[str, ...]
-    default_recipe: str
+    default_preset: str
     memory_gb: float | None
     workspace_mb: int
     dla_cores: int
@@ -72,28 +72,28 @@ class TargetProfile:
 _GPU = ("fp32", "fp16", "int8", "int4")
 TARGETS: dict[str, TargetProfile] = {t.name: t for t in (
     TargetProfile(name="orin", device="Jetson AGX Orin 64GB", backend="tensorrt", compute_capability="8.7",
-                  precisions=_GPU, default_recipe="w4a16", memory_gb=64, workspace_mb=4096, dla_cores=2,
+                  precisions=_GPU, default_preset="w4a16", memory_gb=64, workspace_mb=4096, dla_cores=2,
                   bandwidth_gbps=204.8, notes="no FP8; weight-only INT4; 2 DLA cores (FP16/INT8 convolutions)"),
     TargetProfile(name="orin-nx", device="Jetson Orin NX 16GB", backend="tensorrt", compute_capability="8.7",
-                  precisions=_GPU, default_recipe="w4a16", memory_gb=16, workspace_mb=2048, dla_cores=2,
+                  precisions=_GPU, default_preset="w4a16", memory_gb=16, workspace_mb=2048, dla_cores=2,
                   bandwidth_gbps=102.4, notes="no FP8; memory shared with the CPU"),
     TargetProfile(name="orin-nano", device="Jetson Orin Nano 8GB", backend="tensorrt", compute_capability="8.7",
-                  precisions=_GPU, default_recipe="w4a16", memory_gb=8, workspace_mb=1024, dla_cores=0,
+                  precisions=_GPU, default_preset="w4a16", memory_gb=8, workspace_mb=1024, dla_cores=0,
                   bandwidth_gbps=68.0, notes="no FP8, no DLA; memory shared with the CPU"),
     TargetProfile(name="thor", device="Jetson AGX Thor", backend="tensorrt", compute_capability="11.0",
-                  precisions=_GPU + ("bf16", "fp8"), default_recipe="w4a16", memory_gb=128, workspace_mb=8192,
+                  precisions=_GPU + ("bf16", "fp8"), default_preset="w4a16", memory_gb=128, workspace_mb=8192,
                   dla_cores=0, bandwidth_gbps=273.0, notes="Blackwell (sm_110 in CUDA 13); FP8 and FP4 tensor cores"),
     TargetProfile(name="ampere", device="NVIDIA A100 40GB (Ampere)", backend="tensorrt", compute_capability="8.0",
-                  precisions=_GPU + ("bf16",), default_recipe="w4a16", memory_gb=40, workspace_mb=8192,
+                  precisions=_GPU + ("bf16",), default_preset="w4a16", memory_gb=40, workspace_mb=8192,
                   dla_cores=0, bandwidth_gbps=1555.0, notes="no FP8"),
     TargetProfile(name="ada", device="NVIDIA L40S (Ada)", backend="tensorrt", compute_capability="8.9",
-                  precisions=_GPU + ("bf16", "fp8"), default_recipe="w4a16", memory_gb=48, workspace_mb=8192,
+                  precisions=_GPU + ("bf16", "fp8"), default_preset="w4a16", memory_gb=48, workspace_mb=8192,
                   dla_cores=0, bandwidth_gbps=864.0),
     TargetProfile(name="hopper", device="NVIDIA H100 SXM 80GB (Hopper)", backend="tensorrt",
-                  compute_capability="9.0", precisions=_GPU + ("bf16", "fp8"), default_recipe="w4a16", memory_gb=80,
+                  compute_capability="9.0", precisions=_GPU + ("bf16", "fp8"), default_preset="w4a16", memory_gb=80,
                   workspace_mb=16384, dla_cores=0, bandwidth_gbps=3350.0),
     TargetProfile(name="cpu", device="this machine's CPU (ONNX Runtime)", backend="onnxruntime",
-                  compute_capability=None, precisions=("fp32", "fp16", "int8", "int4"), default_recipe="w4a16",
+                  compute_capability=None, precisions=("fp32", "fp16", "int8", "int4"), default_preset="w4a16",
                   memory_gb=None, workspace_mb=0, dla_cores=0, bandwidth_gbps=None,
                   notes="bandwidth measured at build time; the output runs in our runtime and onnxruntime-genai"),
 )}

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LLMValidationConfig:
-    """What to measure. Defaults suit a small model on a laptop CPU in about a minute."""
+    """What to measure. Defaults are sized for a small model on a laptop CPU."""
 
     text: str = "wiki:evaluation"
     windows: int = 8

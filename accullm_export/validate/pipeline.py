@@ -88,7 +88,7 @@ def detect_mode(reference: str | Path, candidate: str | Path) -> str:
 def _is_causal_lm(path: str | Path) -> bool:
     path = Path(path)
     if path.suffix == ".engine":  # engines are built by `build` from exported decoders only
-        from accullm_export.build.engine import check_engine_file
+        from accullm_export.runtime.engine_file import check_engine_file
 
         check_engine_file(path)
         return True

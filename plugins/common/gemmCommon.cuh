@@ -25,7 +25,7 @@ enum WeightKind : int
 };
 
 // The GEMV's tuning knobs. Each can be set at compile time (-DACCULLM_GEMV_THREADS=256, ...) so that
-// plugins/tune_gemv.py can sweep them on a GPU; the defaults are what that sweep picked (plugins/README.md).
+// plugins/tune_gemv.py can sweep them on a GPU; the defaults are what that sweep picked.
 #ifndef ACCULLM_GEMV_THREADS
 #define ACCULLM_GEMV_THREADS 128
 #endif

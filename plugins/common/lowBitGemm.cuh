@@ -96,8 +96,8 @@ inline GemvPlan plan_gemv(GemmProblem const& p)
 }
 
 // The tensor-core GEMV (mmaGemvKernel.cuh): fp16 x, int4 with blocks of a multiple of 16 or int8, kMinMmaRows
-// (1) to 16 rows, no GEMV options (plugins/README.md has its timings against the CUDA-core GEMV). `device_ok`
-// is whether the device has mma.sync (sm_80+); the workspace assumes it has.
+// (1) to 16 rows, no GEMV options: it needs fewer instructions per weight than the CUDA-core GEMV, which
+// instruction issue bounds. `device_ok` is whether the device has mma.sync (sm_80+); the workspace assumes it has.
 inline bool mma_gemv_applies(GemmProblem const& p, bool device_ok = true)
 {
     bool const kind_ok = (p.kind == kWeightINT4 && p.block_size > 0 && p.block_size % 16 == 0)

@@ -125,20 +125,20 @@ def test_quantized_sample_keeps_answers_and_the_branch_pays(sample, sample_profi
     agree."""
     from accullm_export.build.quantize import quantize_model
     from accullm_export.calibration.feeds import llm_feeds, text_windows
-    from accullm_export.graph.recipes import Recipe
+    from tests.helpers.recipes import make_recipe
     from accullm_export.runtime import GenerationConfig, OrtCausalLM, generate
 
     _, folder, tokenizer = sample
     kl = {}
     for outliers in ("auto", 0):
-        manifest = quantize_model(folder, tmp_path / f"w4-{outliers}", Recipe(name="w4a16", policy="sensitivity",
+        manifest = quantize_model(folder, tmp_path / f"w4-{outliers}", make_recipe(name="w4a16", policy="sensitivity",
                                                                               outliers=outliers), sample_profile)
         assert manifest["size"]["linear_bits_per_weight"] < 4.5
         windows, _ = text_windows(folder, "wiki:evaluation", 2, 128, seed=3)
         kl[outliers] = _mean_kl(folder, tmp_path / f"w4-{outliers}", llm_feeds(windows, folder / "model.onnx"))
     assert kl["auto"] < 0.9 * kl[0], kl
     for name, group in (("w8", 0), ("w8-g32", 32)):  # one activation scale per token, or per 32 channels
-        quantize_model(folder, tmp_path / name, Recipe(name="w8a8", activations="dynamic", activation_group=group,
+        quantize_model(folder, tmp_path / name, make_recipe(name="w8a8", activations="dynamic", activation_group=group,
                                                        policy="sensitivity"), sample_profile)
         kl[name] = _mean_kl(folder, tmp_path / name, llm_feeds(windows, folder / "model.onnx"))
     assert kl["w8-g32"] < 0.8 * kl["w8"], kl

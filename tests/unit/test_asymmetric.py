@@ -1,4 +1,4 @@
-"""Asymmetric blocked INT4 (``quantize --asymmetric``): uint4 values with a zero point per block, equal to an
+"""Asymmetric blocked INT4 (recipe key ``weights.asymmetric``): uint4 values with a zero point per block, equal to an
 independent NumPy emulation, through rounding, GPTQ, the merge, distillation and ONNX Runtime's MatMulNBits."""
 
 from __future__ import annotations
@@ -13,40 +13,15 @@ import pytest
 from accullm_export.build.quantize import quantize_model
 from accullm_export.cli.main import main
 from accullm_export.errors import UserError
-from accullm_export.graph.recipes import Recipe
-from accullm_export.quant.asymmetric import asymmetric_grid, quantize_asymmetric
+from tests.helpers.recipes import make_recipe, write_config
+from accullm_export.quant.asymmetric import quantize_asymmetric
 from accullm_export.quant.gptq import gptq_grid, gptq_proxy_error, gptq_quantize
 from accullm_export.quant.symmetric import CLIP_RATIOS, dequantize
 from accullm_export.runtime.session import create_session
-from tests.unit.test_quantize import _builds_equal_emulation, _fused_at_level_1, _initializers, _logits
+from tests.helpers.emulation import np_round_asymmetric
+from tests.helpers.graphs import builds_equal_emulation, fused_at_level_1, ort_logits, read_initializers
 
 RNG = np.random.default_rng(11)
-
-
-def np_asymmetric_parts(weight: np.ndarray, block: int, low_ratio: float = 1.0, high_ratio: float = 1.0):
-    """Independent emulation, one block at a time: the block's [min(w, 0), max(w, 0)] (each end shrunk by its
-    ratio) onto 0..15, the scale rounded to FP16 first, zero point round(-low / s) in [0, 15], each weight
-    rounded half to even and clipped to [0, 15]. Returns (v = q - z, scales [blocks, out], zero points)."""
-    values = np.empty(weight.shape, dtype=np.float32)
-    scales, zeros = [], []
-    for start in range(0, weight.shape[0], block):
-        chunk = weight[start:start + block].astype(np.float32)
-        low = np.minimum(chunk.min(axis=0), 0) * np.float32(low_ratio)
-        high = np.maximum(chunk.max(axis=0), 0) * np.float32(high_ratio)
-        span = high - low
-        scale = np.where(span == 0, np.float32(1), span / np.float32(15))
-        scale = np.maximum(scale, np.finfo(np.float16).tiny).astype(np.float16).astype(np.float32)
-        zero = np.clip(np.rint(-low / scale), 0, 15)
-        values[start:start + block] = np.clip(np.rint(chunk / scale) + zero, 0, 15) - zero
-        scales.append(scale)
-        zeros.append(zero)
-    return values, np.stack(scales), np.stack(zeros).astype(np.uint8)
-
-
-def np_round_asymmetric(weight: np.ndarray, block: int, low_ratio: float = 1.0, high_ratio: float = 1.0):
-    """``np_asymmetric_parts`` dequantized: (the weight it gives, zero points)."""
-    values, scales, zeros = np_asymmetric_parts(weight, block, low_ratio, high_ratio)
-    return values * np.repeat(scales, block, axis=0)[:weight.shape[0]], zeros
 
 
 @pytest.mark.parametrize("rows, block", [(64, 16), (40, 16)])  # 40: a short last block
@@ -117,10 +92,10 @@ def test_model_equals_emulation_and_runs_as_matmulnbits(planted_model, profile, 
     at ORT_ENABLE_ALL the layers fuse into MatMulNBits with zero points; the manifest counts the zero points'
     4 bits per block; merged q/k/v keep the numerics."""
     folder, _ = planted_model
-    recipe = Recipe(name="w4a16", block_size=16, embeddings="fp32", asymmetric=True)
+    recipe = make_recipe(name="w4a16", block_size=16, embeddings="fp32", asymmetric=True)
     manifest = quantize_model(folder, tmp_path / "q", recipe, profile)
     unmerged = quantize_model(folder, tmp_path / "u", recipe, profile, finishing=())
-    assert manifest["recipe"]["asymmetric"] is True
+    assert manifest["recipe"]["weights"]["asymmetric"] is True
 
     def emulate(weight, plan):
         rest = weight.copy()
@@ -129,26 +104,26 @@ def test_model_equals_emulation_and_runs_as_matmulnbits(planted_model, profile, 
         out[list(plan.outliers)] = weight[list(plan.outliers)].astype(np.float16).astype(np.float32)
         return out
 
-    feed, _ = _builds_equal_emulation(folder, manifest, tmp_path, emulate)
+    feed, _ = builds_equal_emulation(folder, manifest, tmp_path, emulate)
     model = onnx.load(str(tmp_path / "q" / "model.onnx"))
     dequantize_nodes = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
                         and any(a.name == "block_size" for a in n.attribute)]
-    stored = _initializers(tmp_path / "q" / "model.onnx")
+    stored = read_initializers(tmp_path / "q" / "model.onnx")
     assert dequantize_nodes and all(len(n.input) == 3 for n in dequantize_nodes)
     assert all(stored[n.input[0]].dtype == ml_dtypes.uint4 and stored[n.input[2]].dtype == ml_dtypes.uint4
                for n in dequantize_nodes)
     assert any(stored[n.input[2]].astype(np.uint8).max() > 0 for n in dequantize_nodes)
 
     # MatMulNBits at accuracy level 1 (float inputs) computes exactly what basic does: the zero points are right
-    session, nodes = _fused_at_level_1(tmp_path / "q" / "model.onnx", tmp_path)
+    session, nodes = fused_at_level_1(tmp_path / "q" / "model.onnx", tmp_path)
     nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
     assert nbits and all(len(n.input) >= 4 and n.input[3] for n in nbits)  # the zero points are its 4th input
-    basic = _logits(tmp_path / "q" / "model.onnx", feed)
+    basic = ort_logits(tmp_path / "q" / "model.onnx", feed)
     np.testing.assert_allclose(session.run(["logits"], feed)[0], basic, rtol=1e-4, atol=1e-4)
     fused = create_session(tmp_path / "q" / "model.onnx", device="cpu", optimization="all").run(["logits"], feed)[0]
     assert np.abs(fused - basic).max() < 0.1 * np.abs(basic).max()  # the default level 4: int8 inputs
 
-    symmetric = quantize_model(folder, tmp_path / "s", Recipe(name="w4a16", block_size=16, embeddings="fp32"),
+    symmetric = quantize_model(folder, tmp_path / "s", make_recipe(name="w4a16", block_size=16, embeddings="fp32"),
                                profile)
     int4_layers = [layer for layer in unmerged["layers"] if layer["precision"] == "int4"]
     assert len(int4_layers) == len(unmerged["layers"]) > 10
@@ -160,18 +135,17 @@ def test_model_equals_emulation_and_runs_as_matmulnbits(planted_model, profile, 
 
 def test_gptq_and_distillation_take_zero_points(planted_model, profile, tmp_path):
     """GPTQ rounds onto the asymmetric grid (the build would refuse a value outside [0, 15]); distillation reads
-    v = q - z, moves only the scales and keeps a lower KL; the CLI flag reaches the manifest."""
+    v = q - z, moves only the scales and keeps a lower KL; the config file key reaches the manifest."""
     pytest.importorskip("torch", reason="distillation trains with torch (the [export] extra)")
-    from accullm_export.build.quantize import QuantizeOptions
     from accullm_export.graph.ir import constant_array, load_graph
-    from accullm_export.graph.passes.distill_scales import block_scaled_layers, constant_value
-    from tests.unit.test_distill import _assert_same_size_and_lower_kl, _plain_and_trained
+    from accullm_export.graph.outlier_branch import constant_value
+    from accullm_export.graph.passes.distill_scales import block_scaled_layers
+    from tests.helpers.distill import assert_same_size_and_lower_kl, plain_and_trained
 
     folder, text = planted_model
-    options = QuantizeOptions(distill_lr=2e-2, distill_samples=6)
     base = dict(name="w4a16", block_size=16, embeddings="fp32", asymmetric=True, policy="ratio")
-    quantize_model(folder, tmp_path / "g", Recipe(**base, gptq=True, scale_search=True), profile,
-                   options=options, finishing=())
+    quantize_model(folder, tmp_path / "g", make_recipe(**base, gptq=True, scale_search=True), profile,
+                   finishing=())
     graph, _ = load_graph(tmp_path / "g" / "model.onnx")
     layers, _, dequantizers = block_scaled_layers(graph, [])
     assert layers
@@ -182,24 +156,24 @@ def test_gptq_and_distillation_take_zero_points(planted_model, profile, tmp_path
         by_hand = (stored - zeros[rows]) * layer.scales[rows]
         np.testing.assert_array_equal(dequantize(layer.values, layer.scales, 16), by_hand)
         np.testing.assert_array_equal(constant_value(node.outputs[0]), by_hand)
-    note, plain, trained = _plain_and_trained(planted_model, profile, tmp_path, base=base)
+    note, plain, trained = plain_and_trained(planted_model, profile, tmp_path, base=base)
     assert "trained" in note and "left as they were" not in note
     for name in plain:
         if name.endswith(("/weight_quantized", "/weight_zero_point")):
             np.testing.assert_array_equal(plain[name], trained[name])
-    _assert_same_size_and_lower_kl(folder, text, tmp_path / "trained", tmp_path / "plain")
+    assert_same_size_and_lower_kl(folder, text, tmp_path / "trained", tmp_path / "plain")
 
-    assert main(["quantize", str(folder), "--recipe", "w4a16", "--block-size", "16", "--profile", str(profile),
-                 "--asymmetric", "-o", str(tmp_path / "cli")]) == 0
-    assert json.loads((tmp_path / "cli" / "manifest.json").read_text())["recipe"]["asymmetric"] is True
+    config = write_config(tmp_path / "asymmetric.toml", make_recipe(name="w4a16", asymmetric=True))
+    assert main(["quantize", str(folder), "--config", config, "--block-size", "16", "--profile", str(profile),
+                 "-o", str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / "manifest.json").read_text())["recipe"]["weights"]["asymmetric"] is True
 
 
 @pytest.mark.parametrize("fields, message", [
     (dict(name="w8a8", asymmetric=True), "blocked INT4 layers"),
     (dict(name="fp16", asymmetric=True), "blocked INT4 layers"),
-    (dict(name="w4a16", asymmetric=True, distill_steps=5, distill_rounding=True), "--distill-rounding"),
 ])
 def test_bad_asymmetric_settings_are_refused(fields, message):
     with pytest.raises(UserError, match=message):
-        Recipe(**fields)
-    Recipe(name="fp16", asymmetric=True, overrides=(("lm_head", "int4"),))  # an INT4 override is enough
+        make_recipe(**fields)
+    make_recipe(name="fp16", asymmetric=True, overrides=(("lm_head", "int4"),))  # an INT4 override is enough

@@ -9,14 +9,18 @@ import numpy as np
 import onnx
 import pytest
 
-from accullm_export.build.pipeline import BuildOptions, build, bytes_per_token
+from accullm_export.build.pipeline import BuildOptions, build, for_plain_onnx
 from accullm_export.cli.main import main
 from accullm_export.errors import UserError
+from accullm_export.recipes.presets import get_preset
+from accullm_export.recipes.toml_io import dump_toml
 from accullm_export.targets import TARGETS, get_target
+from accullm_export.targets.roofline import bytes_per_token
+from tests.helpers.recipes import make_recipe
 
 # the tiny planted Llama: small calibration and validation (its text is the fixture's .txt)
 SMALL = dict(calib_samples=4, calib_seq_len=40, validation_windows=2, validation_seq_len=32, validation_prompts=1,
-             block_size=64, gates={"max-kl": 5.0})
+             gates={"max-kl": 5.0})
 
 
 def test_target_registry():
@@ -58,80 +62,110 @@ def test_bytes_per_token_counts_one_embedding_row(tmp_path):
 
 
 def test_build_cpu_end_to_end(planted_model, tmp_path):
+    """No recipe given: the cpu target's default preset in its ONNX Runtime form, recorded in the manifest, and a
+    model whose graph shows what that preset asks for."""
+    from accullm_export.graph.recipes import override_matches
     from accullm_export.runtime import GenerationConfig, OrtCausalLM, generate
 
     folder, text = planted_model
+    target = get_target("cpu")
+    preset = get_preset(target.default_preset).resolve(target.backend)
     manifest = build(str(folder), tmp_path / "out", BuildOptions(target="cpu", calib=str(text), **SMALL))
+    assert manifest["recipe"] == preset.to_dict()
     assert manifest["status"] == "ok" and manifest["deliverable"]["kind"] == "onnxruntime-folder"
     assert [step["name"] for step in manifest["steps"]] == ["export", "calibrate", "quantize", "validate", "target"]
     assert all(gate["passed"] for gate in manifest["accuracy"]["gates"]) and manifest["accuracy"]["gates"]
+    assert {"kl_mean", "top1_agreement", "ppl_delta_pct"} <= set(manifest["accuracy"]["metrics"])
     assert manifest["roofline"]["decode_ceiling_tokens_per_s"] > 0
     out = tmp_path / "out"
     assert (out / "validation/report.json").is_file() and (out / "model/genai_config.json").is_file()
     model = OrtCausalLM.from_path(out / "model", device="cpu")
     assert len(generate(model, [[1, 5, 9]], GenerationConfig(max_new_tokens=4)).tokens[0]) == 4
     graph_nodes = onnx.load(str(out / "model/model.onnx"), load_external_data=False).graph.node
-    nodes, names = {node.op_type for node in graph_nodes}, {node.name for node in graph_nodes}
-    assert "DequantizeLinear" in nodes  # w4a16, the cpu target's default recipe
-    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= nodes  # ONNX Runtime's contrib ops
-    assert not {"Attention", "RotaryEmbedding"} & nodes
+    nodes = {node.op_type for node in graph_nodes}
     quantized = json.loads((out / "model/manifest.json").read_text())
-    assert quantized["recipe"]["scale_search"] and quantized["recipe"]["gptq"]  # w4a16's searched block scales
-    assert quantized["recipe"]["asymmetric"]  # zero points: ONNX Runtime targets only
-    assert quantized["recipe"]["scale_bits"] == 8  # 8-bit block scales, folded by ONNX Runtime
-    assert quantized["recipe"]["outlier_planes"]  # outlier rows folded into the INT4 weights
-    assert any("folded into their INT4 weights as two planes" in note for note in quantized["notes"])
-    assert "Concat" in nodes and "/lm_head/MatMul/outliers/Add" in names  # the rotated head keeps its branch,
-    assert quantized["recipe"]["outlier_bits"] == 8 and "/lm_head/MatMul/outlier_weight/DequantizeLinear" in names
-    # with INT8 rows (8-bit MatMulNBits)
-    layers = quantized["layers"]  # FP16 rows where the residual enters
-    assert [layer["node"] for layer in layers if layer["rotation"]] == ["/lm_head/MatMul"]  # the rotated head
-    assert quantized["recipe"]["refine_vocab"] == 256 // 12  # a twelfth of the head's rows refined
-    assert "ScatterElements" in nodes
-    assert any(layer["outliers"] for layer in layers)
-    assert not any(layer["outliers"] for layer in layers if "o_proj" in layer["node"] or "down_proj" in layer["node"])
+    layers = quantized["layers"]
+    # the quantize step ran the preset: only "auto" is resolved, to a twelfth of the head's 256 rows
+    expected = preset.to_dict()
+    expected["vocab"]["refine_rows"] = 256 // 12 if preset.vocab.refine_rows == "auto" else preset.vocab.refine_rows
+    assert quantized["recipe"] == expected
+    assert preset.weights.precision == "int4" and "DequantizeLinear" in nodes
+    assert {layer["block_size"] for layer in layers if layer["precision"] == "int4"} == {preset.weights.block_size}
+    if preset.graph.onnxruntime_fusions:  # ONNX Runtime's contrib ops
+        assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= nodes
+        assert not {"Attention", "RotaryEmbedding"} & nodes
+    if preset.outliers.planes:  # outlier rows folded into the INT4 weights
+        assert any("folded into their INT4 weights as two planes" in note for note in quantized["notes"])
+    rotated = [layer["node"] for layer in layers if layer["rotation"]]  # e.g. the LM head
+    assert rotated == [layer["node"] for layer in layers
+                       if any(override_matches(pattern, layer["node"]) for pattern in preset.rotation.layers)]
+    assert bool(rotated) == bool(preset.rotation.layers)
+    assert ("ScatterElements" in nodes) == bool(preset.vocab.refine_rows)  # the refined vocabulary rows
+    if "residual" in preset.outliers.layers:  # branches where the residual stream enters, not after attention/MLP
+        assert any(layer["outliers"] for layer in layers)
+        assert not any(layer["outliers"] for layer in layers
+                       if "o_proj" in layer["node"] or "down_proj" in layer["node"])
+
+
+def _config(tmp_path, name: str, data: dict) -> str:
+    """A --config file holding ``data``."""
+    path = tmp_path / name
+    path.write_text(dump_toml(data))
+    return str(path)
 
 
 def test_build_cpu_distills_on_request(planted_model, tmp_path, capsys):
+    """The w4a16 preset with distill.steps from a config file trains with the cpu form's passes; a preset without
+    distillation does not."""
     folder, text = planted_model
     small = dict(SMALL, calib_samples=6)
-    plain = build(str(folder), tmp_path / "plain", BuildOptions(target="cpu", calib=str(text), **small))
+    plain = build(str(folder), tmp_path / "plain", BuildOptions(
+        target="cpu", recipe=get_preset("w4a16-fast").resolve("onnxruntime"), calib=str(text), **small))
+    data = get_preset("w4a16").resolve("onnxruntime").to_dict()
+    data["distill"]["steps"] = 20
+    config = _config(tmp_path, "distill.toml", data)
     code = main(["build", str(folder), "--target", "cpu", "-o", str(tmp_path / "distilled"), "--calib", str(text),
                  "--calib-samples", "6", "--calib-seq-len", "40", "--validation-windows", "2",
-                 "--validation-seq-len", "32", "--block-size", "64", "--max-kl", "5", "--distill-steps", "20"])
+                 "--validation-seq-len", "32", "--block-size", "64", "--max-kl", "5", "--config", config])
     assert code == 0, capsys.readouterr().err
     distilled = json.loads((tmp_path / "distilled/manifest.json").read_text())
-    assert distilled["options"]["distill_steps"] == 20 and plain["options"]["distill_steps"] == 0
-    recipe = json.loads((tmp_path / "distilled/model/manifest.json").read_text())
-    assert recipe["recipe"]["distill_steps"] == 20  # the best command's training, with the cpu recipe's passes
-    assert recipe["recipe"]["distill_norms"] and recipe["recipe"]["distill_outlier_rows"]
-    assert recipe["recipe"]["refine_vocab"] and recipe["recipe"]["outlier_planes"]
-    assert recipe["recipe"]["outlier_bits"] == 8
-    note = next(note for note in recipe["notes"] if note.startswith("distill_scales"))
+    assert distilled["recipe"]["distill"]["steps"] == 20 and plain["recipe"]["distill"]["steps"] == 0
+    recipe = json.loads((tmp_path / "distilled/model/manifest.json").read_text())["recipe"]
+    assert recipe["distill"]["steps"] == 20  # the config's training, with the cpu form's passes
+    assert recipe["distill"]["norms"] and recipe["distill"]["outlier_rows"]
+    assert recipe["vocab"]["refine_rows"] and recipe["outliers"]["planes"]
+    notes = json.loads((tmp_path / "distilled/model/manifest.json").read_text())["notes"]
+    note = next(note for note in notes if note.startswith("distill_scales"))
     assert "20 steps on 5 calibration windows" in note  # one of the 6 is held out (kept or not: the tiny
     # model's build is already close, so training may not lower its held-out KL; test_distill covers training)
     plain_recipe = json.loads((tmp_path / "plain/model/manifest.json").read_text())
-    assert not plain_recipe["recipe"]["distill_steps"]
+    assert not plain_recipe["recipe"]["distill"]["steps"]
     assert not any(note.startswith("distill_scales") for note in plain_recipe["notes"])
 
 
 def test_build_refuses_distillation_it_cannot_do(planted_model, tmp_path, capsys):
     folder, text = planted_model
-    for flags, message in ((["--recipe", "w8a8", "--distill-steps", "5"], "the w8a8 recipe has none to train"),
-                           (["--distill-steps", "-1"], "--distill-steps must be 0 (off) or positive")):
-        out = tmp_path / flags[-1].replace("-", "m")
-        assert main(["build", str(folder), "--target", "cpu", "-o", str(out), *flags]) == 2
+    for name, data, message in (
+            ("w8a8", {"weights": {"precision": "int8"}, "activations": {"mode": "dynamic"}, "distill": {"steps": 5}},
+             "distill.steps: trains weight-only INT4 block scales"),
+            ("negative", {"distill": {"steps": -1}}, "distill.steps: must be 0 (off) or positive")):
+        out = tmp_path / name
+        config = _config(tmp_path, f"{name}.toml", data)
+        assert main(["build", str(folder), "--target", "cpu", "-o", str(out), "--config", config]) == 2
         assert message in capsys.readouterr().err
         assert not out.exists()
 
 
 def test_build_orin_writes_a_bundle(planted_model, tmp_path, capsys):
     folder, text = planted_model
+    data = get_preset("w4a16").resolve("tensorrt").to_dict()  # the orin target's preset, distilling briefly
+    data["distill"]["steps"] = 5
+    data["sparsity"].update(predictor_rank=8, predictor_samples=2, predictor_steps=20)
+    config = _config(tmp_path, "orin.toml", data)
     code = main(["build", str(folder), "--target", "orin", "-o", str(tmp_path / "orin"), "--calib", str(text),
                  "--calib-samples", "4", "--calib-seq-len", "40", "--validation-windows", "2",
                  "--validation-seq-len", "32", "--block-size", "64", "--max-kl", "5", "--sparsity", "0.5",
-                 "--method", "predictor", "--predictor-rank", "8", "--predictor-samples", "2",
-                 "--predictor-steps", "20", "--distill-steps", "5"])
+                 "--method", "predictor", "--config", config])
     out = capsys.readouterr().out
     assert code == 0
     assert "deployment bundle: on the Jetson AGX Orin 64GB run `bash" in out
@@ -156,11 +190,13 @@ def test_build_orin_writes_a_bundle(planted_model, tmp_path, capsys):
     assert scale_inputs and scale_inputs <= {t.name for t in standard.graph.initializer}  # Casts folded for TRT
     assert not any(node.op_type == "Split" for node in standard.graph.node)  # TensorRT targets skip merging
     recipe = json.loads((bundle / "model/manifest.json").read_text())["recipe"]
-    assert not recipe["asymmetric"]  # TensorRT's Dequantize takes zero points of 0 only
-    assert recipe["scale_bits"] == 16 and recipe["outlier_bits"] == 16  # what TensorRT and its plugin take
-    assert not recipe["rotate"]  # the OutlierSplitGemm swap takes the plain head
-    assert not recipe["refine_vocab"]  # the vocabulary refinement is an ONNX Runtime target's
-    assert recipe["distill_steps"] == 5 and recipe["distill_outlier_rows"]  # trained FP16 scales and rows
+    assert not recipe["weights"]["asymmetric"]  # TensorRT's Dequantize takes zero points of 0 only
+    assert recipe["weights"]["scale_bits"] == 16 and recipe["outliers"]["bits"] == 16  # what TensorRT and its
+    # plugin take
+    assert not recipe["rotation"]["layers"]  # the OutlierSplitGemm swap takes the plain head
+    assert not recipe["vocab"]["refine_rows"]  # the vocabulary refinement is an ONNX Runtime target's
+    assert recipe["distill"]["steps"] == 5 and recipe["distill"]["outlier_rows"]  # trained FP16 scales and rows
+    assert recipe["sparsity"]["fraction"] == 0.5 and recipe["sparsity"]["method"] == "predictor"
     assert not any(node.op_type == "DequantizeLinear" and len(node.input) > 2 and node.input[2]
                    and "block_size" in {a.name for a in node.attribute} for node in standard.graph.node)
 
@@ -170,7 +206,7 @@ def test_build_errors(planted_model, tmp_path, capsys):
     assert main(["build", str(folder), "--target", "tpu", "-o", str(tmp_path / "a")]) == 2
     assert "unknown target 'tpu'" in capsys.readouterr().err
     assert main(["build", str(folder), "--target", "orin", "--recipe", "fp8", "-o", str(tmp_path / "b")]) == 2
-    assert "no FP8 support" in capsys.readouterr().err
+    assert "unknown preset 'fp8'" in capsys.readouterr().err  # no FP8 recipe (check_recipe: test_target_registry)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -178,7 +214,7 @@ def test_a_failed_gate_keeps_the_work_and_exits_1(planted_model, tmp_path, capsy
     folder, text = planted_model
     code = main(["build", str(folder), "--target", "cpu", "-o", str(tmp_path / "gated"), "--calib", str(text),
                  "--calib-samples", "4", "--calib-seq-len", "40", "--validation-windows", "2",
-                 "--validation-seq-len", "32", "--block-size", "64", "--min-top1", "1.01"])
+                 "--validation-seq-len", "32", "--preset", "w4a16-fast", "--min-top1", "1.01"])
     assert code == 1
     manifest = json.loads((tmp_path / "gated/manifest.json").read_text())
     assert manifest["status"] == "failed-gates" and manifest["deliverable"] is None
@@ -186,7 +222,7 @@ def test_a_failed_gate_keeps_the_work_and_exits_1(planted_model, tmp_path, capsy
 
 
 def test_engine_files_are_checked(tmp_path):
-    from accullm_export.build.engine import check_engine_file, engine_record
+    from accullm_export.runtime.engine_file import check_engine_file, engine_record
 
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"not really an engine")
@@ -210,7 +246,8 @@ def test_tensorrt_absence_is_reported():
 
 
 def test_validate_and_generate_check_an_engine_first(planted_model, tmp_path, capsys):
-    from accullm_export.build.engine import engine_record, tensorrt_available
+    from accullm_export.build.engine import tensorrt_available
+    from accullm_export.runtime.engine_file import engine_record
 
     folder, _ = planted_model
     engine = tmp_path / "model.engine"
@@ -243,20 +280,22 @@ def test_python_sample_without_tensorrt():
 
 def test_build_a_plain_onnx_model_with_a_load_data_script(tmp_path):
     """Not an LLM: calibrated through a load_data() script and validated through Polygraphy."""
-    from tests.unit.test_validate import make_mlp
+    from tests.helpers.graphs import make_mlp
 
     model = make_mlp(tmp_path / "mlp.onnx")
     script = tmp_path / "loader.py"
     script.write_text("import numpy as np\n\ndef load_data():\n    rng = np.random.default_rng(0)\n"
                       "    for _ in range(4):\n        yield {'x': rng.standard_normal((16, 8)).astype(np.float32)}\n")
-    manifest = build(str(model), tmp_path / "out", BuildOptions(target="cpu", recipe="w8a8", calib=str(script),
-                                                                calib_samples=4, gptq=False))
+    # w8a8 with one dynamic scale per token: the MLP's 8 input channels take no 32-channel group (the w8a8 preset's)
+    w8a8 = make_recipe(name="w8a8", activations="dynamic")
+    manifest = build(str(model), tmp_path / "out", BuildOptions(target="cpu", recipe=w8a8, calib=str(script),
+                                                                calib_samples=4))
     assert manifest["status"] == "ok" and manifest["deliverable"]["kind"] == "onnxruntime-folder"
     gates = manifest["accuracy"]["gates"]
     assert [gate["name"] for gate in gates] == ["polygraphy"] and gates[0]["passed"]
     assert (tmp_path / "out/model/model.onnx").is_file()
-    bundle = build(str(model), tmp_path / "trt", BuildOptions(target="hopper", recipe="w8a8", calib=str(script),
-                                                              calib_samples=4, gptq=False))
+    bundle = build(str(model), tmp_path / "trt", BuildOptions(
+        target="hopper", recipe=get_preset("w8a8-static").resolve("tensorrt"), calib=str(script), calib_samples=4))
     script_text = (tmp_path / "trt/bundle/build_engine.sh").read_text()
     ops = {node.op_type for node in onnx.load(str(tmp_path / "trt/bundle/model/model.onnx")).graph.node}
     assert "QuantizeLinear" in ops and "MatMulInteger" not in ops  # TensorRT takes static per-tensor Q/DQ
@@ -264,7 +303,16 @@ def test_build_a_plain_onnx_model_with_a_load_data_script(tmp_path):
     assert "MatMulInteger" in ops  # ONNX Runtime: the integer GEMM with per-token scales
     assert bundle["deliverable"]["kind"] == "tensorrt-bundle" and "--int8" in script_text
     assert "-DCMAKE_CUDA_ARCHITECTURES=90" in script_text or "needs no accullm plugin" in script_text
-    with pytest.raises(UserError, match="is not an exported decoder"):
-        build(str(model), tmp_path / "distilled", BuildOptions(target="cpu", recipe="w4a16", calib=str(script),
-                                                               calib_samples=4, gptq=False, distill_steps=5))
+    # the w4a16 preset on a model that is no decoder: its decoder-only keys (residual readers, distillation, the
+    # LM head's rotation and refinement) are dropped, the rest builds
+    w4a16 = get_preset("w4a16").resolve("onnxruntime")
+    plain = build(str(model), tmp_path / "w4", BuildOptions(target="cpu", recipe=w4a16, calib=str(script),
+                                                            calib_samples=4))
+    assert plain["status"] == "ok" and plain["recipe"] == for_plain_onnx(w4a16).to_dict()
+    assert not plain["recipe"]["distill"]["steps"] and not plain["recipe"]["rotation"]["layers"]
+    assert not plain["recipe"]["vocab"]["refine_rows"] and "residual" not in plain["recipe"]["outliers"]["layers"]
+    assert plain["recipe"]["weights"] == w4a16.to_dict()["weights"]
+    with pytest.raises(UserError, match="is not an exported decoder"):  # text calibration needs a decoder
+        build(str(model), tmp_path / "distilled", BuildOptions(target="cpu", recipe=w4a16, calib="wiki",
+                                                               calib_samples=4))
     assert not (tmp_path / "distilled").exists()

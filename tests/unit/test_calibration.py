@@ -7,7 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from accullm_export.calibration.outliers import OutlierPolicy
 from accullm_export.calibration.profile import load_profile
@@ -15,9 +15,8 @@ from accullm_export.calibration.run import CalibrationConfig, calibrate
 from accullm_export.cli.main import main
 from accullm_export.errors import UserError
 from accullm_export.runtime.intermediates import IntermediateReader
-from tests.unit.test_validate import TEXT, make_mlp
-
-from tests.conftest import PLANTED, SAMPLES, SEQ_LEN
+from tests.helpers.graphs import make_mlp
+from tests.helpers.models import PLANTED, SAMPLES, SEQ_LEN, TEXT
 
 
 def test_statistics_equal_numpy_over_the_same_batches(planted_model, profile):

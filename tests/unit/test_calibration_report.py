@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from accullm_export import svg
-from accullm_export.calibration.report import (format_calibration_summary, pool_channel_max, render_calibration_html,
-                                               short_label, top_outlier_channels, write_calibration_report)
+from accullm_export.calibration.report import (format_calibration_summary, pool_channel_max, short_label,
+                                               top_outlier_channels, write_calibration_report)
 from accullm_export.calibration.stats import SPARSITY_LEVELS, MagnitudeHistogram
 
 SCRIPT = "<script>alert('x')</script>"

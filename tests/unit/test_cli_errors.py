@@ -9,21 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from accullm_export.cli.main import main
-
-
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_user_error(code, err, needle):
-    assert code == 2
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("I ", "W "))]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    assert needle in lines[0]
+from tests.helpers.cli import assert_user_error, run_cli
 
 
 def write_gguf(path, architecture: str, with_tensor: bool):

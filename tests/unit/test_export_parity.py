@@ -7,7 +7,7 @@ import pytest
 
 from accullm_export.runtime import OrtCausalLM
 from accullm_export.runtime.base import position_ids_from_mask
-from tests.conftest import TINY_ARCHITECTURES, load_torch_model
+from tests.helpers.models import TINY_ARCHITECTURES, load_torch_model
 
 torch = pytest.importorskip("torch", reason="parity tests compare against torch (the [export] extra)")
 

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from accullm_export.calibration.hessian import collect_hessians, collect_moments
 from accullm_export.errors import UserError
 from accullm_export.quant.awq import candidate_scales, search_awq_scales
-from accullm_export.quant.gptq import gptq_proxy_error, gptq_quantize, gptq_quantize_absorbing
+from accullm_export.quant.gptq import gptq_proxy_error, gptq_quantize
 from accullm_export.quant.symmetric import CLIP_RATIOS, dequantize, quantize
 
 LARGE_CHANNELS = [3, 17, 30]
@@ -413,42 +413,3 @@ def test_collect_hessians_rejects_unknown_names(matmul_model):
     with pytest.raises(UserError, match="no calibration feeds"):
         collect_hessians(path, ["x"], lambda: iter([]))
 
-
-# ---- GPTQ with rows that absorb error (--gptq-absorb) -------------------------------------------------------------
-
-def test_absorbing_row_takes_the_closed_form_update():
-    """One rounded row k and one absorbing row a: minimising e^2 H_kk + 2 e d H_ka + d^2 H_aa over the absorbing
-    row's change d (e = w_k - q_k, fixed by rounding) gives d = -e H_ka / H_aa, i.e. q_a = w_a + e H_ka / H_aa."""
-    hessian = np.array([[2.0, 0.9], [0.9, 50.0]])
-    weight = np.array([[0.37, -0.81, 0.55], [1.3, 0.2, -0.6]], dtype=np.float32)
-    values, scales, rows = gptq_quantize_absorbing(weight, hessian, 4, None, absorb=[1], damp=1e-12)
-    error = weight[0] - dequantize(values, scales)[0]
-    np.testing.assert_allclose(rows[0], weight[1] + error * 0.9 / 50.0, rtol=1e-6)
-    assert not values[1].any()
-    np.testing.assert_array_equal(scales, reference_scales(weight * np.array([[1.0], [0.0]], np.float32), 4, None))
-
-
-@pytest.mark.parametrize("block_size", [16, None])
-def test_absorbing_rows_lower_the_output_error_and_keep_the_layout(block_size):
-    weight, hessian = correlated_problem(40, 24, seed=7)
-    values, scales = gptq_quantize(weight, hessian, 4, block_size, exclude=LARGE_CHANNELS, act_order=True)
-    dropped = dequantize(values, scales, block_size)
-    dropped[LARGE_CHANNELS] = weight[LARGE_CHANNELS]
-    absorbing_values, absorbing_scales, rows = gptq_quantize_absorbing(weight, hessian, 4, block_size,
-                                                                       absorb=LARGE_CHANNELS, act_order=True)
-    absorbed = dequantize(absorbing_values, absorbing_scales, block_size)
-    absorbed[LARGE_CHANNELS] = rows
-    np.testing.assert_array_equal(absorbing_scales, scales)  # the same rows set the same block scales
-    assert not absorbing_values[LARGE_CHANNELS].any()
-    assert not np.allclose(rows, weight[LARGE_CHANNELS])
-    assert gptq_proxy_error(weight, absorbed, hessian) < 0.9 * gptq_proxy_error(weight, dropped, hessian)
-
-
-def test_absorbing_with_excluded_rows_leaves_those_out():
-    weight, hessian = correlated_problem(40, 24, seed=8)
-    values, scales, rows = gptq_quantize_absorbing(weight, hessian, 4, 16, absorb=[3, 17], exclude=[30])
-    assert rows.shape == (2, 24) and not values[[3, 17, 30]].any()
-    with pytest.raises(UserError, match="both absorb error and be excluded"):
-        gptq_quantize_absorbing(weight, hessian, 4, 16, absorb=[3, 30], exclude=[30])
-    with pytest.raises(UserError, match="at least one row"):
-        gptq_quantize_absorbing(weight, hessian, 4, 16, absorb=[])

@@ -10,7 +10,7 @@ import pytest
 from accullm_export.cli.main import main
 from accullm_export.graph.io import load_onnx
 from accullm_export.graph.summary import summarize
-from tests.conftest import load_torch_model
+from tests.helpers.models import load_torch_model
 
 
 def test_layout_of_export(tiny_exports):
@@ -64,10 +64,10 @@ def test_inspect_sees_quantized_layers(planted_model, profile, tmp_path, capsys)
     """A quantized model's layers are listed with how their weights are stored: behind a blocked
     DequantizeLinear (with zero points when asymmetric), per output channel, or a Cast of FP16 rows."""
     from accullm_export.build.quantize import quantize_model
-    from accullm_export.graph.recipes import Recipe
+    from tests.helpers.recipes import make_recipe
 
     folder, _ = planted_model
-    recipe = Recipe(name="w4a16", block_size=16, asymmetric=True, overrides=(("layers.0", "int8"),))
+    recipe = make_recipe(name="w4a16", block_size=16, asymmetric=True, overrides=(("layers.0", "int8"),))
     quantize_model(folder, tmp_path / "q", recipe, profile)
     assert main(["inspect", str(tmp_path / "q"), "--all"]) == 0
     out = capsys.readouterr().out

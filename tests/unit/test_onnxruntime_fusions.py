@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -29,15 +28,14 @@ def _fused_copy(folder, out, passes=FUSIONS, edit=None):
     graph, model = load_graph(folder / "model.onnx")
     if edit is not None:
         edit(graph)
-    context = SimpleNamespace(notes=[])
-    graph, _ = run_passes(graph, [(name, context) for name in passes])
+    graph, reports, _ = run_passes(graph, [(name, None) for name in passes])
     out.mkdir()
     save_graph(graph, model, out / "model.onnx", {})
     for name in ("config.json", "genai_config.json"):
         if (folder / name).is_file():
             (out / name).write_text((folder / name).read_text())
     ops = Counter(node.op_type for node in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
-    return out / "model.onnx", context.notes, ops
+    return out / "model.onnx", [note for report in reports for note in report.notes], ops
 
 
 def _run(runner, prompts, steps=3):
@@ -103,10 +101,14 @@ def test_an_unmatched_attention_is_left_with_a_note(tiny_exports, tmp_path):
 def test_quantize_cli_writes_the_fusions(planted_model, profile, tmp_path):
     from accullm_export.cli.main import main
 
+    from tests.helpers.recipes import make_recipe, write_config
+
     folder, _ = planted_model
-    base = ["quantize", str(folder), "--recipe", "w4a16", "--profile", str(profile), "--block-size", "32"]
-    assert main(base + ["-o", str(tmp_path / "plain")]) == 0
-    assert main(base + ["-o", str(tmp_path / "fused"), "--onnxruntime-fusions"]) == 0
+    base = ["quantize", str(folder), "--profile", str(profile), "--block-size", "32"]
+    plain = write_config(tmp_path / "plain.toml", make_recipe(name="w4a16"))
+    fused = write_config(tmp_path / "fused.toml", make_recipe(name="w4a16", onnxruntime_fusions=True))
+    assert main(base + ["--config", plain, "-o", str(tmp_path / "plain")]) == 0
+    assert main(base + ["--config", fused, "-o", str(tmp_path / "fused")]) == 0
     passes = [entry["name"] for entry in json.loads((tmp_path / "fused" / "manifest.json").read_text())["passes"]]
     assert passes[-3:] == ["merge_parallel_linears", *FUSIONS]
     model = onnx.load(str(tmp_path / "fused" / "model.onnx"), load_external_data=False)
@@ -131,7 +133,7 @@ def test_bisection_still_reads_a_fused_model(tiny_exports, tmp_path):
 def test_fp16_export_fuses_attention(tmp_path):
     """An fp16 export (the bias is fp16 too): attention fuses, its RMSNorm (cast to float32 and back) is left."""
     from accullm_export.models.export import export_model
-    from tests.conftest import make_tiny_checkpoint
+    from tests.helpers.models import make_tiny_checkpoint
 
     hf = make_tiny_checkpoint(tmp_path / "hf", "llama")
     export_model(str(hf), tmp_path / "fp16", dtype="fp16")

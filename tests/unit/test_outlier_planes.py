@@ -1,4 +1,4 @@
-"""Outlier rows folded into the INT4 weights as two planes (``quantize --outlier-planes``): the model against an
+"""Outlier rows folded into the INT4 weights as two planes (recipe key ``outliers.planes``): the model against an
 independent NumPy emulation, ONNX Runtime's single MatMulNBits per layer, merging, the bit count, the refusals."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 from accullm_export.build.quantize import quantize_model
 from accullm_export.errors import UserError
 from accullm_export.graph.passes.fold_outlier_planes import COPIES
-from accullm_export.graph.recipes import Recipe
-from tests.unit.test_quantize import (_builds_equal_emulation, _feed, _fused_at_level_1, _logits,
-                                      np_round_symmetric, np_symmetric_scales)
+from tests.helpers.recipes import make_recipe, write_config
+from tests.helpers.emulation import np_round_symmetric, np_symmetric_scales
+from tests.helpers.graphs import builds_equal_emulation, fused_at_level_1, llm_feed, ort_logits
 
 
 def _half(scale: np.ndarray) -> np.ndarray:
@@ -69,11 +69,11 @@ def _emulator(profile):
 
 def test_planes_equal_numpy_emulation(planted_model, profile, tmp_path):
     folder, _ = planted_model
-    recipe = Recipe(name="w4a16", block_size=32, embeddings="fp32", outlier_planes=True)
+    recipe = make_recipe(name="w4a16", block_size=32, embeddings="fp32", outlier_planes=True)
     manifest = quantize_model(folder, tmp_path / "q", recipe, profile, finishing=())
     quantize_model(folder, tmp_path / "u", recipe, profile)
     assert [layer for layer in manifest["layers"] if layer["outliers"]]
-    _builds_equal_emulation(folder, manifest, tmp_path, _emulator(profile))
+    builds_equal_emulation(folder, manifest, tmp_path, _emulator(profile))
     for build in ("q", "u"):
         names = [node.name for node in onnx.load(str(tmp_path / build / "model.onnx")).graph.node]
         assert not [name for name in names if "/outliers/MatMul" in name or name.endswith("/outliers/Add")]
@@ -84,25 +84,25 @@ def test_onnxruntime_runs_one_matmulnbits_per_layer(planted_model, profile, tmp_
     """Asymmetric weights with 8-bit scale codes, merged: each merged layer is one MatMulNBits over K + 2 |O|
     inputs, and ONNX Runtime's fused graph (accuracy level 1) computes what the unfused one does."""
     folder, _ = planted_model
-    recipe = Recipe(name="w4a16", block_size=32, embeddings="fp32", asymmetric=True, scale_bits=8,
+    recipe = make_recipe(name="w4a16", block_size=32, embeddings="fp32", asymmetric=True, scale_bits=8,
                     outlier_planes=True)
     manifest = quantize_model(folder, tmp_path / "u", recipe, profile)
     assert any("outlier branches folded into their INT4 weights as two planes" in note for note in manifest["notes"])
-    session, nodes = _fused_at_level_1(tmp_path / "u" / "model.onnx", tmp_path)
+    session, nodes = fused_at_level_1(tmp_path / "u" / "model.onnx", tmp_path)
     assert not [node for node in nodes if node.op_type in ("DequantizeLinear", "MatMul")]
     hidden = next(layer["in_features"] for layer in manifest["layers"] if layer["outliers"])
     widths = {next(a.i for a in node.attribute if a.name == "K") for node in nodes if node.op_type == "MatMulNBits"}
     outliers = {len(layer["outliers"]) for layer in manifest["layers"] if layer["outliers"]}
     assert {hidden + COPIES * count for count in outliers} <= widths
-    feed = _feed(folder)
-    np.testing.assert_allclose(session.run(["logits"], feed)[0], _logits(tmp_path / "u" / "model.onnx", feed),
+    feed = llm_feed(folder)
+    np.testing.assert_allclose(session.run(["logits"], feed)[0], ort_logits(tmp_path / "u" / "model.onnx", feed),
                                rtol=1e-4, atol=1e-4)
 
 
 def test_planes_stay_close_to_the_fp16_rows_and_cost_fewer_bits(planted_model, profile, tmp_path):
     folder, _ = planted_model
-    branch = quantize_model(folder, tmp_path / "b", Recipe(name="w4a16", block_size=32, embeddings="fp32"), profile)
-    planes = quantize_model(folder, tmp_path / "p", Recipe(name="w4a16", block_size=32, embeddings="fp32",
+    branch = quantize_model(folder, tmp_path / "b", make_recipe(name="w4a16", block_size=32, embeddings="fp32"), profile)
+    planes = quantize_model(folder, tmp_path / "p", make_recipe(name="w4a16", block_size=32, embeddings="fp32",
                                                            outlier_planes=True), profile)
     for layer, other in zip(planes["layers"], branch["layers"]):
         # n FP16 rows (16 bits an entry) become 2 n INT4 entries of plane 2 (read twice) and one more FP16 scale
@@ -111,16 +111,16 @@ def test_planes_stay_close_to_the_fp16_rows_and_cost_fewer_bits(planted_model, p
         saved = (16 * rows - 2 * 4 * rows - 16) * columns if rows else 0
         assert layer["bits_per_weight"] == pytest.approx(
             other["bits_per_weight"] - saved / (layer["in_features"] * columns), abs=1e-3)
-    feed = _feed(folder)
-    reference = _logits(folder / "model.onnx", feed)
-    branch_error = np.abs(_logits(tmp_path / "b" / "model.onnx", feed) - reference).mean()
-    planes_error = np.abs(_logits(tmp_path / "p" / "model.onnx", feed) - reference).mean()
+    feed = llm_feed(folder)
+    reference = ort_logits(folder / "model.onnx", feed)
+    branch_error = np.abs(ort_logits(tmp_path / "b" / "model.onnx", feed) - reference).mean()
+    planes_error = np.abs(ort_logits(tmp_path / "p" / "model.onnx", feed) - reference).mean()
     assert planes_error < 1.1 * branch_error
 
 
 def test_layers_in_another_form_keep_their_branch(planted_model, profile, tmp_path):
     folder, _ = planted_model
-    recipe = Recipe(name="w4a16", block_size=32, embeddings="fp32", outlier_planes=True,
+    recipe = make_recipe(name="w4a16", block_size=32, embeddings="fp32", outlier_planes=True,
                     overrides=(("layers.0", "int8"),))
     manifest = quantize_model(folder, tmp_path / "q", recipe, profile, finishing=())
     kept = [note for note in manifest["notes"] if "its outlier branch stays" in note]
@@ -131,22 +131,21 @@ def test_layers_in_another_form_keep_their_branch(planted_model, profile, tmp_pa
 
 
 def test_planes_need_int4_layers_with_a_branch():
-    with pytest.raises(UserError, match="--outlier-planes"):
-        Recipe(name="w4a16", outliers=0, outlier_planes=True)
-    with pytest.raises(UserError, match="--outlier-planes"):
-        Recipe(name="fp16", outlier_planes=True)
-    with pytest.raises(UserError, match="--outlier-planes"):
-        Recipe(name="w8a8", outlier_planes=True)
-    with pytest.raises(UserError, match="--outlier-planes and --bias-correction"):
-        Recipe(name="w4a16", outlier_planes=True, bias_correction=True)
+    with pytest.raises(UserError, match="outliers.planes"):
+        make_recipe(name="w4a16", outliers=0, outlier_planes=True)
+    with pytest.raises(UserError, match="outliers.planes"):
+        make_recipe(name="fp16", outlier_planes=True)
+    with pytest.raises(UserError, match="outliers.planes"):
+        make_recipe(name="w8a8", outlier_planes=True)
 
 
 def test_quantize_cli_reports_planes(planted_model, profile, tmp_path, capsys):
     from accullm_export.cli.main import main
 
     folder, _ = planted_model
-    assert main(["quantize", str(folder), "--recipe", "w4a16", "--profile", str(profile), "--block-size", "32",
-                 "--outlier-planes", "-o", str(tmp_path / "q")]) == 0
+    config = write_config(tmp_path / "planes.toml", make_recipe(name="w4a16", outlier_planes=True))
+    assert main(["quantize", str(folder), "--config", config, "--profile", str(profile), "--block-size", "32",
+                 "-o", str(tmp_path / "q")]) == 0
     assert "rows folded into INT4 planes" in capsys.readouterr().out
 
 
@@ -165,7 +164,7 @@ def test_branches_on_the_attention_sinks_activations_stay(planted_model, profile
 
     monkeypatch.setattr(Profile, "input_statistics", with_a_sink)
     folder, _ = planted_model
-    manifest = quantize_model(folder, tmp_path / "q", Recipe(name="w4a16", block_size=32, embeddings="fp32",
+    manifest = quantize_model(folder, tmp_path / "q", make_recipe(name="w4a16", block_size=32, embeddings="fp32",
                                                              outlier_planes=True), profile, finishing=())
     kept = [note for note in manifest["notes"] if "attention sink" in note]
     assert kept and all("layers.1/mlp/" in note and "1000x" in note for note in kept)
@@ -185,15 +184,13 @@ def test_plane_two_copies_sum_to_its_integer():
 def test_planes_compose_with_sparse_skip(planted_model, profile, tmp_path):
     """The threshold method narrows the down projections' inputs and leaves gate/up (folded) alone; the model runs
     and skips as many MLPs as without the planes."""
-    from accullm_export.sparsity.config import SparsityConfig
-
     folder, _ = planted_model
     runs = {}
     for planes in (False, True):
         out = tmp_path / ("p" if planes else "b")
-        runs[planes] = quantize_model(folder, out, Recipe(name="w4a16", block_size=32, outlier_planes=planes),
-                                      profile, sparsity=SparsityConfig(sparsity=0.5))
-        assert np.isfinite(_logits(out / "model.onnx", _feed(folder))).all()
+        runs[planes] = quantize_model(folder, out, make_recipe(name="w4a16", block_size=32, outlier_planes=planes,
+                                                               sparsity=0.5), profile)
+        assert np.isfinite(ort_logits(out / "model.onnx", llm_feed(folder))).all()
     assert runs[True]["sparsity"]["mlps"] == runs[False]["sparsity"]["mlps"] > 0
     assert any("two planes" in note for note in runs[True]["notes"])
 
@@ -202,7 +199,7 @@ def test_int8_rows_go_to_the_branches_the_planes_leave(planted_model, profile, t
     """``build --target cpu`` asks for both: the planes fold from the FP16 rows (no double rounding), and the
     branches left (here layers.0's, an INT8 per-channel override) store INT8 rows."""
     folder, _ = planted_model
-    recipe = Recipe(name="w4a16", block_size=32, embeddings="fp32", outlier_planes=True, outlier_bits=8,
+    recipe = make_recipe(name="w4a16", block_size=32, embeddings="fp32", outlier_planes=True, outlier_bits=8,
                     overrides=(("layers.0", "int8"),))
     manifest = quantize_model(folder, tmp_path / "q", recipe, profile, finishing=())
     names = [node.name for node in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node]
@@ -213,16 +210,16 @@ def test_int8_rows_go_to_the_branches_the_planes_leave(planted_model, profile, t
 
 
 def test_a_folded_head_takes_the_vocabulary_refinement(planted_model, profile, tmp_path):
-    """--refine-vocab measures the head as saved: folded, it reads Concat(x, x[O], x[O]), whose map from x the
+    """vocab.refine_rows measures the head as saved: folded, it reads Concat(x, x[O], x[O]), whose map from x the
     refinement inverts as it does a rotation; the result is as close to the fp32 logits as with the head's branch."""
     folder, _ = planted_model
     common = dict(name="w4a16", block_size=32, refine_vocab=16, min_outliers=(("lm_head", 2),))
-    planes = quantize_model(folder, tmp_path / "p", Recipe(outlier_planes=True, **common), profile)
-    quantize_model(folder, tmp_path / "b", Recipe(**common), profile)
+    planes = quantize_model(folder, tmp_path / "p", make_recipe(outlier_planes=True, **common), profile)
+    quantize_model(folder, tmp_path / "b", make_recipe(**common), profile)
     names = [node.name for node in onnx.load(str(tmp_path / "p" / "model.onnx")).graph.node]
     assert not [name for name in names if name.startswith("/lm_head/") and name.endswith("/outliers/Add")]
     assert any(note.startswith("/lm_head/MatMul: its 16 vocabulary rows") for note in planes["notes"])
-    feed = _feed(folder)
-    reference = _logits(folder / "model.onnx", feed)
-    errors = [np.abs(_logits(tmp_path / build / "model.onnx", feed) - reference).mean() for build in ("p", "b")]
+    feed = llm_feed(folder)
+    reference = ort_logits(folder / "model.onnx", feed)
+    errors = [np.abs(ort_logits(tmp_path / build / "model.onnx", feed) - reference).mean() for build in ("p", "b")]
     assert errors[0] < 1.1 * errors[1]

@@ -1,4 +1,4 @@
-"""INT8 outlier rows (``quantize --outlier-bits 8``): the model against an independent NumPy emulation, the bit
+"""INT8 outlier rows (recipe key ``outliers.bits = 8``): the model against an independent NumPy emulation, the bit
 count, ONNX Runtime's 8-bit MatMulNBits, the refusals."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ import pytest
 
 from accullm_export.build.quantize import quantize_model
 from accullm_export.errors import UserError
-from accullm_export.graph.recipes import Recipe
-from tests.unit.test_quantize import _builds_equal_emulation, _emulate_weight, _fused_at_level_1, _logits
+from tests.helpers.recipes import make_recipe, write_config
+from tests.helpers.emulation import emulate_weight
+from tests.helpers.graphs import builds_equal_emulation, fused_at_level_1, llm_feed, ort_logits
 
 
 def np_int8_rows(rows: np.ndarray) -> np.ndarray:
@@ -26,7 +27,7 @@ def np_int8_rows(rows: np.ndarray) -> np.ndarray:
 
 
 def _emulate_int8_rows(weight: np.ndarray, plan) -> np.ndarray:
-    out = _emulate_weight(weight, plan)
+    out = emulate_weight(weight, plan)
     if plan.outliers:
         rows = list(plan.outliers)
         out[rows] = np_int8_rows(weight[rows].astype(np.float16).astype(np.float32))
@@ -35,11 +36,11 @@ def _emulate_int8_rows(weight: np.ndarray, plan) -> np.ndarray:
 
 def test_int8_rows_equal_numpy_emulation(planted_model, profile, tmp_path):
     folder, _ = planted_model
-    recipe = Recipe(name="w4a16", block_size=32, embeddings="fp32", outlier_bits=8)
+    recipe = make_recipe(name="w4a16", block_size=32, embeddings="fp32", outlier_bits=8)
     manifest = quantize_model(folder, tmp_path / "q", recipe, profile, finishing=())
     quantize_model(folder, tmp_path / "u", recipe, profile)
-    _builds_equal_emulation(folder, manifest, tmp_path, _emulate_int8_rows)
-    fp16_rows = quantize_model(folder, tmp_path / "f", Recipe(name="w4a16", block_size=32, embeddings="fp32"),
+    builds_equal_emulation(folder, manifest, tmp_path, _emulate_int8_rows)
+    fp16_rows = quantize_model(folder, tmp_path / "f", make_recipe(name="w4a16", block_size=32, embeddings="fp32"),
                                profile, finishing=())
     branched = [layer for layer in manifest["layers"] if layer["outliers"]]
     assert branched
@@ -53,32 +54,31 @@ def test_int8_rows_equal_numpy_emulation(planted_model, profile, tmp_path):
 
 def test_onnxruntime_runs_the_rows_as_8bit_matmulnbits(planted_model, profile, tmp_path):
     folder, _ = planted_model
-    quantize_model(folder, tmp_path / "u", Recipe(name="w4a16", block_size=32, embeddings="fp32", outlier_bits=8),
+    quantize_model(folder, tmp_path / "u", make_recipe(name="w4a16", block_size=32, embeddings="fp32", outlier_bits=8),
                    profile)
-    session, nodes = _fused_at_level_1(tmp_path / "u" / "model.onnx", tmp_path)
+    session, nodes = fused_at_level_1(tmp_path / "u" / "model.onnx", tmp_path)
     bits = [next(a.i for a in node.attribute if a.name == "bits") for node in nodes if node.op_type == "MatMulNBits"]
     assert 8 in bits and 4 in bits
     assert not [node for node in nodes if node.op_type in ("DequantizeLinear", "MatMul")]
-    from tests.unit.test_quantize import _feed
-
-    feed = _feed(folder)
-    np.testing.assert_allclose(session.run(["logits"], feed)[0], _logits(tmp_path / "u" / "model.onnx", feed),
+    feed = llm_feed(folder)
+    np.testing.assert_allclose(session.run(["logits"], feed)[0], ort_logits(tmp_path / "u" / "model.onnx", feed),
                                rtol=1e-4, atol=1e-4)
 
 
 def test_int8_rows_need_a_branch():
-    with pytest.raises(UserError, match="--outlier-bits"):
-        Recipe(name="w4a16", outliers=0, outlier_bits=8)
-    with pytest.raises(UserError, match="--outlier-bits"):
-        Recipe(name="fp16", outlier_bits=8)
-    with pytest.raises(UserError, match="--outlier-bits"):
-        Recipe(name="w4a16", outlier_bits=4)
+    with pytest.raises(UserError, match="outliers.bits: stores the outlier branch's rows as INT8"):
+        make_recipe(name="w4a16", outliers=0, outlier_bits=8)
+    with pytest.raises(UserError, match="outliers.bits: stores the outlier branch's rows as INT8"):
+        make_recipe(name="fp16", outlier_bits=8)
+    with pytest.raises(UserError, match="outliers.bits: must be one of 16, 8"):
+        make_recipe(name="w4a16", outlier_bits=4)
 
 
 def test_quantize_cli_reports_int8_rows(planted_model, profile, tmp_path, capsys):
     from accullm_export.cli.main import main
 
     folder, _ = planted_model
-    assert main(["quantize", str(folder), "--recipe", "w4a16", "--profile", str(profile), "--block-size", "32",
-                 "--outlier-bits", "8", "-o", str(tmp_path / "q")]) == 0
+    config = write_config(tmp_path / "rows.toml", make_recipe(name="w4a16", outlier_bits=8))
+    assert main(["quantize", str(folder), "--config", config, "--profile", str(profile), "--block-size", "32",
+                 "-o", str(tmp_path / "q")]) == 0
     assert "channels in all, rows in INT8" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""benchmarks/peers.py's rows: every one of our recipes is a valid `quantize` command line, and a peer that needs
+"""benchmarks/peers.py's rows: every one of our presets is a valid `quantize` command line, and a peer that needs
 a longer build gets it (a typo in a flag or a short timeout would only show after the run's other builds)."""
 
 from __future__ import annotations
@@ -18,19 +18,26 @@ def _our_recipes():
 
 
 def test_every_recipe_row_is_a_valid_quantize_command():
+    """Each ``ours-*`` row's flags parse and resolve into a recipe (its checks raise on keys that do not go
+    together); every preset that runs on ONNX Runtime has its row, which builds exactly that preset."""
     from accullm_export.cli.main import build_parser
-    from accullm_export.cli.quantize import recipe_from_args
+    from accullm_export.cli.quantize import resolve_recipe
+    from accullm_export.recipes.presets import all_presets
 
     recipes = _our_recipes()
-    assert "ours-w4a16-b64-best" in recipes and len(recipes) >= 10
+    presets = {name: preset for name, preset in all_presets().items() if "onnxruntime" in preset.backends}
+    assert presets and {f"ours-{name}" for name in presets} <= set(recipes)
+    assert "ours-w4a16-fast-no-outliers" in recipes
+    resolved = {}
     for name, flags in recipes.items():
         args = build_parser().parse_args(["quantize", "MODEL", "--profile", "P", "-o", "OUT", *flags])
-        recipe = recipe_from_args(args)  # the recipe's own checks raise on flags that do not go together
-        assert recipe.name in ("fp16", "w8a8", "w4a16"), name
-    best = recipe_from_args(build_parser().parse_args(
-        ["quantize", "MODEL", "--profile", "P", "-o", "OUT", *recipes["ours-w4a16-b64-best"]]))
-    assert best.distill_steps == 120 and best.refine_vocab == 4096 and best.rotate == ("lm_head",)
-    assert best.outlier_layers == ("residual", "!lm_head") and best.asymmetric and best.scale_bits == 8
+        resolved[name] = resolve_recipe(args, args.backend)
+        assert resolved[name].backend == "onnxruntime", name
+    for name, preset in presets.items():
+        assert resolved[f"ours-{name}"] == preset.resolve("onnxruntime"), name
+    ablation = resolved["ours-w4a16-fast-no-outliers"]
+    assert ablation.outliers.channels == 0 and not ablation.outlier_branch
+    assert ablation.weights == resolved["ours-w4a16-fast"].weights
 
 
 def test_a_peer_gets_its_longer_build_time(tmp_path):
@@ -50,7 +57,11 @@ def test_a_peer_gets_its_longer_build_time(tmp_path):
         record = peers.ensure_built(peer, context, reuse=False)
         assert record["notes"] == ["built"] and (tmp_path / f"work/p{minutes}/model.onnx").is_file()
     assert seen == [2400, 600]
-    distilled = {"ours-w4a16-b64-best", "ours-w4a16-b64-planes"}
+    from accullm_export.recipes.presets import all_presets
+
+    distilled = {f"ours-{name}" for name, preset in all_presets().items()
+                 if "onnxruntime" in preset.backends and preset.resolve("onnxruntime").distill.steps}
+    assert "ours-w4a16" in distilled and "ours-w4a16-fast" not in distilled
     assert {peers.PEERS[name].build_minutes for name in distilled} == {40}
     assert {peer.build_minutes for name, peer in peers.PEERS.items() if name not in distilled} == {10}
 
@@ -61,10 +72,10 @@ def test_the_table_reads_our_quantized_head_and_embedding(planted_model, profile
     import peers
 
     from accullm_export.build.quantize import quantize_model
-    from accullm_export.graph.recipes import Recipe
+    from tests.helpers.recipes import make_recipe
 
     folder, _ = planted_model
-    quantize_model(folder, tmp_path / "q", Recipe(name="w4a16", block_size=16, policy="ratio", asymmetric=True),
+    quantize_model(folder, tmp_path / "q", make_recipe(name="w4a16", block_size=16, policy="ratio", asymmetric=True),
                    profile)
     described = peers.describe_quantization(tmp_path / "q", vocab_size=256)
     assert described["lm_head"] == "MatMul of a DequantizeLinear uint4 weight, block 16"

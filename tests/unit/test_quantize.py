@@ -16,38 +16,22 @@ from onnx import helper, numpy_helper
 from accullm_export.build.quantize import quantize_model
 from accullm_export.cli.main import main
 from accullm_export.errors import UserError
-from accullm_export.graph.ir import constant, constant_array
+from accullm_export.graph.ir import constant
 from accullm_export.graph.pipeline import run_passes
-from accullm_export.graph.recipes import LayerPlan, PassContext, Recipe, override_matches, parse_min_outliers
+from accullm_export.graph.pass_data import PassData
+from accullm_export.graph.recipes import LayerPlan, override_matches
+from accullm_export.recipes.config import Recipe
+from tests.helpers.recipes import make_recipe, write_config
 from accullm_export.runtime.session import create_session
-from tests.conftest import PLANTED
+from tests.helpers.emulation import emulate_weight, np_round_symmetric
+from tests.helpers.graphs import (llm_feed, one_layer_graph, ort_logits, plan_for, read_initializers, run_graph,
+                                  substituted_model)
+from tests.helpers.models import PLANTED, TEXT, make_tiny_checkpoint
 
 RNG = np.random.default_rng(7)
 
 
 # ------------------------------------------------------------------------------------------- emulation
-def np_symmetric_scales(weight: np.ndarray, bits: int, block: int | None) -> np.ndarray:
-    """Independent emulation's scale of every row [in, out]: absmax / qmax per (block, column), 1 where that is 0;
-    blocked scales are stored in FP16, so they are rounded to FP16 values."""
-    limit = 2 ** (bits - 1) - 1
-    scales = np.empty_like(weight, dtype=np.float32)
-    step = weight.shape[0] if block is None else block
-    for start in range(0, weight.shape[0], step):
-        scale = np.abs(weight[start:start + step].astype(np.float32)).max(axis=0) / np.float32(limit)
-        scale = np.where(scale == 0, np.float32(1), scale).astype(np.float32)
-        if block is not None:
-            scale = np.maximum(scale, np.finfo(np.float16).tiny).astype(np.float16).astype(np.float32)
-        scales[start:start + step] = scale
-    return scales
-
-
-def np_round_symmetric(weight: np.ndarray, bits: int, block: int | None) -> np.ndarray:
-    """Independent emulation: absmax scales per (block, column), round half to even, clip, dequantize."""
-    limit = 2 ** (bits - 1) - 1
-    scales = np_symmetric_scales(weight, bits, block)
-    return np.clip(np.rint(weight.astype(np.float32) / scales), -limit, limit) * scales
-
-
 def np_layer(x: np.ndarray, weight: np.ndarray, plan: LayerPlan) -> np.ndarray:
     """The rewritten layer in NumPy: FP16 outlier rows on the raw input, the rest low-bit."""
     outliers = list(plan.outliers)
@@ -74,26 +58,6 @@ def np_layer(x: np.ndarray, weight: np.ndarray, plan: LayerPlan) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- one layer
-def one_layer_graph(weight: np.ndarray) -> gs.Graph:
-    x = gs.Variable("x", np.float32, [2, "S", weight.shape[0]])
-    y = gs.Variable("y", np.float32, [2, "S", weight.shape[1]])
-    node = gs.Node("MatMul", name="/layer/MatMul", inputs=[x, constant("W", weight)], outputs=[y])
-    return gs.Graph(nodes=[node], inputs=[x], outputs=[y], opset=23)
-
-
-def run_graph(graph: gs.Graph, x: np.ndarray) -> np.ndarray:
-    model = gs.export_onnx(graph)
-    model.ir_version = 10
-    onnx.checker.check_model(model, full_check=True)
-    return create_session(model.SerializeToString(), device="cpu", optimization="basic").run(None, {"x": x})[0]
-
-
-def plan_for(weight, precision, *, outliers=(), block=None, activations=None, scale=None, group=None) -> LayerPlan:
-    return LayerPlan(node="/layer/MatMul", input="x", weight="W", in_features=weight.shape[0],
-                     out_features=weight.shape[1], precision=precision, block_size=block, outliers=tuple(outliers),
-                     activations=activations, activation_scale=scale, activation_group=group)
-
-
 CASES = {
     "int8 per channel, outliers": dict(precision="int8", outliers=(3, 17)),
     "int4 block 16 ragged, outliers": dict(precision="int4", block=16, outliers=(0, 39)),
@@ -113,9 +77,9 @@ def test_layer_passes_equal_numpy_emulation(case):
     x = RNG.standard_normal((2, 5, 40)).astype(np.float32)
     x[..., [3, 17]] *= 50.0  # outlier channels
     plan = plan_for(weight, **CASES[case])
-    context = PassContext(plans={plan.node: plan}, float_dtype=np.dtype(np.float32))
-    graph, reports = run_passes(one_layer_graph(weight), [(name, context) for name in
-                                                          ("isolate_outliers", "quantize_weights", "quantize_activations")])
+    data = PassData(plans={plan.node: plan}, float_dtype=np.dtype(np.float32))
+    graph, reports, _ = run_passes(one_layer_graph(weight), ["isolate_outliers", "quantize_weights",
+                                                             "quantize_activations"], data)
     got = run_graph(graph, x)
     np.testing.assert_allclose(got, np_layer(x, weight, plan), rtol=1e-5, atol=1e-5)
     assert reports[1].bytes_saved > 0  # weights really stored smaller
@@ -135,65 +99,23 @@ def test_gptq_leaves_unprotected_sink_writers_to_plain_rounding(sink, outliers, 
     hessian = inputs.T @ inputs / len(inputs)  # correlated: GPTQ moves rows away from plain rounding
     statistics = {"absmax": np.ones(32), "sink_absmax": np.r_[np.full(31, 0.5), sink]}
     plan = plan_for(weight, "int4", block=16, outliers=outliers)
-    context = PassContext(plans={plan.node: plan}, float_dtype=np.dtype(np.float32), statistics={"x": statistics},
-                          hessians={"x": hessian})
+    data = PassData(plans={plan.node: plan}, float_dtype=np.dtype(np.float32), statistics={"x": statistics},
+                    hessians={"x": hessian})
     passes = ["isolate_outliers", "compensate_errors_gptq", "quantize_weights"]
-    graph, _ = run_passes(one_layer_graph(weight), [(name, context) for name in passes])
+    graph, reports, _ = run_passes(one_layer_graph(weight), passes, data)
     values = graph.tensors()["/layer/MatMul/weight_quantized"].values.astype(np.int8)
     rest = weight.copy()
     rest[list(outliers)] = 0.0
     assert np.array_equal(values, quantize(rest, 4, 16)[0]) == plain
-    assert any("attention sink" in note for note in context.notes) == plain
-
-
-def test_gptq_absorb_moves_the_fp16_rows_except_the_sinks():
-    """--gptq-absorb: the FP16 branch holds the rows GPTQ left after pushing the other rows' error onto them
-    (equal to quant.gptq's result), the sink channel's row stays as it was, and ONNX Runtime computes exactly
-    x @ (dequantized low-bit part + branch rows)."""
-    from accullm_export.quant.gptq import gptq_quantize_absorbing
-    from accullm_export.quant.symmetric import dequantize
-
-    rng = np.random.default_rng(12)
-    weight = rng.standard_normal((32, 8)).astype(np.float32)
-    inputs = rng.standard_normal((256, 32)) @ (np.eye(32) + 0.5 * rng.standard_normal((32, 32)))
-    hessian = inputs.T @ inputs / len(inputs)
-    statistics = {"absmax": np.ones(32), "sink_absmax": np.r_[np.full(31, 0.5), 50.0]}  # channel 31: a sink
-    plan = plan_for(weight, "int4", block=16, outliers=(5, 31, 12))
-    context = PassContext(plans={plan.node: plan}, float_dtype=np.dtype(np.float32), statistics={"x": statistics},
-                          hessians={"x": hessian}, gptq_absorb=True)
-    passes = ["isolate_outliers", "compensate_errors_gptq", "quantize_weights"]
-    graph, _ = run_passes(one_layer_graph(weight), [(name, context) for name in passes])
-    tensors = graph.tensors()
-    values = constant_array(tensors["/layer/MatMul/weight_quantized"]).astype(np.int8)
-    scales = tensors["/layer/MatMul/weight_scale"].values.astype(np.float32)
-    rows = tensors["/layer/MatMul/outlier_weight"].values
-    start = weight.copy()
-    start[[5, 31, 12]] = weight[[5, 31, 12]].astype(np.float16)  # the branch's FP16 rows are GPTQ's start
-    expected_values, _, expected_rows = gptq_quantize_absorbing(start, hessian, 4, 16, absorb=[5, 12], exclude=[31],
-                                                                act_order=True)
-    np.testing.assert_array_equal(values, expected_values)
-    np.testing.assert_array_equal(rows[[0, 2]], expected_rows.astype(np.float16))
-    np.testing.assert_array_equal(rows[1], weight[31].astype(np.float16))  # the sink's row is untouched
-    assert not np.array_equal(rows[[0, 2]], weight[[5, 12]].astype(np.float16))
-    x = rng.standard_normal((2, 3, 32)).astype(np.float32)
-    effective = dequantize(values, scales, 16)
-    effective[[5, 31, 12]] = rows.astype(np.float32)
-    np.testing.assert_allclose(run_graph(graph, x), x @ effective, rtol=1e-5, atol=1e-5)
-
-
-def test_gptq_absorb_needs_gptq_and_outliers():
-    with pytest.raises(UserError, match="give --gptq"):
-        Recipe(name="w4a16", gptq_absorb=True)
-    with pytest.raises(UserError, match="--outliers 0"):
-        Recipe(name="w4a16", gptq=True, gptq_absorb=True, outliers=0)
+    assert any("attention sink" in note for report in reports for note in report.notes) == plain
 
 
 def test_outlier_rows_are_excluded_from_the_low_bit_part():
     weight = (RNG.standard_normal((40, 24)) * 0.1).astype(np.float32)
     weight[3] *= 30.0  # a huge row would dominate its block's scale
     plan = plan_for(weight, "int4", outliers=(3,), block=16)
-    context = PassContext(plans={plan.node: plan}, float_dtype=np.dtype(np.float32))
-    graph, _ = run_passes(one_layer_graph(weight), [("isolate_outliers", context), ("quantize_weights", context)])
+    data = PassData(plans={plan.node: plan}, float_dtype=np.dtype(np.float32))
+    graph, _, _ = run_passes(one_layer_graph(weight), ["isolate_outliers", "quantize_weights"], data)
     tensors = graph.tensors()
     values = tensors["/layer/MatMul/weight_quantized"].values.astype(np.int8)
     scales = tensors["/layer/MatMul/weight_scale"].values
@@ -230,93 +152,22 @@ def test_packed_int4_round_trips(tmp_path, shape):
 
 
 # ------------------------------------------------------------------------------------------ whole model
-def _initializers(path) -> dict[str, np.ndarray]:
-    model = onnx.load(str(path))
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-
-
-def _feed(folder, seq=12, seed=0):
-    from accullm_export.calibration.feeds import llm_feeds
-
-    ids = np.random.default_rng(seed).integers(3, 250, size=(1, seq))
-    return llm_feeds(ids, folder / "model.onnx")[0]
-
-
-def _logits(path, feed):
-    return create_session(path, device="cpu", optimization="basic").run(["logits"], feed)[0]
-
-
-def _builds_equal_emulation(folder, manifest, tmp_path, emulate, builds=("q", "u")) -> tuple[dict, np.ndarray]:
-    """Assert that each build folder under ``tmp_path`` gives the logits of the fp32 model with ``emulate``'s
-    weights (within 1e-5, ONNX Runtime basic) and that the first passes onnx.checker; returns (feed, logits)."""
-    feed = _feed(folder)
-    expected = _logits(_substituted(folder, manifest, tmp_path, emulate), feed)
-    for build in builds:
-        np.testing.assert_allclose(_logits(tmp_path / build / "model.onnx", feed), expected, rtol=1e-5, atol=1e-5)
-    onnx.checker.check_model(onnx.load(str(tmp_path / builds[0] / "model.onnx")), full_check=True)
-    return feed, expected
-
-
-def _fused_at_level_1(path, tmp_path) -> tuple[ort.InferenceSession, list[onnx.NodeProto]]:
-    """An ORT_ENABLE_ALL session with MatMulNBits at accuracy level 1 (float inputs, so it computes what the
-    unfused graph does) and the nodes of its optimized graph."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session, list(onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node)
-
-
-def _substituted(source, quantized_manifest, tmp_path, emulate):
-    """The fp32 model with every planned weight replaced by its NumPy emulation (a weight-only check)."""
-    model = onnx.load(str(source / "model.onnx"))
-    by_name = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:  # untie: the embedding lookup keeps the original table
-        if node.op_type == "Gather" and node.input[0] in by_name and node.input[1] == "input_ids":
-            table = onnx.TensorProto()
-            table.CopyFrom(by_name[node.input[0]])
-            table.name = "untied_embedding_table"
-            model.graph.initializer.append(table)
-            node.input[0] = table.name
-    for layer in quantized_manifest["layers"]:
-        tensor = by_name[layer["weight"]]
-        plan = LayerPlan(**{k: (tuple(v) if k == "outliers" else v) for k, v in layer.items()
-                            if k in LayerPlan.__dataclass_fields__})
-        tensor.CopyFrom(numpy_helper.from_array(emulate(numpy_helper.to_array(tensor), plan), tensor.name))
-    path = tmp_path / "emulated.onnx"
-    onnx.save(model, str(path))
-    return path
-
-
-def _emulate_weight(weight: np.ndarray, plan: LayerPlan) -> np.ndarray:
-    if plan.precision == "fp32":
-        return weight
-    if plan.precision == "fp16":
-        return weight.astype(np.float16).astype(np.float32)
-    rest = weight.copy()
-    rest[list(plan.outliers)] = 0
-    out = np_round_symmetric(rest, plan.bits, plan.block_size)
-    out[list(plan.outliers)] = weight[list(plan.outliers)].astype(np.float16).astype(np.float32)
-    return out
-
-
-@pytest.mark.parametrize("recipe", [Recipe(name="w4a16", block_size=32, embeddings="fp32"),
-                                    Recipe(name="w4a16", block_size=16, outliers=0, embeddings="fp32"),
-                                    Recipe(name="fp16", embeddings="fp32"),
-                                    Recipe(name="w4a16", block_size=32, embeddings="fp32",
+@pytest.mark.parametrize("recipe", [make_recipe(name="w4a16", block_size=32, embeddings="fp32"),
+                                    make_recipe(name="w4a16", block_size=16, outliers=0, embeddings="fp32"),
+                                    make_recipe(name="fp16", embeddings="fp32"),
+                                    make_recipe(name="w4a16", block_size=32, embeddings="fp32",
                                            overrides=(("lm_head", "fp32"), ("layers.0", "int8")))],
                          ids=["w4a16-b32", "w4a16-no-outliers", "fp16", "overrides"])
 def test_weight_only_model_equals_numpy_emulation(planted_model, profile, tmp_path, recipe):
     folder, _ = planted_model
     manifest = quantize_model(folder, tmp_path / "q", recipe, profile)
     onnx.checker.check_model(str(tmp_path / "q" / "model.onnx"), full_check=True)
-    emulated = _substituted(folder, manifest, tmp_path, _emulate_weight)
-    feed = _feed(folder)
-    np.testing.assert_allclose(_logits(tmp_path / "q" / "model.onnx", feed), _logits(emulated, feed),
+    emulated = substituted_model(folder, manifest, tmp_path, emulate_weight)
+    feed = llm_feed(folder)
+    np.testing.assert_allclose(ort_logits(tmp_path / "q" / "model.onnx", feed), ort_logits(emulated, feed),
                                rtol=1e-5, atol=1e-5)
     branch = [layer for layer in manifest["layers"] if layer["outliers"]]
-    if recipe.outliers == 0 or recipe.name == "fp16":
+    if recipe.outliers.channels == 0 or recipe.name == "fp16":
         assert not branch
     else:  # the planted channels are found and split off wherever the layer reads a normed input
         assert branch and all(set(PLANTED) <= set(layer["outliers"]) for layer in branch
@@ -331,7 +182,7 @@ def test_block_scales_stored_in_half_precision(planted_model, profile, tmp_path)
     from accullm_export.graph.ir import load_graph, save_graph
 
     folder, _ = planted_model
-    manifest = quantize_model(folder, tmp_path / "q", Recipe(name="w4a16", block_size=16, outliers=0), profile)
+    manifest = quantize_model(folder, tmp_path / "q", make_recipe(name="w4a16", block_size=16, outliers=0), profile)
     for layer in manifest["layers"]:  # no outlier rows: int4 values plus one FP16 scale per 16 rows and column
         blocks = -(-layer["in_features"] // 16)
         expected = (layer["in_features"] * 4 + blocks * 16) / layer["in_features"]
@@ -356,27 +207,27 @@ def test_block_scales_stored_in_half_precision(planted_model, profile, tmp_path)
     assert not any(node.op_type == "DequantizeLinear" for node in optimized.graph.node)
 
     graph, source = load_graph(path)
-    graph, _ = run_passes(graph, [("fold_scale_casts", None)])
+    graph, _, _ = run_passes(graph, [("fold_scale_casts", None)])
     save_graph(graph, source, tmp_path / "folded.onnx", {})
     folded = onnx.load(str(tmp_path / "folded.onnx"), load_external_data=False)
     folded_initializers = {t.name for t in folded.graph.initializer}
     for node in folded.graph.node:
         if node.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in node.attribute):
             assert node.input[1] in folded_initializers  # a plain constant scale, as TensorRT's parser wants
-    feed = _feed(folder)
-    np.testing.assert_array_equal(_logits(tmp_path / "folded.onnx", feed), _logits(path, feed))
+    feed = llm_feed(folder)
+    np.testing.assert_array_equal(ort_logits(tmp_path / "folded.onnx", feed), ort_logits(path, feed))
 
 
 def test_scale_search_model_equals_emulation(planted_model, profile, tmp_path):
-    """--scale-search: each INT4 layer equals rounding with the searched scales, the rows weighted by the
+    """weights.scale_search: each INT4 layer equals rounding with the searched scales, the rows weighted by the
     profile's E[x^2] of that input (outlier rows left out), on the full grid; stored values reach -8."""
     from accullm_export.calibration.profile import load_profile
     from accullm_export.quant.symmetric import dequantize, quantize
 
     folder, _ = planted_model
-    manifest = quantize_model(folder, tmp_path / "q", Recipe(name="w4a16", block_size=16, scale_search=True,
+    manifest = quantize_model(folder, tmp_path / "q", make_recipe(name="w4a16", block_size=16, scale_search=True,
                                                              embeddings="fp32"), profile)
-    assert manifest["recipe"]["scale_search"] is True
+    assert manifest["recipe"]["weights"]["scale_search"] is True
     moments = {layer["node"]: layer for layer in load_profile(profile).manifest["layers"]}
     arrays = load_profile(profile).arrays
 
@@ -390,24 +241,24 @@ def test_scale_search_model_equals_emulation(planted_model, profile, tmp_path):
         out[list(plan.outliers)] = weight[list(plan.outliers)].astype(np.float16).astype(np.float32)
         return out
 
-    emulated = _substituted(folder, manifest, tmp_path, emulate)
-    feed = _feed(folder)
-    np.testing.assert_allclose(_logits(tmp_path / "q" / "model.onnx", feed), _logits(emulated, feed),
+    emulated = substituted_model(folder, manifest, tmp_path, emulate)
+    feed = llm_feed(folder)
+    np.testing.assert_allclose(ort_logits(tmp_path / "q" / "model.onnx", feed), ort_logits(emulated, feed),
                                rtol=1e-5, atol=1e-5)
-    stored = _initializers(tmp_path / "q" / "model.onnx")
+    stored = read_initializers(tmp_path / "q" / "model.onnx")
     assert any(v.dtype == ml_dtypes.int4 and (v.astype(np.int8) == -8).any() for v in stored.values())
     # -8 survives ONNX Runtime's MatMulNBits fusion (ORT all; its int8 activations at accuracy level 4 differ a
     # little): a mishandled -8 would move whole weights by 8 steps
     fused = create_session(tmp_path / "q" / "model.onnx", device="cpu", optimization="all").run(["logits"], feed)[0]
-    basic = _logits(tmp_path / "q" / "model.onnx", feed)
+    basic = ort_logits(tmp_path / "q" / "model.onnx", feed)
     assert np.abs(fused - basic).max() < 0.05 * np.abs(basic).max()
-    with pytest.raises(UserError, match="--scale-search"):
-        Recipe(name="fp16", scale_search=True)
+    with pytest.raises(UserError, match="weights.scale_search: applies to blocked INT4"):
+        make_recipe(name="fp16", scale_search=True)
 
 
 def test_overrides_are_honoured(planted_model, profile, tmp_path):
     folder, _ = planted_model
-    recipe = Recipe(name="w4a16", block_size=32, overrides=(("lm_head", "fp32"), ("layers.0", "int8"),
+    recipe = make_recipe(name="w4a16", block_size=32, overrides=(("lm_head", "fp32"), ("layers.0", "int8"),
                                                             ("*down_proj*", "fp16")))
     manifest = quantize_model(folder, tmp_path / "q", recipe, profile)
     precision = {layer["node"]: layer["precision"] for layer in manifest["layers"]}
@@ -415,13 +266,13 @@ def test_overrides_are_honoured(planted_model, profile, tmp_path):
     assert precision["/model/layers.0/self_attn/q_proj/MatMul"] == "int8"
     assert precision["/model/layers.0/mlp/down_proj/MatMul"] == "fp16"  # the last matching override wins
     assert precision["/model/layers.1/self_attn/q_proj/MatMul"] == "int4"
-    initializers = _initializers(tmp_path / "q" / "model.onnx")  # q/k/v are merged into one MatMul per layer
+    initializers = read_initializers(tmp_path / "q" / "model.onnx")  # q/k/v are merged into one MatMul per layer
     dtypes = lambda prefix: {a.dtype for name, a in initializers.items() if name.startswith(prefix)}  # noqa: E731
     assert np.dtype(np.int8) in dtypes("/model/layers.0/self_attn/q_proj/MatMul")
     assert np.dtype(ml_dtypes.int4) in dtypes("/model/layers.1/self_attn/q_proj/MatMul")
     assert initializers["lm_head.MatMul.weight"].dtype == np.float32
     with pytest.raises(UserError, match="matches no linear layer"):
-        quantize_model(folder, tmp_path / "x", Recipe(name="w4a16", overrides=(("layers.9", "int8"),)), profile)
+        quantize_model(folder, tmp_path / "x", make_recipe(name="w4a16", overrides=(("layers.9", "int8"),)), profile)
 
 
 def test_merging_parallel_linears_keeps_the_numerics(planted_model, tmp_path):
@@ -430,27 +281,26 @@ def test_merging_parallel_linears_keeps_the_numerics(planted_model, tmp_path):
 
     folder, _ = planted_model
     graph, model = load_graph(folder / "model.onnx")
-    context = PassContext(plans={}, float_dtype=np.dtype(np.float32))
-    graph, reports = run_passes(graph, [("merge_parallel_linears", context)])
+    graph, reports, _ = run_passes(graph, [("merge_parallel_linears", None)])
     assert reports[0].nodes_removed == {"MatMul": 2 * 3}  # 2 layers: (3 - 1) + (2 - 1) MatMuls fewer each
     assert reports[0].nodes_added == {"Split": 4}
     save_graph(graph, model, tmp_path / "merged.onnx", {})
     names = {output for node in onnx.load(str(tmp_path / "merged.onnx")).graph.node for output in node.output}
     assert "/model/layers.1/self_attn/k_proj/MatMul/output_0" in names
-    feed = _feed(folder)
-    np.testing.assert_allclose(_logits(tmp_path / "merged.onnx", feed), _logits(folder / "model.onnx", feed),
+    feed = llm_feed(folder)
+    np.testing.assert_allclose(ort_logits(tmp_path / "merged.onnx", feed), ort_logits(folder / "model.onnx", feed),
                                rtol=1e-6, atol=1e-6)
 
 
 def test_outlier_layers_limit_the_branch(planted_model, profile, tmp_path):
     folder, _ = planted_model
-    manifest = quantize_model(folder, tmp_path / "q", Recipe(name="w4a16", block_size=32, policy="topk",
+    manifest = quantize_model(folder, tmp_path / "q", make_recipe(name="w4a16", block_size=32, policy="topk",
                                                              outlier_layers=("*down_proj*", "lm_head")), profile)
     with_branch = {layer["node"] for layer in manifest["layers"] if layer["outliers"]}
     assert with_branch and all("down_proj" in node or "lm_head" in node for node in with_branch)
-    with pytest.raises(UserError, match="--outlier-layers"):
-        quantize_model(folder, tmp_path / "x", Recipe(name="w4a16", outlier_layers=("nothing",)), profile)
-    manifest = quantize_model(folder, tmp_path / "r", Recipe(name="w4a16", block_size=32, policy="topk",
+    with pytest.raises(UserError, match="outliers.layers 'nothing' matches no linear layer"):
+        quantize_model(folder, tmp_path / "x", make_recipe(name="w4a16", outlier_layers=("nothing",)), profile)
+    manifest = quantize_model(folder, tmp_path / "r", make_recipe(name="w4a16", block_size=32, policy="topk",
                                                              outlier_layers=("residual",)), profile)
     with_branch = {layer["node"] for layer in manifest["layers"] if layer["outliers"]}
     readers = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
@@ -458,22 +308,22 @@ def test_outlier_layers_limit_the_branch(planted_model, profile, tmp_path):
     assert all(any(name in node for name in readers) for node in with_branch)
     assert all(layer["outliers"] for layer in manifest["layers"] if any(name in layer["node"] for name in readers))
     # '!PATTERN' takes layers out of the branch: the same without gate/up
-    manifest = quantize_model(folder, tmp_path / "e", Recipe(name="w4a16", block_size=32, policy="topk", outlier_layers=(
+    manifest = quantize_model(folder, tmp_path / "e", make_recipe(name="w4a16", block_size=32, policy="topk", outlier_layers=(
         "residual", "!*gate_proj*", "!*up_proj*")), profile)
     without = {layer["node"] for layer in manifest["layers"] if layer["outliers"]}
     assert without == {node for node in with_branch if "gate_proj" not in node and "up_proj" not in node}
     with pytest.raises(UserError, match="matches no linear layer"):
-        quantize_model(folder, tmp_path / "y", Recipe(name="w4a16", outlier_layers=("residual", "!nothing")), profile)
+        quantize_model(folder, tmp_path / "y", make_recipe(name="w4a16", outlier_layers=("residual", "!nothing")), profile)
 
 
 def test_min_outliers_tops_up_the_branch(planted_model, profile, tmp_path):
-    """--min-outliers PATTERN=N: the policy's channels plus the next by calibration E[x^2], N in all; the
+    """outliers.min_channels [PATTERN, N]: the policy's channels plus the next by calibration E[x^2], N in all; the
     other layers keep the policy's."""
     from accullm_export.calibration.profile import load_profile
 
     folder, _ = planted_model
     base = dict(name="w4a16", block_size=32, policy="topk", outlier_layers=("lm_head", "*down_proj*"))
-    plain = quantize_model(folder, tmp_path / "p", Recipe(**base), profile)
+    plain = quantize_model(folder, tmp_path / "p", make_recipe(**base), profile)
     head = next(layer for layer in plain["layers"] if layer["node"] == "/lm_head/MatMul")
     statistics = load_profile(profile, folder / "model.onnx")
 
@@ -483,38 +333,40 @@ def test_min_outliers_tops_up_the_branch(planted_model, profile, tmp_path):
         return [int(c) for c in np.argsort(-second, kind="stable") if int(c) not in taken]
 
     count = len(head["outliers"]) + 3
-    topped = quantize_model(folder, tmp_path / "t", Recipe(**base, min_outliers=(("lm_head", count),)), profile)
+    topped = quantize_model(folder, tmp_path / "t", make_recipe(**base, min_outliers=(("lm_head", count),)), profile)
     extra = by_second_moment(head["input"], head["outliers"])[:3]
     layers = {layer["node"]: layer for layer in topped["layers"]}
     assert layers["/lm_head/MatMul"]["outliers"] == sorted(head["outliers"] + extra)
     assert all(layers[layer["node"]]["outliers"] == layer["outliers"] for layer in plain["layers"]
                if layer["node"] != "/lm_head/MatMul")
-    assert Recipe.from_dict(Recipe(**base, min_outliers=(("lm_head", 5),)).to_dict()).min_outliers == (("lm_head", 5),)
+    assert Recipe.from_dict(make_recipe(**base, min_outliers=(("lm_head", 5),)).to_dict()).outliers.min_channels == \
+        (("lm_head", 5),)
     # readers of one input (q/k/v): the count applies to the union of their channels, whichever reader it names
     shared = dict(name="w4a16", block_size=32, policy="topk", outlier_layers=("residual",))
-    plain = quantize_model(folder, tmp_path / "sp", Recipe(**shared), profile)
+    plain = quantize_model(folder, tmp_path / "sp", make_recipe(**shared), profile)
     query = next(layer for layer in plain["layers"] if "q_proj" in layer["node"])
     union = query["outliers"]
-    topped = quantize_model(folder, tmp_path / "st", Recipe(**shared, min_outliers=(("*q_proj*", len(union) + 2),)),
+    topped = quantize_model(folder, tmp_path / "st", make_recipe(**shared, min_outliers=(("*q_proj*", len(union) + 2),)),
                             profile)
     extra = by_second_moment(query["input"], union)
     readers = [layer for layer in topped["layers"] if layer["input"] == query["input"]]
     assert len(readers) == 3 and all(layer["outliers"] == sorted(union + extra[:2]) for layer in readers)
-    assert parse_min_outliers("lm_head=32") == ("lm_head", 32)
-    for text in ("lm_head", "lm_head=x", "=3", "lm_head=-2"):
-        with pytest.raises(UserError, match="--min-outliers"):
-            parse_min_outliers(text)
+    assert Recipe.from_dict({"outliers": {"min_channels": [["lm_head", 32]]}}).outliers.min_channels == \
+        (("lm_head", 32),)
+    for entry in (["lm_head"], ["lm_head", "x"], ["", 3], ["lm_head", -2]):
+        with pytest.raises(UserError, match="outliers.min_channels"):
+            Recipe.from_dict({"outliers": {"min_channels": [entry]}})
     with pytest.raises(UserError, match="positive integer"):
-        Recipe(**base, min_outliers=(("lm_head", 0),))
+        make_recipe(**base, min_outliers=(("lm_head", 0),))
     with pytest.raises(UserError, match="no outlier branch"):
-        Recipe(name="w4a16", outliers=0, min_outliers=(("lm_head", 4),))
+        make_recipe(name="w4a16", outliers=0, min_outliers=(("lm_head", 4),))
     with pytest.raises(UserError, match="no row would stay low-bit"):
-        quantize_model(folder, tmp_path / "w", Recipe(**base, min_outliers=(("lm_head", 10 ** 6),)), profile)
+        quantize_model(folder, tmp_path / "w", make_recipe(**base, min_outliers=(("lm_head", 10 ** 6),)), profile)
     with pytest.raises(UserError, match="no layer it matches gets an outlier branch"):
-        quantize_model(folder, tmp_path / "x", Recipe(**base, min_outliers=(("*up_proj*", 4),)), profile)
-    assert main(["quantize", str(folder), "--recipe", "w4a16", "--block-size", "32", "--policy", "topk",
-                 "--outlier-layers", "lm_head", "--outlier-layers", "*down_proj*", "--min-outliers", f"lm_head={count}",
-                 "--profile", str(profile), "-o", str(tmp_path / "c")]) == 0
+        quantize_model(folder, tmp_path / "x", make_recipe(**base, min_outliers=(("*up_proj*", 4),)), profile)
+    config = write_config(tmp_path / "min.toml", make_recipe(**base, min_outliers=(("lm_head", count),)))
+    assert main(["quantize", str(folder), "--config", config, "--profile", str(profile),
+                 "-o", str(tmp_path / "c")]) == 0
     written = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert next(layer for layer in written["layers"] if layer["node"] == "/lm_head/MatMul")["outliers"] == \
         layers["/lm_head/MatMul"]["outliers"]
@@ -523,7 +375,8 @@ def test_min_outliers_tops_up_the_branch(planted_model, profile, tmp_path):
 def test_residual_outlier_layers_take_the_sink_writers():
     """A layer whose input at the attention sink dwarfs every other token's gets the branch, sink channels included."""
     from accullm_export.graph.linear import LinearLayer
-    from accullm_export.graph.recipes import plan_layers, sink_channels
+    from accullm_export.graph.recipes import sink_channels
+    from accullm_export.recipes.plan import plan_layers
 
     absmax = np.ones(8)
     assert sink_channels({"absmax": absmax, "sink_absmax": np.array([1, 50, 2, 11, 0, 0, 0, 0.0])}) == [1, 3]
@@ -545,23 +398,23 @@ def test_residual_outlier_layers_take_the_sink_writers():
                           in_features=8, out_features=8, dtype="float32")
               for i, (name, tensor) in enumerate((("self_attn/q_proj", "q_in"), ("self_attn/o_proj", "o_in"),
                                                   ("mlp/down_proj", "down_in")))]
-    plans = plan_layers(Recipe(name="w4a16", block_size=16, outlier_layers=("residual",)), layers, Profile())
+    plans = plan_layers(make_recipe(name="w4a16", block_size=16, outlier_layers=("residual",)), layers, Profile())
     assert [plans[layer.node].outliers for layer in layers] == [(0,), (), (0, 2)]
 
 
 def test_residual_outlier_layers_need_named_readers():
     from accullm_export.graph.linear import LinearLayer
-    from accullm_export.graph.recipes import plan_layers
+    from accullm_export.recipes.plan import plan_layers
 
     layers = [LinearLayer(node="/fc1/MatMul", op_type="MatMul", input="x", weight="w", in_features=8, out_features=8, dtype="float32")]
     with pytest.raises(UserError, match="no q/k/v, gate/up or lm_head layer"):
-        plan_layers(Recipe(name="w4a16", outlier_layers=("residual",)), layers, profile=None)
+        plan_layers(make_recipe(name="w4a16", outlier_layers=("residual",)), layers, profile=None)
 
 
 def test_override_sets_an_int4_block_size(planted_model, profile, tmp_path):
     """``int4:B`` gives matching layers their own INT4 block size; the others keep --block-size."""
     folder, _ = planted_model
-    recipe = Recipe(name="w4a16", block_size=32, overrides=(("*down_proj*", "int4:16"), ("layers.1", "int4")))
+    recipe = make_recipe(name="w4a16", block_size=32, overrides=(("*down_proj*", "int4:16"), ("layers.1", "int4")))
     manifest = quantize_model(folder, tmp_path / "q", recipe, profile)
     blocks = {layer["node"]: (layer["precision"], layer["block_size"]) for layer in manifest["layers"]}
     assert blocks["/model/layers.0/mlp/down_proj/MatMul"] == ("int4", 16)
@@ -575,7 +428,7 @@ def test_override_sets_an_int4_block_size(planted_model, profile, tmp_path):
     assert down == [16], dq_blocks
     for bad in ("int8:64", "int4:48", "int4:x"):
         with pytest.raises(UserError, match="override"):
-            Recipe(name="w4a16", overrides=(("lm_head", bad),))
+            make_recipe(name="w4a16", overrides=(("lm_head", bad),))
 
 
 def test_override_patterns():
@@ -589,12 +442,12 @@ def test_embedding_table_int8_per_token(planted_model, profile, tmp_path):
     from accullm_export.runtime.intermediates import IntermediateReader
 
     folder, _ = planted_model
-    quantize_model(folder, tmp_path / "q", Recipe(name="w4a16", block_size=32), profile)
-    table = _initializers(folder / "model.onnx")["lm_head.MatMul.weight"]  # tied: [hidden, vocab]
+    quantize_model(folder, tmp_path / "q", make_recipe(name="w4a16", block_size=32), profile)
+    table = read_initializers(folder / "model.onnx")["lm_head.MatMul.weight"]  # tied: [hidden, vocab]
     scale = np.abs(table).max(axis=0) / np.float32(127)
     scale = np.where(scale == 0, np.float32(1), scale)  # the padding token's all-zero column
     expected_table = np.clip(np.rint(table / scale), -127, 127) * scale
-    feed = _feed(folder)
+    feed = llm_feed(folder)
     name = "/model/embed_tokens/Gather/output_0"
     got = IntermediateReader(tmp_path / "q" / "model.onnx").run(feed, [name])[name]
     np.testing.assert_allclose(got, expected_table[:, feed["input_ids"]], rtol=1e-6, atol=1e-7)
@@ -607,37 +460,37 @@ def test_w8a8_model_runs_and_the_branch_pays(planted_model, profile, tmp_path):
     folder, text = planted_model
     windows, _ = text_windows(folder, str(text), 2, 32, seed=5)  # text like the calibration's, not random bytes
     feed = llm_feeds(windows[1:], folder / "model.onnx")[0]
-    reference = _logits(folder / "model.onnx", feed)
+    reference = ort_logits(folder / "model.onnx", feed)
     for activations in ("static", "dynamic"):
         errors = {}
         for outliers in ("auto", 0):
             out = tmp_path / f"{activations}-{outliers}"
-            manifest = quantize_model(folder, out, Recipe(name="w8a8", activations=activations, outliers=outliers),
+            manifest = quantize_model(folder, out, make_recipe(name="w8a8", activations=activations, outliers=outliers),
                                       profile)
             onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
             ops = {node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node}
             expected = {"QuantizeLinear", "DequantizeLinear"} if activations == "static" else {
                 "QuantizeLinear", "MatMulInteger"}  # dynamic: an integer GEMM ONNX Runtime runs fast
             assert expected <= ops
-            errors[outliers] = np.abs(_logits(out / "model.onnx", feed) - reference).max()
+            errors[outliers] = np.abs(ort_logits(out / "model.onnx", feed) - reference).max()
             create_session(out / "model.onnx", device="cpu", optimization="all").run(["logits"], feed)
             assert manifest["size"]["linear_bits_per_weight"] < 10
         assert errors["auto"] < 0.75 * errors[0], errors
 
 
 def test_w8a8_activation_groups(planted_model, profile, tmp_path):
-    """--activation-group: one batched MatMulInteger over [K/G, G, N] weights per layer, the same stored bits, and
+    """activations.group: one batched MatMulInteger over [K/G, G, N] weights per layer, the same stored bits, and
     a smaller error than one scale per token; group sizes that do not divide a layer's width are refused."""
     from accullm_export.calibration.feeds import llm_feeds, text_windows
 
     folder, text = planted_model
     windows, _ = text_windows(folder, str(text), 2, 32, seed=5)
     feed = llm_feeds(windows[1:], folder / "model.onnx")[0]
-    reference = _logits(folder / "model.onnx", feed)
+    reference = ort_logits(folder / "model.onnx", feed)
     errors, bits = {}, {}
     for group in (0, 16):
         out = tmp_path / f"group{group}"
-        manifest = quantize_model(folder, out, Recipe(name="w8a8", activations="dynamic", activation_group=group,
+        manifest = quantize_model(folder, out, make_recipe(name="w8a8", activations="dynamic", activation_group=group,
                                                       outliers=0), profile)
         model = onnx.load(str(out / "model.onnx"))
         onnx.checker.check_model(model, full_check=True)
@@ -647,24 +500,24 @@ def test_w8a8_activation_groups(planted_model, profile, tmp_path):
         if group:
             assert all(w.dims[1] == group for w in weights)
             assert {p["activation_group"] for p in manifest["layers"] if p["activations"]} == {group}
-        errors[group] = np.abs(_logits(out / "model.onnx", feed) - reference).mean()
+        errors[group] = np.abs(ort_logits(out / "model.onnx", feed) - reference).mean()
         bits[group] = manifest["size"]["linear_bits_per_weight"]
         create_session(out / "model.onnx", device="cpu", optimization="all").run(["logits"], feed)
     assert bits[16] == bits[0]
     assert errors[16] < errors[0], errors
     with pytest.raises(UserError, match="not a multiple of 128; this model takes 16, 32, 64"):
-        quantize_model(folder, tmp_path / "bad", Recipe(name="w8a8", activations="dynamic", activation_group=128),
+        quantize_model(folder, tmp_path / "bad", make_recipe(name="w8a8", activations="dynamic", activation_group=128),
                        profile)
     assert not (tmp_path / "bad").exists()
 
 
 def test_quantizing_twice_or_with_a_foreign_profile_is_refused(planted_model, profile, tiny_exports, tmp_path):
     folder, _ = planted_model
-    quantize_model(folder, tmp_path / "q", Recipe(name="w4a16", block_size=32), profile)
+    quantize_model(folder, tmp_path / "q", make_recipe(name="w4a16", block_size=32), profile)
     with pytest.raises(UserError, match="already quantized"):
-        quantize_model(tmp_path / "q", tmp_path / "q2", Recipe(name="w4a16"), profile)
+        quantize_model(tmp_path / "q", tmp_path / "q2", make_recipe(name="w4a16"), profile)
     with pytest.raises(UserError, match="another model"):
-        quantize_model(tiny_exports["llama"][1], tmp_path / "q3", Recipe(name="w4a16"), profile)
+        quantize_model(tiny_exports["llama"][1], tmp_path / "q3", make_recipe(name="w4a16"), profile)
     assert not (tmp_path / "q2").exists() and not (tmp_path / "q3").exists()
 
 
@@ -687,7 +540,7 @@ def test_unsupported_ops_are_left_untouched_with_a_note(tmp_path, caplog):
                       "    return [{'x': rng.standard_normal((4, 8)).astype(np.float32)} for _ in range(3)]\n")
     calibrate(tmp_path / "m.onnx", tmp_path / "p", CalibrationConfig(source=str(script)))
     with caplog.at_level(logging.INFO, logger="accullm_export"):
-        manifest = quantize_model(tmp_path / "m.onnx", tmp_path / "q", Recipe(name="w8a8", outliers=0), tmp_path / "p")
+        manifest = quantize_model(tmp_path / "m.onnx", tmp_path / "q", make_recipe(name="w8a8", outliers=0), tmp_path / "p")
     assert any("/b/Gemm: Gemm is not rewritten" in note for note in manifest["notes"])
     assert "Gemm is not rewritten" in caplog.text
     rewritten = onnx.load(str(tmp_path / "q" / "model.onnx"))
@@ -698,40 +551,41 @@ def test_unsupported_ops_are_left_untouched_with_a_note(tmp_path, caplog):
     np.testing.assert_allclose(y, (x @ weight) @ weight, atol=0.1)
 
 
-@pytest.mark.parametrize("pass_name,recipe", [("scale_activations_awq", Recipe(name="w4a16", block_size=32)),
-                                              ("smooth_activations", Recipe(name="w8a8", smoothquant=0.5))])
+@pytest.mark.parametrize("pass_name,recipe", [("scale_activations_awq", make_recipe(name="w4a16", block_size=32)),
+                                              ("smooth_activations", make_recipe(name="w8a8", smoothquant=0.5))])
 def test_scaling_passes_keep_the_function(planted_model, profile, tmp_path, pass_name, recipe):
     """AWQ or SmoothQuant alone (weights not rounded yet) must not change the model's output."""
     from accullm_export.calibration.profile import load_profile
     from accullm_export.graph.ir import load_graph, save_graph
     from accullm_export.graph.linear import find_linear_layers
-    from accullm_export.graph.recipes import plan_layers
+    from accullm_export.recipes.plan import plan_layers
 
     folder, _ = planted_model
     source = folder / "model.onnx"
     loaded = load_profile(profile, source)
     plans = plan_layers(recipe, find_linear_layers(onnx.load(str(source))), loaded)
     statistics = {e["name"]: loaded.input_statistics(e["name"]) for e in loaded.manifest["inputs"]}
-    context = PassContext(plans=plans, float_dtype=np.dtype(np.float32), statistics=statistics,
-                          smoothing=recipe.smoothquant)
+    data = PassData(plans=plans, float_dtype=np.dtype(np.float32), statistics=statistics,
+                    smoothing=recipe.activations.smoothquant or None)
     graph, model = load_graph(source)
-    graph, _ = run_passes(graph, [(pass_name, context)])
-    assert context.input_scales, "no input was scaled"
+    graph, reports, data = run_passes(graph, [pass_name], data)
+    assert data.input_scales, "no input was scaled"
     save_graph(graph, model, tmp_path / "scaled.onnx", {})
-    feed = _feed(folder)
-    np.testing.assert_allclose(_logits(tmp_path / "scaled.onnx", feed), _logits(source, feed), rtol=1e-4, atol=1e-4)
-    assert any("not scaled" in note for note in context.notes)  # attention outputs have no producer to fold into
+    feed = llm_feed(folder)
+    np.testing.assert_allclose(ort_logits(tmp_path / "scaled.onnx", feed), ort_logits(source, feed),
+                               rtol=1e-4, atol=1e-4)
+    assert any("not scaled" in note for note in reports[0].notes)  # attention outputs have no producer to fold into
 
 
 def test_smoothquant_scales_and_static_ranges_equal_numpy(planted_model, profile, tmp_path):
     from accullm_export.calibration.profile import load_profile
 
     folder, _ = planted_model
-    manifest = quantize_model(folder, tmp_path / "q", Recipe(name="w8a8", smoothquant=0.5), profile)
+    manifest = quantize_model(folder, tmp_path / "q", make_recipe(name="w8a8", smoothquant=0.5), profile)
     loaded = load_profile(profile)
     tensor = "/model/layers.1/post_attention_layernorm/Mul/output_0"  # read by gate_proj and up_proj
     statistics = loaded.input_statistics(tensor)
-    source = _initializers(folder / "model.onnx")
+    source = read_initializers(folder / "model.onnx")
     outliers = next(layer["outliers"] for layer in manifest["layers"] if layer["input"] == tensor)
     weight_range = np.maximum(np.abs(source["model.layers.1.mlp.gate_proj.MatMul.weight"]).max(axis=1),
                               np.abs(source["model.layers.1.mlp.up_proj.MatMul.weight"]).max(axis=1))
@@ -739,15 +593,16 @@ def test_smoothquant_scales_and_static_ranges_equal_numpy(planted_model, profile
     smoothing = np.sqrt(activation_range) / np.sqrt(weight_range)
     smoothing[outliers] = 1.0
     expected_scale = np.delete(activation_range / smoothing, outliers).max() / 127
-    got = _initializers(tmp_path / "q" / "model.onnx")[f"{tensor}/input_scale"]
+    got = read_initializers(tmp_path / "q" / "model.onnx")[f"{tensor}/input_scale"]
     np.testing.assert_allclose(got, expected_scale, rtol=1e-5)
     assert abs(expected_scale - np.delete(activation_range, outliers).max() / 127) > 1e-3 * expected_scale
 
 
 def test_quantize_cli(planted_model, profile, tmp_path, capsys):
     folder, _ = planted_model
-    code = main(["quantize", str(folder), "--recipe", "w4a16", "--profile", str(profile), "-o", str(tmp_path / "q"),
-                 "--block-size", "32", "--awq", "--gptq", "--gptq-samples", "2", "--override", "lm_head=int8"])
+    config = write_config(tmp_path / "awq.toml", make_recipe(name="w4a16", awq=True, gptq=True, gptq_samples=2))
+    code = main(["quantize", str(folder), "--config", config, "--profile", str(profile), "-o", str(tmp_path / "q"),
+                 "--block-size", "32", "--override", "lm_head=int8"])
     out = capsys.readouterr().out
     assert code == 0 and "effective bits per weight" in out
     manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
@@ -756,20 +611,31 @@ def test_quantize_cli(planted_model, profile, tmp_path, capsys):
                                                        "quantize_activations", "quantize_embeddings",
                                                        "merge_parallel_linears"]
     assert (tmp_path / "q" / "tokenizer.json").is_file() and (tmp_path / "q" / "genai_config.json").is_file()
-    assert not any(note.startswith("GPTQ: --gptq-samples") for note in manifest["notes"])
-    code = main(["quantize", str(folder), "--recipe", "w4a16", "--profile", str(profile), "-o", str(tmp_path / "q2"),
-                 "--block-size", "32", "--gptq", "--gptq-samples", "1000"])
+    assert not any(note.startswith("GPTQ: gptq.samples") for note in manifest["notes"])
+    config = write_config(tmp_path / "gptq.toml", make_recipe(name="w4a16", gptq=True, gptq_samples=1000))
+    code = main(["quantize", str(folder), "--config", config, "--profile", str(profile), "-o", str(tmp_path / "q2"),
+                 "--block-size", "32"])
     notes = json.loads((tmp_path / "q2" / "manifest.json").read_text())["notes"]
-    assert code == 0 and any("--gptq-samples 1000, but the profile holds" in note for note in notes)
-    for bad, message in ((["--outliers", "-1"], "--outliers"), (["--awq", "--recipe", "w8a8"], "--awq"),
-                         (["--override", "nothing=int8"], "matches no linear layer"),
-                         (["--override", "lm_head=int3"], "precision must be one of"),
-                         (["--smoothquant", "0.5"], "--smoothquant"), (["--block-size", "100"], "--block-size"),
-                         (["--activation-group", "32"], "--activation-group"),
-                         (["--recipe", "w8a8", "--activation-group", "32"], "--activation-group")):
-        args = ["quantize", str(folder), "--recipe", "w4a16", "--profile", str(profile), "-o", str(tmp_path / "bad"),
+    assert code == 0 and any("gptq.samples is 1000, but the profile holds" in note for note in notes)
+    w4a16 = {"weights": {"precision": "int4"}}
+    w8a8 = {"weights": {"precision": "int8"}, "activations": {"mode": "static"}}
+    for table, bad, message in (
+            (w4a16, ["--outliers", "-1"], "outliers.channels"),
+            ({**w8a8, "weights": {"precision": "int8", "awq": True}}, [], "weights.awq"),
+            (w4a16, ["--override", "nothing=int8"], "matches no linear layer"),
+            (w4a16, ["--override", "lm_head=int3"], "precision must be one of"),
+            ({**w4a16, "activations": {"smoothquant": 0.5}}, [], "activations.smoothquant"),
+            (w4a16, ["--block-size", "100"], "--block-size"),
+            ({**w4a16, "activations": {"group": 32}}, [], "activations.group"),
+            ({**w8a8, "activations": {"mode": "static", "group": 32}}, [], "activations.group")):
+        config = write_config(tmp_path / "bad.toml", table)
+        args = ["quantize", str(folder), "--config", config, "--profile", str(profile), "-o", str(tmp_path / "bad"),
                 *bad]
-        assert main(args) == 2
+        try:
+            code = main(args)
+        except SystemExit as exited:  # argparse refuses a value outside a flag's choices, with the same exit code
+            code = exited.code
+        assert code == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
@@ -779,21 +645,20 @@ def test_fp16_exports_quantize_with_fp16_scales(tmp_path):
     from accullm_export.calibration.outliers import OutlierPolicy
     from accullm_export.calibration.run import CalibrationConfig, calibrate
     from accullm_export.models.export import export_model
-    from tests.conftest import make_tiny_checkpoint
-    from tests.unit.test_validate import TEXT
 
     hf = make_tiny_checkpoint(tmp_path / "hf", "llama", seed=3)
     export_model(str(hf), tmp_path / "onnx", dtype="fp16")
     (tmp_path / "text.txt").write_text(TEXT)
     calibrate(tmp_path / "onnx", tmp_path / "p", CalibrationConfig(source=str(tmp_path / "text.txt"), samples=4,
                                                                    seq_len=32, policy=OutlierPolicy(name="topk", k=2)))
-    feed = _feed(tmp_path / "onnx")
-    reference = _logits(tmp_path / "onnx" / "model.onnx", feed).astype(np.float32)
-    for recipe in (Recipe(name="w4a16", block_size=32), Recipe(name="w8a8", activations="dynamic", smoothquant=0.5)):
+    feed = llm_feed(tmp_path / "onnx")
+    reference = ort_logits(tmp_path / "onnx" / "model.onnx", feed).astype(np.float32)
+    for recipe in (make_recipe(name="w4a16", block_size=32), make_recipe(name="w8a8", activations="dynamic", smoothquant=0.5)):
         out = tmp_path / recipe.name
         manifest = quantize_model(tmp_path / "onnx", out, recipe, tmp_path / "p")
         assert any(layer["outliers"] for layer in manifest["layers"])
-        scales = [a for name, a in _initializers(out / "model.onnx").items() if "weight" in name and "scale" in name]
+        scales = [a for name, a in read_initializers(out / "model.onnx").items()
+                  if "weight" in name and "scale" in name]
         assert scales and all(a.dtype == np.float16 for a in scales)
-        logits = _logits(out / "model.onnx", feed).astype(np.float32)
+        logits = ort_logits(out / "model.onnx", feed).astype(np.float32)
         assert np.abs(logits - reference).max() < 0.25 * np.abs(reference).max()

@@ -8,7 +8,7 @@ import pytest
 from accullm_export.errors import UserError
 from accullm_export.runtime import GenerationConfig, OrtCausalLM, generate
 from accullm_export.runtime.generation import left_pad, sample_token
-from tests.conftest import load_torch_model
+from tests.helpers.models import load_torch_model
 
 torch = pytest.importorskip("torch", reason="greedy references come from torch (the [export] extra)")
 
@@ -79,7 +79,7 @@ def test_left_pad():
 
 def test_stream_decoder_holds_back_partial_characters(tmp_path):
     from accullm_export.runtime.tokenizer import FolderTokenizer, StreamDecoder
-    from tests.conftest import write_byte_tokenizer
+    from tests.helpers.models import write_byte_tokenizer
 
     # a byte-level BPE with no merges: "é" is two byte tokens, so the first alone is an incomplete character
     write_byte_tokenizer(tmp_path)

@@ -1,5 +1,5 @@
-"""8-bit block scales (``quantize --scale-bits 8``): the codes, the pass, and the whole model against an independent
-NumPy emulation."""
+"""8-bit block scales (recipe key ``weights.scale_bits = 8``): the codes, the pass, and the whole model against an
+independent NumPy emulation."""
 
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ from accullm_export.build.quantize import quantize_model
 from accullm_export.cli.main import main
 from accullm_export.errors import UserError
 from accullm_export.graph.pipeline import run_passes
-from accullm_export.graph.recipes import PassContext, Recipe
+from accullm_export.graph.pass_data import PassData
+from tests.helpers.recipes import make_recipe, write_config
 from accullm_export.graph.rewrite import replace_weight_dequantized
 from accullm_export.graph.summary import summarize
 from accullm_export.quant import scale_codes
 from accullm_export.quant.symmetric import dequantize
 from accullm_export.runtime.session import create_session
-from tests.unit.test_asymmetric import np_asymmetric_parts
-from tests.unit.test_quantize import _builds_equal_emulation, _feed, _fused_at_level_1, _logits
+from tests.helpers.emulation import np_asymmetric_parts
+from tests.helpers.graphs import builds_equal_emulation, fused_at_level_1, llm_feed, ort_logits
 
 
 def np_code(scales: np.ndarray, used: np.ndarray, group: list[np.ndarray]) -> np.ndarray:
@@ -78,13 +79,13 @@ def test_pass_keeps_the_integers_and_ignores_all_zero_blocks(asymmetric, tmp_pat
     weight = rng.normal(0, 0.02, size=(48, 8)).astype(np.float32)
     weight[16:32, 3] = 0  # one all-zero block
     graph, float_weight = _one_layer_graph(weight, 16, asymmetric)
-    context = PassContext(plans={"mm": object()}, float_dtype=np.dtype(np.float32))
+    data = PassData(plans={"mm": object()}, float_dtype=np.dtype(np.float32))
     dequantize_node = next(n for n in graph.nodes if n.op == "DequantizeLinear")
     scales = np.asarray(next(t for t in graph.tensors().values() if t.name == "mm/weight_scale").values, np.float32)
     assert scales[1, 3] == 1.0
     used = np.ones(scales.shape, bool)
     used[1, 3] = False
-    graph, (report,) = run_passes(graph, [("code_block_scales", context)])
+    graph, (report,), _ = run_passes(graph, ["code_block_scales"], data)
     assert sorted(n.op for n in graph.nodes) == ["Add", "Cast", "DequantizeLinear", "Exp", "MatMul", "Mul"]
     assert report.constant_bytes_before - report.constant_bytes_after == scales.size - 8  # - the two scalars
     expected_scales = np_code(scales, used, [scales[used]])
@@ -98,12 +99,12 @@ def test_pass_keeps_the_integers_and_ignores_all_zero_blocks(asymmetric, tmp_pat
     feed = {"x": rng.normal(size=(2, 48)).astype(np.float32)}
     out = create_session(path, device="cpu", optimization="basic").run(["y"], feed)[0]
     np.testing.assert_allclose(out, feed["x"] @ expected, rtol=1e-5, atol=1e-6)
-    from accullm_export.graph.passes.distill_scales import constant_value
+    from accullm_export.graph.outlier_branch import constant_value
     np.testing.assert_allclose(constant_value(dequantize_node.outputs[0]), expected, rtol=1e-6, atol=0)
-    assert any("8-bit log codes" in note for note in context.notes)
+    assert any("8-bit log codes" in note for note in report.notes)
 
     # the TensorRT bundle's fold turns the codes back into constant scales with the same values
-    folded, _ = run_passes(graph, [("fold_scale_casts", None)])
+    folded, _, _ = run_passes(graph, [("fold_scale_casts", None)])
     scale = next(n for n in folded.nodes if n.op == "DequantizeLinear").inputs[1]
     assert isinstance(scale, gs.Constant)
     np.testing.assert_array_equal(np.asarray(scale.values), expected_scales)
@@ -115,10 +116,10 @@ def test_model_with_codes_equals_emulation_and_fuses(planted_model, profile, tmp
     (plus the grid's two float32 values per layer); inspect shows the codes."""
     folder, _ = planted_model
     base = dict(name="w4a16", block_size=16, embeddings="fp32", asymmetric=True)
-    manifest = quantize_model(folder, tmp_path / "q", Recipe(**base, scale_bits=8), profile)
-    unmerged = quantize_model(folder, tmp_path / "u", Recipe(**base, scale_bits=8), profile, finishing=())
-    sixteen = quantize_model(folder, tmp_path / "f", Recipe(**base), profile, finishing=())
-    assert manifest["recipe"]["scale_bits"] == 8
+    manifest = quantize_model(folder, tmp_path / "q", make_recipe(**base, scale_bits=8), profile)
+    unmerged = quantize_model(folder, tmp_path / "u", make_recipe(**base, scale_bits=8), profile, finishing=())
+    sixteen = quantize_model(folder, tmp_path / "f", make_recipe(**base), profile, finishing=())
+    assert manifest["recipe"]["weights"]["scale_bits"] == 8
     assert any("8-bit log codes" in note for note in manifest["notes"])
 
     weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(folder / "model.onnx")).graph.initializer}
@@ -141,7 +142,7 @@ def test_model_with_codes_equals_emulation_and_fuses(planted_model, profile, tmp
         out[list(plan.outliers)] = weight[list(plan.outliers)].astype(np.float16).astype(np.float32)
         return out
 
-    feed, expected = _builds_equal_emulation(folder, unmerged, tmp_path, emulate)
+    feed, expected = builds_equal_emulation(folder, unmerged, tmp_path, emulate)
     model = onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False)
     assert sum(n.op_type == "Exp" for n in model.graph.node) < len(unmerged["layers"])  # the merged share one
 
@@ -154,7 +155,7 @@ def test_model_with_codes_equals_emulation_and_fuses(planted_model, profile, tmp
                                                                            load_external_data=False)).linear_layers}
     assert storages["/model/layers.1/mlp/down_proj/MatMul"] == "uint4+zp/b16/s8"
 
-    session, nodes = _fused_at_level_1(tmp_path / "q" / "model.onnx", tmp_path)
+    session, nodes = fused_at_level_1(tmp_path / "q" / "model.onnx", tmp_path)
     ops = [n.op_type for n in nodes]
     assert ops.count("MatMulNBits") >= 1 and "Exp" not in ops and "DequantizeLinear" not in ops
     np.testing.assert_allclose(session.run(["logits"], feed)[0], expected, rtol=1e-4, atol=1e-4)
@@ -162,29 +163,28 @@ def test_model_with_codes_equals_emulation_and_fuses(planted_model, profile, tmp
 
 def test_cli_flag_and_refusals(planted_model, profile, tmp_path):
     folder, _ = planted_model
-    assert main(["quantize", str(folder), "--recipe", "w4a16", "--block-size", "16", "--profile", str(profile),
-                 "--scale-bits", "8", "-o", str(tmp_path / "cli")]) == 0
-    assert json.loads((tmp_path / "cli" / "manifest.json").read_text())["recipe"]["scale_bits"] == 8
+    config = write_config(tmp_path / "codes.toml", make_recipe(name="w4a16", scale_bits=8))
+    assert main(["quantize", str(folder), "--config", config, "--block-size", "16", "--profile", str(profile),
+                 "-o", str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / "manifest.json").read_text())["recipe"]["weights"]["scale_bits"] == 8
     for fields in (dict(name="w8a8", scale_bits=8), dict(name="fp16", scale_bits=8)):
         with pytest.raises(UserError, match="blocked INT4 layers"):
-            Recipe(**fields)
-    with pytest.raises(UserError, match="--scale-bits must be 16"):
-        Recipe(name="w4a16", scale_bits=4)
-    Recipe(name="w8a8", scale_bits=8, overrides=(("lm_head", "int4"),))  # an INT4 override is enough
+            make_recipe(**fields)
+    with pytest.raises(UserError, match="weights.scale_bits: must be one of 16, 8"):
+        make_recipe(name="w4a16", scale_bits=4)
+    make_recipe(name="w8a8", scale_bits=8, overrides=(("lm_head", "int4"),))  # an INT4 override is enough
 
 
 def test_sparse_skip_composes_with_codes(planted_model, profile, tmp_path):
     """quantize --sparsity narrows the dequantized weight (Compress after DequantizeLinear), so it reads coded
     scales as it reads FP16 ones: the down projections keep their codes, and the model equals the FP16-scale
     sparse build up to the scales' moves."""
-    from accullm_export.sparsity.config import SparsityConfig
-
     folder, _ = planted_model
     built = {}
     for bits in (8, 16):
-        quantize_model(folder, tmp_path / f"s{bits}", Recipe(name="w4a16", block_size=16, scale_bits=bits), profile,
-                       sparsity=SparsityConfig(sparsity=0.5))
-        built[bits] = _logits(tmp_path / f"s{bits}" / "model.onnx", _feed(folder))
+        quantize_model(folder, tmp_path / f"s{bits}", make_recipe(name="w4a16", block_size=16, scale_bits=bits,
+                                                                  sparsity=0.5), profile)
+        built[bits] = ort_logits(tmp_path / f"s{bits}" / "model.onnx", llm_feed(folder))
     model = onnx.load(str(tmp_path / "s8" / "model.onnx"))
     producers = {o: n for n in model.graph.node for o in n.output}
     down = next(n for n in model.graph.node if n.name == "/model/layers.1/mlp/down_proj/MatMul")

@@ -15,12 +15,12 @@ from accullm_export.build.quantize import quantize_model
 from accullm_export.build.sparsify import sparsify_model
 from accullm_export.cli.main import main
 from accullm_export.errors import UserError
-from accullm_export.graph.recipes import Recipe
+from accullm_export.graph.mlp import find_mlp_blocks
+from tests.helpers.recipes import make_recipe, write_config
 from accullm_export.runtime.intermediates import IntermediateReader
 from accullm_export.sparsity.config import SparsityConfig
-from accullm_export.sparsity.mlp import find_mlp_blocks
 from accullm_export.sparsity.predictor import train_predictor
-from tests.unit.test_quantize import np_round_symmetric
+from tests.helpers.emulation import np_round_symmetric
 
 FAST = dict(rank=8, samples=4, steps=60)  # tiny guessers: seconds for the whole model
 
@@ -169,14 +169,14 @@ def test_the_rewrite_reads_fewer_weight_rows_at_decode(planted_model, profile, t
 @pytest.mark.parametrize("asymmetric", [False, True])
 def test_w4a16_composition_gathers_int4_blocks(planted_model, profile, tmp_path, asymmetric):
     """The down projection gathers the kept rows of its dequantized int4 blocks (uint4 and zero points with
-    --asymmetric); the FP16 outlier branches stay (the threshold method leaves gate/up alone, and a down branch
+    weights.asymmetric); the FP16 outlier branches stay (the threshold method leaves gate/up alone, and a down branch
     gathers from the masked activations)."""
-    from tests.unit.test_asymmetric import np_round_asymmetric
+    from tests.helpers.emulation import np_round_asymmetric
 
     folder, _ = planted_model
     out = tmp_path / "q"
-    manifest = quantize_model(folder, out, Recipe(name="w4a16", block_size=64, asymmetric=asymmetric), profile,
-                              sparsity=SparsityConfig(sparsity=0.5))
+    manifest = quantize_model(folder, out, make_recipe(name="w4a16", block_size=64, asymmetric=asymmetric,
+                                                       sparsity=0.5), profile)
     model = onnx.load(str(out / "model.onnx"))
     by_name = {t.name: t for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -226,8 +226,9 @@ def test_w4a16_composition_gathers_int4_blocks(planted_model, profile, tmp_path,
 
 def test_predictor_composition_drops_mlp_branches(planted_model, profile, tmp_path):
     folder, _ = planted_model
-    manifest = quantize_model(folder, tmp_path / "p", Recipe(name="w4a16", block_size=64), profile,
-                              sparsity=SparsityConfig(sparsity=0.4, method="predictor", **FAST))
+    recipe = make_recipe(name="w4a16", block_size=64, sparsity=0.4, method="predictor",
+                         **{f"predictor_{key}": value for key, value in FAST.items()})
+    manifest = quantize_model(folder, tmp_path / "p", recipe, profile)
     mlp_layers = [layer for layer in manifest["layers"] if "/mlp/" in layer["node"]]
     assert mlp_layers and all(not layer["outliers"] for layer in mlp_layers)
     assert any("no FP16 outlier branch" in note for note in manifest["notes"])
@@ -278,9 +279,8 @@ def test_refusals(planted_model, profile, tiny_exports, tmp_path):
         sparsify_model(tmp_path / "s", tmp_path / "again", SparsityConfig(sparsity=0.3), profile)
     with pytest.raises(UserError, match="another model"):
         sparsify_model(tiny_exports["llama"][1], tmp_path / "foreign", SparsityConfig(sparsity=0.3), profile)
-    with pytest.raises(UserError, match="dynamic per-token INT8"):
-        quantize_model(folder, tmp_path / "w8", Recipe(name="w8a8", activations="dynamic"), profile,
-                       sparsity=SparsityConfig(sparsity=0.3))
+    with pytest.raises(UserError, match="sparsity.fraction: .*dynamic per-token INT8"):
+        quantize_model(folder, tmp_path / "w8", make_recipe(name="w8a8", activations="dynamic", sparsity=0.3), profile)
     for path in ("again", "foreign", "w8"):
         assert not (tmp_path / path).exists()
 
@@ -294,7 +294,8 @@ def test_sparsify_cli(planted_model, profile, tmp_path, capsys):
     assert code == 0 and "guessers (rank 8): recall" in out
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())
     assert manifest["sparsity"]["config"]["method"] == "predictor" and manifest["sparsity"]["mlps"] == 2
-    code = main(["quantize", str(folder), "--profile", str(profile), "--recipe", "w4a16", "--block-size", "64",
+    config = write_config(tmp_path / "w4a16.toml", make_recipe(name="w4a16"))
+    code = main(["quantize", str(folder), "--profile", str(profile), "--config", config, "--block-size", "64",
                  "--sparsity", "0.5", "-o", str(tmp_path / "q")])
     assert code == 0 and "sparsity 0.50 (threshold) on 2 MLPs" in capsys.readouterr().out
 
@@ -304,8 +305,6 @@ def test_sparsify_cli(planted_model, profile, tmp_path, capsys):
 def test_fused_op_swap_matches_the_standard_subgraph(planted_model, profile, tmp_path, config):
     """The TensorRT swap pass: one accullm::SparseSkipMLP per MLP, whose NumPy reference reproduces the standard
     subgraph's output from the same inputs."""
-    import dataclasses
-
     from accullm_export.graph.ir import load_graph
     from accullm_export.graph.pipeline import run_passes
     from plugins.sparse_skip_mlp.reference import sparse_skip_mlp
@@ -313,10 +312,9 @@ def test_fused_op_swap_matches_the_standard_subgraph(planted_model, profile, tmp
     folder, _ = planted_model
     sparsify_model(folder, tmp_path / "s", config, profile)
     graph, _ = load_graph(tmp_path / "s/model.onnx")
-    context = dataclasses.make_dataclass("Context", [("notes", list)])([])
-    graph, _ = run_passes(graph, [("fuse_sparse_skip_mlp", context)])
+    graph, (report,), _ = run_passes(graph, [("fuse_sparse_skip_mlp", None)])
     fused = [node for node in graph.nodes if node.op == "SparseSkipMLP"]
-    assert len(fused) == 2 and not context.notes
+    assert len(fused) == 2 and not report.notes
     assert not any(node.op in ("Compress", "Sigmoid") for node in graph.nodes)
     assert {node.domain for node in fused} == {"accullm"}
     reader = IntermediateReader(tmp_path / "s/model.onnx", "basic")
@@ -355,8 +353,7 @@ def test_w8a8_static_composition_equals_numpy(planted_model, profile, tmp_path):
     the kept rows of the int8 down projection."""
     folder, _ = planted_model
     out = tmp_path / "w8"
-    quantize_model(folder, out, Recipe(name="w8a8", activations="static"), profile,
-                   sparsity=SparsityConfig(sparsity=0.5))
+    quantize_model(folder, out, make_recipe(name="w8a8", activations="static", sparsity=0.5), profile)
     model = onnx.load(str(out / "model.onnx"))
     by_name = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -390,8 +387,8 @@ def test_smoothquant_rescales_the_threshold(planted_model, profile, tmp_path):
     activations are kept as in the unsmoothed model."""
     folder, _ = planted_model
     out = tmp_path / "sq"
-    manifest = quantize_model(folder, out, Recipe(name="w8a8", activations="static", smoothquant=0.5), profile,
-                              sparsity=SparsityConfig(sparsity=0.5))
+    manifest = quantize_model(folder, out, make_recipe(name="w8a8", activations="static", smoothquant=0.5,
+                                                       sparsity=0.5), profile)
     constants = initializers(out / "model.onnx")
     feed = feeds(folder, 24)
     for prefix, _, product, *_ in mlp_names(folder):

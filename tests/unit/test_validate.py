@@ -8,15 +8,14 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from accullm_export.cli.main import main
 from accullm_export.runtime import OrtCausalLM
+from tests.helpers.emulation import hand_kl
+from tests.helpers.graphs import make_mlp
+from tests.helpers.models import TEXT, make_tiny_checkpoint
 
-TEXT = ("The river ran north past the old stone bridge, and the market opened before dawn. "
-        "Seven candles burned in the window of the copper shop. Winter came early that year.\n\n"
-        "In the garden, a rabbit watched the ladder lean against the orange wall. The engine of the harbor "
-        "ferry coughed twice and then fell silent, while the music from the square grew louder.\n\n") * 6
 FAST = ["--windows", "3", "--seq-len", "48", "--num-prompts", "3", "--new-tokens", "12", "--probes-per-task", "1"]
 
 
@@ -44,16 +43,6 @@ def run(capsys, *argv):
     code = main(list(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def hand_kl(ref_logits, cand_logits):
-    """KL(ref || cand) per position with an explicit softmax (no log-softmax shortcut)."""
-    out = []
-    for r, c in zip(ref_logits.astype(np.float64), cand_logits.astype(np.float64)):
-        p = np.exp(r - r.max()) / np.exp(r - r.max()).sum()
-        q = np.exp(c - c.max()) / np.exp(c - c.max()).sum()
-        out.append(float(np.sum(p * np.log(p / q))))
-    return np.array(out)
 
 
 def test_model_against_itself(capsys, tiny_exports, text_file, tmp_path):
@@ -132,7 +121,6 @@ def test_bisect_finds_the_broken_layer(capsys, tiny_exports, text_file, tmp_path
 
 def test_mismatched_vocabularies(capsys, tiny_exports, tmp_path, text_file):
     from accullm_export.models.export import export_model
-    from tests.conftest import make_tiny_checkpoint
 
     _, folder = tiny_exports["llama"]
     other = make_tiny_checkpoint(tmp_path / "hf", "llama", vocab_size=300)
@@ -146,20 +134,6 @@ def test_empty_text_source(capsys, tiny_exports, tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     code, _, err = run(capsys, "validate", str(folder), str(folder), "--text", str(tmp_path / "empty.txt"), *FAST)
     assert code == 2 and "empty" in err and "Traceback" not in err
-
-
-def make_mlp(path, input_name="x", scale=1.0):
-    rng = np.random.default_rng(0)
-    weight = (rng.standard_normal((8, 4)) * scale).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", [input_name, "W"], ["h"], name="/mm/MatMul"),
-         helper.make_node("Tanh", ["h"], ["y"], name="/act/Tanh")], "mlp",
-        [helper.make_tensor_value_info(input_name, onnx.TensorProto.FLOAT, ["N", 8])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])], [numpy_helper.from_array(weight, "W")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    onnx.save(model, str(path))
-    return path
 
 
 def test_generic_polygraphy_comparison(capsys, tmp_path):

@@ -9,12 +9,16 @@ model gives the largest step of any grid and the largest relative move of a scal
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Mapping
 import collections
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from accullm_export.graph.ir import constant_array
+from accullm_export.graph.pass_data import PassResult
+from accullm_export.graph.recipes import LayerPlan
 from accullm_export.graph.passes import register
 from accullm_export.graph.rewrite import coded_scale, planned_nodes, producer_of, stored_scales
 from accullm_export.quant import scale_codes
@@ -22,16 +26,25 @@ from accullm_export.quant.asymmetric import signed_values
 from accullm_export.quant.symmetric import grouped_blocks
 
 
-@register("code_block_scales")
-def run(graph: gs.Graph, context) -> gs.Graph:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """The layer plans and the model's float type."""
+
+    plans: Mapping[str, LayerPlan]
+    float_dtype: np.dtype = np.dtype(np.float32)
+
+
+@register("code_block_scales", Config)
+def run(graph: gs.Graph, config: Config) -> PassResult:
+    notes: list[str] = []
     groups: dict[str, list[tuple[gs.Node, gs.Node, np.ndarray, np.ndarray]]] = collections.defaultdict(list)
-    for node, plan in planned_nodes(graph, context.plans):
+    for node, plan in planned_nodes(graph, config.plans):
         dequantize = producer_of(node.inputs[1], "DequantizeLinear")
         if dequantize is None or "block_size" not in dequantize.attrs:
             continue
         stored = stored_scales(dequantize)
         if stored is None:
-            context.notes.append(f"{node.name}: its block scales are computed, not stored; left in FP16")
+            notes.append(f"{node.name}: its block scales are computed, not stored; left in FP16")
             continue
         scales = np.asarray(constant_array(stored), dtype=np.float32)
         groups[node.inputs[0].name].append((node, dequantize, scales, _used_blocks(dequantize)))
@@ -45,12 +58,12 @@ def run(graph: gs.Graph, context) -> gs.Graph:
             decoded = scale_codes.decode(codes, log_min, log_step)
             if used.any():
                 largest_move = max(largest_move, float(np.max(np.abs(decoded[used] / scales[used] - 1))))
-            dequantize.inputs[1] = coded_scale(graph, node.name, codes, log_min, log_step, context.float_dtype)
+            dequantize.inputs[1] = coded_scale(graph, node.name, codes, log_min, log_step, config.float_dtype)
     if groups:
         count = sum(len(members) for members in groups.values())
-        context.notes.append(f"{count} layers' block scales stored as 8-bit log codes on {len(groups)} grids "
+        notes.append(f"{count} layers' block scales stored as 8-bit log codes on {len(groups)} grids "
                              f"(largest step {largest_step:.2%}; largest move of a scale {largest_move:.2%})")
-    return graph.cleanup().toposort()
+    return PassResult(graph.cleanup().toposort(), tuple(notes))
 
 
 def _used_blocks(dequantize: gs.Node) -> np.ndarray:

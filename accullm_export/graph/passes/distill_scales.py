@@ -3,7 +3,7 @@
 The low-bit layers' integers stay (``--distill-rounding``: each may move one step); their FP16 block scales (and,
 on request, the RMSNorm gains) are fitted by
 gradient descent on the KL divergence between the source model's and the rewritten model's next-token
-distributions over the profile's calibration text (``quant.distill``). Runs after the weights are rounded
+distributions over the profile's calibration text (``training.distill``). Runs after the weights are rounded
 (``quantize_weights``, GPTQ before it) and before the embedding table is quantized and parallel layers merged,
 so each layer is still one MatMul named after its module. The layout and the file size do not change.
 """
@@ -14,18 +14,19 @@ import dataclasses
 from pathlib import Path
 from typing import Collection, Mapping
 
-import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from accullm_export.errors import UserError
-from accullm_export.graph.ir import constant, constant_array
+from accullm_export.graph.ir import constant_array
+from accullm_export.graph.outlier_branch import (constant_value, effective_weight, outlier_branch,
+                                                 outlier_weight_constant)
+from accullm_export.graph.pass_data import PassResult
 from accullm_export.graph.passes import register
-from accullm_export.graph.passes.rotate_inputs import input_rotation
-from accullm_export.graph.rewrite import decoded_scale, producer_of, scale_code, stored_scales
+from accullm_export.graph.rewrite import producer_of, stored_scales
+from accullm_export.graph.rotation import input_rotation
 from accullm_export.quant.asymmetric import signed_values
-from accullm_export.quant.distill import BlockScaled, DistillConfig, distill_scales, module_of
-from accullm_export.quant.symmetric import dequantize, half_representable
+from accullm_export.quant.symmetric import half_representable
+from accullm_export.training.distill import BlockScaled, DistillConfig, distill_scales, module_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,26 +39,28 @@ class DistillInputs:
     windows: np.ndarray
 
 
-@register("distill_scales")
-def run(graph: gs.Graph, context) -> gs.Graph:
-    inputs = context.distillation
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """The teacher's weights, the export folder and the calibration windows (None: off)."""
+
+    distillation: DistillInputs | None = None
+
+
+@register("distill_scales", Config)
+def run(graph: gs.Graph, config: Config) -> PassResult:
+    notes: list[str] = []
+    inputs = config.distillation
     if inputs is None or not inputs.config.active:
-        return graph
-    layers, stored, stored_values = block_scaled_layers(graph, context.notes)
+        return PassResult(graph, tuple(notes))
+    layers, stored, stored_values = block_scaled_layers(graph, notes)
     if not layers:
-        context.notes.append("distill_scales: no INT4 block-scaled layer; nothing to train")
-        return graph
-    if context.bias_correction:  # train with the bias correct_bias will add from the trained weights
-        layers = [_with_correction(layer, stored_values[layer.module].outputs[0].outputs[0], context)
-                  for layer in layers]
+        notes.append("distill_scales: no INT4 block-scaled layer; nothing to train")
+        return PassResult(graph, tuple(notes))
     student = graph_weights(graph, skip=set(stored))  # the low-bit layers come from ``layers``
     result = distill_scales(inputs.config_dir, inputs.teacher, student, layers, inputs.windows, inputs.config)
     report = result.report
     for module, scales in result.scales.items():
         stored[module].values = half_representable(scales).astype(stored[module].values.dtype)
-    for module, values in result.integers.items():
-        dequantize_node = stored_values[module]
-        dequantize_node.inputs[0] = constant(dequantize_node.inputs[0].name, values.astype(ml_dtypes.int4))
     for module, rows in result.outlier_rows.items():  # the layer's MatMul reads its DequantizeLinear's output
         weight = outlier_weight_constant(stored_values[module].outputs[0].outputs[0])
         weight.values = rows.astype(weight.values.dtype)  # the branch stores FP16 (or the model's type)
@@ -65,28 +68,14 @@ def run(graph: gs.Graph, context) -> gs.Graph:
     for name, gain in result.gains.items():
         constants[name].values = gain.astype(constants[name].values.dtype)
     outcome = "trained" if report["kept"] else "left as they were (training did not lower the held-out KL)"
-    moved = f" and {report['integers_moved']} integers moved by one step" if result.integers else ""
     extras = [f"{report['norms']} norm gains"] if report["norms"] else []
     extras += [f"{report['outlier_rows']} FP16 outlier rows"] if report["outlier_rows"] else []
-    context.notes.append(f"distill_scales: {report['layers']} layers' block scales"
-                         f"{''.join(' and ' + extra for extra in extras)} {outcome}"
-                         f"{moved}: "
+    notes.append(f"distill_scales: {report['layers']} layers' block scales"
+                         f"{''.join(' and ' + extra for extra in extras)} {outcome}: "
                          f"{report['steps']} steps on {report['windows']} calibration windows, KL on "
                          f"{report['held_out_windows']} held-out ones {report['held_out_kl_before']} -> "
                          f"{report['held_out_kl_after']} ({report['seconds']} s)")
-    return graph
-
-
-def _with_correction(layer: BlockScaled, node: gs.Node, context) -> BlockScaled:
-    """``layer`` with the mean of its input as the MatMul sees it and E[x] W of the source layer (see
-    ``correct_bias``); unchanged when either is unknown (``correct_bias`` then notes it)."""
-    from accullm_export.graph.passes.correct_bias import correction_terms  # it reads effective_weight from here
-
-    plan = context.plans.get(node.name)
-    terms = correction_terms(node.name, plan.input, context) if plan is not None else None
-    if terms is None:
-        return layer
-    return dataclasses.replace(layer, mean=terms[0].astype(np.float32), target=terms[1].astype(np.float32))
+    return PassResult(graph, tuple(notes))
 
 
 def block_scaled_layers(graph: gs.Graph, notes: list) -> tuple[list[BlockScaled], dict[str, gs.Constant],
@@ -123,87 +112,6 @@ def block_scaled_layers(graph: gs.Graph, notes: list) -> tuple[list[BlockScaled]
         stored[module] = scales
         stored_values[module] = dequantize_node
     return layers, stored, stored_values
-
-
-def branch_matmul(node: gs.Node) -> gs.Node | None:
-    """The MatMul of the FP16 outlier branch ``isolate_outliers`` gave ``node`` (added to its output, after the
-    bias ``correct_bias`` may have added), or None."""
-    output = node.outputs[0]
-    if len(output.outputs) == 1 and output.outputs[0].name == f"{node.name}/bias_correction/Add":
-        output = output.outputs[0].outputs[0]
-    for consumer in output.outputs:
-        if consumer.op == "Add" and consumer.name == f"{node.name}/outliers/Add":
-            branch = next(t for t in consumer.inputs if t is not output)
-            matmul = producer_of(branch, "MatMul")
-            if matmul is None:
-                raise UserError(f"{node.name}: its outlier branch is not laid out as isolate_outliers writes it")
-            return matmul
-    return None
-
-
-def outlier_branch(node: gs.Node) -> tuple[tuple[int, ...], np.ndarray | None]:
-    """The FP16 outlier branch ``isolate_outliers`` gave ``node``: (its input channels, its weight rows as
-    float32), or ((), None)."""
-    matmul = branch_matmul(node)
-    if matmul is None:
-        return (), None
-    gather = producer_of(matmul.inputs[0], "Gather")
-    rows = constant_value(matmul.inputs[1])
-    if gather is None or rows is None or not isinstance(gather.inputs[1], gs.Constant):
-        raise UserError(f"{node.name}: its outlier branch is not laid out as isolate_outliers writes it")
-    return tuple(int(c) for c in constant_array(gather.inputs[1])), rows.astype(np.float32)
-
-
-def outlier_weight_constant(node: gs.Node) -> gs.Constant:
-    """The constant holding the FP16 outlier branch's weight rows of ``node`` (behind its Cast, if any)."""
-    matmul = branch_matmul(node)
-    cast = producer_of(matmul.inputs[1], "Cast")
-    return cast.inputs[0] if cast is not None else matmul.inputs[1]
-
-
-def constant_value(tensor) -> np.ndarray | None:
-    """The float value of a weight: a constant, a Cast of one, or a DequantizeLinear of stored integers (per
-    output channel on axis 1, or blocked on axis 0, its scales stored or decoded from 8-bit codes); None for
-    anything else computed."""
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(constant_array(tensor))
-    coded = scale_code(tensor)
-    if coded is not None:  # 8-bit block scales (quant.scale_codes)
-        return decoded_scale(coded).astype(np.float32)
-    cast = producer_of(tensor, "Cast")
-    if cast is not None:
-        inner = constant_value(cast.inputs[0])
-        return None if inner is None else inner.astype(np.float32)
-    node = producer_of(tensor, "DequantizeLinear")
-    if node is None:
-        return None
-    values, scales = constant_value(node.inputs[0]), constant_value(node.inputs[1])
-    zero_points = constant_value(node.inputs[2]) if len(node.inputs) > 2 else None
-    if values is None or scales is None or (len(node.inputs) > 2 and zero_points is None):
-        return None
-    values, scales = values.astype(np.float32), scales.astype(np.float32)
-    if "block_size" in node.attrs:
-        block_size = int(node.attrs["block_size"])
-        if zero_points is not None:
-            values = signed_values(values, zero_points, block_size).astype(np.float32)
-        return dequantize(values, scales, block_size)
-    if zero_points is not None:
-        values = values - zero_points.astype(np.float32).reshape(1, -1)
-    return values * scales.reshape(1, -1)
-
-
-def effective_weight(node: gs.Node) -> np.ndarray | None:
-    """What a linear layer multiplies its input by, float32 [in, out]: its weight dequantized, with the FP16
-    outlier rows of its branch put back; None when the weight is computed from anything but constants."""
-    weight = constant_value(node.inputs[1])
-    if weight is None or weight.ndim != 2:
-        return None
-    weight = weight.astype(np.float32)
-    channels, rows = outlier_branch(node)
-    if channels:
-        weight = weight.copy()
-        weight[list(channels)] = rows
-    return weight
 
 
 def graph_weights(graph: gs.Graph, skip: Collection[str] = ()) -> dict[str, np.ndarray]:

@@ -2,11 +2,11 @@
 (``quantize --outlier-planes``; ONNX Runtime targets).
 
 The branch ``y = x @ W_int4 + x[..., O] @ R`` costs three nodes per layer (a Gather shared by the layers of an
-input, a small MatMul and an Add); at batch-1 decode in ONNX Runtime each node is a dispatch of a few
-microseconds, and on the sample the branches cost about a tenth of a decode step while their multiply-adds are
-a few thousandths of it. Here the layer reads ``x' = Concat(x, x[..., O], x[..., O])`` (the branch's Gather,
-kept, appended twice to the input; one Concat per input, shared like the Gather) through a ``[K + 2|O|, N]`` INT4
-weight behind the same blocked DequantizeLinear, which ONNX Runtime fuses into one ``MatMulNBits``:
+input, a small MatMul and an Add); at batch-1 decode in ONNX Runtime each node costs a dispatch whatever it
+computes, so the branches cost far more decode time than their few multiply-adds. Here the layer reads
+``x' = Concat(x, x[..., O], x[..., O])`` (the branch's Gather, kept, appended twice to the input; one Concat per
+input, shared like the Gather) through a ``[K + 2|O|, N]`` INT4 weight behind the same blocked DequantizeLinear,
+which ONNX Runtime fuses into one ``MatMulNBits``:
 
 * plane 1, in place: row c of O (zero so far) takes integers on its own block's grid (the block's scale and zero
   point stay, so the other rows of the block keep their values);
@@ -16,32 +16,35 @@ weight behind the same blocked DequantizeLinear, which ONNX Runtime fuses into o
   scales (FP16, or an 8-bit log code on the layer's grid).
 
 ``two_planes`` searches each column's plane-2 scale and gives every entry the pair of integers of least error,
-for the least squared error weighted by the channels' E[x^2]. On the sample one copy left the rows' error, weighted
-by a typical token's |x|, at 0.9x that of the INT8 rows of ``--outlier-bits 8`` (which measured as accurate as
-FP16 rows), but the best w4a16 build lost 0.3 Δppl points on 32 windows; two copies measured as FP16 rows, three
-no better (README). A Concat of the input copies far faster in ONNX Runtime than a Gather of every channel
-(about 5 against 14 us per layer measured). The last block holds 2|O| rows instead of ``block_size``, which
-ONNX's blocked DequantizeLinear allows (its scale axis is ceil(K'/B)) and ONNX Runtime fuses.
+for the least squared error weighted by the channels' E[x^2]. One copy leaves the rows less exact than FP16
+rows; two copies match them, and more add bytes for no accuracy. The input is widened by a Concat of the
+gathered channels because ONNX Runtime copies that far faster than a Gather of every channel. The last block
+holds 2|O| rows instead of ``block_size``, which ONNX's blocked DequantizeLinear allows (its scale axis is
+ceil(K'/B)) and ONNX Runtime fuses.
 
 A branch stays FP16, with a note, when the profile saw the attention sink (position 0) drive its channels beyond
-``SINK_RATIO`` times their 99.9th percentile: any rounding of those rows is multiplied by activations of ~5e4 on
-the sample, and the sink's keys and values reach every later token. So does a layer whose input is not a whole
+``SINK_RATIO`` times their 99.9th percentile: any rounding of those rows is multiplied by the sink's huge
+activations, and the sink's keys and values reach every later token. So does a layer whose input is not a whole
 number of blocks (the new rows need a block of their own: the sample's 576 channels at block 128), and a branch
 in any other form. Runs after every pass that sets weights or scales (GPTQ, distillation, 8-bit scale codes),
 before ``quantize_outlier_rows`` (INT8 rows for the branches left) and ``refine_vocab_rows``, which measures the
 head as saved; ``merge_parallel_linears`` then merges the layers of an input (they read the same Concat) as
-before. ``--bias-correction`` is refused with it (the bias is measured on the unwidened input).
+before.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Mapping
 import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from accullm_export.graph.ir import constant, constant_array
+from accullm_export.graph.outlier_branch import branch_matmul, constant_value
+from accullm_export.graph.pass_data import PassResult
+from accullm_export.graph.recipes import LayerPlan
 from accullm_export.graph.passes import register
-from accullm_export.graph.passes.distill_scales import branch_matmul, constant_value
 from accullm_export.graph.rewrite import (coded_scale, half_constant, planned_nodes, producer_of, scale_code,
                                           widening_cast)
 from accullm_export.quant import scale_codes
@@ -52,16 +55,26 @@ LOW, HIGH = -8, 7  # int4 storage range (symmetric weights: zero point 0)
 COPIES = 2  # plane 2 reads the outlier channels this many times: its integer is the sum of COPIES int4 values
 CANDIDATES = range(-40, 9)  # plane 2's scale: anchor * 2^(step / 8), from 1/32 of it to twice it
 # a branch whose channels see the attention sink's activations beyond this many times their 99.9th percentile stays
-# FP16: on the sample the down projections of blocks 11 and 28 reach 17000x and 77000x (|x| ~ 5e4), where folding
-# them took Δppl from +6.6% to +35% on 8 windows; every other input stays under 9x
+# FP16: there the sink's massive activations (the down projections that write them) multiply any rounding of the
+# rows, while ordinary inputs stay far below this ratio
 SINK_RATIO = 100.0
 
 
-@register("fold_outlier_planes")
-def run(graph: gs.Graph, context) -> gs.Graph:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """The plans, the inputs' calibration statistics and the model's float type."""
+
+    plans: Mapping[str, LayerPlan]
+    statistics: Mapping[str, Mapping[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    float_dtype: np.dtype = np.dtype(np.float32)
+
+
+@register("fold_outlier_planes", Config)
+def run(graph: gs.Graph, config: Config) -> PassResult:
+    notes: list[str] = []
     inputs: dict[tuple[str, str], gs.Variable] = {}
     folded, rows, worst = 0, 0, 0.0
-    for node, plan in planned_nodes(graph, context.plans):
+    for node, plan in planned_nodes(graph, config.plans):
         if not plan.outliers:
             continue
         matmul = branch_matmul(node)
@@ -69,29 +82,29 @@ def run(graph: gs.Graph, context) -> gs.Graph:
             continue
         layout = _layout(node, matmul)
         if isinstance(layout, str):
-            context.notes.append(f"{node.name}: {layout}; its outlier branch stays")
+            notes.append(f"{node.name}: {layout}; its outlier branch stays")
             continue
         dequantize, channels, branch_rows, scales, add = layout
-        statistics = context.statistics.get(plan.input, {})
+        statistics = config.statistics.get(plan.input, {})
         sink = sink_ratio(statistics, channels)
         if sink > SINK_RATIO:
-            context.notes.append(f"{node.name}: the attention sink's activations on its outlier channels reach "
+            notes.append(f"{node.name}: the attention sink's activations on its outlier channels reach "
                                  f"{sink:.0f}x their 99.9th percentile, beyond what INT4 planes keep; its outlier "
                                  "branch stays")
             continue
         moments = statistics.get("second_moment")
         importance = np.ones(len(channels)) if moments is None else np.asarray(moments, np.float64)[channels]
         worst = max(worst, _fold(graph, node, dequantize, channels, branch_rows, scales, importance,
-                                 context.float_dtype))
+                                 config.float_dtype))
         node.inputs[0] = _extended_input(graph, inputs, node.inputs[0], matmul.inputs[0], COPIES)
         output = add.outputs[0]
         add.outputs.clear()
         node.outputs[0] = output
         folded, rows = folded + 1, rows + len(channels)
     if folded:
-        context.notes.append(f"{folded} layers' outlier branches folded into their INT4 weights as two planes "
+        notes.append(f"{folded} layers' outlier branches folded into their INT4 weights as two planes "
                              f"({rows} rows; largest error of a folded entry: {worst:.3g} of its row's largest weight)")
-    return graph.cleanup().toposort()
+    return PassResult(graph.cleanup().toposort(), tuple(notes))
 
 
 def sink_ratio(statistics: dict, channels: np.ndarray) -> float:

@@ -19,7 +19,7 @@ from accullm_export.graph.rewrite import decoded_scale, scale_code, widening_cas
 
 
 @register("fold_scale_casts")
-def run(graph: gs.Graph, context) -> gs.Graph:
+def run(graph: gs.Graph, config: None) -> gs.Graph:
     for node in graph.nodes:
         if node.op != "DequantizeLinear" or len(node.inputs) < 2:
             continue

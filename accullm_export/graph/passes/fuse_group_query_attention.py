@@ -1,7 +1,7 @@
 """Swap each standard ``RotaryEmbedding`` x 2 + ``Attention`` (opset 23) for ONNX Runtime's contrib
 ``com.microsoft.GroupQueryAttention`` with the rotary inside: an ONNX Runtime (CPU) target pass.
 
-At batch-1 decode on a CPU every node costs a few microseconds of dispatch whatever it computes. The export
+At batch-1 decode on a CPU every node costs its dispatch whatever it computes. The export
 spells attention in standard ops (so TensorRT and Polygraphy read it): a Split of the packed q/k/v projection,
 two RotaryEmbedding and an Attention per layer. onnxruntime-genai's builder emits one GroupQueryAttention that
 reads the packed projection and rotates q and k itself; this pass gives our graphs the same node, so that the
@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from accullm_export.graph.pass_data import PassResult
 from accullm_export.graph.passes import register
 
 DOMAIN = "com.microsoft"
@@ -40,18 +41,17 @@ PREFIX = "/model/gqa"
 
 
 @register("fuse_group_query_attention")
-def run(graph: gs.Graph, context) -> gs.Graph:
-    notes = getattr(context, "notes", None)
+def run(graph: gs.Graph, config: None) -> PassResult:
+    notes: list[str] = []
     shared: dict[str, gs.Variable] = {}
     returned = {tensor.name for tensor in graph.outputs}  # tensors the fusion must not swallow
     for node in [node for node in graph.nodes if node.op == "Attention" and node.domain in (None, "", "ai.onnx")]:
         reason = _unsupported(node, returned)
         if reason is not None:
-            if notes is not None:
-                notes.append(f"{node.name}: left as standard Attention ({reason})")
+            notes.append(f"{node.name}: left as standard Attention ({reason})")
             continue
         _fuse(graph, node, shared, returned)
-    return graph.cleanup().toposort()
+    return PassResult(graph.cleanup().toposort(), tuple(notes))
 
 
 def _rotary(tensor, graph_outputs: set[str]) -> gs.Node | None:

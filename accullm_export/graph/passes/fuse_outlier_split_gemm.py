@@ -5,7 +5,6 @@ TensorRT targets skip):
 
     y = MatMul(x, DequantizeLinear(W_int)) + MatMul(Gather(x, channels), [Cast](W_outlier_fp16))
 
-(the first MatMul possibly followed by ``correct_bias``'s Add of a constant bias, which then moves after the op)
 and replaces it with ``OutlierSplitGemm(x, W_int, scales, channels (int32), W_outlier_fp16)``, attributes
 ``bits`` and ``block_size`` (0: INT8 per output channel); the plugin takes FP16 scales. The op is defined in
 ``plugins/outlier_split_gemm/reference.py``. Layers with quantized activations (w8a8's Q/DQ on x) or any other
@@ -17,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from accullm_export.graph.pass_data import PassResult
 from accullm_export.graph.passes import PLUGIN_ATTRIBUTES, PLUGIN_DOMAIN, register
 from accullm_export.graph.rewrite import producer_of, stored_scales
 
@@ -24,24 +24,19 @@ OP_TYPE, DOMAIN, VERSION = "OutlierSplitGemm", PLUGIN_DOMAIN, 1
 
 
 @register("fuse_outlier_split_gemm")
-def run(graph: gs.Graph, context) -> gs.Graph:
+def run(graph: gs.Graph, config: None) -> PassResult:
+    notes: list[str] = []
     for add in [node for node in graph.nodes if node.op == "Add" and node.name.endswith("/outliers/Add")]:
         fused = _fused(add)
         if isinstance(fused, str):
-            context.notes.append(f"{add.name}: {fused}; left as standard ONNX")
+            notes.append(f"{add.name}: {fused}; left as standard ONNX")
             continue
         graph.nodes.append(fused)
-    return graph.cleanup().toposort()
+    return PassResult(graph.cleanup().toposort(), tuple(notes))
 
 
 def _fused(add: gs.Node) -> gs.Node | str:
-    first = add.inputs[0]
-    bias = producer_of(first, "Add")
-    if bias is not None and bias.name.endswith("/bias_correction/Add"):
-        first = bias.inputs[0]
-    else:
-        bias = None
-    main, branch = producer_of(first, "MatMul"), producer_of(add.inputs[1], "MatMul")
+    main, branch = producer_of(add.inputs[0], "MatMul"), producer_of(add.inputs[1], "MatMul")
     if main is None or branch is None:
         return "not a MatMul plus outlier-branch MatMul"
     dequantize = producer_of(main.inputs[1], "DequantizeLinear")
@@ -64,12 +59,6 @@ def _fused(add: gs.Node) -> gs.Node | str:
     scales = gs.Constant(f"{main.name}/weight_scale_fp16", np.asarray(scales.values, dtype=np.float16))
     output = add.outputs[0]
     add.outputs.clear()
-    if bias is not None:  # x W + b: the op's output, then the bias Add writes the layer's tensor
-        fused_output = gs.Variable(f"{main.name}/OutlierSplitGemm/output_0", dtype=output.dtype)
-        bias.outputs.clear()
-        bias.inputs[0] = fused_output
-        bias.outputs.append(output)
-        output = fused_output
     return gs.Node(OP_TYPE, name=f"{main.name}/OutlierSplitGemm", domain=DOMAIN,
                    inputs=[main.inputs[0], values, scales, channels, rows], outputs=[output],
                    attrs={"bits": 4 if kind == "int4" else 8,

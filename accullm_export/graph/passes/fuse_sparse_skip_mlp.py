@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from accullm_export.graph.pass_data import PassResult
 from accullm_export.graph.passes import PLUGIN_ATTRIBUTES, PLUGIN_DOMAIN, register
 from accullm_export.graph.rewrite import producer_of, stored_scales
 
@@ -23,16 +24,17 @@ OP_TYPE, DOMAIN, VERSION = "SparseSkipMLP", PLUGIN_DOMAIN, 1
 
 
 @register("fuse_sparse_skip_mlp")
-def run(graph: gs.Graph, context) -> gs.Graph:
+def run(graph: gs.Graph, config: None) -> PassResult:
+    notes: list[str] = []
     nodes = {node.name: node for node in graph.nodes}
     for union in [node for node in graph.nodes if node.name.endswith("/sparse/union")]:
         prefix = union.name[: -len("/sparse/union")]
         fused = _fused_node(graph, nodes, prefix)
         if isinstance(fused, str):
-            context.notes.append(f"{prefix}: {fused}; left as standard ONNX")
+            notes.append(f"{prefix}: {fused}; left as standard ONNX")
             continue
         graph.nodes.append(fused)
-    return graph.cleanup().toposort()
+    return PassResult(graph.cleanup().toposort(), tuple(notes))
 
 
 def _stored_weight(tensor) -> tuple[gs.Tensor, gs.Tensor | None, int] | str:

@@ -10,20 +10,32 @@ type, so its accuracy is the FP16 weights' and never the activations' rounding.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Mapping
 import collections
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from accullm_export.graph.ir import constant
+from accullm_export.graph.pass_data import PassResult
+from accullm_export.graph.recipes import LayerPlan
 from accullm_export.graph.passes import register
 from accullm_export.graph.rewrite import float_weight, onnx_type, planned_nodes
 
 
-@register("isolate_outliers")
-def run(graph: gs.Graph, context) -> gs.Graph:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """The layer plans (their outlier channels)."""
+
+    plans: Mapping[str, LayerPlan]
+
+
+@register("isolate_outliers", Config)
+def run(graph: gs.Graph, config: Config) -> PassResult:
+    notes: list[str] = []
     by_input: dict[str, list] = collections.defaultdict(list)
-    for node, plan in planned_nodes(graph, context.plans):
+    for node, plan in planned_nodes(graph, config.plans):
         if plan.outliers and plan.quantized:
             by_input[node.inputs[0].name].append((node, plan))
     for tensor_name, members in by_input.items():
@@ -36,10 +48,10 @@ def run(graph: gs.Graph, context) -> gs.Graph:
         for node, plan in members:
             weight = float_weight(node)
             if weight is None:
-                context.notes.append(f"{node.name}: weight is not a float constant; no outlier branch")
+                notes.append(f"{node.name}: weight is not a float constant; no outlier branch")
                 continue
             _split(graph, node, weight.values, channels, gathered)
-    return graph.cleanup().toposort()
+    return PassResult(graph.cleanup().toposort(), tuple(notes))
 
 
 def _split(graph: gs.Graph, node: gs.Node, weight: np.ndarray, channels: tuple[int, ...],

@@ -9,7 +9,7 @@ block scales behind a Cast stay so, and 8-bit block scales concatenate their cod
 as ``code_block_scales`` makes those reading one input do). The Split's outputs are the original layers' output
 tensors, so every name downstream (bisection, the KV cache wiring) is unchanged. When a merged main path and a
 merged outlier branch are added output by output, the Adds merge too: Add before Split; so do the constant biases
-``correct_bias`` adds after each member (concatenated, stored as they were). Each column is computed as before, so
+a model adds after each member (concatenated, stored as they were). Each column is computed as before, so
 the numerics do not change.
 """
 
@@ -26,7 +26,7 @@ from accullm_export.graph.rewrite import coded_scale, scale_code, widening_cast
 
 
 @register("merge_parallel_linears")
-def run(graph: gs.Graph, context) -> gs.Graph:
+def run(graph: gs.Graph, config: None) -> gs.Graph:
     groups: dict[tuple, list[gs.Node]] = collections.defaultdict(list)
     for node in graph.nodes:
         if node.op == "MatMul":
@@ -169,7 +169,7 @@ def _paired_adds(first: gs.Node, second: gs.Node) -> list[gs.Node] | None:
 
 
 def _merge_biases(graph: gs.Graph, split: gs.Node) -> gs.Node | None:
-    """Split(a)[i] + b_i for every i, each output read only by its Add of a constant bias (``correct_bias``'s,
+    """Split(a)[i] + b_i for every i, each output read only by its Add of a constant bias (a model's own,
     stored alike): Split(a + concat(b)), returned (None: nothing merged)."""
     adds, stored, casts = [], [], []
     for output in split.outputs:

@@ -12,8 +12,8 @@
   MatMulNBits does at accuracy level 4 for onnxruntime-genai's int8 models): the input is reshaped to
   [tokens, K/G, G] and moved group-first, the weight is stored as [K/G, G, N], one batched ``MatMulInteger``
   gives each group's int32 partial sums, which are scaled by their group's scale and summed. ONNX Runtime
-  prepacks only 2-D integer weights, so it repacks the 3-D one at every call: about half the decode speed of
-  one scale per token, for several times less error on real activations. A QDQ
+  prepacks only 2-D integer weights, so it repacks the 3-D one at every call: slower than one
+  scale per token, but far more accurate on activations with outlier channels. A QDQ
   form with a run-time scale would make ONNX Runtime dequantize every weight at every step. TensorRT needs
   static scales, so TensorRT targets use ``static``.
 
@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from accullm_export.graph.ir import constant
+from accullm_export.graph.pass_data import PassResult
+from accullm_export.graph.recipes import LayerPlan
 from accullm_export.graph.passes import register
 from accullm_export.graph.recipes import activation_scale
 from accullm_export.graph.rewrite import onnx_type, planned_nodes
@@ -36,18 +39,29 @@ from accullm_export.graph.rewrite import onnx_type, planned_nodes
 _TINY = 1e-12  # floor of a dynamic scale, so an all-zero row does not divide by zero
 
 
-@register("quantize_activations")
-def run(graph: gs.Graph, context) -> gs.Graph:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """The plans, the inputs' statistics, the SmoothQuant divisors and the model's float type."""
+
+    plans: Mapping[str, LayerPlan]
+    statistics: Mapping[str, Mapping[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    input_scales: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    float_dtype: np.dtype = np.dtype(np.float32)
+
+
+@register("quantize_activations", Config)
+def run(graph: gs.Graph, config: Config) -> PassResult:
+    notes: list[str] = []
     by_input: dict[str, list] = collections.defaultdict(list)
-    for node, plan in planned_nodes(graph, context.plans):
+    for node, plan in planned_nodes(graph, config.plans):
         if plan.activations is not None:
             by_input[node.inputs[0].name].append((node, plan))
     for tensor_name, members in by_input.items():
         source, plan = members[0][0].inputs[0], members[0][1]
-        if plan.activations == "static" and tensor_name in context.input_scales:  # smoothed: x / s has new ranges
+        if plan.activations == "static" and tensor_name in config.input_scales:  # smoothed: x / s has new ranges
             plan = dataclasses.replace(plan, activation_scale=activation_scale(
-                context.statistics[tensor_name], plan.outliers, context.input_scales[tensor_name]))
-        float_dtype = np.dtype(context.float_dtype)
+                config.statistics[tensor_name], plan.outliers, config.input_scales[tensor_name]))
+        float_dtype = np.dtype(config.float_dtype)
         if plan.activations == "static":
             quantized = _static(graph, source, plan, float_dtype)
             for node, _ in members:
@@ -59,8 +73,8 @@ def run(graph: gs.Graph, context) -> gs.Graph:
             leading = _node(graph, "Shape", f"{tensor_name}/groups/Shape", [source], np.int64, end=-1)
         for node, _ in members:
             if not _integer_gemm(graph, node, quantized, token_scale, float_dtype, plan.activation_group, leading):
-                context.notes.append(f"{node.name}: weight is not per-channel int8; activations left unquantized")
-    return graph.cleanup().toposort()
+                notes.append(f"{node.name}: weight is not per-channel int8; activations left unquantized")
+    return PassResult(graph.cleanup().toposort(), tuple(notes))
 
 
 def _static(graph: gs.Graph, source: gs.Variable, plan, float_dtype: np.dtype) -> gs.Variable:

@@ -9,27 +9,37 @@ weight, axis 1) get their own int8 copy, since the lm_head's copy is int4 or blo
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from accullm_export.graph.ir import constant
+from accullm_export.graph.pass_data import PassResult
 from accullm_export.graph.passes import register
 from accullm_export.graph.rewrite import onnx_type
 
 TOKEN_INPUT = "input_ids"
 
 
-@register("quantize_embeddings")
-def run(graph: gs.Graph, context) -> gs.Graph:
-    if context.embeddings == "fp32":
-        return graph
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """How the token-embedding table is stored: int8, fp16 or fp32 (left as it is)."""
+
+    embeddings: str = "fp32"
+
+
+@register("quantize_embeddings", Config)
+def run(graph: gs.Graph, config: Config) -> PassResult:
+    notes: list[str] = []
+    if config.embeddings == "fp32":
+        return PassResult(graph, tuple(notes))
     for node in list(graph.nodes):
         if not _is_embedding(node):
             continue
         table = node.inputs[0].values
         float_dtype = table.dtype
         axis = int(node.attrs.get("axis", 0)) % table.ndim
-        if context.embeddings == "fp16":
+        if config.embeddings == "fp16":
             node.inputs[0] = constant(f"{node.name}/table_float16", table.astype(np.float16))
             _widen(graph, node, float_dtype, scale=None)
             continue
@@ -41,7 +51,7 @@ def run(graph: gs.Graph, context) -> gs.Graph:
         node.inputs[0] = constant(f"{node.name}/table_int8", values)
         _widen(graph, node, float_dtype, scale=constant(f"{node.name}/table_scale",
                                                          scales.astype(float_dtype).reshape(shape)))
-    return graph.cleanup().toposort()
+    return PassResult(graph.cleanup().toposort(), tuple(notes))
 
 
 def _is_embedding(node: gs.Node) -> bool:

@@ -12,9 +12,13 @@ per block and store uint4 (``quant.asymmetric``; ONNX Runtime only).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from accullm_export.graph.pass_data import PassResult
+from accullm_export.graph.recipes import LayerPlan
 from accullm_export.graph.passes import register
 from accullm_export.graph.rewrite import (asymmetric_layer, float_weight, is_dequantized, planned_nodes,
                                           replace_weight_cast, replace_weight_dequantized)
@@ -22,14 +26,26 @@ from accullm_export.quant.asymmetric import quantize_asymmetric
 from accullm_export.quant.symmetric import quantize
 
 
-@register("quantize_weights")
-def run(graph: gs.Graph, context) -> gs.Graph:
-    for node, plan in planned_nodes(graph, context.plans):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """The plans, the inputs' statistics, the AWQ divisors and the INT4 grid settings."""
+
+    plans: Mapping[str, LayerPlan]
+    statistics: Mapping[str, Mapping[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    input_scales: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    scale_search: bool = False
+    asymmetric: bool = False
+
+
+@register("quantize_weights", Config)
+def run(graph: gs.Graph, config: Config) -> PassResult:
+    notes: list[str] = []
+    for node, plan in planned_nodes(graph, config.plans):
         if plan.precision == "fp32" or is_dequantized(node):
             continue
         weight = float_weight(node)
         if weight is None:
-            context.notes.append(f"{node.name}: weight is not a float constant; left as it is")
+            notes.append(f"{node.name}: weight is not a float constant; left as it is")
             continue
         values = weight.values
         if plan.precision == "fp16":
@@ -37,16 +53,16 @@ def run(graph: gs.Graph, context) -> gs.Graph:
                 replace_weight_cast(graph, node, values, np.float16, values.dtype)
             continue
         bits = plan.bits
-        search = context.scale_search and bits == 4
-        importance = _row_importance(context, node, plan) if search else None
+        search = config.scale_search and bits == 4
+        importance = _row_importance(config, node, plan) if search else None
         zero_points = None
-        if asymmetric_layer(context, plan):
+        if asymmetric_layer(config, plan):
             integers, scales, zero_points = quantize_asymmetric(values, plan.block_size, search=search,
                                                                 importance=importance)
         else:
             integers, scales = quantize(values, bits, plan.block_size, search=search, importance=importance)
         replace_weight_dequantized(graph, node, integers, scales, bits, plan.block_size, values.dtype, zero_points)
-    return graph.cleanup().toposort()
+    return PassResult(graph.cleanup().toposort(), tuple(notes))
 
 
 def _row_importance(context, node: gs.Node, plan) -> np.ndarray | None:

@@ -2,8 +2,8 @@
 
 The head's rounding error d_v = w_v - w~_v (its source row against what the finished graph computes: low-bit
 part, outlier branch and rotation together) costs the output distribution about sum_t p_tv (x_t . d_v)^2 over
-calibration positions t (the second-order KL of a logit error, p the source model's probabilities). A few
-thousand of the 49k rows of the sample carry almost all of it: the tokens that hold the probability. Those K rows
+calibration positions t (the second-order KL of a logit error, p the source model's probabilities). A small
+share of the vocabulary carries almost all of it: the tokens that hold the probability. Those K rows
 get their error rounded again, to INT4 in the head's blocks with FP16 scales, so they end up about as exact as
 8-bit rows; the other rows stay as they are.
 
@@ -12,10 +12,9 @@ reads (x, or x R with ``--rotate``, the error then carried over as pinv(R) d_v =
 head's logits by ScatterElements(reduction="add") on the last axis, its indices Expand-ed to the correction's
 shape. Reading the head's own input, the correction merges with the head (``merge_parallel_linears``) into one
 MatMulNBits of V + K columns and a Split in ONNX Runtime. TensorRT would take the ScatterElements add through the
-scatterElements plugin of its own plugin library (not tried: TensorRT cannot be installed here), so ``build``
-gives the refinement to the cpu target only. A row costs 4 bits plus its share of the scales per entry (K = 4096
-on the sample: 0.075 bits per weight), and decoding reads K/V more of the head's bytes (measured on the sample:
-about 3% of the decode time at block 64; the README has the figures).
+scatterElements plugin of its own plugin library (untested), so ``build`` gives the refinement to the cpu
+target only. A row costs 4 bits plus its share of the scales per entry, and decoding reads K/V more of the
+head's bytes.
 
 Runs after every pass that changes the head (GPTQ, distillation, INT8 rows, scale codes), on the graph as it will
 be saved; the constants carry the head's name as prefix, so the manifest counts them with the layer.
@@ -24,6 +23,7 @@ be saved; the constants carry the head's name as prefix, so the manifest counts 
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping
 
 import ml_dtypes
 import numpy as np
@@ -32,6 +32,8 @@ import onnx_graphsurgeon as gs
 
 from accullm_export.errors import UserError
 from accullm_export.graph.ir import constant
+from accullm_export.graph.pass_data import PassResult
+from accullm_export.graph.recipes import LayerPlan
 from accullm_export.graph.passes import register
 from accullm_export.graph.rewrite import half_constant
 from accullm_export.quant.symmetric import quantize
@@ -69,7 +71,7 @@ def linear_maps(graph: gs.Graph, source: str, targets: list[str], channels: int,
                 float_dtype: np.dtype) -> list[np.ndarray]:
     """The [C, N] matrix the graph applies between tensor ``source`` and each of ``targets`` (linear maps, bias
     left out), by running that part of the graph once in ONNX Runtime on the identity. Unlike
-    ``distill_scales.effective_weight``, which reads one node's constants in its own input's terms, this takes in
+    ``outlier_branch.effective_weight``, which reads one node's constants in its own input's terms, this takes in
     whatever lies between: the rotation in front of the head, its branch, the Add."""
     from accullm_export.runtime.session import create_session
 
@@ -90,18 +92,28 @@ def linear_maps(graph: gs.Graph, source: str, targets: list[str], channels: int,
     return [one[0].astype(np.float32) - zero[0].astype(np.float32) for one, zero in zip(ones, zeros)]
 
 
-@register("refine_vocab_rows")
-def run(graph: gs.Graph, context) -> gs.Graph:
-    rows: VocabRows = context.vocab_rows
-    plan = context.plans[rows.head]
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """The plans, the head's rows to refine with their calibration inputs, and the model's float type."""
+
+    plans: Mapping[str, LayerPlan]
+    vocab_rows: VocabRows | None = None
+    float_dtype: np.dtype = np.dtype(np.float32)
+
+
+@register("refine_vocab_rows", Config)
+def run(graph: gs.Graph, config: Config) -> PassResult:
+    notes: list[str] = []
+    rows: VocabRows = config.vocab_rows
+    plan = config.plans[rows.head]
     tensors = graph.tensors()
     if rows.input not in tensors or rows.output not in tensors:
-        raise UserError(f"--refine-vocab: {rows.head}'s input or output tensor is gone from the rewritten graph")
+        raise UserError(f"vocab.refine_rows: {rows.head}'s input or output tensor is gone from the rewritten graph")
     head = next(node for node in graph.nodes if node.name == rows.head)
     reads = head.inputs[0]  # what the head's low-bit part reads: x, or x R with --rotate
     rotated = reads.name != rows.input
     maps = linear_maps(graph, rows.input, [rows.output] + ([reads.name] if rotated else []), plan.in_features,
-                       context.float_dtype)
+                       config.float_dtype)
     error = rows.source_weight - maps[0]
     columns = ranked_columns(rows.samples, rows.source_weight, error, rows.count)
     refined = error[:, columns]
@@ -109,13 +121,13 @@ def run(graph: gs.Graph, context) -> gs.Graph:
         refined = (np.linalg.pinv(maps[1].astype(np.float64)) @ refined).astype(np.float32)
     values, scales = quantize(refined, 4, plan.block_size)
     name = f"{rows.head}/vocab_rows"
-    correction_weight = gs.Variable(f"{name}_dequantized", dtype=context.float_dtype, shape=list(values.shape))
+    correction_weight = gs.Variable(f"{name}_dequantized", dtype=config.float_dtype, shape=list(values.shape))
     graph.nodes.append(gs.Node(
         "DequantizeLinear", name=f"{name}/DequantizeLinear", attrs={"axis": 0, "block_size": int(plan.block_size)},
         inputs=[constant(f"{name}_quantized", values.astype(ml_dtypes.int4)),
-                half_constant(graph, f"{name}_scale", scales, context.float_dtype)],
+                half_constant(graph, f"{name}_scale", scales, config.float_dtype)],
         outputs=[correction_weight]))
-    correction = gs.Variable(f"{name}_correction", dtype=context.float_dtype)
+    correction = gs.Variable(f"{name}_correction", dtype=config.float_dtype)
     graph.nodes.append(gs.Node("MatMul", name=f"{name}/MatMul", inputs=[reads, correction_weight],
                                outputs=[correction]))
     shape = gs.Variable(f"{name}_shape", dtype=np.int64)
@@ -131,9 +143,9 @@ def run(graph: gs.Graph, context) -> gs.Graph:
     graph.nodes.append(gs.Node("ScatterElements", name=f"{name}/ScatterElements",
                                attrs={"axis": -1, "reduction": "add"}, inputs=[unrefined, indices, correction],
                                outputs=[logits]))
-    context.notes.append(f"{rows.head}: its {rows.count} vocabulary rows of largest calibration error "
-                         f"(sum_t p_tv (x_t . d_v)^2) got a second INT4 stage (--refine-vocab)")
-    return graph.cleanup().toposort()
+    notes.append(f"{rows.head}: its {rows.count} vocabulary rows of largest calibration error "
+                         f"(sum_t p_tv (x_t . d_v)^2) got a second INT4 stage (vocab.refine_rows)")
+    return PassResult(graph.cleanup().toposort(), tuple(notes))
 
 
 def head_tensors(model: onnx.ModelProto, layers) -> tuple[object, str] | None:

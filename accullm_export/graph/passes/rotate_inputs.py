@@ -14,15 +14,16 @@ Reshape [batch, seq, C/b, b] -> MatMul(H_b / sqrt(b)) -> Reshape [batch, seq, C]
 take C floats (every rotation of block b shares one H_b). The layer's statistics follow the input: its
 second-moment matrix (GPTQ) becomes R^T H R, its per-channel second moments (scale search) diag(R^T H R), and its
 plan reads the rotated tensor with no excluded rows. The distillation replica multiplies by the same R
-(``quant.distill``). Runs after ``isolate_outliers`` (the branch keeps reading x) and before GPTQ and rounding.
+(``training.distill``). Runs after ``isolate_outliers`` (the branch keeps reading x) and before GPTQ and rounding.
 
-Meant for a layer whose block size costs a large share of the decode time, the LM head above all (measured
-figures in the README, ``quantize``).
+Meant for a layer whose block size costs a large share of the decode time, the LM head above all: the rotation
+lets it keep large blocks at the accuracy of smaller ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping
 import zlib
 
 import numpy as np
@@ -30,47 +31,62 @@ import onnx_graphsurgeon as gs
 
 from accullm_export.errors import UserError
 from accullm_export.graph.ir import constant
+from accullm_export.graph.pass_data import PassResult
+from accullm_export.graph.recipes import LayerPlan
 from accullm_export.graph.passes import register
 from accullm_export.graph.recipes import sink_channels
-from accullm_export.graph.rewrite import float_weight, planned_nodes, producer_of
+from accullm_export.graph.rewrite import float_weight, planned_nodes
+from accullm_export.graph.rotation import hadamard, rotation_matrix
 
 
-@register("rotate_inputs")
-def run(graph: gs.Graph, context) -> gs.Graph:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """The plans, the inputs' statistics and E[x x^T], and the AWQ divisors."""
+
+    plans: Mapping[str, LayerPlan]
+    statistics: Mapping[str, Mapping[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    hessians: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    input_scales: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+@register("rotate_inputs", Config)
+def run(graph: gs.Graph, config: Config) -> PassResult:
+    notes: list[str] = []
+    produced: dict[str, dict] = {"plans": {}, "hessians": {}, "statistics": {}}
     rotated, inputs = 0, {}  # source tensor name -> (rotated tensor, signs): its readers share the rotation
     hadamards: dict = {}  # (block size, dtype) -> H_b / sqrt(b), one constant for every rotation
-    for node, plan in planned_nodes(graph, context.plans):
+    for node, plan in planned_nodes(graph, config.plans):
         if not plan.rotation:
             continue
         weight = float_weight(node)
         source = node.inputs[0]
         if weight is None:
-            raise UserError(f"--rotate: {node.name}'s weight is not a float constant; it cannot be rotated")
+            raise UserError(f"rotation.layers: {node.name}'s weight is not a float constant; it cannot be rotated")
         if source.shape is not None and len(source.shape) != 3:
-            raise UserError(f"--rotate: {node.name} reads a rank-{len(source.shape)} input; the rotation reshapes "
-                            "[batch, sequence, channels] inputs only")
+            raise UserError(f"rotation.layers: {node.name} reads a rank-{len(source.shape)} input; the rotation "
+                            "reshapes [batch, sequence, channels] inputs only")
         if source.name not in inputs:
-            unprotected = sorted(set(sink_channels(context.statistics.get(source.name) or {})) - set(plan.outliers))
+            unprotected = sorted(set(sink_channels(config.statistics.get(source.name) or {})) - set(plan.outliers))
             if unprotected:
-                context.notes.append(f"{node.name}: its input's attention-sink channels {unprotected} have no FP16 "
-                                     "row, so the rotation mixes them into the low-bit part, whose statistics leave "
-                                     "the sink out")
+                notes.append(f"{node.name}: its input's attention-sink channels {unprotected} have no FP16 "
+                             "row, so the rotation mixes them into the low-bit part, whose statistics leave the "
+                             "sink out")
             signs = rotation_signs(source.name, weight.values.shape[0], plan.outliers)
             rotated_input = _insert_rotation(graph, node.name, source, signs, plan.rotation, hadamards)
             inputs[source.name] = (rotated_input, signs)
-            _rotate_statistics(context, source.name, rotated_input.name,
-                               rotation_matrix(signs, plan.rotation))
+            _rotate_statistics(config, source.name, rotated_input.name, rotation_matrix(signs, plan.rotation),
+                               produced)
         rotated_input, signs = inputs[source.name]
         node.inputs[0] = rotated_input
         rest = np.asarray(weight.values, dtype=np.float64).copy()
         rest[list(plan.outliers)] = 0.0  # the branch computes these rows (isolate_outliers zeroed them already)
         values = rotated_rows(rest, signs, plan.rotation)  # every row, the outlier rows' 0 spread out
         node.inputs[1] = constant(f"{node.name}/weight_rotated", values.astype(weight.values.dtype))
-        context.plans[node.name] = dataclasses.replace(plan, input=rotated_input.name)
+        produced["plans"][node.name] = dataclasses.replace(plan, input=rotated_input.name)
         rotated += 1
-    context.notes.append(f"{rotated} layers' low-bit parts read their input block-Hadamard rotated, {len(inputs)} "
-                         "rotations (--rotate)")
-    return graph.cleanup().toposort()
+    notes.append(f"{rotated} layers' low-bit parts read their input block-Hadamard rotated, {len(inputs)} "
+                 "rotations (rotation.layers)")
+    return PassResult(graph.cleanup().toposort(), tuple(notes), produced=produced)
 
 
 def rotation_signs(source: str, channels: int, outliers) -> np.ndarray:
@@ -81,38 +97,11 @@ def rotation_signs(source: str, channels: int, outliers) -> np.ndarray:
     return signs.astype(np.float32)
 
 
-def hadamard(size: int) -> np.ndarray:
-    """The Sylvester Hadamard matrix of a power-of-two ``size``, scaled to be orthogonal."""
-    matrix = np.ones((1, 1))
-    while matrix.shape[0] < size:
-        matrix = np.block([[matrix, matrix], [matrix, -matrix]])
-    return matrix / np.sqrt(size)
-
-
-def rotation_matrix(signs: np.ndarray, block: int) -> np.ndarray:
-    """R = diag(d) (I (x) H_b): x R is what the rotation nodes compute (float64 [C, C])."""
-    channels = signs.shape[0]
-    return np.kron(np.eye(channels // block), hadamard(block)) * np.asarray(signs, dtype=np.float64)[:, None]
-
-
 def rotated_rows(weight: np.ndarray, signs: np.ndarray, block: int) -> np.ndarray:
     """R^T W block by block, (I (x) H_b)^T (d * W), without forming R: O(C b N) instead of O(C^2 N) (float64)."""
     signed = np.asarray(signs, dtype=np.float64)[:, None] * np.asarray(weight, dtype=np.float64)
     blocks = signed.reshape(signed.shape[0] // block, block, -1)
     return np.einsum("ji,kjn->kin", hadamard(block), blocks).reshape(signed.shape)
-
-
-def input_rotation(node: gs.Node) -> tuple[gs.Variable, np.ndarray] | None:
-    """(the unrotated input, R) when ``node`` reads its input through the nodes ``rotate_inputs`` writes, else
-    None."""
-    back = producer_of(node.inputs[0], "Reshape")
-    matmul = producer_of(back.inputs[0], "MatMul") if back is not None else None
-    split = producer_of(matmul.inputs[0], "Reshape") if matmul is not None else None
-    multiply = producer_of(split.inputs[0], "Mul") if split is not None else None
-    if multiply is None or not multiply.name.endswith("/rotation/Mul"):
-        return None
-    signs = np.asarray(multiply.inputs[1].values, dtype=np.float64)
-    return multiply.inputs[0], rotation_matrix(signs, int(matmul.inputs[1].values.shape[0]))
 
 
 def _insert_rotation(graph: gs.Graph, layer: str, source: gs.Variable, signs: np.ndarray, block: int,
@@ -142,29 +131,24 @@ def _insert_rotation(graph: gs.Graph, layer: str, source: gs.Variable, signs: np
     return output
 
 
-def _rotate_statistics(context, source: str, rotated: str, matrix: np.ndarray) -> None:
-    """The rotated input's second moments (and mean, sink moments) from the source's, for GPTQ and the scale
-    search; AWQ's divisors of the source are applied first (the rotation reads x / s)."""
-    scales = context.input_scales.get(source)
+def _rotate_statistics(config: Config, source: str, rotated: str, matrix: np.ndarray, produced: dict) -> None:
+    """The rotated input's second moments (and E[x x^T]) from the source's, for GPTQ and the scale search, into
+    ``produced``; AWQ's divisors of the source are applied first (the rotation reads x / s)."""
+    scales = config.input_scales.get(source)
     inverse = None if scales is None else 1.0 / np.asarray(scales, dtype=np.float64)
-    hessian = context.hessians.get(source)
+    hessian = config.hessians.get(source)
     if hessian is not None:
         hessian = np.asarray(hessian, dtype=np.float64)
         if inverse is not None:
             hessian = hessian * np.outer(inverse, inverse)
-        context.hessians[rotated] = matrix.T @ hessian @ matrix
-        second = np.diag(context.hessians[rotated]).copy()
+        produced["hessians"][rotated] = matrix.T @ hessian @ matrix
+        second = np.diag(produced["hessians"][rotated]).copy()
     else:
-        statistics = context.statistics.get(source, {})
+        statistics = config.statistics.get(source, {})
         if "second_moment" not in statistics:
             return
         diagonal = np.asarray(statistics["second_moment"], dtype=np.float64)
         if inverse is not None:
             diagonal = diagonal * inverse ** 2
         second = (matrix ** 2 * diagonal[:, None]).sum(axis=0)
-    context.statistics[rotated] = {"second_moment": second}
-    if source in context.sink_moments:
-        sink_second, sink_mean = context.sink_moments[source]
-        if inverse is not None:
-            sink_second, sink_mean = sink_second * np.outer(inverse, inverse), sink_mean * inverse
-        context.sink_moments[rotated] = (matrix.T @ sink_second @ matrix, sink_mean @ matrix)
+    produced["statistics"][rotated] = {"second_moment": second}

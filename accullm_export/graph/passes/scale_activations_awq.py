@@ -15,26 +15,40 @@ left unscaled, with a note. Outlier channels (FP16 rows) keep s = 1.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from accullm_export.graph.pass_data import PassResult
+from accullm_export.graph.recipes import LayerPlan
 from accullm_export.graph.passes import register
 from accullm_export.graph.rewrite import apply_input_scales, scalable_inputs
 from accullm_export.quant.awq import search_awq_scales
 
 
-@register("scale_activations_awq")
-def run(graph: gs.Graph, context) -> gs.Graph:
-    for tensor_name, members, fold in scalable_inputs(graph, context, ("int4",)):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """The layer plans and the inputs' calibration statistics."""
+
+    plans: Mapping[str, LayerPlan]
+    statistics: Mapping[str, Mapping[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+
+
+@register("scale_activations_awq", Config)
+def run(graph: gs.Graph, config: Config) -> PassResult:
+    notes: list[str] = []
+    produced: dict[str, np.ndarray] = {}
+    for tensor_name, members, fold in scalable_inputs(graph, config.plans, ("int4",), notes):
         plan = members[0][1]
-        statistics = context.statistics[tensor_name]
+        statistics = config.statistics[tensor_name]
         result = search_awq_scales([node.inputs[1].values.astype(np.float32) for node, _ in members],
                                    statistics["mean_abs"], statistics["second_moment"], 4, plan.block_size,
                                    exclude=plan.outliers)
         if result.alpha == 0:
             continue
         apply_input_scales(members, fold, result.scales, "awq")
-        context.input_scales[tensor_name] = result.scales
-        context.notes.append(f"{tensor_name}: alpha {result.alpha:.2f}, proxy error "
+        produced[tensor_name] = result.scales
+        notes.append(f"{tensor_name}: alpha {result.alpha:.2f}, proxy error "
                              f"{result.baseline_error:.4g} -> {min(e for _, e in result.errors):.4g}")
-    return graph.cleanup().toposort()
+    return PassResult(graph.cleanup().toposort(), tuple(notes), produced={"input_scales": produced})

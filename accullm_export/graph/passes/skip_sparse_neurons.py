@@ -22,50 +22,52 @@ them: that call runs dense). The sink is computed once, in the prompt's prefill;
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from accullm_export.graph.pass_data import PassResult
 from accullm_export.graph.passes import register
-from accullm_export.sparsity.mlp import MLPBlock, find_mlp_blocks
+from accullm_export.graph.mlp import MLPBlock, find_mlp_blocks
 
 
-@dataclasses.dataclass
-class SparseContext:
-    """The pass config: plans keyed by MLP name, notes on MLPs left dense, and the per-channel divisors s that
-    AWQ or SmoothQuant folded into an input (x becomes x / s), keyed by tensor name: thresholds and guessers
-    were calibrated on x, so they are rescaled to the graph's x / s."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """Plans keyed by MLP name, and the per-channel divisors s that AWQ or SmoothQuant folded into an input (x
+    becomes x / s), keyed by tensor name: thresholds and guessers were calibrated on x, so they are rescaled to
+    the graph's x / s."""
 
-    plans: dict
-    notes: list = dataclasses.field(default_factory=list)
-    input_scales: dict = dataclasses.field(default_factory=dict)
+    plans: Mapping[str, Any]
+    input_scales: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
     dense_first: bool = False  # position 0 keeps all its neurons (needs a position_ids input)
 
 
-@register("skip_sparse_neurons")
-def run(graph: gs.Graph, context: SparseContext) -> gs.Graph:
+@register("skip_sparse_neurons", Config)
+def run(graph: gs.Graph, config: Config) -> PassResult:
+    notes: list[str] = []
     blocks = {block.name: block for block in find_mlp_blocks(graph)}
-    first = _first_position(graph, context) if context.dense_first else None
-    for name, plan in context.plans.items():
+    first = _first_position(graph, notes) if config.dense_first else None
+    for name, plan in config.plans.items():
         block = blocks.get(name)
         if block is None:
-            context.notes.append(f"{name}: no SwiGLU MLP of that name in this graph; left dense")
+            notes.append(f"{name}: no SwiGLU MLP of that name in this graph; left dense")
             continue
         if plan.sparsity <= 0.0:
             continue
         if plan.method == "predictor" and (not block.plain or len(block.product.outputs[0].outputs) != 1):
-            context.notes.append(f"{name}: an outlier branch (or another reader) on the MLP; the guesser narrows "
-                                 "every projection and needs plain MatMuls; left dense")
+            notes.append(f"{name}: an outlier branch (or another reader) on the MLP; the guesser narrows every "
+                         "projection and needs plain MatMuls; left dense")
             continue
-        _Rewriter(graph, block, context.input_scales, first).apply(plan)
-    return graph.cleanup().toposort()
+        _Rewriter(graph, block, config.input_scales, first).apply(plan)
+    return PassResult(graph.cleanup().toposort(), tuple(notes))
 
 
-def _first_position(graph: gs.Graph, context: SparseContext) -> gs.Variable | None:
+def _first_position(graph: gs.Graph, notes: list[str]) -> gs.Variable | None:
     """[batch, seq, 1] bool: the token is the sequence's first (position id 0); None without position ids."""
     positions = next((tensor for tensor in graph.inputs if tensor.name == "position_ids"), None)
     if positions is None:
-        context.notes.append("no position_ids input: the first position is sparse like every other")
+        notes.append("no position_ids input: the first position is sparse like every other")
         return None
     prefix = "/sparse_first_position"
     zero = gs.Constant(f"{prefix}/zero", np.array(0, dtype=np.dtype(positions.dtype or np.int64)))

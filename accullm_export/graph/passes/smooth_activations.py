@@ -10,9 +10,13 @@ INT8. Inputs without such a producer (attention output) are left as they are, wi
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from accullm_export.graph.pass_data import PassResult
+from accullm_export.graph.recipes import LayerPlan
 from accullm_export.graph.passes import register
 from accullm_export.graph.recipes import activation_range
 from accullm_export.graph.rewrite import apply_input_scales, scalable_inputs
@@ -20,19 +24,30 @@ from accullm_export.graph.rewrite import apply_input_scales, scalable_inputs
 _FLOOR = 1e-5
 
 
-@register("smooth_activations")
-def run(graph: gs.Graph, context) -> gs.Graph:
-    alpha = context.smoothing
-    for tensor_name, members, fold in scalable_inputs(graph, context, ("int8",)):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """The plans, the inputs' statistics and SmoothQuant's alpha."""
+
+    plans: Mapping[str, LayerPlan]
+    statistics: Mapping[str, Mapping[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    smoothing: float | None = None
+
+
+@register("smooth_activations", Config)
+def run(graph: gs.Graph, config: Config) -> PassResult:
+    notes: list[str] = []
+    alpha = config.smoothing
+    produced: dict[str, np.ndarray] = {}
+    for tensor_name, members, fold in scalable_inputs(graph, config.plans, ("int8",), notes):
         if any(plan.activations is None for _, plan in members):
             continue
-        statistics = context.statistics[tensor_name]
+        statistics = config.statistics[tensor_name]
         weight_range = np.max([np.abs(node.inputs[1].values).max(axis=1) for node, _ in members], axis=0)
         scales = smoothing_scales(activation_range(statistics), weight_range.astype(np.float64), alpha,
                                   members[0][1].outliers)
         apply_input_scales(members, fold, scales, "smoothquant")
-        context.input_scales[tensor_name] = scales.astype(np.float32)
-    return graph.cleanup().toposort()
+        produced[tensor_name] = scales.astype(np.float32)
+    return PassResult(graph.cleanup().toposort(), tuple(notes), produced={"input_scales": produced})
 
 
 def smoothing_scales(input_range: np.ndarray, weight_range: np.ndarray, alpha: float,

@@ -1,10 +1,8 @@
 """Distil the INT4 block scales: fit a quantized LLM's block scales to the full-precision model's next-token
 distributions on calibration text, by gradient descent on KL(teacher || student).
 
-The integers stay as rounding (and GPTQ) left them and only the scales move, unless ``rounding`` is asked for:
-then each integer may also move one step up or down (learned rounding, as AdaRound and SignRound do, here with
-the end-to-end KL instead of a layer's output error). Either way the stored layout, the file size and the decode
-speed do not change. This is the end-to-end training of quantization parameters of PEQA (Kim et
+The integers stay as rounding (and GPTQ) left them and only the scales move (optionally the norm gains and the
+exact outlier rows too), so the stored layout, the file size and the decode speed do not change. This is the end-to-end training of quantization parameters of PEQA (Kim et
 al., 2023) and EfficientQAT's E2E-QP (Chen et al., 2024), here on the few thousand calibration tokens the
 profile names: one scale per block of 64 or 128 weights is about 1% of the parameters, and a layer-by-layer
 objective (GPTQ's) cannot see how errors compound through the residual stream and the LM head; the KL does.
@@ -31,8 +29,8 @@ from accullm_export.errors import UserError, require
 
 log = logging.getLogger(__name__)
 
-# the FP16 outlier rows' Adam step relative to the scales' (an absolute step on weights of ~0.01-1): on the
-# sample 0.1 measured +6.19% / +7.80% (8 / 32 held-out windows) where 0.01 measured +6.65% and no rows +6.72% / +8.56%
+# the FP16 outlier rows' Adam step relative to the scales': theirs is an absolute step on the weights, the
+# scales' a relative one, so the same rate would move the rows far too fast
 OUTLIER_ROWS_LR_FACTOR = 0.1
 
 
@@ -45,24 +43,13 @@ class DistillConfig:
     batch_windows: int = 1  # calibration windows per step
     seed: int = 0
     norms: bool = False  # also train the RMSNorm gains (stored in float, so free at inference)
-    rounding: bool = False  # also train the integers, each within one step of where rounding left it
-    rounding_lr: float | None = None  # Adam's step on the integer offsets (default: rounding_rate's)
     outlier_rows: bool = False  # also train the FP16 outlier rows (stored in FP16, so free at inference)
-
-    @property
-    def rounding_rate(self) -> float:
-        """Adam's step on the integer offsets: 2 / steps, so that over the cosine schedule (whose mean factor is
-        1/2) an offset that keeps one sign of gradient moves by about one integer step, and one whose gradient
-        wavers stays under the 0.5 that flips it (SignRound's choice of a rate tied to the step count)."""
-        return self.rounding_lr if self.rounding_lr is not None else 2.0 / max(self.steps, 1)
 
     def __post_init__(self):
         if self.steps < 0:
-            raise UserError(f"--distill-steps must be 0 (off) or positive, not {self.steps}")
+            raise UserError(f"distill.steps must be 0 (off) or positive, not {self.steps}")
         if not self.learning_rate > 0:
-            raise UserError(f"--distill-lr must be positive, not {self.learning_rate}")
-        if self.rounding_lr is not None and not (self.rounding and self.rounding_lr > 0):
-            raise UserError(f"the rounding rate must be positive and needs rounding on, not {self.rounding_lr}")
+            raise UserError(f"distill.lr must be positive, not {self.learning_rate}")
         if self.batch_windows < 1:
             raise UserError(f"the distillation batch must hold at least one window, not {self.batch_windows}")
 
@@ -76,7 +63,6 @@ class DistillResult:
     """What training returns: only what it kept (nothing trained when the held-out KL did not drop)."""
 
     scales: dict[str, np.ndarray]  # module -> scales [blocks, out] float32 (the initial ones if not kept)
-    integers: dict[str, np.ndarray]  # module -> integers [in, out] int8 (learned rounding only)
     gains: dict[str, np.ndarray]  # norm parameter name -> gain (with ``norms``)
     outlier_rows: dict[str, np.ndarray]  # module -> FP16 branch rows [outliers, out] float32 (with ``outlier_rows``)
     report: dict
@@ -92,9 +78,6 @@ class BlockScaled:
     block_size: int
     outliers: tuple[int, ...] = ()
     outlier_rows: np.ndarray | None = None  # [len(outliers), out], the FP16 branch's weight
-    bounds: tuple[int, int] = (-8, 7)  # the integer type's range
-    mean: np.ndarray | None = None  # bias correction: E[x] of the layer's input [in] ...
-    target: np.ndarray | None = None  # ... and E[x] W of the source layer [out]: the layer adds target - mean @ W_q
     rotation: np.ndarray | None = None  # --rotate: the integers multiply x @ rotation [in, in]; every row is low-bit
 
 
@@ -152,16 +135,11 @@ def block_scaled_linear_class():
     torch = require("torch", "export")
 
     class BlockScaledLinear(torch.nn.Module):
-        """y = x @ (integers * expand(s0 * exp(theta)) + outlier rows) + bias, theta trainable; with
-        ``rounding`` the integers are values + round(offset), the offset trainable in [-1, 1] through a
-        straight-through estimate of round, and clamped to the type's range (the outlier rows stay zero). With a
-        bias correction (``mean``, ``target``), y also gets target - mean @ W_q, recomputed as W_q trains, as
-        ``correct_bias`` computes it from the final weights."""
+        """y = x @ (integers * expand(s0 * exp(theta)) + outlier rows) + bias, theta trainable."""
 
-        def __init__(self, layer: BlockScaled, bias, rounding: bool = False, outlier_rows: bool = False):
+        def __init__(self, layer: BlockScaled, bias, outlier_rows: bool = False):
             super().__init__()
             rows = layer.values.shape[0]
-            self.bounds = layer.bounds
             self.register_buffer("values", torch.from_numpy(layer.values.astype(np.float32)))
             self.register_buffer("initial", torch.from_numpy(layer.scales.astype(np.float32)))
             self.register_buffer("rows", torch.from_numpy(np.arange(rows) // layer.block_size))
@@ -182,35 +160,17 @@ def block_scaled_linear_class():
             self.rotation = None if layer.rotation is None else torch.nn.Buffer(
                 torch.from_numpy(np.asarray(layer.rotation, dtype=np.float32)))
             self.theta = torch.nn.Parameter(torch.zeros_like(self.initial))
-            self.offset = torch.nn.Parameter(torch.zeros_like(self.values)) if rounding else None
             self.bias = bias
-            self.correction = None
-            if layer.mean is not None:
-                self.correction = (torch.from_numpy(np.asarray(layer.mean, dtype=np.float32)),
-                                   torch.from_numpy(np.asarray(layer.target, dtype=np.float32)))
 
         def scales(self):
             return self.initial * torch.exp(self.theta)
 
-        def integers(self):
-            if self.offset is None:
-                return self.values
-            offset = self.offset.clamp(-1.0, 1.0)
-            rounded = offset + (torch.round(offset) - offset).detach()
-            return (self.values + rounded).clamp(*self.bounds) * self.low_bit
-
         def forward(self, x):
             if self.rotation is None:
-                weight = self.integers() * self.scales()[self.rows] + self.fixed * self.branch
-                out = x @ weight
+                out = x @ (self.values * self.scales()[self.rows] + self.fixed * self.branch)
             else:
-                if self.correction is not None:
-                    raise ValueError("bias correction of a rotated layer is not modelled")
-                low_bit = self.integers() * self.scales()[self.rows]
+                low_bit = self.values * self.scales()[self.rows]
                 out = (x @ self.rotation) @ low_bit + x @ (self.fixed * self.branch)
-            if self.correction is not None:
-                mean, target = self.correction
-                out = out + (target - mean @ weight)
             return out if self.bias is None else out + self.bias
 
     return BlockScaledLinear
@@ -223,17 +183,16 @@ def _set_module(model, path: str, module) -> None:
 
 
 def student_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], layers: Sequence[BlockScaled],
-                    rounding: bool = False, outlier_rows: bool = False):
+                    outlier_rows: bool = False):
     """The quantized model as torch: ``weights`` loaded, then each of ``layers`` swapped for a
-    ``BlockScaledLinear`` (a bias the module had stays; ``rounding``: its integers train too). Returns (model,
-    module path -> BlockScaledLinear)."""
+    ``BlockScaledLinear`` (a bias the module had stays). Returns (model, module path -> BlockScaledLinear)."""
     student = build_replica(config_dir, weights)
     linear_class = block_scaled_linear_class()
     by_module = {}
     for layer in layers:
         original = student.get_submodule(layer.module)
         bias = original.bias if getattr(original, "bias", None) is not None else None
-        by_module[layer.module] = linear_class(layer, bias, rounding, outlier_rows)
+        by_module[layer.module] = linear_class(layer, bias, outlier_rows)
         _set_module(student, layer.module, by_module[layer.module])
     return student, by_module
 
@@ -254,7 +213,7 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
         config: steps, learning rate, batch.
 
     Returns:
-        The trained values; nothing trained (the initial scales, no integers, gains or rows) when the held-out
+        The trained values; nothing trained (the initial scales, no gains or rows) when the held-out
         KL did not drop.
     """
     torch = require("torch", "export")
@@ -266,21 +225,18 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
     layers_by_module = {layer.module: layer for layer in layers}
     teacher = build_replica(config_dir, teacher_weights)
     student, by_module = student_replica(config_dir, {**teacher_weights, **student_weights}, layers,
-                                         config.rounding, config.outlier_rows)
+                                         config.outlier_rows)
     parameters = [module.theta for module in by_module.values()]
-    offsets = [module.offset for module in by_module.values() if module.offset is not None]
     norms = {name: parameter for name, parameter in student.named_parameters()
              if config.norms and name.endswith("norm.weight")}
     rows = [module.fixed for module in by_module.values() if isinstance(module.fixed, torch.nn.Parameter)]
-    for parameter in [*parameters, *offsets, *norms.values(), *rows]:
+    for parameter in [*parameters, *norms.values(), *rows]:
         parameter.requires_grad_(True)
     groups = [{"params": parameters}]
     if rows:  # an absolute step on FP16 weights: Adam's relative step on the log-scales times a typical entry
         groups.append({"params": rows, "lr": config.learning_rate * OUTLIER_ROWS_LR_FACTOR})
     if norms:
         groups.append({"params": list(norms.values()), "lr": config.learning_rate * 0.5})
-    if offsets:
-        groups.append({"params": offsets, "lr": config.rounding_rate})
     optimizer = torch.optim.Adam(groups, lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
     held = max(1, len(windows) // 8) if len(windows) > 1 else 0  # the last windows judge the result
@@ -307,10 +263,6 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
     with torch.no_grad():
         scales = {module: (layer.scales() if kept else layer.initial).numpy().astype(np.float32)
                   for module, layer in by_module.items()}
-        integers = {module: layer.integers().numpy().astype(np.int8) for module, layer in by_module.items()
-                    if kept and layer.offset is not None}
-        moved = sum(int(np.count_nonzero(integers[module] != by_module[module].values.numpy()))
-                    for module in integers)
         gains = {name: parameter.detach().numpy().astype(np.float32) for name, parameter in norms.items()} \
             if kept else {}
         trained_rows = {module: layer.fixed.detach().numpy()[list(layers_by_module[module].outliers)]
@@ -320,11 +272,11 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
               "held_out_kl_before": None if before is None else round(before, 5),
               "held_out_kl_after": None if after is None else round(after, 5), "kept": kept,
               "layers": len(by_module), "norms": len(gains), "outlier_rows": sum(len(r) for r in trained_rows.values()),
-              "integers_moved": moved, "seconds": round(time.perf_counter() - started, 1)}
+              "seconds": round(time.perf_counter() - started, 1)}
     log.info("distilled %d layers' scales in %.0f s: held-out KL %s -> %s%s", len(by_module), report["seconds"],
              report["held_out_kl_before"], report["held_out_kl_after"],
              "" if kept else " (no better: the original scales are kept)")
-    return DistillResult(scales, integers, gains, trained_rows, report)
+    return DistillResult(scales, gains, trained_rows, report)
 
 
 def _kl(teacher, student, batch):

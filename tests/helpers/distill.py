@@ -1,0 +1,41 @@
+"""Plain and distilled builds of the planted model, and the check that distillation lowered the KL. Torch is
+needed by the builds, not by this module: callers skip without it."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from accullm_export.build.quantize import quantize_model
+from tests.helpers.recipes import make_recipe
+from tests.helpers.emulation import mean_kl
+from tests.helpers.graphs import ort_logits_for_ids
+
+DISTILL_W4 = dict(name="w4a16", block_size=16, policy="ratio", embeddings="fp32")
+
+
+def stored_initializers(path):
+    """The initializers of the model in folder ``path``."""
+    model = onnx.load(str(path / "model.onnx"))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def assert_same_size_and_lower_kl(source, text, trained, plain):
+    """The trained folder's file is as large as the plain one's, and ONNX Runtime on the calibration text
+    measures a lower KL to the source model for it."""
+    assert (plain / "model.onnx.data").stat().st_size == (trained / "model.onnx.data").stat().st_size
+    ids = np.asarray([list(text.read_text().encode())[:60]]) % 250 + 3
+    reference = ort_logits_for_ids(source, ids)
+    assert mean_kl(reference, ort_logits_for_ids(trained, ids)) < mean_kl(reference, ort_logits_for_ids(plain, ids))
+
+
+def plain_and_trained(planted_model, profile, tmp_path, learning_rate=2e-2, base=DISTILL_W4, **fields):
+    """A plain build of recipe ``base`` and one distilled for 40 steps with ``fields``: (distill note, plain
+    constants, trained constants)."""
+    folder, _ = planted_model
+    quantize_model(folder, tmp_path / "plain", make_recipe(**base), profile)
+    trained = make_recipe(**base, distill_steps=40, distill_lr=learning_rate, distill_samples=6, **fields)
+    manifest = quantize_model(folder, tmp_path / "trained", trained, profile)
+    note = next(note for note in manifest["notes"] if note.startswith("distill_scales"))
+    return note, stored_initializers(tmp_path / "plain"), stored_initializers(tmp_path / "trained")
