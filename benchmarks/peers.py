@@ -631,7 +631,7 @@ def validate_row(row: Row, reference: Path, settings: Settings, reports: Path) -
     log.info("%s: KL %.4g, top-1 %.3f, greedy prefix %.1f (%.0f s)", row.name, row.metrics["kl_mean"],
              row.metrics["top1_agreement"], row.greedy["mean_prefix"], row.validate_seconds)
     if settings.second_text:  # the held-out metrics on another text domain (no greedy prompts or probes)
-        llm = dataclasses.replace(settings.llm_config(), text=settings.second_text, num_prompts=0,
+        llm = dataclasses.replace(settings.llm_config(), text=settings.second_text, num_prompts=1, new_tokens=8,
                                   probes_per_task=0)
         second = validate(reference, Path(row.folder),
                           ValidateOptions(llm=llm, report_dir=str(reports / f"{row.name}-second-text")))

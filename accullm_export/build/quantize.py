@@ -22,7 +22,7 @@ from accullm_export.atomic import atomic_dir
 from accullm_export.errors import UserError
 from accullm_export.graph.linear import find_linear_layers
 from accullm_export.graph.pass_data import PassData
-from accullm_export.graph.recipes import LayerPlan
+from accullm_export.graph.layer_plan import LayerPlan
 from accullm_export.recipes.config import Recipe
 from accullm_export.recipes.plan import plan_layers
 
@@ -133,7 +133,7 @@ def _without_mlp_branches(graph, plans: dict[str, LayerPlan], statistics: dict,
                           notes: list[str]) -> dict[str, LayerPlan]:
     """Drop the outlier branch of every SwiGLU MLP projection (the sparse rewrite narrows plain MatMuls); a
     static activation scale then has to cover the channels the branch would have taken."""
-    from accullm_export.graph.recipes import activation_scale
+    from accullm_export.graph.layer_plan import activation_scale
     from accullm_export.graph.mlp import find_mlp_blocks
 
     changed = dict(plans)

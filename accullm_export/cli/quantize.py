@@ -64,7 +64,7 @@ def resolve_recipe(args: argparse.Namespace, backend: str | None):
         UserError: no preset or config, an unknown preset, a bad config file, or a value a key refuses.
     """
     from accullm_export.errors import UserError
-    from accullm_export.graph.recipes import parse_override
+    from accullm_export.graph.layer_plan import parse_override
     from accullm_export.recipes.presets import get_preset, load_config, read_config_backend
 
     if args.config:

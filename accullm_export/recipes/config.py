@@ -12,6 +12,7 @@ import typing
 from typing import Any, Mapping
 
 from accullm_export.errors import UserError
+from accullm_export.graph.layer_plan import split_precision
 from accullm_export.quant.scale_codes import SCALE_BITS
 from accullm_export.sparsity.config import METHODS
 
@@ -38,16 +39,6 @@ def _check_patterns(key: str, patterns) -> None:
     for pattern in patterns:
         if not pattern.removeprefix("!").strip("/"):
             raise _fail(key, f"{pattern!r}: a layer pattern must not be empty (it would match every layer)")
-
-
-def split_precision(value: str) -> tuple[str, int | None]:
-    """An override's precision and INT4 block size: ``int4:64`` -> ("int4", 64), ``int8`` -> ("int8", None)."""
-    precision, sep, block = value.partition(":")
-    if not sep:
-        return precision, None
-    if not block.isdigit():
-        raise UserError(f"override precision {value!r}: expected int4:B with B a block size such as 64")
-    return precision, int(block)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

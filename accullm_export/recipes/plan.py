@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from accullm_export.errors import UserError
-from accullm_export.graph.recipes import (LayerPlan, activation_groups, activation_scale, override_matches,
+from accullm_export.graph.layer_plan import (LayerPlan, activation_groups, activation_scale, override_matches,
                                           sink_channels, split_precision)
 from accullm_export.recipes.config import Recipe
 

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from accullm_export.graph.recipes import LayerPlan
+from accullm_export.graph.layer_plan import LayerPlan
 
 
 def np_symmetric_scales(weight: np.ndarray, bits: int, block: int | None) -> np.ndarray:

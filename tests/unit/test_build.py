@@ -64,7 +64,7 @@ def test_bytes_per_token_counts_one_embedding_row(tmp_path):
 def test_build_cpu_end_to_end(planted_model, tmp_path):
     """No recipe given: the cpu target's default preset in its ONNX Runtime form, recorded in the manifest, and a
     model whose graph shows what that preset asks for."""
-    from accullm_export.graph.recipes import override_matches
+    from accullm_export.graph.layer_plan import override_matches
     from accullm_export.runtime import GenerationConfig, OrtCausalLM, generate
 
     folder, text = planted_model

@@ -19,7 +19,7 @@ from accullm_export.errors import UserError
 from accullm_export.graph.ir import constant
 from accullm_export.graph.pipeline import run_passes
 from accullm_export.graph.pass_data import PassData
-from accullm_export.graph.recipes import LayerPlan, override_matches
+from accullm_export.graph.layer_plan import LayerPlan, override_matches
 from accullm_export.recipes.config import Recipe
 from tests.helpers.recipes import make_recipe, write_config
 from accullm_export.runtime.session import create_session
@@ -375,7 +375,7 @@ def test_min_outliers_tops_up_the_branch(planted_model, profile, tmp_path):
 def test_residual_outlier_layers_take_the_sink_writers():
     """A layer whose input at the attention sink dwarfs every other token's gets the branch, sink channels included."""
     from accullm_export.graph.linear import LinearLayer
-    from accullm_export.graph.recipes import sink_channels
+    from accullm_export.graph.layer_plan import sink_channels
     from accullm_export.recipes.plan import plan_layers
 
     absmax = np.ones(8)

@@ -12,7 +12,7 @@ from onnx import numpy_helper
 from accullm_export.build.quantize import quantize_model
 from accullm_export.errors import UserError
 from accullm_export.graph.passes.refine_vocab_rows import ranked_columns
-from accullm_export.graph.recipes import LayerPlan
+from accullm_export.graph.layer_plan import LayerPlan
 from tests.helpers.recipes import make_recipe, write_config
 from accullm_export.runtime.intermediates import IntermediateReader
 from tests.helpers.emulation import emulate_rotated, emulate_weight, np_hadamard, np_round_symmetric, rotation_signs

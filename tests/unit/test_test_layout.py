@@ -121,7 +121,7 @@ def test_the_import_detector_flags_a_test_module_import(source, package):
 
 def test_the_import_detector_passes_helpers_and_the_package():
     source = ("import numpy as np\nfrom tests.helpers.graphs import ort_logits\nfrom tests.helpers import models\n"
-              "from accullm_export.graph.recipes import Recipe\n")
+              "from accullm_export.graph.layer_plan import Recipe\n")
     assert imported_test_modules(source, "tests.unit") == []
 
 

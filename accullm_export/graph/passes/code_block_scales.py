@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 
 from accullm_export.graph.ir import constant_array
 from accullm_export.graph.pass_data import PassResult
-from accullm_export.graph.recipes import LayerPlan
+from accullm_export.graph.layer_plan import LayerPlan
 from accullm_export.graph.passes import register
 from accullm_export.graph.rewrite import coded_scale, planned_nodes, producer_of, stored_scales
 from accullm_export.quant import scale_codes

@@ -21,9 +21,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from accullm_export.graph.pass_data import PassResult
-from accullm_export.graph.recipes import LayerPlan
+from accullm_export.graph.layer_plan import LayerPlan
 from accullm_export.graph.passes import register
-from accullm_export.graph.recipes import SINK_RATIO, sink_channels
+from accullm_export.graph.layer_plan import SINK_RATIO, sink_channels
 from accullm_export.graph.rewrite import (asymmetric_layer, float_weight, is_dequantized, planned_nodes,
                                           replace_weight_dequantized)
 from accullm_export.quant.gptq import gptq_grid, gptq_quantize

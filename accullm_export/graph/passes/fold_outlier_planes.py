@@ -43,7 +43,7 @@ import onnx_graphsurgeon as gs
 from accullm_export.graph.ir import constant, constant_array
 from accullm_export.graph.outlier_branch import branch_matmul, constant_value
 from accullm_export.graph.pass_data import PassResult
-from accullm_export.graph.recipes import LayerPlan
+from accullm_export.graph.layer_plan import LayerPlan
 from accullm_export.graph.passes import register
 from accullm_export.graph.rewrite import (coded_scale, half_constant, planned_nodes, producer_of, scale_code,
                                           widening_cast)

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from accullm_export.graph.ir import constant
 from accullm_export.graph.pass_data import PassResult
-from accullm_export.graph.recipes import LayerPlan
+from accullm_export.graph.layer_plan import LayerPlan
 from accullm_export.graph.passes import register
 from accullm_export.graph.rewrite import float_weight, onnx_type, planned_nodes
 

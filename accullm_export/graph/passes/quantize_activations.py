@@ -31,9 +31,9 @@ import onnx_graphsurgeon as gs
 
 from accullm_export.graph.ir import constant
 from accullm_export.graph.pass_data import PassResult
-from accullm_export.graph.recipes import LayerPlan
+from accullm_export.graph.layer_plan import LayerPlan
 from accullm_export.graph.passes import register
-from accullm_export.graph.recipes import activation_scale
+from accullm_export.graph.layer_plan import activation_scale
 from accullm_export.graph.rewrite import onnx_type, planned_nodes
 
 _TINY = 1e-12  # floor of a dynamic scale, so an all-zero row does not divide by zero

@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from accullm_export.graph.ir import constant, constant_array
 from accullm_export.graph.outlier_branch import branch_matmul, outlier_weight_constant
 from accullm_export.graph.pass_data import PassResult
-from accullm_export.graph.recipes import LayerPlan
+from accullm_export.graph.layer_plan import LayerPlan
 from accullm_export.graph.passes import register
 from accullm_export.graph.rewrite import half_constant, planned_nodes
 from accullm_export.quant.symmetric import quantize

@@ -18,7 +18,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from accullm_export.graph.pass_data import PassResult
-from accullm_export.graph.recipes import LayerPlan
+from accullm_export.graph.layer_plan import LayerPlan
 from accullm_export.graph.passes import register
 from accullm_export.graph.rewrite import (asymmetric_layer, float_weight, is_dequantized, planned_nodes,
                                           replace_weight_cast, replace_weight_dequantized)

@@ -32,9 +32,9 @@ import onnx_graphsurgeon as gs
 from accullm_export.errors import UserError
 from accullm_export.graph.ir import constant
 from accullm_export.graph.pass_data import PassResult
-from accullm_export.graph.recipes import LayerPlan
+from accullm_export.graph.layer_plan import LayerPlan
 from accullm_export.graph.passes import register
-from accullm_export.graph.recipes import sink_channels
+from accullm_export.graph.layer_plan import sink_channels
 from accullm_export.graph.rewrite import float_weight, planned_nodes
 from accullm_export.graph.rotation import hadamard, rotation_matrix
 

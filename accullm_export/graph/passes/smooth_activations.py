@@ -16,9 +16,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from accullm_export.graph.pass_data import PassResult
-from accullm_export.graph.recipes import LayerPlan
+from accullm_export.graph.layer_plan import LayerPlan
 from accullm_export.graph.passes import register
-from accullm_export.graph.recipes import activation_range
+from accullm_export.graph.layer_plan import activation_range
 from accullm_export.graph.rewrite import apply_input_scales, scalable_inputs
 
 _FLOOR = 1e-5
