@@ -39,15 +39,18 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'preset':<12} {'bits/w':>6} {'KL':>7} {'Δppl %':>7} {'build min':>9}  targets")
+    print(f"{'preset':<12} {'bits/w':>6} {'KL':>7} {'Δppl %':>7} {'KL code':>7} {'decode':>6} {'build min':>9}  targets")
     for row in rows:
         measured = row["measured"]
         print(f"{row['name']:<12} {_figure(measured, 'bits_per_weight', '.2f'):>6} "
               f"{_figure(measured, 'kl', '.4f'):>7} {_figure(measured, 'ppl_delta_pct', '+.2f'):>7} "
+              f"{_figure(measured, 'second_text_kl', '.4f'):>7} "
+              f"{_figure(measured, 'decode_vs_genai_int4_b64', '.2f'):>6} "
               f"{_figure(measured, 'build_minutes', '.1f'):>9}  {', '.join(row['targets'])}")
         print(f"{'':<12} {row['description']}")
         if row["default_for"]:
             print(f"{'':<12} default for: {', '.join(row['default_for'])}")
-    print("measured on the sample (smollm2-135m, onnxruntime form, held-out Wikipedia windows); each preset "
+    print("measured on the sample (smollm2-135m, onnxruntime form): KL and Δppl on held-out Wikipedia windows, KL "
+          "on code (standard-library sources), decode as a ratio to onnxruntime-genai int4 block 64; each preset "
           "file's [measured] table names the command and date")
     return 0

@@ -176,3 +176,32 @@ def test_build_refuses_a_config_resolved_for_the_other_backend(capsys, tmp_path)
     code, _, err = run_cli(capsys, "build", str(tmp_path / "m"), "--target", "orin", "--config", str(config),
                            "-o", str(tmp_path / "out"))
     assert_user_error(code, err, "resolved for the onnxruntime backend, not tensorrt")
+
+
+def test_recorded_measurements_are_shown_and_leave_the_recipe_alone(tmp_path, monkeypatch):
+    """benchmarks/record_presets.py writes a [measured] table from a peers row; the preset's recipe is unchanged
+    and the table is replaced, not repeated, when recorded again."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from accullm_export.recipes.presets import load_preset_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import record_presets
+
+    source = Path(record_presets.PRESETS) / "w8a8.toml"
+    copy = tmp_path / "w8a8.toml"
+    shutil.copy(source, copy)
+    row = {"metrics": {"kl_mean": 0.00123456, "ppl_delta_pct": 0.4567, "top1_agreement": 0.98765},
+           "second_metrics": None, "bits_per_weight": 8.61234, "build_seconds": 150.0,
+           "decode_tokens_per_second": 90.0}
+    run = {"environment": {"date": "2026-12-06 12:00:00"}, "validation": {"text": "wiki:evaluation", "windows": 32},
+           "settings": {"second_text": None}}
+    for _ in range(2):
+        record_presets.write_measured(copy, record_presets.measured_table(
+            row, run, {"decode_tokens_per_second": 100.0}, "peers.py --windows 32"))
+    preset = load_preset_file(copy)
+    assert preset.resolve("onnxruntime") == get_preset("w8a8").resolve("onnxruntime")
+    assert preset.measured["kl"] == 0.00123 and preset.measured["decode_vs_genai_int4_b64"] == 0.9
+    assert preset.measured["build_minutes"] == 2.5 and copy.read_text().count("[measured]") == 1
