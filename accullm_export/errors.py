@@ -1,7 +1,8 @@
 """The one exception tree of the kit.
 
 The CLI maps each class to an exit code: UserError -> 2 (one line, no traceback), AccuracyError -> 1,
-BackendError -> 3. Anything else is a bug and surfaces with its traceback.
+BackendError -> 3; Terminated (SIGTERM) -> 143, as KeyboardInterrupt (SIGINT) -> 130. Anything else is a bug
+and surfaces with its traceback.
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ class BackendError(AccuLLMError):
     """A missing or failing backend (TensorRT, CUDA, ONNX Runtime, an optional Python package)."""
 
     exit_code = 3
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (the CLI turns the signal into this exception, as Python does SIGINT into
+    KeyboardInterrupt), so every ``finally`` and staging-folder cleanup runs; the CLI exits 143.
+
+    A BaseException, like KeyboardInterrupt: ``except Exception`` handlers do not swallow it."""
 
 
 def require(module_name: str, extra: str):

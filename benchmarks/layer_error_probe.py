@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         print(f"layer_error_probe.py: the profile has no layer {missing[0]}", file=sys.stderr)
         return 2
     windows = args.fit_windows + args.eval_windows
-    feeds = profile_feeds(model_path, profile.manifest, windows)
+    feeds = profile_feeds(model_path, profile, windows)
     if len(feeds) < windows:
         print(f"layer_error_probe.py: the profile holds {len(feeds)} windows, {windows} needed", file=sys.stderr)
         return 2

@@ -173,10 +173,10 @@ def export_ours(context: BuildContext, folder: Path, log_path: Path) -> list[str
 def ensure_profile(context: BuildContext) -> Path:
     """Our calibration profile of the reference export (work/profile), measured once and reused while the
     reference is unchanged."""
-    from accullm_export.calibration.profile import MANIFEST, model_fingerprint
+    from accullm_export.calibration.profile import FEEDS, MANIFEST, model_fingerprint
 
     profile = context.work / "profile"
-    if (profile / MANIFEST).is_file():
+    if (profile / MANIFEST).is_file() and (profile / FEEDS).is_file():  # older profiles lack the stored inputs
         manifest = json.loads((profile / MANIFEST).read_text())
         if manifest["model"]["sha256"] == model_fingerprint(context.reference):
             return profile

@@ -143,7 +143,8 @@ def ceiling_model(reference: Path, out: Path, method: str, sparsity: float, rank
                                 gs.Constant(f"{prefix}/level", np.array(0.0, np.float32))], f"{prefix}/keep",
                     dtype=np.bool_)
         block.down.inputs[0] = node("Where", [keep, product, zero], f"{prefix}/masked")
-    with atomic_dir(out, overwrite=True) as staging:  # a crash leaves no half-written folder to --reuse
+    # a crash leaves no half-written folder to --reuse; kind None: the benchmark's own work folder
+    with atomic_dir(out, overwrite=True, kind=None) as staging:
         save_graph(graph, source, staging / "model.onnx", {"accullm_export.ceiling": f"{method}:{sparsity}"})
         copy_side_files(reference, staging)
     return out
@@ -153,6 +154,9 @@ def ceiling_models(args, work: Path) -> dict[str, Path]:
     """The ceiling models at 50%, fp32 and (calibrated and quantized like the w4a16 row) w4a16."""
     percent, found = int(100 * SPEED_SPARSITY), {}
     profile = json.loads((args.profile / "manifest.json").read_text())["config"]
+    if profile["source"].endswith(".py"):  # a profile is data: a script it names is never run from here
+        raise SystemExit(f"sparsity.py: {args.profile} was calibrated with a script ({profile['source']}); the "
+                         "ceiling models are calibrated like it only from text (wiki, .txt, .jsonl)")
     for method in METHODS:
         name = f"ceiling-{method}-{percent}"
         folder = work / name

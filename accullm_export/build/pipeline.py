@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import numbers
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ from pathlib import Path
 import onnx
 
 import accullm_export
-from accullm_export.atomic import atomic_dir
+from accullm_export.atomic import atomic_dir, check_output
 from accullm_export.errors import AccuLLMError, AccuracyError, UserError
 from accullm_export.recipes.config import DistillConfig, Recipe, RotationConfig, VocabConfig
 from accullm_export.targets import TargetProfile, get_target
@@ -55,6 +57,19 @@ class BuildOptions:
     max_batch: int = 1
     max_seq_len: int = 2048
     version: int = 1
+
+    def __post_init__(self):  # the command line's types check ranges too; this keeps the API from writing
+        # negative engine dimensions
+        counts = ["calib_seq_len", "validation_windows", "validation_seq_len", "validation_prompts", "max_batch",
+                  "max_seq_len"] + (["calib_samples"] if self.calib_samples is not None else [])
+        for name in counts:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise UserError(f"build option {name} must be a positive integer, got {value!r}")
+        for gate, value in (self.gates or {}).items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                      or not math.isfinite(value) or value < 0):
+                raise UserError(f"gate {gate} must be a finite number of at least 0, got {value!r}")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -104,14 +119,19 @@ def build(model: str, out_dir: str | Path, options: BuildOptions, *, overwrite: 
         UserError: an unknown target, a recipe the target cannot run, bad MODEL.
         AccuracyError: a failed gate (OUT then holds the work and the validation report, no deployable).
     """
+    from accullm_export.build.quantize import check_side_files
+
+    inputs = [model, options.calib if Path(options.calib).is_file() else None]  # wiki names no file
+    check_output(out_dir, MANIFEST_KIND, overwrite, protected=inputs)
     target = get_target(options.target)
     recipe = target_recipe(target, options.recipe)
     steps: list[Step] = []
     failure: AccuLLMError | None = None
-    with atomic_dir(out_dir, overwrite=overwrite) as staging:
+    with atomic_dir(out_dir, overwrite=overwrite, kind=MANIFEST_KIND, protected=inputs) as staging:
         work = staging / "work"
         work.mkdir()
         reference = _step(steps, "export", lambda: _reference(model, work / "export"), staging)
+        check_side_files(reference if reference.is_dir() else reference.parent)  # before calibrating
         is_llm = _is_llm(reference)
         if not is_llm:
             recipe = for_plain_onnx(recipe)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -18,19 +19,23 @@ import numpy as np
 import onnx
 
 import accullm_export
-from accullm_export.atomic import atomic_dir
+from accullm_export.atomic import atomic_dir, check_output
 from accullm_export.errors import UserError
 from accullm_export.graph.linear import find_linear_layers
 from accullm_export.graph.pass_data import PassData
 from accullm_export.graph.layer_plan import LayerPlan
 from accullm_export.recipes.config import Recipe
 from accullm_export.recipes.plan import plan_layers
+from accullm_export.safe_paths import inside
 
 log = logging.getLogger(__name__)
 
 MANIFEST_KIND, MANIFEST_VERSION = "accullm-export/quantized", 1
 RECIPE_KEY = "accullm_export.recipe"  # ONNX metadata_props key marking a rewritten model
-_MODEL_FILES = {"model.onnx", "model.onnx.data", "manifest.json"}
+# what travels beside a rewritten model: what `export` writes and what tokenizers and onnxruntime-genai read
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+              "merges.txt", "tokenizer.model", "chat_template.jinja", "config.json", "generation_config.json",
+              "genai_config.json")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -93,12 +98,14 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
     from accullm_export.calibration.profile import load_profile
     from accullm_export.graph.io import load_onnx
 
+    check_output(out_dir, MANIFEST_KIND, overwrite, protected=[model, profile_dir])
     model_path = Path(model) / "model.onnx" if Path(model).is_dir() else Path(model)
     header = load_onnx(model_path, load_external_data=False)
     refuse_quantized(header, model_path)
     from accullm_export.build.sparsify import refuse_sparse
 
     refuse_sparse(header, model_path)
+    check_side_files(model_path.parent)
     profile = load_profile(profile_dir, model_path)
     layers = find_linear_layers(header)
     if not layers:
@@ -114,7 +121,7 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
         else None
     finishing = finishing_passes(recipe) if finishing is None else finishing
     return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, moments, notes, overwrite, options,
-                    finishing)
+                    finishing, protected=[model, profile_dir])
 
 
 def auto_vocab_rows(header, layers) -> int:
@@ -162,7 +169,7 @@ def refuse_quantized(model: onnx.ModelProto, path: Path) -> None:
 
 
 def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, moments, notes, overwrite,
-             options: QuantizeOptions, finishing: tuple[str, ...]) -> dict:
+             options: QuantizeOptions, finishing: tuple[str, ...], protected: list) -> dict:
     from accullm_export.build.sparsify import sparsity_metadata, sparsity_plans, sparsity_summary
     from accullm_export.graph.ir import load_graph, save_graph
     from accullm_export.graph.passes import skip_sparse_neurons
@@ -199,7 +206,7 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, moments, n
     reports += merged
     notes = notes + [note for report in reports for note in report.notes]
     metadata = {RECIPE_KEY: recipe.name} | (sparsity_metadata(sparsity) if sparse else {})
-    with atomic_dir(out_dir, overwrite=overwrite) as staging:
+    with atomic_dir(out_dir, overwrite=overwrite, kind=MANIFEST_KIND, protected=protected) as staging:
         save_graph(graph, source, staging / "model.onnx", metadata)
         copy_side_files(model_path.parent, staging)
         check_loads(staging / "model.onnx")
@@ -264,11 +271,17 @@ def _bits(graph, plans: dict[str, LayerPlan], parameters: int) -> dict:
             "file_bits_per_parameter": round(total * 8 / max(parameters, 1), 4)}
 
 
+def check_side_files(source_dir: Path) -> dict[str, Path]:
+    """The side files (``SIDE_FILES``) present beside a model: name -> resolved path, each a regular file inside
+    ``source_dir`` (a symlink leaving it, a device or a FIFO is a UserError). Called before any heavy work."""
+    return {name: inside(source_dir, name, what="side file") for name in SIDE_FILES
+            if os.path.lexists(source_dir / name)}
+
+
 def copy_side_files(source_dir: Path, staging: Path) -> None:
-    """Tokenizer, configs and genai_config.json: everything beside the model but the model and manifest."""
-    for path in source_dir.iterdir():
-        if path.is_file() and path.name not in _MODEL_FILES and not path.name.endswith((".onnx", ".onnx.data")):
-            shutil.copy2(path, staging / path.name)
+    """Tokenizer, configs and genai_config.json: the ``SIDE_FILES`` beside the model; nothing else travels."""
+    for name, path in check_side_files(source_dir).items():
+        shutil.copy2(path, staging / name)
 
 
 def check_loads(path: Path) -> None:
@@ -286,7 +299,7 @@ def _moments(model_path: Path, plans: dict[str, LayerPlan], profile, samples: in
     from accullm_export.calibration.run import profile_feeds
 
     tensors = sorted({plan.input for plan in plans.values() if plan.quantized})
-    feeds = profile_feeds(model_path, profile.manifest, samples)
+    feeds = profile_feeds(model_path, profile, samples)
     if len(feeds) < samples:
         notes.append(f"GPTQ: gptq.samples is {samples}, but the profile holds {len(feeds)} calibration windows, so "
                      f"GPTQ used {len(feeds)} (calibrate with --samples {samples} for more)")
@@ -319,7 +332,7 @@ def _vocab_rows(model_path: Path, graph, plans: dict[str, LayerPlan], recipe: Re
     weight = float_weight(node)
     if weight is None:
         raise UserError(f"vocab.refine_rows: the LM head {layer.node}'s weight is not a float constant")
-    feeds = profile_feeds(model_path, profile.manifest, recipe.vocab.samples)
+    feeds = profile_feeds(model_path, profile, recipe.vocab.samples)
     if not feeds or "input_ids" not in feeds[0]:
         raise UserError("vocab.refine_rows needs an LLM profile (calibration windows of token ids)")
     tap = IntermediateReader(model_path).open([layer.input])
@@ -344,7 +357,7 @@ def _distillation(model_path: Path, graph, recipe: Recipe, profile, options: Qua
         raise UserError(f"distill.steps needs the export folder's config.json beside {model_path} (it builds a "
                         "torch replica of the model); quantize an exported LLM folder")
     wanted = recipe.distill.samples
-    feeds = profile_feeds(model_path, profile.manifest, wanted)
+    feeds = profile_feeds(model_path, profile, wanted)
     if not feeds or "input_ids" not in feeds[0]:
         raise UserError("distill.steps needs an LLM profile (calibration windows of token ids)")
     if len(feeds) < wanted:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 import accullm_export
-from accullm_export.atomic import atomic_dir
+from accullm_export.atomic import atomic_dir, check_output
 from accullm_export.errors import UserError
 from accullm_export.sparsity.config import SparsityConfig
 
@@ -61,17 +61,20 @@ def sparsity_summary(plans: dict, config: SparsityConfig) -> dict:
 def sparsify_model(model: str | Path, out_dir: str | Path, config: SparsityConfig, profile_dir: str | Path, *,
                    overwrite: bool = False) -> dict:
     """Rewrite ``model`` into ``out_dir``; returns the manifest (also written as ``manifest.json``)."""
-    from accullm_export.build.quantize import check_loads, copy_side_files
+    from accullm_export.build.quantize import check_loads, check_side_files, copy_side_files
     from accullm_export.calibration.profile import load_profile
+    from accullm_export.graph.io import load_onnx
     from accullm_export.graph.ir import load_graph, save_graph
     from accullm_export.graph.passes import skip_sparse_neurons
     from accullm_export.graph.pipeline import run_passes
 
+    check_output(out_dir, MANIFEST_KIND, overwrite, protected=[model, profile_dir])
     model_path = Path(model) / "model.onnx" if Path(model).is_dir() else Path(model)
     if not model_path.is_file():
         raise UserError(f"{model} is not an ONNX model or an exported model folder")
-    header = onnx.load(str(model_path), load_external_data=False)
+    header = load_onnx(model_path, load_external_data=False)  # external-data locations checked before hashing
     refuse_sparse(header, model_path)
+    check_side_files(model_path.parent)
     profile = load_profile(profile_dir, model_path)
     graph, source = load_graph(model_path)
     plans = sparsity_plans(model_path, graph, profile, config)
@@ -82,7 +85,7 @@ def sparsify_model(model: str | Path, out_dir: str | Path, config: SparsityConfi
         notes = [note for report in reports for note in report.notes]
     else:
         notes.append("sparsity 0: every MLP left dense (the output is the input model, bit for bit)")
-    with atomic_dir(out_dir, overwrite=overwrite) as staging:
+    with atomic_dir(out_dir, overwrite=overwrite, kind=MANIFEST_KIND, protected=[model, profile_dir]) as staging:
         save_graph(graph, source, staging / "model.onnx", sparsity_metadata(config))
         copy_side_files(model_path.parent, staging)
         check_loads(staging / "model.onnx")

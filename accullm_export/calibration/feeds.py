@@ -58,3 +58,47 @@ def text_windows(folder: Path, source: str, samples: int, seq_len: int, seed: in
 
 def iterate(feeds: list[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
     yield from feeds
+
+
+def stored_windows(windows: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
+    """Token windows [n, seq_len] as the arrays of ``feeds.npz`` and their manifest entry."""
+    windows = np.asarray(windows)
+    return {"windows": windows}, {"kind": "windows", "count": int(windows.shape[0]), "seq_len": int(windows.shape[1])}
+
+
+def stored_named(feeds: list[dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], dict]:
+    """A load_data() script's feeds as the arrays of ``feeds.npz`` (``<batch>.<input index>``) and their manifest
+    entry (the input names, in order of appearance)."""
+    names: list[str] = []
+    arrays = {}
+    for batch, feed in enumerate(feeds):
+        for name, value in feed.items():
+            if name not in names:
+                names.append(name)
+            arrays[f"{batch}.{names.index(name)}"] = np.asarray(value)
+    return arrays, {"kind": "named", "count": len(feeds), "inputs": names}
+
+
+def restore_feeds(arrays: dict[str, np.ndarray], entry: dict, model_path: Path, samples: int,
+                  where: Path) -> list[dict[str, np.ndarray]]:
+    """The first ``samples`` feeds stored by :func:`stored_windows` or :func:`stored_named`.
+
+    Raises:
+        UserError: the arrays do not fit their manifest entry (``where`` names the file).
+    """
+    kind, count = entry.get("kind"), entry.get("count")
+    if kind == "windows":
+        windows = arrays.get("windows")
+        if (windows is None or windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 2
+                or not np.issubdtype(windows.dtype, np.integer) or (windows < 0).any()):
+            raise UserError(f"{where}: the token windows are not a non-empty [windows, tokens] array of token ids")
+        return llm_feeds(windows[:samples], model_path)
+    names = entry.get("inputs")
+    if (kind != "named" or not isinstance(count, int) or count < 1 or not isinstance(names, list)
+            or not all(isinstance(name, str) for name in names)):
+        raise UserError(f"{where}: its manifest entry is not a stored-feeds description")
+    feeds = [{name: arrays[f"{batch}.{index}"] for index, name in enumerate(names) if f"{batch}.{index}" in arrays}
+             for batch in range(min(count, samples))]
+    if not all(feeds):
+        raise UserError(f"{where}: a stored calibration batch has no arrays")
+    return feeds

@@ -10,11 +10,12 @@ import numpy as np
 import onnx
 
 import accullm_export
-from accullm_export.atomic import atomic_dir
+from accullm_export.atomic import atomic_dir, check_output
 from accullm_export.calibration.collect import CollectedStatistics, collect_statistics
-from accullm_export.calibration.feeds import llm_feeds, text_windows
+from accullm_export.calibration.feeds import llm_feeds, restore_feeds, stored_named, stored_windows, text_windows
 from accullm_export.calibration.outliers import LayerStatistics, OutlierPolicy, select_outliers
-from accullm_export.calibration.profile import PROFILE_KIND, PROFILE_VERSION, model_fingerprint, write_profile
+from accullm_export.calibration.profile import (FEEDS, PROFILE_KIND, PROFILE_VERSION, Profile, feeds_archive,
+                                                model_fingerprint, read_feeds, write_profile)
 from accullm_export.calibration.stats import SPARSITY_LEVELS
 from accullm_export.errors import UserError
 from accullm_export.graph.linear import LinearLayer, find_linear_layers
@@ -46,19 +47,23 @@ def calibrate(model: str | Path, out_dir: str | Path, config: CalibrationConfig,
 
     if config.samples < 1 or config.seq_len < 2:
         raise UserError("--samples must be at least 1 and --seq-len at least 2")
+    inputs = [model, config.source if Path(config.source).is_file() else None]  # wiki names no file
+    check_output(out_dir, PROFILE_KIND, overwrite, protected=inputs)
     model_path = Path(model) / "model.onnx" if Path(model).is_dir() else Path(model)
     graph_model = load_onnx(model_path, load_external_data=False)
     layers = find_linear_layers(graph_model)
     if not layers:
         raise UserError(f"{model_path} has no MatMul/Gemm with an initializer weight: nothing to calibrate")
     is_llm = {"input_ids", "past_key_values.0.key"} <= {value.name for value in graph_model.graph.input}
-    feeds, source, rows_per_batch, total_rows = _feeds(model_path, config, is_llm)
-    with atomic_dir(out_dir, overwrite=overwrite) as staging:
+    feeds, source, rows_per_batch, total_rows, (stored, entry) = _feeds(model_path, config, is_llm)
+    archive, digest = feeds_archive(stored)
+    with atomic_dir(out_dir, overwrite=overwrite, kind=PROFILE_KIND, protected=inputs) as staging:
         collected = collect_statistics(model_path, layers, lambda: iter(feeds), total_rows=total_rows,
                                        rows_per_batch=rows_per_batch, sink=is_llm,
                                        budget_bytes=config.budget_mb << 20)
         manifest, arrays = _profile(model_path, layers, collected, config, source, is_llm)
-        write_profile(staging, manifest, arrays)
+        manifest["feeds"] = {"file": FEEDS, "sha256": digest, **entry}
+        write_profile(staging, manifest, arrays, archive)
         from accullm_export.calibration.report import write_calibration_report
 
         write_calibration_report(manifest, arrays, staging)
@@ -66,28 +71,37 @@ def calibrate(model: str | Path, out_dir: str | Path, config: CalibrationConfig,
 
 
 def _feeds(model_path: Path, config: CalibrationConfig, is_llm: bool):
+    """(feeds, source description, rows per batch, total rows, (arrays, manifest entry) to store in the profile).
+
+    ``config.source`` comes from this command line only: a ``.py`` source is the user's own script, run here.
+    """
     if config.source.endswith(".py"):
         from accullm_export.data.loader_script import load_data_script
 
         feeds = load_data_script(config.source)
         rows = _rows_of(feeds[0], is_llm)
-        return feeds, {"kind": "script", "path": str(Path(config.source).resolve())}, rows, len(feeds) * rows
+        return (feeds, {"kind": "script", "path": str(Path(config.source).resolve())}, rows, len(feeds) * rows,
+                stored_named(feeds))
     if not is_llm:
         raise UserError(f"{model_path} is not an exported decoder: calibrate it with a load_data() script "
                         "(--calib loader.py), not text")
     source = "wiki:calibration" if config.source == "wiki" else config.source
     windows, description = text_windows(model_path.parent, source, config.samples, config.seq_len, config.seed)
-    return llm_feeds(windows, model_path), description, config.seq_len, config.samples * (config.seq_len - 1)
+    return (llm_feeds(windows, model_path), description, config.seq_len, config.samples * (config.seq_len - 1),
+            stored_windows(windows))
 
 
-def profile_feeds(model_path: Path, manifest: dict, samples: int) -> list[dict[str, np.ndarray]]:
-    """Feeds from the calibration data a profile was measured on (its first ``samples`` windows or batches)."""
-    config = manifest["config"]
-    is_llm = manifest["model"].get("llm", True)
-    limited = CalibrationConfig(source=config["source"], samples=min(samples, config["samples"]),
-                                seq_len=config["seq_len"], seed=config["seed"])
-    feeds = _feeds(Path(model_path), limited, is_llm)[0]
-    return feeds[:samples]
+def profile_feeds(model_path: Path, profile: Profile, samples: int) -> list[dict[str, np.ndarray]]:
+    """Feeds from the calibration data a profile was measured on (its first ``samples`` windows or batches).
+
+    They are read from the profile's ``feeds.npz`` (as data, hash-checked); the source its manifest names is
+    never read again, and a script there is never run.
+
+    Raises:
+        UserError: the profile holds no stored feeds (an older profile), or they do not match its manifest.
+    """
+    arrays = read_feeds(profile)
+    return restore_feeds(arrays, profile.manifest["feeds"], Path(model_path), samples, profile.folder / FEEDS)
 
 
 def _rows_of(feed: dict, is_llm: bool) -> int:

@@ -10,6 +10,7 @@ HELP = ("the whole pipeline for a target: export (unless MODEL is ONNX), calibra
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from accullm_export.cli import arg_types
     from accullm_export.cli.quantize import add_recipe_arguments
 
     parser.add_argument("model", metavar="MODEL", help="Hugging Face folder, .gguf file, the sample "
@@ -20,20 +21,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          backend_option=False)
     parser.add_argument("--calib", default="wiki", metavar="SOURCE",
                         help="calibration text (wiki, .txt, .jsonl) or a load_data() script for a plain ONNX model "
-                             "(a script is executed)")
-    parser.add_argument("--calib-samples", type=int, metavar="N",
+                             "(a script is executed, with your privileges)")
+    parser.add_argument("--calib-samples", type=arg_types.positive_int, metavar="N",
                         help="calibration windows (default: as many as the recipe's GPTQ and distillation use)")
-    parser.add_argument("--calib-seq-len", type=int, default=512)
-    parser.add_argument("--validation-windows", type=int, default=8, help="held-out text windows validated")
-    parser.add_argument("--validation-seq-len", type=int, default=256, help="tokens per validation window")
-    parser.add_argument("--max-batch", type=int, default=1, help="engine profiles: largest batch")
-    parser.add_argument("--max-seq-len", type=int, default=2048, help="engine profiles: longest sequence")
+    parser.add_argument("--calib-seq-len", type=arg_types.token_count, default=512)
+    parser.add_argument("--validation-windows", type=arg_types.positive_int, default=8,
+                        help="held-out text windows validated")
+    parser.add_argument("--validation-seq-len", type=arg_types.token_count, default=256,
+                        help="tokens per validation window")
+    parser.add_argument("--max-batch", type=arg_types.batch_size, default=1, help="engine profiles: largest batch")
+    parser.add_argument("--max-seq-len", type=arg_types.token_count, default=2048,
+                        help="engine profiles: longest sequence")
     gates = parser.add_argument_group("gates (default: per recipe; a failed gate exits 1 and keeps the work)")
-    gates.add_argument("--max-kl", type=float)
-    gates.add_argument("--min-top1", type=float)
-    gates.add_argument("--max-ppl-delta", type=float)
+    gates.add_argument("--max-kl", type=arg_types.non_negative, help="maximum mean KL(reference || candidate)")
+    gates.add_argument("--min-top1", type=arg_types.fraction, help="minimum top-1 agreement, in [0, 1]")
+    gates.add_argument("--max-ppl-delta", type=arg_types.non_negative,
+                       help="maximum |perplexity change| in percent")
     gates.add_argument("--no-gates", action="store_true", help="measure but do not gate")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previous build output in that folder (never a folder of anything else)")
 
 
 def run(args: argparse.Namespace) -> int:

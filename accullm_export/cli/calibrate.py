@@ -9,24 +9,35 @@ HELP = ("measure every linear layer's input channels on real text (or a load_dat
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from accullm_export.cli import arg_types
+    from accullm_export.recipes.config import BLOCKS
+
     parser.add_argument("model", metavar="MODEL", help="exported folder or any .onnx file with MatMul/Gemm weights")
     parser.add_argument("-o", "--output", required=True, metavar="PROFILE_DIR", help="profile folder (created)")
     parser.add_argument("--calib", default="wiki", metavar="SOURCE",
                         help="wiki (the calibration pages of the built-in Wikipedia extract), a .txt or .jsonl "
-                             "file, or a .py file defining load_data() (also a polygraphy --data-loader-script)")
-    parser.add_argument("--samples", type=int, default=128, help="text windows")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
-    parser.add_argument("--seed", type=int, default=0, help="which windows are drawn")
+                             "file, or a .py file defining load_data() (also a polygraphy --data-loader-script); "
+                             "a script is executed, with your privileges, by this command only: the inputs it "
+                             "yields are stored in the profile as data")
+    parser.add_argument("--samples", type=arg_types.positive_int, default=128, help="text windows")
+    parser.add_argument("--seq-len", type=arg_types.token_count, default=512, help="tokens per window")
+    parser.add_argument("--seed", type=arg_types.seed, default=0, help="which windows are drawn")
     policy = parser.add_argument_group("outlier policy (every policy is evaluated; this one is chosen)")
     policy.add_argument("--policy", choices=("threshold", "topk", "ratio", "sensitivity"), default="ratio")
-    policy.add_argument("--threshold", type=float, default=6.0, help="threshold: |x| over this (LLM.int8())")
-    policy.add_argument("--topk", type=int, default=8, help="topk/sensitivity: channels per layer")
-    policy.add_argument("--topk-percent", type=float, help="topk: a global budget, %% of all channels")
-    policy.add_argument("--ratio", type=float, default=20.0, help="ratio: absmax over the layer's median absmax")
+    policy.add_argument("--threshold", type=arg_types.positive, default=6.0,
+                        help="threshold: |x| over this (LLM.int8())")
+    policy.add_argument("--topk", type=arg_types.non_negative_int, default=8,
+                        help="topk/sensitivity: channels per layer")
+    policy.add_argument("--topk-percent", type=arg_types.percent, help="topk: a global budget, %% of all channels")
+    policy.add_argument("--ratio", type=arg_types.positive, default=20.0,
+                        help="ratio: absmax over the layer's median absmax")
     policy.add_argument("--bits", type=int, default=4, choices=(4, 8), help="sensitivity: weight bits")
-    policy.add_argument("--block-size", type=int, default=128, help="sensitivity: int4 block size")
-    parser.add_argument("--budget-mb", type=int, default=512, help="activation MB tapped per batch")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty profile folder")
+    policy.add_argument("--block-size", type=int, choices=BLOCKS, default=128, metavar="B",
+                        help=f"sensitivity: int4 block size ({', '.join(map(str, BLOCKS))})")
+    parser.add_argument("--budget-mb", type=arg_types.integer(1, 1 << 20), default=512,
+                        help="activation MB tapped per batch")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previous profile in that folder (never a folder of anything else)")
 
 
 def run(args: argparse.Namespace) -> int:

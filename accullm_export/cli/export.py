@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", choices=("fused", "decomposed"), default="fused",
                         help="fused: opset 23's standard Attention/RotaryEmbedding ops (fastest in ONNX Runtime); "
                              "decomposed: opset 21 MatMul/Softmax, for runtimes without opset 23")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previous export output in that folder (never a folder of anything else)")
 
 
 def run(args: argparse.Namespace) -> int:

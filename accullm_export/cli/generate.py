@@ -9,14 +9,17 @@ HELP = "generate text from an exported folder with ONNX Runtime (prefill, then K
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from accullm_export.cli import arg_types
+
     parser.add_argument("model", metavar="MODEL_DIR", help="exported folder (or its model.onnx)")
     parser.add_argument("prompt", help="prompt text")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=arg_types.token_count, default=64)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--temperature", type=arg_types.positive, default=1.0)
+    parser.add_argument("--top-k", type=arg_types.integer(0, 2**31 - 1), default=0, help="0: no top-k cut")
+    parser.add_argument("--top-p", type=arg_types.number(0.0, 1.0, low_open=True), default=1.0,
+                        help="nucleus sampling, in (0, 1]")
+    parser.add_argument("--seed", type=arg_types.seed, default=None)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from accullm_export import __version__
-from accullm_export.errors import AccuLLMError
+from accullm_export.errors import AccuLLMError, Terminated
 
 # name -> module; each module has HELP, add_arguments(parser) and run(args) -> int
 SUBCOMMANDS = {
@@ -56,18 +59,41 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     log.propagate = False
 
 
+def _raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises Terminated while the command runs, so staging folders are removed as on Ctrl-C; left alone
+    where SIGTERM is ignored on purpose or this is not the main thread (signal handlers live there)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
     try:
-        return int(args.handler(args) or 0)
+        with _sigterm_raises():
+            return int(args.handler(args) or 0)
     except AccuLLMError as exc:
         print(f"accullm-export {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:  # the reader (``| head``) closed the pipe: stop quietly, as command-line tools do
         sys.stdout = None
         return 141

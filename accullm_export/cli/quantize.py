@@ -20,6 +20,7 @@ def _outliers(text: str) -> str | int:
 def add_recipe_arguments(parser: argparse.ArgumentParser, *, backend_option: bool) -> None:
     """The recipe options ``quantize`` and ``build`` share: a preset or a config file, and the few keys a user
     tunes on the command line (each replaces that key of the recipe)."""
+    from accullm_export.cli import arg_types
     from accullm_export.recipes.config import BACKENDS, BLOCKS
     from accullm_export.recipes.presets import preset_names
 
@@ -40,7 +41,7 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, *, backend_option: boo
     parser.add_argument("--override", action="append", default=[], metavar="PATTERN=PRECISION",
                         help="per-layer precision (fp32, fp16, int8, int4, int4:B); PATTERN is a name part such as "
                              "lm_head or layers.0, or a glob such as '*down_proj*'; repeatable, the last match wins")
-    parser.add_argument("--sparsity", type=float, metavar="S",
+    parser.add_argument("--sparsity", type=arg_types.skip_fraction, metavar="S",
                         help="fraction of MLP neurons skipped per token, in [0, 1) (sparsity.fraction)")
     parser.add_argument("--method", choices=("threshold", "predictor"),
                         help="how sparse-skip MLPs choose their neurons (sparsity.method)")
@@ -53,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_recipe_arguments(parser, backend_option=True)
     parser.add_argument("--dump-config", action="store_true",
                         help="print the fully resolved recipe as TOML and exit (give it back with --config)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previous quantize output in that folder (never a folder of anything else)")
 
 
 def resolve_recipe(args: argparse.Namespace, backend: str | None):

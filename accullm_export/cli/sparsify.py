@@ -10,19 +10,23 @@ HELP = ("give every SwiGLU MLP a sparse-skip path: per token, only the neurons a
 
 def add_sparsity_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     """The options ``sparsify`` and ``quantize --sparsity`` share."""
+    from accullm_export.cli import arg_types
     from accullm_export.sparsity.config import METHODS
 
-    parser.add_argument("--sparsity", type=float, required=required, default=None if required else 0.0,
+    parser.add_argument("--sparsity", type=arg_types.skip_fraction,
+                        required=required, default=None if required else 0.0,
                         metavar="S", help="fraction of MLP neurons skipped per token, in [0, 1) (0: dense)")
     parser.add_argument("--method", choices=METHODS, default="threshold",
                         help="threshold: drop down-projection inputs under the layer's calibrated |a| threshold "
                              "(gate/up stay dense); predictor: a low-rank guesser picks the neurons before the "
                              "MLP runs, so gate, up and down all skip them")
-    parser.add_argument("--predictor-rank", type=int, default=64, help="the guesser's inner width r")
-    parser.add_argument("--predictor-samples", type=int, default=16,
+    parser.add_argument("--predictor-rank", type=arg_types.integer(1, 65536), default=64,
+                        help="the guesser's inner width r")
+    parser.add_argument("--predictor-samples", type=arg_types.positive_int, default=16,
                         help="calibration windows (from the profile's text) that train the guessers")
-    parser.add_argument("--predictor-steps", type=int, default=400, help="optimizer steps per guesser")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the guessers' training")
+    parser.add_argument("--predictor-steps", type=arg_types.positive_int, default=400,
+                        help="optimizer steps per guesser")
+    parser.add_argument("--seed", type=arg_types.seed, default=0, help="seeds the guessers' training")
     parser.add_argument("--sparse-first-token", action="store_true",
                         help="also skip neurons at the sequence's first position (the attention sink; by default "
                              "it stays dense: it runs once, in the prefill, and masking it costs accuracy)")
@@ -41,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", required=True, metavar="PROFILE_DIR", help="from `accullm-export calibrate`")
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="model folder (created)")
     add_sparsity_arguments(parser, required=True)
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previous sparsify output in that folder (never a folder of anything else)")
 
 
 def run(args: argparse.Namespace) -> int:

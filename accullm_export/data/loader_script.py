@@ -1,4 +1,9 @@
-"""Python files defining ``load_data()``: the data-loader scripts Polygraphy takes as ``--data-loader-script``."""
+"""Python files defining ``load_data()``: the data-loader scripts Polygraphy takes as ``--data-loader-script``.
+
+Running one executes it with the user's privileges, so the path must come from the current command line
+(``--calib``, ``--data-loader``), never from a profile, bundle, manifest or model folder: what a later step needs
+again is stored as data (a profile's ``feeds.npz``).
+"""
 
 from __future__ import annotations
 

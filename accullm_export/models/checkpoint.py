@@ -14,6 +14,7 @@ from pathlib import Path
 from accullm_export.errors import UserError
 from accullm_export.models.architectures import DecoderConfig, decoder_config_from_hf
 from accullm_export.models.safetensors_io import SafetensorsCheckpoint
+from accullm_export.safe_paths import hf_cache_roots, inside
 
 SAMPLE_MODELS = ("smollm2-135m",)
 TOKENIZER_FILES = (
@@ -34,8 +35,12 @@ class Checkpoint:
     config: DecoderConfig
     tensors: SafetensorsCheckpoint
 
-    def tokenizer_files(self) -> list[Path]:
-        return [self.folder / name for name in TOKENIZER_FILES if (self.folder / name).is_file()]
+    def tokenizer_files(self) -> dict[str, Path]:
+        """The ``TOKENIZER_FILES`` present: name -> resolved path, each a regular file inside the folder (or, for a
+        Hugging Face hub cache snapshot, its ``blobs``); a symlink leaving it, a device or a FIFO is a UserError."""
+        roots = hf_cache_roots(self.folder)
+        return {name: inside(self.folder, name, what="tokenizer file", roots=roots) for name in TOKENIZER_FILES
+                if os.path.lexists(self.folder / name)}
 
 
 def cache_dir() -> Path:
@@ -78,7 +83,7 @@ def load_checkpoint(model: str) -> Checkpoint:
     """Resolve MODEL and read its config and tensors (memory-mapped, nothing copied yet)."""
     folder = resolve_checkpoint_folder(model)
     try:
-        hf_config = json.loads((folder / "config.json").read_text())
+        hf_config = json.loads(inside(folder, "config.json", roots=hf_cache_roots(folder)).read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"{folder / 'config.json'} is not valid JSON ({exc})") from None
     if not isinstance(hf_config, dict):

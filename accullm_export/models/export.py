@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 import accullm_export
-from accullm_export.atomic import atomic_dir
+from accullm_export.atomic import atomic_dir, check_output
 from accullm_export.hashing import sha256_file
 from accullm_export.errors import UserError
 from accullm_export.models.checkpoint import Checkpoint, load_checkpoint
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 EXPORT_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+MANIFEST_KIND, MANIFEST_VERSION = "accullm-export/export", 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +53,10 @@ def export_model(model: str, out_dir: str | Path, *, dtype: str = "fp32", attent
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}")
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir, overwrite=overwrite) as staging:
+    check_output(out_dir, MANIFEST_KIND, overwrite, protected=[model])
+    with atomic_dir(out_dir, overwrite=overwrite, kind=MANIFEST_KIND, protected=[model]) as staging:
         checkpoint = load_checkpoint(model)
+        tokenizer_files = checkpoint.tokenizer_files()  # checked before the heavy work
         log.info("exporting %s (%s, %d layers) as %s", checkpoint.folder, checkpoint.config.model_type,
                  checkpoint.config.num_layers, dtype)
         with open(staging / DATA_FILE, "wb") as data_file:
@@ -66,8 +69,8 @@ def export_model(model: str, out_dir: str | Path, *, dtype: str = "fp32", attent
                    ATTENTION_OPSETS[attention],
                    producer="accullm-export", metadata={"accullm.manifest": json.dumps(manifest)})
         onnx.checker.check_model(str(staging / MODEL_FILE))
-        for path in checkpoint.tokenizer_files():
-            shutil.copy2(path, staging / path.name)
+        for name, path in tokenizer_files.items():
+            shutil.copy2(path, staging / name)
         if not (staging / "tokenizer.json").is_file():
             log.warning("%s has no tokenizer.json: text generation and onnxruntime-genai need one", checkpoint.folder)
         (staging / "genai_config.json").write_text(json.dumps(genai_config(checkpoint.config), indent=4))
@@ -84,8 +87,8 @@ def _manifest(checkpoint: Checkpoint, model: str, dtype: str, attention: str) ->
     import onnxruntime
 
     return {
-        "kind": "accullm-export/export",
-        "version": 1,
+        "kind": MANIFEST_KIND,
+        "version": MANIFEST_VERSION,
         "source": model,
         "checkpoint_folder": str(checkpoint.folder),
         "input_hashes": {path.name: sha256_file(path) for path in sorted(checkpoint.folder.glob("*.safetensors"))},

@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from accullm_export.atomic import atomic_dir
+from accullm_export.atomic import OutputAppeared, atomic_dir
 from accullm_export.hashing import sha256_file
 from accullm_export.errors import BackendError, UserError, require
 
@@ -55,8 +55,12 @@ def gguf_checkpoint_folder(path: Path) -> Path:
         log.info("using cached conversion of %s in %s", path.name, folder)
         return folder
     log.info("dequantizing %s to fp32 (once; cached in %s)", path.name, folder)
-    with atomic_dir(folder, overwrite=True) as staging:
-        _convert(path, architecture, digest, staging)
+    try:
+        with atomic_dir(folder, overwrite=True, kind=None) as staging:  # the cache's own folder: no manifest
+            _convert(path, architecture, digest, staging)
+    except OutputAppeared:  # another run converted the same file meanwhile: use its result
+        if not (folder / "config.json").is_file():
+            raise
     return folder
 
 

@@ -76,6 +76,7 @@ def load_engine(path: Path, plugin_library: Path | None = None):
     logger = trt.Logger(trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")
     runtime = trt.Runtime(logger)
+    runtime.engine_host_code_allowed = False  # an engine file is data: host code embedded in one is never run
     if plugin_library is not None:
         runtime.get_plugin_registry().load_library(str(plugin_library))
     engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())

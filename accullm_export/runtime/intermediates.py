@@ -1,16 +1,12 @@
 """Read intermediate tensors of an ONNX model by marking a few of them as outputs at a time.
 
-Marking every tensor at once runs out of memory on real models, so callers ask for small groups. ONNX
-Runtime refuses external data outside the model's folder (symlinks included), so the modified graph (a few
-hundred kB, no weights) is written as a hidden temporary file beside the original, sharing its external data,
-and removed as soon as its session exists. Where that folder is read-only, a model under 2 GB is handed over
-serialized in memory instead.
+Marking every tensor at once runs out of memory on real models, so callers ask for small groups. The modified
+graph (a few hundred kB, no weights) is handed to ONNX Runtime serialized in memory, with the model's folder as
+the place of its external data: no temporary file is written, beside the input or anywhere else.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -18,10 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from accullm_export.errors import UserError
 from accullm_export.runtime.session import create_session
-
-_PROTOBUF_LIMIT = 1_800_000_000  # bytes of weights below which the model is passed in memory
 
 
 class IntermediateReader:
@@ -33,14 +26,6 @@ class IntermediateReader:
         self.optimization = optimization
         self.model = onnx.load(str(self.model_path), load_external_data=False)
         self.nodes_by_output = {out: node for node in self.model.graph.node for out in node.output}
-        external = sum(int(entry.value) for tensor in self.model.graph.initializer
-                       for entry in tensor.external_data if entry.key == "length")
-        self._in_memory = not os.access(self.model_path.parent, os.W_OK)
-        if self._in_memory:
-            if external >= _PROTOBUF_LIMIT:
-                raise UserError(f"{self.model_path.parent} is read-only and the model is over 2 GB: copy it to a "
-                                "writable folder to read its intermediate tensors")
-            onnx.load_external_data_for_model(self.model, str(self.model_path.parent))
 
     def tensor_names(self) -> list[str]:
         """Every node output, in the graph's (topological) order."""
@@ -63,16 +48,8 @@ class IntermediateReader:
         return self.open(names).run(feed)
 
     def _session(self, model: onnx.ModelProto):
-        if self._in_memory:
-            return create_session(model.SerializeToString(), device="cpu", optimization=self.optimization)
-        handle, temporary = tempfile.mkstemp(prefix=".accullm-intermediates-", suffix=".onnx",
-                                             dir=self.model_path.parent)
-        os.close(handle)
-        try:
-            onnx.save_model(model, temporary)
-            return create_session(temporary, device="cpu", optimization=self.optimization)
-        finally:
-            os.unlink(temporary)
+        return create_session(model.SerializeToString(), device="cpu", optimization=self.optimization,
+                              external_data_folder=self.model_path.parent)
 
     def precision_of(self, tensor: str) -> str:
         """The precision a node runs in: its quantized weights' dtype, else its weight's or its output's dtype."""

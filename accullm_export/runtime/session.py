@@ -13,16 +13,20 @@ OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
 def create_session(model_path: str | Path | bytes, *, device: str = "auto", optimization: str = "all",
-                   threads: int | None = None, profile_prefix: str | None = None):
+                   threads: int | None = None, profile_prefix: str | None = None,
+                   external_data_folder: str | Path | None = None):
     """An InferenceSession on CPU or CUDA.
 
     Args:
-        model_path: the .onnx file (external data beside it), or a serialized model with no external data.
+        model_path: the .onnx file (external data beside it), or a serialized model (its external data, if any, in
+            ``external_data_folder``).
         device: "cpu", "cuda" or "auto" (CUDA when onnxruntime-gpu and a GPU are present).
         optimization: graph optimization level; "basic" keeps numerics exact (no MatMulNBits fusion).
         threads: intra-op threads; None lets ONNX Runtime choose.
         profile_prefix: write ONNX Runtime's per-node profile (JSON) to files starting with this; the session's
             ``end_profiling()`` returns the file's name.
+        external_data_folder: where a serialized model's external data lives (ONNX Runtime still refuses
+            locations that leave it); nothing is written anywhere.
 
     Raises:
         UserError: the file is not a loadable model, or the option values are unknown.
@@ -49,6 +53,9 @@ def create_session(model_path: str | Path | bytes, *, device: str = "auto", opti
     }[optimization]
     if threads:
         options.intra_op_num_threads = threads
+    if external_data_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(Path(external_data_folder).resolve()))
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix

@@ -81,7 +81,7 @@ def _train_all(model_path, blocks, plans, profile, config, budget_bytes) -> dict
     from accullm_export.calibration.run import profile_feeds
     from accullm_export.runtime.intermediates import IntermediateReader
 
-    feeds = profile_feeds(model_path, profile.manifest, config.samples)
+    feeds = profile_feeds(model_path, profile, config.samples)
     rows = sum(int(np.asarray(feed["input_ids"]).size) for feed in feeds)
     per_block = rows * (blocks[0].hidden_size + blocks[0].intermediate_size) * 4
     group = max(1, budget_bytes // max(per_block, 1))

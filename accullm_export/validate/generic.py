@@ -7,6 +7,7 @@ reference's outputs are saved in Polygraphy's JSON format.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -17,12 +18,20 @@ from accullm_export.errors import UserError
 from accullm_export.validate.metrics import tensor_errors
 
 log = logging.getLogger(__name__)
+INPUTS_JSON, OUTPUTS_JSON = "inputs.json", "reference_outputs.json"
 
 
-def validate_generic(reference: str | Path, candidate: str | Path, out_dir: Path, *, data_loader: str | None = None,
-                     iterations: int = 1, val_range: tuple[float, float] = (0.0, 1.0), seed: int = 1,
-                     atol: float = 1e-5, rtol: float = 1e-5) -> dict:
-    """Compare outputs with Polygraphy's Comparator; returns the report's ``generic`` section."""
+def validate_generic(reference: str | Path, candidate: str | Path, out_dir: Path | None, *,
+                     data_loader: str | None = None, iterations: int = 1, val_range: tuple[float, float] = (0.0, 1.0),
+                     seed: int = 1, atol: float = 1e-5, rtol: float = 1e-5, fed: list | None = None,
+                     shown_dir: Path | None = None) -> dict:
+    """Compare outputs with Polygraphy's Comparator; returns the report's ``generic`` section.
+
+    Args:
+        out_dir: where the inputs and the reference's outputs are saved (Polygraphy JSON); None saves nothing.
+        fed: a list that receives the input feeds, in order.
+        shown_dir: the folder the report names for those files (``out_dir`` is a staging folder renamed to it).
+    """
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator, DataLoader, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
@@ -34,18 +43,49 @@ def validate_generic(reference: str | Path, candidate: str | Path, out_dir: Path
     _check_same_inputs(reference, candidate)
     runners = [OnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"]), name=name)
                for name, path in (("reference", reference), ("candidate", candidate))]
-    loader = load_data_script(data_loader) if data_loader else DataLoader(seed=seed, iterations=iterations,
-                                                                          val_range=val_range)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    inputs_json, outputs_json = out_dir / "inputs.json", out_dir / "reference_outputs.json"
-    results = Comparator.run(runners, data_loader=loader, save_inputs_path=str(inputs_json))
+    loader = _Recorded(load_data_script(data_loader) if data_loader else DataLoader(
+        seed=seed, iterations=iterations, val_range=val_range), [] if fed is None else fed)
+    if out_dir is None:
+        results = Comparator.run(runners, data_loader=loader)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results = Comparator.run(runners, data_loader=loader, save_inputs_path=str(out_dir / INPUTS_JSON))
     accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol))
-    _save_reference_outputs(results, outputs_json)
-    outputs = _output_rows(results, accuracy)
-    return {"atol": atol, "rtol": rtol, "iterations": len(results[0][1]), "passed": bool(accuracy),
-            "outputs": outputs, "inputs_json": str(inputs_json), "outputs_json": str(outputs_json),
-            "polygraphy_command": f"polygraphy run {candidate} --onnxrt --load-inputs {inputs_json} "
-                                  f"--load-outputs {outputs_json} --atol {atol} --rtol {rtol}"}
+    section = {"atol": atol, "rtol": rtol, "iterations": len(results[0][1]), "passed": bool(accuracy),
+               "outputs": _output_rows(results, accuracy)}
+    if out_dir is None:
+        return section
+    _save_reference_outputs(results, out_dir / OUTPUTS_JSON)
+    shown = shown_dir or out_dir
+    inputs_json, outputs_json = shown / INPUTS_JSON, shown / OUTPUTS_JSON
+    return section | {"inputs_json": str(inputs_json), "outputs_json": str(outputs_json),
+                      "polygraphy_command": f"polygraphy run {candidate} --onnxrt --load-inputs {inputs_json} "
+                                            f"--load-outputs {outputs_json} --atol {atol} --rtol {rtol}"}
+
+
+class _Recorded:
+    """A data loader that keeps the feeds it hands out (``--bisect`` starts from the first): nothing is written
+    to disk for it. Polygraphy sets ``input_metadata`` on the loader; it goes to the wrapped one."""
+
+    def __init__(self, loader, fed: list):
+        self.loader, self.fed = loader, fed
+
+    @property
+    def input_metadata(self):
+        return getattr(self.loader, "input_metadata", None)
+
+    @input_metadata.setter
+    def input_metadata(self, value) -> None:
+        with contextlib.suppress(AttributeError):
+            self.loader.input_metadata = value
+
+    def __iter__(self):
+        for feed in self.loader:
+            self.fed.append(feed)
+            yield feed
+
+    def __getitem__(self, index):
+        return self.loader[index]
 
 
 def _output_rows(results, accuracy) -> list[dict]:

@@ -10,12 +10,14 @@ import numpy as np
 import onnx
 
 import accullm_export
+from accullm_export.atomic import atomic_dir, check_output
 from accullm_export.errors import UserError
 from accullm_export.validate.gates import evaluate_gates, raise_on_failed_gates
 from accullm_export.validate.llm import LLMValidationConfig, validate_llm
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "llm", "generic")
+REPORT_KIND = "accullm-export/validate"  # report.json's kind: a report folder may replace only a previous report
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,29 +40,45 @@ class ValidateOptions:
 
 
 def validate(reference: str | Path, candidate: str | Path, options: ValidateOptions) -> dict:
-    """Compare candidate with reference; write the report if asked; raise AccuracyError on a failed gate."""
+    """Compare candidate with reference; write the report if asked; raise AccuracyError on a failed gate.
+
+    The report folder appears whole when everything else succeeded; it replaces only a previous report (its
+    report.json names the kind), never an input, the current folder or a folder of other files.
+    """
+    if not options.report_dir:
+        return _compare(reference, candidate, options, None)
+    inputs = [reference, candidate, options.data_loader, options.llm.tokenizer, options.llm.prompts_file,
+              options.llm.text if Path(options.llm.text).is_file() else None]
+    check_output(options.report_dir, REPORT_KIND, overwrite=True, protected=inputs)
+    with atomic_dir(options.report_dir, overwrite=True, kind=REPORT_KIND, protected=inputs) as staging:
+        from accullm_export.validate.report import write_report
+
+        report = _compare(reference, candidate, options, staging)
+        write_report(report, staging)
+    return report
+
+
+def _compare(reference: str | Path, candidate: str | Path, options: ValidateOptions, staging: Path | None) -> dict:
+    """The report; the generic comparison's Polygraphy files go into ``staging`` (none without a report)."""
     mode = detect_mode(reference, candidate) if options.mode == "auto" else options.mode
     if mode not in MODES[1:]:
         raise UserError(f"unknown mode {options.mode!r}; choose from {', '.join(MODES)}")
-    report: dict = {"kind": "accullm-export/validate", "version": 1, "reference": str(reference),
+    report: dict = {"kind": REPORT_KIND, "version": 1, "reference": str(reference),
                     "candidate": str(candidate), "mode": mode, "versions": _versions()}
-    work_dir = Path(options.report_dir) if options.report_dir else None
+    fed: list[dict[str, np.ndarray]] = []  # the generic comparison's inputs, the first one seeds --bisect
     if mode == "llm":
         report.update(validate_llm(reference, candidate, options.llm))
     else:
         from accullm_export.validate.generic import validate_generic
 
-        if work_dir is None:
-            import tempfile
-
-            work_dir = Path(tempfile.mkdtemp(prefix="accullm-validate-"))
-        report["generic"] = validate_generic(reference, candidate, work_dir, data_loader=options.data_loader,
+        report["generic"] = validate_generic(reference, candidate, staging, data_loader=options.data_loader,
                                              iterations=options.iterations, val_range=options.val_range,
-                                             atol=options.atol, rtol=options.rtol)
+                                             atol=options.atol, rtol=options.rtol, fed=fed,
+                                             shown_dir=Path(options.report_dir) if staging else None)
     if options.bisect:
         from accullm_export.validate.bisect import bisect
 
-        feed = _bisect_feed(reference, report, options)
+        feed = dict(fed[0]) if mode == "generic" else _bisect_feed(reference, options)
         report["layers"], report["bisect"] = bisect(reference, candidate, feed, options.bisect_tolerance,
                                                     options.llm.optimization)
     report["gates"] = evaluate_gates(report, options.gates)
@@ -68,10 +86,6 @@ def validate(reference: str | Path, candidate: str | Path, options: ValidateOpti
         report["gates"].append({"name": "polygraphy", "threshold": options.atol, "value": None,
                                 "passed": report["generic"]["passed"],
                                 "message": f"polygraphy: outputs within atol {options.atol:g} / rtol {options.rtol:g}"})
-    if options.report_dir:
-        from accullm_export.validate.report import write_report
-
-        write_report(report, Path(options.report_dir))
     return report
 
 
@@ -104,12 +118,8 @@ def _is_causal_lm(path: str | Path) -> bool:
             and any(value.name == "logits" for value in graph.output))
 
 
-def _bisect_feed(reference: str | Path, report: dict, options: ValidateOptions) -> dict[str, np.ndarray]:
-    """One input for bisection: a held-out text window (LLMs) or the first saved Polygraphy input."""
-    if report["mode"] == "generic":
-        from polygraphy.json import load_json
-
-        return dict(load_json(report["generic"]["inputs_json"])[0])
+def _bisect_feed(reference: str | Path, options: ValidateOptions) -> dict[str, np.ndarray]:
+    """One input for bisecting an LLM: a held-out text window."""
     from accullm_export.calibration.feeds import llm_feeds
     from accullm_export.data.text import load_text_source, token_windows
     from accullm_export.runtime.tokenizer import FolderTokenizer

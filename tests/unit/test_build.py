@@ -214,7 +214,7 @@ def test_a_failed_gate_keeps_the_work_and_exits_1(planted_model, tmp_path, capsy
     folder, text = planted_model
     code = main(["build", str(folder), "--target", "cpu", "-o", str(tmp_path / "gated"), "--calib", str(text),
                  "--calib-samples", "4", "--calib-seq-len", "40", "--validation-windows", "2",
-                 "--validation-seq-len", "32", "--preset", "w4a16-fast", "--min-top1", "1.01"])
+                 "--validation-seq-len", "32", "--preset", "w4a16-fast", "--max-kl", "0"])  # INT4 never has KL 0
     assert code == 1
     manifest = json.loads((tmp_path / "gated/manifest.json").read_text())
     assert manifest["status"] == "failed-gates" and manifest["deliverable"] is None

@@ -255,8 +255,9 @@ def test_predictor_training_is_reproducible_and_learns():
 @pytest.mark.parametrize("value", ["1.0", "-0.1", "1.5"])
 def test_sparsity_outside_the_range_is_refused(planted_model, profile, tmp_path, value, capsys):
     folder, _ = planted_model
-    code = main(["sparsify", str(folder), "--profile", str(profile), "--sparsity", value, "-o", str(tmp_path / "x")])
-    assert code == 2 and "[0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # argparse's type refuses it, before any work
+        main(["sparsify", str(folder), "--profile", str(profile), "--sparsity", value, "-o", str(tmp_path / "x")])
+    assert exited.value.code == 2 and "[0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
