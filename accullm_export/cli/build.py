@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=arg_types.batch_size, default=1, help="engine profiles: largest batch")
     parser.add_argument("--max-seq-len", type=arg_types.token_count, default=2048,
                         help="engine profiles: longest sequence")
+    parser.add_argument("--tensorrt-version", metavar="X.Y",
+                        help="TensorRT on the device (default: the target's, see `accullm-export targets`); the "
+                             "bundle uses only what that version's ONNX parser takes")
     gates = parser.add_argument_group("gates (default: per recipe; a failed gate exits 1 and keeps the work)")
     gates.add_argument("--max-kl", type=arg_types.non_negative, help="maximum mean KL(reference || candidate)")
     gates.add_argument("--min-top1", type=arg_types.fraction, help="minimum top-1 agreement, in [0, 1]")
@@ -50,13 +53,14 @@ def run(args: argparse.Namespace) -> int:
     target = get_target(args.target)
     given = {"max-kl": args.max_kl, "min-top1": args.min_top1, "max-ppl-delta": args.max_ppl_delta}
     gates = {} if args.no_gates else ({k: v for k, v in given.items() if v is not None} or None)
-    if not (args.preset or args.config):
+    if args.preset is None and args.config is None:  # an empty --preset "" is an unknown preset, not the default
         args.preset = target.default_preset
     recipe = resolve_recipe(args, target.backend)
     options = BuildOptions(target=args.target, recipe=recipe, calib=args.calib, calib_samples=args.calib_samples,
                            calib_seq_len=args.calib_seq_len, gates=gates,
                            validation_windows=args.validation_windows, validation_seq_len=args.validation_seq_len,
-                           max_batch=args.max_batch, max_seq_len=args.max_seq_len)
+                           max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                           tensorrt_version=args.tensorrt_version)
     manifest = build(args.model, args.output, options, overwrite=args.overwrite)
     print(format_build_summary(manifest, args.output))
     deliverable = manifest["deliverable"]

@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "sparsify": "accullm_export.cli.sparsify",
     "targets": "accullm_export.cli.targets",
     "build": "accullm_export.cli.build",
+    "check-trt": "accullm_export.cli.check_trt",
 }
 
 log = logging.getLogger("accullm_export")

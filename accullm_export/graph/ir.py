@@ -50,7 +50,8 @@ def stored_bytes(tensor: gs.Constant) -> int:
 
 
 def save_graph(graph: gs.Graph, source: onnx.ModelProto, path: Path, metadata: dict[str, str]) -> onnx.ModelProto:
-    """Write ``path`` plus ``model.onnx.data`` beside it; keeps the source's opsets and producer.
+    """Write ``path`` plus ``model.onnx.data`` beside it; keeps the source's opsets and producer, except the
+    default domain's version where a pass set ``graph.opset`` (a lowering to an older opset).
 
     ``metadata`` entries are added to (or replace) the source's metadata_props.
     """
@@ -58,6 +59,9 @@ def save_graph(graph: gs.Graph, source: onnx.ModelProto, path: Path, metadata: d
     model.ir_version = IR_VERSION
     del model.opset_import[:]
     model.opset_import.extend(source.opset_import)
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx") and graph.opset is not None:
+            entry.version = int(graph.opset)
     known = {entry.domain or "ai.onnx" for entry in model.opset_import}
     for domain in sorted({node.domain for node in model.graph.node} - known - {"", "ai.onnx"}):
         model.opset_import.append(onnx.helper.make_opsetid(domain, 1))  # a contrib or plugin op's domain

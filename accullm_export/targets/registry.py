@@ -25,6 +25,9 @@ class TargetProfile:
         compute_capability: the GPU's SM version as "major.minor" (None for CPUs).
         precisions: what the engine may use; a recipe needing anything else is refused.
         bandwidth_gbps: device memory bandwidth in GB/s (None: measured on this machine at build time).
+        tensorrt_version: the TensorRT "major.minor" of the software stack the target assumes (its ONNX parser
+            decides which ops a bundle may use); ``build --tensorrt-version`` overrides it. None for ONNX Runtime.
+        tensorrt_stack: where that version comes from on the device, for messages.
     """
 
     name: str
@@ -37,8 +40,10 @@ class TargetProfile:
     workspace_mb: int
     dla_cores: int
     bandwidth_gbps: float | None
+    tensorrt_version: str | None = None
+    tensorrt_stack: str = ""
     notes: str = ""
-    version: int = 1
+    version: int = 2
 
     @property
     def cuda_arch(self) -> str | None:
@@ -70,28 +75,35 @@ class TargetProfile:
 
 
 _GPU = ("fp32", "fp16", "int8", "int4")
+# JetPack 6 (every Orin in the field) ships TensorRT 10.3; Orin also runs newer JetPacks: --tensorrt-version
+_JETPACK6 = {"tensorrt_version": "10.3", "tensorrt_stack": "JetPack 6"}
+# a workstation or server installs its own TensorRT; the oldest version the kit lowers for parses everywhere
+_SERVER = {"tensorrt_version": "10.3", "tensorrt_stack": "the TensorRT installed on the machine"}
 TARGETS: dict[str, TargetProfile] = {t.name: t for t in (
     TargetProfile(name="orin", device="Jetson AGX Orin 64GB", backend="tensorrt", compute_capability="8.7",
                   precisions=_GPU, default_preset="w4a16", memory_gb=64, workspace_mb=4096, dla_cores=2,
-                  bandwidth_gbps=204.8, notes="no FP8; weight-only INT4; 2 DLA cores (FP16/INT8 convolutions)"),
+                  bandwidth_gbps=204.8, **_JETPACK6,
+                  notes="no FP8; weight-only INT4; 2 DLA cores (FP16/INT8 convolutions)"),
     TargetProfile(name="orin-nx", device="Jetson Orin NX 16GB", backend="tensorrt", compute_capability="8.7",
                   precisions=_GPU, default_preset="w4a16", memory_gb=16, workspace_mb=2048, dla_cores=2,
-                  bandwidth_gbps=102.4, notes="no FP8; memory shared with the CPU"),
+                  bandwidth_gbps=102.4, **_JETPACK6, notes="no FP8; memory shared with the CPU"),
     TargetProfile(name="orin-nano", device="Jetson Orin Nano 8GB", backend="tensorrt", compute_capability="8.7",
                   precisions=_GPU, default_preset="w4a16", memory_gb=8, workspace_mb=1024, dla_cores=0,
-                  bandwidth_gbps=68.0, notes="no FP8, no DLA; memory shared with the CPU"),
+                  bandwidth_gbps=68.0, **_JETPACK6, notes="no FP8, no DLA; memory shared with the CPU"),
     TargetProfile(name="thor", device="Jetson AGX Thor", backend="tensorrt", compute_capability="11.0",
                   precisions=_GPU + ("bf16", "fp8"), default_preset="w4a16", memory_gb=128, workspace_mb=8192,
-                  dla_cores=0, bandwidth_gbps=273.0, notes="Blackwell (sm_110 in CUDA 13); FP8 and FP4 tensor cores"),
+                  dla_cores=0, bandwidth_gbps=273.0, tensorrt_version="10.3", tensorrt_stack="JetPack 7",
+                  notes="Blackwell (sm_110 in CUDA 13); FP8 and FP4 tensor cores; JetPack 7's TensorRT 10.x parses "
+                        "everything 10.3's does (--tensorrt-version for a newer form)"),
     TargetProfile(name="ampere", device="NVIDIA A100 40GB (Ampere)", backend="tensorrt", compute_capability="8.0",
                   precisions=_GPU + ("bf16",), default_preset="w4a16", memory_gb=40, workspace_mb=8192,
-                  dla_cores=0, bandwidth_gbps=1555.0, notes="no FP8"),
+                  dla_cores=0, bandwidth_gbps=1555.0, **_SERVER, notes="no FP8"),
     TargetProfile(name="ada", device="NVIDIA L40S (Ada)", backend="tensorrt", compute_capability="8.9",
                   precisions=_GPU + ("bf16", "fp8"), default_preset="w4a16", memory_gb=48, workspace_mb=8192,
-                  dla_cores=0, bandwidth_gbps=864.0),
+                  dla_cores=0, bandwidth_gbps=864.0, **_SERVER),
     TargetProfile(name="hopper", device="NVIDIA H100 SXM 80GB (Hopper)", backend="tensorrt",
                   compute_capability="9.0", precisions=_GPU + ("bf16", "fp8"), default_preset="w4a16", memory_gb=80,
-                  workspace_mb=16384, dla_cores=0, bandwidth_gbps=3350.0),
+                  workspace_mb=16384, dla_cores=0, bandwidth_gbps=3350.0, **_SERVER),
     TargetProfile(name="cpu", device="this machine's CPU (ONNX Runtime)", backend="onnxruntime",
                   compute_capability=None, precisions=("fp32", "fp16", "int8", "int4"), default_preset="w4a16",
                   memory_gb=None, workspace_mb=0, dla_cores=0, bandwidth_gbps=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import numpy as np
@@ -16,6 +17,7 @@ from accullm_export.recipes.presets import get_preset
 from accullm_export.recipes.toml_io import dump_toml
 from accullm_export.targets import TARGETS, get_target
 from accullm_export.targets.roofline import bytes_per_token
+from accullm_export.targets.tensorrt_support import check_model, parse_tensorrt_version
 from tests.helpers.recipes import make_recipe
 
 # the tiny planted Llama: small calibration and validation (its text is the fixture's .txt)
@@ -30,6 +32,12 @@ def test_target_registry():
     assert "fp8" not in orin.precisions and "int4" in orin.precisions
     assert get_target("orin-nano").dla_cores == 0 and get_target("hopper").cuda_arch == "90"
     assert "fp8" in get_target("hopper").precisions
+    # every TensorRT target names a TensorRT version the support table knows (JetPack 6's for the Orins)
+    for target in TARGETS.values():
+        assert (target.tensorrt_version is None) == (target.backend != "tensorrt"), target.name
+        if target.tensorrt_version:
+            assert parse_tensorrt_version(target.tensorrt_version) == target.tensorrt_version
+    assert {get_target(name).tensorrt_version for name in ("orin", "orin-nx", "orin-nano")} == {"10.3"}
     # roofline: bytes per token over bandwidth
     assert orin.decode_ceiling(204_800_000) == pytest.approx(1000.0)
     with pytest.raises(UserError, match="unknown target 'tpu'"):
@@ -166,8 +174,9 @@ def test_build_orin_writes_a_bundle(planted_model, tmp_path, capsys):
                  "--calib-samples", "4", "--calib-seq-len", "40", "--validation-windows", "2",
                  "--validation-seq-len", "32", "--block-size", "64", "--max-kl", "5", "--sparsity", "0.5",
                  "--method", "predictor", "--config", config])
-    out = capsys.readouterr().out
-    assert code == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    assert code == 0, captured.err
     assert "deployment bundle: on the Jetson AGX Orin 64GB run `bash" in out
     bundle = tmp_path / "orin/bundle"
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -199,6 +208,21 @@ def test_build_orin_writes_a_bundle(planted_model, tmp_path, capsys):
     assert recipe["sparsity"]["fraction"] == 0.5 and recipe["sparsity"]["method"] == "predictor"
     assert not any(node.op_type == "DequantizeLinear" and len(node.input) > 2 and node.input[2]
                    and "block_size" in {a.name for a in node.attribute} for node in standard.graph.node)
+    # lowered for the target's TensorRT: opset 23's attention ops gone, and TensorRT 10.3's parser takes the rest
+    assert manifest["tensorrt_version"] == "10.3" and "BUNDLE_TENSORRT=10.3" in script
+    assert json.loads((tmp_path / "orin/manifest.json").read_text())["tensorrt_version"] == "10.3"
+    for model in (standard, plugin_model):
+        assert not {node.op_type for node in model.graph.node} & {"Attention", "RotaryEmbedding"}
+        assert {entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")} == {21}
+    assert check_model(bundle / "model_plugins/model.onnx", "10.3") == []  # what trtexec builds
+    # the standard model keeps the sparse MLPs' Compress nodes, which only the plugin replaces
+    assert {finding.op for finding in check_model(bundle / "model/model.onnx", "10.3")} == {"Compress"}
+    assert manifest["standard_model_unparsed_nodes"] == len(check_model(bundle / "model/model.onnx", "10.3"))
+    # every file the plugin sources include travelled with them
+    for source in (bundle / "plugins").rglob("*"):
+        if source.suffix in (".cu", ".cuh", ".h", ".cpp"):
+            for included in re.findall(r'^#include "([^"]+)"', source.read_text(), flags=re.M):
+                assert (source.parent / included).is_file(), f"{source.name} includes {included}"
 
 
 def test_build_errors(planted_model, tmp_path, capsys):
@@ -207,7 +231,12 @@ def test_build_errors(planted_model, tmp_path, capsys):
     assert "unknown target 'tpu'" in capsys.readouterr().err
     assert main(["build", str(folder), "--target", "orin", "--recipe", "fp8", "-o", str(tmp_path / "b")]) == 2
     assert "unknown preset 'fp8'" in capsys.readouterr().err  # no FP8 recipe (check_recipe: test_target_registry)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert main(["build", str(folder), "--target", "orin", "--tensorrt-version", "9.9", "-o", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "TensorRT version '9.9'" in err and "10.3" in err and "11.1" in err  # it lists the known ones
+    assert main(["build", str(folder), "--target", "cpu", "--tensorrt-version", "10.3", "-o", str(tmp_path / "d")]) == 2
+    assert "--tensorrt-version applies to TensorRT targets" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in "abcd")
 
 
 def test_a_failed_gate_keeps_the_work_and_exits_1(planted_model, tmp_path, capsys):

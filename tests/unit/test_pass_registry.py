@@ -24,7 +24,8 @@ def test_every_module_of_the_package_registers_a_pass_with_a_typed_config():
         if config is None:
             continue
         assert dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen, name
-        if name != "skip_sparse_neurons":  # configured with the sparse plans, not the recipe's
+        # configured with the sparse plans, and with the TensorRT version's missing ops, not from the recipe
+        if name not in ("skip_sparse_neurons", "lower_attention"):
             assert {field.name for field in dataclasses.fields(config)} <= shared, name
 
 
