@@ -56,6 +56,76 @@ def text_windows(folder: Path, source: str, samples: int, seq_len: int, seed: in
     return windows, {"name": text.name, **text.description}
 
 
+def check_feeds(feeds: list[dict[str, np.ndarray]], model_path: Path,
+                source: str | Path) -> list[dict[str, np.ndarray]]:
+    """Refuse, before any session runs, feeds that do not fit the model's inputs: a name it does not take or one it
+    lacks, another kind of dtype, rank or static dimension, NaN or infinite values, token ids out of range.
+
+    Raises:
+        UserError: naming ``source`` (the script or file the feeds came from), the feed, the input and the problem.
+    """
+    inputs, vocab = _graph_inputs(Path(model_path))
+    for number, feed in enumerate(feeds, start=1):
+        where = f"{source}: feed {number}"
+        unknown = sorted(set(feed) - set(inputs))
+        if unknown:
+            raise UserError(f"{where} has input {unknown[0]!r}, which {model_path} does not take "
+                            f"(its inputs: {', '.join(sorted(inputs)[:8])})")
+        missing = [name for name in inputs if name not in feed]
+        if missing:
+            raise UserError(f"{where} lacks input {missing[0]!r} of {model_path}")
+        for name, (kinds, dims) in inputs.items():
+            problem = _input_problem(np.asarray(feed[name]), name, kinds, dims, vocab)
+            if problem:
+                raise UserError(f"{where}: input {name!r} {problem}")
+    return feeds
+
+
+def _graph_inputs(model_path: Path) -> tuple[dict[str, tuple[str, list[int | None]]], int | None]:
+    """name -> (accepted NumPy dtype kinds, dims with None where symbolic) of the inputs a feed must give, and the
+    vocabulary size (the static last dimension of a ``logits`` output) when there is one."""
+    import onnx
+    from onnx import helper
+
+    path = model_path / "model.onnx" if model_path.is_dir() else model_path
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {tensor.name for tensor in graph.initializer}
+    inputs = {}
+    for value in graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        kind = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).kind if tensor_type.elem_type else "f"
+        kinds = "iu" if kind in "iu" else ("b" if kind == "b" else "f")  # bfloat16 and fp8 report kind V
+        dims = ([dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim]
+                if tensor_type.HasField("shape") else None)
+        inputs[value.name] = (kinds, dims)
+    logits = next((value for value in graph.output if value.name == "logits"), None)
+    last = logits.type.tensor_type.shape.dim[-1] if logits is not None and logits.type.tensor_type.shape.dim else None
+    return inputs, (last.dim_value if last is not None and last.HasField("dim_value") else None)
+
+
+def _input_problem(value: np.ndarray, name: str, kinds: str, dims: list[int | None] | None,
+                   vocab: int | None) -> str | None:
+    """What is wrong with one input value, or None."""
+    if value.dtype.kind not in kinds:
+        return f"is {value.dtype}, but the model takes {_KIND_NAMES.get(kinds, kinds)} values"
+    if dims is not None and (len(dims) != value.ndim
+                             or any(d is not None and d != v for d, v in zip(dims, value.shape))):
+        shown = ["?" if d is None else d for d in dims]
+        return f"has shape {list(value.shape)}, but the model takes {shown}"
+    if value.size == 0 and not name.startswith("past_key_values."):  # an empty KV cache is the one empty input
+        return f"is empty (shape {list(value.shape)})"
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        return "holds NaN or infinite values"
+    if name == "input_ids" and value.size and (value.min() < 0 or (vocab is not None and value.max() >= vocab)):
+        return f"holds token ids outside [0, {vocab if vocab is not None else 'vocab'})"
+    return None
+
+
+_KIND_NAMES = {"f": "floating-point", "iu": "integer", "b": "boolean"}
+
+
 def iterate(feeds: list[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
     yield from feeds
 
@@ -92,7 +162,7 @@ def restore_feeds(arrays: dict[str, np.ndarray], entry: dict, model_path: Path, 
         if (windows is None or windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 2
                 or not np.issubdtype(windows.dtype, np.integer) or (windows < 0).any()):
             raise UserError(f"{where}: the token windows are not a non-empty [windows, tokens] array of token ids")
-        return llm_feeds(windows[:samples], model_path)
+        return check_feeds(llm_feeds(windows[:samples], model_path), model_path, where)
     names = entry.get("inputs")
     if (kind != "named" or not isinstance(count, int) or count < 1 or not isinstance(names, list)
             or not all(isinstance(name, str) for name in names)):
@@ -101,4 +171,4 @@ def restore_feeds(arrays: dict[str, np.ndarray], entry: dict, model_path: Path, 
              for batch in range(min(count, samples))]
     if not all(feeds):
         raise UserError(f"{where}: a stored calibration batch has no arrays")
-    return feeds
+    return check_feeds(feeds, model_path, where)

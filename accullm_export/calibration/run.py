@@ -12,7 +12,8 @@ import onnx
 import accullm_export
 from accullm_export.atomic import atomic_dir, check_output
 from accullm_export.calibration.collect import CollectedStatistics, collect_statistics
-from accullm_export.calibration.feeds import llm_feeds, restore_feeds, stored_named, stored_windows, text_windows
+from accullm_export.calibration.feeds import (check_feeds, llm_feeds, restore_feeds, stored_named, stored_windows,
+                                             text_windows)
 from accullm_export.calibration.outliers import LayerStatistics, OutlierPolicy, select_outliers
 from accullm_export.calibration.profile import (FEEDS, PROFILE_KIND, PROFILE_VERSION, Profile, feeds_archive,
                                                 model_fingerprint, read_feeds, write_profile)
@@ -78,7 +79,7 @@ def _feeds(model_path: Path, config: CalibrationConfig, is_llm: bool):
     if config.source.endswith(".py"):
         from accullm_export.data.loader_script import load_data_script
 
-        feeds = load_data_script(config.source)
+        feeds = check_feeds(load_data_script(config.source), model_path, f"data-loader script {config.source}")
         rows = _rows_of(feeds[0], is_llm)
         return (feeds, {"kind": "script", "path": str(Path(config.source).resolve())}, rows, len(feeds) * rows,
                 stored_named(feeds))

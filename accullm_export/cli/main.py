@@ -11,6 +11,7 @@ import sys
 import threading
 
 from accullm_export import __version__
+from accullm_export.cli.arg_types import CommandParser, one_line
 from accullm_export.errors import AccuLLMError, Terminated
 
 # name -> module; each module has HELP, add_arguments(parser) and run(args) -> int
@@ -32,7 +33,7 @@ log = logging.getLogger("accullm_export")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="accullm-export",
         description="Export LLMs to ONNX with a KV cache, keep outlier channels exact, build for ONNX Runtime "
                     "and TensorRT targets.")
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         with _sigterm_raises():
             return int(args.handler(args) or 0)
     except AccuLLMError as exc:
-        print(f"accullm-export {args.command}: error: {exc}", file=sys.stderr)
+        print(f"accullm-export {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

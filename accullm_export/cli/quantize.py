@@ -9,12 +9,18 @@ HELP = ("rewrite a model with a named preset or a recipe file: outlier input cha
 
 
 def _outliers(text: str) -> str | int:
+    from accullm_export.cli.arg_types import MAX_COUNT
+
     if text == "auto":
         return text
     try:
-        return int(text)
+        count = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected auto or a channel count, got {text!r}") from None
+    if not 0 <= count <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"expected auto, 0 or a channel count up to {MAX_COUNT:,} "
+                                         f"(outliers.channels), got {text!r}")
+    return count
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser, *, backend_option: bool) -> None:
@@ -69,9 +75,9 @@ def resolve_recipe(args: argparse.Namespace, backend: str | None):
     from accullm_export.graph.layer_plan import parse_override
     from accullm_export.recipes.presets import get_preset, load_config, read_config_backend
 
-    if args.config:
+    if args.config is not None:
         recipe = load_config(args.config, backend or read_config_backend(args.config) or "onnxruntime")
-    elif args.preset:
+    elif args.preset is not None:
         recipe = get_preset(args.preset).resolve(backend or "onnxruntime")
     else:
         raise UserError("give --preset NAME (`accullm-export presets` lists them) or --config FILE.toml")

@@ -86,13 +86,30 @@ def _file_source(path: Path) -> TextSource:
                         f"or a {' or '.join(_FILE_LOADERS)} file")
     if not path.is_file():
         raise UserError(f"text source {path}: no such file")
-    try:
-        content = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"text source {path}: cannot read it as UTF-8 text ({exc})") from exc
+    content = read_text_file(path, "text source")
     description = {"kind": "file", "format": path.suffix.lower().lstrip("."), "path": str(path.resolve()),
                    "sha256": sha256_file(path)}
     return TextSource(name=path.name, documents=loader(content, path), description=description)
+
+
+def read_text_file(path: str | Path, what: str = "text file") -> str:
+    """The text of a UTF-8 file, refused when it is unreadable, not UTF-8, or binary (a NUL byte: no text file
+    holds one, and a tokenizer would turn it into tokens silently).
+
+    Raises:
+        UserError: one line naming ``what``, the file and the problem.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"{what} {path}: cannot read it ({exc.strerror or exc})") from None
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise UserError(f"{what} {path} is a binary file, not text (it holds a NUL byte at offset {nul})")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path}: cannot read it as UTF-8 text ({exc})") from None
 
 
 def _txt_documents(content: str, path: Path) -> tuple[str, ...]:
@@ -112,6 +129,8 @@ def _jsonl_documents(content: str, path: Path) -> tuple[str, ...]:
             raise UserError(f"{path} line {line_number}: not valid JSON ({exc.msg})") from exc
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise UserError(f"{path} line {line_number}: expected a JSON object with a string \"text\" field")
+        if "\x00" in record["text"]:
+            raise UserError(f"{path} line {line_number}: the \"text\" field holds a NUL character; it is not text")
         if record["text"].strip():
             documents.append(record["text"])
     return tuple(documents)

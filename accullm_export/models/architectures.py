@@ -74,43 +74,85 @@ def decoder_config_from_hf(config: Mapping[str, Any]) -> DecoderConfig:
     """Read a Hugging Face ``config.json`` dict into a DecoderConfig.
 
     Raises:
-        UserError: the architecture or one of its options is not supported.
+        UserError: the architecture or one of its options is not supported, or a value has the wrong type or range.
     """
     model_type = config.get("model_type")
-    traits = SUPPORTED_ARCHITECTURES.get(model_type)
+    traits = SUPPORTED_ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
     if traits is None:
-        archs = config.get("architectures") or [model_type]
+        archs = config.get("architectures")
+        shown = archs[0] if isinstance(archs, list) and archs else model_type
         raise UserError(
-            f"unsupported architecture {archs[0]!r} (model_type {model_type!r}); supported: {SUPPORTED_NAMES}"
+            f"unsupported architecture {shown!r} (model_type {model_type!r}); supported: {SUPPORTED_NAMES}"
         )
     if config.get("hidden_act", "silu") != "silu":
         raise UserError(f"unsupported hidden_act {config['hidden_act']!r}; only silu (SwiGLU) is supported")
     if config.get("use_sliding_window") and model_type != "mistral":
         raise UserError(f"{model_type} with use_sliding_window=true (per-layer windows) is not supported")
-    hidden = int(config["hidden_size"])
-    heads = int(config["num_attention_heads"])
-    rope_parameters = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    rope_theta = float(rope_parameters.get("rope_theta", config.get("rope_theta", 10000.0)))
-    window = config.get(traits.sliding_window_key) if traits.sliding_window_key else None
+    hidden, heads = _count(config, "hidden_size"), _count(config, "num_attention_heads")
+    kv_heads = _count(config, "num_key_value_heads", heads)
+    if config.get("head_dim") is None and hidden % heads:
+        raise UserError(f"hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads})")
+    head_dim = _count(config, "head_dim", hidden // heads)
+    if heads % kv_heads:
+        raise UserError(f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
+    rope_parameters = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope_parameters, Mapping):
+        raise UserError(f"rope_parameters must be a JSON object, got {rope_parameters!r}")
+    rope_parameters = dict(rope_parameters)
+    window = _count(config, traits.sliding_window_key, None) if traits.sliding_window_key else None
     return DecoderConfig(
         traits=traits,
-        vocab_size=int(config["vocab_size"]),
+        vocab_size=_count(config, "vocab_size"),
         hidden_size=hidden,
-        intermediate_size=int(config["intermediate_size"]),
-        num_layers=int(config["num_hidden_layers"]),
+        intermediate_size=_count(config, "intermediate_size"),
+        num_layers=_count(config, "num_hidden_layers"),
         num_heads=heads,
-        num_kv_heads=int(config.get("num_key_value_heads") or heads),
-        head_dim=int(config.get("head_dim") or hidden // heads),
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=rope_theta,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=_positive_number(config, "rms_norm_eps", 1e-6),
+        rope_theta=_positive_number(rope_parameters, "rope_theta", _positive_number(config, "rope_theta", 10000.0)),
         rope_parameters=rope_parameters,
-        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+        max_position_embeddings=_count(config, "max_position_embeddings", 4096),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        sliding_window=int(window) if window else None,
-        bos_token_id=config.get("bos_token_id"),
-        eos_token_id=config.get("eos_token_id"),
-        pad_token_id=config.get("pad_token_id"),
+        sliding_window=window,
+        bos_token_id=_token_ids(config, "bos_token_id"),
+        eos_token_id=_token_ids(config, "eos_token_id"),
+        pad_token_id=_token_ids(config, "pad_token_id"),
     )
+
+
+_REQUIRED = object()
+
+
+def _count(config: Mapping[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    """A positive integer entry of a config (``default`` when absent or null)."""
+    value = config.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise UserError(f"no {key} entry; it is needed to build the graph")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _positive_number(config: Mapping[str, Any], key: str, default: float) -> float:
+    """A finite positive number entry of a config (``default`` when absent or null)."""
+    value = config.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{key} must be a finite positive number, got {value!r}")
+    return float(value)
+
+
+def _token_ids(config: Mapping[str, Any], key: str) -> int | list[int] | None:
+    """A special-token id entry: absent, a token id, or a list of them."""
+    value = config.get(key)
+    ids = value if isinstance(value, list) else [value]
+    if value is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ids):
+        raise UserError(f"{key} must be a token id or a list of token ids, got {value!r}")
+    return value
 
 
 def rope_inv_freq(head_dim: int, theta: float, parameters: Mapping[str, Any]) -> np.ndarray:
@@ -121,10 +163,18 @@ def rope_inv_freq(head_dim: int, theta: float, parameters: Mapping[str, Any]) ->
     """
     rope_type = parameters.get("rope_type", parameters.get("type", "default"))
     base = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    scaler = _ROPE_SCALERS.get(rope_type)
+    scaler = _ROPE_SCALERS.get(rope_type) if isinstance(rope_type, str) else None
     if scaler is None:
         raise UserError(f"unsupported rope type {rope_type!r}; supported: {', '.join(sorted(_ROPE_SCALERS))}")
-    return scaler(base, parameters)
+    try:
+        with np.errstate(all="ignore"):
+            inv_freq = scaler(base, parameters)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise UserError(f"rope_parameters of rope type {rope_type!r} are incomplete or not numbers "
+                        f"({type(exc).__name__}: {exc})") from None
+    if not np.all(np.isfinite(inv_freq)) or not np.all(inv_freq > 0):
+        raise UserError(f"rope_parameters of rope type {rope_type!r} give non-finite or non-positive frequencies")
+    return inv_freq
 
 
 def _rope_default(inv_freq: np.ndarray, parameters: Mapping[str, Any]) -> np.ndarray:

@@ -7,10 +7,11 @@ cache), or the built-in sample name ``smollm2-135m``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import re
 from pathlib import Path
 
+from accullm_export.data.json_files import read_json_object
 from accullm_export.errors import UserError
 from accullm_export.models.architectures import DecoderConfig, decoder_config_from_hf
 from accullm_export.models.safetensors_io import SafetensorsCheckpoint
@@ -37,10 +38,17 @@ class Checkpoint:
 
     def tokenizer_files(self) -> dict[str, Path]:
         """The ``TOKENIZER_FILES`` present: name -> resolved path, each a regular file inside the folder (or, for a
-        Hugging Face hub cache snapshot, its ``blobs``); a symlink leaving it, a device or a FIFO is a UserError."""
+        Hugging Face hub cache snapshot, its ``blobs``); a symlink leaving it, a device or a FIFO is a UserError, and
+        so is a JSON file that does not parse, since the export would pass it on to every runtime."""
         roots = hf_cache_roots(self.folder)
-        return {name: inside(self.folder, name, what="tokenizer file", roots=roots) for name in TOKENIZER_FILES
-                if os.path.lexists(self.folder / name)}
+        files = {name: inside(self.folder, name, what="tokenizer file", roots=roots) for name in TOKENIZER_FILES
+                 if os.path.lexists(self.folder / name)}
+        for name, path in files.items():
+            if name.endswith(".json"):
+                read_json_object(path, what=f"tokenizer file {name!r} at")
+        if "tokenizer.json" in files:
+            _check_tokenizer(files["tokenizer.json"])
+        return files
 
 
 def cache_dir() -> Path:
@@ -82,16 +90,83 @@ def resolve_checkpoint_folder(model: str) -> Path:
 def load_checkpoint(model: str) -> Checkpoint:
     """Resolve MODEL and read its config and tensors (memory-mapped, nothing copied yet)."""
     folder = resolve_checkpoint_folder(model)
+    config_path = folder / "config.json"
+    hf_config = read_json_object(inside(folder, "config.json", roots=hf_cache_roots(folder)), what="config file")
     try:
-        hf_config = json.loads(inside(folder, "config.json", roots=hf_cache_roots(folder)).read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{folder / 'config.json'} is not valid JSON ({exc})") from None
-    if not isinstance(hf_config, dict):
-        raise UserError(f"{folder / 'config.json'} is not a JSON object")
-    config = decoder_config_from_hf(hf_config)
-    return Checkpoint(folder=folder, hf_config=hf_config, config=config, tensors=SafetensorsCheckpoint(folder))
+        config = decoder_config_from_hf(hf_config)
+        config.inv_freq()  # checks the rope parameters now, not in the middle of the export
+    except UserError as exc:
+        raise UserError(f"{config_path}: {exc}") from None
+    tensors = SafetensorsCheckpoint(folder)
+    check_tensor_shapes(config, tensors, folder)
+    return Checkpoint(folder=folder, hf_config=hf_config, config=config, tensors=tensors)
+
+
+def check_tensor_shapes(config: DecoderConfig, tensors: SafetensorsCheckpoint, folder: Path) -> None:
+    """Refuse, before any graph is built, weights whose shapes or dtypes do not fit config.json, and layers that
+    config.json does not count.
+
+    Raises:
+        UserError: naming the tensor, its shape and the shape config.json implies.
+    """
+    for name, shape in expected_shapes(config, tensors).items():
+        if name not in tensors:
+            continue  # the graph builder names a missing tensor when it needs it
+        tensor = tensors[name]
+        if tensor.dtype.kind in "biu":  # bool and integers; ml_dtypes' bfloat16 and fp8 report kind V
+            raise UserError(f"{folder}: tensor {name!r} holds {tensor.dtype} values; weights must be floating point")
+        if tuple(tensor.shape) != shape:
+            raise UserError(f"{folder}: tensor {name!r} has shape {list(tensor.shape)}, but config.json implies "
+                            f"{list(shape)}")
+    extra = sorted({int(match.group(1)) for name in tensors if (match := _LAYER.match(name))
+                    and int(match.group(1)) >= config.num_layers})
+    if extra:
+        raise UserError(f"{folder}: the checkpoint holds weights of layer {extra[0]}, but config.json says "
+                        f"num_hidden_layers is {config.num_layers}")
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def expected_shapes(config: DecoderConfig, tensors: SafetensorsCheckpoint) -> dict[str, tuple[int, ...]]:
+    """The shape of every weight (and optional bias) the decoder graph reads, as config.json implies it."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden), "lm_head.weight": (config.vocab_size, hidden),
+              "model.norm.weight": (hidden,)}
+    for i in range(config.num_layers):
+        prefix = f"model.layers.{i}"
+        projections = {"self_attn.q_proj": (q_width, hidden), "self_attn.k_proj": (kv_width, hidden),
+                       "self_attn.v_proj": (kv_width, hidden), "self_attn.o_proj": (hidden, q_width),
+                       "mlp.gate_proj": (inner, hidden), "mlp.up_proj": (inner, hidden), "mlp.down_proj": (hidden, inner)}
+        for module, shape in projections.items():
+            shapes[f"{prefix}.{module}.weight"] = shape
+            shapes[f"{prefix}.{module}.bias"] = shape[:1]
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            shapes[f"{prefix}.{norm}.weight"] = (hidden,)
+        if config.traits.qk_norm:
+            shapes[f"{prefix}.self_attn.q_norm.weight"] = (config.head_dim,)
+            shapes[f"{prefix}.self_attn.k_norm.weight"] = (config.head_dim,)
+    return shapes
+
+
+def _check_tokenizer(path: Path) -> None:
+    """Refuse a tokenizer.json that the ``tokenizers`` library cannot load."""
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust library raises a bare Exception for every malformed file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"tokenizer file {path} is not a readable tokenizer ({reason})") from None
 
 
 def _is_gguf(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(4) == b"GGUF"
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if magic != b"GGUF" and path.suffix.lower() == ".gguf":
+        raise UserError(f"{path} is not a valid GGUF file (it does not start with the GGUF magic bytes)")
+    return magic == b"GGUF"

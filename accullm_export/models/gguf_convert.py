@@ -6,6 +6,8 @@ folder.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from pathlib import Path
@@ -34,6 +36,13 @@ def gguf_architecture(path: Path) -> str:
         raise UserError(f"{path} is not a valid GGUF file ({type(exc).__name__}: {exc})") from None
     if len(reader.tensors) == 0:
         raise UserError(f"{path} is a GGUF file with no tensors; it holds no model weights")
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        if (tensor.data_offset - reader.data_offset) % reader.alignment:
+            raise UserError(f"{path} is not a valid GGUF file (tensor {tensor.name} is not aligned to "
+                            f"{reader.alignment} bytes)")
+        if tensor.data_offset + int(tensor.n_bytes) > size:
+            raise UserError(f"{path} is truncated: tensor {tensor.name} ends past the end of the file")
     field = reader.get_field("general.architecture")
     if field is None:
         raise UserError(f"{path} has no general.architecture field")
@@ -68,16 +77,21 @@ def _convert(path: Path, architecture: str, digest: str, out: Path) -> None:
     torch = require("torch", "export")
     transformers = require("transformers", "export")
     safetensors_torch = require("safetensors.torch", "export")
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    except (ValueError, KeyError, OSError) as exc:
-        raise UserError(f"transformers could not load {path}: {exc}") from None
-    except ImportError as exc:
-        raise BackendError(f"loading GGUF needs an optional package: {exc}") from exc
-    state = model.state_dict()
+    with _transformers_quiet(transformers):
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model, loading = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32, output_loading_info=True)
+        except ImportError as exc:
+            raise BackendError(f"loading GGUF needs an optional package: {exc}") from exc
+        except Exception as exc:  # the GGUF passed the reader's checks: what transformers refuses is its content
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise UserError(f"transformers could not load {path} ({type(exc).__name__}: {reason})") from None
     tied = bool(model.config.tie_word_embeddings)
+    missing = sorted(set(loading.get("missing_keys", ())) - ({"lm_head.weight"} if tied else set()))
+    if missing:  # transformers would fill them with random values
+        raise UserError(f"{path} lacks {len(missing)} weight(s) its metadata calls for, e.g. {missing[0]}")
+    state = model.state_dict()
     tensors = {name: value.detach().to(torch.float32).contiguous()
                for name, value in state.items() if not (tied and name == "lm_head.weight")}
     safetensors_torch.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -89,3 +103,19 @@ def _convert(path: Path, architecture: str, digest: str, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(str(out))
     (out / "source.json").write_text(json.dumps({"gguf": str(path), "sha256": digest}, indent=2))
+
+
+@contextlib.contextmanager
+def _transformers_quiet(transformers):
+    """transformers' warnings and its converter's raw tqdm bars kept off the command's stderr (shown with -v), so a
+    failed conversion still ends with one error line."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if captured.getvalue().strip():
+            log.debug("transformers: %s", captured.getvalue().strip())

@@ -60,25 +60,54 @@ class SafetensorsCheckpoint(Mapping[str, np.ndarray]):
 
 
 def _read_header(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
-    """Parse one file's JSON header into name -> (dtype, shape, absolute begin, absolute end)."""
-    size = path.stat().st_size
+    """Parse one file's JSON header into name -> (dtype, shape, absolute begin, absolute end), every entry checked
+    against the file: a known dtype, a shape of non-negative integers, and offsets that stay in the file and hold
+    exactly that shape's bytes.
+
+    Raises:
+        UserError: naming the file (and the tensor) and what is wrong.
+    """
     try:
+        size = path.stat().st_size
         with open(path, "rb") as handle:
             (header_len,) = struct.unpack("<Q", handle.read(8))
             if header_len <= 0 or 8 + header_len > size:
-                raise ValueError("header length out of range")
-            header = json.loads(handle.read(header_len))
-    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+                raise ValueError(f"header length {header_len} out of range for a file of {size} bytes")
+            header = json.loads(handle.read(header_len).decode("utf-8"))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise UserError(f"{path} is not a valid safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is not a valid safetensors file (its header is not a JSON object)")
     data_start = 8 + header_len
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info.get("dtype") not in _DTYPES:
-            raise UserError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-        begin, end = info["data_offsets"]
-        if data_start + end > size:
-            raise UserError(f"{path} is truncated: tensor {name} ends past the end of the file")
-        entries[name] = (info["dtype"], list(info["shape"]), data_start + begin, data_start + end)
+        dtype, shape, begin, end = _entry(path, name, info, size - data_start)
+        entries[name] = (dtype, shape, data_start + begin, data_start + end)
     return entries
+
+
+def _entry(path: Path, name: str, info, data_size: int) -> tuple[str, list[int], int, int]:
+    """One header entry, checked: (dtype, shape, begin, end) relative to the data section."""
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: tensor {name} has a header entry that is not a JSON object")
+    if info.get("dtype") not in _DTYPES:
+        raise UserError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise UserError(f"{path}: tensor {name} has shape {shape!r}, not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise UserError(f"{path}: tensor {name} has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    if end > data_size:
+        raise UserError(f"{path} is truncated: tensor {name} ends past the end of the file")
+    expected = int(np.prod(shape, dtype=object)) * np.dtype(_DTYPES[info["dtype"]]).itemsize
+    if end - begin != expected:
+        raise UserError(f"{path}: tensor {name} spans {end - begin} bytes, but {info['dtype']} {shape} needs "
+                        f"{expected}")
+    return info["dtype"], shape, begin, end

@@ -7,7 +7,9 @@ error names the key it is about (``weights.block_size``), so a config file's mis
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
 import typing
 from typing import Any, Mapping
 
@@ -23,22 +25,55 @@ LAYER_PRECISIONS = ("fp32", "fp16", "int8", "int4")  # an override's precision (
 BLOCKS = (16, 32, 64, 128, 256)  # int4 block sizes: powers of two that MatMulNBits and TensorRT take
 ACTIVATION_GROUPS = (16, 32, 64, 128, 256)
 POLICIES = ("profile", "threshold", "topk", "ratio", "sensitivity")  # profile: the one calibrate chose
+MAX_COUNT = 1_000_000  # windows, samples, steps, channels, rows: the command line's limit (cli/arg_types.py)
+MAX_RANK = 65536  # the sparsity guesser's inner width, as sparsify --predictor-rank takes it
+MAX_SEED = 2**32 - 1  # what NumPy's and torch's generators take on every platform
 
 
 def _fail(key: str, message: str) -> UserError:
     return UserError(f"recipe key {key}: {message}")
 
 
+def shown(value) -> str:
+    """``value`` as an error message shows it: its repr on one line, cut short (a file may hold huge values)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer past Python's limit on the digits it prints
+        text = f"a {type(value).__name__} too large to show"
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
+def key_name(key) -> str:
+    """A recipe key as TOML writes it: bare when it can be, quoted (control characters escaped) otherwise."""
+    return key if isinstance(key, str) and re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(str(key))[:80]
+
+
 def _one_of(key: str, value, allowed) -> None:
     if value not in allowed:
-        raise _fail(key, f"must be one of {', '.join(map(str, allowed))}, not {value!r}")
+        raise _fail(key, f"must be one of {', '.join(map(str, allowed))}, not {shown(value)}")
+
+
+def _count(key: str, value: int, low: int, high: int = MAX_COUNT, off: str = "") -> None:
+    """An integer key within [low, high]; ``off`` says what 0 means where 0 is allowed."""
+    if value < low:
+        raise _fail(key, f"must be {off + ' or positive' if off else f'at least {low}'}, not {shown(value)}")
+    if value > high:
+        raise _fail(key, f"must be at most {high:,}, not {shown(value)}")
+
+
+def _override_block(pattern: str, value: str) -> None:
+    """An override's ``:B`` suffix must be a block size as written in BLOCKS before ``split_precision`` reads it."""
+    _, sep, block = value.partition(":")
+    if sep and block not in {str(size) for size in BLOCKS}:
+        raise _fail("weights.overrides", f"{shown(pattern)}={shown(value)}: expected PRECISION or int4:B, with B "
+                    f"one of {', '.join(map(str, BLOCKS))}")
 
 
 def _check_patterns(key: str, patterns) -> None:
     """Layer patterns must name something: an empty one (or a bare "!") would match every layer."""
     for pattern in patterns:
         if not pattern.removeprefix("!").strip("/"):
-            raise _fail(key, f"{pattern!r}: a layer pattern must not be empty (it would match every layer)")
+            raise _fail(key, f"{shown(pattern)}: a layer pattern must not be empty (it would match every layer)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,9 +107,10 @@ class WeightsConfig:
         _one_of("weights.embeddings", self.embeddings, ("int8", "fp16", "fp32"))
         _check_patterns("weights.overrides", [pattern for pattern, _ in self.overrides])
         for pattern, value in self.overrides:
+            _override_block(pattern, value)
             precision, block = split_precision(value)
             if precision not in LAYER_PRECISIONS or (block is not None and (precision != "int4" or block not in BLOCKS)):
-                raise _fail("weights.overrides", f"{pattern}={value}: precision must be one of "
+                raise _fail("weights.overrides", f"{shown(pattern)}={shown(value)}: precision must be one of "
                             f"{', '.join(LAYER_PRECISIONS)}, or int4:B (B one of {', '.join(map(str, BLOCKS))})")
         if self.awq and self.precision != "int4":  # its scales would invalidate w8a8's static activation ranges
             raise _fail("weights.awq", "applies to weight-only INT4 (weights.precision = \"int4\")")
@@ -115,7 +151,7 @@ class ActivationsConfig:
 
     def __post_init__(self):
         _one_of("activations.mode", self.mode, ("none", "static", "dynamic"))
-        if self.group:
+        if self.group != 0:  # an empty string is not "off"
             _one_of("activations.group", self.group, ACTIVATION_GROUPS + ("auto",))
             if self.mode != "dynamic":
                 raise _fail("activations.group", "applies to mode = \"dynamic\" (static scales are per tensor)")
@@ -148,15 +184,17 @@ class OutliersConfig:
 
     def __post_init__(self):
         if self.channels != "auto" and (isinstance(self.channels, bool) or not isinstance(self.channels, int)
-                                         or self.channels < 0):
-            raise _fail("outliers.channels", f"must be \"auto\", 0 or a positive count, not {self.channels!r}")
+                                         or not 0 <= self.channels <= MAX_COUNT):
+            raise _fail("outliers.channels", f"must be \"auto\", 0 or a count up to {MAX_COUNT:,}, not "
+                        f"{shown(self.channels)}")
         _one_of("outliers.policy", self.policy, POLICIES)
         _one_of("outliers.bits", self.bits, (16, 8))
         _check_patterns("outliers.layers", self.layers)
         _check_patterns("outliers.min_channels", [pattern for pattern, _ in self.min_channels])
         for pattern, count in self.min_channels:
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise _fail("outliers.min_channels", f"{pattern}={count}: the count must be a positive integer")
+            if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_COUNT:
+                raise _fail("outliers.min_channels", f"{shown(pattern)}={shown(count)}: the count must be an integer "
+                            f"from 1 to {MAX_COUNT:,}")
 
     @property
     def enabled(self) -> bool:
@@ -171,8 +209,7 @@ class GPTQConfig:
     samples: int = 32
 
     def __post_init__(self):
-        if self.samples < 1:
-            raise _fail("gptq.samples", f"must be at least 1, not {self.samples}")
+        _count("gptq.samples", self.samples, 1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -195,12 +232,10 @@ class DistillConfig:
     samples: int = 64
 
     def __post_init__(self):
-        if self.steps < 0:
-            raise _fail("distill.steps", f"must be 0 (off) or positive, not {self.steps}")
+        _count("distill.steps", self.steps, 0, off="0 (off)")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise _fail("distill.lr", f"must be positive, not {self.lr}")
-        if self.samples < 1:
-            raise _fail("distill.samples", f"must be at least 1, not {self.samples}")
+        _count("distill.samples", self.samples, 1)
         for key in ("norms", "outlier_rows"):
             if getattr(self, key) and not self.steps:
                 raise _fail(f"distill.{key}", "trains along with the scales: give distill.steps")
@@ -230,10 +265,10 @@ class VocabConfig:
 
     def __post_init__(self):
         if self.refine_rows != "auto" and (isinstance(self.refine_rows, bool) or not isinstance(self.refine_rows, int)
-                                            or self.refine_rows < 0):
-            raise _fail("vocab.refine_rows", f"must be 0 (off), \"auto\" or a row count, not {self.refine_rows!r}")
-        if self.samples < 1:
-            raise _fail("vocab.samples", f"must be at least 1, not {self.samples}")
+                                            or not 0 <= self.refine_rows <= MAX_COUNT):
+            raise _fail("vocab.refine_rows", f"must be 0 (off), \"auto\" or a row count up to {MAX_COUNT:,}, not "
+                        f"{shown(self.refine_rows)}")
+        _count("vocab.samples", self.samples, 1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -252,9 +287,10 @@ class SparsityRecipe:
         if not 0.0 <= self.fraction < 1.0:
             raise _fail("sparsity.fraction", f"must be in [0, 1), not {self.fraction}")
         _one_of("sparsity.method", self.method, METHODS)
-        for key in ("predictor_rank", "predictor_samples", "predictor_steps"):
-            if getattr(self, key) < 1:
-                raise _fail(f"sparsity.{key}", f"must be at least 1, not {getattr(self, key)}")
+        _count("sparsity.predictor_rank", self.predictor_rank, 1, MAX_RANK)
+        for key in ("predictor_samples", "predictor_steps"):
+            _count(f"sparsity.{key}", getattr(self, key), 1)
+        _count("sparsity.seed", self.seed, 0, MAX_SEED)
 
     def to_sparsity_config(self):
         """The ``sparsity.config.SparsityConfig`` the sparsify passes take."""
@@ -291,7 +327,7 @@ class Recipe:
 
     def __post_init__(self):
         if self.version != RECIPE_VERSION:
-            raise _fail("version", f"this kit reads recipe version {RECIPE_VERSION}, not {self.version!r}")
+            raise _fail("version", f"this kit reads recipe version {RECIPE_VERSION}, not {shown(self.version)}")
         _one_of("backend", self.backend, BACKENDS)
         weights, activations, outliers = self.weights, self.activations, self.outliers
         if activations.mode != "none" and weights.precision != "int8":
@@ -377,7 +413,7 @@ def _from_plain(cls, data, prefix: str):
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = [key for key in data if key not in fields]
     if unknown:
-        raise _fail(f"{prefix}{unknown[0]}", f"unknown key; {prefix.rstrip('.') or 'the recipe'} takes "
+        raise _fail(f"{prefix}{key_name(unknown[0])}", f"unknown key; {prefix.rstrip('.') or 'the recipe'} takes "
                     f"{', '.join(sorted(fields))}")
     values = {key: _coerce(hints[key], value, f"{prefix}{key}") for key, value in data.items()}
     return cls(**values)
@@ -394,7 +430,7 @@ def _coerce(hint, value, key: str):
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(args[0], item, key) for item in value)
         if len(value) != len(args):
-            raise _fail(key, f"each entry must be a list of {len(args)} items, not {value!r}")
+            raise _fail(key, f"each entry must be a list of {len(args)} items, not {shown(value)}")
         return tuple(_coerce(arg, item, key) for arg, item in zip(args, value))
     if args:  # a union such as str | int
         for arg in args:
@@ -402,11 +438,13 @@ def _coerce(hint, value, key: str):
                 return _coerce(arg, value, key)
             except UserError:
                 continue
-        raise _fail(key, f"must be {' or '.join(a.__name__ for a in args)}, not {value!r}")
+        raise _fail(key, f"must be {' or '.join(a.__name__ for a in args)}, not {shown(value)}")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > 2**64:  # float() of a longer integer overflows, or rounds it to a value it never had
+            raise _fail(key, f"must be a finite number, not {shown(value)}")
         value = float(value)
     if hint is float and isinstance(value, float) and not math.isfinite(value):
         raise _fail(key, f"must be a finite number, not {value}")
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise _fail(key, f"must be {hint.__name__}, not {type(value).__name__} ({value!r})")
+        raise _fail(key, f"must be {hint.__name__}, not {type(value).__name__} ({shown(value)})")
     return value

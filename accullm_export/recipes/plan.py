@@ -79,7 +79,7 @@ def _outlier_sets(recipe: Recipe, layers: Sequence, profile, precision: dict[str
         outliers[tensor] = _topped_up(outliers[tensor], count, profile, tensor)
     for pattern, count in recipe.outliers.min_channels:
         if not any(override_matches(pattern, node) for node in topped):
-            raise UserError(f"outliers.min_channels {pattern}={count}: no layer it matches gets an outlier branch "
+            raise UserError(f"outliers.min_channels {pattern!r}={count}: no layer it matches gets an outlier branch "
                             "(INT8/INT4 layers do, within outliers.layers)")
     return outliers
 

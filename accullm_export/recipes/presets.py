@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from accullm_export.errors import UserError
-from accullm_export.recipes.config import BACKENDS, Recipe
+from accullm_export.recipes.config import BACKENDS, Recipe, shown
 from accullm_export.recipes.toml_io import read_toml
 
 _PRESET_ONLY = ("description", "backends", "measured") + BACKENDS  # keys that are not part of a resolved recipe
@@ -42,11 +42,18 @@ class Preset:
 
 def resolve_table(data: Mapping[str, Any], backend: str) -> Recipe:
     """A recipe from a preset or config table: the base keys, then ``data[backend]``'s tables over them."""
+    for name in BACKENDS:
+        if name in data and not isinstance(data[name], Mapping):
+            raise UserError(f"recipe key {name}: must be a table of keys for the {name} backend, not "
+                            f"{shown(data[name])}")
     base = {key: value for key, value in data.items() if key not in _PRESET_ONLY}
     merged = _merge(base, data.get(backend, {}))
-    if merged.get("backend", backend) != backend:
-        raise UserError(f"the config was resolved for the {merged['backend']} backend, not {backend}; resolve it "
-                        f"again with --backend {merged['backend']} or --dump-config for {backend}")
+    declared = merged.get("backend", backend)
+    if declared not in BACKENDS:  # the recipe tree names the key and its choices
+        return Recipe.from_dict(merged)
+    if declared != backend:
+        raise UserError(f"the config was resolved for the {declared} backend, not {backend}; resolve it "
+                        f"again with --backend {declared} or --dump-config for {backend}")
     return Recipe.from_dict(merged | {"backend": backend})
 
 
@@ -105,11 +112,25 @@ def read_config_backend(path: str | Path) -> str | None:
     return backend if isinstance(backend, str) else None
 
 
+def _check_preset_keys(data: Mapping[str, Any]) -> None:
+    """A config file's preset-only keys are not read, but a wrong type there is still a mistake in the file."""
+    if not isinstance(data.get("description", ""), str):
+        raise UserError(f"recipe key description: must be text, not {shown(data['description'])}")
+    if not isinstance(data.get("measured", {}), Mapping):
+        raise UserError(f"recipe key measured: must be a table, not {shown(data['measured'])}")
+    backends = data.get("backends", [])
+    if not isinstance(backends, list) or any(backend not in BACKENDS for backend in backends):
+        raise UserError(f"recipe key backends: must be a list of {', '.join(BACKENDS)}, not {shown(backends)}")
+
+
 def load_config(path: str | Path, backend: str) -> Recipe:
     """A ``--config`` file (a preset-shaped table or a ``--dump-config`` output) resolved for ``backend``."""
+    if not str(path):
+        raise UserError("--config '': give a file name")
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--config {path}: no such file")
+        raise UserError(f"--config {path}: " + ("not a regular file" if path.exists() else "no such file"))
     data = read_toml(path)
+    _check_preset_keys(data)
     data = {key: value for key, value in data.items() if key not in ("description", "backends", "measured")}
     return resolve_table(data, backend)

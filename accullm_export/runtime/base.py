@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
+
+from accullm_export.data.json_files import optional_int, read_json_object
 
 KVCache = list[tuple[np.ndarray, np.ndarray]]  # per layer: (key, value), each [batch, kv_heads, seq, head_dim]
 
@@ -73,9 +74,7 @@ def max_positions(folder: Path) -> int | None:
     for name, keys in (("config.json", ("max_position_embeddings",)), ("genai_config.json", ("model", "context_length"))):
         path = folder / name
         if path.is_file():
-            value = json.loads(path.read_text())
-            for key in keys:
-                value = value.get(key) if isinstance(value, dict) else None
-            if isinstance(value, int):
+            value = optional_int(read_json_object(path), keys, path)
+            if value is not None:
                 return value
     return None

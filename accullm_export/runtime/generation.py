@@ -95,7 +95,7 @@ class GenerationStream:
 def sample_token(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generator) -> int:
     """Temperature, then top-k, then nucleus (top-p) truncation, then a draw."""
     scaled = logits.astype(np.float64) / config.temperature
-    if config.top_k:
+    if config.top_k and config.top_k < scaled.size:  # a k beyond the vocabulary cuts nothing
         kth = np.partition(scaled, -config.top_k)[-config.top_k]
         scaled = np.where(scaled < kth, -np.inf, scaled)
     probs = np.exp(scaled - scaled.max())

@@ -75,10 +75,12 @@ def _layout(session, path: Path) -> ModelLayout:
 
 def _geometry_from_genai_config(folder: Path, kv_heads, head_dim):
     """onnxruntime-genai's own builds leave the head size symbolic; their genai_config.json states it."""
-    import json
+    from accullm_export.data.json_files import optional_int, read_json_object
 
     config_path = folder / "genai_config.json"
     if not config_path.is_file():
         return kv_heads, head_dim
-    decoder = json.loads(config_path.read_text()).get("model", {}).get("decoder", {})
-    return decoder.get("num_key_value_heads", kv_heads), decoder.get("head_size", head_dim)
+    config = read_json_object(config_path)
+    stated = (optional_int(config, ("model", "decoder", key), config_path)
+              for key in ("num_key_value_heads", "head_size"))
+    return tuple(value if value is not None else fallback for value, fallback in zip(stated, (kv_heads, head_dim)))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from accullm_export.data.json_files import read_json_object
 from accullm_export.errors import UserError
 
 
@@ -18,7 +18,11 @@ class FolderTokenizer:
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise UserError(f"{folder} has no tokenizer.json; export the model with its tokenizer")
-        self._tokenizer = Tokenizer.from_file(str(path))
+        try:
+            self._tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the Rust library raises a bare Exception for every malformed file
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{path} is not a readable tokenizer ({reason})") from None
         self.eos_token_ids = _eos_ids(folder)
 
     def encode(self, text: str) -> list[int]:
@@ -49,9 +53,12 @@ def _eos_ids(folder: Path) -> list[int]:
     for name, keys in (("genai_config.json", ("model", "eos_token_id")), ("config.json", ("eos_token_id",))):
         path = folder / name
         if path.is_file():
-            value = json.loads(path.read_text())
+            value: object = read_json_object(path)
             for key in keys:
                 value = value.get(key) if isinstance(value, dict) else None
             if value is not None:
-                return [int(v) for v in (value if isinstance(value, list) else [value])]
+                ids = value if isinstance(value, list) else [value]
+                if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ids):
+                    raise UserError(f"{path}: {'.'.join(keys)} must be a token id or a list of them, got {value!r}")
+                return list(ids)
     return []

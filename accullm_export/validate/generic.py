@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from accullm_export.calibration.feeds import check_feeds
 from accullm_export.data.loader_script import load_data_script
 from accullm_export.errors import UserError
 from accullm_export.validate.metrics import tensor_errors
@@ -43,7 +44,8 @@ def validate_generic(reference: str | Path, candidate: str | Path, out_dir: Path
     _check_same_inputs(reference, candidate)
     runners = [OnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"]), name=name)
                for name, path in (("reference", reference), ("candidate", candidate))]
-    loader = _Recorded(load_data_script(data_loader) if data_loader else DataLoader(
+    script = f"data-loader script {data_loader}"
+    loader = _Recorded(check_feeds(load_data_script(data_loader), reference, script) if data_loader else DataLoader(
         seed=seed, iterations=iterations, val_range=val_range), [] if fed is None else fed)
     if out_dir is None:
         results = Comparator.run(runners, data_loader=loader)

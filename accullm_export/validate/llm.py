@@ -135,7 +135,9 @@ def _prompt_ids(tokenizer: FolderTokenizer, config: LLMValidationConfig) -> list
         path = Path(config.prompts_file)
         if not path.is_file():
             raise UserError(f"{path}: no such prompts file")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        from accullm_export.data.text import read_text_file
+
+        lines = [line.strip() for line in read_text_file(path, "prompts file").splitlines() if line.strip()]
         if not lines:
             raise UserError(f"{path} holds no prompts")
         return [tokenizer.encode(line.replace("\\n", "\n")) for line in lines]

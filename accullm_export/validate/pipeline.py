@@ -63,6 +63,8 @@ def _compare(reference: str | Path, candidate: str | Path, options: ValidateOpti
     mode = detect_mode(reference, candidate) if options.mode == "auto" else options.mode
     if mode not in MODES[1:]:
         raise UserError(f"unknown mode {options.mode!r}; choose from {', '.join(MODES)}")
+    if options.mode != "auto":
+        _check_mode_fits(mode, reference, candidate, options.data_loader)
     report: dict = {"kind": REPORT_KIND, "version": 1, "reference": str(reference),
                     "candidate": str(candidate), "mode": mode, "versions": _versions()}
     fed: list[dict[str, np.ndarray]] = []  # the generic comparison's inputs, the first one seeds --bisect
@@ -99,6 +101,22 @@ def detect_mode(reference: str | Path, candidate: str | Path) -> str:
     return "llm" if _is_causal_lm(reference) and _is_causal_lm(candidate) else "generic"
 
 
+def _check_mode_fits(mode: str, reference: str | Path, candidate: str | Path, data_loader: str | None) -> None:
+    """Refuse, before any session is made, a --mode the two models cannot be compared in."""
+    sides = (("reference", reference), ("candidate", candidate))
+    if mode == "llm":
+        for side, path in sides:
+            if not _is_causal_lm(path):
+                raise UserError(f"--mode llm compares exported decoders, but the {side} {path} is not one (it needs "
+                                "inputs input_ids and past_key_values.*, and a logits output); use --mode generic")
+    elif data_loader is None:
+        for side, path in sides:
+            if _is_causal_lm(path):
+                raise UserError(f"--mode generic without --data-loader feeds random values, which an exported "
+                                f"decoder's KV cache cannot take ({side} {path}); use --mode llm, or give "
+                                "--data-loader a load_data() script")
+
+
 def _is_causal_lm(path: str | Path) -> bool:
     path = Path(path)
     if path.suffix == ".engine":  # engines are built by `build` from exported decoders only
@@ -113,6 +131,8 @@ def _is_causal_lm(path: str | Path) -> bool:
         graph = onnx.load(str(path), load_external_data=False).graph
     except Exception:
         raise UserError(f"{path} is not a valid ONNX model (truncated or not ONNX)") from None
+    if not graph.node and not graph.output:
+        raise UserError(f"{path} is not a valid ONNX model (it parses to an empty graph)")
     inputs = {value.name for value in graph.input}
     return ("input_ids" in inputs and "past_key_values.0.key" in inputs
             and any(value.name == "logits" for value in graph.output))

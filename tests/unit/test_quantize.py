@@ -356,7 +356,7 @@ def test_min_outliers_tops_up_the_branch(planted_model, profile, tmp_path):
     for entry in (["lm_head"], ["lm_head", "x"], ["", 3], ["lm_head", -2]):
         with pytest.raises(UserError, match="outliers.min_channels"):
             Recipe.from_dict({"outliers": {"min_channels": [entry]}})
-    with pytest.raises(UserError, match="positive integer"):
+    with pytest.raises(UserError, match="an integer from 1 to"):
         make_recipe(**base, min_outliers=(("lm_head", 0),))
     with pytest.raises(UserError, match="no outlier branch"):
         make_recipe(name="w4a16", outliers=0, min_outliers=(("lm_head", 4),))

@@ -62,6 +62,9 @@ def test_top_k_one_is_greedy_and_top_p_truncates():
     # probabilities ~ [.02,.49,.07,.42]: top_p 0.8 keeps exactly tokens 1 and 3
     drawn = {sample_token(logits, GenerationConfig(do_sample=True, top_p=0.8), rng) for _ in range(200)}
     assert drawn == {1, 3}
+    # a top-k beyond the vocabulary cuts nothing: every token stays drawable
+    drawn = {sample_token(logits, GenerationConfig(do_sample=True, top_k=1000), rng) for _ in range(400)}
+    assert drawn == {0, 1, 2, 3}
 
 
 @pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=0), dict(top_k=-1), dict(top_p=0.0),

@@ -20,6 +20,7 @@ from accullm_export.graph.rewrite import decoded_scale, scale_code, widening_cas
 
 @register("fold_scale_casts")
 def run(graph: gs.Graph, config: None) -> gs.Graph:
+    widened: dict[str, gs.Constant] = {}
     for node in graph.nodes:
         if node.op != "DequantizeLinear" or len(node.inputs) < 2:
             continue
@@ -30,7 +31,10 @@ def run(graph: gs.Graph, config: None) -> gs.Graph:
         cast = widening_cast(node.inputs[1])
         if cast is None:
             continue
-        dtype = helper.tensor_dtype_to_np_dtype(int(cast.attrs["to"]))
-        stored = cast.inputs[0]
-        node.inputs[1] = gs.Constant(stored.name, np.asarray(stored.values).astype(dtype))
+        if cast.name not in widened:  # one constant per Cast, however many Dequantize nodes read it
+            dtype = helper.tensor_dtype_to_np_dtype(int(cast.attrs["to"]))
+            stored = cast.inputs[0]
+            # a new name: the stored constant lives on in the graph until the cleanup below
+            widened[cast.name] = gs.Constant(f"{stored.name}_widened", np.asarray(stored.values).astype(dtype))
+        node.inputs[1] = widened[cast.name]
     return graph.cleanup().toposort()
