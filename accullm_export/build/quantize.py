@@ -117,10 +117,10 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
     notes = [f"{layer.node}: {layer.op_type} is not rewritten (only MatMul is); left as it is"
              for layer in layers if layer.op_type != "MatMul"]
     statistics = {entry["name"]: profile.input_statistics(entry["name"]) for entry in profile.manifest["inputs"]}
-    moments = _moments(model_path, plans, profile, recipe.gptq.samples, options, notes) if recipe.gptq.enabled \
-        else None
+    hessians = _hessians(model_path, plans, profile, recipe.gptq.samples, options, notes) if recipe.gptq.enabled \
+        else {}
     finishing = finishing_passes(recipe) if finishing is None else finishing
-    return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, moments, notes, overwrite, options,
+    return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite, options,
                     finishing, protected=[model, profile_dir])
 
 
@@ -168,7 +168,7 @@ def refuse_quantized(model: onnx.ModelProto, path: Path) -> None:
                         "the original fp32/fp16 export instead")
 
 
-def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, moments, notes, overwrite,
+def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite,
              options: QuantizeOptions, finishing: tuple[str, ...], protected: list) -> dict:
     from accullm_export.build.sparsify import sparsity_metadata, sparsity_plans, sparsity_summary
     from accullm_export.graph.ir import load_graph, save_graph
@@ -184,7 +184,7 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, moments, n
     distillation = _distillation(model_path, graph, recipe, profile, options, notes) if recipe.distill.steps \
         else None
     data = PassData(plans=plans, float_dtype=float_dtype, statistics=statistics,
-                    hessians=moments.second if moments is not None else {},
+                    hessians=hessians,
                     embeddings=recipe.weights.embeddings, smoothing=recipe.activations.smoothquant or None,
                     scale_search=recipe.weights.scale_search, asymmetric=recipe.weights.asymmetric,
                     distillation=distillation,
@@ -194,7 +194,13 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, moments, n
     for note in notes:
         log.info("%s", note)
     parameters, source_bytes = _parameter_count(graph), constant_bytes(graph)
-    graph, reports, data = run_passes(graph, recipe_passes(recipe), data)
+    passes = recipe_passes(recipe)
+    gptq_done = passes.index("compensate_errors_gptq") + 1 if "compensate_errors_gptq" in passes else 0
+    graph, reports, data = run_passes(graph, passes[:gptq_done], data)
+    hessians.clear()  # only GPTQ reads them: their memory is free before distillation
+    data = dataclasses.replace(data, hessians={})
+    graph, later, data = run_passes(graph, passes[gptq_done:], data)
+    reports += later
     plans = data.plans  # as the passes left them (a rotated layer reads its rotated input)
     bits = _bits(graph, plans, parameters)  # per layer, before merging puts several layers in one MatMul
     if sparse:  # with the AWQ / SmoothQuant divisors the recipe passes folded
@@ -292,10 +298,10 @@ def check_loads(path: Path) -> None:
     create_session(path, optimization="basic")
 
 
-def _moments(model_path: Path, plans: dict[str, LayerPlan], profile, samples: int, options: QuantizeOptions,
-             notes: list[str]):
-    """``calibration.hessian.Moments`` of every low-bit layer's input over ``gptq.samples`` calibration windows."""
-    from accullm_export.calibration.hessian import collect_moments
+def _hessians(model_path: Path, plans: dict[str, LayerPlan], profile, samples: int, options: QuantizeOptions,
+              notes: list[str]) -> dict[str, np.ndarray]:
+    """E[x x^T] of every low-bit layer's input over ``gptq.samples`` calibration windows (``collect_hessians``)."""
+    from accullm_export.calibration.hessian import collect_hessians
     from accullm_export.calibration.run import profile_feeds
 
     tensors = sorted({plan.input for plan in plans.values() if plan.quantized})
@@ -303,9 +309,8 @@ def _moments(model_path: Path, plans: dict[str, LayerPlan], profile, samples: in
     if len(feeds) < samples:
         notes.append(f"GPTQ: gptq.samples is {samples}, but the profile holds {len(feeds)} calibration windows, so "
                      f"GPTQ used {len(feeds)} (calibrate with --samples {samples} for more)")
-    log.info("second moments and means of %d input tensors over %d calibration windows", len(tensors),
-             len(feeds))
-    return collect_moments(model_path, tensors, lambda: iter(feeds), budget_bytes=options.budget_mb << 20)
+    log.info("second moments of %d input tensors over %d calibration windows", len(tensors), len(feeds))
+    return collect_hessians(model_path, tensors, lambda: iter(feeds), budget_bytes=options.budget_mb << 20)
 
 
 def _vocab_rows(model_path: Path, graph, plans: dict[str, LayerPlan], recipe: Recipe, profile):

@@ -42,9 +42,9 @@ class Moments:
 
 def collect_hessians(model_path: str | Path, tensors: Sequence[str], feeds: Feeds, *, budget_bytes: int = 512 << 20,
                      skip_first_position: bool = True) -> dict[str, np.ndarray]:
-    """Mean x x^T over all rows of each named tensor, x being its last axis (``collect_moments(...).second``)."""
-    return collect_moments(model_path, tensors, feeds, budget_bytes=budget_bytes,
-                           skip_first_position=skip_first_position).second
+    """Mean x x^T over all rows of each named tensor, x being its last axis: ``collect_moments(...).second``,
+    without the sink's [C, C] sums, which would double the accumulators' memory."""
+    return _collect(model_path, tensors, feeds, budget_bytes, skip_first_position, with_sink=False).second
 
 
 def collect_moments(model_path: str | Path, tensors: Sequence[str], feeds: Feeds, *, budget_bytes: int = 512 << 20,
@@ -67,6 +67,12 @@ def collect_moments(model_path: str | Path, tensors: Sequence[str], feeds: Feeds
     Raises:
         UserError: a name is not a tensor of the model, the feeds are empty, or a tensor's channels change.
     """
+    return _collect(model_path, tensors, feeds, budget_bytes, skip_first_position, with_sink=True)
+
+
+def _collect(model_path: str | Path, tensors: Sequence[str], feeds: Feeds, budget_bytes: int,
+             skip_first_position: bool, with_sink: bool) -> Moments:
+    """``collect_moments``; without ``with_sink`` position 0 is still left out (when skipped) but not measured."""
     names = list(dict.fromkeys(tensors))
     reader = IntermediateReader(model_path, OPTIMIZATION)
     _check_names(reader, names, model_path)
@@ -86,17 +92,18 @@ def collect_moments(model_path: str | Path, tensors: Sequence[str], feeds: Feeds
                 if value.ndim == 0:
                     raise UserError(f"{name} is a scalar: it has no channels to measure")
                 if skip_first_position and value.ndim == 3:
-                    sink.add(name, value[:, 0, :])
+                    if with_sink:
+                        sink.add(name, value[:, 0, :])
                     value = value[:, 1:, :]
                 kept.add(name, value)
     empty = [name for name in names if kept.rows.get(name, 0) == 0]
     if empty:
         raise UserError(f"no rows reached {empty[:3]}: the feeds are too short (position 0 is skipped)")
     sinks = [name for name in names if sink.rows.get(name)]
-    return Moments(second={name: kept.second[name] / kept.rows[name] for name in names},
-                   mean={name: kept.first[name] / kept.rows[name] for name in names},
-                   sink_second={name: sink.second[name] / sink.rows[name] for name in sinks},
-                   sink_mean={name: sink.first[name] / sink.rows[name] for name in sinks})
+    return Moments(second={name: kept.mean_of(kept.second, name) for name in names},
+                   mean={name: kept.mean_of(kept.first, name) for name in names},
+                   sink_second={name: sink.mean_of(sink.second, name) for name in sinks},
+                   sink_mean={name: sink.mean_of(sink.first, name) for name in sinks})
 
 
 def _check_names(reader: IntermediateReader, names: list[str], model_path: str | Path) -> None:
@@ -127,6 +134,12 @@ class _Sums:
             total += chunk.T @ chunk
             first += chunk.sum(axis=0)
         self.rows[name] = self.rows.get(name, 0) + flat.shape[0]
+
+    def mean_of(self, sums: dict[str, np.ndarray], name: str) -> np.ndarray:
+        """The sum divided by the rows in place and handed over (no second [C, C] copy of every tensor's)."""
+        total = sums.pop(name)
+        total /= self.rows[name]
+        return total
 
 
 def _elements_per_batch(model: onnx.ModelProto, names: list[str], feed: Mapping[str, np.ndarray],

@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "sparsify": "accullm_export.cli.sparsify",
     "targets": "accullm_export.cli.targets",
     "build": "accullm_export.cli.build",
+    "rehearse": "accullm_export.cli.rehearse",
     "check-trt": "accullm_export.cli.check_trt",
 }
 

@@ -366,6 +366,9 @@ class Recipe:
                                  "mode = \"static\" (the w8a8-static preset)"),
             "graph.onnxruntime_fusions": (self.graph.onnxruntime_fusions, "ONNX Runtime's contrib ops do not parse "
                                           "in TensorRT"),
+            "sparsity.dense_first_token": (bool(self.sparsity.fraction) and self.sparsity.dense_first_token,
+                                           "the SparseSkipMLP plugin picks each token's neurons by its score alone, "
+                                           "with no position input; give dense_first_token = false"),
         }
         for key, (refused, why) in refusals.items():
             if refused:

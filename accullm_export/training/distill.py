@@ -89,11 +89,13 @@ def module_of(node_name: str) -> str:
     return ".".join(path[:-1])
 
 
-def build_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray]):
+def build_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], *, share_memory: bool = False):
     """A float32 transformers causal LM with ``weights`` (transformers parameter name -> array) loaded.
 
     The LM head gets its own parameter even when the checkpoint ties it to the embedding table: the graph
-    quantizes the head and keeps the table, so the two differ.
+    quantizes the head and keeps the table, so the two differ. With ``share_memory`` the parameters are the
+    float32 C-contiguous arrays of ``weights`` themselves, not copies (for a model that is never trained: a
+    step would write into the arrays).
 
     Raises:
         UserError: the config is not a causal LM transformers knows, or a parameter is missing from ``weights``
@@ -124,7 +126,7 @@ def build_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray]):
             raise UserError(f"{name}: the graph holds shape {value.shape}, the architecture needs "
                             f"{tuple(tensor.shape)}")
         loaded[name] = torch.from_numpy(np.ascontiguousarray(value))
-    model.load_state_dict(loaded, strict=True)
+    model.load_state_dict(loaded, strict=True, assign=share_memory)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -135,28 +137,24 @@ def block_scaled_linear_class():
     torch = require("torch", "export")
 
     class BlockScaledLinear(torch.nn.Module):
-        """y = x @ (integers * expand(s0 * exp(theta)) + outlier rows) + bias, theta trainable."""
+        """y = x @ (integers * expand(s0 * exp(theta)) + outlier rows) + bias, theta trainable.
+
+        Only what a forward reads is kept: the integers as int8 (exact in float32 products) and the outlier
+        rows as [outliers, out], trainable with ``outlier_rows``; a layer without outliers adds no branch."""
 
         def __init__(self, layer: BlockScaled, bias, outlier_rows: bool = False):
             super().__init__()
             rows = layer.values.shape[0]
-            self.register_buffer("values", torch.from_numpy(layer.values.astype(np.float32)))
+            self.register_buffer("values", torch.from_numpy(np.ascontiguousarray(layer.values, dtype=np.int8)))
             self.register_buffer("initial", torch.from_numpy(layer.scales.astype(np.float32)))
             self.register_buffer("rows", torch.from_numpy(np.arange(rows) // layer.block_size))
-            fixed = np.zeros(layer.values.shape, dtype=np.float32)
+            self.register_buffer("outlier_index", torch.tensor(list(layer.outliers), dtype=torch.int64))
+            kept = np.zeros((len(layer.outliers), layer.values.shape[1]), dtype=np.float32)
             if layer.outliers:
-                fixed[list(layer.outliers)] = layer.outlier_rows
-            fixed = torch.from_numpy(fixed)
-            # trainable: the low-bit rows' entries are multiplied by 0 below, so their gradient is 0 and Adam
-            # leaves them at 0
-            self.fixed = torch.nn.Parameter(fixed, requires_grad=False) if outlier_rows and layer.outliers \
-                else torch.nn.Buffer(fixed)
-            branch = np.zeros((rows, 1), dtype=np.float32)
-            branch[list(layer.outliers)] = 1.0
-            self.register_buffer("branch", torch.from_numpy(branch))
-            # the rows rounded to integers: all of them when the integers read a rotated input
-            self.register_buffer("low_bit", torch.from_numpy(1.0 - branch if layer.rotation is None
-                                                             else np.ones_like(branch)))
+                kept[:] = layer.outlier_rows
+            kept = torch.from_numpy(kept)
+            self.outlier_rows = torch.nn.Parameter(kept, requires_grad=False) if outlier_rows and layer.outliers \
+                else torch.nn.Buffer(kept)
             self.rotation = None if layer.rotation is None else torch.nn.Buffer(
                 torch.from_numpy(np.asarray(layer.rotation, dtype=np.float32)))
             self.theta = torch.nn.Parameter(torch.zeros_like(self.initial))
@@ -165,12 +163,20 @@ def block_scaled_linear_class():
         def scales(self):
             return self.initial * torch.exp(self.theta)
 
+        def branch(self, like):
+            """The FP16 branch as a full [in, out] weight: the outlier rows in place, zero elsewhere."""
+            return torch.zeros_like(like).index_add(0, self.outlier_index, self.outlier_rows)
+
         def forward(self, x):
-            if self.rotation is None:
-                out = x @ (self.values * self.scales()[self.rows] + self.fixed * self.branch)
+            low_bit = self.values * self.scales()[self.rows]
+            if self.rotation is None:  # the integers are zero on the outlier rows
+                weight = low_bit.index_add(0, self.outlier_index, self.outlier_rows) if len(self.outlier_index) \
+                    else low_bit
+                out = x @ weight
             else:
-                low_bit = self.values * self.scales()[self.rows]
-                out = (x @ self.rotation) @ low_bit + x @ (self.fixed * self.branch)
+                out = (x @ self.rotation) @ low_bit
+                if len(self.outlier_index):
+                    out = out + x @ self.branch(low_bit)
             return out if self.bias is None else out + self.bias
 
     return BlockScaledLinear
@@ -222,14 +228,14 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
     if not layers:
         raise UserError("distillation found no INT4 block-scaled layer to train")
     started = time.perf_counter()
-    layers_by_module = {layer.module: layer for layer in layers}
-    teacher = build_replica(config_dir, teacher_weights)
+    teacher = build_replica(config_dir, teacher_weights, share_memory=True)
     student, by_module = student_replica(config_dir, {**teacher_weights, **student_weights}, layers,
                                          config.outlier_rows)
     parameters = [module.theta for module in by_module.values()]
     norms = {name: parameter for name, parameter in student.named_parameters()
              if config.norms and name.endswith("norm.weight")}
-    rows = [module.fixed for module in by_module.values() if isinstance(module.fixed, torch.nn.Parameter)]
+    rows = [module.outlier_rows for module in by_module.values()
+            if isinstance(module.outlier_rows, torch.nn.Parameter)]
     for parameter in [*parameters, *norms.values(), *rows]:
         parameter.requires_grad_(True)
     groups = [{"params": parameters}]
@@ -265,9 +271,8 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
                   for module, layer in by_module.items()}
         gains = {name: parameter.detach().numpy().astype(np.float32) for name, parameter in norms.items()} \
             if kept else {}
-        trained_rows = {module: layer.fixed.detach().numpy()[list(layers_by_module[module].outliers)]
-                        for module, layer in by_module.items()
-                        if kept and isinstance(layer.fixed, torch.nn.Parameter)}
+        trained_rows = {module: layer.outlier_rows.detach().numpy().copy() for module, layer in by_module.items()
+                        if kept and isinstance(layer.outlier_rows, torch.nn.Parameter)}
     report = {"steps": config.steps, "windows": int(len(train)), "held_out_windows": held,
               "held_out_kl_before": None if before is None else round(before, 5),
               "held_out_kl_after": None if after is None else round(after, 5), "kept": kept,

@@ -218,6 +218,17 @@ def test_build_orin_writes_a_bundle(planted_model, tmp_path, capsys):
     # the standard model keeps the sparse MLPs' Compress nodes, which only the plugin replaces
     assert {finding.op for finding in check_model(bundle / "model/model.onnx", "10.3")} == {"Compress"}
     assert manifest["standard_model_unparsed_nodes"] == len(check_model(bundle / "model/model.onnx", "10.3"))
+    # the dress rehearsal of what trtexec builds: the lowered plugin graph, its ops run by their references,
+    # against the lowered standard graph (sparse MLPs included: the TensorRT form keeps no dense first token)
+    from accullm_export.validate.rehearsal import RehearsalConfig, rehearse_bundle
+
+    for copy in (bundle / "plugins").rglob("reference.py"):  # a bundle is data: its copies of the references
+        copy.write_text("raise SystemExit('the bundle ran code')\n")  # are never imported
+    rehearsal = rehearse_bundle(bundle, RehearsalConfig(text=str(text), windows=2, seq_len=32, prompts=4,
+                                                        prompt_tokens=8, new_tokens=16))
+    assert rehearsal["passed"], rehearsal["failures"]
+    assert rehearsal["plugin_ops"].get("SparseSkipMLP") == 2
+    assert rehearsal["greedy"]["identical"] == 4 and rehearsal["greedy"]["new_tokens"] == 16
     # every file the plugin sources include travelled with them
     for source in (bundle / "plugins").rglob("*"):
         if source.suffix in (".cu", ".cuh", ".h", ".cpp"):

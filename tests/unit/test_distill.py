@@ -96,17 +96,42 @@ def test_outlier_rows_train_with_the_scales(planted_model, profile, tmp_path):
 
 
 def test_trainable_outlier_rows_leave_the_low_bit_rows_alone():
-    """Only the outlier rows of the trainable FP16 part get a gradient; the low-bit rows' part stays zero."""
+    """The trainable FP16 part is the outlier rows alone ([outliers, out]): they get x's outlier channels as
+    gradient, and the low-bit rows' weights are the integers times the scales."""
     values = np.array([[1, -2], [0, 0], [3, 4]], dtype=np.int8)
     layer = BlockScaled("m", values, np.ones((1, 2), dtype=np.float32), block_size=4, outliers=(1,),
                         outlier_rows=np.array([[0.5, -0.25]], dtype=np.float32))
     linear = block_scaled_linear_class()(layer, None, outlier_rows=True)
-    linear.fixed.requires_grad_(True)
+    assert tuple(linear.outlier_rows.shape) == (1, 2) and linear.values.dtype == torch.int8
+    linear.outlier_rows.requires_grad_(True)
     out = linear(torch.tensor([[1.0, 2.0, 3.0]]))
     np.testing.assert_allclose(out.detach().numpy(), [[1 + 1.0 + 9, -2 - 0.5 + 12]])
     out.sum().backward()
-    grad = linear.fixed.grad.numpy()
-    assert np.all(grad[[0, 2]] == 0) and np.all(grad[1] == 2.0)
+    np.testing.assert_array_equal(linear.outlier_rows.grad.numpy(), [[2.0, 2.0]])
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_block_scaled_linear_equals_the_dense_weight(rotated):
+    """The forward against an independent NumPy product: integers times block scales, the outlier rows on their
+    own (read from x, not x @ R, when the integers read a rotated input), and no branch without outliers."""
+    rng = np.random.default_rng(5)
+    values = rng.integers(-8, 8, size=(8, 3)).astype(np.int8)
+    scales = rng.uniform(0.5, 2.0, size=(2, 3)).astype(np.float32)
+    rotation = np.linalg.qr(rng.standard_normal((8, 8)))[0].astype(np.float32) if rotated else None
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    for outliers in ((), (2, 6)):
+        layer_values = values.copy()
+        if outliers and not rotated:
+            layer_values[list(outliers)] = 0
+        rows = rng.standard_normal((len(outliers), 3)).astype(np.float32) if outliers else None
+        layer = BlockScaled("m", layer_values, scales, block_size=4, outliers=outliers, outlier_rows=rows,
+                            rotation=rotation)
+        out = block_scaled_linear_class()(layer, None, outlier_rows=True)(torch.from_numpy(x)).detach().numpy()
+        low_bit = layer_values.astype(np.float64) * np.repeat(scales, 4, axis=0)
+        expected = (x @ rotation if rotated else x).astype(np.float64) @ low_bit
+        if outliers:
+            expected += x[:, list(outliers)].astype(np.float64) @ rows
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -390,6 +390,22 @@ def test_collect_hessians_equals_numpy(matmul_model, skip_first_position):
     np.testing.assert_allclose(moments.sink_mean["y"], sink_outputs.mean(axis=0), rtol=1e-5)
 
 
+def test_collect_hessians_is_collect_moments_second_without_the_sink_sums(matmul_model):
+    """collect_hessians leaves the sink's [C, C] sums out and divides in place: the same matrices, bit for bit."""
+    path, _, feeds = matmul_model
+    moments = collect_moments(path, ["x", "y"], lambda: iter(feeds))
+    hessians = collect_hessians(path, ["x", "y"], lambda: iter(feeds))
+    assert list(hessians) == ["x", "y"] and moments.sink_second
+    for name in hessians:
+        np.testing.assert_array_equal(hessians[name], moments.second[name])
+    inputs = np.concatenate([feed["x"][0, 1:] for feed in feeds]).astype(np.float64)
+    sums = np.zeros((8, 8))
+    for feed in feeds:  # one batch at a time, as the feeds arrive
+        rows = feed["x"][0, 1:].astype(np.float64)
+        sums += rows.T @ rows
+    np.testing.assert_array_equal(hessians["x"], sums / len(inputs))
+
+
 @pytest.mark.parametrize("budget_bytes,passes", [(300, 1), (200, 2)])
 def test_collect_hessians_groups_by_budget(matmul_model, budget_bytes, passes):
     # one batch: x is 1 x 6 x 8 fp32 = 192 bytes, y 1 x 6 x 4 = 96 bytes (sizes from shape inference)

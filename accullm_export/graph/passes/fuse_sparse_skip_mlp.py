@@ -6,9 +6,9 @@ stored: float constants, or int4 values plus their block scales (``block_size`` 
 stored any other way (int8 per channel, a Cast of fp16), or with an FP16 outlier branch on one of its
 projections, stays standard, with a note.
 
-The fused op selects every token's neurons by its score alone: the standard graph's dense first position
-(``dense_first``: position 0 keeps all neurons) is not carried over, so a prefill that holds the sequence's first
-token skips neurons there too. Decode steps (positions > 0) are identical.
+The fused op selects every token's neurons by its score alone, with no position input: a standard graph with a
+dense first position (``dense_first``) would compute something else at position 0, so TensorRT recipes turn it
+off (the presets' ``[tensorrt.sparsity]`` tables) and a TensorRT recipe that turns it on is refused.
 """
 
 from __future__ import annotations
