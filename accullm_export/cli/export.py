@@ -9,7 +9,8 @@ HELP = "export a Hugging Face folder, a .gguf file or the sample 'smollm2-135m' 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL",
-                        help="Hugging Face checkpoint folder, .gguf file, or a sample name (smollm2-135m)")
+                        help="Hugging Face checkpoint folder, .gguf file, or a named model (smollm2-135m, "
+                             "qwen2.5-coder-0.5b: downloaded once, checksum-verified, cached)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder (created)")
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="weight and activation precision")
     parser.add_argument("--attention", choices=("fused", "decomposed"), default="fused",

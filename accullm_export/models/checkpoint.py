@@ -10,6 +10,9 @@ import dataclasses
 import os
 import re
 from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
 
 from accullm_export.data.json_files import read_json_object
 from accullm_export.errors import UserError
@@ -17,7 +20,7 @@ from accullm_export.models.architectures import DecoderConfig, decoder_config_fr
 from accullm_export.models.safetensors_io import SafetensorsCheckpoint
 from accullm_export.safe_paths import hf_cache_roots, inside
 
-SAMPLE_MODELS = ("smollm2-135m",)
+SAMPLE_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")  # models/sample.py SAMPLE_NAMES; resolved there
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -34,7 +37,7 @@ class Checkpoint:
     folder: Path
     hf_config: dict
     config: DecoderConfig
-    tensors: SafetensorsCheckpoint
+    tensors: Mapping[str, np.ndarray]
 
     def tokenizer_files(self) -> dict[str, Path]:
         """The ``TOKENIZER_FILES`` present: name -> resolved path, each a regular file inside the folder (or, for a
@@ -94,15 +97,17 @@ def load_checkpoint(model: str) -> Checkpoint:
     hf_config = read_json_object(inside(folder, "config.json", roots=hf_cache_roots(folder)), what="config file")
     try:
         config = decoder_config_from_hf(hf_config)
-        config.inv_freq()  # checks the rope parameters now, not in the middle of the export
+        config.check_rope()  # checks the rope parameters now, not in the middle of the export
     except UserError as exc:
         raise UserError(f"{config_path}: {exc}") from None
-    tensors = SafetensorsCheckpoint(folder)
+    tensors: Mapping[str, np.ndarray] = SafetensorsCheckpoint(folder)
     check_tensor_shapes(config, tensors, folder)
+    if config.traits.fused_projections:
+        tensors = SplitProjections(tensors, config)
     return Checkpoint(folder=folder, hf_config=hf_config, config=config, tensors=tensors)
 
 
-def check_tensor_shapes(config: DecoderConfig, tensors: SafetensorsCheckpoint, folder: Path) -> None:
+def check_tensor_shapes(config: DecoderConfig, tensors: Mapping[str, np.ndarray], folder: Path) -> None:
     """Refuse, before any graph is built, weights whose shapes or dtypes do not fit config.json, and layers that
     config.json does not count.
 
@@ -128,7 +133,7 @@ def check_tensor_shapes(config: DecoderConfig, tensors: SafetensorsCheckpoint, f
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
-def expected_shapes(config: DecoderConfig, tensors: SafetensorsCheckpoint) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: DecoderConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     """The shape of every weight (and optional bias) the decoder graph reads, as config.json implies it."""
     hidden, inner = config.hidden_size, config.intermediate_size
     q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
@@ -139,15 +144,62 @@ def expected_shapes(config: DecoderConfig, tensors: SafetensorsCheckpoint) -> di
         projections = {"self_attn.q_proj": (q_width, hidden), "self_attn.k_proj": (kv_width, hidden),
                        "self_attn.v_proj": (kv_width, hidden), "self_attn.o_proj": (hidden, q_width),
                        "mlp.gate_proj": (inner, hidden), "mlp.up_proj": (inner, hidden), "mlp.down_proj": (hidden, inner)}
+        if config.traits.fused_projections:
+            projections.update({"self_attn.qkv_proj": (q_width + 2 * kv_width, hidden),
+                                "mlp.gate_up_proj": (2 * inner, hidden)})
         for module, shape in projections.items():
             shapes[f"{prefix}.{module}.weight"] = shape
             shapes[f"{prefix}.{module}.bias"] = shape[:1]
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
             shapes[f"{prefix}.{norm}.weight"] = (hidden,)
         if config.traits.qk_norm:
             shapes[f"{prefix}.self_attn.q_norm.weight"] = (config.head_dim,)
             shapes[f"{prefix}.self_attn.k_norm.weight"] = (config.head_dim,)
     return shapes
+
+
+class SplitProjections(Mapping[str, np.ndarray]):
+    """A checkpoint whose fused ``qkv_proj`` and ``gate_up_proj`` (Phi-3) read as the separate q/k/v and gate/up
+    weights of a Llama layer: row slices of the memory-mapped fused tensors, nothing copied.
+
+    The export writes them as separate MatMuls, so every rewrite pass, recipe pattern (``*q_proj*``) and
+    per-layer override sees the same layers on every architecture; ``merge_parallel_linears`` packs them again
+    where a backend gains from it.
+    """
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], config: DecoderConfig):
+        self._tensors = tensors
+        q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        inner = config.intermediate_size
+        parts = {"self_attn.qkv_proj": (("self_attn.q_proj", 0, q_width),
+                                        ("self_attn.k_proj", q_width, q_width + kv_width),
+                                        ("self_attn.v_proj", q_width + kv_width, q_width + 2 * kv_width)),
+                 "mlp.gate_up_proj": (("mlp.gate_proj", 0, inner), ("mlp.up_proj", inner, 2 * inner))}
+        self._slices: dict[str, tuple[str, int, int]] = {}
+        for i in range(config.num_layers):
+            for fused, pieces in parts.items():
+                for kind in ("weight", "bias"):
+                    source = f"model.layers.{i}.{fused}.{kind}"
+                    if source in tensors:
+                        self._slices.update({f"model.layers.{i}.{name}.{kind}": (source, start, stop)
+                                             for name, start, stop in pieces})
+        self._hidden = {source for source, _, _ in self._slices.values()}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._slices:
+            source, start, stop = self._slices[name]
+            return self._tensors[source][start:stop]
+        if name in self._hidden:
+            raise KeyError(name)
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from (name for name in self._tensors if name not in self._hidden)
+        yield from self._slices
+
+    def __len__(self) -> int:
+        return len(self._tensors) - len(self._hidden) + len(self._slices)
 
 
 def _check_tokenizer(path: Path) -> None:

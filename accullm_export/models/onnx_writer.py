@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 _ALIGNMENT = 4096  # page-aligned offsets let ONNX Runtime memory-map the weights
 _INLINE_LIMIT = 1024  # tensors smaller than this many bytes stay inside model.onnx
+_BLOCK_BYTES = 32 << 20  # a large initializer is converted and written this many bytes at a time
 
 
 class OnnxWriter:
@@ -29,24 +30,34 @@ class OnnxWriter:
         self._names: set[str] = set()
         self._constants: dict[tuple, str] = {}
 
-    def initializer(self, name: str, array: np.ndarray) -> str:
-        """Add a named initializer; large ones are appended to the external-data file."""
+    def initializer(self, name: str, array: np.ndarray, dtype: np.dtype | None = None) -> str:
+        """Add a named initializer holding ``array`` as ``dtype`` (default: its own); large ones are appended to the
+        external-data file.
+
+        ``array`` may be any view, such as a transposed memory map: it is converted and written in blocks of rows,
+        so a large weight is never copied whole.
+        """
         self._claim(name)
-        array = np.ascontiguousarray(array)
-        if array.nbytes < _INLINE_LIMIT:
-            self.initializers.append(numpy_helper.from_array(array, name))
+        dtype = np.dtype(array.dtype if dtype is None else dtype)
+        nbytes = int(np.prod(array.shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes < _INLINE_LIMIT:
+            self.initializers.append(numpy_helper.from_array(_converted(array, dtype), name))
             return name
         padding = -self._offset % _ALIGNMENT
         self._data_file.write(b"\0" * padding)
         self._offset += padding
-        self._data_file.write(array.tobytes())
-        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+        row_bytes = nbytes // array.shape[0]
+        rows_per_block = max(1, _BLOCK_BYTES // max(1, row_bytes))
+        for start in range(0, array.shape[0], rows_per_block):
+            block = _converted(array[start:start + rows_per_block], dtype)
+            self._data_file.write(block.reshape(-1).view(np.uint8).data)
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(dtype),
                              dims=array.shape, data_location=TensorProto.EXTERNAL)
         for key, value in (("location", self._data_location), ("offset", str(self._offset)),
-                           ("length", str(array.nbytes))):
+                           ("length", str(nbytes))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
-        self._offset += array.nbytes
+        self._offset += nbytes
         self.initializers.append(tensor)
         return name
 
@@ -73,6 +84,14 @@ class OnnxWriter:
         if name in self._names:
             raise ValueError(f"duplicate name {name!r} in the exported graph")
         self._names.add(name)
+
+
+def _converted(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``array`` as a C-contiguous array of ``dtype`` (no copy when it already is one). Other dtypes (bf16, fp8,
+    fp64) become fp32 first, so a fp16 export rounds from fp32 whatever the checkpoint's dtype, as it always has."""
+    if dtype.kind != "f" or array.dtype in (dtype, np.float32, np.float16):
+        return np.ascontiguousarray(array, dtype=dtype)
+    return np.ascontiguousarray(array, dtype=np.float32).astype(dtype, copy=False)
 
 
 def save_model(writer: OnnxWriter, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto],

@@ -1,7 +1,7 @@
 """A small, memory-mapped reader of ``.safetensors`` checkpoints that needs neither torch nor safetensors.
 
-Tensors are NumPy views into a memory map, so exporting reads each weight once and never holds a second
-copy of the checkpoint. BF16 and FP8 tensors are exposed through ml_dtypes.
+Tensors are NumPy views into memory maps, one per tensor read, so exporting reads each weight once and never holds a
+second copy of the checkpoint. BF16 and FP8 tensors are exposed through ml_dtypes.
 """
 
 from __future__ import annotations
@@ -40,17 +40,19 @@ class SafetensorsCheckpoint(Mapping[str, np.ndarray]):
         if not files:
             raise UserError(f"{folder} holds no .safetensors weights")
         self._index: dict[str, tuple[Path, str, list[int], int, int]] = {}
-        self._maps: dict[Path, np.memmap] = {}
         for path in files:
             for name, entry in _read_header(path).items():
                 self._index[name] = (path, *entry)
 
     def __getitem__(self, name: str) -> np.ndarray:
+        """The tensor as a read-only array over its own memory map, unmapped once the last view of it is dropped:
+        one map of the whole file would keep every weight read so far resident until the export ends."""
         path, dtype, shape, begin, end = self._index[name]
-        if path not in self._maps:
-            self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
-        raw = self._maps[path][begin:end]
-        return raw.view(_DTYPES[dtype]).reshape(shape)
+        if begin == end:  # mmap refuses an empty range
+            empty = np.empty(shape, dtype=_DTYPES[dtype])
+            empty.flags.writeable = False
+            return empty
+        return np.memmap(path, dtype=_DTYPES[dtype], mode="r", offset=begin, shape=tuple(shape))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)

@@ -17,7 +17,19 @@ TINY_ARCHITECTURES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=5)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=True, head_dim=16)),
+    # windowed layer 0, global layer 1; soft-capping strong enough to matter at this initializer range
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        head_dim=16, sliding_window=4, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0, initializer_range=0.1)),
+    # head_dim 256 as in the real models; local layers' own rope base, linear scaling on the global layer
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=256, sliding_window=4, query_pre_attn_scalar=128, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}})),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(tie_word_embeddings=False, sliding_window=6)),
 }
+SLIDING_WINDOWS = {model_type: extra["sliding_window"] for model_type, (_, _, extra) in TINY_ARCHITECTURES.items()
+                   if extra.get("sliding_window")}
 
 # A tiny Llama with planted outlier channels, and its calibration profile (shared by calibration and quantize tests)
 PLANTED = [5, 40]

