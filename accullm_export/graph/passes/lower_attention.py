@@ -1,14 +1,15 @@
 """Lower opset 23's ``RotaryEmbedding`` and ``Attention`` into MatMul/Softmax/Where/Gather, opset 21.
 
 TensorRT's ONNX parser learned these two ops late; the TensorRT on most Jetson devices in the field parses
-neither. This pass rewrites them into ops every TensorRT 10 parses, in the usual scaled-dot-product pattern (so
-TensorRT's attention fusion can still find it): grouped-query attention computes each KV head's queries as one
-[batch, kv_heads, group, seq, dim] block, so the KV cache is never repeated. The model's inputs, outputs and
+neither. This pass rewrites them into ops every TensorRT 10 parses: scaled queries (the scale before the first
+matmul, as TensorRT's attention fusion asks), scores, soft-cap, mask, softmax, values. Grouped-query attention
+computes each KV head's queries as one [batch, kv_heads, group, seq, dim] block, so the KV cache is never
+repeated. The model's inputs, outputs and
 KV-cache tensors keep their names and shapes.
 
-Forms it does not lower (interleaved or partial rotary, causal or soft-capped attention, a mask with per-head
-rows of unknown type) are left as they are with a note; ``check-trt`` then names them. When nothing newer than opset 21 remains,
-the model's default opset drops to 21.
+Forms it does not lower (interleaved or partial rotary, causal attention, a mask of unknown type) are left as
+they are with a note; ``check-trt`` then names them. When nothing newer than opset 21 remains, the model's
+default opset drops to 21.
 """
 
 from __future__ import annotations
@@ -186,8 +187,6 @@ def _lower_rotary(w: _Writer, node: gs.Node) -> None:
 def _attention_unsupported(node: gs.Node) -> str | None:
     if int(node.attrs.get("is_causal", 0)):
         return "is_causal (the kit's exports pass the causal mask as an input)"
-    if float(node.attrs.get("softcap", 0.0)):
-        return "a softcap"
     if int(node.attrs.get("qk_matmul_output_mode", 0)) or len([o for o in node.outputs if o.name]) > 3:
         return "its QK output is read"
     if not node.attrs.get("q_num_heads") or not node.attrs.get("kv_num_heads"):
@@ -231,6 +230,8 @@ def _lower_attention(w: _Writer, node: gs.Node) -> None:
 
     queries = w.node(p, "Reshape", [q, w.constant(p, [0, 0, kv_heads, group, dim])], dtype=dtype)
     queries = w.node(p, "Transpose", [queries], dtype=dtype, perm=[0, 2, 3, 1, 4])  # [B, KV, G, S, D]
+    # the scale on the queries, before the first matmul: the form TensorRT's attention fusion documents
+    queries = w.node(p, "Mul", [queries, w.constant(p, scale, dtype=dtype)], dtype=dtype)
     node.outputs.clear()
     w.node(p, "Concat", [past_key, heads_first(k, kv_heads, dim)], outputs=[present_key], axis=2)
     w.node(p, "Concat", [past_value, heads_first(v, kv_heads, value_dim)], outputs=[present_value], axis=2)
@@ -240,7 +241,11 @@ def _lower_attention(w: _Writer, node: gs.Node) -> None:
     if wide:
         scores = w.node(p, "Cast", [scores], dtype=np.float32, to=TensorProto.FLOAT)
     score_dtype = np.float32 if wide else dtype
-    scores = w.node(p, "Mul", [scores, w.constant(p, scale, dtype=score_dtype)], dtype=score_dtype)
+    softcap = float(node.attrs.get("softcap", 0.0))
+    if softcap > 0:  # softcap * tanh(scores / softcap), after the scale and before the mask (the op's order)
+        scores = w.node(p, "Div", [scores, w.constant(p, softcap, dtype=score_dtype)], dtype=score_dtype)
+        scores = w.node(p, "Tanh", [scores], dtype=score_dtype)
+        scores = w.node(p, "Mul", [scores, w.constant(p, softcap, dtype=score_dtype)], dtype=score_dtype)
     if mask is not None:  # masks broadcast against [B, H, S, T]: the groups merged back into the heads meanwhile
         total = w.node(p, "Shape", [present_key], dtype=np.int64, start=2, end=3)
         heads_shape = w.node(p, "Concat", [w.constant(p, [0, heads, -1]), total], dtype=np.int64, axis=0)
