@@ -89,6 +89,15 @@ def module_of(node_name: str) -> str:
     return ".".join(path[:-1])
 
 
+# transformers' Gemma norms multiply by (1 + weight); the export stores that sum as the gain
+NORM_GAIN_OFFSETS = {"gemma2": 1.0, "gemma3_text": 1.0}
+FUSED_PROJECTION_TYPES = ("phi3",)  # transformers keeps qkv_proj and gate_up_proj fused
+
+
+def _is_norm_gain(name: str) -> bool:
+    return name.endswith("norm.weight")
+
+
 def build_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], *, share_memory: bool = False):
     """A float32 transformers causal LM with ``weights`` (transformers parameter name -> array) loaded.
 
@@ -108,12 +117,21 @@ def build_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], *, 
     except (OSError, ValueError) as exc:
         raise UserError(f"{config_dir} has no usable config.json for a torch replica ({exc}); distillation "
                         "needs an exported LLM folder") from exc
+    if config.model_type in FUSED_PROJECTION_TYPES:
+        raise UserError(f"distillation's torch replica follows transformers' {config.model_type} modules, whose "
+                        "q/k/v and gate/up projections are fused where the export splits them: give distill.steps "
+                        "= 0 (or the w4a16-fast preset)")
     config.tie_word_embeddings = False
     with torch.random.fork_rng(devices=[]):
-        try:
-            model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        try:  # soft-capped attention (Gemma 2) has no SDPA form in transformers
+            implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+            model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
         except ValueError as exc:
             raise UserError(f"transformers cannot build {config.model_type!r} as a causal LM: {exc}") from exc
+    offset = NORM_GAIN_OFFSETS.get(config.model_type, 0.0)
+    if offset:  # the export stores the gain the norm multiplies by; transformers adds the offset itself
+        weights = {name: np.asarray(value, dtype=np.float32) - offset if _is_norm_gain(name) else value
+                   for name, value in weights.items()}
     state = model.state_dict()
     missing = [name for name in state if name not in weights]
     if missing:
