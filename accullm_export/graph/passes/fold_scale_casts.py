@@ -35,6 +35,6 @@ def run(graph: gs.Graph, config: None) -> gs.Graph:
             dtype = helper.tensor_dtype_to_np_dtype(int(cast.attrs["to"]))
             stored = cast.inputs[0]
             # a new name: the stored constant lives on in the graph until the cleanup below
-            widened[cast.name] = gs.Constant(f"{stored.name}_widened", np.asarray(stored.values).astype(dtype))
+            widened[cast.name] = gs.Constant(f"{stored.name}_folded", np.asarray(stored.values).astype(dtype))
         node.inputs[1] = widened[cast.name]
     return graph.cleanup().toposort()
