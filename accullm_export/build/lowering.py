@@ -34,16 +34,13 @@ def check_lowerable(model, version: str, what: str) -> None:
         UserError: each such node and the reason.
     """
     from accullm_export.errors import UserError
-    from accullm_export.targets.tensorrt_support import check_model
+    from accullm_export.targets.tensorrt_support import check_model, summary_line
 
     # the lowering rewrites these ops, and drops the opset to one the parser takes once they are gone
     findings = [finding for finding in check_model(model, version)
                 if finding.op not in LOWERED_OPS + (OPSET_FINDING,)]
     if findings:
-        shown = "; ".join(str(finding) for finding in findings[:5])
-        more = f" and {len(findings) - 5} more" if len(findings) > 5 else ""
-        raise UserError(f"{what}: {len(findings)} nodes TensorRT {version} does not parse: {shown}{more} "
-                        "(`accullm-export check-trt` lists them all)")
+        raise UserError(summary_line(findings, version, what))
 
 
 def lower_for_tensorrt(path: Path, version: str) -> list[str]:

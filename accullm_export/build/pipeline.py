@@ -154,7 +154,8 @@ def build(model: str, out_dir: str | Path, options: BuildOptions, *, overwrite: 
         if tensorrt is not None:  # before calibrating: what the lowering cannot fix
             from accullm_export.build.lowering import check_lowerable
 
-            check_lowerable(reference / "model.onnx" if reference.is_dir() else reference, tensorrt, model)
+            onnx_path = reference / "model.onnx" if reference.is_dir() else reference
+            check_lowerable(onnx_path, tensorrt, str(onnx_path))
         if not is_llm:
             recipe = for_plain_onnx(recipe)
         profile = _step(steps, "calibrate", lambda: _calibrate(reference, work / "profile", options, recipe,

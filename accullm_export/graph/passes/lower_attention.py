@@ -42,20 +42,16 @@ def run(graph: gs.Graph, config: Config | None) -> PassResult:
     writer = _Writer(graph)
     standard = [node for node in graph.nodes if node.domain in (None, "", "ai.onnx")]
     lowered = 0
-    for node in [n for n in standard if n.op == "RotaryEmbedding" and n.op in config.ops]:
-        reason = _rotary_unsupported(node)
-        if reason:
-            notes.append(f"{node.name}: RotaryEmbedding left as it is ({reason})")
-            continue
-        _lower_rotary(writer, node)
-        lowered += 1
-    for node in [n for n in standard if n.op == "Attention" and n.op in config.ops]:
-        reason = _attention_unsupported(node)
-        if reason:
-            notes.append(f"{node.name}: Attention left as it is ({reason})")
-            continue
-        _lower_attention(writer, node)
-        lowered += 1
+    lowerings = {"RotaryEmbedding": (_rotary_unsupported, _lower_rotary),
+                 "Attention": (_attention_unsupported, _lower_attention)}
+    for op, (unsupported, lower) in lowerings.items():
+        for node in [n for n in standard if n.op == op and op in config.ops]:
+            reason = unsupported(node)
+            if reason:
+                notes.append(f"{node.name}: {op} left as it is ({reason})")
+                continue
+            lower(writer, node)
+            lowered += 1
     graph.cleanup().toposort()
     remaining = sorted({n.op for n in graph.nodes if n.domain in (None, "", "ai.onnx") and n.op in NEWER_OPS})
     if lowered and not remaining and (graph.opset or 0) > LOWERED_OPSET:
