@@ -12,7 +12,9 @@ graph's constants (``graph_weights``): the teacher from the model before any pas
 being rewritten, each low-bit layer replaced by ``BlockScaledLinear``: W = values * scales (blocked along the
 input rows) + the FP16 outlier rows, exactly what DequantizeLinear and the outlier branch compute. Scales are
 trained as s0 * exp(theta) (Adam on theta: every scale moves by a relative step, whatever its layer's range),
-and written back rounded to FP16 as the graph stores them.
+and written back rounded to FP16 as the graph stores them. Where transformers fuses layers the export splits
+(Phi-3's qkv_proj and gate_up_proj), the replica holds the parts under the export's names and concatenates their
+outputs in the fused module's place, so every architecture's layers are named as the graph names them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import weakref
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -91,7 +94,11 @@ def module_of(node_name: str) -> str:
 
 # transformers' Gemma norms multiply by (1 + weight); the export stores that sum as the gain
 NORM_GAIN_OFFSETS = {"gemma2": 1.0, "gemma3_text": 1.0}
-FUSED_PROJECTION_TYPES = ("phi3",)  # transformers keeps qkv_proj and gate_up_proj fused
+# model_type -> {fused module: its parts}: transformers' module stacks along its outputs, in this order, what the
+# export writes as separate layers named after the parts (siblings of the fused module)
+FUSED_PROJECTIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "phi3": {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
+}
 
 
 def _is_norm_gain(name: str) -> bool:
@@ -102,13 +109,14 @@ def build_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], *, 
     """A float32 transformers causal LM with ``weights`` (transformers parameter name -> array) loaded.
 
     The LM head gets its own parameter even when the checkpoint ties it to the embedding table: the graph
-    quantizes the head and keeps the table, so the two differ. With ``share_memory`` the parameters are the
-    float32 C-contiguous arrays of ``weights`` themselves, not copies (for a model that is never trained: a
-    step would write into the arrays).
+    quantizes the head and keeps the table, so the two differ. A module that fuses layers the export splits
+    (``FUSED_PROJECTIONS``) runs as those layers (``split_fused_projections``). With ``share_memory`` the
+    parameters are the float32 C-contiguous arrays of ``weights`` themselves, not copies (for a model that is
+    never trained: a step would write into the arrays).
 
     Raises:
         UserError: the config is not a causal LM transformers knows, or a parameter is missing from ``weights``
-            or has another shape.
+            or has another shape (for split layers: the parts do not add up to the fused module).
     """
     torch = require("torch", "export")
     transformers = require("transformers", "export")
@@ -117,10 +125,6 @@ def build_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], *, 
     except (OSError, ValueError) as exc:
         raise UserError(f"{config_dir} has no usable config.json for a torch replica ({exc}); distillation "
                         "needs an exported LLM folder") from exc
-    if config.model_type in FUSED_PROJECTION_TYPES:
-        raise UserError(f"distillation's torch replica follows transformers' {config.model_type} modules, whose "
-                        "q/k/v and gate/up projections are fused where the export splits them: give distill.steps "
-                        "= 0 (or the w4a16-fast preset)")
     config.tie_word_embeddings = False
     with torch.random.fork_rng(devices=[]):
         try:  # soft-capped attention (Gemma 2) has no SDPA form in transformers
@@ -132,11 +136,9 @@ def build_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], *, 
     if offset:  # the export stores the gain the norm multiplies by; transformers adds the offset itself
         weights = {name: np.asarray(value, dtype=np.float32) - offset if _is_norm_gain(name) else value
                    for name, value in weights.items()}
+    split_fused_projections(model, FUSED_PROJECTIONS.get(config.model_type, {}), weights)
     state = model.state_dict()
-    missing = [name for name in state if name not in weights]
-    if missing:
-        raise UserError(f"the graph has no weight for {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: "
-                        "it is not laid out as accullm-export exports this architecture")
+    _require_weights(state, weights)
     loaded = {}
     for name, tensor in state.items():
         value = np.asarray(weights[name], dtype=np.float32)
@@ -148,6 +150,68 @@ def build_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], *, 
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _require_weights(names, weights: Mapping[str, np.ndarray]) -> None:
+    missing = [name for name in names if name not in weights]
+    if missing:
+        raise UserError(f"the graph has no weight for {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: "
+                        "it is not laid out as accullm-export exports this architecture")
+
+
+def split_fused_projections(model, fused: Mapping[str, Sequence[str]], weights: Mapping[str, np.ndarray]) -> None:
+    """Give ``model`` the export's layers where its modules fuse them: each module named in ``fused`` (module
+    name -> its parts, in the order its output stacks them) becomes a ``ConcatenatedParts`` over new linear
+    layers named after the parts, siblings of it in the same parent and shaped as ``weights`` holds them, so
+    their parameters carry the graph's names. The parts are left uninitialized (``weights`` fills them).
+
+    Raises:
+        UserError: a part's weight is missing from ``weights``, or the parts do not add up to the fused module.
+    """
+    torch = require("torch", "export")
+    concatenated_parts = _concatenated_parts_class()
+    for path, module in list(model.named_modules()):
+        parent_path, _, leaf = path.rpartition(".")
+        if leaf not in fused:
+            continue
+        parent = model.get_submodule(parent_path)
+        prefix = f"{parent_path}." if parent_path else ""
+        _require_weights([f"{prefix}{part}.weight" for part in fused[leaf]], weights)
+        shapes = [np.shape(weights[f"{prefix}{part}.weight"]) for part in fused[leaf]]
+        if any(len(shape) != 2 or shape[1] != module.in_features for shape in shapes) \
+                or sum(shape[0] for shape in shapes) != module.out_features:
+            raise UserError(f"{path}: the graph's {', '.join(fused[leaf])} hold shapes {shapes}, the architecture "
+                            f"stacks [{module.out_features}, {module.in_features}] along the first axis")
+        for part, (outputs, inputs) in zip(fused[leaf], shapes):
+            setattr(parent, part, torch.nn.utils.skip_init(torch.nn.Linear, inputs, outputs,
+                                                           bias=module.bias is not None, dtype=module.weight.dtype))
+        setattr(parent, leaf, concatenated_parts(parent, fused[leaf]))
+
+
+def _concatenated_parts_class():
+    """``ConcatenatedParts`` (defined lazily: torch is an optional dependency)."""
+    torch = require("torch", "export")
+
+    class ConcatenatedParts(torch.nn.Module):
+        """A fused projection run as its parts: the parent's modules ``parts``, outputs concatenated in order.
+
+        The parts stay the parent's children (their parameters keep the graph's names) and are looked up on each
+        call, so a part swapped for a ``BlockScaledLinear`` is the one that runs; the parent is held by weak
+        reference, as a child it would make the module tree a cycle."""
+
+        def __init__(self, parent, parts: Sequence[str]):
+            super().__init__()
+            self.parent = weakref.ref(parent)
+            self.parts = tuple(parts)
+
+        def forward(self, x):
+            parent = self.parent()
+            return torch.cat([getattr(parent, part)(x) for part in self.parts], dim=-1)
+
+        def extra_repr(self) -> str:
+            return ", ".join(self.parts)
+
+    return ConcatenatedParts
 
 
 def block_scaled_linear_class():

@@ -1,5 +1,5 @@
-"""Plain and distilled builds of the planted model, and the check that distillation lowered the KL. Torch is
-needed by the builds, not by this module: callers skip without it."""
+"""Planted-outlier exports of the tiny architectures, plain and distilled builds of them, and the check that
+distillation lowered the KL. Torch is needed by the builds, not by this module: callers skip without it."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ import onnx
 from onnx import numpy_helper
 
 from accullm_export.build.quantize import quantize_model
+from accullm_export.calibration.outliers import OutlierPolicy
+from accullm_export.calibration.run import CalibrationConfig, calibrate
+from accullm_export.models.export import export_model
 from tests.helpers.recipes import make_recipe
 from tests.helpers.emulation import mean_kl
 from tests.helpers.graphs import ort_logits_for_ids
+from tests.helpers.models import PLANTED, SAMPLES, SEQ_LEN, TEXT, make_tiny_checkpoint
 
 DISTILL_W4 = dict(name="w4a16", block_size=16, policy="ratio", embeddings="fp32")
 
@@ -39,3 +43,24 @@ def plain_and_trained(planted_model, profile, tmp_path, learning_rate=2e-2, base
     manifest = quantize_model(folder, tmp_path / "trained", trained, profile)
     note = next(note for note in manifest["notes"] if note.startswith("distill_scales"))
     return note, stored_initializers(tmp_path / "plain"), stored_initializers(tmp_path / "trained")
+
+
+def planted_export(root, model_type, seed=3):
+    """A tiny ``model_type`` decoder whose input and post-attention RMSNorm gains scale channels ``PLANTED`` by 100
+    (so q/k/v and gate/up read outlier channels, as in the shared planted Llama), exported under ``root`` with its
+    calibration text and profile: (export folder, text path, profile folder)."""
+    from safetensors.numpy import load_file, save_file
+
+    hf = make_tiny_checkpoint(root / "hf", model_type, seed=seed)
+    tensors = load_file(str(hf / "model.safetensors"))
+    for name in list(tensors):
+        if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
+            tensors[name] = tensors[name].copy()
+            tensors[name][PLANTED] *= 100.0
+    save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    export_model(str(hf), root / "onnx")
+    text = root / "text.txt"
+    text.write_text(TEXT)
+    calibrate(root / "onnx", root / "profile", CalibrationConfig(source=str(text), samples=SAMPLES, seq_len=SEQ_LEN,
+                                                                policy=OutlierPolicy(name="ratio", k=2, ratio=20.0)))
+    return root / "onnx", text, root / "profile"

@@ -18,25 +18,38 @@ torch = pytest.importorskip("torch", reason="distillation trains with torch (the
 pytest.importorskip("transformers", reason="the replicas are transformers models (the [export] extra)")
 
 from accullm_export.graph.passes.distill_scales import block_scaled_layers, graph_weights  # noqa: E402
-from accullm_export.training.distill import (FUSED_PROJECTION_TYPES, BlockScaled, DistillConfig,  # noqa: E402
-                                             block_scaled_linear_class, build_replica, module_of, student_replica)
+from accullm_export.training.distill import (BlockScaled, DistillConfig, block_scaled_linear_class,  # noqa: E402
+                                             build_replica, module_of, student_replica)
 from tests.helpers.distill import (DISTILL_W4, assert_same_size_and_lower_kl, plain_and_trained,  # noqa: E402
-                                   stored_initializers)
+                                   planted_export, stored_initializers)
 from tests.helpers.graphs import ort_logits_for_ids, token_ids  # noqa: E402
 from tests.helpers.models import TINY_ARCHITECTURES, load_torch_model  # noqa: E402
 
 W4 = DISTILL_W4
 
 
+@pytest.fixture(scope="module")
+def planted_phi3(tmp_path_factory):
+    """The planted model's outlier channels in a tiny Phi-3, whose transformers modules fuse q/k/v and gate/up:
+    (export folder, text, profile)."""
+    return planted_export(tmp_path_factory.mktemp("planted-phi3"), "phi3")
+
+
+@pytest.fixture(params=["llama", "phi3"])
+def planted(request):
+    """(export folder, calibration text, profile) of a tiny model with planted outlier channels."""
+    if request.param == "phi3":
+        return request.getfixturevalue("planted_phi3")
+    folder, text = request.getfixturevalue("planted_model")
+    return folder, text, request.getfixturevalue("profile")
+
+
 @pytest.mark.parametrize("model_type", sorted(TINY_ARCHITECTURES))
 def test_replica_equals_the_source_model(tiny_exports, model_type):
-    """graph_weights reads every parameter back (transposes, tied embedding, biases, q/k norms)."""
+    """graph_weights reads every parameter back (transposes, tied embedding, biases, q/k norms), and Phi-3's fused
+    qkv_proj and gate_up_proj run as the split layers the export writes."""
     hf, folder = tiny_exports[model_type]
     graph, _ = load_graph(folder / "model.onnx")
-    if model_type in FUSED_PROJECTION_TYPES:  # refused in one line: transformers' modules fuse what the export splits
-        with pytest.raises(UserError, match="give distill.steps = 0"):
-            build_replica(folder, graph_weights(graph))
-        return
     replica = build_replica(folder, graph_weights(graph))
     ids = torch.from_numpy(token_ids())
     with torch.no_grad():
@@ -44,9 +57,10 @@ def test_replica_equals_the_source_model(tiny_exports, model_type):
         np.testing.assert_allclose(replica(ids).logits.numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_student_replica_equals_the_quantized_graph(planted_model, profile, tmp_path):
-    """INT4 blocks, FP16 outlier rows and plain rounding, as ONNX Runtime runs them."""
-    folder, _ = planted_model
+def test_student_replica_equals_the_quantized_graph(planted, tmp_path):
+    """INT4 blocks, FP16 outlier rows and plain rounding, as ONNX Runtime runs them (on Phi-3, in the split layers
+    that stand in for transformers' fused ones)."""
+    folder, _, profile = planted
     quantize_model(folder, tmp_path / "q", make_recipe(**W4), profile, finishing=())
     graph, _ = load_graph(tmp_path / "q" / "model.onnx")
     layers, _, _ = block_scaled_layers(graph, [])
@@ -59,8 +73,10 @@ def test_student_replica_equals_the_quantized_graph(planted_model, profile, tmp_
     np.testing.assert_allclose(replica, ort_logits_for_ids(tmp_path / "q", ids), rtol=1e-4, atol=1e-4)
 
 
-def test_distillation_moves_only_scales_and_lowers_the_kl(planted_model, profile, tmp_path):
-    folder, text = planted_model
+def test_distillation_moves_only_scales_and_lowers_the_kl(planted, tmp_path):
+    """The integers stay, the scales move in every layer (each one merged last into a parallel MatMul too: on
+    Phi-3 these are the layers transformers fuses), the file keeps its size and the KL drops."""
+    folder, text, profile = planted
     quantize_model(folder, tmp_path / "plain", make_recipe(**W4), profile)
     manifest = quantize_model(folder, tmp_path / "distilled",
                               make_recipe(**W4, distill_steps=40, distill_lr=2e-2, distill_samples=6), profile)
@@ -75,6 +91,15 @@ def test_distillation_moves_only_scales_and_lowers_the_kl(planted_model, profile
         np.testing.assert_array_equal(plain[name], distilled[name])
     assert all(distilled[name].dtype == np.float16 for name in scales)
     assert any(not np.array_equal(plain[name], distilled[name]) for name in scales)
+    merged_scales = [name for name in plain if "/merged_with_" in name and "/outliers/" not in name
+                     and plain[name].dtype == np.float16]
+    assert merged_scales
+    for name in merged_scales:  # each layer's columns of the merged scales, as the Split after the MatMul cuts them
+        merged = name.rpartition("/")[0]
+        sizes = next(plain[other] for other in plain if other.startswith(merged) and other.endswith("/Split/sizes"))
+        bounds = np.cumsum(sizes)[:-1]
+        for before, after in zip(np.split(plain[name], bounds, axis=1), np.split(distilled[name], bounds, axis=1)):
+            assert not np.array_equal(before, after), name
     assert_same_size_and_lower_kl(folder, text, tmp_path / "distilled", tmp_path / "plain")
     recorded = json.loads((tmp_path / "distilled" / "manifest.json").read_text())["recipe"]
     assert recorded["distill"]["steps"] == 40
@@ -166,3 +191,16 @@ def test_replica_needs_every_parameter(tiny_exports):
     weights.pop("model.norm.weight")
     with pytest.raises(UserError, match="no weight for model.norm.weight"):
         build_replica(folder, weights)
+
+
+def test_split_layers_must_fill_the_fused_module(tiny_exports):
+    """Phi-3's qkv_proj is read from the graph's q/k/v layers: one missing or of another width is refused."""
+    _, folder = tiny_exports["phi3"]
+    graph, _ = load_graph(folder / "model.onnx")
+    weights = graph_weights(graph)
+    with pytest.raises(UserError, match="no weight for model.layers.1.self_attn.k_proj.weight"):
+        build_replica(folder, {name: value for name, value in weights.items()
+                               if name != "model.layers.1.self_attn.k_proj.weight"})
+    narrowed = {**weights, "model.layers.0.mlp.up_proj.weight": weights["model.layers.0.mlp.up_proj.weight"][1:]}
+    with pytest.raises(UserError, match="model.layers.0.mlp.gate_up_proj: the graph's gate_proj, up_proj hold"):
+        build_replica(folder, narrowed)
