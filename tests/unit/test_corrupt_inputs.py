@@ -212,16 +212,18 @@ def test_the_tiny_gguf_file_converts_and_exports(cache, tmp_path, capsys):
 GGUF_CONTENT = {
     "a missing tensor": (dict(drop=["blk.1.ffn_down.weight"]), "lacks 1 weight(s)"),
     "more blocks than tensors": (dict(metadata={"block_count": 5}), "lacks 27 weight(s)"),
-    "no block count": (dict(drop=["block_count"]), "weight(s) its metadata calls for"),
-    "a tensor of the wrong shape": (dict(shapes={"blk.0.attn_q.weight": (32, 64)}), "transformers could not load"),
-    "no embedding length": (dict(drop=["embedding_length"]), "transformers could not load"),
-    "zero heads": (dict(metadata={"head_count": 0}), "transformers could not load"),
-    "heads not dividing the width": (dict(metadata={"head_count": 3}), "transformers could not load"),
+    "no block count": (dict(drop=["block_count"]), "has no llama.block_count field"),
+    "a tensor of the wrong shape": (dict(shapes={"blk.0.attn_q.weight": (32, 64)}),
+                                    "but the metadata calls for [64, 64]"),
+    "no embedding length": (dict(drop=["embedding_length"]), "has no llama.embedding_length field"),
+    "zero heads": (dict(metadata={"head_count": 0}), "llama.attention.head_count must be a positive integer"),
+    "heads not dividing the width": (dict(metadata={"head_count": 3}),
+                                     "head_count (3) is not a multiple of llama.attention.head_count_kv (2)"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(GGUF_CONTENT))
-def test_a_gguf_file_transformers_cannot_convert_is_refused(case, cache, tmp_path, capsys):
+def test_a_gguf_file_whose_content_contradicts_itself_is_refused(case, cache, tmp_path, capsys):
     changes, needle = GGUF_CONTENT[case]
     path = write_tiny_gguf(tmp_path / "model.gguf", **changes)
     refused(capsys, tmp_path, ["export", str(path), "-o", str(tmp_path / "out")], needle, "model.gguf")
