@@ -93,7 +93,13 @@ class GenerationStream:
 
 
 def sample_token(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generator) -> int:
-    """Temperature, then top-k, then nucleus (top-p) truncation, then a draw."""
+    """A draw from ``sampling_distribution``."""
+    probs = sampling_distribution(logits, config)
+    return int(rng.choice(len(probs), p=probs))
+
+
+def sampling_distribution(logits: np.ndarray, config: GenerationConfig) -> np.ndarray:
+    """The probabilities sampling draws from (float64): temperature, then top-k, then nucleus (top-p)."""
     scaled = logits.astype(np.float64) / config.temperature
     if config.top_k and config.top_k < scaled.size:  # a k beyond the vocabulary cuts nothing
         kth = np.partition(scaled, -config.top_k)[-config.top_k]
@@ -107,7 +113,7 @@ def sample_token(logits: np.ndarray, config: GenerationConfig, rng: np.random.Ge
         truncated = np.zeros_like(probs)
         truncated[keep] = probs[keep]
         probs = truncated / truncated.sum()
-    return int(rng.choice(len(probs), p=probs))
+    return probs
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
