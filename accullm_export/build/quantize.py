@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -26,6 +27,7 @@ from accullm_export.graph.pass_data import PassData
 from accullm_export.graph.layer_plan import LayerPlan
 from accullm_export.recipes.config import Recipe
 from accullm_export.recipes.plan import plan_layers
+from accullm_export.resources import Estimate, check_memory, quantize_estimate, weight_bytes
 from accullm_export.safe_paths import inside
 
 log = logging.getLogger(__name__)
@@ -40,10 +42,11 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantizeOptions:
-    """Resources, not numerics: the activation memory budget of the statistics passes and the distillation
-    batch."""
+    """Resources, not numerics: the activation memory budget of the statistics passes, the memory of GPTQ's
+    second moments held at once, and the distillation batch."""
 
     budget_mb: int = 512
+    moments_mb: int = 1536  # GPTQ's [C, C] second-moment matrices held at once (less: more passes over the text)
     distill_batch: int = 1  # windows per distillation step
     version: int = 1
 
@@ -114,14 +117,32 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
         recipe = dataclasses.replace(recipe, vocab=dataclasses.replace(recipe.vocab,
                                                                        refine_rows=auto_vocab_rows(header, layers)))
     plans = plan_layers(recipe, layers, profile)
+    check_memory(memory_estimate(model_path, plans, recipe, options, profile.manifest["feeds"].get("seq_len")))
     notes = [f"{layer.node}: {layer.op_type} is not rewritten (only MatMul is); left as it is"
              for layer in layers if layer.op_type != "MatMul"]
     statistics = {entry["name"]: profile.input_statistics(entry["name"]) for entry in profile.manifest["inputs"]}
-    hessians = _hessians(model_path, plans, profile, recipe.gptq.samples, options, notes) if recipe.gptq.enabled \
-        else {}
+    rotated = [plan.node for plan in plans.values() if plan.rotation]  # rotate_inputs reads these before GPTQ
+    hessians = _hessians(model_path, plans, profile, recipe.gptq.samples, options, notes, first=rotated) \
+        if recipe.gptq.enabled else {}
     finishing = finishing_passes(recipe) if finishing is None else finishing
     return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite, options,
                     finishing, protected=[model, profile_dir])
+
+
+def memory_estimate(model_path: Path, plans: dict[str, LayerPlan], recipe: Recipe, options: QuantizeOptions,
+                    seq_len: int | None) -> Estimate:
+    """What quantizing ``model_path`` with ``recipe`` will hold at its peak (``resources.quantize_estimate``):
+    the second moments GPTQ holds at once, and for distillation the logits of one window over the LM head's
+    vocabulary (the widest layer's outputs)."""
+    from accullm_export.calibration.hessian import MATRIX_ITEMSIZE
+
+    inputs = {plan.input: plan.in_features for plan in plans.values() if plan.quantized}
+    moments = min(sum(count * count * MATRIX_ITEMSIZE for count in inputs.values()), options.moments_mb << 20) \
+        if recipe.gptq.enabled else 0
+    vocabulary = max((plan.out_features for plan in plans.values()), default=0)
+    logits = (seq_len or 0) * options.distill_batch * vocabulary * 4
+    return quantize_estimate(weight_bytes(model_path), moments=moments, distill_logits=logits,
+                             distill=bool(recipe.distill.steps))
 
 
 def auto_vocab_rows(header, layers) -> int:
@@ -176,6 +197,9 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
     from accullm_export.graph.pipeline import constant_bytes, run_passes
 
     graph, source = load_graph(model_path)
+    weights = source_weights(graph)  # the passes replace constants, never write them: these stay the source's
+    if hasattr(hessians, "share"):
+        hessians.share(weights)
     sparsity = recipe.sparsity.to_sparsity_config()
     sparse = sparsity.active
     if sparse and sparsity.method == "predictor":  # the guesser narrows gate/up: they must be plain MatMuls
@@ -188,7 +212,7 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
                     embeddings=recipe.weights.embeddings, smoothing=recipe.activations.smoothquant or None,
                     scale_search=recipe.weights.scale_search, asymmetric=recipe.weights.asymmetric,
                     distillation=distillation,
-                    vocab_rows=_vocab_rows(model_path, graph, plans, recipe, profile)
+                    vocab_rows=_vocab_rows(model_path, graph, plans, recipe, profile, weights)
                     if recipe.vocab.refine_rows else None)
     sparse_plans = sparsity_plans(model_path, graph, profile, sparsity) if sparse else None
     for note in notes:
@@ -197,7 +221,8 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
     passes = recipe_passes(recipe)
     gptq_done = passes.index("compensate_errors_gptq") + 1 if "compensate_errors_gptq" in passes else 0
     graph, reports, data = run_passes(graph, passes[:gptq_done], data)
-    hessians.clear()  # only GPTQ reads them: their memory is free before distillation
+    if hasattr(hessians, "clear"):
+        hessians.clear()  # only GPTQ reads them: their memory is free before distillation
     data = dataclasses.replace(data, hessians={})
     graph, later, data = run_passes(graph, passes[gptq_done:], data)
     reports += later
@@ -299,21 +324,48 @@ def check_loads(path: Path) -> None:
 
 
 def _hessians(model_path: Path, plans: dict[str, LayerPlan], profile, samples: int, options: QuantizeOptions,
-              notes: list[str]) -> dict[str, np.ndarray]:
-    """E[x x^T] of every low-bit layer's input over ``gptq.samples`` calibration windows (``collect_hessians``)."""
-    from accullm_export.calibration.hessian import collect_hessians
+              notes: list[str], first: Sequence[str] = ()):
+    """E[x x^T] of every low-bit layer's input over ``gptq.samples`` calibration windows, streamed
+    (``StreamedHessians``): collected a group of layers at a time as the passes read them, in graph order; the
+    inputs of the layers in ``first`` (read by a pass before GPTQ too) collected ahead of the rest and kept."""
+    from accullm_export.calibration.hessian import StreamedHessians
     from accullm_export.calibration.run import profile_feeds
+    from accullm_export.graph.io import load_onnx
 
-    tensors = sorted({plan.input for plan in plans.values() if plan.quantized})
+    order = {node.name: index for index, node in enumerate(load_onnx(model_path, load_external_data=False).graph.node)}
+    quantized = sorted((plan for plan in plans.values() if plan.quantized),
+                       key=lambda plan: order.get(plan.node, len(order)))
+    channels = {plan.input: plan.in_features for plan in quantized}
     feeds = profile_feeds(model_path, profile, samples)
     if len(feeds) < samples:
         notes.append(f"GPTQ: gptq.samples is {samples}, but the profile holds {len(feeds)} calibration windows, so "
                      f"GPTQ used {len(feeds)} (calibrate with --samples {samples} for more)")
-    log.info("second moments of %d input tensors over %d calibration windows", len(tensors), len(feeds))
-    return collect_hessians(model_path, tensors, lambda: iter(feeds), budget_bytes=options.budget_mb << 20)
+    hessians = StreamedHessians(model_path, channels, lambda: feeds, budget_bytes=options.budget_mb << 20,
+                                matrix_bytes=options.moments_mb << 20,
+                                pinned=[plans[node].input for node in first if node in plans])
+    log.info("second moments of %d input tensors over %d calibration windows, in %d group(s)", len(channels),
+             len(feeds), len(hessians.groups))
+    return hessians
 
 
-def _vocab_rows(model_path: Path, graph, plans: dict[str, LayerPlan], recipe: Recipe, profile):
+def source_weights(graph) -> dict[str, np.ndarray]:
+    """The graph's large float constants by name, as loaded: what a session of the source model can run on in
+    place of loading its weights again (``create_session``'s ``shared_initializers``)."""
+    import onnx_graphsurgeon as gs
+
+    from accullm_export.graph.ir import constant_array
+
+    weights = {}
+    for name, tensor in graph.tensors().items():
+        if isinstance(tensor, gs.Constant):
+            values = constant_array(tensor)
+            if values.dtype.kind == "f" and values.size >= 1024 and values.flags.c_contiguous:
+                weights[name] = values
+    return weights
+
+
+def _vocab_rows(model_path: Path, graph, plans: dict[str, LayerPlan], recipe: Recipe, profile,
+                weights: dict[str, np.ndarray]):
     """The LM head, its source weight and its input on ``vocab.samples`` calibration windows, for
     ``vocab.refine_rows``."""
     from accullm_export.calibration.run import profile_feeds
@@ -340,7 +392,7 @@ def _vocab_rows(model_path: Path, graph, plans: dict[str, LayerPlan], recipe: Re
     feeds = profile_feeds(model_path, profile, recipe.vocab.samples)
     if not feeds or "input_ids" not in feeds[0]:
         raise UserError("vocab.refine_rows needs an LLM profile (calibration windows of token ids)")
-    tap = IntermediateReader(model_path).open([layer.input])
+    tap = IntermediateReader(model_path, shared_initializers=weights).open([layer.input])
     values = [tap.run(feed)[layer.input] for feed in feeds]
     if any(value.ndim != 3 for value in values):
         raise UserError(f"vocab.refine_rows: the LM head {layer.node} reads a tensor of rank {values[0].ndim}, not "
@@ -348,7 +400,7 @@ def _vocab_rows(model_path: Path, graph, plans: dict[str, LayerPlan], recipe: Re
     samples = np.concatenate([value[:, 1:].reshape(-1, layer.in_features) for value in values])  # sink left out
     log.info("vocab.refine_rows: the head's input on %d calibration rows", len(samples))
     return VocabRows(count=recipe.vocab.refine_rows, head=layer.node, input=layer.input, output=output,
-                     samples=samples.astype(np.float32), source_weight=np.array(weight.values, dtype=np.float32))
+                     samples=samples.astype(np.float32), source_weight=np.asarray(weight.values, dtype=np.float32))
 
 
 def _distillation(model_path: Path, graph, recipe: Recipe, profile, options: QuantizeOptions, notes: list[str]):
@@ -372,5 +424,5 @@ def _distillation(model_path: Path, graph, recipe: Recipe, profile, options: Qua
     config = DistillConfig(steps=recipe.distill.steps, learning_rate=recipe.distill.lr,
                            batch_windows=options.distill_batch, norms=recipe.distill.norms,
                            outlier_rows=recipe.distill.outlier_rows)
-    teacher = {name: value.copy() for name, value in graph_weights(graph).items()}
+    teacher = graph_weights(graph)  # the source arrays themselves: the passes replace constants, never write them
     return DistillInputs(config=config, config_dir=model_path.parent, teacher=teacher, windows=windows)

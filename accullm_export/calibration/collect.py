@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -18,6 +17,7 @@ from accullm_export.calibration.stats import ChannelStatistics, MagnitudeHistogr
 from accullm_export.errors import UserError
 from accullm_export.graph.linear import LinearLayer
 from accullm_export.runtime.intermediates import IntermediateReader
+from accullm_export.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,15 @@ class CollectedStatistics:
 
 def plan_groups(tensors: dict[str, int], rows_per_batch: int, budget_bytes: int) -> list[list[str]]:
     """Split tensors (name -> channels) into groups whose fp32 activations for one batch fit the budget."""
+    return group_by_size({name: rows_per_batch * channels * 4 for name, channels in tensors.items()}, budget_bytes)
+
+
+def group_by_size(sizes: dict[str, int], budget_bytes: int) -> list[list[str]]:
+    """Consecutive groups of names (in order) whose sizes in bytes fit the budget together; a name whose size
+    alone is over it gets a group of its own."""
     groups: list[list[str]] = [[]]
     used = 0
-    for name, channels in tensors.items():
-        size = rows_per_batch * channels * 4
+    for name, size in sizes.items():
         if groups[-1] and used + size > budget_bytes:
             groups.append([])
             used = 0
@@ -77,7 +82,7 @@ def collect_statistics(model_path: str | Path, layers: list[LinearLayer], feeds:
     batches = 0
     for number, group in enumerate(groups):
         tap = reader.open(group)
-        for feed in _progress(feeds(), f"calibration pass {number + 1}/{len(groups)}"):
+        for feed in progress(feeds(), f"calibration pass {number + 1}/{len(groups)}"):
             values = tap.run(feed)
             if number == 0:
                 digests.append(_digest(feed))
@@ -109,9 +114,3 @@ def _digest(feed: Mapping[str, np.ndarray]) -> str:
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(feed[name]).tobytes())
     return digest.hexdigest()[:16]
-
-
-def _progress(items, description: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=description, leave=False, disable=not sys.stderr.isatty())

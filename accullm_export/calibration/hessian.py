@@ -1,56 +1,38 @@
-"""Stream the mean outer product H = E[x x^T] (and the mean E[x]) of chosen activation tensors over calibration
-feeds (for GPTQ), and the same of the attention sink's position alone.
+"""Stream the mean outer product H = E[x x^T] of chosen activation tensors over calibration feeds (for GPTQ).
 
-x is a tensor's last axis (the channels) and the mean runs over every other position. Tensors are tapped a
-group at a time, as ``accullm_export.calibration.collect`` does: a group's fp32 activations for one batch fit
-``budget_bytes``, and each group is one pass over the feeds. Per-batch sizes come from ONNX shape inference with
-the symbolic input dimensions bound to the first feed's shapes; a tensor whose size stays unknown is tapped
-in a group of its own. The [C, C] float64 accumulators themselves are not part of the budget: ask for as many
-tensors at a time as their C^2 * 8 bytes allow.
+x is a tensor's last axis (the channels) and the mean runs over every other position; position 0 (the
+attention sink, whose activations are outliers the main statistics exclude too) is left out of [batch, seq, C]
+tensors unless asked otherwise. Tensors are tapped a group at a time, as ``accullm_export.calibration.collect``
+does: a group's fp32 activations for one batch fit ``budget_bytes``, and each group is one pass over the feeds.
+Per-batch sizes come from ONNX shape inference with the symbolic input dimensions bound to the first feed's
+shapes; a tensor whose size stays unknown is tapped in a group of its own. The sums are float32 [C, C]
+matrices, not part of that budget: ``StreamedHessians`` holds as many at a time as its own budget allows.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
 
-from accullm_export.calibration.collect import OPTIMIZATION, Feeds, plan_groups
+from accullm_export.calibration.collect import OPTIMIZATION, Feeds, group_by_size, plan_groups
 from accullm_export.errors import UserError
 from accullm_export.runtime.intermediates import IntermediateReader
+from accullm_export.progress import progress
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 4096  # rows converted to float64 at a time, bounding the temporary copy
-
-
-@dataclasses.dataclass(frozen=True)
-class Moments:
-    """What ``collect_moments`` measures, tensor name -> float64 array, in the order asked for."""
-
-    second: dict[str, np.ndarray]  # E[x x^T] [C, C] over every row but position 0's (when skipped)
-    mean: dict[str, np.ndarray]  # E[x] [C] over the same rows
-    # position 0 (the attention sink) alone, for [batch, seq, C] tensors when it is skipped above (else empty):
-    sink_second: dict[str, np.ndarray]  # E[x0 x0^T] [C, C]
-    sink_mean: dict[str, np.ndarray]  # E[x0] [C]
+CHUNK_ROWS = 4096  # rows multiplied at a time, bounding the temporary copy
+MATRIX_ITEMSIZE = 4  # bytes per entry of the float32 sums and means
 
 
 def collect_hessians(model_path: str | Path, tensors: Sequence[str], feeds: Feeds, *, budget_bytes: int = 512 << 20,
-                     skip_first_position: bool = True) -> dict[str, np.ndarray]:
-    """Mean x x^T over all rows of each named tensor, x being its last axis: ``collect_moments(...).second``,
-    without the sink's [C, C] sums, which would double the accumulators' memory."""
-    return _collect(model_path, tensors, feeds, budget_bytes, skip_first_position, with_sink=False).second
-
-
-def collect_moments(model_path: str | Path, tensors: Sequence[str], feeds: Feeds, *, budget_bytes: int = 512 << 20,
-                    skip_first_position: bool = True) -> Moments:
-    """Mean x x^T and mean x over all rows of each named tensor, x being its last axis, and the same of position
-    0 alone when it is skipped.
+                     skip_first_position: bool = True,
+                     shared_initializers: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Mean x x^T (float32 [C, C]) over all rows of each named tensor, x being its last axis.
 
     Args:
         model_path: the ONNX model (or exported folder).
@@ -58,23 +40,14 @@ def collect_moments(model_path: str | Path, tensors: Sequence[str], feeds: Feeds
         feeds: a callable returning a fresh iterable of feeds for each pass (it is also called once to read the
             first feed's shapes).
         budget_bytes: activation bytes tapped per batch.
-        skip_first_position: for [batch, seq, channels] tensors, leave position 0 (the attention sink, whose
-            activations are outliers the main statistics exclude too) out of the mean.
-
-    Returns:
-        ``Moments``.
+        skip_first_position: for [batch, seq, channels] tensors, leave position 0 out of the mean.
+        shared_initializers: the model's weights already in memory, run in place (``IntermediateReader``).
 
     Raises:
         UserError: a name is not a tensor of the model, the feeds are empty, or a tensor's channels change.
     """
-    return _collect(model_path, tensors, feeds, budget_bytes, skip_first_position, with_sink=True)
-
-
-def _collect(model_path: str | Path, tensors: Sequence[str], feeds: Feeds, budget_bytes: int,
-             skip_first_position: bool, with_sink: bool) -> Moments:
-    """``collect_moments``; without ``with_sink`` position 0 is still left out (when skipped) but not measured."""
     names = list(dict.fromkeys(tensors))
-    reader = IntermediateReader(model_path, OPTIMIZATION)
+    reader = IntermediateReader(model_path, OPTIMIZATION, shared_initializers)
     _check_names(reader, names, model_path)
     first = next(iter(feeds()), None)
     if first is None:
@@ -82,28 +55,100 @@ def _collect(model_path: str | Path, tensors: Sequence[str], feeds: Feeds, budge
     sizes = _elements_per_batch(reader.model, names, first, budget_bytes)
     groups = plan_groups(sizes, 1, budget_bytes)
     log.info("collecting Hessians of %d tensors in %d pass(es)", len(names), len(groups))
-    kept, sink = _Sums(), _Sums()
+    sums = _Sums()
     for number, group in enumerate(groups):
         tap = reader.open(group)
-        for feed in _progress(feeds(), f"Hessian pass {number + 1}/{len(groups)}"):
+        for feed in progress(feeds(), f"Hessian pass {number + 1}/{len(groups)}"):
             values = tap.run(feed)
             for name in group:
                 value = np.asarray(values[name])
                 if value.ndim == 0:
                     raise UserError(f"{name} is a scalar: it has no channels to measure")
-                if skip_first_position and value.ndim == 3:
-                    if with_sink:
-                        sink.add(name, value[:, 0, :])
-                    value = value[:, 1:, :]
-                kept.add(name, value)
-    empty = [name for name in names if kept.rows.get(name, 0) == 0]
+                sums.add(name, value[:, 1:, :] if skip_first_position and value.ndim == 3 else value)
+    empty = [name for name in names if sums.rows.get(name, 0) == 0]
     if empty:
         raise UserError(f"no rows reached {empty[:3]}: the feeds are too short (position 0 is skipped)")
-    sinks = [name for name in names if sink.rows.get(name)]
-    return Moments(second={name: kept.mean_of(kept.second, name) for name in names},
-                   mean={name: kept.mean_of(kept.first, name) for name in names},
-                   sink_second={name: sink.mean_of(sink.second, name) for name in sinks},
-                   sink_mean={name: sink.mean_of(sink.first, name) for name in sinks})
+    return {name: sums.mean(name) for name in names}
+
+
+class StreamedHessians(Mapping[str, np.ndarray]):
+    """E[x x^T] of each named tensor (``collect_hessians``), collected a group at a time when first read, so that
+    a large model never holds every layer's [C, C] matrix at once.
+
+    The tensors are grouped in the order given (the order the passes read them: graph order) so that each
+    group's matrices fit ``matrix_bytes``; reading a tensor of another group drops the group held and runs that
+    group's pass over the feeds. Read in order, that is one pass per group; read out of order, a group is
+    collected again (``passes`` counts them). ``pinned`` tensors (read by an earlier pass and again later, as
+    rotate_inputs reads a rotated layer's input that an unrotated sibling reads in GPTQ) are grouped first and
+    kept once collected, until ``clear``. Entries added with ``merged`` (a pass's own matrices, e.g. of a
+    rotated input) are kept as given.
+    """
+
+    def __init__(self, model_path: str | Path, channels: Mapping[str, int], feeds: Feeds, *,
+                 budget_bytes: int = 512 << 20, matrix_bytes: int = 1 << 30, skip_first_position: bool = True,
+                 pinned: Sequence[str] = (), extra: Mapping[str, np.ndarray] | None = None):
+        self._model_path, self._feeds, self._budget = model_path, feeds, budget_bytes
+        self._shared: Mapping[str, np.ndarray] | None = None
+        self._skip = skip_first_position
+        self._channels = {name: channels[name] for name in pinned if name in channels} | dict(channels)
+        self._pinning = {name for name in pinned if name in channels}
+        sizes = {name: count * count * MATRIX_ITEMSIZE for name, count in self._channels.items()}
+        self.groups = (group_by_size({name: sizes[name] for name in self._channels if name in self._pinning},
+                                     matrix_bytes) +
+                       group_by_size({name: sizes[name] for name in self._channels if name not in self._pinning},
+                                     matrix_bytes))
+        self._group_of = {name: number for number, group in enumerate(self.groups) for name in group}
+        self._held: dict[str, np.ndarray] = {}
+        self._held_group: int | None = None
+        self._pinned: dict[str, np.ndarray] = {}
+        self._extra = dict(extra or {})
+        self.passes = 0
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._extra:
+            return self._extra[name]
+        if name in self._pinned:
+            return self._pinned[name]
+        if name not in self._group_of:
+            raise KeyError(name)
+        number = self._group_of[name]
+        if number != self._held_group:
+            self._held, self._held_group = {}, None
+            if len(self.groups) > 1:
+                log.info("second moments: group %d of %d (%d tensors)", number + 1, len(self.groups),
+                         len(self.groups[number]))
+            collected = collect_hessians(self._model_path, self.groups[number], self._feeds,
+                                         budget_bytes=self._budget, skip_first_position=self._skip,
+                                         shared_initializers=self._shared)
+            self.passes += 1
+            if name in self._pinning:
+                self._pinned.update(collected)
+                return self._pinned[name]
+            self._held, self._held_group = collected, number
+        return self._held[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter({**dict.fromkeys(self._channels), **dict.fromkeys(self._extra)})
+
+    def __len__(self) -> int:
+        return len(set(self._channels) | set(self._extra))
+
+    def merged(self, entries: Mapping[str, np.ndarray]) -> "StreamedHessians":
+        """This store with ``entries`` added (or replacing collected ones); the held group is shared, not copied."""
+        other = object.__new__(StreamedHessians)
+        other.__dict__.update(self.__dict__)
+        other._extra = {**self._extra, **entries}
+        return other
+
+    def share(self, initializers: Mapping[str, np.ndarray]) -> None:
+        """Run later passes on these arrays (the model's own weights, already in memory) instead of loading the
+        weights again: ``collect_hessians``' ``shared_initializers``. They must stay unchanged while in use."""
+        self._shared = initializers
+
+    def clear(self) -> None:
+        """Drop every matrix held, pinned ones too (a later read collects them again)."""
+        self._held, self._held_group = {}, None
+        self._pinned.clear()
 
 
 def _check_names(reader: IntermediateReader, names: list[str], model_path: str | Path) -> None:
@@ -115,29 +160,26 @@ def _check_names(reader: IntermediateReader, names: list[str], model_path: str |
 
 
 class _Sums:
-    """Running sums of x x^T and of x, and row counts, per tensor."""
+    """Running float32 sums of x x^T and row counts, per tensor."""
 
     def __init__(self):
         self.second: dict[str, np.ndarray] = {}
-        self.first: dict[str, np.ndarray] = {}
         self.rows: dict[str, int] = {}
 
     def add(self, name: str, value: np.ndarray) -> None:
         channels = value.shape[-1]
         flat = value.reshape(-1, channels)
-        total = self.second.setdefault(name, np.zeros((channels, channels), dtype=np.float64))
+        total = self.second.setdefault(name, np.zeros((channels, channels), dtype=np.float32))
         if total.shape[0] != channels:
             raise UserError(f"{name} changed from {total.shape[0]} to {channels} channels between batches")
-        first = self.first.setdefault(name, np.zeros(channels, dtype=np.float64))
         for start in range(0, flat.shape[0], CHUNK_ROWS):
-            chunk = flat[start:start + CHUNK_ROWS].astype(np.float64)
+            chunk = flat[start:start + CHUNK_ROWS].astype(np.float32, copy=False)
             total += chunk.T @ chunk
-            first += chunk.sum(axis=0)
         self.rows[name] = self.rows.get(name, 0) + flat.shape[0]
 
-    def mean_of(self, sums: dict[str, np.ndarray], name: str) -> np.ndarray:
-        """The sum divided by the rows in place and handed over (no second [C, C] copy of every tensor's)."""
-        total = sums.pop(name)
+    def mean(self, name: str) -> np.ndarray:
+        """The sum divided by the rows in place and handed over (no second [C, C] copy)."""
+        total = self.second.pop(name)
         total /= self.rows[name]
         return total
 
@@ -183,9 +225,3 @@ def _bind_input_dims(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> 
         if len(dims) == len(shape):
             bound.update({dim.dim_param: size for dim, size in zip(dims, shape) if dim.dim_param})
     return bound
-
-
-def _progress(items, description: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=description, leave=False, disable=not sys.stderr.isatty())

@@ -59,7 +59,7 @@ def calibrate(model: str | Path, out_dir: str | Path, config: CalibrationConfig,
     feeds, source, rows_per_batch, total_rows, (stored, entry) = _feeds(model_path, config, is_llm)
     archive, digest = feeds_archive(stored)
     with atomic_dir(out_dir, overwrite=overwrite, kind=PROFILE_KIND, protected=inputs) as staging:
-        collected = collect_statistics(model_path, layers, lambda: iter(feeds), total_rows=total_rows,
+        collected = collect_statistics(model_path, layers, lambda: feeds, total_rows=total_rows,
                                        rows_per_batch=rows_per_batch, sink=is_llm,
                                        budget_bytes=config.budget_mb << 20)
         manifest, arrays = _profile(model_path, layers, collected, config, source, is_llm)

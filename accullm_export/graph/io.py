@@ -47,7 +47,7 @@ def external_data_files(model: onnx.ModelProto, base: Path, named_by: Path | Non
             or is not a regular file (a device, FIFO or socket).
     """
     files: dict[str, Path] = {}
-    for tensor in _all_tensors(model.graph):
+    for tensor in all_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
@@ -57,7 +57,8 @@ def external_data_files(model: onnx.ModelProto, base: Path, named_by: Path | Non
     return files
 
 
-def _all_tensors(graph: onnx.GraphProto):
+def all_tensors(graph: onnx.GraphProto):
+    """Every TensorProto of the graph: initializers and node attributes, subgraphs included."""
     yield from graph.initializer
     for node in graph.node:
         for attribute in node.attribute:
@@ -65,15 +66,15 @@ def _all_tensors(graph: onnx.GraphProto):
                 yield attribute.t
             yield from attribute.tensors
             if attribute.HasField("g"):
-                yield from _all_tensors(attribute.g)
+                yield from all_tensors(attribute.g)
             for subgraph in attribute.graphs:
-                yield from _all_tensors(subgraph)
+                yield from all_tensors(subgraph)
 
 
 def _check_external_data(model: onnx.ModelProto, base: Path, named_by: Path) -> None:
     files = external_data_files(model, base, named_by)
     sizes = {location: path.stat().st_size for location, path in files.items()}
-    for tensor in _all_tensors(model.graph):
+    for tensor in all_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}

@@ -13,7 +13,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from accullm_export.graph.io import load_onnx
+from accullm_export.errors import UserError
+from accullm_export.graph.io import all_tensors, external_data_files, load_onnx
 from accullm_export.quant.storage import storage_bytes
 
 IR_VERSION = 10  # onnx >= 1.23 writes 14, which ONNX Runtime rejects
@@ -21,10 +22,51 @@ DATA_FILE = "model.onnx.data"
 _INLINE_LIMIT = 1024  # bytes; smaller constants stay inside model.onnx
 
 
+# external initializers load_graph reads straight into the graph's arrays: the float weights the passes read
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+                onnx.TensorProto.DOUBLE: np.float64}
+
+
 def load_graph(path: str | Path) -> tuple[gs.Graph, onnx.ModelProto]:
-    """The graph (weights loaded) and the original model proto (for opsets and metadata)."""
-    model = load_onnx(path, load_external_data=True)
-    return gs.import_onnx(model), model
+    """The graph (weights loaded) and the original model proto, for its opsets and metadata only.
+
+    Float weights in external data are read from the file straight into the graph's arrays, never into the
+    proto as well, so the weights are held once; other external tensors (integers, packed INT4) are loaded
+    into the proto, from which the graph reads them when asked.
+    """
+    path = Path(path)
+    path = path / "model.onnx" if path.is_dir() else path
+    model = load_onnx(path, load_external_data=False)
+    files = external_data_files(model, path.parent, path)
+    arrays: dict[str, np.ndarray] = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.data_type in _FLOAT_TYPES:
+            arrays[tensor.name] = _read_external(tensor, files)
+    for tensor in all_tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.name not in arrays:
+            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    graph = gs.import_onnx(model)
+    for name, tensor in graph.tensors().items():
+        if name in arrays and isinstance(tensor, gs.Constant):
+            tensor.values = arrays.pop(name)
+    return graph, model
+
+
+def _read_external(tensor: onnx.TensorProto, files: dict[str, Path]) -> np.ndarray:
+    """A float tensor's external bytes as an array of its shape, read with one copy (load_onnx has checked
+    that the file holds them)."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    dtype = np.dtype(_FLOAT_TYPES[tensor.data_type])
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    length = int(info.get("length", count * dtype.itemsize))
+    if length != count * dtype.itemsize:
+        raise UserError(f"external data of tensor {tensor.name!r} holds {length} bytes, its shape "
+                        f"{list(tensor.dims)} needs {count * dtype.itemsize}")
+    values = np.fromfile(files[info["location"]], dtype=dtype.newbyteorder("<"), count=count,
+                         offset=int(info.get("offset", 0)))
+    return values.astype(dtype, copy=False).reshape(tuple(tensor.dims))
 
 
 def constant(name: str, values: np.ndarray) -> gs.Constant:
@@ -33,6 +75,27 @@ def constant(name: str, values: np.ndarray) -> gs.Constant:
     if values.dtype.name in ("int4", "uint4"):
         return gs.Constant(name, gs.ir.tensor.LazyValues(numpy_helper.from_array(values, name)))
     return gs.Constant(name, values)
+
+
+class ZeroedRows(gs.ir.tensor.LazyValues):
+    """A weight with some rows set to zero, made only when read: the zeroed copies of every layer a pass
+    rewrites are not all held at once when a later pass reads and replaces each in turn."""
+
+    def __init__(self, source: np.ndarray, rows: tuple[int, ...]):  # no proto behind it: LazyValues' own is unused
+        self._source, self._rows = source, list(rows)
+        self.shape, self.dtype, self.nbytes = source.shape, source.dtype, source.nbytes
+
+    def load(self) -> np.ndarray:
+        values = self._source.copy()
+        values[self._rows] = 0
+        return values
+
+    @property
+    def tensor(self) -> onnx.TensorProto:  # what the exporter writes for a constant still lazy at save time
+        return numpy_helper.from_array(self.load())
+
+    def __str__(self) -> str:
+        return f"ZeroedRows(shape={self.shape}, dtype={self.dtype}, rows={len(self._rows)})"
 
 
 def constant_array(tensor: gs.Constant) -> np.ndarray:

@@ -69,5 +69,12 @@ class PassData:
 
     def updated(self, produced: Mapping[str, Mapping[str, Any]]) -> "PassData":
         """A copy with ``produced``'s entries added to (or replacing those of) each named mapping."""
-        return dataclasses.replace(self, **{name: {**getattr(self, name), **entries}
+        return dataclasses.replace(self, **{name: _merged(getattr(self, name), entries)
                                             for name, entries in produced.items()})
+
+
+def _merged(mapping: Mapping[str, Any], entries: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``mapping`` with ``entries`` added; a mapping that computes its values on demand (the streamed second
+    moments) merges on its own, without reading every value."""
+    merged = getattr(mapping, "merged", None)
+    return merged(entries) if merged is not None else {**mapping, **entries}

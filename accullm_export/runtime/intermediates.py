@@ -20,10 +20,14 @@ from accullm_export.runtime.session import create_session
 class IntermediateReader:
     """Runs one model with extra outputs; the graph proto (without weights) is loaded once."""
 
-    def __init__(self, model_path: str | Path, optimization: str = "basic"):
+    def __init__(self, model_path: str | Path, optimization: str = "basic",
+                 shared_initializers: Mapping[str, np.ndarray] | None = None):
+        """``shared_initializers``: the model's weights as arrays the caller already holds, used by the sessions
+        in place of loading them again (``create_session``)."""
         path = Path(model_path)
         self.model_path = path / "model.onnx" if path.is_dir() else path
         self.optimization = optimization
+        self.shared_initializers = shared_initializers
         self.model = onnx.load(str(self.model_path), load_external_data=False)
         self.nodes_by_output = {out: node for node in self.model.graph.node for out in node.output}
 
@@ -49,7 +53,8 @@ class IntermediateReader:
 
     def _session(self, model: onnx.ModelProto):
         return create_session(model.SerializeToString(), device="cpu", optimization=self.optimization,
-                              external_data_folder=self.model_path.parent)
+                              external_data_folder=self.model_path.parent,
+                              shared_initializers=self.shared_initializers)
 
     def precision_of(self, tensor: str) -> str:
         """The precision a node runs in: its quantized weights' dtype, else its weight's or its output's dtype."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Mapping
+
+import numpy as np
 
 from accullm_export.errors import BackendError, UserError
 
@@ -14,7 +17,8 @@ OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 def create_session(model_path: str | Path | bytes, *, device: str = "auto", optimization: str = "all",
                    threads: int | None = None, profile_prefix: str | None = None,
-                   external_data_folder: str | Path | None = None):
+                   external_data_folder: str | Path | None = None,
+                   shared_initializers: Mapping[str, np.ndarray] | None = None):
     """An InferenceSession on CPU or CUDA.
 
     Args:
@@ -27,6 +31,9 @@ def create_session(model_path: str | Path | bytes, *, device: str = "auto", opti
             ``end_profiling()`` returns the file's name.
         external_data_folder: where a serialized model's external data lives (ONNX Runtime still refuses
             locations that leave it); nothing is written anywhere.
+        shared_initializers: arrays (C-contiguous, of the initializers' names, shapes and types) that the
+            session uses in place of those initializers, without a copy: a process that already holds the
+            weights does not load them twice. Weight prepacking is then off (it would copy them again).
 
     Raises:
         UserError: the file is not a loadable model, or the option values are unknown.
@@ -59,6 +66,12 @@ def create_session(model_path: str | Path | bytes, *, device: str = "auto", opti
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
+    shared = {}
+    if shared_initializers:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        for name, array in shared_initializers.items():
+            shared[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+            options.add_initializer(name, shared[name])
     path = "<in-memory model>" if isinstance(model_path, bytes) else Path(model_path)
     if isinstance(path, Path) and not path.is_file():
         raise UserError(f"{path}: no such model file")
@@ -68,5 +81,6 @@ def create_session(model_path: str | Path | bytes, *, device: str = "auto", opti
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"ONNX Runtime cannot load {path}: {message}") from None
+    session.shared_initializers = shared  # the buffers must outlive the session
     log.debug("session for %s on %s", path, session.get_providers()[0])
     return session

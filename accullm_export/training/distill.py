@@ -24,7 +24,7 @@ import logging
 import time
 import weakref
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -105,14 +105,16 @@ def _is_norm_gain(name: str) -> bool:
     return name.endswith("norm.weight")
 
 
-def build_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], *, share_memory: bool = False):
+def build_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], *, share_memory: bool = False,
+                  copied: Callable[[str], bool] = lambda name: False):
     """A float32 transformers causal LM with ``weights`` (transformers parameter name -> array) loaded.
 
     The LM head gets its own parameter even when the checkpoint ties it to the embedding table: the graph
     quantizes the head and keeps the table, so the two differ. A module that fuses layers the export splits
-    (``FUSED_PROJECTIONS``) runs as those layers (``split_fused_projections``). With ``share_memory`` the
-    parameters are the float32 C-contiguous arrays of ``weights`` themselves, not copies (for a model that is
-    never trained: a step would write into the arrays).
+    (``FUSED_PROJECTIONS``) runs as those layers (``split_fused_projections``). The modules are made without
+    memory (accelerate's ``init_empty_weights``) and take the arrays of ``weights``: with ``share_memory`` the
+    float32 C-contiguous arrays themselves, except the parameters ``copied`` names (those a training step writes
+    into); without it, copies of all.
 
     Raises:
         UserError: the config is not a causal LM transformers knows, or a parameter is missing from ``weights``
@@ -126,7 +128,9 @@ def build_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], *, 
         raise UserError(f"{config_dir} has no usable config.json for a torch replica ({exc}); distillation "
                         "needs an exported LLM folder") from exc
     config.tie_word_embeddings = False
-    with torch.random.fork_rng(devices=[]):
+    from accelerate import init_empty_weights  # parameters on the meta device, buffers (rotary tables) real
+
+    with torch.random.fork_rng(devices=[]), init_empty_weights():
         try:  # soft-capped attention (Gemma 2) has no SDPA form in transformers
             implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
             model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
@@ -145,8 +149,9 @@ def build_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], *, 
         if value.shape != tuple(tensor.shape):
             raise UserError(f"{name}: the graph holds shape {value.shape}, the architecture needs "
                             f"{tuple(tensor.shape)}")
-        loaded[name] = torch.from_numpy(np.ascontiguousarray(value))
-    model.load_state_dict(loaded, strict=True, assign=share_memory)
+        shared = share_memory and not copied(name)
+        loaded[name] = torch.from_numpy(np.ascontiguousarray(value) if shared else np.array(value, order="C"))
+    model.load_state_dict(loaded, strict=True, assign=True)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -217,12 +222,14 @@ def _concatenated_parts_class():
 def block_scaled_linear_class():
     """``BlockScaledLinear`` (defined lazily: torch is an optional dependency)."""
     torch = require("torch", "export")
+    product = _scaled_integer_product(torch)
 
     class BlockScaledLinear(torch.nn.Module):
-        """y = x @ (integers * expand(s0 * exp(theta)) + outlier rows) + bias, theta trainable.
+        """y = x @ (integers * expand(s0 * exp(theta))) + x[..., O] @ outlier rows + bias, theta trainable.
 
         Only what a forward reads is kept: the integers as int8 (exact in float32 products) and the outlier
-        rows as [outliers, out], trainable with ``outlier_rows``; a layer without outliers adds no branch."""
+        rows as [outliers, out], trainable with ``outlier_rows``; a layer without outliers adds no branch. The
+        integers are zero on the outlier rows, so the branch adds exactly those rows' part of the product."""
 
         def __init__(self, layer: BlockScaled, bias, outlier_rows: bool = False):
             super().__init__()
@@ -245,23 +252,38 @@ def block_scaled_linear_class():
         def scales(self):
             return self.initial * torch.exp(self.theta)
 
-        def branch(self, like):
-            """The FP16 branch as a full [in, out] weight: the outlier rows in place, zero elsewhere."""
-            return torch.zeros_like(like).index_add(0, self.outlier_index, self.outlier_rows)
-
         def forward(self, x):
-            low_bit = self.values * self.scales()[self.rows]
-            if self.rotation is None:  # the integers are zero on the outlier rows
-                weight = low_bit.index_add(0, self.outlier_index, self.outlier_rows) if len(self.outlier_index) \
-                    else low_bit
-                out = x @ weight
-            else:
-                out = (x @ self.rotation) @ low_bit
-                if len(self.outlier_index):
-                    out = out + x @ self.branch(low_bit)
+            main = x if self.rotation is None else x @ self.rotation
+            out = product(main, self.values, self.scales(), self.rows)
+            if len(self.outlier_index):
+                out = out + x.index_select(-1, self.outlier_index) @ self.outlier_rows
             return out if self.bias is None else out + self.bias
 
     return BlockScaledLinear
+
+
+def _scaled_integer_product(torch):
+    """x @ (integers * scales[rows]) whose backward rebuilds the float weight instead of keeping it: autograd
+    would otherwise hold every layer's float32 weight from the forward to the backward."""
+
+    class ScaledIntegerProduct(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, values, scales, rows):
+            ctx.save_for_backward(x, values, scales, rows)
+            return x @ (values * scales[rows])
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, values, scales, rows = ctx.saved_tensors
+            grad_x = grad_scales = None
+            if ctx.needs_input_grad[0]:
+                grad_x = grad @ (values * scales[rows]).T
+            if ctx.needs_input_grad[2]:
+                grad_weight = x.reshape(-1, x.shape[-1]).T @ grad.reshape(-1, grad.shape[-1])
+                grad_scales = torch.zeros_like(scales).index_add_(0, rows, grad_weight * values)
+            return grad_x, None, grad_scales, None
+
+    return ScaledIntegerProduct.apply
 
 
 def _set_module(model, path: str, module) -> None:
@@ -274,7 +296,7 @@ def student_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], l
                     outlier_rows: bool = False):
     """The quantized model as torch: ``weights`` loaded, then each of ``layers`` swapped for a
     ``BlockScaledLinear`` (a bias the module had stays). Returns (model, module path -> BlockScaledLinear)."""
-    student = build_replica(config_dir, weights)
+    student = build_replica(config_dir, weights, share_memory=True, copied=_is_norm_gain)  # the gains train
     linear_class = block_scaled_linear_class()
     by_module = {}
     for layer in layers:
@@ -334,6 +356,7 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
     order = np.random.default_rng(config.seed).permutation
     tokens = torch.from_numpy(np.asarray(train, dtype=np.int64))
     batch_order = np.empty(0, dtype=np.int64)
+    training = time.perf_counter()
     for step in range(config.steps):
         if batch_order.size < config.batch_windows:
             batch_order = np.concatenate([batch_order, order(len(train))])
@@ -345,7 +368,9 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
         optimizer.step()
         schedule.step()
         if step % 10 == 0 or step == config.steps - 1:
-            log.info("distill step %d/%d: KL %.4f", step + 1, config.steps, float(loss.detach()))
+            pace = (time.perf_counter() - training) / (step + 1)
+            log.info("distill step %d/%d: KL %.4f (%.1f s a step, about %.0f min left)", step + 1, config.steps,
+                     float(loss.detach()), pace, pace * (config.steps - step - 1) / 60)
     after = _mean_kl(teacher, student, checked) if held else None
     kept = not held or after < before
     with torch.no_grad():

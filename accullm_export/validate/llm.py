@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from accullm_export.runtime import CausalLMRunner, GenerationConfig, generate
 from accullm_export.runtime.tokenizer import FolderTokenizer
 from accullm_export.validate.metrics import TokenStatistics, shared_prefix
 from accullm_export.validate.probes import answer_of, golden_probes
+from accullm_export.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def text_metrics(ref: CausalLMRunner, cand: CausalLMRunner, tokenizer: FolderTok
     windows = token_windows(source.documents, tokenizer.encode, num_windows=config.windows, seq_len=config.seq_len,
                             seed=config.seed, separator_ids=tokenizer.eos_token_ids[:1])
     stats = TokenStatistics()
-    for window in _progress(windows, "text windows"):
+    for window in progress(windows, "text windows"):
         tokens = window[None, :]
         stats.add(ref.full_logits(tokens), cand.full_logits(tokens), tokens)
     return {"text": {"source": source.name, "windows": int(len(windows)), "seq_len": config.seq_len,
@@ -94,7 +94,7 @@ def greedy_agreement(ref: CausalLMRunner, cand: CausalLMRunner, prompts: list[li
     """
     config = GenerationConfig(max_new_tokens=new_tokens, eos_token_ids=tuple(tokenizer.eos_token_ids))
     rows = []
-    for prompt in _progress(prompts, "greedy prompts"):
+    for prompt in progress(prompts, "greedy prompts"):
         trajectory = generate(ref, [prompt], config).tokens[0]
         sequence = np.asarray([prompt + trajectory[:-1]], dtype=np.int64) if trajectory else None
         if sequence is None:
@@ -117,7 +117,7 @@ def probe_agreement(ref: CausalLMRunner, cand: CausalLMRunner, tokenizer: Folder
     """Greedy answers of both sides to the golden probes; agreement means the same answer text."""
     generation = GenerationConfig(max_new_tokens=config.probe_tokens, eos_token_ids=tuple(tokenizer.eos_token_ids))
     items, tasks = [], {}
-    for probe in _progress(golden_probes(config.probes_per_task, config.seed), "golden probes"):
+    for probe in progress(golden_probes(config.probes_per_task, config.seed), "golden probes"):
         ids = tokenizer.encode(probe.prompt)
         answers = [answer_of(generate(side, [ids], generation).tokens[0], tokenizer.decode) for side in (ref, cand)]
         agree = answers[0] == answers[1]
@@ -146,9 +146,3 @@ def _prompt_ids(tokenizer: FolderTokenizer, config: LLMValidationConfig) -> list
     documents = load_text_source(config.text).documents
     prompts = [tokenizer.encode(doc)[: config.prompt_tokens] for doc in documents[: config.num_prompts]]
     return [p for p in prompts if p]
-
-
-def _progress(items, description: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=description, leave=False, disable=not sys.stderr.isatty())

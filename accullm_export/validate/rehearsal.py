@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ from accullm_export.runtime import GenerationConfig, OrtCausalLM, generate
 from accullm_export.runtime.plugin_rehearsal import RehearsalCausalLM
 from accullm_export.runtime.tokenizer import FolderTokenizer
 from accullm_export.validate.metrics import TokenStatistics, shared_prefix
+from accullm_export.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def logit_differences(standard, plugins, windows: np.ndarray) -> dict:
     stats = TokenStatistics()
     max_abs = mean_sum = scale = 0.0
     count = 0
-    for window in _progress(windows, "text windows"):
+    for window in progress(windows, "text windows"):
         tokens = window[None, :]
         expected, actual = standard.full_logits(tokens), plugins.full_logits(tokens)
         difference = np.abs(expected.astype(np.float64) - actual)
@@ -207,9 +207,3 @@ def _failures(report: dict) -> list[str]:
         failures.append(f"greedy tokens differ on {len(differing)}/{len(greedy['prompts'])} prompts (prompt "
                         f"{differing[0]} first at new token {first['identical_prefix']})")
     return failures
-
-
-def _progress(items, description: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=description, leave=False, disable=not sys.stderr.isatty())

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from accullm_export.calibration.hessian import collect_hessians, collect_moments
+from accullm_export.calibration.hessian import StreamedHessians, collect_hessians
 from accullm_export.errors import UserError
 from accullm_export.quant.awq import candidate_scales, search_awq_scales
 from accullm_export.quant.gptq import gptq_proxy_error, gptq_quantize
@@ -363,47 +363,33 @@ def matmul_model(tmp_path_factory):
     return path, weight, feeds
 
 
+def assert_float32_close(actual: np.ndarray, expected: np.ndarray) -> None:
+    """float32 sums against float64 ones: within a few float32 roundings of the largest entry."""
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
 @pytest.mark.parametrize("skip_first_position", [True, False])
 def test_collect_hessians_equals_numpy(matmul_model, skip_first_position):
     path, weight, feeds = matmul_model
-    moments = collect_moments(path, ["x", "y"], lambda: iter(feeds), skip_first_position=skip_first_position)
-    hessians, means = moments.second, moments.mean
+    hessians = collect_hessians(path, ["x", "y"], lambda: iter(feeds), skip_first_position=skip_first_position)
     start = 1 if skip_first_position else 0
     inputs = np.concatenate([feed["x"][0, start:] for feed in feeds]).astype(np.float64)
     outputs = np.concatenate([feed["x"][0, start:] @ weight for feed in feeds]).astype(np.float64)
     assert len(inputs) == (15 if skip_first_position else 18)
-    assert list(hessians) == ["x", "y"] and hessians["x"].dtype == np.float64
-    np.testing.assert_allclose(hessians["x"], inputs.T @ inputs / len(inputs), rtol=1e-12)
-    np.testing.assert_allclose(hessians["y"], outputs.T @ outputs / len(outputs), rtol=1e-5)
-    assert list(means) == ["x", "y"] and means["x"].dtype == np.float64
-    np.testing.assert_allclose(means["x"], inputs.mean(axis=0), rtol=1e-12)
-    np.testing.assert_allclose(means["y"], outputs.mean(axis=0), rtol=1e-5)
-    np.testing.assert_array_equal(collect_hessians(path, ["x"], lambda: iter(feeds),
-                                                   skip_first_position=skip_first_position)["x"], hessians["x"])
-    if not skip_first_position:
-        assert moments.sink_second == {} and moments.sink_mean == {}
-        return
-    sinks = np.stack([feed["x"][0, 0] for feed in feeds]).astype(np.float64)
-    np.testing.assert_allclose(moments.sink_second["x"], sinks.T @ sinks / len(sinks), rtol=1e-12)
-    np.testing.assert_allclose(moments.sink_mean["x"], sinks.mean(axis=0), rtol=1e-12)
-    sink_outputs = sinks @ weight.astype(np.float64)
-    np.testing.assert_allclose(moments.sink_mean["y"], sink_outputs.mean(axis=0), rtol=1e-5)
+    assert list(hessians) == ["x", "y"] and hessians["x"].dtype == np.float32
+    assert_float32_close(hessians["x"], inputs.T @ inputs / len(inputs))
+    assert_float32_close(hessians["y"], outputs.T @ outputs / len(outputs))
 
 
-def test_collect_hessians_is_collect_moments_second_without_the_sink_sums(matmul_model):
-    """collect_hessians leaves the sink's [C, C] sums out and divides in place: the same matrices, bit for bit."""
+def test_collect_hessians_sums_each_batch_in_float32(matmul_model):
+    """The float32 sums, one batch at a time as the feeds arrive, divided by the rows: bit for bit."""
     path, _, feeds = matmul_model
-    moments = collect_moments(path, ["x", "y"], lambda: iter(feeds))
-    hessians = collect_hessians(path, ["x", "y"], lambda: iter(feeds))
-    assert list(hessians) == ["x", "y"] and moments.sink_second
-    for name in hessians:
-        np.testing.assert_array_equal(hessians[name], moments.second[name])
-    inputs = np.concatenate([feed["x"][0, 1:] for feed in feeds]).astype(np.float64)
-    sums = np.zeros((8, 8))
-    for feed in feeds:  # one batch at a time, as the feeds arrive
-        rows = feed["x"][0, 1:].astype(np.float64)
+    hessians = collect_hessians(path, ["x"], lambda: iter(feeds))
+    sums = np.zeros((8, 8), dtype=np.float32)
+    for feed in feeds:
+        rows = feed["x"][0, 1:]
         sums += rows.T @ rows
-    np.testing.assert_array_equal(hessians["x"], sums / len(inputs))
+    np.testing.assert_array_equal(hessians["x"], sums / np.float32(15))
 
 
 @pytest.mark.parametrize("budget_bytes,passes", [(300, 1), (200, 2)])
@@ -419,7 +405,7 @@ def test_collect_hessians_groups_by_budget(matmul_model, budget_bytes, passes):
     hessians = collect_hessians(path, ["x", "y"], counted, budget_bytes=budget_bytes, skip_first_position=False)
     assert len(calls) == 1 + passes  # one peek at the first feed's shapes, then one call per pass
     inputs = np.concatenate([feed["x"][0] for feed in feeds]).astype(np.float64)
-    np.testing.assert_allclose(hessians["x"], inputs.T @ inputs / len(inputs), rtol=1e-12)
+    assert_float32_close(hessians["x"], inputs.T @ inputs / len(inputs))
 
 
 def test_collect_hessians_rejects_unknown_names(matmul_model):
@@ -429,3 +415,45 @@ def test_collect_hessians_rejects_unknown_names(matmul_model):
     with pytest.raises(UserError, match="no calibration feeds"):
         collect_hessians(path, ["x"], lambda: iter([]))
 
+
+
+def test_streamed_hessians_hold_one_group_and_equal_the_whole_collection(matmul_model):
+    """A matrix budget below both matrices (x: 8 x 8, y: 4 x 4 float32) gives each its own group: read in order
+    that is one pass per group, the values equal ``collect_hessians`` of both at once, a group read again after
+    another is collected again, and a merged entry costs no pass."""
+    path, _, feeds = matmul_model
+    calls = []
+
+    def counted():
+        calls.append(1)
+        return iter(feeds)
+
+    whole = collect_hessians(path, ["x", "y"], lambda: iter(feeds))
+    store = StreamedHessians(path, {"x": 8, "y": 4}, counted, matrix_bytes=8 * 8 * 4)
+    assert store.groups == [["x"], ["y"]] and list(store) == ["x", "y"] and len(store) == 2 and calls == []
+    np.testing.assert_array_equal(store["x"], whole["x"])
+    np.testing.assert_array_equal(store["x"], whole["x"])
+    assert store.passes == 1
+    np.testing.assert_array_equal(store["y"], whole["y"])
+    assert store.passes == 2 and len(calls) == 2 * 2  # each pass: a peek at the first feed's shapes, then the pass
+    np.testing.assert_array_equal(store["x"], whole["x"])  # out of order: collected again
+    assert store.passes == 3
+    merged = store.merged({"rotated": np.eye(2)})
+    assert list(merged) == ["x", "y", "rotated"] and "rotated" not in store
+    np.testing.assert_array_equal(merged["rotated"], np.eye(2))
+    np.testing.assert_array_equal(merged["x"], whole["x"])
+    assert merged.passes == 3 and store.get("missing") is None
+    together = StreamedHessians(path, {"x": 8, "y": 4}, lambda: iter(feeds))  # the default budget: one group
+    assert together.groups == [["x", "y"]]
+    np.testing.assert_array_equal(together["y"], whole["y"])
+    store.clear()
+    np.testing.assert_array_equal(store["y"], whole["y"])
+    assert store.passes == 4
+    pinned = StreamedHessians(path, {"x": 8, "y": 4}, lambda: iter(feeds), matrix_bytes=8 * 8 * 4, pinned=["y"])
+    assert pinned.groups == [["y"], ["x"]] and list(pinned) == ["y", "x"]
+    for name in ("y", "x", "y", "x"):  # the pinned matrix stays while the other groups come and go
+        np.testing.assert_array_equal(pinned[name], whole[name])
+    assert pinned.passes == 2
+    pinned.clear()
+    np.testing.assert_array_equal(pinned["y"], whole["y"])
+    assert pinned.passes == 3

@@ -135,6 +135,6 @@ def graph_weights(graph: gs.Graph, skip: Collection[str] = ()) -> dict[str, np.n
             table = constant_value(node.inputs[0])
             if table is not None and table.dtype.kind == "f":  # an integer table is scaled after the Gather
                 axis = int(node.attrs.get("axis", 0))
-                weights["model.embed_tokens.weight"] = table.astype(np.float32).T if axis == 1 else \
-                    table.astype(np.float32)
+                table = np.asarray(table, dtype=np.float32)  # no copy of a float32 table
+                weights["model.embed_tokens.weight"] = table.T if axis == 1 else table
     return weights

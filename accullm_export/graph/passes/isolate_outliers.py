@@ -17,7 +17,7 @@ import collections
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from accullm_export.graph.ir import constant
+from accullm_export.graph.ir import ZeroedRows, constant
 from accullm_export.graph.pass_data import PassResult
 from accullm_export.graph.layer_plan import LayerPlan
 from accullm_export.graph.passes import register
@@ -66,9 +66,7 @@ def _split(graph: gs.Graph, node: gs.Node, weight: np.ndarray, channels: tuple[i
     branch = gs.Variable(f"{node.name}/outlier_output", dtype=float_dtype)
     graph.nodes.append(gs.Node("MatMul", name=f"{node.name}/outliers/MatMul", inputs=[gathered, branch_weight],
                                outputs=[branch]))
-    rest = weight.copy()
-    rest[list(channels)] = 0
-    node.inputs[1] = constant(f"{node.name}/weight_rest", rest)
+    node.inputs[1] = gs.Constant(f"{node.name}/weight_rest", ZeroedRows(weight, channels))
     output = node.outputs[0]
     main = gs.Variable(f"{node.name}/main_output", dtype=float_dtype)
     node.outputs[0] = main

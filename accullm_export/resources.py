@@ -1,0 +1,98 @@
+"""Memory a step will need, estimated before it starts from the sizes it knows, against what the machine has.
+
+The estimates are linear in the model's weight bytes (its fp32/fp16 initializers) plus the working sets that do
+not scale with them (the interpreter and libraries, activations of one window, logits over the vocabulary). A
+step whose estimate exceeds the memory the kernel reports as available stops with one line before any work,
+instead of being killed by the out-of-memory killer midway. ``ACCULLM_EXPORT_MEMORY_CHECK=off`` skips the
+check (for a machine whose reported availability is misleading, e.g. a container limit the kernel does not
+show).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from accullm_export.errors import UserError
+
+GB = 1e9
+CHECK_VARIABLE = "ACCULLM_EXPORT_MEMORY_CHECK"
+_BASE_BYTES = 1 << 30  # the interpreter with numpy, onnx, ONNX Runtime and (for distillation) torch loaded
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """What a step needs: named parts in bytes, summed."""
+
+    step: str
+    parts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def line(self) -> str:
+        shown = ", ".join(f"{name} {size / GB:.1f}" for name, size in self.parts.items() if size >= 0.05 * GB)
+        return f"about {self.total / GB:.1f} GB ({shown})"
+
+
+def available_bytes() -> int | None:
+    """MemAvailable plus free swap from /proc/meminfo, and the cgroup's memory limit where it is lower; None
+    where neither can be read (not Linux)."""
+    try:
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024
+                  for line in Path("/proc/meminfo").read_text().splitlines() if line.split()[1:]}
+    except (OSError, ValueError, IndexError):
+        return None
+    if "MemAvailable" not in fields:
+        return None
+    available = fields["MemAvailable"] + fields.get("SwapFree", 0)
+    limit = _cgroup_room()
+    return min(available, limit) if limit is not None else available
+
+
+def _cgroup_room() -> int | None:
+    """The cgroup v2 memory limit minus its current use, where a limit is set."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        current = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" or not limit.isdigit() else max(int(limit) - current, 0)
+
+
+def check_memory(estimate: Estimate) -> None:
+    """UserError (one line) when ``estimate`` exceeds the available memory; nothing when it fits, when the
+    machine does not say, or when ``ACCULLM_EXPORT_MEMORY_CHECK=off``."""
+    if os.environ.get(CHECK_VARIABLE, "").lower() in ("off", "0", "false", "no"):
+        return
+    available = available_bytes()
+    if available is None or estimate.total <= available:
+        return
+    raise UserError(f"{estimate.step} needs {estimate.line()} of memory, and this machine has "
+                    f"{available / GB:.1f} GB available: free memory or use a larger machine "
+                    f"({CHECK_VARIABLE}=off tries anyway)")
+
+
+def weight_bytes(model_path: str | Path) -> int:
+    """Bytes of the model's stored weights: its external data files and the .onnx file itself."""
+    import onnx
+
+    from accullm_export.graph.io import external_data_files
+
+    path = Path(model_path)
+    path = path / "model.onnx" if path.is_dir() else path
+    header = onnx.load_model(str(path), load_external_data=False)
+    files = external_data_files(header, path.parent, path)
+    return path.stat().st_size + sum(file.stat().st_size for file in files.values())
+
+
+def quantize_estimate(weights: int, *, moments: int, distill_logits: int, distill: bool) -> Estimate:
+    """``quantize``: the source graph's weights once (the statistics sessions and the teacher share them), the
+    second moments held at once, and for distillation the student's float weights rebuilt for autograd plus
+    the logits of one window (teacher and student, their softmaxes and gradients)."""
+    parts = {"base": _BASE_BYTES, "weights": weights, "second moments": moments}
+    if distill:
+        parts |= {"student": weights, "logits": 6 * distill_logits}
+    return Estimate("quantize", parts)
