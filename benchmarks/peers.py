@@ -1,8 +1,9 @@
 """The yardstick: what users would pick instead of accullm-export, each validated against our fp32 export.
 
-For the sample model (SmolLM2-135M-Instruct) this script builds, in one run:
+For one model (``--model``: the sample, SmolLM2-135M-Instruct, or the second model, Qwen2.5-Coder-0.5B-Instruct)
+this script builds, in one run:
 
-* ``ours-fp32``: our fp32 export (``accullm-export export smollm2-135m``). It is also the reference of every
+* ``ours-fp32``: our fp32 export (``accullm-export export MODEL``). It is also the reference of every
   comparison, so its row compares it with itself: KL 0 and full agreement are the sanity check.
 * ``genai-int4``: onnxruntime-genai's model builder, ``-p int4 -e cpu`` at its default settings.
 * ``genai-int4-b128``: the same at block size 128 (``--extra_options block_size=128``, the key 0.18 reads).
@@ -82,8 +83,14 @@ from accullm_export.atomic import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger("peers")
 
+# the kit's model name -> its Hugging Face id and a title; the genai builder picks its graph recipe from the id
+MODELS = {"smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct"),
+          "qwen2.5-coder-0.5b": ("Qwen/Qwen2.5-Coder-0.5B-Instruct", "Qwen2.5-Coder-0.5B-Instruct")}
+# where the model's fp32 weights come from, for the notes under the table
+ORIGINS = {"smollm2-135m": "The sample's weights come from a Q4_1 GGUF with block 32.",
+           "qwen2.5-coder-0.5b": "The model's weights come from a Q4_K_M GGUF (converted from an AWQ checkpoint): "
+                                 "Q4_K blocks of 32, Q6_K of 16, Q5_0/Q8_0 of 32."}
 SAMPLE_MODEL = "smollm2-135m"
-HF_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the genai builder picks its graph recipe from this name
 REFERENCE = "ours-fp32"
 BLOCK_SIZE = 128
 MB = 1e6
@@ -136,6 +143,7 @@ class BuildContext:
     """What every build needs; picklable, because some builds run in a child process."""
 
     reference: Path  # our fp32 export
+    model: str  # a MODELS key
     hf_folder: Path
     work: Path
     settings: Settings
@@ -164,7 +172,7 @@ class BuildError(Exception):
 # ----------------------------------------------------------------------------------------------- builds
 def export_ours(context: BuildContext, folder: Path, log_path: Path) -> list[str]:
     """Our fp32 export, by the CLI in a child process."""
-    command = [sys.executable, "-m", "accullm_export.cli.main", "export", SAMPLE_MODEL, "-o", str(folder),
+    command = [sys.executable, "-m", "accullm_export.cli.main", "export", context.model, "-o", str(folder),
                "--overwrite"]
     run_logged(command, log_path, context.timeout_s)
     return []
@@ -202,7 +210,7 @@ def build_ours(context: BuildContext, folder: Path, log_path: Path, *, recipe: t
 def build_genai(context: BuildContext, folder: Path, log_path: Path, *, precision: str,
                 extra_options: tuple[str, ...]) -> list[str]:
     """onnxruntime-genai's model builder for the CPU, offline from the checkpoint's Hugging Face folder."""
-    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", HF_MODEL_ID,
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", MODELS[context.model][0],
                "-i", str(context.hf_folder), "-o", str(folder), "-p", precision, "-e", "cpu",
                "-c", str(context.work / "genai_cache")]
     if extra_options:
@@ -804,7 +812,7 @@ def render_markdown(rows: list[Row], environment: dict, settings: Settings, fact
     """peers.md: the table, how it was measured, and per-row details."""
     llm = settings.llm_config()
     return "\n".join([
-        "# Peers: alternatives to accullm-export for SmolLM2-135M-Instruct, validated against our fp32 export",
+        f"# Peers: alternatives to accullm-export for {environment['model']}, validated against our fp32 export",
         "",
         TABLE_HEADER,
         *(table_row(row) for row in rows),
@@ -821,8 +829,8 @@ def render_markdown(rows: list[Row], environment: dict, settings: Settings, fact
         f"- Bits/weight: 8 × (stored bytes of all initializers and Constant tensors) / "
         f"{facts['weight_parameters']:,} weight "
         "parameters (linear layers + token embedding of the fp32 model, the tied matrix once).",
-        "- Block: block sizes of the model's MatMulNBits nodes (— where there are none). The sample's weights "
-        "come from a Q4_1 GGUF with block 32.",
+        "- Block: block sizes of the model's MatMulNBits nodes (— where there are none). "
+        f"{ORIGINS[environment['model_name']]}",
         f"- Versions: {', '.join(f'{key} {value}' for key, value in environment['versions'].items())}; "
         f"{environment['platform']}; run took {environment['run_seconds'] / 60:.1f} min on {environment['date']}.",
         "",
@@ -833,7 +841,7 @@ def render_markdown(rows: list[Row], environment: dict, settings: Settings, fact
     ])
 
 
-def render_plot(rows: list[Row]) -> bytes | None:
+def render_plot(rows: list[Row], title: str) -> bytes | None:
     """KL mean (log) and top-1 agreement against bits per weight, each point labelled; PNG bytes."""
     import matplotlib
 
@@ -858,7 +866,7 @@ def render_plot(rows: list[Row]) -> bytes | None:
     for axis in (kl_axis, top1_axis):
         axis.grid(True, which="both", alpha=0.3)
         axis.margins(x=0.15)  # room for the labels of the rightmost points
-    figure.suptitle("SmolLM2-135M-Instruct: peers validated against our fp32 export")
+    figure.suptitle(f"{title}: peers validated against our fp32 export")
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
@@ -866,7 +874,7 @@ def render_plot(rows: list[Row]) -> bytes | None:
     return buffer.getvalue()
 
 
-def environment(run_seconds: float) -> dict:
+def environment(run_seconds: float, model: str) -> dict:
     import onnx
     import onnxruntime
 
@@ -880,23 +888,24 @@ def environment(run_seconds: float) -> dict:
         versions["onnxruntime-genai"] = onnxruntime_genai.__version__
     except ImportError:
         versions["onnxruntime-genai"] = "not installed"
-    return {"versions": versions, "platform": platform.platform(), "python": platform.python_version(),
+    return {"model_name": model, "model": MODELS[model][1], "versions": versions, "platform": platform.platform(), "python": platform.python_version(),
             "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "date": datetime.date.today().isoformat(), "run_seconds": run_seconds}
 
 
-def write_outputs(out: Path, rows: list[Row], settings: Settings, facts: dict, run_seconds: float) -> str:
+def write_outputs(out: Path, rows: list[Row], settings: Settings, facts: dict, run_seconds: float,
+                  model: str = SAMPLE_MODEL) -> str:
     """peers.md, peers.json and the plot under ``out``, each written atomically; returns the markdown."""
     from accullm_export.validate.report import json_safe
 
-    env = environment(run_seconds)
+    env = environment(run_seconds, model)
     markdown = render_markdown(rows, env, settings, facts)
     document = {"kind": "accullm-export/peers", "version": 1, "environment": env,
                 "settings": dataclasses.asdict(settings), "validation": dataclasses.asdict(settings.llm_config()),
                 **facts, "rows": [dataclasses.asdict(row) for row in rows]}
     atomic_write_text(out / "peers.md", markdown)
     atomic_write_text(out / "peers.json", json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n")
-    png = render_plot(rows)
+    png = render_plot(rows, env["model"])
     if png is not None:
         atomic_write_bytes(out / "peers_accuracy_vs_size.png", png)
     return markdown
@@ -905,6 +914,8 @@ def write_outputs(out: Path, rows: list[Row], settings: Settings, facts: dict, r
 # ----------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default=SAMPLE_MODEL,
+                        help="the model every row is built from (default: the sample)")
     parser.add_argument("--out", type=Path, default=Path("bench_out/peers"), help="output folder")
     parser.add_argument("--reuse", action="store_true", help="skip builds whose folder already exists")
     parser.add_argument("--only", type=lambda text: [name for name in text.split(",") if name],
@@ -942,7 +953,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.second_text:
         text = stdlib_code_text(work / "stdlib-code.txt") if args.second_text == "stdlib-code" else args.second_text
         settings = dataclasses.replace(settings, second_text=str(text))
-    context = BuildContext(reference=work / REFERENCE, hf_folder=Path(resolve_checkpoint_folder(SAMPLE_MODEL)),
+    context = BuildContext(reference=work / REFERENCE, model=args.model,
+                           hf_folder=Path(resolve_checkpoint_folder(args.model)),
                            work=work, settings=settings, timeout_s=args.build_timeout)
     try:
         prebuilt = {REFERENCE: ensure_built(PEERS[REFERENCE], context, args.reuse)}
@@ -951,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     peers = [peer for name, peer in PEERS.items() if not args.only or name in args.only]
     rows, facts = measure_all(peers, context, args.reuse, args.out, prebuilt)
-    markdown = write_outputs(args.out, rows, settings, facts, time.perf_counter() - started)
+    markdown = write_outputs(args.out, rows, settings, facts, time.perf_counter() - started, args.model)
     print(markdown)
     print(f"wrote {args.out / 'peers.md'}, {args.out / 'peers.json'}, {args.out / 'peers_accuracy_vs_size.png'}")
     return 0

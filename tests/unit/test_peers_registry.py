@@ -50,8 +50,8 @@ def test_a_peer_gets_its_longer_build_time(tmp_path):
         (folder / "model.onnx").write_bytes(b"")
         return ["built"]
 
-    context = peers.BuildContext(reference=tmp_path / "ref", hf_folder=tmp_path / "hf", work=tmp_path / "work",
-                                 settings=peers.QUICK, timeout_s=600)
+    context = peers.BuildContext(reference=tmp_path / "ref", model=peers.SAMPLE_MODEL, hf_folder=tmp_path / "hf",
+                                 work=tmp_path / "work", settings=peers.QUICK, timeout_s=600)
     for minutes in (40, 5):
         peer = peers.Peer(name=f"p{minutes}", label="test", build=build, build_minutes=minutes)
         record = peers.ensure_built(peer, context, reuse=False)
