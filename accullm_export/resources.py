@@ -75,19 +75,6 @@ def check_memory(estimate: Estimate) -> None:
                     f"({CHECK_VARIABLE}=off tries anyway)")
 
 
-def weight_bytes(model_path: str | Path) -> int:
-    """Bytes of the model's stored weights: its external data files and the .onnx file itself."""
-    import onnx
-
-    from accullm_export.graph.io import external_data_files
-
-    path = Path(model_path)
-    path = path / "model.onnx" if path.is_dir() else path
-    header = onnx.load_model(str(path), load_external_data=False)
-    files = external_data_files(header, path.parent, path)
-    return path.stat().st_size + sum(file.stat().st_size for file in files.values())
-
-
 def quantize_estimate(weights: int, *, moments: int, distill_logits: int, distill: bool) -> Estimate:
     """``quantize``: the source graph's weights once (the statistics sessions and the teacher share them), the
     second moments held at once, and for distillation the student's float weights rebuilt for autograd plus

@@ -27,7 +27,7 @@ from accullm_export.graph.pass_data import PassData
 from accullm_export.graph.layer_plan import LayerPlan
 from accullm_export.recipes.config import Recipe
 from accullm_export.recipes.plan import plan_layers
-from accullm_export.resources import Estimate, check_memory, quantize_estimate, weight_bytes
+from accullm_export.resources import Estimate, check_memory, quantize_estimate
 from accullm_export.safe_paths import inside
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,16 @@ def memory_estimate(model_path: Path, plans: dict[str, LayerPlan], recipe: Recip
     logits = (seq_len or 0) * options.distill_batch * vocabulary * 4
     return quantize_estimate(weight_bytes(model_path), moments=moments, distill_logits=logits,
                              distill=bool(recipe.distill.steps))
+
+
+def weight_bytes(model_path: str | Path) -> int:
+    """Bytes of the model's stored weights: its external data files and the .onnx file itself."""
+    from accullm_export.graph.io import external_data_files, load_onnx
+
+    path = Path(model_path)
+    path = path / "model.onnx" if path.is_dir() else path
+    files = external_data_files(load_onnx(path, load_external_data=False), path.parent, path)
+    return path.stat().st_size + sum(file.stat().st_size for file in files.values())
 
 
 def auto_vocab_rows(header, layers) -> int:

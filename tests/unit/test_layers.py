@@ -14,7 +14,8 @@ PACKAGE = "accullm_export"
 PACKAGE_DIR = Path(__file__).resolve().parents[2] / PACKAGE
 
 # top-level modules any layer may import (quant and targets excepted: they take errors only)
-HELPERS = frozenset({PACKAGE, "errors", "atomic", "hashing", "packaged_files", "svg", "html_page", "safe_paths"})
+HELPERS = frozenset({PACKAGE, "errors", "atomic", "hashing", "packaged_files", "svg", "html_page", "safe_paths",
+                     "progress", "resources"})
 # layer -> the other layers its modules may import (a layer always imports itself). Read top to bottom, this is
 # cli -> build -> {recipes, graph, calibration, sparsity, validate, runtime, targets} -> quant, with the order
 # among the middle layers that keeps the table acyclic (see test_the_layer_table_is_acyclic).

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from accullm_export import resources
-from accullm_export.build.quantize import QuantizeOptions, memory_estimate
+from accullm_export.build.quantize import QuantizeOptions, memory_estimate, weight_bytes
 from accullm_export.errors import UserError
 from accullm_export.graph.io import load_onnx
 from accullm_export.graph.linear import find_linear_layers
@@ -44,7 +44,7 @@ def test_the_quantize_estimate_counts_what_the_recipe_holds(planted_model, profi
     header = load_onnx(folder / "model.onnx", load_external_data=False)
     layers = find_linear_layers(header)
     loaded = load_profile(profile, folder / "model.onnx")
-    weights = resources.weight_bytes(folder)
+    weights = weight_bytes(folder)
     assert weights >= sum((folder / name).stat().st_size for name in ("model.onnx", "model.onnx.data"))
 
     def estimate(recipe, options=QuantizeOptions()):
