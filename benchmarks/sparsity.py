@@ -103,7 +103,7 @@ def ceiling_model(reference: Path, out: Path, method: str, sparsity: float, rank
     graph, source = load_graph(reference / "model.onnx")
     blocks = [block for block in find_mlp_blocks(graph) if block.plain and block.down_reader is block.down]
     if not blocks:
-        raise RuntimeError(f"{reference} has no plain SwiGLU MLP to narrow")
+        raise RuntimeError(f"{reference} has no plain gated MLP to narrow")
     rng = np.random.default_rng(0)
 
     def node(op: str, inputs: list, name: str, dtype=np.float32, **attrs) -> gs.Variable:
@@ -131,8 +131,8 @@ def ceiling_model(reference: Path, out: Path, method: str, sparsity: float, rank
             weight = projection.inputs[1]
             projection.inputs[1] = gs.Constant(f"{projection.name}/ceiling_weight",
                                                np.ascontiguousarray(weight.values[:, :kept]))
-        for tensor in (block.gate.outputs[0], block.up.outputs[0], block.sigmoid.outputs[0],
-                       block.activation.outputs[0], product):
+        for tensor in (block.gate.outputs[0], block.up.outputs[0],
+                       *(node.outputs[0] for node in block.activation_nodes), product):
             tensor.shape = None
         hidden = block.hidden_size
         low = node("MatMul", [block.input, gs.Constant(f"{prefix}/down_rank", (rng.standard_normal(

@@ -185,8 +185,8 @@ def mlp_row(torch, lib, timer, rng, hidden, intermediate, method, block_size) ->
         def call():
             status = lib.accullm_sparse_skip_mlp(
                 x.data_ptr(), *(w.data_ptr() for w in weights), level.data_ptr(), *(pointer(g) for g in guesser),
-                *scale_pointers, y.data_ptr(), 1, hidden, intermediate, rank, method_code, block_size,
-                workspace.data_ptr(), workspace_bytes, current_stream(torch))
+                *scale_pointers, y.data_ptr(), 1, hidden, intermediate, rank, method_code, 0, block_size,
+                workspace.data_ptr(), workspace_bytes, current_stream(torch))  # activation 0: silu
             if status:
                 raise RuntimeError(f"accullm_sparse_skip_mlp returned cudaError {status}")
         return call

@@ -78,7 +78,7 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.accullm_outlier_split_gemm.restype = ctypes.c_int
     lib.accullm_outlier_split_gemm_workspace_size.argtypes = [i64] * 3 + [i32] * 3
     lib.accullm_outlier_split_gemm_workspace_size.restype = size
-    lib.accullm_sparse_skip_mlp.argtypes = [pointer] * 12 + [i64] * 4 + [i32] * 2 + [pointer, size, pointer]
+    lib.accullm_sparse_skip_mlp.argtypes = [pointer] * 12 + [i64] * 4 + [i32] * 3 + [pointer, size, pointer]
     lib.accullm_sparse_skip_mlp.restype = ctypes.c_int
     lib.accullm_sparse_skip_mlp_workspace_size.argtypes = [i64] * 4 + [i32] * 2
     lib.accullm_sparse_skip_mlp_workspace_size.restype = size

@@ -1,4 +1,4 @@
-"""``sparsify``: give every SwiGLU MLP of a model a sparse-skip path, into a new model folder.
+"""``sparsify``: give every gated MLP (SwiGLU or GELU-tanh) of a model a sparse-skip path, into a new model folder.
 
 Steps: refuse a model that is already sparse or a profile of another model; find the MLPs (none is an error);
 plan them (thresholds from the profile, guessers trained on its calibration text); run the

@@ -2,7 +2,9 @@
 
 Thresholds come from the profile's magnitude histogram of each down projection's input (``calibrate`` records
 it): t(s) is the |a| under which a fraction s of all activations fall. Guessers are trained on activations of
-the profile's own calibration text, read from the source model a few layers at a time.
+the profile's own calibration text, read from the source model a few layers at a time. Both measure a neuron's
+activity as the model computes it, a = act(g) * u read from the MLP's own product tensor, so a GELU-tanh MLP is
+measured with its GELU as a SwiGLU one with its SiLU.
 """
 
 from __future__ import annotations
@@ -29,14 +31,15 @@ class SparsePlan:
 
     mlp: str  # the MLP's name prefix
     down: str  # its down projection's node name (the profile's key)
+    activation: str  # the gate's activation (graph.mlp.GATE_ACTIVATIONS): "silu" | "gelu_tanh"
     method: str
     sparsity: float
     threshold: float  # |a| threshold at this sparsity (the label of "large" for the guesser)
     predictor: Predictor | None = None
 
     def to_dict(self) -> dict:
-        data = {"mlp": self.mlp, "down": self.down, "method": self.method, "sparsity": self.sparsity,
-                "threshold": self.threshold}
+        data = {"mlp": self.mlp, "down": self.down, "activation": self.activation, "method": self.method,
+                "sparsity": self.sparsity, "threshold": self.threshold}
         if self.predictor is not None:
             p = self.predictor
             data["predictor"] = {"rank": int(p.down_rank.shape[1]), "tau": p.tau, "recall": round(p.recall, 4),
@@ -59,13 +62,13 @@ def plan_sparsity(model_path: Path, blocks: list[MLPBlock], profile, config: Spa
                   budget_bytes: int = 512 << 20) -> dict[str, SparsePlan]:
     """Plans keyed by MLP name; guessers are trained here for the ``predictor`` method."""
     if not blocks:
-        raise UserError(f"{model_path} has no recognisable SwiGLU MLP (down(silu(gate(x)) * up(x)) with constant "
-                        "weights): nothing to sparsify")
+        raise UserError(f"{model_path} has no recognisable gated MLP (down(act(gate(x)) * up(x)), act SiLU or the "
+                        "tanh-approximated GELU, with constant weights): nothing to sparsify")
     if config.method == "predictor" and not all(block.plain for block in blocks):
         raise UserError(f"{model_path}: the guesser narrows gate and up, which must be plain MatMuls of one input; "
                         "sparsify the dense export, not a quantized model with outlier branches")
-    plans = {block.name: SparsePlan(mlp=block.name, down=block.down.name, method=config.method,
-                                    sparsity=config.sparsity,
+    plans = {block.name: SparsePlan(mlp=block.name, down=block.down.name, activation=block.activation_kind,
+                                    method=config.method, sparsity=config.sparsity,
                                     threshold=layer_threshold(profile, block.down.name, config.sparsity))
              for block in blocks}
     if config.method == "predictor":

@@ -35,7 +35,7 @@ class Predictor:
         return (x.astype(np.float32) @ self.down_rank) @ self.up_rank + self.bias
 
     def flops_fraction(self) -> float:
-        """Multiply-adds per token as a fraction of the dense SwiGLU MLP's (three hidden x intermediate)."""
+        """Multiply-adds per token as a fraction of the dense gated MLP's (three hidden x intermediate)."""
         hidden, rank = self.down_rank.shape
         intermediate = self.up_rank.shape[1]
         return (hidden * rank + rank * intermediate) / (3 * hidden * intermediate)

@@ -8,7 +8,7 @@
  *   gate, up:   GEMV over [hidden, intermediate]; with the predictor, a thread skips its 16-byte row segments
  *               when none of their columns is kept (columns are strided in this layout, so this saves bytes
  *               only where the kept neurons cluster)
- *   activation: a = silu(gate) * up, zeroed where not kept (threshold: |a| <= level)
+ *   activation: a = act(gate) * up (act: silu or gelu_tanh), zeroed where not kept (threshold: |a| <= level)
  *   down:       GEMV whose blocks stage only the rows with a != 0 and read only those rows of W_down (and, for
  *               int4, their packed bytes and their blocks' scales)
  * Several tokens take the tiled GEMM for the projections (int4 gate/up with the threshold method: the tensor-core
@@ -150,7 +150,28 @@ __global__ void logits_kernel(float const* hidden, __half const* up_rank, __half
     }
 }
 
-// activation[t, n] = silu(gate) * up where token t keeps neuron n, else 0.
+bool known_activation(int32_t activation)
+{
+    return activation == ACCULLM_SPARSE_ACTIVATION_SILU || activation == ACCULLM_SPARSE_ACTIVATION_GELU_TANH;
+}
+
+// The gate's activation in fp32, as reference.py defines it.
+template <int32_t ACTIVATION>
+__device__ __forceinline__ float gate_activation(float g)
+{
+    if constexpr (ACTIVATION == ACCULLM_SPARSE_ACTIVATION_GELU_TANH)
+    {
+        constexpr float kSqrtTwoOverPi = 0.7978845608028654f;
+        return 0.5f * g * (1.0f + tanhf(kSqrtTwoOverPi * (g + 0.044715f * g * g * g)));
+    }
+    else
+    {
+        return g / (1.0f + expf(-g));
+    }
+}
+
+// activation[t, n] = act(gate) * up where token t keeps neuron n, else 0.
+template <int32_t ACTIVATION>
 __global__ void activation_kernel(float const* gate, float const* up, float const* logits, __half const* level,
     int64_t count, float* activation)
 {
@@ -158,8 +179,7 @@ __global__ void activation_kernel(float const* gate, float const* up, float cons
     for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
          i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     {
-        float const g = gate[i];
-        float const a = g / (1.0f + expf(-g)) * up[i];
+        float const a = gate_activation<ACTIVATION>(gate[i]) * up[i];
         bool const kept = logits != nullptr ? logits[i] > threshold : fabsf(a) > threshold;
         activation[i] = kept ? a : 0.0f;
     }
@@ -173,7 +193,7 @@ int blocks_for(int64_t count)
 template <int KIND>
 cudaError_t projections(Shapes const& s, Layout const& l, char* ws, void const* x, void const* gate_weight,
     void const* up_weight, void const* down_weight, void const* gate_scale, void const* up_scale,
-    void const* down_scale, __half const* level, void* y, cudaStream_t stream)
+    void const* down_scale, __half const* level, int32_t activation_kind, void* y, cudaStream_t stream)
 {
     uint8_t const* keep = predictor(s) ? reinterpret_cast<uint8_t const*>(ws + l.keep) : nullptr;
     float* gate = reinterpret_cast<float*>(ws + l.gate);
@@ -194,7 +214,16 @@ cudaError_t projections(Shapes const& s, Layout const& l, char* ws, void const* 
     }
     int64_t const count = s.tokens * s.intermediate;
     float const* logits = predictor(s) ? reinterpret_cast<float const*>(ws + l.logits) : nullptr;
-    activation_kernel<<<blocks_for(count), 256, 0, stream>>>(gate, up, logits, level, count, activation);
+    if (activation_kind == ACCULLM_SPARSE_ACTIVATION_GELU_TANH)
+    {
+        activation_kernel<ACCULLM_SPARSE_ACTIVATION_GELU_TANH>
+            <<<blocks_for(count), 256, 0, stream>>>(gate, up, logits, level, count, activation);
+    }
+    else
+    {
+        activation_kernel<ACCULLM_SPARSE_ACTIVATION_SILU>
+            <<<blocks_for(count), 256, 0, stream>>>(gate, up, logits, level, count, activation);
+    }
     status = cudaGetLastError();
     if (status != cudaSuccess)
     {
@@ -216,11 +245,11 @@ extern "C" size_t accullm_sparse_skip_mlp_workspace_size(int64_t max_tokens, int
 extern "C" int accullm_sparse_skip_mlp(void const* x, void const* gate_weight, void const* up_weight,
     void const* down_weight, void const* level, void const* down_rank, void const* up_rank, void const* guess_bias,
     void const* gate_scale, void const* up_scale, void const* down_scale, void* y, int64_t tokens, int64_t hidden,
-    int64_t intermediate, int64_t rank, int32_t method, int32_t block_size, void* workspace, size_t workspace_bytes,
-    void* stream)
+    int64_t intermediate, int64_t rank, int32_t method, int32_t activation, int32_t block_size, void* workspace,
+    size_t workspace_bytes, void* stream)
 {
     Shapes const s{tokens, hidden, intermediate, rank, method, block_size};
-    if (!valid(s))
+    if (!valid(s) || !known_activation(activation))
     {
         return cudaErrorInvalidValue;
     }
@@ -266,8 +295,8 @@ extern "C" int accullm_sparse_skip_mlp(void const* x, void const* gate_weight, v
     if (block_size > 0)
     {
         return projections<accullm::kWeightINT4>(s, l, ws, x, gate_weight, up_weight, down_weight, gate_scale,
-            up_scale, down_scale, level_value, y, st);
+            up_scale, down_scale, level_value, activation, y, st);
     }
     return projections<accullm::kWeightFP16>(s, l, ws, x, gate_weight, up_weight, down_weight, gate_scale,
-        up_scale, down_scale, level_value, y, st);
+        up_scale, down_scale, level_value, activation, y, st);
 }

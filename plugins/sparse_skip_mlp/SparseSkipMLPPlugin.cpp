@@ -25,21 +25,26 @@ int64_t logicalColumns(Dims const& weight, bool packedInt8) noexcept
 }
 } // namespace
 
-SparseSkipMLPPlugin::SparseSkipMLPPlugin(std::string method, int32_t blockSize)
+SparseSkipMLPPlugin::SparseSkipMLPPlugin(std::string method, int32_t blockSize, int32_t activation)
     : mMethod(std::move(method))
     , mBlockSize(blockSize)
+    , mActivation(activation)
 {
     require(mMethod == kTHRESHOLD || mMethod == kPREDICTOR,
         "method must be \"threshold\" or \"predictor\", got \"" + mMethod + "\"");
     require(blockSize >= 0, "block_size must be >= 0 (0: fp16 weights)");
+    require(activation == ACCULLM_SPARSE_ACTIVATION_SILU || activation == ACCULLM_SPARSE_ACTIVATION_GELU_TANH,
+        "activation must be 0 (silu) or 1 (gelu_tanh), got " + std::to_string(activation));
 }
 
 SparseSkipMLPPlugin SparseSkipMLPPlugin::fromFields(PluginFieldCollection const& fields)
 {
     PluginField const* method = findField(fields, "method");
     PluginField const* blockSize = findField(fields, "block_size");
-    return SparseSkipMLPPlugin(
-        method != nullptr ? stringField(*method) : std::string(), blockSize != nullptr ? intField(*blockSize) : 0);
+    PluginField const* activation = findField(fields, "activation");
+    return SparseSkipMLPPlugin(method != nullptr ? stringField(*method) : std::string(),
+        blockSize != nullptr ? intField(*blockSize) : 0,
+        activation != nullptr ? intField(*activation) : ACCULLM_SPARSE_ACTIVATION_SILU);
 }
 
 bool SparseSkipMLPPlugin::predictor() const noexcept
@@ -203,7 +208,7 @@ int32_t SparseSkipMLPPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
         int const status = accullm_sparse_skip_mlp(input(at.x), input(at.gate), input(at.up), input(at.down),
             input(at.level), input(at.downRank), input(at.upRank), input(at.guessBias), input(at.gateScale),
             input(at.upScale), input(at.downScale), outputs[0], tokens, hidden, intermediate, rank, method,
-            mBlockSize, workspace, workspaceBytes, stream);
+            mActivation, mBlockSize, workspace, workspaceBytes, stream);
         return enqueueStatus(kSPARSE_SKIP_MLP_NAME, status);
     });
 }
@@ -212,14 +217,15 @@ PluginFieldCollection const* SparseSkipMLPPlugin::getFieldsToSerialize() noexcep
 {
     int32_t const methodBytes = static_cast<int32_t>(mMethod.size() + 1); // with the terminating NUL
     return serializeFields({{"method", mMethod.c_str(), PluginFieldType::kCHAR, methodBytes},
-        {"block_size", &mBlockSize, PluginFieldType::kINT32, 1}});
+        {"block_size", &mBlockSize, PluginFieldType::kINT32, 1},
+        {"activation", &mActivation, PluginFieldType::kINT32, 1}});
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 
 SparseSkipMLPPluginCreator::SparseSkipMLPPluginCreator()
     : PluginCreatorV3OneBase({{"method", nullptr, PluginFieldType::kCHAR, 0},
-        {"block_size", nullptr, PluginFieldType::kINT32, 1}})
+        {"block_size", nullptr, PluginFieldType::kINT32, 1}, {"activation", nullptr, PluginFieldType::kINT32, 1}})
 {
 }
 

@@ -6,7 +6,8 @@
  * only: gate_scale [ceil(H / b), I], up_scale [ceil(H / b), I], down_scale [ceil(I / b), H] (inputs 8-10, or
  * 5-7 for "threshold" when the empty guesser inputs are not passed). Float tensors fp16; int4 weights as
  * DataType::kINT4 or as their packed bytes in int8 [rows, columns / 2]. Output y [..., H] fp16.
- * Fields: method (string "threshold" | "predictor"), block_size (int32, 0 for fp16 weights).
+ * Fields: method (string "threshold" | "predictor"), block_size (int32, 0 for fp16 weights), activation (int32,
+ * the gate's: 0 silu, 1 gelu_tanh; absent means 0).
  * Semantics: reference.py. Kernel: SparseSkipMLPKernel.h (C ABI).
  */
 #pragma once
@@ -22,7 +23,9 @@ namespace plugin
 {
 
 constexpr char const* kSPARSE_SKIP_MLP_NAME = "SparseSkipMLP";
-constexpr char const* kSPARSE_SKIP_MLP_VERSION = "1"; // bump when the inputs, outputs or fields change
+// Bump when the inputs or outputs change or a field changes meaning; a new field whose default keeps the old
+// behaviour (activation: silu) leaves the files written before it valid, so it keeps the version.
+constexpr char const* kSPARSE_SKIP_MLP_VERSION = "1";
 
 //! Positions of the op's inputs for one (method, block_size, number of inputs); -1 for absent ones.
 struct SparseSkipMLPInputs
@@ -40,9 +43,10 @@ public:
     static constexpr char const* kNAME = kSPARSE_SKIP_MLP_NAME;
     static constexpr char const* kVERSION = kSPARSE_SKIP_MLP_VERSION;
 
-    //! Throws std::invalid_argument for a method other than "threshold" / "predictor" or a negative block size.
-    SparseSkipMLPPlugin(std::string method, int32_t blockSize);
-    //! From the fields method and block_size (default 0); throws std::invalid_argument.
+    //! Throws std::invalid_argument for a method other than "threshold" / "predictor", a negative block size or
+    //! an activation other than ACCULLM_SPARSE_ACTIVATION_SILU / _GELU_TANH.
+    SparseSkipMLPPlugin(std::string method, int32_t blockSize, int32_t activation);
+    //! From the fields method, block_size (default 0) and activation (default silu); throws std::invalid_argument.
     static SparseSkipMLPPlugin fromFields(nvinfer1::PluginFieldCollection const& fields);
 
     // IPluginV3OneBuild
@@ -77,6 +81,7 @@ private:
 
     std::string mMethod;
     int32_t mBlockSize;
+    int32_t mActivation;
     int32_t mNbInputs{0}; // as configured (build) or seen by onShapeChange (run time); enqueue is not told
 };
 

@@ -10,11 +10,12 @@ Inputs (by position; 5-7 only for ``method="predictor"``, 8-10 only when ``block
     6 up_rank      [r, I]
     7 guess_bias   [I]
     8-10 gate_scale [H/b, I], up_scale [H/b, I], down_scale [I/b, H]   (symmetric, zero point 0)
-Attributes: method ("threshold" | "predictor"), block_size (0: float weights).
+Attributes: method ("threshold" | "predictor"), block_size (0: float weights), activation (the gate's, a key of
+ACTIVATIONS: 0 silu, 1 gelu_tanh; absent means 0).
 Output: y [..., H].
 
-Per token t: score = |silu(x W_gate) * (x W_up)| (threshold) or the guesser's logits (predictor); neuron n is
-kept where score[t, n] > level; y[t] = sum over kept n of a[t, n] * W_down[n]. A kernel reads only the kept
+Per token t: a = act(x W_gate) * (x W_up); score = |a| (threshold) or the guesser's logits (predictor); neuron n
+is kept where score[t, n] > level; y[t] = sum over kept n of a[t, n] * W_down[n]. A kernel reads only the kept
 rows/columns (for int4: whole packed blocks of the kept neurons' columns of gate/up, and the kept rows of
 down, each row's int4 values and its block's scale).
 """
@@ -26,14 +27,31 @@ import numpy as np
 OP_TYPE, DOMAIN, VERSION = "SparseSkipMLP", "accullm", 1
 
 
+def silu(gate: np.ndarray) -> np.ndarray:
+    """x * sigmoid(x)."""
+    return gate / (1.0 + np.exp(-gate))
+
+
+def gelu_tanh(gate: np.ndarray) -> np.ndarray:
+    """ONNX Gelu with approximate="tanh": 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+    return 0.5 * gate * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (gate + 0.044715 * gate ** 3)))
+
+
+ACTIVATIONS = {0: silu, 1: gelu_tanh}  # the ``activation`` attribute -> the gate's activation
+
+
 def dequantize_blocked(values: np.ndarray, scales: np.ndarray, block_size: int) -> np.ndarray:
     """int4 values [K, N] with scales [ceil(K / block_size), N] along axis 0 -> float64."""
     return values.astype(np.float64) * np.repeat(scales.astype(np.float64), block_size, axis=0)[:values.shape[0]]
 
 
 def sparse_skip_mlp(x, gate_weight, up_weight, down_weight, level, down_rank=None, up_rank=None, guess_bias=None,
-                    gate_scale=None, up_scale=None, down_scale=None, *, method: str, block_size: int = 0):
+                    gate_scale=None, up_scale=None, down_scale=None, *, method: str, block_size: int = 0,
+                    activation: int = 0):
     """y for every token of x; computed in float64 and returned in x's dtype."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; the op takes {sorted(ACTIVATIONS)}")
+    act = ACTIVATIONS[activation]
     if block_size:
         gate_weight = dequantize_blocked(gate_weight, gate_scale, block_size)
         up_weight = dequantize_blocked(up_weight, up_scale, block_size)
@@ -47,13 +65,13 @@ def sparse_skip_mlp(x, gate_weight, up_weight, down_weight, level, down_rank=Non
             score = row @ np.asarray(down_rank, np.float64) @ np.asarray(up_rank, np.float64) + guess_bias
             kept = np.flatnonzero(score > level)
             gate, up = row @ gate_weight[:, kept], row @ up_weight[:, kept]
-            activation = gate / (1.0 + np.exp(-gate)) * up
+            values = act(gate) * up
         elif method == "threshold":
             gate, up = row @ gate_weight, row @ up_weight
-            full = gate / (1.0 + np.exp(-gate)) * up
+            full = act(gate) * up
             kept = np.flatnonzero(np.abs(full) > level)
-            activation = full[kept]
+            values = full[kept]
         else:
             raise ValueError(f"unknown method {method!r}")
-        out[t] = activation @ down_weight[kept]
+        out[t] = values @ down_weight[kept]
     return out.reshape(*shape[:-1], down_weight.shape[1]).astype(x.dtype)

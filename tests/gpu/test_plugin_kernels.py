@@ -121,23 +121,24 @@ def dense_float(values, scales, block_size):
     return values.astype(np.float64) if not block_size else ssm.dequantize_blocked(values, scales, block_size)
 
 
-def scores_and_activation(inputs, method, block_size):
+def scores_and_activation(inputs, method, block_size, activation_code=0):
     x = inputs["x"].astype(np.float64)
     gate = x @ dense_float(inputs["gate_weight"], inputs["gate_scale"], block_size)
     up = x @ dense_float(inputs["up_weight"], inputs["up_scale"], block_size)
-    activation = gate / (1.0 + np.exp(-gate)) * up
+    activation = ssm.ACTIVATIONS[activation_code](gate) * up
     if method == "threshold":
         return np.abs(activation), activation
     rank = x @ inputs["down_rank"].astype(np.float64) @ inputs["up_rank"].astype(np.float64)
     return rank + inputs["guess_bias"].astype(np.float64), activation
 
 
-def run_sparse_skip_mlp(lib, device: Device, tokens, hidden, intermediate, method, block_size, sparsity=0.5, seed=0):
+def run_sparse_skip_mlp(lib, device: Device, tokens, hidden, intermediate, method, block_size, sparsity=0.5, seed=0,
+                        activation_code=0):
     """(kernel y, reference y, slack): slack bounds, per output, what neurons whose score lies within fp32 rounding of
     the level may contribute (the kernel selects in fp32, the reference in fp64)."""
     rng = np.random.default_rng(seed)
     inputs = sparse_mlp_inputs(rng, tokens, hidden, intermediate, method, block_size)
-    scores, activation = scores_and_activation(inputs, method, block_size)
+    scores, activation = scores_and_activation(inputs, method, block_size, activation_code)
     level = np.array(np.quantile(scores, sparsity) if method == "threshold" else 0.0, dtype=np.float16)
     rank = inputs["down_rank"].shape[1] if method == "predictor" else 0
     stored = {name: osg.pack_int4(inputs[name]) if block_size else inputs[name]
@@ -151,14 +152,15 @@ def run_sparse_skip_mlp(lib, device: Device, tokens, hidden, intermediate, metho
         device.put(stored["down_weight"]), device.put(level), device.put(inputs["down_rank"]),
         device.put(inputs["up_rank"]), device.put(inputs["guess_bias"]), device.put(inputs["gate_scale"]),
         device.put(inputs["up_scale"]), device.put(inputs["down_scale"]), y.data_ptr(), tokens, hidden,
-        intermediate, rank, kernels.METHODS[method], block_size, workspace.data_ptr(), workspace_bytes,
-        device.stream())
+        intermediate, rank, kernels.METHODS[method], activation_code, block_size, workspace.data_ptr(),
+        workspace_bytes, device.stream())
     assert status == 0, f"kernel returned cudaError {status}"
     device.synchronize()
     expected = ssm.sparse_skip_mlp(inputs["x"].astype(np.float64), inputs["gate_weight"], inputs["up_weight"],
                                    inputs["down_weight"], level, inputs["down_rank"], inputs["up_rank"],
                                    inputs["guess_bias"], inputs["gate_scale"], inputs["up_scale"],
-                                   inputs["down_scale"], method=method, block_size=block_size)
+                                   inputs["down_scale"], method=method, block_size=block_size,
+                                   activation=activation_code)
     borderline = np.abs(scores - np.float64(level)) <= 1e-4 * max(abs(float(level)), 1e-3)
     down = np.abs(dense_float(inputs["down_weight"], inputs["down_scale"], block_size))
     slack = (np.abs(activation) * borderline) @ down
@@ -197,8 +199,11 @@ def test_outlier_split_gemm_tensor_core_edges(torch, lib, rows, k, n, bits, bloc
 @pytest.mark.parametrize("method,block_size", [("threshold", 0), ("predictor", 0), ("threshold", 64),
                                                 ("predictor", 64)])
 @pytest.mark.parametrize("hidden,intermediate", [(576, 1536), (4096, 11008)])
-def test_sparse_skip_mlp_matches_reference(torch, lib, hidden, intermediate, method, block_size, tokens):
-    y, expected, slack = run_sparse_skip_mlp(lib, Device(torch), tokens, hidden, intermediate, method, block_size)
+@pytest.mark.parametrize("activation_code", sorted(ssm.ACTIVATIONS))
+def test_sparse_skip_mlp_matches_reference(torch, lib, hidden, intermediate, method, block_size, tokens,
+                                           activation_code):
+    y, expected, slack = run_sparse_skip_mlp(lib, Device(torch), tokens, hidden, intermediate, method, block_size,
+                                             activation_code=activation_code)
     tolerance = 5e-3 * np.abs(expected).max()
     excess = np.abs(y.astype(np.float64) - expected) - slack
     assert excess.max() < tolerance, f"worst excess {excess.max():.3g} over tolerance {tolerance:.3g}"

@@ -1,6 +1,7 @@
 """TensorRT plugins on the CPU: the NumPy references against independent computations, the CUDA kernels compiled for
-Orin (sm_87) and Hopper (sm_90) and linked into a library exporting the C ABI, and the plugin sources consistent with
-the references. Running the kernels needs a GPU: tests/gpu/test_plugin_kernels.py."""
+Orin (sm_87) and Hopper (sm_90) and linked into a library exporting the C ABI, SparseSkipMLP's plugin creator run
+against TensorRT's headers, and the plugin sources consistent with the references. Running the kernels needs a GPU:
+tests/gpu/test_plugin_kernels.py."""
 
 from __future__ import annotations
 
@@ -106,8 +107,17 @@ def _silu(values):
     return values / (1.0 + np.exp(-values))
 
 
+def _gelu_tanh(values):
+    inner = np.sqrt(2.0 / np.pi) * (values + 0.044715 * values ** 3)
+    return values * (1.0 + np.tanh(inner)) / 2.0
+
+
+ACTIVATION_FUNCTIONS = {0: _silu, 1: _gelu_tanh}  # the op's activation attribute -> the gate's activation
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATION_FUNCTIONS))
 @pytest.mark.parametrize("method", ["threshold", "predictor"])
-def test_sparse_skip_mlp_reference_equals_masked_dense_mlp(rng, method):
+def test_sparse_skip_mlp_reference_equals_masked_dense_mlp(rng, method, activation):
     """Independent computation: the whole batch at once, dense activations times a 0/1 mask, no neuron lists."""
     tokens, hidden, intermediate, rank = 5, 32, 64, 4
     x = rng.standard_normal((tokens, hidden))
@@ -115,15 +125,46 @@ def test_sparse_skip_mlp_reference_equals_masked_dense_mlp(rng, method):
     down = rng.standard_normal((intermediate, hidden)) / np.sqrt(intermediate)
     down_rank, up_rank = rng.standard_normal((hidden, rank)), rng.standard_normal((rank, intermediate))
     guess_bias = rng.standard_normal(intermediate) * 0.1
-    activation = _silu(x @ gate) * (x @ up)
-    score = np.abs(activation) if method == "threshold" else x @ down_rank @ up_rank + guess_bias
+    values = ACTIVATION_FUNCTIONS[activation](x @ gate) * (x @ up)
+    score = np.abs(values) if method == "threshold" else x @ down_rank @ up_rank + guess_bias
     level = np.quantile(score, 0.5)
-    expected = (activation * (score > level)) @ down
+    expected = (values * (score > level)) @ down
 
-    y = ssm.sparse_skip_mlp(x, gate, up, down, level, down_rank, up_rank, guess_bias, method=method)
+    y = ssm.sparse_skip_mlp(x, gate, up, down, level, down_rank, up_rank, guess_bias, method=method,
+                            activation=activation)
 
     np.testing.assert_allclose(y, expected, rtol=1e-10, atol=1e-12)
-    assert not np.allclose(y, activation @ down)  # the level really dropped neurons
+    assert not np.allclose(y, values @ down)  # the level really dropped neurons
+
+
+def test_sparse_skip_mlp_reference_defaults_to_silu(rng):
+    """A node written before the activation attribute existed computes SiLU."""
+    x, down = rng.standard_normal((4, 16)), rng.standard_normal((32, 16))
+    gate, up = rng.standard_normal((2, 16, 32))
+    default = ssm.sparse_skip_mlp(x, gate, up, down, 0.1, method="threshold")
+    np.testing.assert_array_equal(default, ssm.sparse_skip_mlp(x, gate, up, down, 0.1, method="threshold",
+                                                               activation=0))
+
+
+@pytest.mark.parametrize("activation", [2, -1])
+def test_sparse_skip_mlp_reference_refuses_an_unknown_activation(activation):
+    x, weight = np.zeros((1, 4)), np.zeros((4, 4))
+    with pytest.raises(ValueError, match="unknown activation"):
+        ssm.sparse_skip_mlp(x, weight, weight, weight, 0.0, method="threshold", activation=activation)
+
+
+def test_sparse_skip_mlp_activation_codes_agree_everywhere():
+    """reference.py, the kernel's C ABI constants and the swap pass give each activation the same code, and the
+    swap pass has a code for every activation the MLP matcher finds."""
+    from accullm_export.graph.mlp import GATE_ACTIVATIONS
+    from accullm_export.graph.passes import fuse_sparse_skip_mlp
+
+    reference = {function.__name__: code for code, function in ssm.ACTIVATIONS.items()}
+    header = (PLUGINS / "sparse_skip_mlp" / "SparseSkipMLPKernel.h").read_text()
+    defined = {name.lower(): int(code) for name, code in
+               re.findall(r"#define ACCULLM_SPARSE_ACTIVATION_(\w+) (\d+)", header)}
+    assert reference == defined == fuse_sparse_skip_mlp.ACTIVATIONS == {"silu": 0, "gelu_tanh": 1}
+    assert set(GATE_ACTIVATIONS) == set(reference)
 
 
 # --- CUDA kernels: compile, link, export ---------------------------------------------------------------------------
@@ -178,7 +219,9 @@ def test_kernel_library_host_side_without_a_gpu(kernel_library):
     threshold, predictor = mlp_workspace(4, 576, 1536, 0, 0, 0), mlp_workspace(4, 576, 1536, 16, 1, 0)
     assert predictor > threshold >= 3 * 4 * 4 * 1536  # gate, up, activation buffers in fp32
     assert mlp_workspace(1, 576, 1536, 0, 1, 0) == 0  # the predictor needs a rank
-    assert lib.accullm_sparse_skip_mlp(*[None] * 12, 1, 576, 1536, 0, 7, 0, None, 0, None) == 1
+    assert lib.accullm_sparse_skip_mlp(*[None] * 12, 1, 576, 1536, 0, 7, 0, 0, None, 0, None) == 1  # method 7
+    for activation, status in ((0, 0), (1, 0), (2, 1), (-1, 1)):  # no tokens: nothing to do, once it is the op
+        assert lib.accullm_sparse_skip_mlp(*[None] * 12, 0, 576, 1536, 0, 0, activation, 0, None, 0, None) == status
 
 
 def test_compile_command_carries_the_tuning_knobs(tmp_path):
@@ -207,6 +250,110 @@ def test_knob_macros_reach_the_kernels(tmp_path):
                                                       defines={"ACCULLM_MMA_STAGES": 1}),
                          capture_output=True, text=True)
     assert run.returncode != 0 and "ACCULLM_MMA_STAGES: at least 2" in run.stdout + run.stderr
+
+
+# --- SparseSkipMLP's plugin creator, driven as TensorRT drives it (headers only, no GPU) ----------------------------
+
+TENSORRT_INCLUDE = PLUGINS.parent.parent / "shared" / "tensorrt" / "10.3" / "include"  # as test_plugin_headers.py
+
+CREATOR_HARNESS = r"""
+// argv: method block_size [activation] (the activation field only when given). Prints the activation field the
+// created plugin serializes and the one a plugin re-created from those fields (deserialization) serializes, or
+// "refused" when the creator returns no plugin.
+#include "SparseSkipMLPPlugin.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+using namespace nvinfer1;
+
+namespace
+{
+int32_t serializedActivation(IPluginV3* plugin)
+{
+    auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    PluginFieldCollection const* fields = runtime->getFieldsToSerialize();
+    for (int32_t i = 0; i < fields->nbFields; ++i)
+    {
+        if (std::strcmp(fields->fields[i].name, "activation") == 0)
+        {
+            return *static_cast<int32_t const*>(fields->fields[i].data);
+        }
+    }
+    return -1;
+}
+} // namespace
+
+int main(int argc, char** argv)
+{
+    if (argc < 3)
+    {
+        return 2;
+    }
+    int32_t const blockSize = std::atoi(argv[2]);
+    int32_t const activation = argc > 3 ? std::atoi(argv[3]) : 0;
+    std::vector<PluginField> fields{
+        {"method", argv[1], PluginFieldType::kCHAR, static_cast<int32_t>(std::strlen(argv[1]) + 1)},
+        {"block_size", &blockSize, PluginFieldType::kINT32, 1}};
+    if (argc > 3)
+    {
+        fields.emplace_back("activation", &activation, PluginFieldType::kINT32, 1);
+    }
+    PluginFieldCollection const collection{static_cast<int32_t>(fields.size()), fields.data()};
+    accullm::plugin::SparseSkipMLPPluginCreator creator;
+    IPluginV3* plugin = creator.createPlugin("mlp", &collection, TensorRTPhase::kBUILD);
+    if (plugin == nullptr)
+    {
+        std::printf("refused\n");
+        return 0;
+    }
+    PluginFieldCollection const serialized = *static_cast<IPluginV3OneRuntime*>(
+        plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME))->getFieldsToSerialize();
+    IPluginV3* restored = creator.createPlugin("mlp", &serialized, TensorRTPhase::kRUNTIME);
+    std::printf("%d %d\n", serializedActivation(plugin), restored != nullptr ? serializedActivation(restored) : -2);
+    delete restored;
+    delete plugin;
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def creator_harness(kernel_library, tmp_path_factory):
+    """CREATOR_HARNESS linked with the plugin sources and the kernel library, against TensorRT 10.3's headers."""
+    if not (TENSORRT_INCLUDE / "NvInferRuntime.h").is_file():
+        pytest.skip(f"TensorRT 10.3 headers not found at {TENSORRT_INCLUDE} (the shared folder beside the checkout)")
+    folder = tmp_path_factory.mktemp("creator")
+    (folder / "creator.cpp").write_text(CREATOR_HARNESS)
+    sources = [folder / "creator.cpp", PLUGINS / "sparse_skip_mlp" / "SparseSkipMLPPlugin.cpp",
+               PLUGINS / "outlier_split_gemm" / "OutlierSplitGemmPlugin.cpp", PLUGINS / "common" / "accullmPlugin.cpp"]
+    run = subprocess.run([NVCC, "-std=c++17", "-Xcompiler", "-Wall,-Wextra,-Werror", "-I",
+                          str(PLUGINS / "sparse_skip_mlp"), "-isystem", str(TENSORRT_INCLUDE), *map(str, sources),
+                          str(kernel_library), "-Xlinker", f"-rpath={kernel_library.parent}", "-o",
+                          str(folder / "creator")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return folder / "creator"
+
+
+@needs_nvcc
+@pytest.mark.parametrize("fields,printed", [
+    (["threshold", "0"], "0 0"),  # a node or engine written before the activation field: silu
+    (["predictor", "64", "0"], "0 0"),
+    (["threshold", "64", "1"], "1 1"),
+    (["predictor", "0", "1"], "1 1")])
+def test_sparse_skip_mlp_creator_reads_and_serializes_the_activation(creator_harness, fields, printed):
+    run = subprocess.run([creator_harness, *fields], capture_output=True, text=True)
+    assert (run.returncode, run.stdout.strip(), run.stderr) == (0, printed, "")
+
+
+@needs_nvcc
+@pytest.mark.parametrize("activation", ["2", "-1"])
+def test_sparse_skip_mlp_creator_refuses_an_unknown_activation(creator_harness, activation):
+    run = subprocess.run([creator_harness, "threshold", "0", activation], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "refused"
+    assert f"activation must be 0 (silu) or 1 (gelu_tanh), got {activation}" in run.stderr
 
 
 # --- Plugin sources against the references ---------------------------------------------------------------------

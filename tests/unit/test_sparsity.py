@@ -1,4 +1,5 @@
-"""sparsify: the sparse-skip MLP rewrite equals an independent NumPy emulation; guesser training; refusals."""
+"""sparsify: the sparse-skip MLP rewrite equals an independent NumPy emulation, on SwiGLU (Llama) and gated GELU-tanh
+(Gemma 2 and 3) MLPs; guesser training; refusals."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from accullm_export.runtime.intermediates import IntermediateReader
 from accullm_export.sparsity.config import SparsityConfig
 from accullm_export.sparsity.predictor import train_predictor
 from tests.helpers.emulation import np_round_symmetric
+from tests.helpers.models import SAMPLES, SEQ_LEN, TEXT, make_tiny_checkpoint
 
 FAST = dict(rank=8, samples=4, steps=60)  # tiny guessers: seconds for the whole model
 
@@ -30,11 +32,15 @@ def np_silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def np_sparse_mlp(x, gate, up, down, score, level):
+def np_gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def np_sparse_mlp(x, gate, up, down, score, level, act=np_silu):
     """Each token keeps the neurons whose score exceeds ``level``; only they are computed."""
     keep = score > level
     union = keep.any(axis=0)
-    a = np_silu(x @ gate[:, union]) * (x @ up[:, union])
+    a = act(x @ gate[:, union]) * (x @ up[:, union])
     return np.where(keep[:, union], a, 0.0) @ down[union], union, keep
 
 
@@ -59,8 +65,9 @@ def feeds(folder, seq, start=1):
     return feed
 
 
-def check_against_numpy(dense_folder, sparse_folder, weights, seq, level_of):
-    """Tap each MLP's input and output in the sparse model and recompute the MLP in NumPy from the input."""
+def check_against_numpy(dense_folder, sparse_folder, weights, seq, level_of, act=np_silu):
+    """Tap each MLP's input and output in the sparse model and recompute the MLP (gate activation ``act``) in NumPy
+    from the input."""
     names = mlp_names(dense_folder)
     reader = IntermediateReader(sparse_folder / "model.onnx", "basic")
     taps = [name for entry in names for name in (entry[1], entry[3], f"{entry[0]}/sparse/union_output")]
@@ -70,8 +77,8 @@ def check_against_numpy(dense_folder, sparse_folder, weights, seq, level_of):
     for prefix, x_name, _, out_name, gate, up, down in names:
         x = values[x_name].reshape(-1, values[x_name].shape[-1]).astype(np.float64)
         g, u, d = (weights(name) for name in (gate, up, down))
-        score, level = level_of(prefix, x, g, u, constants)
-        expected, union, keep = np_sparse_mlp(x, g, u, d, score, level)
+        score, level = level_of(prefix, x, act(x @ g) * (x @ u), constants)
+        expected, union, keep = np_sparse_mlp(x, g, u, d, score, level, act)
         np.testing.assert_array_equal(values[f"{prefix}/sparse/union_output"], union)
         assert 0 < keep.sum() < keep.size, "each token should keep some neurons and skip others"
         np.testing.assert_allclose(values[out_name].reshape(expected.shape), expected, rtol=1e-4, atol=1e-5)
@@ -79,11 +86,11 @@ def check_against_numpy(dense_folder, sparse_folder, weights, seq, level_of):
     assert checked == len(names) == 2
 
 
-def threshold_level(prefix, x, g, u, constants):
-    return np.abs(np_silu(x @ g) * (x @ u)), float(constants[f"{prefix}/sparse/level"])
+def threshold_level(prefix, x, activation, constants):
+    return np.abs(activation), float(constants[f"{prefix}/sparse/level"])
 
 
-def predictor_level(prefix, x, g, u, constants):
+def predictor_level(prefix, x, activation, constants):
     logits = x @ constants[f"{prefix}/sparse/down_rank"] @ constants[f"{prefix}/sparse/up_rank"]
     return logits + constants[f"{prefix}/sparse/guess_bias"], float(constants[f"{prefix}/sparse/level"])
 
@@ -147,7 +154,7 @@ def test_the_first_position_stays_dense(planted_model, profile, tmp_path, dense_
     for prefix, x_name, _, out_name, gate, up, down in names:
         x = values[x_name].reshape(-1, values[x_name].shape[-1]).astype(np.float64)
         g, u, d = (dense_weights[name].astype(np.float64) for name in (gate, up, down))
-        score, level = threshold_level(prefix, x, g, u, constants)
+        score, level = threshold_level(prefix, x, np_silu(x @ g) * (x @ u), constants)
         if dense_first:
             score[0] = np.inf
         expected, union, keep = np_sparse_mlp(x, g, u, d, score, level)
@@ -269,7 +276,7 @@ def test_a_model_without_an_mlp_is_refused(tmp_path):
                               [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], [weight])
     blocks = find_mlp_blocks(gs.import_onnx(helper.make_model(graph)))
-    with pytest.raises(UserError, match="no recognisable SwiGLU MLP"):
+    with pytest.raises(UserError, match="no recognisable gated MLP"):
         plan_sparsity(tmp_path / "m.onnx", blocks, profile=None, config=SparsityConfig(sparsity=0.5))
 
 
@@ -301,30 +308,112 @@ def test_sparsify_cli(planted_model, profile, tmp_path, capsys):
     assert code == 0 and "sparsity 0.50 (threshold) on 2 MLPs" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("config", [SparsityConfig(sparsity=0.5), SparsityConfig(sparsity=0.4, method="predictor",
-                                                                                     **FAST)])
-def test_fused_op_swap_matches_the_standard_subgraph(planted_model, profile, tmp_path, config):
-    """The TensorRT swap pass: one accullm::SparseSkipMLP per MLP, whose NumPy reference reproduces the standard
-    subgraph's output from the same inputs."""
+SWAP_CONFIGS = [SparsityConfig(sparsity=0.5), SparsityConfig(sparsity=0.4, method="predictor", **FAST)]
+
+
+def check_fused_swap(folder, profile, out, config, activation_op: str) -> list:
+    """The TensorRT swap pass: one accullm::SparseSkipMLP per MLP, replacing the MLP's activation nodes, whose NumPy
+    reference (given the node's own attributes) reproduces the standard subgraph's output from the same inputs.
+    Returns the fused nodes."""
     from accullm_export.graph.ir import load_graph
     from accullm_export.graph.pipeline import run_passes
     from plugins.sparse_skip_mlp.reference import sparse_skip_mlp
 
-    folder, _ = planted_model
-    sparsify_model(folder, tmp_path / "s", config, profile)
-    graph, _ = load_graph(tmp_path / "s/model.onnx")
+    sparsify_model(folder, out, config, profile)
+    graph, _ = load_graph(out / "model.onnx")
     graph, (report,), _ = run_passes(graph, [("fuse_sparse_skip_mlp", None)])
     fused = [node for node in graph.nodes if node.op == "SparseSkipMLP"]
     assert len(fused) == 2 and not report.notes
-    assert not any(node.op in ("Compress", "Sigmoid") for node in graph.nodes)
+    assert not any(node.op in ("Compress", activation_op) for node in graph.nodes)
     assert {node.domain for node in fused} == {"accullm"}
-    reader = IntermediateReader(tmp_path / "s/model.onnx", "basic")
+    reader = IntermediateReader(out / "model.onnx", "basic")
     taps = [name for node in fused for name in (node.inputs[0].name, node.outputs[0].name)]
     values = reader.run(feeds(folder, 24), taps)
     for node in fused:
         constants = [tensor.values for tensor in node.inputs[1:]]
-        expected = sparse_skip_mlp(values[node.inputs[0].name], *constants, method=node.attrs["method"])
+        expected = sparse_skip_mlp(values[node.inputs[0].name], *constants, method=node.attrs["method"],
+                                   activation=node.attrs["activation"])
         np.testing.assert_allclose(expected, values[node.outputs[0].name], rtol=1e-4, atol=1e-5)
+    return fused
+
+
+@pytest.mark.parametrize("config", SWAP_CONFIGS)
+def test_fused_op_swap_matches_the_standard_subgraph(planted_model, profile, tmp_path, config):
+    fused = check_fused_swap(planted_model[0], profile, tmp_path / "s", config, "Sigmoid")
+    assert {node.attrs["activation"] for node in fused} == {0}  # silu
+
+
+# ------------------------------------------------------------------------------------------- gated GELU-tanh MLPs
+@pytest.fixture(scope="module", params=[("gemma2", "fused"), ("gemma3_text", "decomposed")],
+                ids=["gemma2-fused", "gemma3-decomposed"])
+def gelu_model(request, tmp_path_factory):
+    """A tiny Gemma (down(gelu_tanh(gate(x)) * up(x))) exported with one attention form, and its profile."""
+    from accullm_export.calibration.outliers import OutlierPolicy
+    from accullm_export.calibration.run import CalibrationConfig, calibrate
+    from accullm_export.models.export import export_model
+
+    model_type, attention = request.param
+    root = tmp_path_factory.mktemp(f"{model_type}-{attention}")
+    hf = make_tiny_checkpoint(root / "hf", model_type, seed=3)
+    export_model(str(hf), root / "onnx", attention=attention)
+    (root / "text.txt").write_text(TEXT)
+    calibrate(root / "onnx", root / "profile", CalibrationConfig(
+        source=str(root / "text.txt"), samples=SAMPLES, seq_len=SEQ_LEN, policy=OutlierPolicy(name="ratio", k=2,
+                                                                                              ratio=20.0)))
+    return root / "onnx", root / "profile"
+
+
+def test_finds_the_gated_gelu_mlps_by_structure(gelu_model, planted_model):
+    folder, _ = gelu_model
+    graph = gs.import_onnx(onnx.load(str(folder / "model.onnx"), load_external_data=False))
+    blocks = find_mlp_blocks(graph)
+    assert [block.name for block in blocks] == ["/model/layers.0/mlp", "/model/layers.1/mlp"]
+    assert all(block.activation_kind == "gelu_tanh" and block.plain and [node.op for node in block.activation_nodes]
+               == ["Gelu"] for block in blocks)
+    llama = gs.import_onnx(onnx.load(str(planted_model[0] / "model.onnx"), load_external_data=False))
+    assert all(block.activation_kind == "silu" and [node.op for node in block.activation_nodes] == ["Sigmoid", "Mul"]
+               for block in find_mlp_blocks(llama))
+    for block in blocks:  # the exact GELU is another function: not matched
+        block.activation.attrs["approximate"] = "none"
+    assert find_mlp_blocks(graph) == []
+
+
+def test_gelu_sparsity_zero_is_the_dense_model(gelu_model, tmp_path):
+    from accullm_export.runtime.session import create_session
+
+    folder, profile = gelu_model
+    manifest = sparsify_model(folder, tmp_path / "s0", SparsityConfig(sparsity=0.0), profile)
+    assert manifest["sparsity"]["mlps"] == 2
+    feed = feeds(folder, 16)
+    dense = create_session(folder / "model.onnx", optimization="basic").run(["logits"], feed)[0]
+    sparse = create_session(tmp_path / "s0/model.onnx", optimization="basic").run(["logits"], feed)[0]
+    np.testing.assert_array_equal(dense, sparse)
+
+
+@pytest.mark.parametrize("seq", [1, 24])
+def test_gelu_threshold_method_equals_numpy(gelu_model, tmp_path, seq):
+    folder, profile = gelu_model
+    manifest = sparsify_model(folder, tmp_path / "t", SparsityConfig(sparsity=0.5), profile)
+    assert [layer["activation"] for layer in manifest["sparsity"]["layers"]] == ["gelu_tanh"] * 2
+    dense_weights = initializers(folder / "model.onnx")
+    check_against_numpy(folder, tmp_path / "t", lambda name: dense_weights[name].astype(np.float64), seq,
+                        threshold_level, act=np_gelu_tanh)
+
+
+@pytest.mark.parametrize("seq", [1, 24])
+def test_gelu_predictor_method_equals_numpy(gelu_model, tmp_path, seq):
+    """The guesser narrows gate and up: the graph's Gelu then runs on the kept neurons' columns only."""
+    folder, profile = gelu_model
+    sparsify_model(folder, tmp_path / "p", SparsityConfig(sparsity=0.4, method="predictor", **FAST), profile)
+    dense_weights = initializers(folder / "model.onnx")
+    check_against_numpy(folder, tmp_path / "p", lambda name: dense_weights[name].astype(np.float64), seq,
+                        predictor_level, act=np_gelu_tanh)
+
+
+@pytest.mark.parametrize("config", SWAP_CONFIGS)
+def test_gelu_fused_op_swap_matches_the_standard_subgraph(gelu_model, tmp_path, config):
+    fused = check_fused_swap(*gelu_model, tmp_path / "s", config, "Gelu")
+    assert {node.attrs["activation"] for node in fused} == {1}  # gelu_tanh
 
 
 def test_fused_op_reference_int4_equals_its_dequantized_float():

@@ -60,5 +60,5 @@ def test_ceiling_model_refuses_a_model_without_plain_mlps(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
     (tmp_path / "m").mkdir()
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m/model.onnx"))
-    with pytest.raises(RuntimeError, match="no plain SwiGLU MLP"):
+    with pytest.raises(RuntimeError, match="no plain gated MLP"):
         bench.ceiling_model(tmp_path / "m", tmp_path / "out", "threshold", 0.5, rank=8)

@@ -1,10 +1,12 @@
 """TensorRT targets only: swap each standard-ONNX sparse-skip MLP for one ``accullm::SparseSkipMLP`` node.
 
 Runs on the output of ``skip_sparse_neurons`` before ``merge_parallel_linears`` (TensorRT needs no merging).
-The op's inputs and semantics are defined in ``plugins/sparse_skip_mlp/reference.py``; weights go in as
-stored: float constants, or int4 values plus their block scales (``block_size`` > 0). An MLP whose weights are
-stored any other way (int8 per channel, a Cast of fp16), or with an FP16 outlier branch on one of its
-projections, stays standard, with a note.
+The op's inputs and semantics are defined in ``plugins/sparse_skip_mlp/reference.py``. Its ``activation``
+attribute names the gate's activation (SiLU or the tanh-approximated GELU), found by structure
+(:func:`accullm_export.graph.mlp.gated_product`); the fused node replaces the MLP's own activation nodes. Weights
+go in as stored: float constants, or int4 values plus their block scales (``block_size`` > 0). An MLP whose
+weights are stored any other way (int8 per channel, a Cast of fp16), or with an FP16 outlier branch on one of
+its projections, stays standard, with a note.
 
 The fused op selects every token's neurons by its score alone, with no position input: a standard graph with a
 dense first position (``dense_first``) would compute something else at position 0, so TensorRT recipes turn it
@@ -16,11 +18,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from accullm_export.graph.mlp import gated_product
 from accullm_export.graph.pass_data import PassResult
 from accullm_export.graph.passes import PLUGIN_ATTRIBUTES, PLUGIN_DOMAIN, register
 from accullm_export.graph.rewrite import producer_of, stored_scales
 
 OP_TYPE, DOMAIN, VERSION = "SparseSkipMLP", PLUGIN_DOMAIN, 1
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # graph.mlp.GATE_ACTIVATIONS kind -> the op's ``activation`` attribute
 
 
 @register("fuse_sparse_skip_mlp")
@@ -66,6 +70,9 @@ def _fused_node(graph: gs.Graph, nodes: dict, prefix: str) -> gs.Node | str:
     blocks = {block for _, _, block in weights}
     if len(blocks) != 1:
         return "gate, up and down weights are stored differently"
+    gated = gated_product(producer_of(nodes[f"{prefix}/sparse/masked"].inputs[1], "Mul"))
+    if gated is None:
+        return "the product the selection masks is not act(gate) * up"
     level = nodes[f"{prefix}/sparse/union"].inputs[1]
     if np.size(level.values) != 1:
         return "a per-channel selection level (AWQ/SmoothQuant-scaled input); the fused op takes one level"
@@ -83,4 +90,4 @@ def _fused_node(graph: gs.Graph, nodes: dict, prefix: str) -> gs.Node | str:
     down.outputs.clear()
     return gs.Node(OP_TYPE, name=f"{prefix}/SparseSkipMLP", domain=DOMAIN, inputs=inputs, outputs=[output],
                    attrs={"method": "predictor" if predictor else "threshold", "block_size": block,
-                          **PLUGIN_ATTRIBUTES})
+                          "activation": ACTIVATIONS[gated.kind], **PLUGIN_ATTRIBUTES})

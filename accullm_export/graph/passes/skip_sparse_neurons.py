@@ -14,6 +14,10 @@ computed (close to dense for long prompts: that is the documented fallback) and 
 its own selection, so a full-sequence pass gives exactly the numbers token-by-token decoding gives; validation
 with teacher forcing therefore measures the decode behaviour.
 
+The MLP's own activation nodes (SiLU's Sigmoid and Mul, or a tanh-approximated Gelu: see
+:mod:`accullm_export.graph.mlp`) stay where they are; they are elementwise, so on the guesser's narrowed gate
+they compute exactly the kept neurons' values.
+
 With ``dense_first`` the score of the sequence's first position (``position_ids == 0``, the attention sink) is
 raised to the float type's largest value, so that token keeps every neuron (and the union then holds all of
 them: that call runs dense). The sink is computed once, in the prompt's prefill; decode steps are unchanged.
@@ -51,7 +55,7 @@ def run(graph: gs.Graph, config: Config) -> PassResult:
     for name, plan in config.plans.items():
         block = blocks.get(name)
         if block is None:
-            notes.append(f"{name}: no SwiGLU MLP of that name in this graph; left dense")
+            notes.append(f"{name}: no gated MLP of that name in this graph; left dense")
             continue
         if plan.sparsity <= 0.0:
             continue
@@ -115,8 +119,8 @@ class _Rewriter:
         if plan.method == "predictor":
             for node in (block.gate, block.up):
                 node.inputs[1] = self._compress(node.inputs[1], union, axis=1, name=f"{node.name}/weight_selected")
-            for tensor in (block.gate.outputs[0], block.up.outputs[0], block.sigmoid.outputs[0],
-                           block.activation.outputs[0], product):
+            for tensor in (block.gate.outputs[0], block.up.outputs[0],
+                           *(node.outputs[0] for node in block.activation_nodes), product):
                 tensor.shape = None  # the neuron axis is now the selection's size
             keep = self._compress(keep, union, axis=-1, name=f"{self.prefix}/keep_selected")
         masked = self._node("Where", [keep, product, self._const("zero", np.array(0.0))], "masked")
