@@ -2,12 +2,14 @@
 
 export (unless MODEL is ONNX already) -> calibrate -> quantize (+ sparsify) -> validate with gates -> the
 target step: an ONNX Runtime model folder (``cpu``), a TensorRT engine (TensorRT importable and a GPU present)
-or a deployment bundle to finish on the device (TensorRT absent: the expected result on a workstation).
+or a deployment bundle to finish on the device (TensorRT absent: the expected result on a workstation). With
+``golden`` set, a golden folder follows (``build.golden``): that deliverable as the draft and a verifier beside
+it, for lossless speculative decoding.
 
 Everything is staged in a temporary folder beside OUT and appears only at the end. When a gate fails, the
 folder still appears with the work and the validation report (nothing measured is lost) but without a
 deployable model, and the command exits 1; a failing target step (TensorRT's build, say) likewise keeps the
-validated model and exits with that error's code.
+validated model and exits with that error's code, and so does a failing golden step, leaving no golden folder.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class BuildOptions:
     max_batch: int = 1
     max_seq_len: int = 2048
     tensorrt_version: str | None = None  # None: the target's; what the bundle's ONNX is lowered for
+    golden: str | None = None  # None: no golden folder; else its verifier, "reference" or "w8"
     version: int = 2
 
     def __post_init__(self):  # the command line's types check ranges too; this keeps the API from writing
@@ -143,14 +146,22 @@ def build(model: str, out_dir: str | Path, options: BuildOptions, *, overwrite: 
     target = get_target(options.target)
     recipe = target_recipe(target, options.recipe)
     tensorrt = tensorrt_version(target, options)
+    if options.golden is not None:
+        from accullm_export.build.golden import check_request
+
+        check_request(model, target, recipe, options.golden)
     steps: list[Step] = []
     failure: AccuLLMError | None = None
+    failed_step = None
     with atomic_dir(out_dir, overwrite=overwrite, kind=MANIFEST_KIND, protected=inputs) as staging:
         work = staging / "work"
         work.mkdir()
         reference = _step(steps, "export", lambda: _reference(model, work / "export"), staging)
         check_side_files(reference if reference.is_dir() else reference.parent)  # before calibrating
         is_llm = _is_llm(reference)
+        if options.golden is not None and not is_llm:
+            raise UserError(f"--golden pairs two decoders for speculative decoding; {model} is not an exported "
+                            "decoder (input_ids, past_key_values, logits)")
         if tensorrt is not None:  # before calibrating: what the lowering cannot fix
             from accullm_export.build.lowering import check_lowerable
 
@@ -168,16 +179,25 @@ def build(model: str, out_dir: str | Path, options: BuildOptions, *, overwrite: 
                            shown="validation/report.html")
         except AccuracyError as exc:
             failure, report = exc, json.loads((staging / "validation" / "report.json").read_text())
-        deliverable = None
+        deliverable = golden = None
         if failure is None:
             try:
                 deliverable = _step(steps, "target", lambda: _target_step(target, rewritten, profile, staging,
                                                                           options, recipe, is_llm, tensorrt),
                                     staging)
             except AccuLLMError as exc:  # keep the validated model and its report; say what failed
-                failure = exc
+                failure, failed_step = exc, "target"
+        if failure is None and options.golden is not None:
+            from accullm_export.build.golden import write_golden
+
+            try:
+                golden = _step(steps, "golden", lambda: write_golden(staging, model, reference, deliverable,
+                                                                     recipe, options), staging)
+            except AccuLLMError as exc:  # the deliverable stands; write_golden removed its folder
+                failure, failed_step = exc, "golden"
         manifest = _manifest(model, target, recipe, options, steps, report, deliverable, rewritten, failure,
-                             tensorrt)
+                             tensorrt, failed_step)
+        manifest["golden"] = golden
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if failure is not None:
         raise type(failure)(f"{failure} (the work and the validation report are in {out_dir})")
@@ -283,13 +303,14 @@ def _target_step(target: TargetProfile, model_dir: Path, profile: Path, staging:
                         options, is_llm, tensorrt) | {"reason": reason}
 
 
-def _manifest(model, target, recipe, options, steps, report, deliverable, rewritten, failure, tensorrt) -> dict:
+def _manifest(model, target, recipe, options, steps, report, deliverable, rewritten, failure, tensorrt,
+              failed_step) -> dict:
     per_token = bytes_per_token(rewritten)
     bandwidth = target.bandwidth_gbps or measure_cpu_bandwidth()
     ceiling = target.decode_ceiling(per_token, bandwidth)
     metrics = report.get("metrics") or {}
     return {
-        "kind": MANIFEST_KIND, "version": MANIFEST_VERSION, "status": _status(failure),
+        "kind": MANIFEST_KIND, "version": MANIFEST_VERSION, "status": _status(failure, failed_step),
         "model": str(model), "target": target.to_dict(), "recipe": recipe.to_dict(),
         "options": options.to_dict(),
         "steps": [dataclasses.asdict(step) for step in steps],
@@ -304,10 +325,10 @@ def _manifest(model, target, recipe, options, steps, report, deliverable, rewrit
     }
 
 
-def _status(failure: Exception | None) -> str:
+def _status(failure: Exception | None, failed_step: str | None) -> str:
     if failure is None:
         return "ok"
-    return "failed-gates" if isinstance(failure, AccuracyError) else "failed-target-step"
+    return "failed-gates" if isinstance(failure, AccuracyError) else f"failed-{failed_step}-step"
 
 
 def format_build_summary(manifest: dict, out_dir: str) -> str:
@@ -332,4 +353,14 @@ def format_build_summary(manifest: dict, out_dir: str) -> str:
     if deliverable:
         lines.append(f"output: {out_dir}/{deliverable['path']} ({deliverable['kind']}); manifest: "
                      f"{out_dir}/manifest.json; validation: {out_dir}/validation/report.html")
+    golden = manifest.get("golden")
+    if golden:
+        bits = golden["bits_per_weight"]
+        size = f"{bits['linear']:.2f} bits per linear weight" if "linear" in bits else \
+            f"{bits['folder_per_parameter']:.2f} bits per parameter"
+        accuracy = f"KL {golden['kl_mean']:.4g}, top-1 {golden['top1_agreement']:.3f} against the reference" \
+            if golden["kl_mean"] is not None else "not validated"
+        lines.append(f"golden: {out_dir}/{golden['path']} (draft {recipe['name']}, verifier {golden['verifier']} "
+                     f"{golden['dtype']}; {size}; {accuracy}); run `accullm-export generate "
+                     f"{out_dir}/{golden['path']} PROMPT --golden`")
     return "\n".join(lines)

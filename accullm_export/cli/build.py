@@ -41,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gates.add_argument("--max-ppl-delta", type=arg_types.non_negative,
                        help="maximum |perplexity change| in percent")
     gates.add_argument("--no-gates", action="store_true", help="measure but do not gate")
+    golden = parser.add_argument_group("golden mode (lossless speculative decoding)")
+    golden.add_argument("--golden", action="store_true",
+                        help="also write OUT/golden: the validated build as the draft, a verifier beside it, and "
+                             "golden.json; run it with `accullm-export generate OUT/golden PROMPT --golden`")
+    golden.add_argument("--verifier", choices=("reference", "w8"), default=None,
+                        help="reference (default): the source model, fp32 on cpu, fp16 on GPU targets; w8: the "
+                             "draft's INT4 planes plus INT4 residual planes, sharing the draft's bytes (cpu)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a previous build output in that folder (never a folder of anything else)")
 
@@ -48,8 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from accullm_export.build.pipeline import BuildOptions, build, format_build_summary
     from accullm_export.cli.quantize import resolve_recipe
+    from accullm_export.errors import UserError
     from accullm_export.targets import get_target
 
+    if args.verifier is not None and not args.golden:
+        raise UserError("--verifier needs --golden")
     target = get_target(args.target)
     given = {"max-kl": args.max_kl, "min-top1": args.min_top1, "max-ppl-delta": args.max_ppl_delta}
     gates = {} if args.no_gates else ({k: v for k, v in given.items() if v is not None} or None)
@@ -60,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
                            calib_seq_len=args.calib_seq_len, gates=gates,
                            validation_windows=args.validation_windows, validation_seq_len=args.validation_seq_len,
                            max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                           tensorrt_version=args.tensorrt_version)
+                           tensorrt_version=args.tensorrt_version,
+                           golden=(args.verifier or "reference") if args.golden else None)
     manifest = build(args.model, args.output, options, overwrite=args.overwrite)
     print(format_build_summary(manifest, args.output))
     deliverable = manifest["deliverable"]

@@ -1,6 +1,7 @@
 """``accullm-export generate OUT_DIR "prompt"``: streams text, then prints tokens/s.
 
-With ``--golden DRAFT_DIR`` the draft proposes tokens and OUT_DIR verifies them (lossless speculative decoding).
+With ``--golden DRAFT_DIR`` the draft proposes tokens and OUT_DIR verifies them (lossless speculative decoding);
+with ``--golden`` alone OUT_DIR is a golden folder (``build --golden``) whose golden.json names the pair.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import sys
 from typing import Iterable
 
+FROM_GOLDEN_FOLDER = ""  # --golden without DRAFT_DIR: the pair golden.json names
 HELP = "generate text from an exported folder with ONNX Runtime (prefill, then KV-cache decode)"
 
 
@@ -17,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from accullm_export.runtime.speculative import MAX_DRAFT_TOKENS
 
     parser.add_argument("model", metavar="MODEL_DIR", help="exported folder (or its model.onnx); the verifier "
-                                                           "with --golden")
+                                                           "with --golden DRAFT_DIR; a golden folder with --golden")
     parser.add_argument("prompt", help="prompt text")
     parser.add_argument("--max-new-tokens", type=arg_types.token_count, default=64)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -27,9 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="nucleus sampling, in (0, 1]")
     parser.add_argument("--seed", type=arg_types.seed, default=None)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--golden", metavar="DRAFT_DIR", default=None,
+    parser.add_argument("--golden", metavar="DRAFT_DIR", nargs="?", const=FROM_GOLDEN_FOLDER, default=None,
                         help="golden mode: DRAFT_DIR (a low-bit build of the same model) proposes tokens and "
-                             "MODEL_DIR verifies them; the output is MODEL_DIR's own")
+                             "MODEL_DIR verifies them; the output is MODEL_DIR's own. Without DRAFT_DIR (after the "
+                             "prompt), MODEL_DIR is a golden folder from `build --golden` and its golden.json names "
+                             "the pair, checked file by file")
     parser.add_argument("--draft-tokens", metavar="K", type=arg_types.integer(1, MAX_DRAFT_TOKENS), default=None,
                         help="tokens the draft proposes per verifier pass (default: adapts to the acceptance)")
 
@@ -40,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from accullm_export.runtime.trt_runner import load_runner
 
     if args.draft_tokens is not None and args.golden is None:
-        raise UserError("--draft-tokens needs --golden DRAFT_DIR")
+        raise UserError("--draft-tokens needs --golden (DRAFT_DIR, or none for a golden folder)")
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.golden is not None:
@@ -56,12 +60,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_golden(args: argparse.Namespace, config) -> int:
-    from accullm_export.runtime.speculative import check_pair, speculative_text
+    from accullm_export.runtime.speculative import check_pair, golden_models, speculative_text
     from accullm_export.runtime.trt_runner import load_runner
 
-    check_pair(args.golden, args.model)
-    verifier = load_runner(args.model, device=args.device)
-    draft = load_runner(args.golden, device=args.device)
+    if args.golden == FROM_GOLDEN_FOLDER:
+        draft_path, verifier_path = golden_models(args.model)
+    else:
+        draft_path, verifier_path = args.golden, args.model
+    check_pair(draft_path, verifier_path)
+    verifier = load_runner(verifier_path, device=args.device)
+    draft = load_runner(draft_path, device=args.device)
     decoder, pieces = speculative_text(draft, verifier, args.prompt, config, args.draft_tokens)
     _write_text(args.prompt, pieces)
     result = decoder.result()

@@ -28,10 +28,13 @@ from accullm_export.errors import BackendError, UserError
 from accullm_export.hashing import sha256_file
 from accullm_export.runtime.base import CausalLMRunner, KVCache
 from accullm_export.runtime.generation import GenerationConfig, sampling_distribution
+from accullm_export.safe_paths import inside
 
 ADAPTIVE_START = 4  # draft tokens of the first pass when the count adapts
 ADAPTIVE_LIMIT = 12  # the most draft tokens an adaptive pass proposes
 MAX_DRAFT_TOKENS = 64  # the most a fixed count may ask for
+# a golden folder (``build --golden``) records its pair and their files' hashes in this file
+GOLDEN_MANIFEST, GOLDEN_KIND, GOLDEN_VERSION = "golden.json", "accullm-export/golden", 1
 
 
 @dataclasses.dataclass
@@ -78,27 +81,100 @@ class Divergence:
 
 
 def check_pair(draft_path: str | Path, verifier_path: str | Path) -> None:
-    """Refuse a draft that cannot stand in for the verifier: their tokenizer.json files must be byte-identical.
+    """Refuse a draft that cannot stand in for the verifier: their tokenizer.json files must be byte-identical,
+    and a pair from a golden folder (``build --golden``) must be the two models its golden.json records, every
+    file of both matching the SHA-256 recorded there.
 
     Args:
         draft_path: the draft's folder, .onnx file or .engine.
         verifier_path: the verifier's folder, .onnx file or .engine.
 
     Raises:
-        UserError: a path does not exist, a folder has no tokenizer.json, or the two differ.
+        UserError: a path does not exist, a folder has no tokenizer.json, the two differ, or golden.json names
+            another pair (the draft and verifier swapped) or other file contents (a model or tokenizer edited or
+            replaced after the build).
     """
-    digests = {}
-    for role, path in (("draft", Path(draft_path)), ("verifier", Path(verifier_path))):
+    paths = {"draft": Path(draft_path), "verifier": Path(verifier_path)}
+    folders = {}
+    for role, path in paths.items():
         if not path.exists():
             raise UserError(f"{path}: no such {role} model (expected an exported folder, .onnx file or .engine)")
-        tokenizer = (path if path.is_dir() else path.parent) / "tokenizer.json"
+        folders[role] = path if path.is_dir() else path.parent
+    for root in (folders["verifier"], folders["draft"].parent, folders["draft"]):
+        manifest = read_golden(root)
+        if manifest is not None:
+            _check_golden(root, manifest, paths)
+            break
+    digests = {}
+    for role, folder in folders.items():
+        tokenizer = folder / "tokenizer.json"
         if not tokenizer.is_file():
-            raise UserError(f"{tokenizer.parent} has no tokenizer.json: cannot confirm the {role} shares the "
+            raise UserError(f"{folder} has no tokenizer.json: cannot confirm the {role} shares the "
                             "other model's tokenizer")
         digests[role] = sha256_file(tokenizer)
     if digests["draft"] != digests["verifier"]:
         raise UserError(f"draft {draft_path} and verifier {verifier_path} have different tokenizers "
                         "(tokenizer.json differs); golden mode needs a draft built from the verifier's model")
+
+
+def read_golden(folder: str | Path) -> dict | None:
+    """The golden.json of a golden folder (None when ``folder`` has none).
+
+    Raises:
+        UserError: the file is not a golden manifest this version reads.
+    """
+    from accullm_export.data.json_files import read_json_object
+
+    path = Path(folder) / GOLDEN_MANIFEST
+    if not path.is_file():
+        return None
+    manifest = read_json_object(path, "golden manifest")
+    roles = [manifest.get(role) for role in ("draft", "verifier")]
+    if manifest.get("kind") != GOLDEN_KIND or manifest.get("version") != GOLDEN_VERSION or not all(
+            isinstance(role, dict) and isinstance(role.get("model"), str) and isinstance(role.get("files"), dict)
+            for role in roles):
+        raise UserError(f"{path} is not a golden manifest (kind {GOLDEN_KIND}, version {GOLDEN_VERSION}, with "
+                        "draft and verifier entries)")
+    return manifest
+
+
+def golden_models(folder: str | Path) -> tuple[Path, Path]:
+    """(the draft's model file, the verifier's) that a golden folder's golden.json records.
+
+    Raises:
+        UserError: ``folder`` holds no golden.json, or it names a file outside the folder.
+    """
+    manifest = read_golden(folder)
+    if manifest is None:
+        raise UserError(f"{folder} has no {GOLDEN_MANIFEST}: name the draft (--golden DRAFT_DIR), or give a folder "
+                        "written by `build --golden`")
+    return tuple(inside(folder, manifest[role]["model"], named_by=Path(folder) / GOLDEN_MANIFEST,
+                        what=f"{role} model") for role in ("draft", "verifier"))
+
+
+def _check_golden(root: Path, manifest: dict, paths: dict[str, Path]) -> None:
+    """The given pair is golden.json's, and every recorded file (models, data, tokenizers) hashes as recorded."""
+    named_by = root / GOLDEN_MANIFEST
+    for role, given in paths.items():
+        record = manifest[role]
+        expected = inside(root, record["model"], named_by=named_by, what=f"{role} model")
+        model_file = given / Path(record["model"]).name if given.is_dir() else given
+        if model_file.resolve() != expected:
+            raise UserError(f"{given} is not the {role} that {named_by} records ({record['model']}): the draft and "
+                            f"verifier may be swapped; run `accullm-export generate {root} PROMPT --golden`")
+    recorded = {**manifest["draft"]["files"], **manifest["verifier"]["files"]}
+    for relative, digest in recorded.items():
+        path = inside(root, relative, named_by=named_by, what="model file")
+        actual = sha256_file(path)
+        if actual != digest:
+            raise UserError(f"{path} does not match {named_by} (sha256 {actual[:12]}... where {str(digest)[:12]}... "
+                            "was recorded): a model or tokenizer was edited or replaced after the build; build "
+                            "the golden folder again")
+    tokenizer = manifest.get("tokenizer_sha256")
+    for relative in (name for name in recorded if Path(name).name == "tokenizer.json"):
+        if recorded[relative] != tokenizer:
+            raise UserError(f"{named_by} records a tokenizer {relative} other than the pair's "
+                            f"({str(tokenizer)[:12]}...); build the golden folder again")
 
 
 def check_runners(draft: CausalLMRunner, verifier: CausalLMRunner, prompt_length: int, max_new_tokens: int) -> None:
