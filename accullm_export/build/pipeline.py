@@ -60,6 +60,7 @@ class BuildOptions:
     max_seq_len: int = 2048
     tensorrt_version: str | None = None  # None: the target's; what the bundle's ONNX is lowered for
     golden: str | None = None  # None: no golden folder; else its verifier, "reference" or "w8"
+    device: str = "cpu"  # where quantize's statistics passes and distillation run: "cpu" or "cuda"
     version: int = 2
 
     def __post_init__(self):  # the command line's types check ranges too; this keeps the API from writing
@@ -70,6 +71,8 @@ class BuildOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise UserError(f"build option {name} must be a positive integer, got {value!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise UserError(f"build option device must be cpu or cuda, got {self.device!r}")
         if self.tensorrt_version is not None:
             from accullm_export.targets.tensorrt_support import parse_tensorrt_version
 
@@ -171,8 +174,8 @@ def build(model: str, out_dir: str | Path, options: BuildOptions, *, overwrite: 
             recipe = for_plain_onnx(recipe)
         profile = _step(steps, "calibrate", lambda: _calibrate(reference, work / "profile", options, recipe,
                                                                is_llm), staging)
-        rewritten = _step(steps, "quantize", lambda: _quantize(reference, work / "model", profile, recipe),
-                          staging)
+        rewritten = _step(steps, "quantize",
+                          lambda: _quantize(reference, work / "model", profile, recipe, options.device), staging)
         try:
             report = _step(steps, "validate", lambda: _validate(reference, rewritten, staging / "validation",
                                                                   options, recipe, is_llm), staging,
@@ -248,10 +251,10 @@ def _calibrate(reference: Path, profile_dir: Path, options: BuildOptions, recipe
     return profile_dir
 
 
-def _quantize(reference: Path, out: Path, profile: Path, recipe: Recipe) -> Path:
-    from accullm_export.build.quantize import quantize_model
+def _quantize(reference: Path, out: Path, profile: Path, recipe: Recipe, device: str) -> Path:
+    from accullm_export.build.quantize import QuantizeOptions, quantize_model
 
-    quantize_model(reference, out, recipe, profile)
+    quantize_model(reference, out, recipe, profile, options=QuantizeOptions(device=device))
     return out
 
 

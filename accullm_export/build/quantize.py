@@ -43,12 +43,18 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantizeOptions:
     """Resources, not numerics: the activation memory budget of the statistics passes, the memory of GPTQ's
-    second moments held at once, and the distillation batch."""
+    second moments held at once, the distillation batch, and the device ("cpu" or "cuda") the heavy steps run
+    on."""
 
     budget_mb: int = 512
     moments_mb: int = 1536  # GPTQ's [C, C] second-moment matrices held at once (less: more passes over the text)
     distill_batch: int = 1  # windows per distillation step
+    device: str = "cpu"  # where the statistics sessions (ONNX Runtime) and the distillation (torch) run
     version: int = 1
+
+    def __post_init__(self):
+        if self.device not in ("cpu", "cuda"):
+            raise UserError(f"the device must be cpu or cuda, not {self.device!r}")
 
 
 # ONNX Runtime's contrib ops for attention and residual + RMSNorm, as onnxruntime-genai's builder writes them:
@@ -102,6 +108,8 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
     from accullm_export.graph.io import load_onnx
 
     check_output(out_dir, MANIFEST_KIND, overwrite, protected=[model, profile_dir])
+    if options.device == "cuda":
+        _check_cuda(torch_needed=bool(recipe.distill.steps))
     model_path = Path(model) / "model.onnx" if Path(model).is_dir() else Path(model)
     header = load_onnx(model_path, load_external_data=False)
     refuse_quantized(header, model_path)
@@ -127,6 +135,22 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
     finishing = finishing_passes(recipe) if finishing is None else finishing
     return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite, options,
                     finishing, protected=[model, profile_dir])
+
+
+def _check_cuda(torch_needed: bool) -> None:
+    """BackendError before any work when ``device="cuda"`` cannot run: ONNX Runtime without its CUDA provider,
+    or (for distillation) torch without a CUDA GPU."""
+    import onnxruntime
+
+    from accullm_export.errors import BackendError
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        raise BackendError("--device cuda: ONNX Runtime has no CUDA execution provider here (install "
+                           "onnxruntime-gpu on a machine with an NVIDIA GPU); use --device cpu")
+    if torch_needed:
+        from accullm_export.training.distill import torch_device
+
+        torch_device("cuda")
 
 
 def memory_estimate(model_path: Path, plans: dict[str, LayerPlan], recipe: Recipe, options: QuantizeOptions,
@@ -222,7 +246,7 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
                     embeddings=recipe.weights.embeddings, smoothing=recipe.activations.smoothquant or None,
                     scale_search=recipe.weights.scale_search, asymmetric=recipe.weights.asymmetric,
                     distillation=distillation,
-                    vocab_rows=_vocab_rows(model_path, graph, plans, recipe, profile, weights)
+                    vocab_rows=_vocab_rows(model_path, graph, plans, recipe, profile, weights, options.device)
                     if recipe.vocab.refine_rows else None)
     sparse_plans = sparsity_plans(model_path, graph, profile, sparsity) if sparse else None
     for note in notes:
@@ -351,7 +375,7 @@ def _hessians(model_path: Path, plans: dict[str, LayerPlan], profile, samples: i
         notes.append(f"GPTQ: gptq.samples is {samples}, but the profile holds {len(feeds)} calibration windows, so "
                      f"GPTQ used {len(feeds)} (calibrate with --samples {samples} for more)")
     hessians = StreamedHessians(model_path, channels, lambda: feeds, budget_bytes=options.budget_mb << 20,
-                                matrix_bytes=options.moments_mb << 20,
+                                matrix_bytes=options.moments_mb << 20, device=options.device,
                                 pinned=[plans[node].input for node in first if node in plans])
     log.info("second moments of %d input tensors over %d calibration windows, in %d group(s)", len(channels),
              len(feeds), len(hessians.groups))
@@ -375,7 +399,7 @@ def source_weights(graph) -> dict[str, np.ndarray]:
 
 
 def _vocab_rows(model_path: Path, graph, plans: dict[str, LayerPlan], recipe: Recipe, profile,
-                weights: dict[str, np.ndarray]):
+                weights: dict[str, np.ndarray], device: str):
     """The LM head, its source weight and its input on ``vocab.samples`` calibration windows, for
     ``vocab.refine_rows``."""
     from accullm_export.calibration.run import profile_feeds
@@ -402,7 +426,7 @@ def _vocab_rows(model_path: Path, graph, plans: dict[str, LayerPlan], recipe: Re
     feeds = profile_feeds(model_path, profile, recipe.vocab.samples)
     if not feeds or "input_ids" not in feeds[0]:
         raise UserError("vocab.refine_rows needs an LLM profile (calibration windows of token ids)")
-    tap = IntermediateReader(model_path, shared_initializers=weights).open([layer.input])
+    tap = IntermediateReader(model_path, shared_initializers=weights, device=device).open([layer.input])
     values = [tap.run(feed)[layer.input] for feed in feeds]
     if any(value.ndim != 3 for value in values):
         raise UserError(f"vocab.refine_rows: the LM head {layer.node} reads a tensor of rank {values[0].ndim}, not "
@@ -433,6 +457,6 @@ def _distillation(model_path: Path, graph, recipe: Recipe, profile, options: Qua
     windows = np.concatenate([np.asarray(feed["input_ids"], dtype=np.int64) for feed in feeds], axis=0)
     config = DistillConfig(steps=recipe.distill.steps, learning_rate=recipe.distill.lr,
                            batch_windows=options.distill_batch, norms=recipe.distill.norms,
-                           outlier_rows=recipe.distill.outlier_rows)
+                           outlier_rows=recipe.distill.outlier_rows, device=options.device)
     teacher = graph_weights(graph)  # the source arrays themselves: the passes replace constants, never write them
     return DistillInputs(config=config, config_dir=model_path.parent, teacher=teacher, windows=windows)

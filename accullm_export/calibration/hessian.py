@@ -31,7 +31,8 @@ MATRIX_ITEMSIZE = 4  # bytes per entry of the float32 sums and means
 
 def collect_hessians(model_path: str | Path, tensors: Sequence[str], feeds: Feeds, *, budget_bytes: int = 512 << 20,
                      skip_first_position: bool = True,
-                     shared_initializers: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                     shared_initializers: Mapping[str, np.ndarray] | None = None,
+                     device: str = "cpu") -> dict[str, np.ndarray]:
     """Mean x x^T (float32 [C, C]) over all rows of each named tensor, x being its last axis.
 
     Args:
@@ -42,12 +43,13 @@ def collect_hessians(model_path: str | Path, tensors: Sequence[str], feeds: Feed
         budget_bytes: activation bytes tapped per batch.
         skip_first_position: for [batch, seq, channels] tensors, leave position 0 out of the mean.
         shared_initializers: the model's weights already in memory, run in place (``IntermediateReader``).
+        device: where ONNX Runtime runs the model, "cpu" or "cuda".
 
     Raises:
         UserError: a name is not a tensor of the model, the feeds are empty, or a tensor's channels change.
     """
     names = list(dict.fromkeys(tensors))
-    reader = IntermediateReader(model_path, OPTIMIZATION, shared_initializers)
+    reader = IntermediateReader(model_path, OPTIMIZATION, shared_initializers, device)
     _check_names(reader, names, model_path)
     first = next(iter(feeds()), None)
     if first is None:
@@ -79,24 +81,21 @@ class StreamedHessians(Mapping[str, np.ndarray]):
     group's matrices fit ``matrix_bytes``; reading a tensor of another group drops the group held and runs that
     group's pass over the feeds. Read in order, that is one pass per group; read out of order, a group is
     collected again (``passes`` counts them). ``pinned`` tensors (read by an earlier pass and again later, as
-    rotate_inputs reads a rotated layer's input that an unrotated sibling reads in GPTQ) are grouped first and
-    kept once collected, until ``clear``. Entries added with ``merged`` (a pass's own matrices, e.g. of a
+    rotate_inputs reads a rotated layer's input that an unrotated sibling reads in GPTQ) lead the first group and
+    are kept once collected, until ``clear``. Entries added with ``merged`` (a pass's own matrices, e.g. of a
     rotated input) are kept as given.
     """
 
     def __init__(self, model_path: str | Path, channels: Mapping[str, int], feeds: Feeds, *,
                  budget_bytes: int = 512 << 20, matrix_bytes: int = 1 << 30, skip_first_position: bool = True,
-                 pinned: Sequence[str] = (), extra: Mapping[str, np.ndarray] | None = None):
-        self._model_path, self._feeds, self._budget = model_path, feeds, budget_bytes
+                 pinned: Sequence[str] = (), extra: Mapping[str, np.ndarray] | None = None, device: str = "cpu"):
+        self._model_path, self._feeds, self._budget, self._device = model_path, feeds, budget_bytes, device
         self._shared: Mapping[str, np.ndarray] | None = None
         self._skip = skip_first_position
         self._channels = {name: channels[name] for name in pinned if name in channels} | dict(channels)
         self._pinning = {name for name in pinned if name in channels}
-        sizes = {name: count * count * MATRIX_ITEMSIZE for name, count in self._channels.items()}
-        self.groups = (group_by_size({name: sizes[name] for name in self._channels if name in self._pinning},
-                                     matrix_bytes) +
-                       group_by_size({name: sizes[name] for name in self._channels if name not in self._pinning},
-                                     matrix_bytes))
+        self.groups = group_by_size({name: count * count * MATRIX_ITEMSIZE
+                                     for name, count in self._channels.items()}, matrix_bytes)
         self._group_of = {name: number for number, group in enumerate(self.groups) for name in group}
         self._held: dict[str, np.ndarray] = {}
         self._held_group: int | None = None
@@ -119,13 +118,12 @@ class StreamedHessians(Mapping[str, np.ndarray]):
                          len(self.groups[number]))
             collected = collect_hessians(self._model_path, self.groups[number], self._feeds,
                                          budget_bytes=self._budget, skip_first_position=self._skip,
-                                         shared_initializers=self._shared)
+                                         shared_initializers=self._shared, device=self._device)
             self.passes += 1
-            if name in self._pinning:
-                self._pinned.update(collected)
-                return self._pinned[name]
-            self._held, self._held_group = collected, number
-        return self._held[name]
+            self._pinned.update({key: value for key, value in collected.items() if key in self._pinning})
+            self._held = {key: value for key, value in collected.items() if key not in self._pinning}
+            self._held_group = number
+        return self._pinned[name] if name in self._pinned else self._held[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter({**dict.fromkeys(self._channels), **dict.fromkeys(self._extra)})

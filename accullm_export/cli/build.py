@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     golden.add_argument("--verifier", choices=("reference", "w8"), default=None,
                         help="reference (default): the source model, fp32 on cpu, fp16 on GPU targets; w8: the "
                              "draft's INT4 planes plus INT4 residual planes, sharing the draft's bytes (cpu)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where quantize's statistics passes and distillation run (cuda: this machine's GPU)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a previous build output in that folder (never a folder of anything else)")
 
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                            calib_seq_len=args.calib_seq_len, gates=gates,
                            validation_windows=args.validation_windows, validation_seq_len=args.validation_seq_len,
                            max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                           tensorrt_version=args.tensorrt_version,
+                           tensorrt_version=args.tensorrt_version, device=args.device,
                            golden=(args.verifier or "reference") if args.golden else None)
     manifest = build(args.model, args.output, options, overwrite=args.overwrite)
     print(format_build_summary(manifest, args.output))

@@ -60,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_recipe_arguments(parser, backend_option=True)
     parser.add_argument("--dump-config", action="store_true",
                         help="print the fully resolved recipe as TOML and exit (give it back with --config)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the statistics passes (ONNX Runtime) and the distillation (torch) run")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a previous quantize output in that folder (never a folder of anything else)")
 
@@ -98,7 +100,7 @@ def resolve_recipe(args: argparse.Namespace, backend: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from accullm_export.build.quantize import quantize_model
+    from accullm_export.build.quantize import QuantizeOptions, quantize_model
     from accullm_export.cli.sparsify import format_sparsity_summary
     from accullm_export.errors import UserError
     from accullm_export.recipes.toml_io import dump_toml
@@ -111,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
                if not value]
     if missing:
         raise UserError(f"quantize needs {', '.join(missing)} (only --dump-config runs without them)")
-    manifest = quantize_model(args.model, args.output, recipe, args.profile, overwrite=args.overwrite)
+    manifest = quantize_model(args.model, args.output, recipe, args.profile, overwrite=args.overwrite,
+                              options=QuantizeOptions(device=args.device))
     print(format_quantize_summary(manifest))
     if manifest["sparsity"]:
         print(format_sparsity_summary(manifest["sparsity"]))

@@ -21,13 +21,14 @@ class IntermediateReader:
     """Runs one model with extra outputs; the graph proto (without weights) is loaded once."""
 
     def __init__(self, model_path: str | Path, optimization: str = "basic",
-                 shared_initializers: Mapping[str, np.ndarray] | None = None):
+                 shared_initializers: Mapping[str, np.ndarray] | None = None, device: str = "cpu"):
         """``shared_initializers``: the model's weights as arrays the caller already holds, used by the sessions
-        in place of loading them again (``create_session``)."""
+        in place of loading them again; ``device``: "cpu" or "cuda" (``create_session``)."""
         path = Path(model_path)
         self.model_path = path / "model.onnx" if path.is_dir() else path
         self.optimization = optimization
         self.shared_initializers = shared_initializers
+        self.device = device
         self.model = onnx.load(str(self.model_path), load_external_data=False)
         self.nodes_by_output = {out: node for node in self.model.graph.node for out in node.output}
 
@@ -52,7 +53,7 @@ class IntermediateReader:
         return self.open(names).run(feed)
 
     def _session(self, model: onnx.ModelProto):
-        return create_session(model.SerializeToString(), device="cpu", optimization=self.optimization,
+        return create_session(model.SerializeToString(), device=self.device, optimization=self.optimization,
                               external_data_folder=self.model_path.parent,
                               shared_initializers=self.shared_initializers)
 

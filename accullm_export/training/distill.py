@@ -28,7 +28,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from accullm_export.errors import UserError, require
+from accullm_export.errors import BackendError, UserError, require
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,11 @@ class DistillConfig:
     seed: int = 0
     norms: bool = False  # also train the RMSNorm gains (stored in float, so free at inference)
     outlier_rows: bool = False  # also train the FP16 outlier rows (stored in FP16, so free at inference)
+    device: str = "cpu"  # torch device of the teacher, the student and the windows: "cpu" or "cuda"
 
     def __post_init__(self):
+        if self.device not in ("cpu", "cuda"):
+            raise UserError(f"the distillation device must be cpu or cuda, not {self.device!r}")
         if self.steps < 0:
             raise UserError(f"distill.steps must be 0 (off) or positive, not {self.steps}")
         if not self.learning_rate > 0:
@@ -332,9 +335,11 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
     if not layers:
         raise UserError("distillation found no INT4 block-scaled layer to train")
     started = time.perf_counter()
-    teacher = build_replica(config_dir, teacher_weights, share_memory=True)
+    device = torch_device(config.device)
+    teacher = build_replica(config_dir, teacher_weights, share_memory=True).to(device)
     student, by_module = student_replica(config_dir, {**teacher_weights, **student_weights}, layers,
                                          config.outlier_rows)
+    student.to(device)
     parameters = [module.theta for module in by_module.values()]
     norms = {name: parameter for name, parameter in student.named_parameters()
              if config.norms and name.endswith("norm.weight")}
@@ -351,17 +356,18 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
     held = max(1, len(windows) // 8) if len(windows) > 1 else 0  # the last windows judge the result
     train = windows[:len(windows) - held] if held else windows
-    checked = torch.from_numpy(np.asarray(windows[len(windows) - held:], dtype=np.int64)) if held else None
+    checked = torch.from_numpy(np.asarray(windows[len(windows) - held:], dtype=np.int64)).to(device) if held \
+        else None
     before = _mean_kl(teacher, student, checked) if held else None
     order = np.random.default_rng(config.seed).permutation
-    tokens = torch.from_numpy(np.asarray(train, dtype=np.int64))
+    tokens = torch.from_numpy(np.asarray(train, dtype=np.int64)).to(device)
     batch_order = np.empty(0, dtype=np.int64)
     training = time.perf_counter()
     for step in range(config.steps):
         if batch_order.size < config.batch_windows:
             batch_order = np.concatenate([batch_order, order(len(train))])
         chosen, batch_order = batch_order[:config.batch_windows], batch_order[config.batch_windows:]
-        batch = tokens[torch.from_numpy(chosen)]
+        batch = tokens[torch.from_numpy(chosen).to(device)]
         loss = _kl(teacher, student, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -374,11 +380,12 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
     after = _mean_kl(teacher, student, checked) if held else None
     kept = not held or after < before
     with torch.no_grad():
-        scales = {module: (layer.scales() if kept else layer.initial).numpy().astype(np.float32)
+        scales = {module: (layer.scales() if kept else layer.initial).cpu().numpy().astype(np.float32)
                   for module, layer in by_module.items()}
-        gains = {name: parameter.detach().numpy().astype(np.float32) for name, parameter in norms.items()} \
+        gains = {name: parameter.detach().cpu().numpy().astype(np.float32) for name, parameter in norms.items()} \
             if kept else {}
-        trained_rows = {module: layer.outlier_rows.detach().numpy().copy() for module, layer in by_module.items()
+        trained_rows = {module: layer.outlier_rows.detach().cpu().numpy().copy()
+                        for module, layer in by_module.items()
                         if kept and isinstance(layer.outlier_rows, torch.nn.Parameter)}
     report = {"steps": config.steps, "windows": int(len(train)), "held_out_windows": held,
               "held_out_kl_before": None if before is None else round(before, 5),
@@ -389,6 +396,15 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
              report["held_out_kl_before"], report["held_out_kl_after"],
              "" if kept else " (no better: the original scales are kept)")
     return DistillResult(scales, gains, trained_rows, report)
+
+
+def torch_device(name: str):
+    """The torch device ``name`` ("cpu" or "cuda"); BackendError when CUDA is asked for and torch has none."""
+    torch = require("torch", "export")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BackendError("--device cuda: torch sees no CUDA GPU here (a CUDA build of torch and an NVIDIA GPU "
+                           "are needed); use --device cpu")
+    return torch.device(name)
 
 
 def _kl(teacher, student, batch):

@@ -457,3 +457,8 @@ def test_streamed_hessians_hold_one_group_and_equal_the_whole_collection(matmul_
     pinned.clear()
     np.testing.assert_array_equal(pinned["y"], whole["y"])
     assert pinned.passes == 3
+    room = StreamedHessians(path, {"x": 8, "y": 4}, lambda: iter(feeds), pinned=["y"])  # both fit: one pass
+    assert room.groups == [["y", "x"]]
+    for name in ("y", "x", "y", "x"):
+        np.testing.assert_array_equal(room[name], whole[name])
+    assert room.passes == 1

@@ -72,3 +72,21 @@ def test_quantize_refuses_before_any_work_when_memory_is_short(planted_model, pr
     assert_user_error(code, err, "quantize needs about")
     assert "0.0 GB available" in err and not (tmp_path / "q").exists()
     assert not list(tmp_path.glob(".q*"))
+
+
+def test_device_cuda_without_a_gpu_is_refused_before_any_work(planted_model, profile, tmp_path, capsys):
+    """No CUDA execution provider or CUDA torch here: --device cuda stops in one line with exit 3 and writes
+    nothing (on a GPU machine the same command runs the statistics passes and distillation there)."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has ONNX Runtime's CUDA provider: the refusal cannot be observed")
+    folder, _ = planted_model
+    config = write_config(tmp_path / "r.toml", make_recipe(name="w4a16", block_size=16, gptq=True))
+    code, _, err = run_cli(capsys, "quantize", str(folder), "--config", config, "--profile", str(profile), "-o",
+                           str(tmp_path / "q"), "--device", "cuda")
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("I ", "W "))]
+    assert code == 3 and len(lines) == 1 and "--device cuda" in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(UserError, match="device must be cpu or cuda"):
+        QuantizeOptions(device="tpu")
