@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.helpers.models import PLANTED, SAMPLES, SEQ_LEN, TEXT, export_tiny, make_tiny_checkpoint
+from tests.helpers.models import SAMPLES, SEQ_LEN, TEXT, export_tiny, planted_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -28,18 +28,10 @@ def rng():
 @pytest.fixture(scope="session")
 def planted_model(tmp_path_factory):
     """A tiny Llama whose RMSNorm weights scale channels 5 and 40 by 100: q/k/v and gate/up inputs get outliers."""
-    from safetensors.numpy import load_file, save_file
-
     from accullm_export.models.export import export_model
 
     root = tmp_path_factory.mktemp("planted")
-    hf = make_tiny_checkpoint(root / "hf", "llama", seed=3)
-    tensors = load_file(str(hf / "model.safetensors"))
-    for name in list(tensors):
-        if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
-            tensors[name] = tensors[name].copy()
-            tensors[name][PLANTED] *= 100.0
-    save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    hf = planted_checkpoint(root / "hf", "llama", seed=3)
     export_model(str(hf), root / "onnx")
     (root / "text.txt").write_text(TEXT)
     return root / "onnx", root / "text.txt"

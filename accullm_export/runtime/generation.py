@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -149,24 +149,26 @@ def text_stream(runner: CausalLMRunner, prompt: str, config: GenerationConfig,
     Returns the stream (whose timings fill in while it runs) and an iterator of text pieces that stops at
     EOS. The model folder's tokenizer and EOS ids are used unless given.
     """
-    from accullm_export.runtime.tokenizer import FolderTokenizer, StreamDecoder
+    from accullm_export.runtime.tokenizer import FolderTokenizer
 
     tokenizer = tokenizer or FolderTokenizer(runner.folder)
     if not config.eos_token_ids:
         config = dataclasses.replace(config, eos_token_ids=tuple(tokenizer.eos_token_ids))
     stream = GenerationStream(runner, [tokenizer.encode(prompt)], config)
+    return stream, text_pieces((int(tokens[0]) for tokens in stream), tokenizer, config.eos_token_ids)
 
-    def pieces() -> Iterator[str]:
-        decoder = StreamDecoder(tokenizer)
-        for tokens in stream:
-            token = int(tokens[0])
-            if token in config.eos_token_ids:
-                return
-            piece = decoder.push(token)
-            if piece:
-                yield piece
 
-    return stream, pieces()
+def text_pieces(tokens: Iterable[int], tokenizer, eos_token_ids: Sequence[int]) -> Iterator[str]:
+    """The text of ``tokens`` as it streams in, up to (not including) the first EOS."""
+    from accullm_export.runtime.tokenizer import StreamDecoder
+
+    decoder = StreamDecoder(tokenizer)
+    for token in tokens:
+        if token in eos_token_ids:
+            return
+        piece = decoder.push(token)
+        if piece:
+            yield piece
 
 
 def generate_text(runner: CausalLMRunner, prompt: str, config: GenerationConfig, tokenizer=None) -> Iterator[str]:

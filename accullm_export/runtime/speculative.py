@@ -27,7 +27,7 @@ import numpy as np
 from accullm_export.errors import BackendError, UserError
 from accullm_export.hashing import sha256_file
 from accullm_export.runtime.base import CausalLMRunner, KVCache
-from accullm_export.runtime.generation import GenerationConfig, sampling_distribution
+from accullm_export.runtime.generation import GenerationConfig, sampling_distribution, text_pieces
 from accullm_export.safe_paths import inside
 
 ADAPTIVE_START = 4  # draft tokens of the first pass when the count adapts
@@ -411,24 +411,13 @@ def speculative_text(draft: CausalLMRunner, verifier: CausalLMRunner, prompt: st
     Returns the decoder (whose counters and timings fill in while it runs) and an iterator of text pieces that
     stops at EOS. The verifier folder's tokenizer and EOS ids are used unless given.
     """
-    from accullm_export.runtime.tokenizer import FolderTokenizer, StreamDecoder
+    from accullm_export.runtime.tokenizer import FolderTokenizer
 
     tokenizer = tokenizer or FolderTokenizer(verifier.folder)
     if not config.eos_token_ids:
         config = dataclasses.replace(config, eos_token_ids=tuple(tokenizer.eos_token_ids))
     decoder = SpeculativeDecoder(draft, verifier, tokenizer.encode(prompt), config, draft_tokens)
-
-    def pieces() -> Iterator[str]:
-        stream = StreamDecoder(tokenizer)
-        for tokens in decoder:
-            for token in tokens:
-                if token in config.eos_token_ids:
-                    return
-                piece = stream.push(token)
-                if piece:
-                    yield piece
-
-    return decoder, pieces()
+    return decoder, text_pieces((token for tokens in decoder for token in tokens), tokenizer, config.eos_token_ids)
 
 
 def first_divergence(draft: CausalLMRunner, verifier: CausalLMRunner, prompt_ids: Sequence[int],

@@ -14,7 +14,7 @@ from accullm_export.models.export import export_model
 from tests.helpers.recipes import make_recipe
 from tests.helpers.emulation import mean_kl
 from tests.helpers.graphs import ort_logits_for_ids
-from tests.helpers.models import PLANTED, SAMPLES, SEQ_LEN, TEXT, make_tiny_checkpoint
+from tests.helpers.models import SAMPLES, SEQ_LEN, TEXT, planted_checkpoint
 
 DISTILL_W4 = dict(name="w4a16", block_size=16, policy="ratio", embeddings="fp32")
 
@@ -49,15 +49,7 @@ def planted_export(root, model_type, seed=3):
     """A tiny ``model_type`` decoder whose input and post-attention RMSNorm gains scale channels ``PLANTED`` by 100
     (so q/k/v and gate/up read outlier channels, as in the shared planted Llama), exported under ``root`` with its
     calibration text and profile: (export folder, text path, profile folder)."""
-    from safetensors.numpy import load_file, save_file
-
-    hf = make_tiny_checkpoint(root / "hf", model_type, seed=seed)
-    tensors = load_file(str(hf / "model.safetensors"))
-    for name in list(tensors):
-        if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
-            tensors[name] = tensors[name].copy()
-            tensors[name][PLANTED] *= 100.0
-    save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    hf = planted_checkpoint(root / "hf", model_type, seed=seed)
     export_model(str(hf), root / "onnx")
     text = root / "text.txt"
     text.write_text(TEXT)

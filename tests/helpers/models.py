@@ -90,3 +90,18 @@ def export_tiny(root: Path, attention: str) -> dict:
         export_model(str(hf), root / f"{model_type}-onnx", attention=attention)
         made[model_type] = (hf, root / f"{model_type}-onnx")
     return made
+
+
+def planted_checkpoint(folder, model_type: str = "llama", seed: int = 3):
+    """``make_tiny_checkpoint`` with the input and post-attention RMSNorm gains scaling channels ``PLANTED`` by 100,
+    so that q/k/v and gate/up read outlier channels."""
+    from safetensors.numpy import load_file, save_file
+
+    hf = make_tiny_checkpoint(folder, model_type, seed=seed)
+    tensors = load_file(str(hf / "model.safetensors"))
+    for name in list(tensors):
+        if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
+            tensors[name] = tensors[name].copy()
+            tensors[name][PLANTED] *= 100.0
+    save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    return hf
