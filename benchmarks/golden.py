@@ -9,7 +9,7 @@ The w8 verifier of the same draft is written beside it once (``BUILD/golden-w8``
 
 Four rows, every model loaded once, timed in interleaved rounds (each round runs every prompt through every row,
 the rows' order rotating from round to round), batch 1, greedy, a fixed number of new tokens (no EOS stop), the
-prompts the openings of held-out Wikipedia articles (``wiki:evaluation``):
+prompts slices of held-out Wikipedia articles (``wiki:evaluation``; every article's opening first):
 
 * ``reference``: the verifier alone (``generate``), the baseline of every ratio;
 * ``golden reference``: ``speculative_generate(draft, reference)``, the draft tokens per pass adapting;
@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="output folder of `build --golden` (default: bench_out/golden, built from the sample "
                              "when missing)")
     parser.add_argument("--out", type=Path, default=Path("bench_out/golden_bench"), help="where the table goes")
-    parser.add_argument("--prompts", type=int, default=24, help="held-out Wikipedia openings (default 24)")
+    parser.add_argument("--prompts", type=int, default=24, help="held-out Wikipedia prompts (default 24)")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="tokens of each prompt (default 32)")
     parser.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per prompt (default 64)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
@@ -90,18 +90,21 @@ def ensure_w8(build: Path) -> Path:
 
 
 def held_out_prompts(folder: Path, count: int, length: int) -> list[list[int]]:
+    """``count`` prompts of ``length`` tokens from the held-out articles: every article's opening first, then
+    their next ``length`` tokens, and so on."""
     from accullm_export.data.text import load_text_source
     from accullm_export.runtime.tokenizer import FolderTokenizer
 
     tokenizer = FolderTokenizer(folder)
+    articles = [tokenizer.encode(document) for document in load_text_source("wiki:evaluation").documents]
     prompts = []
-    for document in load_text_source("wiki:evaluation").documents:
-        ids = tokenizer.encode(document)
-        if len(ids) >= length:
-            prompts.append(ids[:length])
-        if len(prompts) == count:
-            return prompts
-    raise SystemExit(f"golden.py: only {len(prompts)} held-out articles have {length} tokens")
+    for start in range(0, max((len(ids) for ids in articles), default=0), length):
+        for ids in articles:
+            if len(ids) >= start + length:
+                prompts.append(ids[start:start + length])
+            if len(prompts) == count:
+                return prompts
+    raise SystemExit(f"golden.py: the held-out articles hold only {len(prompts)} prompts of {length} tokens")
 
 
 def run_row(row: str, models: dict, prompt: list[int], config) -> dict:
@@ -191,8 +194,8 @@ def main(argv=None) -> int:
     ensure_build(args.build)
     w8 = ensure_w8(args.build)
     reference = args.build / "golden"
-    models = {"reference": OrtCausalLM.from_path(reference, device="cpu"),
-              "w8": OrtCausalLM.from_path(w8, device="cpu"),
+    models = {"reference": OrtCausalLM.from_path(reference, device="cpu", exact=True),
+              "w8": OrtCausalLM.from_path(w8, device="cpu", exact=True),
               "draft": OrtCausalLM.from_path(reference / "draft", device="cpu")}
     prompts = held_out_prompts(reference, args.prompts, args.prompt_tokens)
     config = GenerationConfig(max_new_tokens=args.new_tokens)

@@ -49,7 +49,11 @@ def run(args: argparse.Namespace) -> int:
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.golden is not None:
         return _run_golden(args, config)
-    model = load_runner(args.model, device=args.device)  # an .engine runs in TensorRT
+    from accullm_export.runtime.speculative import is_golden_folder, verifier_options
+
+    # an .engine runs in TensorRT; a golden folder's verifier runs as golden mode runs it
+    model = load_runner(args.model, device=args.device,
+                        **(verifier_options(args.model) if is_golden_folder(args.model) else {}))
     stream, pieces = text_stream(model, args.prompt, config)
     _write_text(args.prompt, pieces)
     tokens = stream.decode_steps + 1
@@ -60,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_golden(args: argparse.Namespace, config) -> int:
-    from accullm_export.runtime.speculative import check_pair, golden_models, speculative_text
+    from accullm_export.runtime.speculative import check_pair, golden_models, speculative_text, verifier_options
     from accullm_export.runtime.trt_runner import load_runner
 
     if args.golden == FROM_GOLDEN_FOLDER:
@@ -68,7 +72,7 @@ def _run_golden(args: argparse.Namespace, config) -> int:
     else:
         draft_path, verifier_path = args.golden, args.model
     check_pair(draft_path, verifier_path)
-    verifier = load_runner(verifier_path, device=args.device)
+    verifier = load_runner(verifier_path, device=args.device, **verifier_options(verifier_path))
     draft = load_runner(draft_path, device=args.device)
     decoder, pieces = speculative_text(draft, verifier, args.prompt, config, args.draft_tokens)
     _write_text(args.prompt, pieces)

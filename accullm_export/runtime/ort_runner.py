@@ -15,15 +15,22 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 _PAST = re.compile(r"past_key_values\.(\d+)\.key")
 
 
+EXACT_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"  # the accuracy level of fused DQ + MatMul
+
+
 class OrtCausalLM(CausalLMRunner):
     """A decoder with a KV cache, run by ONNX Runtime."""
 
     def __init__(self, model_path: Path, *, device: str = "auto", optimization: str = "all",
-                 threads: int | None = None, profile_prefix: str | None = None):
+                 threads: int | None = None, profile_prefix: str | None = None, exact: bool = False):
+        """``exact``: the INT4 layers ONNX Runtime fuses into MatMulNBits multiply float32 activations (accuracy
+        level 0) instead of 8-bit ones (its default, level 4, quantizes each pass's activations its own way), so
+        that a pass over several tokens computes each token as a one-token pass does: golden mode's verifier."""
         self.model_path = Path(model_path)
         self.folder = self.model_path.parent
         self.session = create_session(self.model_path, device=device, optimization=optimization, threads=threads,
-                                      profile_prefix=profile_prefix)
+                                      profile_prefix=profile_prefix,
+                                      config_entries={EXACT_ACCURACY_KEY: "0"} if exact else None)
         self.layout = _layout(self.session, self.model_path)
         self._output_names = ["logits"] + [f"present.{i}.{kind}" for i in range(self.layout.num_layers)
                                            for kind in ("key", "value")]

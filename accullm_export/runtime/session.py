@@ -18,7 +18,8 @@ OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 def create_session(model_path: str | Path | bytes, *, device: str = "auto", optimization: str = "all",
                    threads: int | None = None, profile_prefix: str | None = None,
                    external_data_folder: str | Path | None = None,
-                   shared_initializers: Mapping[str, np.ndarray] | None = None):
+                   shared_initializers: Mapping[str, np.ndarray] | None = None,
+                   config_entries: Mapping[str, str] | None = None):
     """An InferenceSession on CPU or CUDA.
 
     Args:
@@ -34,6 +35,7 @@ def create_session(model_path: str | Path | bytes, *, device: str = "auto", opti
         shared_initializers: arrays (C-contiguous, of the initializers' names, shapes and types) that the
             session uses in place of those initializers, without a copy: a process that already holds the
             weights does not load them twice. Weight prepacking is then off (it would copy them again).
+        config_entries: ONNX Runtime session configuration entries (key -> value).
 
     Raises:
         UserError: the file is not a loadable model, or the option values are unknown.
@@ -66,6 +68,8 @@ def create_session(model_path: str | Path | bytes, *, device: str = "auto", opti
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
+    for key, value in (config_entries or {}).items():
+        options.add_session_config_entry(key, value)
     shared = {}
     if shared_initializers:
         options.add_session_config_entry("session.disable_prepacking", "1")

@@ -138,6 +138,17 @@ def read_golden(folder: str | Path) -> dict | None:
     return manifest
 
 
+def is_golden_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a golden folder (``build --golden``'s, holding golden.json)."""
+    return Path(path).is_dir() and (Path(path) / GOLDEN_MANIFEST).is_file()
+
+
+def verifier_options(path: str | Path) -> dict:
+    """How a verifier loads: ONNX Runtime models with ``exact`` MatMulNBits (float32 activations), so that a
+    pass over k tokens computes each as k one-token passes would; a TensorRT engine as it is."""
+    return {} if Path(path).suffix == ".engine" else {"exact": True}
+
+
 def golden_models(folder: str | Path) -> tuple[Path, Path]:
     """(the draft's model file, the verifier's) that a golden folder's golden.json records.
 
