@@ -125,7 +125,7 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
         recipe = dataclasses.replace(recipe, vocab=dataclasses.replace(recipe.vocab,
                                                                        refine_rows=auto_vocab_rows(header, layers)))
     plans = plan_layers(recipe, layers, profile)
-    check_memory(memory_estimate(model_path, plans, recipe, options, profile.manifest["feeds"].get("seq_len")))
+    check_memory(memory_estimate(model_path, plans, recipe, options, profile.manifest.get("feeds", {}).get("seq_len")))
     notes = [f"{layer.node}: {layer.op_type} is not rewritten (only MatMul is); left as it is"
              for layer in layers if layer.op_type != "MatMul"]
     statistics = {entry["name"]: profile.input_statistics(entry["name"]) for entry in profile.manifest["inputs"]}

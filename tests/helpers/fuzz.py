@@ -263,7 +263,7 @@ NON_NEGATIVE, POSITIVE, FRACTION, SKIP = (0, INF, False, False), (0, INF, True, 
 NUMERIC = {
     ("generate", "--max-new-tokens"): ("int", *TOKENS), ("generate", "--temperature"): ("float", *POSITIVE),
     ("generate", "--top-k"): ("int", 0, 2**31 - 1), ("generate", "--top-p"): ("float", 0, 1, True, False),
-    ("generate", "--seed"): ("int", *SEED),
+    ("generate", "--seed"): ("int", *SEED), ("generate", "--draft-tokens"): ("int", 1, 64),
     ("calibrate", "--samples"): ("int", *COUNT), ("calibrate", "--seq-len"): ("int", *TOKENS),
     ("calibrate", "--seed"): ("int", *SEED), ("calibrate", "--threshold"): ("float", *POSITIVE),
     ("calibrate", "--topk"): ("int", 0, MAX_COUNT), ("calibrate", "--topk-percent"): ("float", 0, 100, False, False),
