@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def ensure_build(build: Path) -> None:
-    """The default build of the sample, made once (it calibrates and distills: the better part of an hour)."""
+    """The default build of the sample with its golden folder, made once (it calibrates and distills)."""
     if (build / "golden" / "golden.json").is_file():
         return
     command = [sys.executable, "-m", "accullm_export.cli.main", "build", "smollm2-135m", "--target", "cpu",

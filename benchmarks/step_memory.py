@@ -114,10 +114,6 @@ def quantize_config(out: Path, args: argparse.Namespace) -> Path:
     return path
 
 
-def weight_bytes(export: Path) -> int:
-    return sum(file.stat().st_size for file in export.iterdir() if file.name.startswith("model.onnx"))
-
-
 CLI = [sys.executable, "-m", "accullm_export.cli.main"]
 
 
@@ -158,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         if result.exit_code != 0:
             break
+    from accullm_export.build.quantize import weight_bytes
+
     size = weight_bytes(export) if export.is_dir() else 0
     limit = 1.5 * size + 2 * GB
-    document = {"model": args.model, "fp32_bytes": size, "limit_bytes": limit, "date": datetime.date.today().isoformat(),
+    document = {"model": args.model, "fp32_bytes": size, "limit_bytes": limit,
+                "date": datetime.date.today().isoformat(),
                 "counts": {key: getattr(args, key) for key in ("calib_samples", "gptq_samples", "distill_steps",
                                                               "distill_samples", "validation_windows")},
                 "platform": platform.platform(), "cpus": os.cpu_count(),

@@ -125,12 +125,13 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
         recipe = dataclasses.replace(recipe, vocab=dataclasses.replace(recipe.vocab,
                                                                        refine_rows=auto_vocab_rows(header, layers)))
     plans = plan_layers(recipe, layers, profile)
-    check_memory(memory_estimate(model_path, plans, recipe, options, profile.manifest.get("feeds", {}).get("seq_len")))
+    check_memory(memory_estimate(model_path, plans, recipe, options, profile.manifest.get("feeds", {}).get("seq_len"),
+                                 header=header))
     notes = [f"{layer.node}: {layer.op_type} is not rewritten (only MatMul is); left as it is"
              for layer in layers if layer.op_type != "MatMul"]
     statistics = {entry["name"]: profile.input_statistics(entry["name"]) for entry in profile.manifest["inputs"]}
     rotated = [plan.node for plan in plans.values() if plan.rotation]  # rotate_inputs reads these before GPTQ
-    hessians = _hessians(model_path, plans, profile, recipe.gptq.samples, options, notes, first=rotated) \
+    hessians = _hessians(model_path, header, plans, profile, recipe.gptq.samples, options, notes, first=rotated) \
         if recipe.gptq.enabled else {}
     finishing = finishing_passes(recipe) if finishing is None else finishing
     return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite, options,
@@ -154,10 +155,10 @@ def _check_cuda(torch_needed: bool) -> None:
 
 
 def memory_estimate(model_path: Path, plans: dict[str, LayerPlan], recipe: Recipe, options: QuantizeOptions,
-                    seq_len: int | None) -> Estimate:
+                    seq_len: int | None, header: onnx.ModelProto | None = None) -> Estimate:
     """What quantizing ``model_path`` with ``recipe`` will hold at its peak (``resources.quantize_estimate``):
     the second moments GPTQ holds at once, and for distillation the logits of one window over the LM head's
-    vocabulary (the widest layer's outputs)."""
+    vocabulary (the widest layer's outputs). ``header``: the model already loaded without its weights."""
     from accullm_export.calibration.hessian import MATRIX_ITEMSIZE
 
     inputs = {plan.input: plan.in_features for plan in plans.values() if plan.quantized}
@@ -165,17 +166,19 @@ def memory_estimate(model_path: Path, plans: dict[str, LayerPlan], recipe: Recip
         if recipe.gptq.enabled else 0
     vocabulary = max((plan.out_features for plan in plans.values()), default=0)
     logits = (seq_len or 0) * options.distill_batch * vocabulary * 4
-    return quantize_estimate(weight_bytes(model_path), moments=moments, distill_logits=logits,
+    return quantize_estimate(weight_bytes(model_path, header), moments=moments, distill_logits=logits,
                              distill=bool(recipe.distill.steps))
 
 
-def weight_bytes(model_path: str | Path) -> int:
-    """Bytes of the model's stored weights: its external data files and the .onnx file itself."""
+def weight_bytes(model_path: str | Path, header: onnx.ModelProto | None = None) -> int:
+    """Bytes of the model's stored weights: its external data files and the .onnx file itself (``header``: the
+    model already loaded without its weights, else it is loaded here)."""
     from accullm_export.graph.io import external_data_files, load_onnx
 
     path = Path(model_path)
     path = path / "model.onnx" if path.is_dir() else path
-    files = external_data_files(load_onnx(path, load_external_data=False), path.parent, path)
+    header = header if header is not None else load_onnx(path, load_external_data=False)
+    files = external_data_files(header, path.parent, path)
     return path.stat().st_size + sum(file.stat().st_size for file in files.values())
 
 
@@ -255,8 +258,7 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
     passes = recipe_passes(recipe)
     gptq_done = passes.index("compensate_errors_gptq") + 1 if "compensate_errors_gptq" in passes else 0
     graph, reports, data = run_passes(graph, passes[:gptq_done], data)
-    if hasattr(hessians, "clear"):
-        hessians.clear()  # only GPTQ reads them: their memory is free before distillation
+    hessians.clear()  # only GPTQ reads them: their memory is free before distillation
     data = dataclasses.replace(data, hessians={})
     graph, later, data = run_passes(graph, passes[gptq_done:], data)
     reports += later
@@ -357,16 +359,15 @@ def check_loads(path: Path) -> None:
     create_session(path, optimization="basic")
 
 
-def _hessians(model_path: Path, plans: dict[str, LayerPlan], profile, samples: int, options: QuantizeOptions,
-              notes: list[str], first: Sequence[str] = ()):
+def _hessians(model_path: Path, header: onnx.ModelProto, plans: dict[str, LayerPlan], profile, samples: int,
+              options: QuantizeOptions, notes: list[str], first: Sequence[str] = ()):
     """E[x x^T] of every low-bit layer's input over ``gptq.samples`` calibration windows, streamed
     (``StreamedHessians``): collected a group of layers at a time as the passes read them, in graph order; the
     inputs of the layers in ``first`` (read by a pass before GPTQ too) collected ahead of the rest and kept."""
     from accullm_export.calibration.hessian import StreamedHessians
     from accullm_export.calibration.run import profile_feeds
-    from accullm_export.graph.io import load_onnx
 
-    order = {node.name: index for index, node in enumerate(load_onnx(model_path, load_external_data=False).graph.node)}
+    order = {node.name: index for index, node in enumerate(header.graph.node)}
     quantized = sorted((plan for plan in plans.values() if plan.quantized),
                        key=lambda plan: order.get(plan.node, len(order)))
     channels = {plan.input: plan.in_features for plan in quantized}

@@ -69,14 +69,24 @@ def stored_scales(dequantize: gs.Node) -> gs.Constant | None:
 def replace_weight_dequantized(graph: gs.Graph, node: gs.Node, values: np.ndarray, scales: np.ndarray, bits: int,
                                block_size: int | None, float_dtype: np.dtype,
                                zero_points: np.ndarray | None = None) -> None:
-    """Make ``node`` read DequantizeLinear(int values, scales) instead of its float weight.
+    """Make ``node`` read DequantizeLinear(int values, scales) instead of its float weight
+    (``dequantized_weight`` with the prefix ``<node>/weight``)."""
+    node.inputs[1] = dequantized_weight(graph, f"{node.name}/weight", values, scales, bits, block_size, float_dtype,
+                                        zero_points)
+
+
+def dequantized_weight(graph: gs.Graph, prefix: str, values: np.ndarray, scales: np.ndarray, bits: int,
+                       block_size: int | None, float_dtype: np.dtype,
+                       zero_points: np.ndarray | None = None) -> gs.Variable:
+    """A DequantizeLinear of integer weights (constants ``<prefix>_quantized``, ``<prefix>_scale``, node
+    ``<prefix>/DequantizeLinear``) appended to ``graph``; returns its float output ``<prefix>_dequantized``.
 
     Args:
         values: integers on the symmetric grid, [in, out]; with ``zero_points``, the signed v = q - z of
             asymmetric INT4 (``quant.asymmetric``), stored as uint4 q with the zero points beside them.
         scales: [blocks, out] (blocked, axis 0) or [1, out] (per output channel, axis 1).
         bits: 4 (stored packed as int4) or 8.
-        float_dtype: the dtype of the weight being replaced. Per-channel scales are stored in it; blocked
+        float_dtype: the dtype of the weight it stands for. Per-channel scales are stored in it; blocked
             scales (FP16 values, ``symmetric.half_representable``) are stored in FP16 and, in a float32 graph,
             widened by a Cast of the constant, which ONNX Runtime folds at load time (MatMulNBits fusion included)
             and the TensorRT bundle folds before parsing.
@@ -89,23 +99,22 @@ def replace_weight_dequantized(graph: gs.Graph, node: gs.Node, values: np.ndarra
             raise ValueError("zero points are for blocked INT4 weights")
         values = stored_unsigned(values, zero_points, block_size)
         storage = ml_dtypes.uint4
-    quantized = constant(f"{node.name}/weight_quantized", values.astype(storage))
+    quantized = constant(f"{prefix}_quantized", values.astype(storage))
     if block_size is None:
-        scale = constant(f"{node.name}/weight_scale", scales.reshape(-1).astype(float_dtype))
+        scale = constant(f"{prefix}_scale", scales.reshape(-1).astype(float_dtype))
         attrs = {"axis": 1}
-        inputs = [quantized, scale, constant(f"{node.name}/weight_zero_point", np.zeros(scales.size, storage))]
+        inputs = [quantized, scale, constant(f"{prefix}_zero_point", np.zeros(scales.size, storage))]
     else:
         # ONNX Runtime's blocked DequantizeLinear rejects a zero point of another rank; 0 is the default
-        scale = half_constant(graph, f"{node.name}/weight_scale", scales, float_dtype)
+        scale = half_constant(graph, f"{prefix}_scale", scales, float_dtype)
         attrs = {"axis": 0, "block_size": int(block_size)}
         inputs = [quantized, scale]
         if zero_points is not None:  # the same shape as the scales
-            inputs.append(constant(f"{node.name}/weight_zero_point", zero_points.astype(ml_dtypes.uint4)))
-    weight = gs.Variable(f"{node.name}/weight_dequantized", dtype=float_dtype, shape=list(values.shape))
-    dequantize = gs.Node("DequantizeLinear", name=f"{node.name}/weight/DequantizeLinear", attrs=attrs,
-                         inputs=inputs, outputs=[weight])
-    node.inputs[1] = weight
-    graph.nodes.append(dequantize)
+            inputs.append(constant(f"{prefix}_zero_point", zero_points.astype(ml_dtypes.uint4)))
+    weight = gs.Variable(f"{prefix}_dequantized", dtype=float_dtype, shape=list(values.shape))
+    graph.nodes.append(gs.Node("DequantizeLinear", name=f"{prefix}/DequantizeLinear", attrs=attrs, inputs=inputs,
+                               outputs=[weight]))
+    return weight
 
 
 def half_constant(graph: gs.Graph, name: str, values: np.ndarray, float_dtype: np.dtype):

@@ -27,7 +27,7 @@ import numpy as np
 from accullm_export.errors import BackendError, UserError
 from accullm_export.hashing import sha256_file
 from accullm_export.runtime.base import CausalLMRunner, KVCache
-from accullm_export.runtime.generation import GenerationConfig, sampling_distribution, text_pieces
+from accullm_export.runtime.generation import GenerationConfig, sample_token, sampling_distribution, text_pieces
 from accullm_export.safe_paths import inside
 
 ADAPTIVE_START = 4  # draft tokens of the first pass when the count adapts
@@ -366,10 +366,7 @@ class SpeculativeDecoder:
         return proposals, np.stack(rows) if rows else None, cache
 
     def _pick(self, logits: np.ndarray) -> int:
-        if not self.config.do_sample:
-            return int(np.argmax(logits))
-        probs = sampling_distribution(logits, self.config)
-        return int(self._rng.choice(probs.size, p=probs))
+        return sample_token(logits, self.config, self._rng) if self.config.do_sample else int(np.argmax(logits))
 
     def _forward(self, role: str, runner: CausalLMRunner, token_ids: list[int], past: KVCache):
         start = cache_length(past)

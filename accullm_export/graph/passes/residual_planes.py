@@ -18,14 +18,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from accullm_export.graph.ir import constant
 from accullm_export.graph.pass_data import PassResult
 from accullm_export.graph.passes import register
-from accullm_export.graph.rewrite import half_constant
+from accullm_export.graph.rewrite import dequantized_weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +60,7 @@ def run(graph: gs.Graph, config: Config) -> PassResult:
             raise ValueError(f"{layer}: the residual plane's tensors {plane.input} / {plane.output} are not in the "
                              "graph as the plan expects")
         name = f"{plane.output}/residual_plane"
-        weight = gs.Variable(f"{name}_dequantized", dtype=config.float_dtype, shape=list(plane.values.shape))
-        graph.nodes.append(gs.Node(
-            "DequantizeLinear", name=f"{name}/DequantizeLinear",
-            attrs={"axis": 0, "block_size": int(plane.block_size)},
-            inputs=[constant(f"{name}_quantized", plane.values.astype(ml_dtypes.int4)),
-                    half_constant(graph, f"{name}_scale", plane.scales, config.float_dtype)],
-            outputs=[weight]))
+        weight = dequantized_weight(graph, name, plane.values, plane.scales, 4, plane.block_size, config.float_dtype)
         correction = gs.Variable(f"{name}_output", dtype=output.dtype)
         graph.nodes.append(gs.Node("MatMul", name=f"{name}/MatMul", inputs=[source, weight], outputs=[correction]))
         draft = gs.Variable(f"{plane.output}/draft", dtype=output.dtype, shape=output.shape)
