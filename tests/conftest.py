@@ -48,3 +48,12 @@ def profile(planted_model, tmp_path_factory):
                                policy=OutlierPolicy(name="ratio", k=2, ratio=20.0))
     calibrate(folder, out, config)
     return out
+
+
+@pytest.fixture
+def gguf_cache(tmp_path, monkeypatch):
+    """An existing, empty conversion cache (``ACCULLM_CACHE``): a refused GGUF must leave nothing in it."""
+    folder = tmp_path / "cache"
+    (folder / "gguf").mkdir(parents=True)
+    monkeypatch.setenv("ACCULLM_CACHE", str(folder))
+    return folder

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers.genai import genai_greedy
+
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Question: What is 12 + 7?\nAnswer:"]
@@ -58,7 +60,7 @@ def test_onnxruntime_genai_loads_our_folder_and_matches(sample, transformers_tok
     _, folder, tokenizer = sample
     model = _genai_model(folder)
     for prompt_ids, expected in transformers_tokens:
-        produced = _genai_greedy(model, prompt_ids, NEW_TOKENS)
+        produced = genai_greedy(model, prompt_ids, NEW_TOKENS)
         # onnxruntime-genai stops at EOS without appending it to the sequence; transformers keeps it
         if expected[-1] in tokenizer.eos_token_ids:
             expected = expected[:-1]
@@ -106,19 +108,6 @@ def _genai_model(folder):
     return og.Model(str(folder))
 
 
-def _genai_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
-    """onnxruntime-genai's greedy continuation (it stops at EOS without appending it)."""
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    while not generator.is_done():
-        generator.generate_next_token()
-    return [int(t) for t in generator.get_sequence(0)][len(prompt):]
-
-
 def test_quantized_sample_keeps_answers_and_the_branch_pays(sample, sample_profile, tmp_path):
     """On the real model: w4a16's FP16 outlier rows lower the KL on held-out text, and so do w8a8's per-group
     activation scales; w8a8 keeps a factual answer; the folders run in our runtime and in onnxruntime-genai, which
@@ -146,6 +135,6 @@ def test_quantized_sample_keeps_answers_and_the_branch_pays(sample, sample_profi
     config = GenerationConfig(max_new_tokens=4, eos_token_ids=tuple(tokenizer.eos_token_ids))
     for name in ("w8", "w8-g32", "w4-auto"):
         ours = generate(OrtCausalLM.from_path(tmp_path / name, device="cpu"), [prompt], config).tokens[0]
-        assert _genai_greedy(_genai_model(tmp_path / name), prompt, 4) == ours, name
+        assert genai_greedy(_genai_model(tmp_path / name), prompt, 4) == ours, name
         if name.startswith("w8"):
             assert "Paris" in tokenizer.decode(ours)

@@ -13,6 +13,7 @@ from accullm_export.errors import UserError
 from accullm_export.graph.linear import find_linear_layers
 from accullm_export.models.architectures import SUPPORTED_ARCHITECTURES, decoder_config_from_hf
 from tests.helpers.cli import assert_user_error, run_cli
+from tests.helpers.genai import genai_greedy
 from tests.helpers.models import TEXT, TINY_ARCHITECTURES, TINY_BASE, load_torch_model, make_tiny_checkpoint
 
 NEW_ARCHITECTURES = ["gemma2", "gemma3_text", "phi3"]
@@ -154,14 +155,7 @@ def test_onnxruntime_genai_generates_what_torch_does(tiny_exports, model_type):
     torch = pytest.importorskip("torch", reason="greedy references come from torch (the [export] extra)")
     hf, folder = tiny_exports[model_type]
     prompt, new_tokens = [7, 200, 31, 5, 17], 12
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    while not generator.is_done():
-        generator.generate_next_token()
-    produced = [int(t) for t in generator.get_sequence(0)][len(prompt):]
+    produced = genai_greedy(og.Model(str(folder)), prompt, new_tokens)
     ids = torch.tensor([prompt])
     reference = load_torch_model(hf)
     with torch.no_grad():

@@ -144,17 +144,8 @@ GGUF_FILES = {
 }
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """An existing, empty conversion cache: a refused GGUF must leave nothing in it."""
-    folder = tmp_path / "cache"
-    (folder / "gguf").mkdir(parents=True)
-    monkeypatch.setenv("ACCULLM_CACHE", str(folder))
-    return folder
-
-
 @pytest.mark.parametrize("case", sorted(GGUF_FILES))
-def test_a_corrupt_gguf_file_is_refused(case, cache, tmp_path, capsys):
+def test_a_corrupt_gguf_file_is_refused(case, gguf_cache, tmp_path, capsys):
     pytest.importorskip("gguf", reason="reading GGUF files needs the gguf package ([export] extra)")
     make, needle = GGUF_FILES[case]
     path = tmp_path / "model.gguf"
@@ -201,7 +192,7 @@ def write_tiny_gguf(path: Path, *, drop=(), metadata=None, shapes=None) -> Path:
     return path
 
 
-def test_the_tiny_gguf_file_converts_and_exports(cache, tmp_path, capsys):
+def test_the_tiny_gguf_file_converts_and_exports(gguf_cache, tmp_path, capsys):
     """The control for the cases below: unchanged, the generated GGUF file exports."""
     path = write_tiny_gguf(tmp_path / "model.gguf")
     code, _, err = run_cli(capsys, "export", str(path), "-o", str(tmp_path / "out"))
@@ -223,7 +214,7 @@ GGUF_CONTENT = {
 
 
 @pytest.mark.parametrize("case", sorted(GGUF_CONTENT))
-def test_a_gguf_file_whose_content_contradicts_itself_is_refused(case, cache, tmp_path, capsys):
+def test_a_gguf_file_whose_content_contradicts_itself_is_refused(case, gguf_cache, tmp_path, capsys):
     changes, needle = GGUF_CONTENT[case]
     path = write_tiny_gguf(tmp_path / "model.gguf", **changes)
     refused(capsys, tmp_path, ["export", str(path), "-o", str(tmp_path / "out")], needle, "model.gguf")

@@ -249,16 +249,8 @@ def refused(capsys, tmp_path: Path, path: Path, *needles: str) -> str:
     return line
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    folder = tmp_path / "cache"
-    (folder / "gguf").mkdir(parents=True)
-    monkeypatch.setenv("ACCULLM_CACHE", str(folder))
-    return folder
-
-
 @pytest.mark.parametrize("type_name", ["IQ4_NL", "MXFP4", "TQ2_0"])
-def test_a_type_the_kit_cannot_read_is_refused(type_name, cache, tmp_path, capsys):
+def test_a_type_the_kit_cannot_read_is_refused(type_name, gguf_cache, tmp_path, capsys):
     qtype = T[type_name]
     block_values, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     blocks = np.random.default_rng(1).integers(0, 256, (INNER, HIDDEN // block_values * block_bytes), np.uint8)
@@ -293,7 +285,7 @@ METADATA_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(METADATA_CASES))
-def test_metadata_the_conversion_would_misread_is_refused(case, cache, tmp_path, capsys):
+def test_metadata_the_conversion_would_misread_is_refused(case, gguf_cache, tmp_path, capsys):
     changes, needles = METADATA_CASES[case]
     path = write_gguf(tmp_path / "model.gguf", types={}, **changes)
     refused(capsys, tmp_path, path, *needles, "model.gguf")

