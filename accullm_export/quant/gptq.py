@@ -35,6 +35,7 @@ from accullm_export.quant.symmetric import block_index, qmax, qmin, searched_sca
 log = logging.getLogger(__name__)
 
 DAMPING_RETRIES = 3  # after the first attempt, each retry multiplies the damping by 10
+COLUMNS = 8192  # output columns per working copy
 
 
 def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None = None, *,
@@ -71,8 +72,10 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size
 
 def _gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None, exclude: Sequence[int],
           damp: float, batch: int, act_order: bool, search: bool,
-          grid: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ over the rows not in ``exclude``."""
+          grid: tuple[np.ndarray, np.ndarray] | None = None,
+          columns: int = COLUMNS) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ over the rows not in ``exclude``, ``columns`` output columns at a time (the float64 working copy of
+    a vocabulary-sized head would otherwise be several times the weight)."""
     weight, hessian = _checked(weight, hessian, batch, damp)
     rows = weight.shape[0]
     excluded = _excluded_mask(rows, exclude)
@@ -87,7 +90,7 @@ def _gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | 
             raise UserError(f"GPTQ's asymmetric grid must be blocked INT4 scales and zero points of shape "
                             f"[{-(-rows // block_size) if block_size else '?'}, {weight.shape[1]}], got "
                             f"{scales.shape} and {zero_points.shape}")
-        limits = row_limits(zero_points, rows, block_size)
+        limits = None  # each row's own [-z, 15 - z], made per part of the columns
     values = np.zeros(weight.shape, dtype=np.int8)
     kept = np.flatnonzero(~excluded)
     if kept.size == 0:
@@ -95,16 +98,19 @@ def _gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | 
     kept_hessian = hessian[np.ix_(kept, kept)]
     order = np.argsort(-np.diag(kept_hessian), kind="stable") if act_order else np.arange(kept.size)
     solved = kept[order]
-    work = weight[solved].astype(np.float64)
     reduced = hessian[np.ix_(solved, solved)].astype(np.float64)
     dead = np.diag(reduced) == 0
     reduced[dead, dead] = 1.0  # an input that never fires: any weight is exact, so quantize it to 0
-    work[dead] = 0.0
-    row_scales = scales[block_index(rows, block_size)[kept[order]]].astype(np.float64)
     upper = _inverse_cholesky_upper(reduced, damp, reference=float(np.mean(np.diag(reduced))))
-    if grid is not None:  # each row's own [-z, 15 - z]
-        limits = tuple(bound[kept[order]] for bound in limits)
-    values[kept[order]] = _quantize_rows(work, upper, row_scales, limits, batch, count=kept.size)
+    solved_blocks = block_index(rows, block_size)[solved]
+    for start in range(0, weight.shape[1], columns):  # output columns are independent problems sharing H
+        part = slice(start, min(start + columns, weight.shape[1]))
+        work = weight[solved, part].astype(np.float64)
+        work[dead] = 0.0
+        row_scales = scales[solved_blocks, part].astype(np.float64)
+        part_limits = limits if grid is None else \
+            tuple(bound[solved] for bound in row_limits(grid[1][:, part], rows, block_size))
+        values[solved, part] = _quantize_rows(work, upper, row_scales, part_limits, batch, count=kept.size)
     return values, scales
 
 

@@ -358,7 +358,7 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
     train = windows[:len(windows) - held] if held else windows
     checked = torch.from_numpy(np.asarray(windows[len(windows) - held:], dtype=np.int64)).to(device) if held \
         else None
-    before = _mean_kl(teacher, student, checked) if held else None
+    before = mean_kl(teacher, student, checked) if held else None
     order = np.random.default_rng(config.seed).permutation
     tokens = torch.from_numpy(np.asarray(train, dtype=np.int64)).to(device)
     batch_order = np.empty(0, dtype=np.int64)
@@ -368,16 +368,15 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
             batch_order = np.concatenate([batch_order, order(len(train))])
         chosen, batch_order = batch_order[:config.batch_windows], batch_order[config.batch_windows:]
         batch = tokens[torch.from_numpy(chosen).to(device)]
-        loss = _kl(teacher, student, batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = kl_step(teacher, student, batch)
         optimizer.step()
         schedule.step()
         if step % 10 == 0 or step == config.steps - 1:
             pace = (time.perf_counter() - training) / (step + 1)
             log.info("distill step %d/%d: KL %.4f (%.1f s a step, about %.0f min left)", step + 1, config.steps,
-                     float(loss.detach()), pace, pace * (config.steps - step - 1) / 60)
-    after = _mean_kl(teacher, student, checked) if held else None
+                     loss, pace, pace * (config.steps - step - 1) / 60)
+    after = mean_kl(teacher, student, checked) if held else None
     kept = not held or after < before
     with torch.no_grad():
         scales = {module: (layer.scales() if kept else layer.initial).cpu().numpy().astype(np.float32)
@@ -407,18 +406,76 @@ def torch_device(name: str):
     return torch.device(name)
 
 
-def _kl(teacher, student, batch):
-    """Mean over tokens of KL(teacher || student), the student's graph kept for backward."""
+def kl_step(teacher, student, batch, chunk_tokens: int | None = None) -> float:
+    """Mean over tokens of KL(teacher || student) on ``batch``, its gradient accumulated into the student's
+    parameters. The head's logits over the vocabulary are made ``chunk_tokens`` positions at a time (default:
+    about ``LOGIT_CHUNK_BYTES`` of float32 per tensor): each chunk's KL is differentiated at once, down to the
+    final hidden state, whose gradient then runs back through the layers in one pass. Nothing is computed
+    twice, and no [tokens, vocabulary] tensor outlives its chunk."""
+    import torch
+
+    hidden, teacher_hidden = _final_hidden(student, teacher, batch)
+    detached = hidden.detach().requires_grad_(True)
+    total = 0.0
+    for part in _token_chunks(student, batch, chunk_tokens):
+        loss = _chunk_kl(teacher, student, teacher_hidden[:, part], detached[:, part]) / batch.numel()
+        loss.backward()
+        total += float(loss.detach())
+    if hidden.requires_grad:  # something before the head trains too
+        hidden.backward(detached.grad)
+    return total
+
+
+def mean_kl(teacher, student, windows, chunk_tokens: int | None = None) -> float:
+    """Mean over ``windows`` of each window's mean-over-tokens KL(teacher || student), without gradients."""
+    import torch
+
+    values = []
+    with torch.no_grad():
+        for window in windows.split(1):
+            hidden, teacher_hidden = _final_hidden(student, teacher, window)
+            total = sum(float(_chunk_kl(teacher, student, teacher_hidden[:, part], hidden[:, part]))
+                        for part in _token_chunks(student, window, chunk_tokens))
+            values.append(total / window.numel())
+    return float(np.mean(values))
+
+
+# float32 bytes of one [tokens, vocabulary] tensor per chunk of the distillation loss
+LOGIT_CHUNK_BYTES = 64 << 20
+
+
+def _final_hidden(student, teacher, batch):
+    """The student's last hidden state (its graph kept when gradients are on) and the teacher's (no graph)."""
+    import torch
+
+    hidden = getattr(student, student.base_model_prefix)(batch).last_hidden_state
+    with torch.no_grad():
+        teacher_hidden = getattr(teacher, teacher.base_model_prefix)(batch).last_hidden_state
+    return hidden, teacher_hidden
+
+
+def _token_chunks(model, batch, chunk_tokens: int | None) -> list[slice]:
+    positions = batch.shape[1]
+    if chunk_tokens is None:
+        rows = max(1, LOGIT_CHUNK_BYTES // (4 * model.config.vocab_size * batch.shape[0]))
+        chunk_tokens = min(positions, rows)
+    return [slice(start, min(start + chunk_tokens, positions)) for start in range(0, positions, chunk_tokens)]
+
+
+def _chunk_kl(teacher, student, teacher_hidden, hidden):
+    """Sum over the chunk's tokens of KL(teacher || student), from each model's final hidden states."""
     import torch
 
     with torch.no_grad():
-        target = torch.log_softmax(teacher(batch).logits.float(), dim=-1)
-    predicted = torch.log_softmax(student(batch).logits.float(), dim=-1)
-    return torch.nn.functional.kl_div(predicted, target, log_target=True, reduction="none").sum(-1).mean()
+        target = torch.log_softmax(_logits(teacher, teacher_hidden), dim=-1)
+    predicted = torch.log_softmax(_logits(student, hidden), dim=-1)
+    return torch.nn.functional.kl_div(predicted, target, log_target=True, reduction="sum")
 
 
-def _mean_kl(teacher, student, windows) -> float:
+def _logits(model, hidden):
+    """The causal LM's head on its final hidden states, as its forward applies it (Gemma 2's soft cap too)."""
     import torch
 
-    with torch.no_grad():
-        return float(np.mean([float(_kl(teacher, student, windows[i:i + 1])) for i in range(len(windows))]))
+    logits = model.lm_head(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if not cap else torch.tanh(logits / cap) * cap

@@ -462,3 +462,20 @@ def test_streamed_hessians_hold_one_group_and_equal_the_whole_collection(matmul_
     for name in ("y", "x", "y", "x"):
         np.testing.assert_array_equal(room[name], whole[name])
     assert room.passes == 1
+
+
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_gptq_by_parts_of_the_columns_is_the_whole_problem(asymmetric):
+    """Output columns share H and nothing else, so solving them a few columns at a time (what keeps a
+    vocabulary-sized head's float64 working copy small) gives the same integers as one pass over all of them."""
+    from accullm_export.quant.gptq import _gptq, gptq_grid
+
+    weight, hessian = correlated_problem(40, 24, seed=9)
+    hessian[11] = hessian[:, 11] = 0.0  # a dead input too
+    grid = gptq_grid(weight, hessian, 4, 16, exclude=[3], asymmetric=True) if asymmetric else None
+    whole = _gptq(weight, hessian, 4, 16, [3], 0.01, 8, True, True, grid=grid, columns=24)
+    for columns in (1, 5, 7):
+        parts = _gptq(weight, hessian, 4, 16, [3], 0.01, 8, True, True, grid=grid, columns=columns)
+        np.testing.assert_array_equal(parts[0], whole[0])
+        np.testing.assert_array_equal(parts[1], whole[1])
+    assert whole[0].any() and not whole[0][[3, 11]].any()

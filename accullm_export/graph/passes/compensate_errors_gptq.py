@@ -70,7 +70,7 @@ def run(graph: gs.Graph, config: Config) -> PassResult:
             grid = gptq_grid(weight.values, hessian, plan.bits, plan.block_size, exclude=plan.excluded_rows,
                              search=search, asymmetric=True)
             zero_points = grid[1]
-        values, block_scales = gptq_quantize(weight.values.astype(np.float32), hessian, plan.bits,
+        values, block_scales = gptq_quantize(np.asarray(weight.values, dtype=np.float32), hessian, plan.bits,
                                              plan.block_size, exclude=plan.excluded_rows, act_order=True,
                                              search=search, grid=grid)
         replace_weight_dequantized(graph, node, values, block_scales, plan.bits, plan.block_size,
