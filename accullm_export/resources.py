@@ -77,8 +77,9 @@ def check_memory(estimate: Estimate) -> None:
 
 def quantize_estimate(weights: int, *, moments: int, distill_logits: int, distill: bool) -> Estimate:
     """``quantize``: the source graph's weights once (the statistics sessions and the teacher share them), the
-    second moments held at once, and for distillation the student's float weights rebuilt for autograd plus
-    the logits of one window (teacher and student, their softmaxes and gradients)."""
+    second moments held at once, and for distillation the student (its integers, the layer weights it rebuilds
+    and its activations for autograd) plus one chunk of the logits (teacher and student, their softmaxes and
+    gradients)."""
     parts = {"base": _BASE_BYTES, "weights": weights, "second moments": moments}
     if distill:
         parts |= {"student": weights, "logits": 6 * distill_logits}

@@ -132,7 +132,7 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
     statistics = {entry["name"]: profile.input_statistics(entry["name"]) for entry in profile.manifest["inputs"]}
     rotated = [plan.node for plan in plans.values() if plan.rotation]  # rotate_inputs reads these before GPTQ
     hessians = _hessians(model_path, header, plans, profile, recipe.gptq.samples, options, notes, first=rotated) \
-        if recipe.gptq.enabled else {}
+        if recipe.gptq.enabled else None
     finishing = finishing_passes(recipe) if finishing is None else finishing
     return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite, options,
                     finishing, protected=[model, profile_dir])
@@ -157,15 +157,16 @@ def _check_cuda(torch_needed: bool) -> None:
 def memory_estimate(model_path: Path, plans: dict[str, LayerPlan], recipe: Recipe, options: QuantizeOptions,
                     seq_len: int | None, header: onnx.ModelProto | None = None) -> Estimate:
     """What quantizing ``model_path`` with ``recipe`` will hold at its peak (``resources.quantize_estimate``):
-    the second moments GPTQ holds at once, and for distillation the logits of one window over the LM head's
+    the second moments GPTQ holds at once, and for distillation one chunk of the logits over the LM head's
     vocabulary (the widest layer's outputs). ``header``: the model already loaded without its weights."""
     from accullm_export.calibration.hessian import MATRIX_ITEMSIZE
+    from accullm_export.training.distill import LOGIT_CHUNK_BYTES
 
     inputs = {plan.input: plan.in_features for plan in plans.values() if plan.quantized}
     moments = min(sum(count * count * MATRIX_ITEMSIZE for count in inputs.values()), options.moments_mb << 20) \
         if recipe.gptq.enabled else 0
     vocabulary = max((plan.out_features for plan in plans.values()), default=0)
-    logits = (seq_len or 0) * options.distill_batch * vocabulary * 4
+    logits = min((seq_len or 0) * options.distill_batch * vocabulary * 4, LOGIT_CHUNK_BYTES)
     return quantize_estimate(weight_bytes(model_path, header), moments=moments, distill_logits=logits,
                              distill=bool(recipe.distill.steps))
 
@@ -235,7 +236,7 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
 
     graph, source = load_graph(model_path)
     weights = source_weights(graph)  # the passes replace constants, never write them: these stay the source's
-    if hasattr(hessians, "share"):
+    if hessians is not None:  # GPTQ's statistics sessions run on these arrays
         hessians.share(weights)
     sparsity = recipe.sparsity.to_sparsity_config()
     sparse = sparsity.active
@@ -245,12 +246,13 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
     distillation = _distillation(model_path, graph, recipe, profile, options, notes) if recipe.distill.steps \
         else None
     data = PassData(plans=plans, float_dtype=float_dtype, statistics=statistics,
-                    hessians=hessians,
+                    hessians={} if hessians is None else hessians,
                     embeddings=recipe.weights.embeddings, smoothing=recipe.activations.smoothquant or None,
                     scale_search=recipe.weights.scale_search, asymmetric=recipe.weights.asymmetric,
                     distillation=distillation,
                     vocab_rows=_vocab_rows(model_path, graph, plans, recipe, profile, weights, options.device)
                     if recipe.vocab.refine_rows else None)
+    del weights  # each source array is freed once its pass replaces it and GPTQ's sessions are done
     sparse_plans = sparsity_plans(model_path, graph, profile, sparsity) if sparse else None
     for note in notes:
         log.info("%s", note)
@@ -258,7 +260,8 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
     passes = recipe_passes(recipe)
     gptq_done = passes.index("compensate_errors_gptq") + 1 if "compensate_errors_gptq" in passes else 0
     graph, reports, data = run_passes(graph, passes[:gptq_done], data)
-    hessians.clear()  # only GPTQ reads them: their memory is free before distillation
+    if hessians is not None:  # only GPTQ reads them: their memory is free before distillation
+        hessians.clear()
     data = dataclasses.replace(data, hessians={})
     graph, later, data = run_passes(graph, passes[gptq_done:], data)
     reports += later
@@ -439,11 +442,11 @@ def _vocab_rows(model_path: Path, graph, plans: dict[str, LayerPlan], recipe: Re
 
 
 def _distillation(model_path: Path, graph, recipe: Recipe, profile, options: QuantizeOptions, notes: list[str]):
-    """The teacher's weights (read from the graph before any pass) and the calibration windows the block scales
-    are distilled on."""
+    """The calibration windows the block scales are distilled on and the teacher's outputs on them (the source
+    model, run before any pass replaces its weights)."""
     from accullm_export.calibration.run import profile_feeds
     from accullm_export.graph.passes.distill_scales import DistillInputs, graph_weights
-    from accullm_export.training.distill import DistillConfig
+    from accullm_export.training.distill import DistillConfig, teacher_outputs
 
     if not (model_path.parent / "config.json").is_file():
         raise UserError(f"distill.steps needs the export folder's config.json beside {model_path} (it builds a "
@@ -459,5 +462,6 @@ def _distillation(model_path: Path, graph, recipe: Recipe, profile, options: Qua
     config = DistillConfig(steps=recipe.distill.steps, learning_rate=recipe.distill.lr,
                            batch_windows=options.distill_batch, norms=recipe.distill.norms,
                            outlier_rows=recipe.distill.outlier_rows, device=options.device)
-    teacher = graph_weights(graph)  # the source arrays themselves: the passes replace constants, never write them
+    log.info("distillation: the source model's outputs on %d calibration windows", len(windows))
+    teacher = teacher_outputs(model_path.parent, graph_weights(graph), windows, options.device)
     return DistillInputs(config=config, config_dir=model_path.parent, teacher=teacher, windows=windows)

@@ -144,9 +144,11 @@ class StreamedHessians(Mapping[str, np.ndarray]):
         self._shared = initializers
 
     def clear(self) -> None:
-        """Drop every matrix held, pinned ones too (a later read collects them again)."""
+        """Drop every matrix held, pinned ones too, and the shared weights (a later read collects the matrices
+        again, loading the weights)."""
         self._held, self._held_group = {}, None
         self._pinned.clear()
+        self._shared = None
 
 
 def _check_names(reader: IntermediateReader, names: list[str], model_path: str | Path) -> None:

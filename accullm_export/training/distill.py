@@ -8,8 +8,8 @@ profile names: one scale per block of 64 or 128 weights is about 1% of the param
 objective (GPTQ's) cannot see how errors compound through the residual stream and the LM head; the KL does.
 
 Both models are torch replicas built with transformers from the export folder's ``config.json`` and the ONNX
-graph's constants (``graph_weights``): the teacher from the model before any pass, the student from the graph
-being rewritten, each low-bit layer replaced by ``BlockScaledLinear``: W = values * scales (blocked along the
+graph's constants (``graph_weights``): the teacher from the model before any pass (run once over the windows: its
+final hidden states and its head are all the loss reads), the student from the graph being rewritten, each low-bit layer replaced by ``BlockScaledLinear``: W = values * scales (blocked along the
 input rows) + the FP16 outlier rows, exactly what DequantizeLinear and the outlier branch compute. Scales are
 trained as s0 * exp(theta) (Adam on theta: every scale moves by a relative step, whatever its layer's range),
 and written back rounded to FP16 as the graph stores them. Where transformers fuses layers the export splits
@@ -298,8 +298,14 @@ def _set_module(model, path: str, module) -> None:
 def student_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], layers: Sequence[BlockScaled],
                     outlier_rows: bool = False):
     """The quantized model as torch: ``weights`` loaded, then each of ``layers`` swapped for a
-    ``BlockScaledLinear`` (a bias the module had stays). Returns (model, module path -> BlockScaledLinear)."""
-    student = build_replica(config_dir, weights, share_memory=True, copied=_is_norm_gain)  # the gains train
+    ``BlockScaledLinear`` (a bias the module had stays). ``weights`` need not hold the layers' own weights: the
+    modules are built on untouched zero pages (no memory) and swapped out at once. Returns (model, module path ->
+    BlockScaledLinear)."""
+    placeholders = {f"{layer.module}.weight": np.zeros(layer.values.shape[::-1], dtype=np.float32)
+                    for layer in layers if f"{layer.module}.weight" not in weights}
+    student = build_replica(config_dir, {**weights, **placeholders}, share_memory=True,
+                            copied=_is_norm_gain)  # the gains train
+    del placeholders
     linear_class = block_scaled_linear_class()
     by_module = {}
     for layer in layers:
@@ -310,17 +316,48 @@ def student_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], l
     return student, by_module
 
 
-def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndarray],
-                   student_weights: Mapping[str, np.ndarray], layers: Sequence[BlockScaled], windows: np.ndarray,
-                   config: DistillConfig) -> DistillResult:
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """What the loss reads of the full-precision model: its final hidden states on every window (after the final
+    norm) and its head. Made once, before the low-bit layers replace the source weights, so training holds no
+    float copy of the decoder layers and runs no teacher forward."""
+
+    hidden: object  # torch float32 [windows, seq_len, hidden_size]
+    head: object  # torch float32 [vocabulary, hidden_size] (the source array itself)
+    softcap: float | None = None  # Gemma 2's final logit soft cap
+
+    def logits(self, hidden):
+        import torch
+
+        logits = torch.nn.functional.linear(hidden, self.head)
+        return logits if not self.softcap else torch.tanh(logits / self.softcap) * self.softcap
+
+
+def teacher_outputs(config_dir: str | Path, weights: Mapping[str, np.ndarray], windows: np.ndarray,
+                    device: str = "cpu") -> Teacher:
+    """Run the full-precision model (``weights`` by transformers name, shared, not copied) over ``windows``
+    (int64 [n, seq_len]) once, a window at a time, and keep what ``distill_scales`` needs of it."""
+    torch = require("torch", "export")
+    if windows.ndim != 2 or len(windows) == 0:
+        raise UserError(f"distillation needs calibration windows [n, seq_len], got shape {windows.shape}")
+    model = build_replica(config_dir, weights, share_memory=True).to(torch_device(device))
+    tokens = torch.from_numpy(np.asarray(windows, dtype=np.int64)).to(torch_device(device))
+    with torch.no_grad():
+        hidden = torch.cat([_decoder(model)(window).last_hidden_state for window in tokens.split(1)])
+    return Teacher(hidden=hidden, head=model.lm_head.weight.detach(),
+                   softcap=getattr(model.config, "final_logit_softcapping", None))
+
+
+def distill_scales(config_dir: str | Path, teacher: Teacher, student_weights: Mapping[str, np.ndarray],
+                   layers: Sequence[BlockScaled], windows: np.ndarray, config: DistillConfig) -> DistillResult:
     """Train the block scales of ``layers`` (with ``config.norms`` the RMSNorm gains, with ``config.outlier_rows``
     the FP16 outlier rows) on ``windows``.
 
     Args:
         config_dir: the export folder (its config.json).
-        teacher_weights: the full-precision model's parameters by transformers name.
-        student_weights: the quantized model's float parameters by name (norms, embedding; a low-bit layer's
-            entry is ignored, ``layers`` replaces it).
+        teacher: the full-precision model's outputs on ``windows`` (``teacher_outputs``).
+        student_weights: the quantized model's float parameters by name (norms, embedding; the low-bit layers'
+            come from ``layers``).
         layers: the low-bit layers whose scales train.
         windows: int64 token ids [n, seq_len], the calibration text.
         config: steps, learning rate, batch.
@@ -332,13 +369,14 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
     torch = require("torch", "export")
     if windows.ndim != 2 or len(windows) == 0:
         raise UserError(f"distillation needs calibration windows [n, seq_len], got shape {windows.shape}")
+    if tuple(teacher.hidden.shape[:2]) != windows.shape:
+        raise UserError(f"the teacher's outputs cover windows {tuple(teacher.hidden.shape[:2])}, the distillation "
+                        f"windows are {windows.shape}")
     if not layers:
         raise UserError("distillation found no INT4 block-scaled layer to train")
     started = time.perf_counter()
     device = torch_device(config.device)
-    teacher = build_replica(config_dir, teacher_weights, share_memory=True).to(device)
-    student, by_module = student_replica(config_dir, {**teacher_weights, **student_weights}, layers,
-                                         config.outlier_rows)
+    student, by_module = student_replica(config_dir, student_weights, layers, config.outlier_rows)
     student.to(device)
     parameters = [module.theta for module in by_module.values()]
     norms = {name: parameter for name, parameter in student.named_parameters()
@@ -356,27 +394,25 @@ def distill_scales(config_dir: str | Path, teacher_weights: Mapping[str, np.ndar
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
     held = max(1, len(windows) // 8) if len(windows) > 1 else 0  # the last windows judge the result
     train = windows[:len(windows) - held] if held else windows
-    checked = torch.from_numpy(np.asarray(windows[len(windows) - held:], dtype=np.int64)).to(device) if held \
-        else None
-    before = mean_kl(teacher, student, checked) if held else None
+    tokens = torch.from_numpy(np.asarray(windows, dtype=np.int64)).to(device)
+    checked = range(len(windows) - held, len(windows))
+    before = mean_kl(teacher, student, tokens, checked) if held else None
     order = np.random.default_rng(config.seed).permutation
-    tokens = torch.from_numpy(np.asarray(train, dtype=np.int64)).to(device)
     batch_order = np.empty(0, dtype=np.int64)
     training = time.perf_counter()
     for step in range(config.steps):
         if batch_order.size < config.batch_windows:
             batch_order = np.concatenate([batch_order, order(len(train))])
         chosen, batch_order = batch_order[:config.batch_windows], batch_order[config.batch_windows:]
-        batch = tokens[torch.from_numpy(chosen).to(device)]
         optimizer.zero_grad(set_to_none=True)
-        loss = kl_step(teacher, student, batch)
+        loss = kl_step(teacher, student, tokens, chosen)
         optimizer.step()
         schedule.step()
         if step % 10 == 0 or step == config.steps - 1:
             pace = (time.perf_counter() - training) / (step + 1)
             log.info("distill step %d/%d: KL %.4f (%.1f s a step, about %.0f min left)", step + 1, config.steps,
                      loss, pace, pace * (config.steps - step - 1) / 60)
-    after = mean_kl(teacher, student, checked) if held else None
+    after = mean_kl(teacher, student, tokens, checked) if held else None
     kept = not held or after < before
     with torch.no_grad():
         scales = {module: (layer.scales() if kept else layer.initial).cpu().numpy().astype(np.float32)
@@ -406,19 +442,21 @@ def torch_device(name: str):
     return torch.device(name)
 
 
-def kl_step(teacher, student, batch, chunk_tokens: int | None = None) -> float:
-    """Mean over tokens of KL(teacher || student) on ``batch``, its gradient accumulated into the student's
-    parameters. The head's logits over the vocabulary are made ``chunk_tokens`` positions at a time (default:
-    about ``LOGIT_CHUNK_BYTES`` of float32 per tensor): each chunk's KL is differentiated at once, down to the
-    final hidden state, whose gradient then runs back through the layers in one pass. Nothing is computed
+def kl_step(teacher: Teacher, student, tokens, chosen: Sequence[int], chunk_tokens: int | None = None) -> float:
+    """Mean over tokens of KL(teacher || student) on the windows ``tokens[chosen]``, its gradient accumulated into
+    the student's parameters. The head's logits over the vocabulary are made ``chunk_tokens`` positions at a time
+    (default: about ``LOGIT_CHUNK_BYTES`` of float32 per tensor): each chunk's KL is differentiated at once, down
+    to the final hidden state, whose gradient then runs back through the layers in one pass. Nothing is computed
     twice, and no [tokens, vocabulary] tensor outlives its chunk."""
     import torch
 
-    hidden, teacher_hidden = _final_hidden(student, teacher, batch)
+    index = torch.as_tensor(np.asarray(chosen, dtype=np.int64), device=tokens.device)
+    batch, target_hidden = tokens[index], teacher.hidden[index]
+    hidden = _decoder(student)(batch).last_hidden_state
     detached = hidden.detach().requires_grad_(True)
     total = 0.0
     for part in _token_chunks(student, batch, chunk_tokens):
-        loss = _chunk_kl(teacher, student, teacher_hidden[:, part], detached[:, part]) / batch.numel()
+        loss = _chunk_kl(teacher, student, target_hidden[:, part], detached[:, part]) / batch.numel()
         loss.backward()
         total += float(loss.detach())
     if hidden.requires_grad:  # something before the head trains too
@@ -426,15 +464,17 @@ def kl_step(teacher, student, batch, chunk_tokens: int | None = None) -> float:
     return total
 
 
-def mean_kl(teacher, student, windows, chunk_tokens: int | None = None) -> float:
-    """Mean over ``windows`` of each window's mean-over-tokens KL(teacher || student), without gradients."""
+def mean_kl(teacher: Teacher, student, tokens, windows: Sequence[int], chunk_tokens: int | None = None) -> float:
+    """Mean over the windows ``tokens[windows]`` of each one's mean-over-tokens KL(teacher || student), without
+    gradients."""
     import torch
 
     values = []
     with torch.no_grad():
-        for window in windows.split(1):
-            hidden, teacher_hidden = _final_hidden(student, teacher, window)
-            total = sum(float(_chunk_kl(teacher, student, teacher_hidden[:, part], hidden[:, part]))
+        for index in windows:
+            window = tokens[index:index + 1]
+            hidden = _decoder(student)(window).last_hidden_state
+            total = sum(float(_chunk_kl(teacher, student, teacher.hidden[index:index + 1, part], hidden[:, part]))
                         for part in _token_chunks(student, window, chunk_tokens))
             values.append(total / window.numel())
     return float(np.mean(values))
@@ -444,14 +484,9 @@ def mean_kl(teacher, student, windows, chunk_tokens: int | None = None) -> float
 LOGIT_CHUNK_BYTES = 64 << 20
 
 
-def _final_hidden(student, teacher, batch):
-    """The student's last hidden state (its graph kept when gradients are on) and the teacher's (no graph)."""
-    import torch
-
-    hidden = getattr(student, student.base_model_prefix)(batch).last_hidden_state
-    with torch.no_grad():
-        teacher_hidden = getattr(teacher, teacher.base_model_prefix)(batch).last_hidden_state
-    return hidden, teacher_hidden
+def _decoder(model):
+    """The causal LM's decoder stack (its final norm included), whose last hidden state the head reads."""
+    return getattr(model, model.base_model_prefix)
 
 
 def _token_chunks(model, batch, chunk_tokens: int | None) -> list[slice]:
@@ -462,12 +497,12 @@ def _token_chunks(model, batch, chunk_tokens: int | None) -> list[slice]:
     return [slice(start, min(start + chunk_tokens, positions)) for start in range(0, positions, chunk_tokens)]
 
 
-def _chunk_kl(teacher, student, teacher_hidden, hidden):
+def _chunk_kl(teacher: Teacher, student, teacher_hidden, hidden):
     """Sum over the chunk's tokens of KL(teacher || student), from each model's final hidden states."""
     import torch
 
     with torch.no_grad():
-        target = torch.log_softmax(_logits(teacher, teacher_hidden), dim=-1)
+        target = torch.log_softmax(teacher.logits(teacher_hidden), dim=-1)
     predicted = torch.log_softmax(_logits(student, hidden), dim=-1)
     return torch.nn.functional.kl_div(predicted, target, log_target=True, reduction="sum")
 

@@ -19,7 +19,8 @@ pytest.importorskip("transformers", reason="the replicas are transformers models
 
 from accullm_export.graph.passes.distill_scales import block_scaled_layers, graph_weights  # noqa: E402
 from accullm_export.training.distill import (BlockScaled, DistillConfig, block_scaled_linear_class,  # noqa: E402
-                                             build_replica, kl_step, mean_kl, module_of, student_replica)
+                                             build_replica, kl_step, mean_kl, module_of, student_replica,
+                                             teacher_outputs)
 from tests.helpers.distill import (DISTILL_W4, assert_same_size_and_lower_kl, plain_and_trained,  # noqa: E402
                                    planted_export, stored_initializers)
 from tests.helpers.graphs import ort_logits_for_ids, token_ids  # noqa: E402
@@ -59,35 +60,37 @@ def test_replica_equals_the_source_model(tiny_exports, model_type):
 
 @pytest.mark.parametrize("model_type", sorted(TINY_ARCHITECTURES))
 def test_chunked_kl_is_the_kl_of_the_full_logits(tiny_exports, model_type):
-    """The loss made from the final hidden states a few tokens at a time (Gemma 2's soft cap included) is the
-    KL of the model's own logits, over windows and in training, where its gradient reaches the same parameters
-    as autograd through the full logits does."""
+    """The loss made from the teacher's stored outputs and the student's final hidden states a few tokens at a
+    time (Gemma 2's soft cap included) is the KL of the two models' own logits, over windows and in training,
+    where its gradient reaches the same parameters as autograd through the full logits does."""
     _, folder = tiny_exports[model_type]
     graph, _ = load_graph(folder / "model.onnx")
-    teacher = build_replica(folder, graph_weights(graph))
+    teacher_model = build_replica(folder, graph_weights(graph))
     generator = torch.Generator().manual_seed(1)
     student = build_replica(folder, {name: value + 0.02 * torch.randn(value.shape, generator=generator).numpy()
                                      for name, value in graph_weights(graph).items()})
     trained = [parameter for name, parameter in student.named_parameters() if "norm" in name or "lm_head" in name]
     for parameter in trained:
         parameter.requires_grad_(True)
-    ids = torch.from_numpy(token_ids(seed=2).reshape(1, -1))
-    batch = torch.cat([ids, ids.flip(1)])
+    ids = token_ids(seed=2).reshape(1, -1)
+    windows = np.concatenate([ids, ids[:, ::-1], ids[:, ::2].repeat(2, axis=1)])
+    teacher = teacher_outputs(folder, graph_weights(graph), windows)
+    tokens = torch.from_numpy(windows)
 
     def full(batch):
         with torch.no_grad():
-            target = torch.log_softmax(teacher(batch).logits, dim=-1)
+            target = torch.log_softmax(teacher_model(batch).logits, dim=-1)
         predicted = torch.log_softmax(student(batch).logits, dim=-1)
         return torch.nn.functional.kl_div(predicted, target, log_target=True, reduction="none").sum(-1).mean()
 
-    expected = full(batch)
+    expected = full(tokens[[2, 0]])
     expected_gradients = torch.autograd.grad(expected, trained)
-    loss = kl_step(teacher, student, batch, chunk_tokens=3)
+    loss = kl_step(teacher, student, tokens, [2, 0], chunk_tokens=3)
     assert loss == pytest.approx(float(expected.detach()), rel=1e-5) and loss > 0
     for parameter, reference in zip(trained, expected_gradients):
         torch.testing.assert_close(parameter.grad, reference, rtol=1e-4, atol=1e-7)
-    windows_kl = mean_kl(teacher, student, batch, chunk_tokens=5)
-    assert windows_kl == pytest.approx(np.mean([float(full(window)) for window in batch.split(1)]), rel=1e-5)
+    windows_kl = mean_kl(teacher, student, tokens, [1, 2], chunk_tokens=5)
+    assert windows_kl == pytest.approx(np.mean([float(full(tokens[i:i + 1]).detach()) for i in (1, 2)]), rel=1e-5)
 
 
 def test_student_replica_equals_the_quantized_graph(planted, tmp_path):

@@ -26,22 +26,23 @@ from accullm_export.graph.rewrite import producer_of, stored_scales
 from accullm_export.graph.rotation import input_rotation
 from accullm_export.quant.asymmetric import signed_values
 from accullm_export.quant.symmetric import half_representable
-from accullm_export.training.distill import BlockScaled, DistillConfig, distill_scales, module_of
+from accullm_export.training.distill import BlockScaled, DistillConfig, Teacher, distill_scales, module_of
 
 
 @dataclasses.dataclass(frozen=True)
 class DistillInputs:
-    """What the pass needs besides the graph: the export folder, the teacher's weights, the calibration text."""
+    """What the pass needs besides the graph: the export folder, the teacher's outputs on the calibration text,
+    that text."""
 
     config: DistillConfig
     config_dir: Path
-    teacher: Mapping[str, np.ndarray]
+    teacher: Teacher
     windows: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
-    """The teacher's weights, the export folder and the calibration windows (None: off)."""
+    """The teacher's outputs, the export folder and the calibration windows (None: off)."""
 
     distillation: DistillInputs | None = None
 
