@@ -18,6 +18,7 @@ import onnx
 from accullm_export.atomic import atomic_write_bytes, atomic_write_text
 from accullm_export.errors import BackendError, UserError
 from accullm_export.runtime.engine_file import ENGINE_RECORD, engine_record
+from accullm_export.runtime.speculative import MAX_DRAFT_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,14 @@ def tensorrt_available() -> tuple[bool, str]:
     return True, trt.__version__
 
 
+# tokens one pass with a KV cache may take: a golden verifier's pass over the most draft tokens it can be given
+VERIFY_TOKENS = MAX_DRAFT_TOKENS + 1
+
+
 def shape_profiles(model_path: Path, max_batch: int, max_seq_len: int) -> list[dict[str, tuple]]:
-    """Two optimization profiles for an exported decoder: prefill (many tokens, empty cache) and decode
-    (one token, a growing cache). Each maps an input name to (min, opt, max) shapes."""
+    """Two optimization profiles for an exported decoder: prefill (many tokens, empty cache) and decode (one
+    token, a growing cache, tuned for one token but taking up to ``VERIFY_TOKENS``: golden mode's verifier checks
+    a draft's tokens in one pass on its cache). Each maps an input name to (min, opt, max) shapes."""
     graph = onnx.load(str(model_path), load_external_data=False).graph
     past = [value for value in graph.input if value.name.startswith("past_key_values.")]
     if not past:
@@ -63,7 +69,7 @@ def shape_profiles(model_path: Path, max_batch: int, max_seq_len: int) -> list[d
         return {name: value for name, value in out.items() if name in names}
 
     prefill = shapes((1, 1, max_batch), (1, half, max_seq_len), (0, 0, 0))
-    decode = shapes((1, 1, max_batch), (1, 1, 1), (0, half, max_seq_len - 1))
+    decode = shapes((1, 1, max_batch), (1, 1, VERIFY_TOKENS), (0, half, max_seq_len - 1))
     return [prefill, decode]
 
 

@@ -4,7 +4,8 @@ engine uses its ops), behind the same ``CausalLMRunner`` interface as the ONNX R
 Device buffers are torch CUDA tensors. TensorRT and torch are imported when a runner is made; without them,
 or without a GPU, a BackendError says what to install. Not exercised on the development machines (no GPU,
 no TensorRT): the code follows the TensorRT 10 name-based I/O API (set_input_shape, set_tensor_address,
-execute_async_v3) and the engine's two optimization profiles (0: prefill, 1: decode).
+execute_async_v3) and the engine's two optimization profiles (0: prefill on an empty cache, 1: any pass on a
+cache, up to a golden verifier's few tokens).
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ class TrtCausalLM(CausalLMRunner):
 
     def forward(self, input_ids, attention_mask, position_ids, past: KVCache):
         feed = self.input_feed(input_ids, attention_mask, position_ids, past)
-        decode = feed["input_ids"].shape[1] == 1 and past and past[0][0].shape[2] > 0
-        profile = DECODE_PROFILE if decode and self.engine.num_optimization_profiles > 1 else PREFILL_PROFILE
+        # a pass on a cache (one token, or a golden verifier's few) runs in the decode profile where there is one
+        on_cache = bool(past) and past[0][0].shape[2] > 0
+        profile = DECODE_PROFILE if on_cache and self.engine.num_optimization_profiles > 1 else PREFILL_PROFILE
         handle = self.stream.cuda_stream
         self.context.set_optimization_profile_async(profile, handle)
         keep = []

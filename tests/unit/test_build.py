@@ -356,3 +356,20 @@ def test_build_a_plain_onnx_model_with_a_load_data_script(tmp_path):
         build(str(model), tmp_path / "distilled", BuildOptions(target="cpu", recipe=w4a16, calib="wiki",
                                                                calib_samples=4))
     assert not (tmp_path / "distilled").exists()
+
+
+def test_engine_profiles_take_a_golden_verifiers_pass(planted_model):
+    """Prefill runs on an empty cache; the decode profile, tuned for one token, also takes a golden verifier's
+    pass over the most draft tokens on a cache of any length up to the context (its mask one position per token
+    longer)."""
+    from accullm_export.build.engine import VERIFY_TOKENS, shape_profiles
+    from accullm_export.runtime.speculative import MAX_DRAFT_TOKENS
+
+    folder, _ = planted_model
+    prefill, decode = shape_profiles(folder / "model.onnx", max_batch=2, max_seq_len=256)
+    assert VERIFY_TOKENS == MAX_DRAFT_TOKENS + 1
+    assert prefill["input_ids"] == ((1, 1), (1, 128), (2, 256))
+    assert {shape[2] for shape in prefill["past_key_values.0.key"]} == {0}
+    assert decode["input_ids"] == ((1, 1), (1, 1), (2, VERIFY_TOKENS))
+    assert [shape[2] for shape in decode["past_key_values.0.key"]] == [0, 128, 255]
+    assert decode["attention_mask"] == ((1, 1), (1, 129), (2, 255 + VERIFY_TOKENS))
