@@ -84,3 +84,24 @@ def quantize_estimate(weights: int, *, moments: int, distill_logits: int, distil
     if distill:
         parts |= {"student": weights, "logits": 6 * distill_logits}
     return Estimate("quantize", parts)
+
+
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def return_freed_memory() -> None:
+    """Have the C library's allocator hand each freed block of ``MMAP_THRESHOLD_BYTES`` or more back to the system.
+
+    glibc's malloc raises its mmap threshold to the size of a mapped block once one is freed, up to 32 MiB, so
+    after the first freed weight every later array of a decoder layer's size comes from the heap; a step that reads,
+    copies and frees weights layer by layer then keeps their peak resident for good. A fixed threshold maps each
+    large array on its own and unmaps it when freed. Elsewhere than glibc this does nothing."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_mmap_threshold = -3  # malloc.h's M_MMAP_THRESHOLD; setting it also turns the dynamic threshold off
+    mallopt(ctypes.c_int(m_mmap_threshold), ctypes.c_int(MMAP_THRESHOLD_BYTES))
+

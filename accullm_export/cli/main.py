@@ -12,6 +12,7 @@ import threading
 
 from accullm_export import __version__
 from accullm_export.cli.arg_types import CommandParser, one_line
+from accullm_export.resources import return_freed_memory
 from accullm_export.errors import AccuLLMError, Terminated
 
 # name -> module; each module has HELP, add_arguments(parser) and run(args) -> int
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
+    return_freed_memory()
     try:
         with _sigterm_raises():
             return int(args.handler(args) or 0)

@@ -37,7 +37,7 @@ def producer_of(tensor, op: str) -> gs.Node | None:
 def float_weight(node: gs.Node) -> gs.Constant | None:
     """The layer's weight if it is still a float constant (not already behind a DequantizeLinear)."""
     weight = node.inputs[1]
-    if isinstance(weight, gs.Constant) and weight.values.dtype.kind == "f":
+    if isinstance(weight, gs.Constant) and np.dtype(weight.dtype).kind == "f":  # not .values: a lazy copy stays lazy
         return weight
     return None
 

@@ -116,8 +116,8 @@ def build_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], *, 
     quantizes the head and keeps the table, so the two differ. A module that fuses layers the export splits
     (``FUSED_PROJECTIONS``) runs as those layers (``split_fused_projections``). The modules are made without
     memory (accelerate's ``init_empty_weights``) and take the arrays of ``weights``: with ``share_memory`` the
-    float32 C-contiguous arrays themselves, except the parameters ``copied`` names (those a training step writes
-    into); without it, copies of all.
+    float32 arrays themselves, a graph's [in, out] weight as its transposed view, except the parameters ``copied``
+    names (those a training step writes into); without it, C-ordered copies of all.
 
     Raises:
         UserError: the config is not a causal LM transformers knows, or a parameter is missing from ``weights``
@@ -153,7 +153,7 @@ def build_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], *, 
             raise UserError(f"{name}: the graph holds shape {value.shape}, the architecture needs "
                             f"{tuple(tensor.shape)}")
         shared = share_memory and not copied(name)
-        loaded[name] = torch.from_numpy(np.ascontiguousarray(value) if shared else np.array(value, order="C"))
+        loaded[name] = torch.from_numpy(value if shared else np.array(value, order="C"))  # strides kept
     model.load_state_dict(loaded, strict=True, assign=True)
     model.eval()
     model.requires_grad_(False)

@@ -149,3 +149,23 @@ def test_tensorrt_swap_leaves_a_rotated_layer_standard():
     swapped = run_graph(graphs["swapped"], x)
     np.testing.assert_array_equal(swapped, run_graph(graphs["standard"], x))
     assert np.abs(swapped - x @ weight).mean() < 0.1 * np.abs(x @ weight).mean()  # INT4 rounding only
+
+
+def test_rotated_rows_by_parts_of_the_columns_is_r_transpose_w():
+    """The rotated weight made a few output columns at a time is R^T W with R formed whole (the rows ``zeroed``
+    counting as 0), in the weight's dtype, whatever the part size."""
+    from accullm_export.graph.passes.rotate_inputs import rotated_rows
+    from accullm_export.graph.rotation import rotation_matrix
+
+    rng = np.random.default_rng(3)
+    weight = rng.normal(size=(16, 11)).astype(np.float32)
+    signs = rng.choice([-1.0, 1.0], size=16).astype(np.float32)
+    signs[5] = 0.0
+    rest = weight.astype(np.float64)
+    rest[[5, 9]] = 0.0
+    expected = (rotation_matrix(signs, 4).T @ rest).astype(np.float32)
+    whole = rotated_rows(weight, signs, 4, zeroed=[9], columns=11)
+    assert whole.dtype == np.float32
+    np.testing.assert_allclose(whole, expected, rtol=1e-6, atol=1e-6)
+    for columns in (1, 3, 4):
+        np.testing.assert_array_equal(rotated_rows(weight, signs, 4, zeroed=[9], columns=columns), whole)

@@ -78,15 +78,17 @@ def run(graph: gs.Graph, config: Config) -> PassResult:
                                produced)
         rotated_input, signs = inputs[source.name]
         node.inputs[0] = rotated_input
-        rest = np.asarray(weight.values, dtype=np.float64).copy()
-        rest[list(plan.outliers)] = 0.0  # the branch computes these rows (isolate_outliers zeroed them already)
-        values = rotated_rows(rest, signs, plan.rotation)  # every row, the outlier rows' 0 spread out
-        node.inputs[1] = constant(f"{node.name}/weight_rotated", values.astype(weight.values.dtype))
+        # the branch computes the outlier rows (isolate_outliers zeroed them already): their 0 is spread out
+        values = rotated_rows(weight.values, signs, plan.rotation, zeroed=plan.outliers)
+        node.inputs[1] = constant(f"{node.name}/weight_rotated", values)
         produced["plans"][node.name] = dataclasses.replace(plan, input=rotated_input.name)
         rotated += 1
     notes.append(f"{rotated} layers' low-bit parts read their input block-Hadamard rotated, {len(inputs)} "
                  "rotations (rotation.layers)")
     return PassResult(graph.cleanup().toposort(), tuple(notes), produced=produced)
+
+
+ROTATION_COLUMNS = 8192  # output columns rotated per float64 working copy
 
 
 def rotation_signs(source: str, channels: int, outliers) -> np.ndarray:
@@ -97,11 +99,21 @@ def rotation_signs(source: str, channels: int, outliers) -> np.ndarray:
     return signs.astype(np.float32)
 
 
-def rotated_rows(weight: np.ndarray, signs: np.ndarray, block: int) -> np.ndarray:
-    """R^T W block by block, (I (x) H_b)^T (d * W), without forming R: O(C b N) instead of O(C^2 N) (float64)."""
-    signed = np.asarray(signs, dtype=np.float64)[:, None] * np.asarray(weight, dtype=np.float64)
-    blocks = signed.reshape(signed.shape[0] // block, block, -1)
-    return np.einsum("ji,kjn->kin", hadamard(block), blocks).reshape(signed.shape)
+def rotated_rows(weight: np.ndarray, signs: np.ndarray, block: int, *, zeroed=(),
+                 columns: int = ROTATION_COLUMNS) -> np.ndarray:
+    """R^T W block by block, (I (x) H_b)^T (d * W), without forming R: O(C b N) instead of O(C^2 N), computed in
+    float64 ``columns`` output columns at a time (a vocabulary-sized head is not copied whole in float64) and
+    returned in the weight's dtype. The rows in ``zeroed`` count as 0."""
+    rotated = np.empty(weight.shape, dtype=weight.dtype)
+    factors = np.asarray(signs, dtype=np.float64)[:, None]
+    factors[list(zeroed)] = 0.0
+    matrix = hadamard(block)
+    for start in range(0, weight.shape[1], columns):
+        part = slice(start, min(start + columns, weight.shape[1]))
+        signed = factors * np.asarray(weight[:, part], dtype=np.float64)
+        blocks = signed.reshape(signed.shape[0] // block, block, -1)
+        rotated[:, part] = np.einsum("ji,kjn->kin", matrix, blocks).reshape(signed.shape)
+    return rotated
 
 
 def _insert_rotation(graph: gs.Graph, layer: str, source: gs.Variable, signs: np.ndarray, block: int,
