@@ -95,8 +95,7 @@ def _gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | 
     kept = np.flatnonzero(~excluded)
     if kept.size == 0:
         return values, scales
-    kept_hessian = hessian[np.ix_(kept, kept)]
-    order = np.argsort(-np.diag(kept_hessian), kind="stable") if act_order else np.arange(kept.size)
+    order = np.argsort(-np.diag(hessian)[kept], kind="stable") if act_order else np.arange(kept.size)
     solved = kept[order]
     reduced = hessian[np.ix_(solved, solved)].astype(np.float64)
     dead = np.diag(reduced) == 0
@@ -182,13 +181,18 @@ def _excluded_mask(rows: int, exclude: Sequence[int]) -> np.ndarray:
 def _inverse_cholesky_upper(hessian: np.ndarray, damp: float, reference: float) -> np.ndarray:
     """Upper U with U^T U = (H + damping I)^-1, the damping ``damp`` x ``reference`` (a mean H[i, i]), raised x10
     while H is not positive definite."""
-    identity = np.eye(hessian.shape[0])
+    diagonal = np.diag_indices(hessian.shape[0])
     for attempt in range(DAMPING_RETRIES + 1):
         fraction = damp * 10.0 ** attempt
-        try:
-            lower = np.linalg.cholesky(hessian + fraction * reference * identity)
-            lower_inverse = np.linalg.solve(lower, identity)
+        try:  # one [in, in] float64 matrix alive at a time besides H where it can be (a down_proj's are large)
+            damped = hessian.copy()
+            damped[diagonal] += fraction * reference
+            lower = np.linalg.cholesky(damped)
+            del damped
+            lower_inverse = np.linalg.solve(lower, np.eye(hessian.shape[0]))
+            del lower
             upper = np.linalg.cholesky(lower_inverse.T @ lower_inverse).T
+            del lower_inverse
         except np.linalg.LinAlgError:
             log.debug("GPTQ Hessian not positive definite with damping %g; retrying with more", fraction)
             continue
