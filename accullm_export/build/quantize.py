@@ -9,6 +9,7 @@ appears, so a failure leaves nothing behind.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -262,6 +263,7 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
     graph, reports, data = run_passes(graph, passes[:gptq_done], data)
     if hessians is not None:  # only GPTQ reads them: their memory is free before distillation
         hessians.clear()
+    gc.collect()  # the source replica's module cycles hold source arrays the graph no longer uses
     data = dataclasses.replace(data, hessians={})
     graph, later, data = run_passes(graph, passes[gptq_done:], data)
     reports += later
