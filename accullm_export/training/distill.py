@@ -329,8 +329,7 @@ class Teacher:
     def logits(self, hidden):
         import torch
 
-        logits = torch.nn.functional.linear(hidden, self.head)
-        return logits if not self.softcap else torch.tanh(logits / self.softcap) * self.softcap
+        return _soft_capped(torch.nn.functional.linear(hidden, self.head), self.softcap)
 
 
 def teacher_outputs(config_dir: str | Path, weights: Mapping[str, np.ndarray], windows: np.ndarray,
@@ -338,10 +337,10 @@ def teacher_outputs(config_dir: str | Path, weights: Mapping[str, np.ndarray], w
     """Run the full-precision model (``weights`` by transformers name, shared, not copied) over ``windows``
     (int64 [n, seq_len]) once, a window at a time, and keep what ``distill_scales`` needs of it."""
     torch = require("torch", "export")
-    if windows.ndim != 2 or len(windows) == 0:
-        raise UserError(f"distillation needs calibration windows [n, seq_len], got shape {windows.shape}")
-    model = build_replica(config_dir, weights, share_memory=True).to(torch_device(device))
-    tokens = torch.from_numpy(np.asarray(windows, dtype=np.int64)).to(torch_device(device))
+    _check_windows(windows)
+    device = torch_device(device)
+    model = build_replica(config_dir, weights, share_memory=True).to(device)
+    tokens = torch.from_numpy(np.asarray(windows, dtype=np.int64)).to(device)
     with torch.no_grad():
         hidden = torch.cat([_decoder(model)(window).last_hidden_state for window in tokens.split(1)])
     return Teacher(hidden=hidden, head=model.lm_head.weight.detach(),
@@ -367,8 +366,7 @@ def distill_scales(config_dir: str | Path, teacher: Teacher, student_weights: Ma
         KL did not drop.
     """
     torch = require("torch", "export")
-    if windows.ndim != 2 or len(windows) == 0:
-        raise UserError(f"distillation needs calibration windows [n, seq_len], got shape {windows.shape}")
+    _check_windows(windows)
     if tuple(teacher.hidden.shape[:2]) != windows.shape:
         raise UserError(f"the teacher's outputs cover windows {tuple(teacher.hidden.shape[:2])}, the distillation "
                         f"windows are {windows.shape}")
@@ -509,8 +507,16 @@ def _chunk_kl(teacher: Teacher, student, teacher_hidden, hidden):
 
 def _logits(model, hidden):
     """The causal LM's head on its final hidden states, as its forward applies it (Gemma 2's soft cap too)."""
+    return _soft_capped(model.lm_head(hidden).float(), getattr(model.config, "final_logit_softcapping", None))
+
+
+def _soft_capped(logits, cap: float | None):
+    """cap * tanh(logits / cap), Gemma 2's final soft cap; the logits as they are without one."""
     import torch
 
-    logits = model.lm_head(hidden).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
     return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+def _check_windows(windows: np.ndarray) -> None:
+    if windows.ndim != 2 or len(windows) == 0:
+        raise UserError(f"distillation needs calibration windows [n, seq_len], got shape {windows.shape}")
