@@ -67,7 +67,7 @@ class LayerPlan:
     in_features: int
     out_features: int
     precision: str  # one of PRECISIONS
-    block_size: int | None  # int4: rows per scale block; None: one scale per output channel
+    block_size: int | None  # int4, and int8 with grouped activations: rows per scale block; None: per channel
     outliers: tuple[int, ...]  # input channels computed from FP16 weight rows, excluded from the low-bit part
     activations: str | None  # "static", "dynamic" or None (not quantized)
     activation_scale: float | None  # static: the input's scale (absmax of the non-outlier channels / 127)

@@ -139,9 +139,10 @@ class ActivationsConfig:
 
     Attributes:
         mode: none (the model's float type), static (one scale per tensor from the profile: TensorRT's Q/DQ) or
-            dynamic (one scale per token computed in the graph: an integer GEMM in ONNX Runtime).
-        group: dynamic: one scale per this many input channels of a token (0: one per token; "auto": 32 where
-            every layer's width allows it, else 16, else one per token).
+            dynamic (scales computed at run time: ONNX Runtime's integer GEMMs).
+        group: dynamic: one scale per this many input channels of a token, the weights in blocks of as many rows
+            (ONNX Runtime's 8-bit MatMulNBits; 0: one scale per token; "auto": 32 where every layer's width allows
+            it, else 16, else one per token).
         smoothquant: SmoothQuant's migration strength alpha in (0, 1), folded into the producers (0: off).
     """
 

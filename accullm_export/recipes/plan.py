@@ -119,7 +119,7 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
         plans[layer.node] = LayerPlan(
             node=layer.node, input=layer.input, weight=layer.weight, in_features=layer.in_features,
             out_features=layer.out_features, precision=precision[layer.node],
-            block_size=weights[layer.node][1], outliers=chosen,
+            block_size=group or weights[layer.node][1], outliers=chosen,
             activations=mode if quantize_input else None, activation_scale=scale,
             activation_group=group, rotation=rotation)
     return plans

@@ -65,8 +65,9 @@ CASES = {
     "w8a8 static": dict(precision="int8", outliers=(3, 17), activations="static", scale=2.0 ** -6),
     "w8a8 dynamic": dict(precision="int8", outliers=(3, 17), activations="dynamic"),
     "w8a8 dynamic, no branch": dict(precision="int8", activations="dynamic"),
-    "w8a8 dynamic, groups of 8, outliers": dict(precision="int8", outliers=(3, 17), activations="dynamic", group=8),
-    "w8a8 dynamic, groups of 20": dict(precision="int8", activations="dynamic", group=20),
+    "w8a8 dynamic, groups of 16, outliers": dict(precision="int8", block=16, outliers=(3, 17), activations="dynamic",
+                                                 group=16),
+    "w8a8 dynamic, groups of 32, ragged": dict(precision="int8", block=32, activations="dynamic", group=32),
     "fp16": dict(precision="fp16"),
 }
 
@@ -83,6 +84,11 @@ def test_layer_passes_equal_numpy_emulation(case):
     got = run_graph(graph, x)
     np.testing.assert_allclose(got, np_layer(x, weight, plan), rtol=1e-5, atol=1e-5)
     assert reports[1].bytes_saved > 0  # weights really stored smaller
+    assert not reports[2].notes  # every planned input quantized
+    if plan.activation_group:  # INT8 activations in blocks, stated by the node itself
+        [gemm] = [node for node in graph.nodes if node.op == "MatMulNBits"]
+        assert gemm.attrs["bits"] == 8 and gemm.attrs["accuracy_level"] == 4
+        assert gemm.attrs["block_size"] == plan.activation_group
     if plan.outliers:
         assert reports[0].nodes_added == {"Gather": 1, "MatMul": 1, "Cast": 1, "Add": 1}
 
@@ -479,8 +485,9 @@ def test_w8a8_model_runs_and_the_branch_pays(planted_model, profile, tmp_path):
 
 
 def test_w8a8_activation_groups(planted_model, profile, tmp_path):
-    """activations.group: one batched MatMulInteger over [K/G, G, N] weights per layer, the same stored bits, and
-    a smaller error than one scale per token; group sizes that do not divide a layer's width are refused."""
+    """activations.group: each layer a MatMulNBits with 8-bit weights in blocks of G and INT8 activations
+    (accuracy level 4), a smaller error than one scale per token at one float32 weight scale per block more;
+    group sizes that do not divide a layer's width are refused."""
     from accullm_export.calibration.feeds import llm_feeds, text_windows
 
     folder, text = planted_model
@@ -495,15 +502,28 @@ def test_w8a8_activation_groups(planted_model, profile, tmp_path):
         model = onnx.load(str(out / "model.onnx"))
         onnx.checker.check_model(model, full_check=True)
         initializers = {t.name: t for t in model.graph.initializer}
-        weights = [initializers[n.input[1]] for n in model.graph.node if n.op_type == "MatMulInteger"]
-        assert weights and all(len(w.dims) == (3 if group else 2) for w in weights)
-        if group:
-            assert all(w.dims[1] == group for w in weights)
+        gemm = "MatMulNBits" if group else "MatMulInteger"
+        nodes = [n for n in model.graph.node if n.op_type == gemm]
+        quantized = sum(1 for p in manifest["layers"] if p["activations"])
+        if group:  # q/k/v and gate/up merged: 3 MatMulNBits fewer per decoder layer
+            assert len(nodes) == quantized - 3 * sum(1 for p in manifest["layers"] if "q_proj" in p["node"])
+            for node in nodes:
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (8, group, 4)
+                assert initializers[node.input[1]].dims == [attrs["N"], attrs["K"] // group, group]
             assert {p["activation_group"] for p in manifest["layers"] if p["activations"]} == {group}
+            unmerged = tmp_path / "unmerged"
+            quantize_model(folder, unmerged, make_recipe(name="w8a8", activations="dynamic", activation_group=group,
+                                                         outliers=0), profile, finishing=())
+            assert sum(n.op_type == gemm for n in onnx.load(str(unmerged / "model.onnx")).graph.node) == quantized
+            np.testing.assert_allclose(ort_logits(out / "model.onnx", feed), ort_logits(unmerged / "model.onnx", feed),
+                                       rtol=1e-5, atol=1e-5)
+        else:
+            assert len(nodes) == quantized
         errors[group] = np.abs(ort_logits(out / "model.onnx", feed) - reference).mean()
         bits[group] = manifest["size"]["linear_bits_per_weight"]
         create_session(out / "model.onnx", device="cpu", optimization="all").run(["logits"], feed)
-    assert bits[16] == bits[0]
+    assert bits[0] < bits[16] <= bits[0] + 32 / 16
     assert errors[16] < errors[0], errors
     with pytest.raises(UserError, match="not a multiple of 128; this model takes 16, 32, 64"):
         quantize_model(folder, tmp_path / "bad", make_recipe(name="w8a8", activations="dynamic", activation_group=128),

@@ -2,11 +2,12 @@
 outlier branches), as onnxruntime-genai's builder does for its packed QKV and gate/up weights.
 
 At batch-1 decode every MatMul is a kernel launch over a small matrix; three launches over [576, 576], [576, 192]
-and [576, 192] cost more than one over [576, 960]. Weights of the same kind are concatenated along the output axis:
-float constants, FP16 constants behind a Cast, and quantized constants behind the same DequantizeLinear form
-(per-channel scales and blocked scales both concatenate along the output axis, since blocks run along the input; FP16
-block scales behind a Cast stay so, and 8-bit block scales concatenate their codes when the members share a grid,
-as ``code_block_scales`` makes those reading one input do). The Split's outputs are the original layers' output
+and [576, 192] cost more than one over [576, 960] (and an 8-bit MatMulNBits quantizes its input once per node).
+Weights of the same kind are concatenated along the output axis: float constants, FP16 constants behind a Cast,
+quantized constants behind the same DequantizeLinear form (per-channel scales and blocked scales both concatenate
+along the output axis, since blocks run along the input; FP16 block scales behind a Cast stay so, and 8-bit block
+scales concatenate their codes when the members share a grid, as ``code_block_scales`` makes those reading one
+input do), and ONNX Runtime's MatMulNBits nodes of the same K, bits, block size and accuracy level. The Split's outputs are the original layers' output
 tensors, so every name downstream (bisection, the KV cache wiring) is unchanged. When a merged main path and a
 merged outlier branch are added output by output, the Adds merge too: Add before Split; so do the constant biases
 a model adds after each member (concatenated, stored as they were). Each column is computed as before, so
@@ -29,13 +30,14 @@ from accullm_export.graph.rewrite import coded_scale, scale_code, widening_cast
 def run(graph: gs.Graph, config: None) -> gs.Graph:
     groups: dict[tuple, list[gs.Node]] = collections.defaultdict(list)
     for node in graph.nodes:
-        if node.op == "MatMul":
-            kind = _weight_kind(node)
-            if kind is not None:
-                groups[(node.inputs[0].name, kind)].append(node)
+        kind = _weight_kind(node) if node.op == "MatMul" else _nbits_kind(node) if node.op == "MatMulNBits" else None
+        if kind is not None:
+            groups[(node.inputs[0].name, kind)].append(node)
     splits = []
     for (_, kind), members in groups.items():
-        if len(members) > 1 and len({_weight_constants(node)[0].shape[0] for node in members}) == 1:
+        if len(members) > 1 and kind[0] == "nbits":
+            splits.append(_merge_nbits(graph, members))
+        elif len(members) > 1 and len({_weight_constants(node)[0].shape[0] for node in members}) == 1:
             splits.append(_merge(graph, members, kind))
     splits = [_merge_biases(graph, split) or split for split in splits]
     _merge_adds(graph, splits)
@@ -61,6 +63,27 @@ def _weight_kind(node: gs.Node) -> tuple | None:
     if producer.op == "Cast":
         return ("cast", int(producer.attrs["to"]), str(producer.inputs[0].dtype))
     return None
+
+
+def _nbits_kind(node: gs.Node) -> tuple | None:
+    """A MatMulNBits with constant weights and scales and no zero points: its attributes but N (the members'
+    K, bits, block size and accuracy level must agree), or None."""
+    if len(node.inputs) != 3 or not all(isinstance(value, gs.Constant) for value in node.inputs[1:]):
+        return None
+    return ("nbits", node.domain, tuple(sorted((key, int(value)) for key, value in node.attrs.items() if key != "N")))
+
+
+def _merge_nbits(graph: gs.Graph, members: list[gs.Node]) -> gs.Node:
+    """MatMulNBits weights [N, blocks, blob] and scales [N, blocks] concatenate along N."""
+    name = f"{members[0].name}/merged_with_{len(members) - 1}"
+    widths = [int(node.attrs["N"]) for node in members]
+    weight, scales = (constant(f"{name}/{what}", np.concatenate([node.inputs[index].values for node in members]))
+                      for index, what in ((1, "weight_nbits"), (2, "weight_nbits_scale")))
+    output = gs.Variable(f"{name}/output_0", dtype=members[0].outputs[0].dtype)
+    graph.nodes.append(gs.Node("MatMulNBits", name=name, domain=members[0].domain,
+                               attrs=dict(members[0].attrs) | {"N": sum(widths)},
+                               inputs=[members[0].inputs[0], weight, scales], outputs=[output]))
+    return _split(graph, f"{name}/Split", output, widths, [node.outputs[0] for node in members], members)
 
 
 def _weight_constants(node: gs.Node) -> list[np.ndarray]:

@@ -8,14 +8,13 @@
   layer becomes an integer GEMM in standard ONNX: ``MatMulInteger`` of the quantized input (stored as uint8
   with zero point 128, which ONNX Runtime's fast u8 x s8 kernel takes; the values are the int8 grid shifted)
   and the int8 weight, then the int32 sum times the token's scale times the channel's weight scale.
-  With ``--activation-group G`` each token has one scale per G input channels (as ONNX Runtime's
-  MatMulNBits does at accuracy level 4 for onnxruntime-genai's int8 models): the input is reshaped to
-  [tokens, K/G, G] and moved group-first, the weight is stored as [K/G, G, N], one batched ``MatMulInteger``
-  gives each group's int32 partial sums, which are scaled by their group's scale and summed. ONNX Runtime
-  prepacks only 2-D integer weights, so it repacks the 3-D one at every call: slower than one
-  scale per token, but far more accurate on activations with outlier channels. A QDQ
-  form with a run-time scale would make ONNX Runtime dequantize every weight at every step. TensorRT needs
-  static scales, so TensorRT targets use ``static``.
+* ``dynamic`` with a group size G: one scale per G input channels of each token. The layer becomes ONNX
+  Runtime's ``MatMulNBits`` with 8-bit weights in blocks of G and ``accuracy_level`` 4, which quantizes each
+  block of G input channels of a token to int8 (its largest |x| / 127) and multiplies in integers: the INT8
+  activations are stated by the node itself, so every optimization level computes them. The input's outlier
+  channels are zeroed first (a Mul by a 0/1 mask, shared by the layers that read it), so that they do not set
+  their block's scale; the branch reads them unquantized. TensorRT needs static scales, so TensorRT targets use
+  ``static``.
 
 The outlier branch keeps reading the unquantized input: its Gather was attached before this pass runs.
 """
@@ -67,12 +66,16 @@ def run(graph: gs.Graph, config: Config) -> PassResult:
             for node, _ in members:
                 node.inputs[0] = quantized
             continue
-        quantized, token_scale = _dynamic(graph, source, plan, float_dtype)
-        leading = None  # grouped: the input's shape but its channels, computed once for every reader
         if plan.activation_group:
-            leading = _node(graph, "Shape", f"{tensor_name}/groups/Shape", [source], np.int64, end=-1)
+            masked = _inliers(graph, source, plan, float_dtype)
+            for node, _ in members:
+                if not _matmul_nbits(graph, node, masked, plan.activation_group, float_dtype):
+                    notes.append(f"{node.name}: weight is not int8 in blocks of {plan.activation_group}; "
+                                 "activations left unquantized")
+            continue
+        quantized, token_scale = _dynamic(graph, source, plan, float_dtype)
         for node, _ in members:
-            if not _integer_gemm(graph, node, quantized, token_scale, float_dtype, plan.activation_group, leading):
+            if not _integer_gemm(graph, node, quantized, token_scale, float_dtype):
                 notes.append(f"{node.name}: weight is not per-channel int8; activations left unquantized")
     return PassResult(graph.cleanup().toposort(), tuple(notes))
 
@@ -86,23 +89,10 @@ def _static(graph: gs.Graph, source: gs.Variable, plan, float_dtype: np.dtype) -
 
 
 def _dynamic(graph: gs.Graph, source: gs.Variable, plan, float_dtype: np.dtype) -> tuple[gs.Variable, gs.Variable]:
-    """The input quantized per token (uint8, zero point 128) and the per-token scales; with a group size G, both
-    group-first: [K/G, tokens, G] and [K/G, tokens, 1]."""
+    """The input quantized per token (uint8, zero point 128) and the per-token scales."""
     name = source.name
-    group = plan.activation_group
-    mask = np.ones(plan.in_features, dtype=float_dtype)
-    mask[list(plan.outliers)] = 0
-    if group:  # [..., K] -> [tokens, K/G, G] -> [K/G, tokens, G]: one scale per (group, token)
-        flat = _node(graph, "Reshape", f"{name}/groups/Reshape",
-                     [source, constant(f"{name}/groups/shape", np.asarray([-1, plan.in_features // group, group],
-                                                                         dtype=np.int64))], float_dtype)
-        source = _node(graph, "Transpose", f"{name}/groups/Transpose", [flat], float_dtype, perm=[1, 0, 2])
-        mask = mask.reshape(plan.in_features // group, 1, group)
-    magnitude_of = source
-    if plan.outliers:
-        magnitude_of = _node(graph, "Mul", f"{name}/token_scale/Mul", [source, constant(f"{name}/inlier_mask", mask)],
-                             float_dtype)
-    magnitude = _node(graph, "Abs", f"{name}/token_scale/Abs", [magnitude_of], float_dtype)
+    magnitude = _node(graph, "Abs", f"{name}/token_scale/Abs", [_inliers(graph, source, plan, float_dtype)],
+                      float_dtype)
     largest = _node(graph, "ReduceMax", f"{name}/token_scale/ReduceMax",
                     [magnitude, constant(f"{name}/token_scale/axes", np.asarray([-1], dtype=np.int64))], float_dtype,
                     keepdims=1)
@@ -114,46 +104,85 @@ def _dynamic(graph: gs.Graph, source: gs.Variable, plan, float_dtype: np.dtype) 
                        [constant(f"{name}/uint8_zero_point", np.asarray(128, dtype=np.uint8)),
                         _node(graph, "Shape", f"{name}/token_scale/Shape", [scale], np.int64)], np.uint8)
     quantized = _node(graph, "QuantizeLinear", f"{name}/QuantizeLinear", [source, scale, zero_point], np.uint8,
-                      axis=-1, block_size=group or plan.in_features)
+                      axis=-1, block_size=plan.in_features)
     return quantized, scale
 
 
+def _inliers(graph: gs.Graph, source: gs.Variable, plan, float_dtype: np.dtype) -> gs.Variable:
+    """``source`` with its outlier channels zeroed (``source`` itself where there are none): what sets the
+    INT8 scales."""
+    if not plan.outliers:
+        return source
+    mask = np.ones(plan.in_features, dtype=float_dtype)
+    mask[list(plan.outliers)] = 0
+    return _node(graph, "Mul", f"{source.name}/inliers/Mul", [source, constant(f"{source.name}/inlier_mask", mask)],
+                 float_dtype)
+
+
 def _integer_gemm(graph: gs.Graph, node: gs.Node, quantized: gs.Variable, token_scale: gs.Variable,
-                  float_dtype: np.dtype, group: int | None = None, leading: gs.Variable | None = None) -> bool:
-    """Replace MatMul(x, DequantizeLinear(w_int8, w_scale)) by the integer GEMM and two rescales; with ``group``,
-    ``quantized`` is [K/G, tokens, G] and the per-group sums are scaled, added and shaped back to [..., N]
-    (``leading``: the input's shape without its last axis)."""
-    weight = node.inputs[1]
-    producer = weight.inputs[0] if len(weight.inputs) == 1 else None
-    if (producer is None or producer.op != "DequantizeLinear" or producer.attrs.get("axis") != 1
-            or producer.inputs[0].values.dtype != np.int8):
+                  float_dtype: np.dtype) -> bool:
+    """Replace MatMul(x, DequantizeLinear(w_int8, w_scale)) by the integer GEMM and two rescales."""
+    producer = _int8_weight(node, axis=1)
+    if producer is None:
         return False
     name = node.name
-    values = producer.inputs[0]
-    if group:
-        rows, columns = values.values.shape
-        values = constant(f"{name}/weight_grouped", values.values.reshape(rows // group, group, columns))
     accumulated = _node(graph, "MatMulInteger", f"{name}/MatMulInteger",
-                        [quantized, values, constant(f"{name}/input_zero_point_u8",
-                                                     np.asarray(128, dtype=np.uint8))], np.int32)
+                        [quantized, producer.inputs[0], constant(f"{name}/input_zero_point_u8",
+                                                                 np.asarray(128, dtype=np.uint8))], np.int32)
     widened = _node(graph, "Cast", f"{name}/Cast", [accumulated], float_dtype, to=onnx_type(float_dtype))
     per_token = _node(graph, "Mul", f"{name}/token_scale/Mul", [widened, token_scale], float_dtype)
     output = node.outputs[0]
     node.outputs.clear()
-    if group:  # [K/G, tokens, N] -> [tokens, N] -> [..., N]
-        summed = _node(graph, "ReduceSum", f"{name}/groups/ReduceSum",
-                       [per_token, constant(f"{name}/groups/axes", np.asarray([0], dtype=np.int64))], float_dtype,
-                       keepdims=0)
-        scaled = _node(graph, "Mul", f"{name}/weight_scale/Mul", [summed, producer.inputs[1]], float_dtype)
-        shape = _node(graph, "Concat", f"{name}/groups/Concat",
-                      [leading, constant(f"{name}/groups/width", np.asarray([columns], dtype=np.int64))], np.int64,
-                      axis=0)
-        graph.nodes.append(gs.Node("Reshape", name=f"{name}/groups/Reshape", inputs=[scaled, shape],
-                                   outputs=[output]))
-        return True
     graph.nodes.append(gs.Node("Mul", name=f"{name}/weight_scale/Mul", inputs=[per_token, producer.inputs[1]],
                                outputs=[output]))
     return True
+
+
+def _matmul_nbits(graph: gs.Graph, node: gs.Node, source: gs.Variable, group: int, float_dtype: np.dtype) -> bool:
+    """Replace MatMul(x, DequantizeLinear(w_int8 [K, N] in blocks of ``group`` on axis 0, scales)) by
+    MatMulNBits(x, w + 128 as uint8 [N, blocks, group], scales [N, blocks]) with 8 bits, no zero-point input (its
+    default, 128, is the shift) and accuracy level 4 (INT8 activations in blocks of ``group``)."""
+    producer = _int8_weight(node, axis=0, block_size=group)
+    if producer is None:
+        return False
+    values = producer.inputs[0].values
+    rows, columns = values.shape
+    blocks = -(-rows // group)
+    shifted = np.full((blocks * group, columns), 128, dtype=np.uint8)  # a ragged last block is padded with zeros
+    shifted[:rows] = (values.astype(np.int16) + 128).astype(np.uint8)
+    scales = _constant_values(producer.inputs[1]).astype(float_dtype)  # [blocks, N]
+    name = node.name
+    output = node.outputs[0]
+    node.outputs.clear()
+    graph.nodes.append(gs.Node(
+        "MatMulNBits", name=f"{name}/MatMulNBits", domain="com.microsoft",
+        attrs={"K": int(rows), "N": int(columns), "bits": 8, "block_size": int(group), "accuracy_level": 4},
+        inputs=[source, constant(f"{name}/weight_nbits", np.ascontiguousarray(
+                    shifted.T.reshape(columns, blocks, group))),
+                constant(f"{name}/weight_nbits_scale", np.ascontiguousarray(scales.T))],
+        outputs=[output]))
+    return True
+
+
+def _int8_weight(node: gs.Node, *, axis: int, block_size: int | None = None) -> gs.Node | None:
+    """The DequantizeLinear that gives ``node`` its int8 weight on ``axis`` (with that block size), or None."""
+    weight = node.inputs[1]
+    producer = weight.inputs[0] if len(weight.inputs) == 1 else None
+    if (producer is None or producer.op != "DequantizeLinear" or producer.attrs.get("axis", 1) != axis
+            or producer.attrs.get("block_size", 0) != (block_size or 0)
+            or not isinstance(producer.inputs[0], gs.Constant) or producer.inputs[0].values.dtype != np.int8):
+        return None
+    return producer
+
+
+def _constant_values(tensor: gs.Tensor) -> np.ndarray:
+    """A constant's values, through the Cast that widens FP16-stored scales."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    cast = tensor.inputs[0]
+    if cast.op != "Cast" or not isinstance(cast.inputs[0], gs.Constant):
+        raise ValueError(f"{tensor.name}: not a constant")
+    return cast.inputs[0].values
 
 
 def _node(graph: gs.Graph, op: str, name: str, inputs: list, dtype, **attrs) -> gs.Variable:
