@@ -141,21 +141,20 @@ class ActivationsConfig:
         mode: none (the model's float type), static (one scale per tensor from the profile: TensorRT's Q/DQ) or
             dynamic (scales computed at run time: ONNX Runtime's integer GEMMs).
         group: dynamic: one scale per this many input channels of a token, the weights in blocks of as many rows
-            (ONNX Runtime's 8-bit MatMulNBits; 0: one scale per token; "auto": 32 where every layer's width allows
-            it, else 16, else one per token).
+            (ONNX Runtime's 8-bit MatMulNBits; "auto": 32 where every layer's width allows it, else 16, with a
+            shorter last block where a width is no multiple of 16).
         smoothquant: SmoothQuant's migration strength alpha in (0, 1), folded into the producers (0: off).
     """
 
     mode: str = "none"
-    group: int | str = 0
+    group: int | str = "auto"
     smoothquant: float = 0.0
 
     def __post_init__(self):
         _one_of("activations.mode", self.mode, ("none", "static", "dynamic"))
-        if self.group != 0:  # an empty string is not "off"
-            _one_of("activations.group", self.group, ACTIVATION_GROUPS + ("auto",))
-            if self.mode != "dynamic":
-                raise _fail("activations.group", "applies to mode = \"dynamic\" (static scales are per tensor)")
+        _one_of("activations.group", self.group, ACTIVATION_GROUPS + ("auto",))
+        if self.group != "auto" and self.mode != "dynamic":
+            raise _fail("activations.group", "applies to mode = \"dynamic\" (static scales are per tensor)")
         if self.smoothquant and not 0 < self.smoothquant < 1:
             raise _fail("activations.smoothquant", f"takes an alpha in (0, 1) (0: off), not {self.smoothquant}")
         if self.smoothquant and self.mode == "none":
@@ -351,8 +350,8 @@ class Recipe:
         if self.vocab.refine_rows and not weights.int4_layers:
             raise _fail("vocab.refine_rows", "refines an INT4 LM head (precision int4, or an int4 override)")
         if self.sparsity.fraction and activations.mode == "dynamic":
-            raise _fail("sparsity.fraction", "composes with weight-only and static INT8 recipes; dynamic per-token "
-                        "INT8 (one quantization block per row) is not narrowed")
+            raise _fail("sparsity.fraction", "composes with weight-only and static INT8 recipes; dynamic INT8 "
+                        "(MatMulNBits over the whole width) is not narrowed")
         if self.backend == "tensorrt":
             self._check_tensorrt()
 

@@ -97,8 +97,9 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
     precision = {node: chosen for node, (chosen, _) in weights.items()}
     outliers = _outlier_sets(recipe, layers, profile, precision)
     mode, group_size = recipe.activations.mode, recipe.activations.group
+    ragged = group_size == "auto"  # auto: the smallest block, its last one short, where none divides every width
     if group_size == "auto":  # the granularity of MatMulNBits' own INT8 inputs where the widths allow it
-        group_size = next((size for size in AUTO_GROUPS if size in activation_groups(layers)), 0)
+        group_size = next((size for size in AUTO_GROUPS if size in activation_groups(layers)), AUTO_GROUPS[-1])
     plans = {}
     for layer in layers:
         chosen = tuple(sorted(outliers.get(layer.input, ()))) if precision[layer.node] in ("int8", "int4") else ()
@@ -106,9 +107,9 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
         scale = group = None
         if quantize_input and mode == "static":
             scale = activation_scale(profile.input_statistics(layer.input), chosen)
-        if quantize_input and mode == "dynamic" and group_size:
+        if quantize_input and mode == "dynamic":
             group = group_size
-            if layer.in_features % group:
+            if layer.in_features % group and not ragged:
                 usable = activation_groups(layers)
                 raise UserError(f"activations.group {group}: {layer.node} has {layer.in_features} input channels, "
                                 f"not a multiple of {group}; this model takes "

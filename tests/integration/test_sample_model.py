@@ -109,9 +109,9 @@ def _genai_model(folder):
 
 
 def test_quantized_sample_keeps_answers_and_the_branch_pays(sample, sample_profile, tmp_path):
-    """On the real model: w4a16's FP16 outlier rows lower the KL on held-out text, and so do w8a8's per-group
-    activation scales; w8a8 keeps a factual answer; the folders run in our runtime and in onnxruntime-genai, which
-    agree."""
+    """On the real model: w4a16's FP16 outlier rows lower the KL on held-out text, and w8a8's per-group
+    activation scales beat static per-tensor ones; w8a8 keeps a factual answer; the folders run in our runtime
+    and in onnxruntime-genai, which agree."""
     from accullm_export.build.quantize import quantize_model
     from accullm_export.calibration.feeds import llm_feeds, text_windows
     from tests.helpers.recipes import make_recipe
@@ -126,11 +126,11 @@ def test_quantized_sample_keeps_answers_and_the_branch_pays(sample, sample_profi
         windows, _ = text_windows(folder, "wiki:evaluation", 2, 128, seed=3)
         kl[outliers] = _mean_kl(folder, tmp_path / f"w4-{outliers}", llm_feeds(windows, folder / "model.onnx"))
     assert kl["auto"] < 0.9 * kl[0], kl
-    for name, group in (("w8", 0), ("w8-g32", 32)):  # one activation scale per token, or per 32 channels
-        quantize_model(folder, tmp_path / name, make_recipe(name="w8a8", activations="dynamic", activation_group=group,
-                                                       policy="sensitivity"), sample_profile)
+    for name, mode in (("w8", "static"), ("w8-g32", "dynamic")):  # one activation scale per tensor, or per 32
+        quantize_model(folder, tmp_path / name, make_recipe(name="w8a8", activations=mode, policy="sensitivity"),
+                       sample_profile)
         kl[name] = _mean_kl(folder, tmp_path / name, llm_feeds(windows, folder / "model.onnx"))
-    assert kl["w8-g32"] < 0.8 * kl["w8"], kl
+    assert kl["w8-g32"] < 0.5 * kl["w8"], kl
     prompt = tokenizer.encode("The capital of France is")
     config = GenerationConfig(max_new_tokens=4, eos_token_ids=tuple(tokenizer.eos_token_ids))
     for name in ("w8", "w8-g32", "w4-auto"):

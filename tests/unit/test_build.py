@@ -340,7 +340,7 @@ def test_build_a_plain_onnx_model_with_a_load_data_script(tmp_path):
     ops = {node.op_type for node in onnx.load(str(tmp_path / "trt/bundle/model/model.onnx")).graph.node}
     assert "QuantizeLinear" in ops and "MatMulInteger" not in ops  # TensorRT takes static per-tensor Q/DQ
     ops = {node.op_type for node in onnx.load(str(tmp_path / "out/model/model.onnx")).graph.node}
-    assert "MatMulInteger" in ops  # ONNX Runtime: the integer GEMM with per-token scales
+    assert "MatMulNBits" in ops and "MatMulInteger" not in ops  # ONNX Runtime: 8-bit MatMulNBits, INT8 inputs
     assert bundle["deliverable"]["kind"] == "tensorrt-bundle" and "--int8" in script_text
     assert "-DCMAKE_CUDA_ARCHITECTURES=90" in script_text or "needs no accullm plugin" in script_text
     # the w4a16 preset on a model that is no decoder: its decoder-only keys (residual readers, distillation, the

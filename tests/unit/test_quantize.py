@@ -43,7 +43,7 @@ def np_layer(x: np.ndarray, weight: np.ndarray, plan: LayerPlan) -> np.ndarray:
         scale = np.float32(plan.activation_scale)
         x_low = np.clip(np.rint(x / scale), -128, 127) * scale  # QuantizeLinear saturates to the int8 range
     elif plan.activations == "dynamic":
-        group = plan.activation_group or x.shape[-1]
+        group = plan.activation_group
         inlier = np.abs(x)
         inlier[..., outliers] = 0
         x_low = np.empty_like(x)
@@ -63,11 +63,10 @@ CASES = {
     "int4 block 16 ragged, outliers": dict(precision="int4", block=16, outliers=(0, 39)),
     "int4 block 16, no branch": dict(precision="int4", block=16),
     "w8a8 static": dict(precision="int8", outliers=(3, 17), activations="static", scale=2.0 ** -6),
-    "w8a8 dynamic": dict(precision="int8", outliers=(3, 17), activations="dynamic"),
-    "w8a8 dynamic, no branch": dict(precision="int8", activations="dynamic"),
     "w8a8 dynamic, groups of 16, outliers": dict(precision="int8", block=16, outliers=(3, 17), activations="dynamic",
                                                  group=16),
     "w8a8 dynamic, groups of 32, ragged": dict(precision="int8", block=32, activations="dynamic", group=32),
+    "w8a8 dynamic, groups of 16, no branch": dict(precision="int8", block=16, activations="dynamic", group=16),
     "fp16": dict(precision="fp16"),
 }
 
@@ -460,7 +459,7 @@ def test_embedding_table_int8_per_token(planted_model, profile, tmp_path):
 
 
 def test_w8a8_model_runs_and_the_branch_pays(planted_model, profile, tmp_path):
-    """Both activation modes run (basic and full optimization); the FP16 branch cuts the error several-fold."""
+    """Both activation modes run (basic and full optimization); the FP16 branch cuts the error."""
     from accullm_export.calibration.feeds import llm_feeds, text_windows
 
     folder, text = planted_model
@@ -476,9 +475,11 @@ def test_w8a8_model_runs_and_the_branch_pays(planted_model, profile, tmp_path):
             onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
             ops = {node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node}
             expected = {"QuantizeLinear", "DequantizeLinear"} if activations == "static" else {
-                "QuantizeLinear", "MatMulInteger"}  # dynamic: an integer GEMM ONNX Runtime runs fast
+                "MatMulNBits"}  # dynamic: ONNX Runtime's 8-bit GEMM, INT8 activations in blocks
             assert expected <= ops
-            errors[outliers] = np.abs(ort_logits(out / "model.onnx", feed) - reference).max()
+            # dynamic blocks of 32 confine an outlier to its block: the branch cuts the typical error, the worst less
+            error = np.abs(ort_logits(out / "model.onnx", feed) - reference)
+            errors[outliers] = error.max() if activations == "static" else error.mean()
             create_session(out / "model.onnx", device="cpu", optimization="all").run(["logits"], feed)
             assert manifest["size"]["linear_bits_per_weight"] < 10
         assert errors["auto"] < 0.75 * errors[0], errors
@@ -486,7 +487,7 @@ def test_w8a8_model_runs_and_the_branch_pays(planted_model, profile, tmp_path):
 
 def test_w8a8_activation_groups(planted_model, profile, tmp_path):
     """activations.group: each layer a MatMulNBits with 8-bit weights in blocks of G and INT8 activations
-    (accuracy level 4), a smaller error than one scale per token at one float32 weight scale per block more;
+    (accuracy level 4), one float32 weight scale per block; q/k/v and gate/up merged without changing a logit;
     group sizes that do not divide a layer's width are refused."""
     from accullm_export.calibration.feeds import llm_feeds, text_windows
 
@@ -494,37 +495,31 @@ def test_w8a8_activation_groups(planted_model, profile, tmp_path):
     windows, _ = text_windows(folder, str(text), 2, 32, seed=5)
     feed = llm_feeds(windows[1:], folder / "model.onnx")[0]
     reference = ort_logits(folder / "model.onnx", feed)
-    errors, bits = {}, {}
-    for group in (0, 16):
+    for group in (16, 32):
         out = tmp_path / f"group{group}"
         manifest = quantize_model(folder, out, make_recipe(name="w8a8", activations="dynamic", activation_group=group,
                                                       outliers=0), profile)
         model = onnx.load(str(out / "model.onnx"))
         onnx.checker.check_model(model, full_check=True)
         initializers = {t.name: t for t in model.graph.initializer}
-        gemm = "MatMulNBits" if group else "MatMulInteger"
-        nodes = [n for n in model.graph.node if n.op_type == gemm]
+        nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
         quantized = sum(1 for p in manifest["layers"] if p["activations"])
-        if group:  # q/k/v and gate/up merged: 3 MatMulNBits fewer per decoder layer
-            assert len(nodes) == quantized - 3 * sum(1 for p in manifest["layers"] if "q_proj" in p["node"])
-            for node in nodes:
-                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-                assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (8, group, 4)
-                assert initializers[node.input[1]].dims == [attrs["N"], attrs["K"] // group, group]
-            assert {p["activation_group"] for p in manifest["layers"] if p["activations"]} == {group}
-            unmerged = tmp_path / "unmerged"
-            quantize_model(folder, unmerged, make_recipe(name="w8a8", activations="dynamic", activation_group=group,
-                                                         outliers=0), profile, finishing=())
-            assert sum(n.op_type == gemm for n in onnx.load(str(unmerged / "model.onnx")).graph.node) == quantized
-            np.testing.assert_allclose(ort_logits(out / "model.onnx", feed), ort_logits(unmerged / "model.onnx", feed),
-                                       rtol=1e-5, atol=1e-5)
-        else:
-            assert len(nodes) == quantized
-        errors[group] = np.abs(ort_logits(out / "model.onnx", feed) - reference).mean()
-        bits[group] = manifest["size"]["linear_bits_per_weight"]
+        # q/k/v and gate/up merged: 3 MatMulNBits fewer per decoder layer
+        assert len(nodes) == quantized - 3 * sum(1 for p in manifest["layers"] if "q_proj" in p["node"])
+        for node in nodes:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (8, group, 4)
+            assert initializers[node.input[1]].dims == [attrs["N"], attrs["K"] // group, group]
+        assert {p["activation_group"] for p in manifest["layers"] if p["activations"]} == {group}
+        assert manifest["size"]["linear_bits_per_weight"] == pytest.approx(8 + 32 / group, abs=1e-3)
+        unmerged = tmp_path / f"unmerged{group}"
+        quantize_model(folder, unmerged, make_recipe(name="w8a8", activations="dynamic", activation_group=group,
+                                                     outliers=0), profile, finishing=())
+        assert sum(n.op_type == "MatMulNBits" for n in onnx.load(str(unmerged / "model.onnx")).graph.node) == quantized
+        logits = ort_logits(out / "model.onnx", feed)
+        np.testing.assert_allclose(logits, ort_logits(unmerged / "model.onnx", feed), rtol=1e-5, atol=1e-5)
+        assert np.abs(logits - reference).mean() < 0.1 * np.abs(reference).mean()  # a wrong zero point: ~1x
         create_session(out / "model.onnx", device="cpu", optimization="all").run(["logits"], feed)
-    assert bits[0] < bits[16] <= bits[0] + 32 / 16
-    assert errors[16] < errors[0], errors
     with pytest.raises(UserError, match="not a multiple of 128; this model takes 16, 32, 64"):
         quantize_model(folder, tmp_path / "bad", make_recipe(name="w8a8", activations="dynamic", activation_group=128),
                        profile)
@@ -677,9 +672,13 @@ def test_fp16_exports_quantize_with_fp16_scales(tmp_path):
         out = tmp_path / recipe.name
         manifest = quantize_model(tmp_path / "onnx", out, recipe, tmp_path / "p")
         assert any(layer["outliers"] for layer in manifest["layers"])
-        scales = [a for name, a in read_initializers(out / "model.onnx").items()
-                  if "weight" in name and "scale" in name]
-        assert scales and all(a.dtype == np.float16 for a in scales)
+        stored = read_initializers(out / "model.onnx")
+        scales = [a for name, a in stored.items() if "weight" in name and "scale" in name and "nbits" not in name]
+        assert all(a.dtype == np.float16 for a in scales)
+        # w8a8's MatMulNBits run on a float32 copy of their input (an ONNX Runtime fault with float16): FP16 values
+        nbits = [a for name, a in stored.items() if name.endswith("weight_nbits_scale")]
+        assert bool(nbits) == (recipe.name == "w8a8") and bool(scales) == (recipe.name == "w4a16")
+        assert all(a.dtype == np.float32 and np.array_equal(a.astype(np.float16).astype(np.float32), a) for a in nbits)
         logits = ort_logits(out / "model.onnx", feed).astype(np.float32)
         assert np.abs(logits - reference).max() < 0.25 * np.abs(reference).max()
 

@@ -287,7 +287,7 @@ def test_refusals(planted_model, profile, tiny_exports, tmp_path):
         sparsify_model(tmp_path / "s", tmp_path / "again", SparsityConfig(sparsity=0.3), profile)
     with pytest.raises(UserError, match="another model"):
         sparsify_model(tiny_exports["llama"][1], tmp_path / "foreign", SparsityConfig(sparsity=0.3), profile)
-    with pytest.raises(UserError, match="sparsity.fraction: .*dynamic per-token INT8"):
+    with pytest.raises(UserError, match="sparsity.fraction: .*dynamic INT8 \\(MatMulNBits"):
         quantize_model(folder, tmp_path / "w8", make_recipe(name="w8a8", activations="dynamic", sparsity=0.3), profile)
     for path in ("again", "foreign", "w8"):
         assert not (tmp_path / path).exists()
