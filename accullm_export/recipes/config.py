@@ -139,7 +139,7 @@ class ActivationsConfig:
 
     Attributes:
         mode: none (the model's float type), static (one scale per tensor from the profile: TensorRT's Q/DQ) or
-            dynamic (scales computed at run time: ONNX Runtime's integer GEMMs).
+            dynamic (scales per group of a token's channels, computed at run time by ONNX Runtime's MatMulNBits).
         group: dynamic: one scale per this many input channels of a token, the weights in blocks of as many rows
             (ONNX Runtime's 8-bit MatMulNBits; "auto": 32 where every layer's width allows it, else 16, with a
             shorter last block where a width is no multiple of 16).
@@ -152,9 +152,11 @@ class ActivationsConfig:
 
     def __post_init__(self):
         _one_of("activations.mode", self.mode, ("none", "static", "dynamic"))
-        _one_of("activations.group", self.group, ACTIVATION_GROUPS + ("auto",))
-        if self.group != "auto" and self.mode != "dynamic":
-            raise _fail("activations.group", "applies to mode = \"dynamic\" (static scales are per tensor)")
+        earlier_off = type(self.group) is int and self.group == 0 and self.mode != "dynamic"  # an older dump's "off"
+        if not earlier_off:
+            _one_of("activations.group", self.group, ACTIVATION_GROUPS + ("auto",))
+            if self.group != "auto" and self.mode != "dynamic":
+                raise _fail("activations.group", "applies to mode = \"dynamic\" (static scales are per tensor)")
         if self.smoothquant and not 0 < self.smoothquant < 1:
             raise _fail("activations.smoothquant", f"takes an alpha in (0, 1) (0: off), not {self.smoothquant}")
         if self.smoothquant and self.mode == "none":

@@ -210,7 +210,7 @@ IMPOSSIBLE = {  # key -> values of the right type the key refuses on its own
         st.tuples(GOOD_PATTERNS, _bad_precision).map(list),
         st.tuples(EMPTY_PATTERNS, st.sampled_from(["int8", "fp16", "int4:64"])).map(list)).map(lambda e: [e]),
     "activations.mode": _word_not("none", "static", "dynamic"),
-    "activations.group": _ints.filter(lambda v: v not in BLOCKS) | _word_not("auto"),
+    "activations.group": _ints.filter(lambda v: v not in BLOCKS and v != 0) | _word_not("auto"),  # 0: older "off"
     "activations.smoothquant": (_floats | _ints).filter(lambda v: not (v == 0 or 0 < v < 1)),
     "outliers.channels": _outside(0, MAX_COUNT) | _word_not("auto"),
     "outliers.policy": _word_not("profile", "threshold", "topk", "ratio", "sensitivity"),

@@ -642,7 +642,8 @@ def test_quantize_cli(planted_model, profile, tmp_path, capsys):
             ({**w4a16, "activations": {"smoothquant": 0.5}}, [], "activations.smoothquant"),
             (w4a16, ["--block-size", "100"], "--block-size"),
             ({**w4a16, "activations": {"group": 32}}, [], "activations.group"),
-            ({**w8a8, "activations": {"mode": "static", "group": 32}}, [], "activations.group")):
+            ({**w8a8, "activations": {"mode": "static", "group": 32}}, [], "activations.group"),
+            ({**w8a8, "activations": {"mode": "dynamic", "group": 0}}, [], "activations.group: must be one of")):
         config = write_config(tmp_path / "bad.toml", table)
         args = ["quantize", str(folder), "--config", config, "--profile", str(profile), "-o", str(tmp_path / "bad"),
                 *bad]

@@ -71,6 +71,15 @@ def test_every_bad_key_is_named(data, message):
         Recipe.from_dict(data)
 
 
+def test_an_older_dump_with_group_0_still_loads_where_the_group_does_not_apply():
+    """Earlier --dump-config output wrote activations.group = 0 ("off") into every recipe."""
+    for mode in ("none", "static"):
+        weights = {"precision": "int8"} if mode == "static" else {}
+        assert Recipe.from_dict({"weights": weights, "activations": {"mode": mode, "group": 0}}).activations.group == 0
+    with pytest.raises(UserError, match="recipe key activations.group: must be one of 16, 32, 64, 128, 256, auto"):
+        Recipe.from_dict({"weights": {"precision": "int8"}, "activations": {"mode": "dynamic", "group": 0}})
+
+
 def test_dump_config_reads_back_as_the_same_recipe(tmp_path):
     for name, preset in all_presets().items():
         for backend in preset.backends:
