@@ -256,8 +256,17 @@ def block_scaled_linear_class():
             return self.initial * torch.exp(self.theta)
 
         def forward(self, x):
+            return self.with_weight(x, None)
+
+        def dense_weight(self):
+            """The low-bit part's float weight [in, out], differentiable in theta."""
+            return self.values * self.scales()[self.rows]
+
+        def with_weight(self, x, weight):
+            """The forward with the low-bit part's float weight given (``dense_weight``, or a leaf standing in
+            for it), or rebuilt inside the product (None)."""
             main = x if self.rotation is None else x @ self.rotation
-            out = product(main, self.values, self.scales(), self.rows)
+            out = product(main, self.values, self.scales(), self.rows) if weight is None else main @ weight
             if len(self.outlier_index):
                 out = out + x.index_select(-1, self.outlier_index) @ self.outlier_rows
             return out if self.bias is None else out + self.bias
@@ -444,19 +453,23 @@ def kl_step(teacher: Teacher, student, tokens, chosen: Sequence[int], chunk_toke
     """Mean over tokens of KL(teacher || student) on the windows ``tokens[chosen]``, its gradient accumulated into
     the student's parameters. The head's logits over the vocabulary are made ``chunk_tokens`` positions at a time
     (default: about ``LOGIT_CHUNK_BYTES`` of float32 per tensor): each chunk's KL is differentiated at once, down
-    to the final hidden state, whose gradient then runs back through the layers in one pass. Nothing is computed
-    twice, and no [tokens, vocabulary] tensor outlives its chunk."""
+    to the final hidden state and to a quantized head's float weight (made once a step), whose gradients then
+    run back through the layers and to the head's scales in one pass each. Nothing is computed twice, and no
+    [tokens, vocabulary] tensor outlives its chunk."""
     import torch
 
     index = torch.as_tensor(np.asarray(chosen, dtype=np.int64), device=tokens.device)
     batch, target_hidden = tokens[index], teacher.hidden[index]
     hidden = _decoder(student)(batch).last_hidden_state
     detached = hidden.detach().requires_grad_(True)
+    head, weight = _head_weight(student)
     total = 0.0
     for part in _token_chunks(student, batch, chunk_tokens):
-        loss = _chunk_kl(teacher, student, target_hidden[:, part], detached[:, part]) / batch.numel()
+        loss = _chunk_kl(teacher, student, target_hidden[:, part], detached[:, part], head) / batch.numel()
         loss.backward()
         total += float(loss.detach())
+    if weight is not None and weight.requires_grad:  # the head's scales: one backward through its float weight
+        weight.backward(head.weight_leaf.grad)
     if hidden.requires_grad:  # something before the head trains too
         hidden.backward(detached.grad)
     return total
@@ -469,11 +482,12 @@ def mean_kl(teacher: Teacher, student, tokens, windows: Sequence[int], chunk_tok
 
     values = []
     with torch.no_grad():
+        head, _ = _head_weight(student)
         for index in windows:
             window = tokens[index:index + 1]
             hidden = _decoder(student)(window).last_hidden_state
-            total = sum(float(_chunk_kl(teacher, student, teacher.hidden[index:index + 1, part], hidden[:, part]))
-                        for part in _token_chunks(student, window, chunk_tokens))
+            total = sum(float(_chunk_kl(teacher, student, teacher.hidden[index:index + 1, part], hidden[:, part],
+                                        head)) for part in _token_chunks(student, window, chunk_tokens))
             values.append(total / window.numel())
     return float(np.mean(values))
 
@@ -495,19 +509,43 @@ def _token_chunks(model, batch, chunk_tokens: int | None) -> list[slice]:
     return [slice(start, min(start + chunk_tokens, positions)) for start in range(0, positions, chunk_tokens)]
 
 
-def _chunk_kl(teacher: Teacher, student, teacher_hidden, hidden):
-    """Sum over the chunk's tokens of KL(teacher || student), from each model's final hidden states."""
+@dataclasses.dataclass
+class _HeadWithWeight:
+    """A BlockScaledLinear head and a leaf standing in for its float weight, built once for every chunk of a
+    step: the chunks' gradients gather on the leaf, and one backward takes them to the scales."""
+
+    module: object
+    weight_leaf: object
+
+    def __call__(self, hidden):
+        return self.module.with_weight(hidden, self.weight_leaf)
+
+
+def _head_weight(student):
+    """(head, weight): the student's head as ``_logits`` runs it, and the float weight its leaf was cut from
+    (None where the head is not a BlockScaledLinear: then the head runs as it is)."""
+    head = student.lm_head
+    if not hasattr(head, "dense_weight"):
+        return None, None
+    weight = head.dense_weight()
+    return _HeadWithWeight(head, weight.detach().requires_grad_(weight.requires_grad)), weight
+
+
+def _chunk_kl(teacher: Teacher, student, teacher_hidden, hidden, head=None):
+    """Sum over the chunk's tokens of KL(teacher || student), from each model's final hidden states (``head``:
+    ``_head_weight``'s, or None for the student's own head module)."""
     import torch
 
     with torch.no_grad():
         target = torch.log_softmax(teacher.logits(teacher_hidden), dim=-1)
-    predicted = torch.log_softmax(_logits(student, hidden), dim=-1)
+    predicted = torch.log_softmax(_logits(student, hidden, head), dim=-1)
     return torch.nn.functional.kl_div(predicted, target, log_target=True, reduction="sum")
 
 
-def _logits(model, hidden):
+def _logits(model, hidden, head=None):
     """The causal LM's head on its final hidden states, as its forward applies it (Gemma 2's soft cap too)."""
-    return _soft_capped(model.lm_head(hidden).float(), getattr(model.config, "final_logit_softcapping", None))
+    return _soft_capped((head or model.lm_head)(hidden).float(),
+                        getattr(model.config, "final_logit_softcapping", None))
 
 
 def _soft_capped(logits, cap: float | None):

@@ -93,6 +93,57 @@ def test_chunked_kl_is_the_kl_of_the_full_logits(tiny_exports, model_type):
     assert windows_kl == pytest.approx(np.mean([float(full(tokens[i:i + 1]).detach()) for i in (1, 2)]), rel=1e-5)
 
 
+@pytest.mark.parametrize("rotated", [False, True])
+def test_a_block_scaled_head_is_built_once_a_step_with_the_same_loss_and_gradients(tiny_exports, rotated):
+    """kl_step makes a BlockScaledLinear head's float weight once for all its logit chunks and takes the chunks'
+    gradients back to the scales in one pass: loss and gradients (scales, outlier rows, norm gains) are those of
+    autograd through the head's own forward on the full logits."""
+    from accullm_export.training.distill import _set_module
+
+    _, folder = tiny_exports["llama"]
+    graph, _ = load_graph(folder / "model.onnx")
+    weights = graph_weights(graph)
+    teacher_model = build_replica(folder, weights)
+    rng = np.random.default_rng(3)
+    head = weights["lm_head.weight"].T  # [in, out]
+    hidden_size, vocab = head.shape
+    outliers = (1, 5)
+    scales = (np.abs(head).reshape(-1, 8, vocab).max(axis=1) / 7 + 1e-3).astype(np.float32)
+    values = np.clip(np.rint(head / np.repeat(scales, 8, axis=0)), -8, 7).astype(np.int8)
+    rotation = np.linalg.qr(rng.standard_normal((hidden_size, hidden_size)))[0].astype(np.float32) if rotated else None
+    if not rotated:
+        values[list(outliers)] = 0
+    layer = BlockScaled("lm_head", values, 3 * scales, block_size=8, outliers=outliers,  # far from the teacher
+                        outlier_rows=head[list(outliers)].astype(np.float32), rotation=rotation)
+    student = build_replica(folder, weights, copied=lambda name: "norm" in name)
+    _set_module(student, "lm_head", block_scaled_linear_class()(layer, None, outlier_rows=True))
+    trained = [parameter for name, parameter in student.named_parameters()
+               if "norm" in name or name.startswith("lm_head.")]
+    for parameter in trained:
+        parameter.requires_grad_(True)
+    ids = token_ids(seed=2).reshape(1, -1)
+    windows = np.concatenate([ids, ids[:, ::-1]])
+    teacher = teacher_outputs(folder, weights, windows)
+    tokens = torch.from_numpy(windows)
+    with torch.no_grad():
+        target = torch.log_softmax(teacher_model(tokens).logits, dim=-1)
+    predicted = torch.log_softmax(student(tokens).logits, dim=-1)
+    expected = torch.nn.functional.kl_div(predicted, target, log_target=True, reduction="none").sum(-1).mean()
+    expected_gradients = torch.autograd.grad(expected, trained)
+    assert {name for name, _ in student.named_parameters() if name.startswith("lm_head.")} == {
+        "lm_head.theta", "lm_head.outlier_rows"}
+    loss = kl_step(teacher, student, tokens, [0, 1], chunk_tokens=3)
+    assert loss == pytest.approx(float(expected.detach()), rel=1e-5) and loss > 0
+    for parameter, reference in zip(trained, expected_gradients):
+        assert float(reference.abs().max()) > 0
+        torch.testing.assert_close(parameter.grad, reference, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        alone = [float(torch.nn.functional.kl_div(torch.log_softmax(student(tokens[i:i + 1]).logits, dim=-1),
+                                                  target[i:i + 1], log_target=True, reduction="none").sum(-1).mean())
+                 for i in (0, 1)]
+    assert mean_kl(teacher, student, tokens, [0, 1], chunk_tokens=5) == pytest.approx(np.mean(alone), rel=1e-5)
+
+
 def test_student_replica_equals_the_quantized_graph(planted, tmp_path):
     """INT4 blocks, FP16 outlier rows and plain rounding, as ONNX Runtime runs them (on Phi-3, in the split layers
     that stand in for transformers' fused ones)."""
