@@ -98,7 +98,7 @@ def plan_layers(recipe: Recipe, layers: Sequence, profile) -> dict[str, LayerPla
     outliers = _outlier_sets(recipe, layers, profile, precision)
     mode, group_size = recipe.activations.mode, recipe.activations.group
     ragged = group_size == "auto"  # auto: the smallest block, its last one short, where none divides every width
-    if group_size == "auto":  # the granularity of MatMulNBits' own INT8 inputs where the widths allow it
+    if ragged:  # the granularity of MatMulNBits' own INT8 inputs where the widths allow it
         group_size = next((size for size in AUTO_GROUPS if size in activation_groups(layers)), AUTO_GROUPS[-1])
     plans = {}
     for layer in layers:

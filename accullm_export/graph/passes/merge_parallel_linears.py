@@ -7,8 +7,9 @@ Weights of the same kind are concatenated along the output axis: float constants
 quantized constants behind the same DequantizeLinear form (per-channel scales and blocked scales both concatenate
 along the output axis, since blocks run along the input; FP16 block scales behind a Cast stay so, and 8-bit block
 scales concatenate their codes when the members share a grid, as ``code_block_scales`` makes those reading one
-input do), and ONNX Runtime's MatMulNBits nodes of the same K, bits, block size and accuracy level. The Split's outputs are the original layers' output
-tensors, so every name downstream (bisection, the KV cache wiring) is unchanged. When a merged main path and a
+input do), and ONNX Runtime's MatMulNBits nodes of the same K, bits, block size and accuracy level. The Split's
+outputs are the original layers' output tensors, so every name downstream (bisection, the KV cache wiring) is
+unchanged. When a merged main path and a
 merged outlier branch are added output by output, the Adds merge too: Add before Split; so do the constant biases
 a model adds after each member (concatenated, stored as they were). Each column is computed as before, so
 the numerics do not change.

@@ -29,7 +29,7 @@ from accullm_export.graph.pass_data import PassResult
 from accullm_export.graph.layer_plan import LayerPlan
 from accullm_export.graph.passes import register
 from accullm_export.graph.layer_plan import activation_scale
-from accullm_export.graph.rewrite import onnx_type, planned_nodes
+from accullm_export.graph.rewrite import onnx_type, planned_nodes, stored_scales
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -97,15 +97,16 @@ def _matmul_nbits(graph: gs.Graph, node: gs.Node, source: gs.Variable, group: in
     ``source`` is float32 whatever ``float_dtype`` is: ONNX Runtime's CPU kernel for float16 inputs returned wrong
     sums once its output fed an Add beside other nodes, so a float16 model's layer runs in float32 and its output
     is cast back."""
-    producer = _int8_weight(node, axis=0, block_size=group)
-    if producer is None:
+    producer = _int8_weight(node, group)
+    scales = None if producer is None else stored_scales(producer)
+    if scales is None:
         return False
     values = producer.inputs[0].values
     rows, columns = values.shape
     blocks = -(-rows // group)
     shifted = np.full((blocks * group, columns), 128, dtype=np.uint8)  # a ragged last block is padded with zeros
     shifted[:rows] = (values.astype(np.int16) + 128).astype(np.uint8)
-    scales = _constant_values(producer.inputs[1]).astype(np.float32)  # [blocks, N]
+    scales = scales.values.astype(np.float32)  # [blocks, N]
     name = node.name
     output = node.outputs[0]
     node.outputs.clear()
@@ -124,25 +125,15 @@ def _matmul_nbits(graph: gs.Graph, node: gs.Node, source: gs.Variable, group: in
     return True
 
 
-def _int8_weight(node: gs.Node, *, axis: int, block_size: int) -> gs.Node | None:
-    """The DequantizeLinear that gives ``node`` its int8 weight on ``axis`` in blocks of ``block_size``, or None."""
+def _int8_weight(node: gs.Node, block_size: int) -> gs.Node | None:
+    """The DequantizeLinear that gives ``node`` its int8 weight in blocks of ``block_size`` rows, or None."""
     weight = node.inputs[1]
     producer = weight.inputs[0] if len(weight.inputs) == 1 else None
-    if (producer is None or producer.op != "DequantizeLinear" or producer.attrs.get("axis", 1) != axis
+    if (producer is None or producer.op != "DequantizeLinear" or producer.attrs.get("axis", 1) != 0
             or producer.attrs.get("block_size", 0) != block_size
             or not isinstance(producer.inputs[0], gs.Constant) or producer.inputs[0].values.dtype != np.int8):
         return None
     return producer
-
-
-def _constant_values(tensor: gs.Tensor) -> np.ndarray:
-    """A constant's values, through the Cast that widens FP16-stored scales."""
-    if isinstance(tensor, gs.Constant):
-        return tensor.values
-    cast = tensor.inputs[0]
-    if cast.op != "Cast" or not isinstance(cast.inputs[0], gs.Constant):
-        raise ValueError(f"{tensor.name}: not a constant")
-    return cast.inputs[0].values
 
 
 def _node(graph: gs.Graph, op: str, name: str, inputs: list, dtype, **attrs) -> gs.Variable:
