@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from accullm_export.errors import UserError
-from accullm_export.quant.symmetric import (CLIP_RATIOS, SEARCH_COLUMNS, block_index, grouped_blocks,
-                                            half_representable)
+from accullm_export.quant.symmetric import (CLIP_RATIOS, block_index, grouped_blocks, half_representable,
+                                            rounding_error, search_column_parts)
 
 LEVELS = 15  # the largest unsigned 4-bit value; zero points lie in [0, LEVELS]
 
@@ -46,24 +46,25 @@ def asymmetric_grid(weight: np.ndarray, block_size: int, *, search: bool = False
         raise UserError(f"asymmetric quantization takes a 2-D MatMul weight [in, out], got shape {weight.shape}")
     if block_size is None or block_size < 1:
         raise UserError(f"asymmetric INT4 is blocked: give a positive block size, not {block_size}")
-    cols = weight.shape[1]
     grouped, rows_weight = grouped_blocks(weight, block_size, importance)  # padding rows 0: in every block's range
     low, high = np.minimum(grouped.min(axis=1), 0.0), np.maximum(grouped.max(axis=1), 0.0)
     scales, zero_points = _candidate(low, high)
     if not search:
         return scales, zero_points
-    for start in range(0, cols, SEARCH_COLUMNS):
-        part = slice(start, min(start + SEARCH_COLUMNS, cols))
-        values = grouped[:, :, part]
-        least = _weighted_error(values, scales[:, part], zero_points[:, part], rows_weight)
+
+    def search_part(part: slice, values: np.ndarray, work: np.ndarray) -> None:
+        chosen, chosen_zero, part_low, part_high = scales[:, part], zero_points[:, part], low[:, part], high[:, part]
+        least = rounding_error(values, chosen, rows_weight, 0, LEVELS, work, offset=chosen_zero)
         for low_ratio in CLIP_RATIOS:
             for high_ratio in CLIP_RATIOS:
-                scale, zero = _candidate(low[:, part] * np.float32(low_ratio), high[:, part] * np.float32(high_ratio))
-                error = _weighted_error(values, scale, zero, rows_weight)
+                scale, zero = _candidate(part_low * np.float32(low_ratio), part_high * np.float32(high_ratio))
+                error = rounding_error(values, scale, rows_weight, 0, LEVELS, work, offset=zero)
                 better = error < least
-                scales[:, part] = np.where(better, scale, scales[:, part])
-                zero_points[:, part] = np.where(better, zero, zero_points[:, part])
-                least = np.where(better, error, least)
+                np.copyto(chosen, scale, where=better)
+                np.copyto(chosen_zero, zero, where=better)
+                np.copyto(least, error, where=better)
+
+    search_column_parts(grouped, search_part)
     return scales, zero_points
 
 
@@ -74,12 +75,6 @@ def _candidate(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarra
     scale = half_representable(np.where(span == 0, np.float32(1.0), span / np.float32(LEVELS)))
     zero = np.clip(np.round(-low / scale), 0, LEVELS).astype(np.uint8)
     return scale, zero
-
-
-def _weighted_error(values: np.ndarray, scale: np.ndarray, zero: np.ndarray, rows_weight: np.ndarray) -> np.ndarray:
-    step, offset = scale[:, None, :], zero[:, None, :].astype(np.float32)
-    rounded = (np.clip(np.round(values / step) + offset, 0, LEVELS) - offset) * step
-    return (rows_weight * (rounded - values) ** 2).sum(axis=1)
 
 
 def row_limits(zero_points: np.ndarray, rows: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,13 +20,17 @@ the rounded scales, so storing them in half precision changes nothing.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
 import numpy as np
 
 from accullm_export.errors import UserError
 
 
 CLIP_RATIOS = np.linspace(0.70, 1.0, 13)  # fractions of a block's absmax tried as its clipping level
-SEARCH_COLUMNS = 4096  # output columns searched at once (bounds the candidates' temporary arrays)
+SEARCH_ELEMENTS = 1 << 18  # weights one search thread evaluates at once: its working arrays stay in cache
 
 
 def qmax(bits: int) -> int:
@@ -99,25 +103,70 @@ def searched_scales(weight: np.ndarray, bits: int, block_size: int, importance: 
         so the weighted error is never above plain rounding's.
     """
     weight = np.asarray(weight, dtype=np.float32)
-    cols = weight.shape[1]
     low, high = qmin(bits, search=True), qmax(bits)
     grouped, rows_weight = grouped_blocks(weight, block_size, importance)
     absmax = np.abs(grouped).max(axis=1)
     best = weight_scales(weight, bits, block_size)
-    for start in range(0, cols, SEARCH_COLUMNS):
-        part = slice(start, min(start + SEARCH_COLUMNS, cols))
-        values, peak = grouped[:, :, part], absmax[:, part]
-        chosen = best[:, part]
-        least = _weighted_error(values, chosen, rows_weight, low, high)
+
+    def search(part: slice, values: np.ndarray, work: np.ndarray) -> None:
+        peak, chosen = absmax[:, part], best[:, part]
+        least = rounding_error(values, chosen, rows_weight, low, high, work)
         for ratio in CLIP_RATIOS:
             for divisor in (high, high + 1):
                 candidate = half_representable(np.where(peak == 0, np.float32(1.0), peak * np.float32(ratio / divisor)))
-                error = _weighted_error(values, candidate, rows_weight, low, high)
+                error = rounding_error(values, candidate, rows_weight, low, high, work)
                 better = error < least
-                chosen = np.where(better, candidate, chosen)
-                least = np.where(better, error, least)
-        best[:, part] = chosen
+                np.copyto(chosen, candidate, where=better)
+                np.copyto(least, error, where=better)
+
+    search_column_parts(grouped, search)
     return best
+
+
+def search_column_parts(grouped: np.ndarray, search: Callable[[slice, np.ndarray, np.ndarray], None]) -> None:
+    """Call ``search(columns, values, work)`` over the output columns of ``grouped`` ([blocks, rows, out]) in
+    parts of about ``SEARCH_ELEMENTS`` weights, ``values`` the part's weights (contiguous) and ``work`` a scratch
+    array shaped like them, on a thread per core: NumPy's loops release the GIL, and each part writes only its
+    own columns, so the result does not depend on the order."""
+    blocks, rows, cols = grouped.shape
+    width = max(1, SEARCH_ELEMENTS // max(1, blocks * rows))
+
+    def one(start: int) -> None:
+        part = slice(start, min(start + width, cols))
+        values = np.ascontiguousarray(grouped[:, :, part])
+        search(part, values, np.empty_like(values))
+
+    starts = range(0, cols, width)
+    threads = min(len(starts), os.cpu_count() or 1)
+    if threads <= 1:
+        for start in starts:
+            one(start)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(one, starts):  # re-raises a part's error
+            pass
+
+
+def rounding_error(values: np.ndarray, scale: np.ndarray, rows_weight: np.ndarray, low: float, high: float,
+                   work: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
+    """Per (block, column), the sum over the block's rows of weight * (w - Q(w))^2 with
+    Q(w) = clip(round(w / scale), low, high) * scale, or with ``offset`` (asymmetric zero points, [blocks, out])
+    Q(w) = (clip(round(w / scale) + offset, low, high) - offset) * scale. ``values`` [blocks, rows, out];
+    computed in ``work`` (same shape), one pass per operation and no temporary arrays."""
+    step = scale[:, None, :]
+    np.divide(values, step, out=work)
+    np.rint(work, out=work)
+    if offset is not None:
+        shift = offset[:, None, :].astype(np.float32)
+        work += shift
+    np.clip(work, low, high, out=work)
+    if offset is not None:
+        work -= shift
+    work *= step
+    work -= values
+    np.square(work, out=work)
+    work *= rows_weight
+    return work.sum(axis=1)
 
 
 def grouped_blocks(weight: np.ndarray, block_size: int,
@@ -131,13 +180,6 @@ def grouped_blocks(weight: np.ndarray, block_size: int,
     rows_weight = np.zeros(blocks * block_size, dtype=np.float32)
     rows_weight[:rows] = 1.0 if importance is None else np.asarray(importance, dtype=np.float32)
     return padded.reshape(blocks, block_size, cols), rows_weight.reshape(blocks, block_size, 1)
-
-
-def _weighted_error(values: np.ndarray, scale: np.ndarray, rows_weight: np.ndarray, low: int, high: int) -> np.ndarray:
-    """sum over a block's rows of weight * (w - Q(w))^2, per (block, column)."""
-    step = scale[:, None, :]
-    rounded = np.clip(np.round(values / step), low, high) * step
-    return (rows_weight * (rounded - values) ** 2).sum(axis=1)
 
 
 def quantize_with_scales(weight: np.ndarray, scale: np.ndarray, bits: int, block_size: int | None = None,

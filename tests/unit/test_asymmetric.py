@@ -61,6 +61,29 @@ def test_search_matches_brute_force_and_beats_the_symmetric_grid():
     assert weighted(found, slice(0, 32)).sum() < 0.7 * weighted(symmetric, slice(0, 32)).sum()
 
 
+@pytest.mark.parametrize("search", ["asymmetric", "symmetric"])
+def test_search_in_column_parts_on_threads_equals_one_part(monkeypatch, search):
+    """The searches split the output columns into cache-sized parts run on threads: parts of one column each
+    (many threads) give the same grid, bit for bit, as one part holding every column."""
+    from accullm_export.quant import symmetric
+    from accullm_export.quant.asymmetric import asymmetric_grid
+
+    weight = RNG.normal(size=(40, 23)).astype(np.float32)  # a short last block
+    importance = RNG.uniform(0.1, 3.0, size=40)
+
+    def searched():
+        if search == "asymmetric":
+            return asymmetric_grid(weight, 16, search=True, importance=importance)
+        return (symmetric.searched_scales(weight, 4, 16, importance=importance),)
+
+    monkeypatch.setattr(symmetric, "SEARCH_ELEMENTS", 1 << 20)
+    whole = searched()
+    monkeypatch.setattr(symmetric, "SEARCH_ELEMENTS", 1)
+    monkeypatch.setattr(symmetric.os, "cpu_count", lambda: 4)
+    for expected, found in zip(whole, searched()):
+        np.testing.assert_array_equal(found, expected)
+
+
 def test_gptq_rounds_into_each_blocks_range():
     """With an identity Hessian GPTQ is plain asymmetric rounding; with a correlated one it lowers the
     layer-output error, and every value stays in its block's [-z, 15 - z]."""
