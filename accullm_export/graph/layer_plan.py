@@ -72,7 +72,7 @@ class LayerPlan:
     activations: str | None  # "static", "dynamic" or None (not quantized)
     activation_scale: float | None  # static: the input's scale (absmax of the non-outlier channels / 127)
     activation_group: int | None = None  # dynamic: channels per scale within a token (None: the whole row)
-    rotation: int | None = None  # --rotate: the low-bit part reads x R, R block-Hadamard with blocks of this size
+    rotation: int | None = None  # rotation.layers: the low-bit part reads x R, R block-Hadamard with blocks of this size
 
     @property
     def quantized(self) -> bool:
@@ -93,7 +93,7 @@ class LayerPlan:
 
 
 def activation_groups(layers: Sequence) -> list[int]:
-    """The ``--activation-group`` sizes that divide every layer's input width, smallest first."""
+    """The ``activations.group`` sizes that divide every layer's input width, smallest first."""
     return [g for g in ACTIVATION_GROUPS if all(layer.in_features % g == 0 for layer in layers)]
 
 

@@ -1,4 +1,4 @@
-"""8-bit block scales (``quantize --scale-bits 8``): each INT4 block's scale stored as a uint8 code c on a
+"""8-bit block scales (recipe key ``weights.scale_bits = 8``): each INT4 block's scale stored as a uint8 code c on a
 logarithmic grid, s = exp(log_min + c * log_step), instead of as an FP16 value.
 
 A blocked INT4 layer spends 16 bits per block on its FP16 scale (0.25 bits per weight at block 64); the code
@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 CODE_LEVELS = 256  # uint8 codes
-SCALE_BITS = (16, 8)  # --scale-bits: FP16 block scales, or 8-bit codes
+SCALE_BITS = (16, 8)  # weights.scale_bits: FP16 block scales, or 8-bit codes
 
 
 def scale_grid(scales: Sequence[np.ndarray]) -> tuple[np.float32, np.float32]:

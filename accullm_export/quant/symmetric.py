@@ -7,7 +7,7 @@ a multiple of the block size the last block is shorter (ragged), as ONNX's block
 Zero points are always 0 (TensorRT's explicit-quantization convention) and the grid is symmetric,
 [-qmax, qmax]: -8 / -128 are never used.
 
-With ``search`` (``quantize --scale-search``, INT4 only) each block's scale is chosen from candidates
+With ``search`` (recipe key ``weights.scale_search``, INT4 only) each block's scale is chosen from candidates
 absmax * r / d (r in ``CLIP_RATIOS``, d in {qmax, qmax + 1}) to minimize the block's rounding error, weighted
 per input row by E[x^2] when the input's second moments are known; the grid then takes its full range
 [-qmax - 1, qmax] (zero point still 0: DequantizeLinear, MatMulNBits and TensorRT read -8 like any value).

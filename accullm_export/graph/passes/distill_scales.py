@@ -1,9 +1,8 @@
-"""Train the INT4 block scales against the full-precision model (``quantize --distill-steps N``).
+"""Train the INT4 block scales against the full-precision model (recipe key ``distill.steps``).
 
-The low-bit layers' integers stay (``--distill-rounding``: each may move one step); their FP16 block scales (and,
-on request, the RMSNorm gains) are fitted by
-gradient descent on the KL divergence between the source model's and the rewritten model's next-token
-distributions over the profile's calibration text (``training.distill``). Runs after the weights are rounded
+The low-bit layers' integers stay as they were rounded; their FP16 block scales (and, on request, the RMSNorm
+gains and the FP16 outlier rows) are fitted by gradient descent on the KL divergence between the source model's
+and the rewritten model's next-token distributions over the profile's calibration text (``training.distill``). Runs after the weights are rounded
 (``quantize_weights``, GPTQ before it) and before the embedding table is quantized and parallel layers merged,
 so each layer is still one MatMul named after its module. The layout and the file size do not change.
 """

@@ -1,5 +1,5 @@
 """Fold each FP16 outlier branch into its layer's blocked INT4 weight as two INT4 planes
-(``quantize --outlier-planes``; ONNX Runtime targets).
+(recipe key ``outliers.planes``; ONNX Runtime targets).
 
 The branch ``y = x @ W_int4 + x[..., O] @ R`` costs three nodes per layer (a Gather shared by the layers of an
 input, a small MatMul and an Add); at batch-1 decode in ONNX Runtime each node costs a dispatch whatever it

@@ -4,7 +4,7 @@
 ``accullm_export.graph.rewrite.replace_weight_dequantized``). ONNX Runtime folds that Cast when it loads the
 model; TensorRT's Dequantize layer wants its scale as a build-time constant, so the TensorRT bundle runs this
 pass first. The values are exactly the widened FP16 values, so the numerics do not change; only the file grows
-by the scales' extra bytes. Block scales stored as 8-bit codes (``quantize --scale-bits 8``) are decoded into
+by the scales' extra bytes. Block scales stored as 8-bit codes (``weights.scale_bits = 8``) are decoded into
 constants the same way.
 """
 

@@ -1,4 +1,4 @@
-"""INT8 outlier rows (``quantize --outlier-bits 8``): the FP16 branch's weight rows stored as INT8, one FP16 scale
+"""INT8 outlier rows (recipe key ``outliers.bits = 8``): the FP16 branch's weight rows stored as INT8, one FP16 scale
 per output column and block of ``ROW_BLOCK`` rows, behind a blocked DequantizeLinear.
 
 The branch multiplies the few outlier channels of its input by these rows. At 8 bits a row keeps 1/254 of its
@@ -48,7 +48,7 @@ def run(graph: gs.Graph, config: Config) -> PassResult:
         if not plan.outliers:
             continue
         matmul = branch_matmul(node)
-        if matmul is None:  # no branch: folded into the INT4 weight (--outlier-planes), or never made
+        if matmul is None:  # no branch: folded into the INT4 weight (outliers.planes), or never made
             continue
         rows = outlier_weight_constant(node)
         if not isinstance(rows, gs.Constant):

@@ -1,4 +1,4 @@
-"""A second INT4 stage for the LM head's most-used vocabulary rows (``quantize --refine-vocab K``).
+"""A second INT4 stage for the LM head's most-used vocabulary rows (recipe key ``vocab.refine_rows``).
 
 The head's rounding error d_v = w_v - w~_v (its source row against what the finished graph computes: low-bit
 part, outlier branch and rotation together) costs the output distribution about sum_t p_tv (x_t . d_v)^2 over
@@ -8,7 +8,7 @@ get their error rounded again, to INT4 in the head's blocks with FP16 scales, so
 8-bit rows; the other rows stay as they are.
 
 In the graph: MatMul(x', DequantizeLinear(int4 [C, K])) -> [batch, seq, K], x' being what the head's low-bit part
-reads (x, or x R with ``--rotate``, the error then carried over as pinv(R) d_v = R^T d_v), scattered onto the
+reads (x, or x R with ``rotation.layers``, the error then carried over as pinv(R) d_v = R^T d_v), scattered onto the
 head's logits by ScatterElements(reduction="add") on the last axis, its indices Expand-ed to the correction's
 shape. Reading the head's own input, the correction merges with the head (``merge_parallel_linears``) into one
 MatMulNBits of V + K columns and a Split in ONNX Runtime. TensorRT would take the ScatterElements add through the
@@ -110,7 +110,7 @@ def run(graph: gs.Graph, config: Config) -> PassResult:
     if rows.input not in tensors or rows.output not in tensors:
         raise UserError(f"vocab.refine_rows: {rows.head}'s input or output tensor is gone from the rewritten graph")
     head = next(node for node in graph.nodes if node.name == rows.head)
-    reads = head.inputs[0]  # what the head's low-bit part reads: x, or x R with --rotate
+    reads = head.inputs[0]  # what the head's low-bit part reads: x, or x R with rotation.layers
     rotated = reads.name != rows.input
     maps = linear_maps(graph, rows.input, [rows.output] + ([reads.name] if rotated else []), plan.in_features,
                        config.float_dtype)

@@ -1,4 +1,4 @@
-"""Block-Hadamard rotation of an INT4 layer's input (``quantize --rotate PATTERN``): the low-bit part computes
+"""Block-Hadamard rotation of an INT4 layer's input (recipe key ``rotation.layers``): the low-bit part computes
 (x R)(R^T W) = x W, and R^T W rounds better than W.
 
 R = diag(d) (I (x) H_b / sqrt(b)): random signs d, then a Hadamard transform within each block of b consecutive
