@@ -153,21 +153,26 @@ def _profile(model_path: Path, layers: list[LinearLayer], collected: CollectedSt
 
 
 class _WeightLoader:
-    """Loads weights lazily (only the sensitivity policy needs them), as [in, out] float32."""
+    """Loads weights lazily (only the sensitivity policy needs them), one at a time, as [in, out] float32: the
+    model's proto is read without its external data, and each weight from its file when asked for."""
 
     def __init__(self, model_path: Path):
         self.model_path = model_path
         self._initializers = None
+        self._files: dict[str, Path] = {}
 
     def getter(self, layer: LinearLayer):
         return lambda: self._weight(layer)
 
     def _weight(self, layer: LinearLayer) -> np.ndarray:
-        from onnx import numpy_helper
+        from accullm_export.graph.io import external_data_files, load_onnx
+        from accullm_export.graph.ir import initializer_array
 
         if self._initializers is None:
-            model = onnx.load(str(self.model_path), load_external_data=True)
+            model = load_onnx(self.model_path, load_external_data=False)
+            self._files = external_data_files(model, self.model_path.parent, self.model_path)
             self._initializers = {t.name: t for t in model.graph.initializer}
-        array = numpy_helper.to_array(self._initializers[layer.weight]).astype(np.float32)
+        array = initializer_array(self._initializers[layer.weight], self._files,
+                                  self.model_path.parent).astype(np.float32, copy=False)
         transposed = array.shape != (layer.in_features, layer.out_features)
         return array.T if transposed else array

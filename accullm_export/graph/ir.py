@@ -69,6 +69,22 @@ def _read_external(tensor: onnx.TensorProto, files: dict[str, Path]) -> np.ndarr
     return values.astype(dtype, copy=False).reshape(tuple(tensor.dims))
 
 
+def initializer_array(tensor: onnx.TensorProto, files: dict[str, Path], base: Path) -> np.ndarray:
+    """One initializer of a model loaded without its external data (``files``: ``external_data_files``' map,
+    ``base``: the folder its locations are relative to), read on its own: a float tensor straight from its file,
+    any other from its bytes, so a model's weights can be visited one at a time without the proto holding them."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    if tensor.data_type in _FLOAT_TYPES:
+        return _read_external(tensor, files)
+    loaded = onnx.TensorProto()
+    loaded.CopyFrom(tensor)
+    onnx.external_data_helper.load_external_data_for_tensor(loaded, str(base))
+    loaded.data_location = onnx.TensorProto.DEFAULT
+    del loaded.external_data[:]
+    return numpy_helper.to_array(loaded)
+
+
 def constant(name: str, values: np.ndarray) -> gs.Constant:
     """A graphsurgeon constant; int4/uint4 arrays (ml_dtypes) are stored packed."""
     values = np.ascontiguousarray(values)
