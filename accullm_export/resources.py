@@ -10,6 +10,7 @@ show).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -87,6 +88,20 @@ def quantize_estimate(weights: int, *, moments: int, distill_logits: int, distil
 
 
 MMAP_THRESHOLD_BYTES = 1 << 20
+REUSE_THRESHOLD_BYTES = 32 << 20  # the largest mmap threshold glibc accepts on 64-bit systems
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # malloc.h's parameter numbers
+_DEFAULT_TRIM_THRESHOLD = 128 * 1024
+_fixed_threshold = False  # return_freed_memory has set MMAP_THRESHOLD_BYTES in this process
+
+
+def _mallopt():
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
+    return lambda parameter, value: mallopt(ctypes.c_int(parameter), ctypes.c_int(value))
 
 
 def return_freed_memory() -> None:
@@ -96,12 +111,35 @@ def return_freed_memory() -> None:
     after the first freed weight every later array of a decoder layer's size comes from the heap; a step that reads,
     copies and frees weights layer by layer then keeps their peak resident for good. A fixed threshold maps each
     large array on its own and unmaps it when freed. Elsewhere than glibc this does nothing."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    global _fixed_threshold
+    mallopt = _mallopt()
+    if mallopt is None:
         return
-    m_mmap_threshold = -3  # malloc.h's M_MMAP_THRESHOLD; setting it also turns the dynamic threshold off
-    mallopt(ctypes.c_int(m_mmap_threshold), ctypes.c_int(MMAP_THRESHOLD_BYTES))
+    mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)  # setting it also turns the dynamic threshold off
+    _fixed_threshold = True
+
+
+@contextlib.contextmanager
+def reused_allocations():
+    """Within the block, freed arrays of up to ``REUSE_THRESHOLD_BYTES`` stay with the allocator for the next
+    allocation, where ``return_freed_memory`` would unmap them: a training loop frees and allocates the same
+    tensors every step, and each fresh mapping costs the kernel a zeroed page per 4 KB touched. On leaving, the
+    fixed threshold comes back and the free heap is handed back to the system. Without ``return_freed_memory``
+    (glibc's dynamic threshold already reuses) or outside glibc, it does nothing."""
+    mallopt = _mallopt() if _fixed_threshold else None
+    if mallopt is None:
+        yield
+        return
+    mallopt(_M_MMAP_THRESHOLD, REUSE_THRESHOLD_BYTES)
+    mallopt(_M_TRIM_THRESHOLD, 1 << 30)  # nor is the top of the heap given back between steps
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        import ctypes
+
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+        if trim is not None:
+            trim(ctypes.c_size_t(0))
 

@@ -29,6 +29,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from accullm_export.errors import BackendError, UserError, require
+from accullm_export.resources import reused_allocations
 
 log = logging.getLogger(__name__)
 
@@ -403,23 +404,24 @@ def distill_scales(config_dir: str | Path, teacher: Teacher, student_weights: Ma
     train = windows[:len(windows) - held] if held else windows
     tokens = torch.from_numpy(np.asarray(windows, dtype=np.int64)).to(device)
     checked = range(len(windows) - held, len(windows))
-    before = mean_kl(teacher, student, tokens, checked) if held else None
-    order = np.random.default_rng(config.seed).permutation
-    batch_order = np.empty(0, dtype=np.int64)
-    training = time.perf_counter()
-    for step in range(config.steps):
-        if batch_order.size < config.batch_windows:
-            batch_order = np.concatenate([batch_order, order(len(train))])
-        chosen, batch_order = batch_order[:config.batch_windows], batch_order[config.batch_windows:]
-        optimizer.zero_grad(set_to_none=True)
-        loss = kl_step(teacher, student, tokens, chosen)
-        optimizer.step()
-        schedule.step()
-        if step % 10 == 0 or step == config.steps - 1:
-            pace = (time.perf_counter() - training) / (step + 1)
-            log.info("distill step %d/%d: KL %.4f (%.1f s a step, about %.0f min left)", step + 1, config.steps,
-                     loss, pace, pace * (config.steps - step - 1) / 60)
-    after = mean_kl(teacher, student, tokens, checked) if held else None
+    with reused_allocations():  # every step frees and makes the same tensors
+        before = mean_kl(teacher, student, tokens, checked) if held else None
+        order = np.random.default_rng(config.seed).permutation
+        batch_order = np.empty(0, dtype=np.int64)
+        training = time.perf_counter()
+        for step in range(config.steps):
+            if batch_order.size < config.batch_windows:
+                batch_order = np.concatenate([batch_order, order(len(train))])
+            chosen, batch_order = batch_order[:config.batch_windows], batch_order[config.batch_windows:]
+            optimizer.zero_grad(set_to_none=True)
+            loss = kl_step(teacher, student, tokens, chosen)
+            optimizer.step()
+            schedule.step()
+            if step % 10 == 0 or step == config.steps - 1:
+                pace = (time.perf_counter() - training) / (step + 1)
+                log.info("distill step %d/%d: KL %.4f (%.1f s a step, about %.0f min left)", step + 1, config.steps,
+                         loss, pace, pace * (config.steps - step - 1) / 60)
+        after = mean_kl(teacher, student, tokens, checked) if held else None
     kept = not held or after < before
     with torch.no_grad():
         scales = {module: (layer.scales() if kept else layer.initial).cpu().numpy().astype(np.float32)

@@ -1,5 +1,5 @@
 """Memory predicted before a step starts (``accullm_export.resources``): the machine's available memory, the
-quantize estimate's parts, and the one-line refusal that leaves nothing behind."""
+quantize estimate's parts, the one-line refusal that leaves nothing behind, and the allocator thresholds."""
 
 from __future__ import annotations
 
@@ -90,3 +90,27 @@ def test_device_cuda_without_a_gpu_is_refused_before_any_work(planted_model, pro
     assert not (tmp_path / "q").exists()
     with pytest.raises(UserError, match="device must be cpu or cuda"):
         QuantizeOptions(device="tpu")
+
+
+def test_reused_allocations_raises_the_threshold_inside_and_restores_it_after_an_error(monkeypatch):
+    """Inside the block freed arrays up to 32 MiB stay with the allocator; after it, even when the block raises,
+    the 1 MiB threshold of return_freed_memory and glibc's default trim threshold are back. Without
+    return_freed_memory in the process it sets nothing."""
+    from accullm_export import resources
+
+    calls = []
+    monkeypatch.setattr(resources, "_mallopt", lambda: lambda parameter, value: calls.append((parameter, value)))
+    monkeypatch.setattr(resources, "_fixed_threshold", False)
+    with resources.reused_allocations():
+        pass
+    assert calls == []
+    resources.return_freed_memory()
+    assert calls == [(resources._M_MMAP_THRESHOLD, resources.MMAP_THRESHOLD_BYTES)]
+    calls.clear()
+    with pytest.raises(RuntimeError):
+        with resources.reused_allocations():
+            assert calls == [(resources._M_MMAP_THRESHOLD, resources.REUSE_THRESHOLD_BYTES),
+                             (resources._M_TRIM_THRESHOLD, 1 << 30)]
+            raise RuntimeError("a failing step")
+    assert calls[2:] == [(resources._M_MMAP_THRESHOLD, resources.MMAP_THRESHOLD_BYTES),
+                         (resources._M_TRIM_THRESHOLD, resources._DEFAULT_TRIM_THRESHOLD)]
