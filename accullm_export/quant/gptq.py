@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DAMPING_RETRIES = 3  # after the first attempt, each retry multiplies the damping by 10
 COLUMNS = 8192  # output columns per working copy
+INVERSE_BLOCK = 256  # rows below which a triangular inverse is LAPACK's general one
 
 
 def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None = None, *,
@@ -185,14 +186,14 @@ def _inverse_cholesky_upper(hessian: np.ndarray, damp: float, reference: float) 
     for attempt in range(DAMPING_RETRIES + 1):
         fraction = damp * 10.0 ** attempt
         try:  # one [in, in] float64 matrix alive at a time besides H where it can be (a down_proj's are large)
-            damped = hessian.copy()
+            # with J the order reversal and L L^T = J H J, U = J L^-1 J is upper and U^T U = H^-1: one Cholesky
+            # and one triangular inverse, where inverting H and factoring H^-1 would square its condition number
+            damped = hessian[::-1, ::-1].copy()
             damped[diagonal] += fraction * reference
             lower = np.linalg.cholesky(damped)
             del damped
-            lower_inverse = np.linalg.solve(lower, np.eye(hessian.shape[0]))
+            upper = np.ascontiguousarray(_lower_inverse(lower)[::-1, ::-1])
             del lower
-            upper = np.linalg.cholesky(lower_inverse.T @ lower_inverse).T
-            del lower_inverse
         except np.linalg.LinAlgError:
             log.debug("GPTQ Hessian not positive definite with damping %g; retrying with more", fraction)
             continue
@@ -202,6 +203,21 @@ def _inverse_cholesky_upper(hessian: np.ndarray, damp: float, reference: float) 
             return upper
     raise UserError(f"GPTQ Hessian is not positive definite even with damping {fraction:g} x its mean diagonal: "
                     "collect it over more calibration tokens or quantize this layer without GPTQ")
+
+
+def _lower_inverse(lower: np.ndarray) -> np.ndarray:
+    """The inverse of a lower-triangular matrix, by halves: inv([[A, 0], [B, C]]) = [[A^-1, 0], [-C^-1 B A^-1,
+    C^-1]], so the work is matrix products (a third of the operations of LAPACK's general inverse)."""
+    rows = lower.shape[0]
+    if rows <= INVERSE_BLOCK:
+        return np.tril(np.linalg.inv(lower))  # LU leaves rounding noise above the diagonal
+    half = rows // 2
+    first, second = _lower_inverse(lower[:half, :half]), _lower_inverse(lower[half:, half:])
+    inverse = np.zeros_like(lower)
+    inverse[:half, :half] = first
+    inverse[half:, half:] = second
+    inverse[half:, :half] = -(second @ (lower[half:, :half] @ first))
+    return inverse
 
 
 def _quantize_rows(work: np.ndarray, upper: np.ndarray, row_scales: np.ndarray, limits: tuple,

@@ -479,3 +479,19 @@ def test_gptq_by_parts_of_the_columns_is_the_whole_problem(asymmetric):
         np.testing.assert_array_equal(parts[0], whole[0])
         np.testing.assert_array_equal(parts[1], whole[1])
     assert whole[0].any() and not whole[0][[3, 11]].any()
+
+
+@pytest.mark.parametrize("size", [7, 600])  # 600: inverted by halves (299 + 300 rows below them, 150 + 150 ...)
+def test_the_inverse_cholesky_factor_is_upper_and_squares_to_the_damped_inverse(size):
+    """GPTQ's U: upper triangular with a positive diagonal and U^T U = (H + damp * mean(diag H) * I)^-1, checked
+    against NumPy's general inverse, on an ill-conditioned H (one input 40x the others)."""
+    from accullm_export.quant.gptq import _inverse_cholesky_upper
+
+    inputs = np.random.default_rng(size).normal(size=(2 * size, size))
+    inputs[:, 1] *= 40.0
+    hessian = inputs.T @ inputs / len(inputs)
+    upper = _inverse_cholesky_upper(hessian, 0.01, reference=float(np.mean(np.diag(hessian))))
+    damped = hessian + 0.01 * np.mean(np.diag(hessian)) * np.eye(size)
+    assert np.array_equal(upper, np.triu(upper)) and (np.diag(upper) > 0).all()
+    expected = np.linalg.inv(damped)
+    np.testing.assert_allclose(upper.T @ upper, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
