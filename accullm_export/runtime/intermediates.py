@@ -53,9 +53,12 @@ class IntermediateReader:
         return self.open(names).run(feed)
 
     def _session(self, model: onnx.ModelProto):
+        # no weight prepacking: it keeps a second copy of every MatMul weight, and a statistics pass over long
+        # windows gains next to nothing from it
         return create_session(model.SerializeToString(), device=self.device, optimization=self.optimization,
                               external_data_folder=self.model_path.parent,
-                              shared_initializers=self.shared_initializers)
+                              shared_initializers=self.shared_initializers,
+                              config_entries={"session.disable_prepacking": "1"})
 
     def precision_of(self, tensor: str) -> str:
         """The precision a node runs in: its quantized weights' dtype, else its weight's or its output's dtype."""
