@@ -94,12 +94,21 @@ _DEFAULT_TRIM_THRESHOLD = 128 * 1024
 _fixed_threshold = False  # return_freed_memory has set MMAP_THRESHOLD_BYTES in this process
 
 
-def _mallopt():
+def _libc_function(name: str):
+    """The C library's function ``name``, or None where there is none (not glibc)."""
     import ctypes
 
     try:
-        mallopt = ctypes.CDLL(None).mallopt
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
+        return None
+
+
+def _mallopt():
+    import ctypes
+
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return None
     return lambda parameter, value: mallopt(ctypes.c_int(parameter), ctypes.c_int(value))
 
@@ -137,9 +146,9 @@ def reused_allocations():
     finally:
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
         mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-        import ctypes
-
-        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+        trim = _libc_function("malloc_trim")
         if trim is not None:
+            import ctypes
+
             trim(ctypes.c_size_t(0))
 

@@ -2,7 +2,7 @@
 
     python benchmarks/grid_error.py MODEL_FOLDER PROFILE_DIR [--block-size 64] [--out table.md]
 
-For every linear layer the profile lists, both grids are searched as the recipe key ``weights.scale_search`` searches them
+For every linear layer the profile lists, both grids are searched as ``weights.scale_search`` searches them
 (``quant.symmetric.searched_scales`` and ``quant.asymmetric.asymmetric_grid``), with each input row's squared
 error weighted by the profile's E[x^2] of that channel and the layer's ``sensitivity`` outlier channels left
 out (they are FP16 rows). The table gives, per projection kind and in all, the ratio of the asymmetric grid's

@@ -44,9 +44,7 @@ def load_graph(path: str | Path) -> tuple[gs.Graph, onnx.ModelProto]:
             arrays[tensor.name] = _read_external(tensor, files)
     for tensor in all_tensors(model.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.name not in arrays:
-            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            del tensor.external_data[:]
+            _load_inline(tensor, path.parent)
     graph = gs.import_onnx(model)
     for name, tensor in graph.tensors().items():
         if name in arrays and isinstance(tensor, gs.Constant):
@@ -79,10 +77,15 @@ def initializer_array(tensor: onnx.TensorProto, files: dict[str, Path], base: Pa
         return _read_external(tensor, files)
     loaded = onnx.TensorProto()
     loaded.CopyFrom(tensor)
-    onnx.external_data_helper.load_external_data_for_tensor(loaded, str(base))
-    loaded.data_location = onnx.TensorProto.DEFAULT
-    del loaded.external_data[:]
+    _load_inline(loaded, base)
     return numpy_helper.to_array(loaded)
+
+
+def _load_inline(tensor: onnx.TensorProto, base: Path) -> None:
+    """Move an external tensor's bytes (located relative to ``base``) into the tensor itself."""
+    onnx.external_data_helper.load_external_data_for_tensor(tensor, str(base))
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    del tensor.external_data[:]
 
 
 def constant(name: str, values: np.ndarray) -> gs.Constant:

@@ -72,7 +72,7 @@ class LayerPlan:
     activations: str | None  # "static", "dynamic" or None (not quantized)
     activation_scale: float | None  # static: the input's scale (absmax of the non-outlier channels / 127)
     activation_group: int | None = None  # dynamic: channels per scale within a token (None: the whole row)
-    rotation: int | None = None  # rotation.layers: the low-bit part reads x R, R block-Hadamard with blocks of this size
+    rotation: int | None = None  # rotation.layers: the low-bit part reads x R, R block-Hadamard in blocks this size
 
     @property
     def quantized(self) -> bool:

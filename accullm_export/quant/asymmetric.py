@@ -1,4 +1,4 @@
-"""Asymmetric blocked INT4 weights (recipe key ``weights.asymmetric``): each block of ``block_size`` input rows of an
+"""Asymmetric blocked INT4 weights (``weights.asymmetric``): each block of ``block_size`` input rows of an
 output column gets a scale s and a zero point z in [0, 15], and stores unsigned 4-bit q in [0, 15] with
 w ~ (q - z) * s, the ``DequantizeLinear(uint4, scale, uint4 zero point)`` layout that ONNX Runtime fuses into
 ``MatMulNBits`` with zero points (onnxruntime-genai's builder writes the same when asked for asymmetric INT4).

@@ -1,4 +1,4 @@
-"""8-bit block scales (recipe key ``weights.scale_bits = 8``): each INT4 block's scale stored as a uint8 code c on a
+"""8-bit block scales (``weights.scale_bits = 8``): each INT4 block's scale stored as a uint8 code c on a
 logarithmic grid, s = exp(log_min + c * log_step), instead of as an FP16 value.
 
 A blocked INT4 layer spends 16 bits per block on its FP16 scale (0.25 bits per weight at block 64); the code

@@ -57,8 +57,7 @@ class IntermediateReader:
         # windows gains next to nothing from it
         return create_session(model.SerializeToString(), device=self.device, optimization=self.optimization,
                               external_data_folder=self.model_path.parent,
-                              shared_initializers=self.shared_initializers,
-                              config_entries={"session.disable_prepacking": "1"})
+                              shared_initializers=self.shared_initializers, prepack=False)
 
     def precision_of(self, tensor: str) -> str:
         """The precision a node runs in: its quantized weights' dtype, else its weight's or its output's dtype."""

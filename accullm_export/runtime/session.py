@@ -19,7 +19,7 @@ def create_session(model_path: str | Path | bytes, *, device: str = "auto", opti
                    threads: int | None = None, profile_prefix: str | None = None,
                    external_data_folder: str | Path | None = None,
                    shared_initializers: Mapping[str, np.ndarray] | None = None,
-                   config_entries: Mapping[str, str] | None = None):
+                   config_entries: Mapping[str, str] | None = None, prepack: bool = True):
     """An InferenceSession on CPU or CUDA.
 
     Args:
@@ -36,6 +36,7 @@ def create_session(model_path: str | Path | bytes, *, device: str = "auto", opti
             session uses in place of those initializers, without a copy: a process that already holds the
             weights does not load them twice. Weight prepacking is then off (it would copy them again).
         config_entries: ONNX Runtime session configuration entries (key -> value).
+        prepack: let ONNX Runtime keep prepacked copies of MatMul weights (off with ``shared_initializers``).
 
     Raises:
         UserError: the file is not a loadable model, or the option values are unknown.
@@ -70,9 +71,10 @@ def create_session(model_path: str | Path | bytes, *, device: str = "auto", opti
         options.profile_file_prefix = profile_prefix
     for key, value in (config_entries or {}).items():
         options.add_session_config_entry(key, value)
+    if shared_initializers or not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     shared = {}
     if shared_initializers:
-        options.add_session_config_entry("session.disable_prepacking", "1")
         for name, array in shared_initializers.items():
             shared[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
             options.add_initializer(name, shared[name])

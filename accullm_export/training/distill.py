@@ -85,7 +85,7 @@ class BlockScaled:
     block_size: int
     outliers: tuple[int, ...] = ()
     outlier_rows: np.ndarray | None = None  # [len(outliers), out], the FP16 branch's weight
-    rotation: np.ndarray | None = None  # rotation.layers: the integers multiply x @ rotation [in, in]; every row is low-bit
+    rotation: np.ndarray | None = None  # rotation.layers: the integers multiply x @ rotation [in, in]; all rows low-bit
 
 
 def module_of(node_name: str) -> str:

@@ -100,3 +100,27 @@ def test_sequences_over_the_maximum_positions_are_a_clear_error(tiny_exports):
     assert runner.layout.max_positions == 1024
     with pytest.raises(UserError, match="exceed the model's maximum of 1024 positions"):
         runner.full_logits(np.ones((1, 1025), dtype=np.int64))
+
+
+def test_statistics_sessions_run_without_weight_prepacking(tmp_path):
+    """ONNX Runtime's prepacked MatMul weights are a second copy: the statistics sessions and any session with
+    shared weights turn them off; a plain session keeps ONNX Runtime's default, and all give the same output."""
+    from accullm_export.runtime.intermediates import IntermediateReader
+    from accullm_export.runtime.session import create_session
+    from tests.helpers.graphs import make_mlp
+
+    path = tmp_path / "mlp.onnx"
+    make_mlp(path)
+    feed = {"x": np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)}
+
+    def prepacking_off(session) -> bool:
+        try:
+            return session.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
+        except RuntimeError:  # never set: ONNX Runtime's default, prepacking on
+            return False
+
+    plain = create_session(path, device="cpu")
+    tap = IntermediateReader(path).open(["y"])
+    assert not prepacking_off(plain) and prepacking_off(tap.session)
+    assert prepacking_off(create_session(path, device="cpu", prepack=False))
+    np.testing.assert_array_equal(tap.run(feed)["y"], plain.run(["y"], feed)[0])

@@ -1,4 +1,5 @@
-"""Store the blocked INT4 layers' scales as 8-bit log codes (recipe key ``weights.scale_bits = 8``; ``quant.scale_codes``).
+"""Store the blocked INT4 layers' scales as 8-bit log codes (recipe key ``weights.scale_bits = 8``;
+``quant.scale_codes``).
 
 Runs after every pass that chooses scales (GPTQ, distillation). The layers reading the same input share one grid,
 so that ``merge_parallel_linears`` can concatenate their codes. Each DequantizeLinear's scale input becomes the

@@ -2,9 +2,10 @@
 
 The low-bit layers' integers stay as they were rounded; their FP16 block scales (and, on request, the RMSNorm
 gains and the FP16 outlier rows) are fitted by gradient descent on the KL divergence between the source model's
-and the rewritten model's next-token distributions over the profile's calibration text (``training.distill``). Runs after the weights are rounded
-(``quantize_weights``, GPTQ before it) and before the embedding table is quantized and parallel layers merged,
-so each layer is still one MatMul named after its module. The layout and the file size do not change.
+and the rewritten model's next-token distributions over the profile's calibration text (``training.distill``).
+Runs after the weights are rounded (``quantize_weights``, GPTQ before it) and before the embedding table is
+quantized and parallel layers merged, so each layer is still one MatMul named after its module. The layout and
+the file size do not change.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ get their error rounded again, to INT4 in the head's blocks with FP16 scales, so
 8-bit rows; the other rows stay as they are.
 
 In the graph: MatMul(x', DequantizeLinear(int4 [C, K])) -> [batch, seq, K], x' being what the head's low-bit part
-reads (x, or x R with ``rotation.layers``, the error then carried over as pinv(R) d_v = R^T d_v), scattered onto the
-head's logits by ScatterElements(reduction="add") on the last axis, its indices Expand-ed to the correction's
+reads (x, or x R with ``rotation.layers``, the error then carried over as pinv(R) d_v = R^T d_v), scattered onto
+the head's logits by ScatterElements(reduction="add") on the last axis, its indices Expand-ed to the correction's
 shape. Reading the head's own input, the correction merges with the head (``merge_parallel_linears``) into one
 MatMulNBits of V + K columns and a Split in ONNX Runtime. TensorRT would take the ScatterElements add through the
 scatterElements plugin of its own plugin library (untested), so ``build`` gives the refinement to the cpu
