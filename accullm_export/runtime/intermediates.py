@@ -1,8 +1,10 @@
 """Read intermediate tensors of an ONNX model by marking a few of them as outputs at a time.
 
-Marking every tensor at once runs out of memory on real models, so callers ask for small groups. The modified
-graph (a few hundred kB, no weights) is handed to ONNX Runtime serialized in memory, with the model's folder as
-the place of its external data: no temporary file is written, beside the input or anywhere else.
+Marking every tensor at once runs out of memory on real models, so callers ask for small groups. Each group's
+session runs only the nodes its tensors depend on (ONNX Runtime runs every node of a graph, whatever outputs are
+fetched): a layer's input needs no later layer and no LM head. The modified graph (a few hundred kB, no weights)
+is handed to ONNX Runtime serialized in memory, with the model's folder as the place of its external data: no
+temporary file is written, beside the input or anywhere else.
 """
 
 from __future__ import annotations
@@ -38,15 +40,30 @@ class IntermediateReader:
 
     def open(self, names: Sequence[str]) -> "Tap":
         """A session that returns ``names``; reuse it for many feeds (one session per group of tensors)."""
-        outputs = self.model.graph.output
-        original = len(outputs)
-        existing = {output.name for output in outputs}
-        outputs.extend(helper.make_empty_tensor_value_info(name) for name in names if name not in existing)
-        try:
-            session = self._session(self.model)
-        finally:
-            del outputs[original:]  # the graph is shared between calls: put it back as it was
-        return Tap(session, list(names))
+        return Tap(self._session(self.pruned(names)), list(names))
+
+    def pruned(self, names: Sequence[str]) -> onnx.ModelProto:
+        """The model (without weights) whose outputs are ``names``, holding only the nodes and initializers they
+        depend on. A graph with subgraphs (If, Loop), whose bodies may read any outer tensor, keeps every node."""
+        graph = self.model.graph
+        if any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for node in graph.node for attribute in node.attribute):
+            needed = None
+        else:
+            needed = _ancestors(self.nodes_by_output, names)
+        pruned = onnx.ModelProto()
+        pruned.CopyFrom(self.model)
+        kept = pruned.graph
+        if needed is not None:
+            nodes = [node for node in graph.node if id(node) in needed]
+            read = {name for node in nodes for name in node.input}
+            del kept.node[:], kept.initializer[:], kept.output[:]
+            kept.node.extend(nodes)
+            kept.initializer.extend(tensor for tensor in graph.initializer if tensor.name in read)
+        existing = {output.name for output in kept.output}
+        kept.output.extend(helper.make_empty_tensor_value_info(name) for name in dict.fromkeys(names)
+                           if name not in existing)
+        return pruned
 
     def run(self, feed: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
         """Values of ``names`` for one input feed."""
@@ -55,9 +72,11 @@ class IntermediateReader:
     def _session(self, model: onnx.ModelProto):
         # no weight prepacking: it keeps a second copy of every MatMul weight, and a statistics pass over long
         # windows gains next to nothing from it
+        used = {tensor.name for tensor in model.graph.initializer}
+        shared = None if self.shared_initializers is None else {
+            name: value for name, value in self.shared_initializers.items() if name in used}
         return create_session(model.SerializeToString(), device=self.device, optimization=self.optimization,
-                              external_data_folder=self.model_path.parent,
-                              shared_initializers=self.shared_initializers, prepack=False)
+                              external_data_folder=self.model_path.parent, shared_initializers=shared, prepack=False)
 
     def precision_of(self, tensor: str) -> str:
         """The precision a node runs in: its quantized weights' dtype, else its weight's or its output's dtype."""
@@ -75,6 +94,19 @@ class IntermediateReader:
         if node.op_type in ("MatMulNBits",):
             return f"int{next((a.i for a in node.attribute if a.name == 'bits'), 4)} weights (MatMulNBits)"
         return "float32 (activations)" if node.op_type != "Cast" else "cast"
+
+
+def _ancestors(nodes_by_output: Mapping[str, onnx.NodeProto], names: Sequence[str]) -> set[int]:
+    """ids of the nodes the tensors ``names`` are computed from (graph inputs and initializers have none)."""
+    found: set[int] = set()
+    pending = [name for name in names if name]
+    while pending:
+        node = nodes_by_output.get(pending.pop())
+        if node is None or id(node) in found:
+            continue
+        found.add(id(node))
+        pending.extend(name for name in node.input if name)
+    return found
 
 
 class Tap:

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 from accullm_export.cli.main import main
 from accullm_export.runtime import OrtCausalLM
 from tests.helpers.emulation import hand_kl
-from tests.helpers.graphs import make_mlp
+from tests.helpers.graphs import llm_feed, make_mlp
 from tests.helpers.models import TEXT, make_tiny_checkpoint
 
 FAST = ["--windows", "3", "--seq-len", "48", "--num-prompts", "3", "--new-tokens", "12", "--probes-per-task", "1"]
@@ -168,6 +168,37 @@ def test_generic_random_inputs_and_errors(capsys, tmp_path):
     bad.write_text("def load_data():\n    raise RuntimeError('no data here')\n")
     code, _, err = run(capsys, "validate", str(ref), str(ref), "--data-loader", str(bad))
     assert code == 2 and "no data here" in err and "Traceback" not in err
+
+
+def test_intermediate_sessions_run_only_what_the_tapped_tensors_need(tiny_exports):
+    """A tapped layer input is computed by the nodes before it alone (no later layer, no LM head), with the same
+    values as in the whole graph, and shared weights the pruned graph does not read are left out."""
+    from accullm_export.runtime import intermediates
+    from accullm_export.runtime.session import create_session
+    from onnx import helper
+
+    _, folder = tiny_exports["llama"]
+    reader = intermediates.IntermediateReader(folder)
+    early = "/model/layers.0/residual_mlp/Add/output_0"
+    pruned = reader.pruned([early])
+    kept = {node.name for node in pruned.graph.node}
+    assert kept and len(kept) < len(reader.model.graph.node)
+    assert not any("layers.1" in name or "lm_head" in name for name in kept)
+    assert [output.name for output in pruned.graph.output] == [early]
+    assert not any("layers.1" in tensor.name for tensor in pruned.graph.initializer)
+    whole = onnx.ModelProto()
+    whole.CopyFrom(reader.model)
+    whole.graph.output.extend([helper.make_empty_tensor_value_info(early)])
+    session = create_session(whole.SerializeToString(), device="cpu", optimization="basic",
+                             external_data_folder=folder)
+    feed = llm_feed(folder)
+    inputs = {spec.name for spec in session.get_inputs()}
+    expected = session.run([early], {name: value for name, value in feed.items() if name in inputs})[0]
+    weights = {tensor.name: onnx.numpy_helper.to_array(tensor, base_dir=str(folder))
+               for tensor in reader.model.graph.initializer if tensor.name.endswith("MatMul.weight")}
+    shared = intermediates.IntermediateReader(folder, shared_initializers=weights)
+    for tap in (reader.open([early]), shared.open([early])):
+        np.testing.assert_array_equal(tap.run(feed)[early], expected)
 
 
 def test_intermediates_leave_the_model_folder_as_it_was(tiny_exports, monkeypatch, tmp_path):
