@@ -132,8 +132,8 @@ def quantize_model(model: str | Path, out_dir: str | Path, recipe: Recipe, profi
              for layer in layers if layer.op_type != "MatMul"]
     statistics = {entry["name"]: profile.input_statistics(entry["name"]) for entry in profile.manifest["inputs"]}
     rotated = [plan.node for plan in plans.values() if plan.rotation]  # rotate_inputs reads these before GPTQ
-    hessians = _hessians(model_path, header, plans, profile, recipe.gptq.samples, options, notes, first=rotated) \
-        if recipe.gptq.enabled else None
+    hessians = _hessians(model_path, header, plans, profile, recipe.gptq.samples, options, notes, first=rotated,
+                         kept=_head_input_kept(header, layers, recipe)) if recipe.gptq.enabled else None
     finishing = finishing_passes(recipe) if finishing is None else finishing
     return _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, notes, overwrite, options,
                     finishing, protected=[model, profile_dir])
@@ -244,16 +244,18 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
     if sparse and sparsity.method == "predictor":  # the guesser narrows gate/up: they must be plain MatMuls
         plans = _without_mlp_branches(graph, plans, statistics, notes)
     float_dtype = _float_dtype(graph, plans)
-    distillation = _distillation(model_path, graph, recipe, profile, options, notes) if recipe.distill.steps \
-        else None
+    # the LM head's input on the calibration text, tapped in GPTQ's first statistics pass where it was asked for
+    hidden = hessians.source_values(hessians.kept[0]) if hessians is not None and hessians.kept else None
+    distillation = _distillation(model_path, graph, recipe, profile, options, notes, hidden) \
+        if recipe.distill.steps else None
     data = PassData(plans=plans, float_dtype=float_dtype, statistics=statistics,
                     hessians={} if hessians is None else hessians,
                     embeddings=recipe.weights.embeddings, smoothing=recipe.activations.smoothquant or None,
                     scale_search=recipe.weights.scale_search, asymmetric=recipe.weights.asymmetric,
                     distillation=distillation,
-                    vocab_rows=_vocab_rows(model_path, graph, plans, recipe, profile, weights, options.device)
+                    vocab_rows=_vocab_rows(model_path, graph, plans, recipe, profile, weights, options.device, hidden)
                     if recipe.vocab.refine_rows else None)
-    del weights  # each source array is freed once its pass replaces it and GPTQ's sessions are done
+    del weights, hidden  # each source array is freed once its pass replaces it and GPTQ's sessions are done
     sparse_plans = sparsity_plans(model_path, graph, profile, sparsity) if sparse else None
     for note in notes:
         log.info("%s", note)
@@ -364,11 +366,23 @@ def check_loads(path: Path) -> None:
     create_session(path, optimization="basic")
 
 
+def _head_input_kept(header: onnx.ModelProto, layers, recipe: Recipe) -> tuple[str, ...]:
+    """The LM head's input, for GPTQ's statistics pass to keep the values of when distillation (its teacher's
+    final hidden states) or the head's row ranking reads them on no more windows than GPTQ's; else nothing."""
+    from accullm_export.graph.passes.refine_vocab_rows import head_tensors
+
+    wanted = max(recipe.distill.samples if recipe.distill.steps else 0,
+                 recipe.vocab.samples if recipe.vocab.refine_rows else 0)
+    found = head_tensors(header, layers) if 0 < wanted <= recipe.gptq.samples else None
+    return () if found is None else (found[0].input,)
+
+
 def _hessians(model_path: Path, header: onnx.ModelProto, plans: dict[str, LayerPlan], profile, samples: int,
-              options: QuantizeOptions, notes: list[str], first: Sequence[str] = ()):
+              options: QuantizeOptions, notes: list[str], first: Sequence[str] = (), kept: Sequence[str] = ()):
     """E[x x^T] of every low-bit layer's input over ``gptq.samples`` calibration windows, streamed
     (``StreamedHessians``): collected a group of layers at a time as the passes read them, in graph order; the
-    inputs of the layers in ``first`` (read by a pass before GPTQ too) collected ahead of the rest and kept."""
+    inputs of the layers in ``first`` (read by a pass before GPTQ too) collected ahead of the rest and kept; the
+    values of the tensors ``kept`` tapped in the first pass (``StreamedHessians.source_values``)."""
     from accullm_export.calibration.hessian import StreamedHessians
     from accullm_export.calibration.run import profile_feeds
 
@@ -382,7 +396,7 @@ def _hessians(model_path: Path, header: onnx.ModelProto, plans: dict[str, LayerP
                      f"GPTQ used {len(feeds)} (calibrate with --samples {samples} for more)")
     hessians = StreamedHessians(model_path, channels, lambda: feeds, budget_bytes=options.budget_mb << 20,
                                 matrix_bytes=options.moments_mb << 20, device=options.device,
-                                pinned=[plans[node].input for node in first if node in plans])
+                                pinned=[plans[node].input for node in first if node in plans], kept=kept)
     log.info("second moments of %d input tensors over %d calibration windows, in %d group(s)", len(channels),
              len(feeds), len(hessians.groups))
     return hessians
@@ -405,9 +419,10 @@ def source_weights(graph) -> dict[str, np.ndarray]:
 
 
 def _vocab_rows(model_path: Path, graph, plans: dict[str, LayerPlan], recipe: Recipe, profile,
-                weights: dict[str, np.ndarray], device: str):
+                weights: dict[str, np.ndarray], device: str, hidden: np.ndarray | None = None):
     """The LM head, its source weight and its input on ``vocab.samples`` calibration windows, for
-    ``vocab.refine_rows``."""
+    ``vocab.refine_rows``; ``hidden``: that input on the profile's first windows, already read (else the source
+    model runs here)."""
     from accullm_export.calibration.run import profile_feeds
     from accullm_export.graph.io import load_onnx
     from accullm_export.graph.passes.refine_vocab_rows import VocabRows, head_tensors
@@ -432,8 +447,12 @@ def _vocab_rows(model_path: Path, graph, plans: dict[str, LayerPlan], recipe: Re
     feeds = profile_feeds(model_path, profile, recipe.vocab.samples)
     if not feeds or "input_ids" not in feeds[0]:
         raise UserError("vocab.refine_rows needs an LLM profile (calibration windows of token ids)")
-    tap = IntermediateReader(model_path, shared_initializers=weights, device=device).open([layer.input])
-    values = [tap.run(feed)[layer.input] for feed in feeds]
+    count = sum(len(feed["input_ids"]) for feed in feeds)
+    if hidden is not None and len(hidden) >= count:
+        values = [hidden[:count]]
+    else:
+        tap = IntermediateReader(model_path, shared_initializers=weights, device=device).open([layer.input])
+        values = [tap.run(feed)[layer.input] for feed in feeds]
     if any(value.ndim != 3 for value in values):
         raise UserError(f"vocab.refine_rows: the LM head {layer.node} reads a tensor of rank {values[0].ndim}, not "
                         "[batch, sequence, channels]")
@@ -443,12 +462,14 @@ def _vocab_rows(model_path: Path, graph, plans: dict[str, LayerPlan], recipe: Re
                      samples=samples.astype(np.float32), source_weight=np.asarray(weight.values, dtype=np.float32))
 
 
-def _distillation(model_path: Path, graph, recipe: Recipe, profile, options: QuantizeOptions, notes: list[str]):
-    """The calibration windows the block scales are distilled on and the teacher's outputs on them (the source
-    model, run before any pass replaces its weights)."""
+def _distillation(model_path: Path, graph, recipe: Recipe, profile, options: QuantizeOptions, notes: list[str],
+                  hidden: np.ndarray | None = None):
+    """The calibration windows the block scales are distilled on and the teacher's outputs on them: ``hidden``,
+    the source model's LM head input on the profile's first windows where it was already read, else the source
+    model run here (before any pass replaces its weights)."""
     from accullm_export.calibration.run import profile_feeds
     from accullm_export.graph.passes.distill_scales import DistillInputs, graph_weights
-    from accullm_export.training.distill import DistillConfig, teacher_outputs
+    from accullm_export.training.distill import DistillConfig, teacher_from_hidden, teacher_outputs
 
     if not (model_path.parent / "config.json").is_file():
         raise UserError(f"distill.steps needs the export folder's config.json beside {model_path} (it builds a "
@@ -464,6 +485,13 @@ def _distillation(model_path: Path, graph, recipe: Recipe, profile, options: Qua
     config = DistillConfig(steps=recipe.distill.steps, learning_rate=recipe.distill.lr,
                            batch_windows=options.distill_batch, norms=recipe.distill.norms,
                            outlier_rows=recipe.distill.outlier_rows, device=options.device)
-    log.info("distillation: the source model's outputs on %d calibration windows", len(windows))
-    teacher = teacher_outputs(model_path.parent, graph_weights(graph), windows, options.device)
+    weights = graph_weights(graph)
+    head = weights.get("lm_head.weight")  # the replica's head, [vocabulary, hidden]
+    if hidden is not None and head is not None and len(hidden) >= len(windows) \
+            and hidden.shape[1] == windows.shape[1]:
+        teacher = teacher_from_hidden(model_path.parent, hidden[:len(windows)], head, options.device)
+    else:
+        log.info("distillation: the source model's outputs on %d calibration windows", len(windows))
+        teacher = teacher_outputs(model_path.parent, weights, windows, options.device)
     return DistillInputs(config=config, config_dir=model_path.parent, teacher=teacher, windows=windows)
+

@@ -48,18 +48,31 @@ def collect_hessians(model_path: str | Path, tensors: Sequence[str], feeds: Feed
     Raises:
         UserError: a name is not a tensor of the model, the feeds are empty, or a tensor's channels change.
     """
+    means, _ = _collect(model_path, tensors, feeds, (), budget_bytes=budget_bytes,
+                        skip_first_position=skip_first_position, shared_initializers=shared_initializers,
+                        device=device)
+    return means
+
+
+def _collect(model_path: str | Path, tensors: Sequence[str], feeds: Feeds, kept: Sequence[str], *, budget_bytes: int,
+             skip_first_position: bool, shared_initializers: Mapping[str, np.ndarray] | None,
+             device: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``collect_hessians``' means, and the values of the ``kept`` tensors on every feed (all positions), stacked
+    along the first axis: tapped in the first pass, so they cost no pass of their own."""
     names = list(dict.fromkeys(tensors))
     reader = IntermediateReader(model_path, OPTIMIZATION, shared_initializers, device)
-    _check_names(reader, names, model_path)
+    _check_names(reader, names + list(kept), model_path)
     first = next(iter(feeds()), None)
     if first is None:
         raise UserError("no calibration feeds: the Hessians need at least one batch")
     sizes = _elements_per_batch(reader.model, names, first, budget_bytes)
-    groups = plan_groups(sizes, 1, budget_bytes)
+    groups = plan_groups(sizes, 1, budget_bytes) or [[]]
     log.info("collecting Hessians of %d tensors in %d pass(es)", len(names), len(groups))
     sums = _Sums()
+    values_of: dict[str, list[np.ndarray]] = {name: [] for name in kept}
     for number, group in enumerate(groups):
-        tap = reader.open(group)
+        tapped = list(dict.fromkeys(group + (list(kept) if number == 0 else [])))
+        tap = reader.open(tapped)
         for feed in progress(feeds(), f"Hessian pass {number + 1}/{len(groups)}"):
             values = tap.run(feed)
             for name in group:
@@ -67,10 +80,14 @@ def collect_hessians(model_path: str | Path, tensors: Sequence[str], feeds: Feed
                 if value.ndim == 0:
                     raise UserError(f"{name} is a scalar: it has no channels to measure")
                 sums.add(name, value[:, 1:, :] if skip_first_position and value.ndim == 3 else value)
+            if number == 0:
+                for name in kept:
+                    values_of[name].append(np.asarray(values[name]))
     empty = [name for name in names if sums.rows.get(name, 0) == 0]
     if empty:
         raise UserError(f"no rows reached {empty[:3]}: the feeds are too short (position 0 is skipped)")
-    return {name: sums.mean(name) for name in names}
+    return ({name: sums.mean(name) for name in names},
+            {name: np.concatenate(parts) for name, parts in values_of.items()})
 
 
 class StreamedHessians(Mapping[str, np.ndarray]):
@@ -83,12 +100,15 @@ class StreamedHessians(Mapping[str, np.ndarray]):
     collected again (``passes`` counts them). ``pinned`` tensors (read by an earlier pass and again later, as
     rotate_inputs reads a rotated layer's input that an unrotated sibling reads in GPTQ) lead the first group and
     are kept once collected, until ``clear``. Entries added with ``merged`` (a pass's own matrices, e.g. of a
-    rotated input) are kept as given.
+    rotated input) are kept as given. The values themselves of the ``kept`` tensors (the LM head's input, for
+    distillation's teacher and the head's row ranking) are tapped in the first group's pass and handed over once
+    by ``source_values``: the source model runs over the text once for all of them.
     """
 
     def __init__(self, model_path: str | Path, channels: Mapping[str, int], feeds: Feeds, *,
                  budget_bytes: int = 512 << 20, matrix_bytes: int = 1 << 30, skip_first_position: bool = True,
-                 pinned: Sequence[str] = (), extra: Mapping[str, np.ndarray] | None = None, device: str = "cpu"):
+                 pinned: Sequence[str] = (), extra: Mapping[str, np.ndarray] | None = None, device: str = "cpu",
+                 kept: Sequence[str] = ()):
         self._model_path, self._feeds, self._budget, self._device = model_path, feeds, budget_bytes, device
         self._shared: Mapping[str, np.ndarray] | None = None
         self._skip = skip_first_position
@@ -101,6 +121,8 @@ class StreamedHessians(Mapping[str, np.ndarray]):
         self._held_group: int | None = None
         self._pinned: dict[str, np.ndarray] = {}
         self._extra = dict(extra or {})
+        self.kept = tuple(dict.fromkeys(kept))
+        self._kept_values: dict[str, np.ndarray] = {}
         self.passes = 0
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -116,10 +138,12 @@ class StreamedHessians(Mapping[str, np.ndarray]):
             if len(self.groups) > 1:
                 log.info("second moments: group %d of %d (%d tensors)", number + 1, len(self.groups),
                          len(self.groups[number]))
-            collected = collect_hessians(self._model_path, self.groups[number], self._feeds,
+            kept = self.kept if self.passes == 0 else ()
+            collected, values = _collect(self._model_path, self.groups[number], self._feeds, kept,
                                          budget_bytes=self._budget, skip_first_position=self._skip,
                                          shared_initializers=self._shared, device=self._device)
             self.passes += 1
+            self._kept_values.update(values)
             self._pinned.update({key: value for key, value in collected.items() if key in self._pinning})
             self._held = {key: value for key, value in collected.items() if key not in self._pinning}
             self._held_group = number
@@ -130,6 +154,24 @@ class StreamedHessians(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(set(self._channels) | set(self._extra))
+
+    def source_values(self, name: str) -> np.ndarray:
+        """The values of the ``kept`` tensor ``name`` on every feed, stacked along the first axis; handed over once
+        (the first group is collected first if no group was yet).
+
+        Raises:
+            KeyError: ``name`` was not kept, or its values were already handed over.
+        """
+        if name not in self.kept:
+            raise KeyError(name)
+        if self.passes == 0 and self._channels:
+            self[next(iter(self._channels))]  # the first group's pass taps the kept tensors too
+        elif self.passes == 0:
+            _, self._kept_values = _collect(self._model_path, [], self._feeds, self.kept, budget_bytes=self._budget,
+                                            skip_first_position=self._skip, shared_initializers=self._shared,
+                                            device=self._device)
+            self.passes += 1
+        return self._kept_values.pop(name)
 
     def merged(self, entries: Mapping[str, np.ndarray]) -> "StreamedHessians":
         """This store with ``entries`` added (or replacing collected ones); the held group is shared, not copied."""

@@ -357,6 +357,23 @@ def teacher_outputs(config_dir: str | Path, weights: Mapping[str, np.ndarray], w
                    softcap=getattr(model.config, "final_logit_softcapping", None))
 
 
+def teacher_from_hidden(config_dir: str | Path, hidden: np.ndarray, head: np.ndarray, device: str = "cpu") -> Teacher:
+    """The teacher from the full-precision model's final hidden states already computed (its LM head's input on
+    the windows, [n, seq_len, hidden_size]) and its head's weight ([vocabulary, hidden_size], shared, not
+    copied); the soft cap is read from the export folder's config.json."""
+    torch = require("torch", "export")
+    transformers = require("transformers", "export")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(config_dir))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{config_dir} has no usable config.json ({exc}); distillation needs an exported LLM "
+                        "folder") from exc
+    device = torch_device(device)
+    return Teacher(hidden=torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32)).to(device),
+                   head=torch.from_numpy(np.asarray(head, dtype=np.float32)).to(device),
+                   softcap=getattr(config, "final_logit_softcapping", None))
+
+
 def distill_scales(config_dir: str | Path, teacher: Teacher, student_weights: Mapping[str, np.ndarray],
                    layers: Sequence[BlockScaled], windows: np.ndarray, config: DistillConfig) -> DistillResult:
     """Train the block scales of ``layers`` (with ``config.norms`` the RMSNorm gains, with ``config.outlier_rows``

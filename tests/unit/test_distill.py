@@ -20,7 +20,7 @@ pytest.importorskip("transformers", reason="the replicas are transformers models
 from accullm_export.graph.passes.distill_scales import block_scaled_layers, graph_weights  # noqa: E402
 from accullm_export.training.distill import (BlockScaled, DistillConfig, block_scaled_linear_class,  # noqa: E402
                                              build_replica, kl_step, mean_kl, module_of, student_replica,
-                                             teacher_outputs)
+                                             teacher_from_hidden, teacher_outputs)
 from tests.helpers.distill import (DISTILL_W4, assert_same_size_and_lower_kl, plain_and_trained,  # noqa: E402
                                    planted_export, stored_initializers)
 from tests.helpers.graphs import ort_logits_for_ids, token_ids  # noqa: E402
@@ -56,6 +56,67 @@ def test_replica_equals_the_source_model(tiny_exports, model_type):
     with torch.no_grad():
         expected = load_torch_model(hf)(ids).logits.numpy()
         np.testing.assert_allclose(replica(ids).logits.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_ARCHITECTURES))
+def test_the_teacher_from_the_graphs_head_input_equals_the_replicas(tiny_exports, model_type):
+    """The teacher made from the LM head's input as ONNX Runtime computes it (what GPTQ's statistics pass taps)
+    gives the torch replica's final hidden states and logits. Gemma 2's soft cap stands between its head and the
+    logits, where the head's row ranking finds no head: there the replica stays the teacher."""
+    from accullm_export.build.quantize import _head_input_kept
+    from accullm_export.graph.io import load_onnx
+    from accullm_export.graph.linear import find_linear_layers
+    from accullm_export.runtime.intermediates import IntermediateReader
+    from tests.helpers.graphs import llm_feed
+
+    _, folder = tiny_exports[model_type]
+    header = load_onnx(folder / "model.onnx", load_external_data=False)
+    kept = _head_input_kept(header, find_linear_layers(header),
+                            make_recipe(gptq=True, distill_steps=1, distill_samples=2, gptq_samples=2))
+    assert (kept == ()) == (model_type == "gemma2")
+    head_input = kept[0] if kept else next(node.input[0] for node in header.graph.node
+                                           if node.name == "/lm_head/MatMul")
+    feed = llm_feed(folder, seed=3)
+    hidden = IntermediateReader(folder).open([head_input]).run(feed)[head_input]
+    graph, _ = load_graph(folder / "model.onnx")
+    weights = graph_weights(graph)
+    ours = teacher_from_hidden(folder, hidden, weights["lm_head.weight"])
+    replica = teacher_outputs(folder, weights, feed["input_ids"])
+    np.testing.assert_allclose(ours.hidden.numpy(), replica.hidden.numpy(), rtol=1e-4, atol=1e-4)
+    assert ours.softcap == replica.softcap
+    np.testing.assert_allclose(ours.logits(ours.hidden).numpy(), replica.logits(replica.hidden).numpy(),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_with_gptq_the_source_model_runs_once_for_teacher_and_head_ranking(planted_model, profile, tmp_path,
+                                                                           monkeypatch):
+    """GPTQ's statistics pass taps the LM head's input for distillation's teacher and the head's row ranking: no
+    torch teacher and no pass of their own; without GPTQ the teacher is the replica's, as before."""
+    import accullm_export.training.distill as distill
+    from accullm_export.runtime import intermediates
+
+    folder, _ = planted_model
+    opened = []
+    original_open = intermediates.IntermediateReader.open
+
+    def counting_open(self, names):
+        opened.append(list(names))
+        return original_open(self, names)
+
+    def no_torch_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was run again in torch")
+
+    monkeypatch.setattr(intermediates.IntermediateReader, "open", counting_open)
+    monkeypatch.setattr(distill, "teacher_outputs", no_torch_teacher)
+    recipe = make_recipe(**W4, gptq=True, gptq_samples=4, distill_steps=2, distill_samples=4, refine_vocab=16,
+                         vocab_samples=4)
+    manifest = quantize_model(folder, tmp_path / "q", recipe, profile)
+    assert any(note.startswith("distill_scales") for note in manifest["notes"])
+    assert len(opened) == 1  # one statistics session: every Hessian and the head's input
+    monkeypatch.setattr(distill, "teacher_outputs", teacher_outputs)
+    opened.clear()
+    quantize_model(folder, tmp_path / "plain", make_recipe(**W4, distill_steps=2, distill_samples=4), profile)
+    assert opened == []
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_ARCHITECTURES))

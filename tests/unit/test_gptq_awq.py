@@ -392,16 +392,22 @@ def test_collect_hessians_sums_each_batch_in_float32(matmul_model):
     np.testing.assert_array_equal(hessians["x"], sums / np.float32(15))
 
 
-@pytest.mark.parametrize("budget_bytes,passes", [(300, 1), (200, 2)])
-def test_collect_hessians_groups_by_budget(matmul_model, budget_bytes, passes):
-    # one batch: x is 1 x 6 x 8 fp32 = 192 bytes, y 1 x 6 x 4 = 96 bytes (sizes from shape inference)
-    path, weight, feeds = matmul_model
+def counting_feeds(feeds):
+    """(a feeds callable for the statistics passes, the list it appends to on each call)."""
     calls = []
 
     def counted():
         calls.append(1)
         return iter(feeds)
 
+    return counted, calls
+
+
+@pytest.mark.parametrize("budget_bytes,passes", [(300, 1), (200, 2)])
+def test_collect_hessians_groups_by_budget(matmul_model, budget_bytes, passes):
+    # one batch: x is 1 x 6 x 8 fp32 = 192 bytes, y 1 x 6 x 4 = 96 bytes (sizes from shape inference)
+    path, weight, feeds = matmul_model
+    counted, calls = counting_feeds(feeds)
     hessians = collect_hessians(path, ["x", "y"], counted, budget_bytes=budget_bytes, skip_first_position=False)
     assert len(calls) == 1 + passes  # one peek at the first feed's shapes, then one call per pass
     inputs = np.concatenate([feed["x"][0] for feed in feeds]).astype(np.float64)
@@ -422,12 +428,7 @@ def test_streamed_hessians_hold_one_group_and_equal_the_whole_collection(matmul_
     that is one pass per group, the values equal ``collect_hessians`` of both at once, a group read again after
     another is collected again, and a merged entry costs no pass."""
     path, _, feeds = matmul_model
-    calls = []
-
-    def counted():
-        calls.append(1)
-        return iter(feeds)
-
+    counted, calls = counting_feeds(feeds)
     whole = collect_hessians(path, ["x", "y"], lambda: iter(feeds))
     store = StreamedHessians(path, {"x": 8, "y": 4}, counted, matrix_bytes=8 * 8 * 4)
     assert store.groups == [["x"], ["y"]] and list(store) == ["x", "y"] and len(store) == 2 and calls == []
@@ -462,6 +463,32 @@ def test_streamed_hessians_hold_one_group_and_equal_the_whole_collection(matmul_
     for name in ("y", "x", "y", "x"):
         np.testing.assert_array_equal(room[name], whole[name])
     assert room.passes == 1
+
+
+def test_streamed_hessians_hand_over_kept_values_from_their_first_pass(matmul_model):
+    """A kept tensor's values (every position of every feed, stacked) come from the first pass a group makes:
+    reading them, then the matrices, costs one pass; each group's pass after the first taps them no more."""
+    path, weight, feeds = matmul_model
+    counted, calls = counting_feeds(feeds)
+    whole = collect_hessians(path, ["x", "y"], lambda: iter(feeds))
+    expected = np.concatenate([feed["x"] @ weight for feed in feeds])
+    store = StreamedHessians(path, {"x": 8, "y": 4}, counted, kept=["y"])
+    assert store.kept == ("y",) and calls == []
+    assert_float32_close(store.source_values("y"), expected)
+    assert store.passes == 1
+    np.testing.assert_array_equal(store["x"], whole["x"])
+    np.testing.assert_array_equal(store["y"], whole["y"])
+    assert store.passes == 1 and len(calls) == 2
+    with pytest.raises(KeyError):
+        store.source_values("y")  # handed over once
+    with pytest.raises(KeyError):
+        store.source_values("x")  # never kept
+    split = StreamedHessians(path, {"x": 8, "y": 4}, lambda: iter(feeds), matrix_bytes=8 * 8 * 4, kept=["out"])
+    np.testing.assert_array_equal(split["y"], whole["y"])  # the group read first taps the kept tensor
+    assert_float32_close(split.source_values("out"), np.maximum(expected, 0))
+    assert split.passes == 1
+    alone = StreamedHessians(path, {}, lambda: iter(feeds), kept=["x"])
+    np.testing.assert_array_equal(alone.source_values("x"), np.concatenate([feed["x"] for feed in feeds]))
 
 
 @pytest.mark.parametrize("asymmetric", [False, True])
