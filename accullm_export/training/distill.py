@@ -237,10 +237,9 @@ def block_scaled_linear_class():
 
         def __init__(self, layer: BlockScaled, bias, outlier_rows: bool = False):
             super().__init__()
-            rows = layer.values.shape[0]
             self.register_buffer("values", torch.from_numpy(np.ascontiguousarray(layer.values, dtype=np.int8)))
             self.register_buffer("initial", torch.from_numpy(layer.scales.astype(np.float32)))
-            self.register_buffer("rows", torch.from_numpy(np.arange(rows) // layer.block_size))
+            self.block_size = layer.block_size
             self.register_buffer("outlier_index", torch.tensor(list(layer.outliers), dtype=torch.int64))
             kept = np.zeros((len(layer.outliers), layer.values.shape[1]), dtype=np.float32)
             if layer.outliers:
@@ -261,13 +260,13 @@ def block_scaled_linear_class():
 
         def dense_weight(self):
             """The low-bit part's float weight [in, out], differentiable in theta."""
-            return self.values * self.scales()[self.rows]
+            return _block_product(self.values, self.scales(), self.block_size)
 
         def with_weight(self, x, weight):
             """The forward with the low-bit part's float weight given (``dense_weight``, or a leaf standing in
             for it), or rebuilt inside the product (None)."""
             main = x if self.rotation is None else x @ self.rotation
-            out = product(main, self.values, self.scales(), self.rows) if weight is None else main @ weight
+            out = product(main, self.values, self.scales(), self.block_size) if weight is None else main @ weight
             if len(self.outlier_index):
                 out = out + x.index_select(-1, self.outlier_index) @ self.outlier_rows
             return out if self.bias is None else out + self.bias
@@ -276,27 +275,50 @@ def block_scaled_linear_class():
 
 
 def _scaled_integer_product(torch):
-    """x @ (integers * scales[rows]) whose backward rebuilds the float weight instead of keeping it: autograd
+    """x @ (integers * block scales) whose backward rebuilds the float weight instead of keeping it: autograd
     would otherwise hold every layer's float32 weight from the forward to the backward."""
 
     class ScaledIntegerProduct(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, values, scales, rows):
-            ctx.save_for_backward(x, values, scales, rows)
-            return x @ (values * scales[rows])
+        def forward(ctx, x, values, scales, block):
+            ctx.save_for_backward(x, values, scales)
+            ctx.block = block
+            return x @ _block_product(values, scales, block)
 
         @staticmethod
         def backward(ctx, grad):
-            x, values, scales, rows = ctx.saved_tensors
+            x, values, scales = ctx.saved_tensors
             grad_x = grad_scales = None
             if ctx.needs_input_grad[0]:
-                grad_x = grad @ (values * scales[rows]).T
+                grad_x = grad @ _block_product(values, scales, ctx.block).T
             if ctx.needs_input_grad[2]:
                 grad_weight = x.reshape(-1, x.shape[-1]).T @ grad.reshape(-1, grad.shape[-1])
-                grad_scales = torch.zeros_like(scales).index_add_(0, rows, grad_weight * values)
+                grad_scales = _block_sums(grad_weight.mul_(values), ctx.block, scales.shape[0])
             return grad_x, None, grad_scales, None
 
     return ScaledIntegerProduct.apply
+
+
+def _block_product(values, scales, block: int):
+    """integers [in, out] times each input row's block scale (scales [blocks, out], the last block possibly
+    short): by broadcasting over [blocks, block, out] where the blocks are whole, no index of rows made."""
+    import torch
+
+    rows, columns = values.shape
+    if rows % block == 0:
+        return (values.view(rows // block, block, columns) * scales.unsqueeze(1)).view(rows, columns)
+    return values * scales[torch.arange(rows, device=values.device) // block]
+
+
+def _block_sums(products, block: int, blocks: int):
+    """The sums of ``products`` [in, out] over each block of input rows: [blocks, out]."""
+    import torch
+
+    rows, columns = products.shape
+    if rows % block == 0:
+        return products.view(blocks, block, columns).sum(1)
+    index = torch.arange(rows, device=products.device) // block
+    return torch.zeros((blocks, columns), dtype=products.dtype, device=products.device).index_add_(0, index, products)
 
 
 def _set_module(model, path: str, module) -> None:
