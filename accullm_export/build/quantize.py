@@ -494,4 +494,3 @@ def _distillation(model_path: Path, graph, recipe: Recipe, profile, options: Qua
         log.info("distillation: the source model's outputs on %d calibration windows", len(windows))
         teacher = teacher_outputs(model_path.parent, weights, windows, options.device)
     return DistillInputs(config=config, config_dir=model_path.parent, teacher=teacher, windows=windows)
-
