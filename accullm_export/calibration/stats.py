@@ -56,24 +56,52 @@ class ChannelStatistics:
 
     def update(self, rows: np.ndarray, sink: np.ndarray | None = None) -> None:
         """Add rows [n, channels] (the sink rows, if any, separately)."""
-        # channel-major copy: the per-channel reductions and the partition then run over contiguous memory
-        magnitude = np.abs(np.asarray(rows, dtype=np.float32)).T.copy()
+        rows = np.asarray(rows, dtype=np.float32)
+        # channel-major: the per-channel reductions and the partition then run over contiguous memory
+        magnitude = np.empty(rows.shape[::-1], dtype=np.float32)
+        np.abs(rows.T, out=magnitude)
         self.rows += magnitude.shape[1]
         self.abs_sum += magnitude.sum(axis=1, dtype=np.float64)
         self.square_sum += np.einsum("ij,ij->i", magnitude, magnitude).astype(np.float64)
         self.absmax = np.maximum(self.absmax, magnitude.max(axis=1, initial=0.0))
         self.over_threshold += np.count_nonzero(magnitude > OUTLIER_THRESHOLD, axis=1)
+        if self.top.shape[1] < self._keep:
+            self._fill_top(magnitude)
+        else:
+            self._merge_top(magnitude)
+        if sink is not None and len(sink):
+            sink_magnitude = np.abs(np.asarray(sink, dtype=np.float32))
+            self.sink_rows += sink_magnitude.shape[0]
+            self.sink_absmax = np.maximum(self.sink_absmax, sink_magnitude.max(axis=0))
+            self.sink_abs_sum += sink_magnitude.sum(axis=0, dtype=np.float64)
+
+    def _fill_top(self, magnitude: np.ndarray) -> None:
+        """The first batches: the running top k from the kept values and all of the batch's."""
         if magnitude.shape[1] > self._keep:  # only this batch's top k can join the running top k
             magnitude = np.partition(magnitude, magnitude.shape[1] - self._keep, axis=1)[:, -self._keep:]
         merged = np.concatenate([self.top, magnitude], axis=1)
         if merged.shape[1] > self._keep:
             merged = np.partition(merged, merged.shape[1] - self._keep, axis=1)[:, -self._keep:]
         self.top = merged
-        if sink is not None and len(sink):
-            sink_magnitude = np.abs(np.asarray(sink, dtype=np.float32))
-            self.sink_rows += sink_magnitude.shape[0]
-            self.sink_absmax = np.maximum(self.sink_absmax, sink_magnitude.max(axis=0))
-            self.sink_abs_sum += sink_magnitude.sum(axis=0, dtype=np.float64)
+
+    def _merge_top(self, magnitude: np.ndarray) -> None:
+        """Once k values are kept per channel, only a batch value over its channel's smallest kept one can
+        join: those few are merged in, each channel's beside its kept values, instead of partitioning the whole
+        batch (the kept multiset is the same either way)."""
+        keep = self._keep
+        above = magnitude > self.top.min(axis=1, keepdims=True)
+        counts = np.count_nonzero(above, axis=1)
+        selected = np.flatnonzero(counts)
+        if not len(selected):
+            return
+        counts = counts[selected]
+        width = int(counts.max())
+        padded = np.zeros((len(selected), keep + width), dtype=np.float32)  # a 0 never outranks a kept |x|
+        padded[:, :keep] = self.top[selected]
+        channel, position = np.nonzero(above[selected])  # grouped by channel, in order
+        slot = np.arange(len(channel)) - np.repeat(np.cumsum(counts) - counts, counts)
+        padded[channel, keep + slot] = magnitude[selected[channel], position]
+        self.top[selected] = np.partition(padded, width, axis=1)[:, width:]
 
     def percentile(self, quantile: float = QUANTILE) -> tuple[np.ndarray, bool]:
         """Per-channel percentile of |x| (linear interpolation) and whether it is exact."""

@@ -50,6 +50,31 @@ def test_statistics_equal_numpy_over_the_same_batches(planted_model, profile):
                 assert abs(np.mean(main < threshold) - level) < 0.01
 
 
+@pytest.mark.parametrize("batch_rows", [7, 50, 400])  # batches under, near and over the values kept per channel
+def test_the_running_top_values_are_every_batch_s_top_values(batch_rows):
+    """The p99.9's kept magnitudes per channel are exactly the largest ones of all rows, however the batches
+    fall: the first batches fill them, later ones merge in only what beats a channel's smallest kept value
+    (ties, zeros and channels that never change included)."""
+    from accullm_export.calibration.stats import ChannelStatistics
+
+    rng = np.random.default_rng(batch_rows)
+    data = rng.standard_normal((3000, 6)).astype(np.float32)
+    data[:, 1] = np.round(data[:, 1])  # many ties
+    data[:, 2] = 0.0  # nothing ever joins
+    data[::97, 3] *= 40  # rare outliers
+    data[:, 4] = np.linspace(0, 1, 3000, dtype=np.float32)  # growing: every batch beats the kept values
+    stats = ChannelStatistics(6, len(data))
+    for start in range(0, len(data), batch_rows):
+        stats.update(data[start:start + batch_rows])
+    keep = stats.top.shape[1]
+    assert keep == 4  # 3000 - floor(2999 * 0.999)
+    expected = np.sort(np.abs(data), axis=0)[-keep:].T
+    np.testing.assert_array_equal(np.sort(stats.top, axis=1), expected)
+    p999, exact = stats.percentile()
+    assert exact
+    np.testing.assert_allclose(p999, np.percentile(np.abs(data), 99.9, axis=0), rtol=1e-6)
+
+
 @pytest.mark.parametrize("policy", ["threshold", "topk", "ratio", "sensitivity"])
 def test_every_policy_finds_the_planted_channels(profile, policy):
     loaded = load_profile(profile)
