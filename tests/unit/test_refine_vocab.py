@@ -22,7 +22,11 @@ W4 = dict(name="w4a16", block_size=16, embeddings="fp32")
 HEAD = "/lm_head/MatMul"
 
 
-def test_ranked_columns_match_a_loop():
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 8 * 11 * 5, 1])  # all rows at once, 5 rows, 1 row at a time
+def test_ranked_columns_match_a_loop(chunk_bytes, monkeypatch):
+    from accullm_export.graph.passes import refine_vocab_rows
+
+    monkeypatch.setattr(refine_vocab_rows, "CHUNK_BYTES", chunk_bytes)
     rng = np.random.default_rng(0)
     samples, weight = rng.normal(size=(37, 8)), rng.normal(size=(8, 11))
     error = rng.normal(size=(8, 11)) * rng.uniform(0, 1, size=11)

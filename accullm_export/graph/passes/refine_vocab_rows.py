@@ -38,7 +38,7 @@ from accullm_export.graph.passes import register
 from accullm_export.graph.rewrite import half_constant
 from accullm_export.quant.symmetric import quantize
 
-CHUNK_ROWS = 1024  # calibration rows whose [rows, vocab] logits are held at a time
+CHUNK_BYTES = 64 << 20  # float64 bytes of one [calibration rows, vocabulary] product held at a time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,14 +56,17 @@ class VocabRows:
 def ranked_columns(samples: np.ndarray, weight: np.ndarray, error: np.ndarray, count: int) -> np.ndarray:
     """The ``count`` columns v of largest sum_t p_tv (x_t . error_v)^2, p = softmax(x_t weight), sorted by index."""
     importance = np.zeros(weight.shape[1], dtype=np.float64)
-    for start in range(0, len(samples), CHUNK_ROWS):
-        rows = np.asarray(samples[start:start + CHUNK_ROWS], dtype=np.float32)
-        logits = (rows @ weight).astype(np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        probabilities = np.exp(logits)
+    step = max(1, CHUNK_BYTES // (8 * weight.shape[1]))  # rows whose float64 [rows, vocab] products fit the chunk
+    for start in range(0, len(samples), step):
+        rows = np.asarray(samples[start:start + step], dtype=np.float32)
+        probabilities = (rows @ weight).astype(np.float64)
+        probabilities -= probabilities.max(axis=1, keepdims=True)
+        np.exp(probabilities, out=probabilities)
         probabilities /= probabilities.sum(axis=1, keepdims=True)
         errors = (rows @ error).astype(np.float64)
-        importance += (probabilities * errors * errors).sum(axis=0)
+        probabilities *= errors  # p e e, in place
+        probabilities *= errors
+        importance += probabilities.sum(axis=0)
     return np.sort(np.argsort(-importance, kind="stable")[:count])
 
 
@@ -89,7 +92,12 @@ def linear_maps(graph: gs.Graph, source: str, targets: list[str], channels: int,
     session = create_session(model.SerializeToString(), device="cpu", optimization="basic")
     identity = np.eye(channels, dtype=float_dtype)[None]
     ones, zeros = (session.run(None, {source: value}) for value in (identity, np.zeros_like(identity)))
-    return [one[0].astype(np.float32) - zero[0].astype(np.float32) for one, zero in zip(ones, zeros)]
+    maps = []
+    for one, zero in zip(ones, zeros):
+        difference = one[0].astype(np.float32, copy=False)
+        difference -= zero[0]  # in place: a vocabulary-wide head's map is large
+        maps.append(difference)
+    return maps
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -114,7 +122,7 @@ def run(graph: gs.Graph, config: Config) -> PassResult:
     rotated = reads.name != rows.input
     maps = linear_maps(graph, rows.input, [rows.output] + ([reads.name] if rotated else []), plan.in_features,
                        config.float_dtype)
-    error = rows.source_weight - maps[0]
+    error = np.subtract(rows.source_weight, maps[0], out=maps[0])  # d = w - w~, in the map's memory
     columns = ranked_columns(rows.samples, rows.source_weight, error, rows.count)
     refined = error[:, columns]
     if rotated:  # x R E = x D for the channels R keeps: E = pinv(R) D (R^T for a rotation)
