@@ -138,12 +138,7 @@ class StreamedHessians(Mapping[str, np.ndarray]):
             if len(self.groups) > 1:
                 log.info("second moments: group %d of %d (%d tensors)", number + 1, len(self.groups),
                          len(self.groups[number]))
-            kept = self.kept if self.passes == 0 else ()
-            collected, values = _collect(self._model_path, self.groups[number], self._feeds, kept,
-                                         budget_bytes=self._budget, skip_first_position=self._skip,
-                                         shared_initializers=self._shared, device=self._device)
-            self.passes += 1
-            self._kept_values.update(values)
+            collected = self._pass(self.groups[number])
             self._pinned.update({key: value for key, value in collected.items() if key in self._pinning})
             self._held = {key: value for key, value in collected.items() if key not in self._pinning}
             self._held_group = number
@@ -167,11 +162,17 @@ class StreamedHessians(Mapping[str, np.ndarray]):
         if self.passes == 0 and self._channels:
             self[next(iter(self._channels))]  # the first group's pass taps the kept tensors too
         elif self.passes == 0:
-            _, self._kept_values = _collect(self._model_path, [], self._feeds, self.kept, budget_bytes=self._budget,
-                                            skip_first_position=self._skip, shared_initializers=self._shared,
-                                            device=self._device)
-            self.passes += 1
+            self._pass([])
         return self._kept_values.pop(name)
+
+    def _pass(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """One pass over the feeds for the matrices of ``names`` (the first pass taps the kept tensors too)."""
+        collected, values = _collect(self._model_path, names, self._feeds, self.kept if self.passes == 0 else (),
+                                     budget_bytes=self._budget, skip_first_position=self._skip,
+                                     shared_initializers=self._shared, device=self._device)
+        self.passes += 1
+        self._kept_values.update(values)
+        return collected
 
     def merged(self, entries: Mapping[str, np.ndarray]) -> "StreamedHessians":
         """This store with ``entries`` added (or replacing collected ones); the held group is shared, not copied."""

@@ -109,6 +109,20 @@ def _is_norm_gain(name: str) -> bool:
     return name.endswith("norm.weight")
 
 
+def export_config(config_dir: str | Path):
+    """transformers' config of the export folder ``config_dir`` (its config.json).
+
+    Raises:
+        UserError: there is no config.json transformers can read there.
+    """
+    transformers = require("transformers", "export")
+    try:
+        return transformers.AutoConfig.from_pretrained(str(config_dir))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{config_dir} has no usable config.json for a torch replica ({exc}); distillation "
+                        "needs an exported LLM folder") from exc
+
+
 def build_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], *, share_memory: bool = False,
                   copied: Callable[[str], bool] = lambda name: False):
     """A float32 transformers causal LM with ``weights`` (transformers parameter name -> array) loaded.
@@ -126,11 +140,7 @@ def build_replica(config_dir: str | Path, weights: Mapping[str, np.ndarray], *, 
     """
     torch = require("torch", "export")
     transformers = require("transformers", "export")
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(config_dir))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{config_dir} has no usable config.json for a torch replica ({exc}); distillation "
-                        "needs an exported LLM folder") from exc
+    config = export_config(config_dir)
     config.tie_word_embeddings = False
     from accelerate import init_empty_weights  # parameters on the meta device, buffers (rotary tables) real
 
@@ -384,12 +394,7 @@ def teacher_from_hidden(config_dir: str | Path, hidden: np.ndarray, head: np.nda
     the windows, [n, seq_len, hidden_size]) and its head's weight ([vocabulary, hidden_size], shared, not
     copied); the soft cap is read from the export folder's config.json."""
     torch = require("torch", "export")
-    transformers = require("transformers", "export")
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(config_dir))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{config_dir} has no usable config.json ({exc}); distillation needs an exported LLM "
-                        "folder") from exc
+    config = export_config(config_dir)
     device = torch_device(device)
     return Teacher(hidden=torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32)).to(device),
                    head=torch.from_numpy(np.asarray(head, dtype=np.float32)).to(device),
