@@ -257,6 +257,9 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
                     if recipe.vocab.refine_rows else None)
     del weights, hidden  # each source array is freed once its pass replaces it and GPTQ's sessions are done
     sparse_plans = sparsity_plans(model_path, graph, profile, sparsity) if sparse else None
+    lower = recipe.backend == "tensorrt" and recipe.weights.asymmetric
+    if lower and sparse:  # the SparseSkipMLP plugin reads symmetric INT4 blocks
+        data = dataclasses.replace(data, plans=_symmetric_mlps(graph, data.plans, sparse_plans, notes))
     for note in notes:
         log.info("%s", note)
     parameters, source_bytes = _parameter_count(graph), constant_bytes(graph)
@@ -276,6 +279,10 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
                                             input_scales=data.input_scales)
         graph, sparse_reports, _ = run_passes(graph, [("skip_sparse_neurons", config)])
         reports += sparse_reports
+    if lower:  # after the sparse rewrite, which finds the MLPs by their plain MatMuls
+        graph, lowered, _ = run_passes(graph, ["lower_zero_points"])
+        reports += lowered
+        bits = _bits(graph, plans, parameters)  # the offsets counted with their layers
     graph, merged, _ = run_passes(graph, finishing, data)
     reports += merged
     notes = notes + [note for report in reports for note in report.notes]
@@ -300,6 +307,20 @@ def _rewrite(model_path, out_dir, recipe, profile, plans, statistics, hessians, 
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def _symmetric_mlps(graph, plans: dict[str, LayerPlan], sparse_plans: dict, notes: list[str]) -> dict:
+    """``plans`` with the sparse MLPs' projections kept symmetric (``LayerPlan.symmetric``)."""
+    from accullm_export.graph.mlp import find_mlp_blocks
+
+    names = {node.name for block in find_mlp_blocks(graph) if block.name in sparse_plans
+             for node in (block.gate, block.up, block.down) if node is not None}
+    kept = {name: dataclasses.replace(plan, symmetric=True) if name in names and plan.bits == 4 else plan
+            for name, plan in plans.items()}
+    count = sum(kept[name] is not plans[name] for name in plans)
+    notes.append(f"{count} sparse-skip MLP projections keep symmetric INT4 (the SparseSkipMLP plugin takes no zero "
+                 "points)")
+    return kept
 
 
 def _float_dtype(graph, plans) -> np.dtype:

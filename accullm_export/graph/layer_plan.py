@@ -73,6 +73,7 @@ class LayerPlan:
     activation_scale: float | None  # static: the input's scale (absmax of the non-outlier channels / 127)
     activation_group: int | None = None  # dynamic: channels per scale within a token (None: the whole row)
     rotation: int | None = None  # rotation.layers: the low-bit part reads x R, R block-Hadamard in blocks this size
+    symmetric: bool = False  # INT4 without zero points even under weights.asymmetric (a plugin reads it so)
 
     @property
     def quantized(self) -> bool:

@@ -23,8 +23,9 @@ def planned_nodes(graph: gs.Graph, plans: Mapping) -> Iterator[tuple[gs.Node, ob
 
 
 def asymmetric_layer(config, plan) -> bool:
-    """Whether a planned layer gets asymmetric INT4 (``config.asymmetric``: blocked INT4 layers only)."""
-    return config.asymmetric and plan.bits == 4 and plan.block_size is not None
+    """Whether a planned layer gets asymmetric INT4 (``config.asymmetric``: blocked INT4 layers not kept
+    symmetric by their plan)."""
+    return config.asymmetric and plan.bits == 4 and plan.block_size is not None and not plan.symmetric
 
 
 def producer_of(tensor, op: str) -> gs.Node | None:
@@ -90,8 +91,8 @@ def dequantized_weight(graph: gs.Graph, prefix: str, values: np.ndarray, scales:
             scales (FP16 values, ``symmetric.half_representable``) are stored in FP16 and, in a float32 graph,
             widened by a Cast of the constant, which ONNX Runtime folds at load time (MatMulNBits fusion included)
             and the TensorRT bundle folds before parsing.
-        zero_points: blocked INT4 only: uint8 [blocks, out] in [0, 15], stored as uint4 (ONNX Runtime only:
-            TensorRT takes zero points of 0 alone).
+        zero_points: blocked INT4 only: uint8 [blocks, out] in [0, 15], stored as uint4 (TensorRT takes zero
+            points of 0 alone: ``passes.lower_zero_points`` rewrites them for it).
     """
     storage = ml_dtypes.int4 if bits == 4 else np.int8
     if zero_points is not None:

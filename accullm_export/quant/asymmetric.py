@@ -6,7 +6,7 @@ w ~ (q - z) * s, the ``DequantizeLinear(uint4, scale, uint4 zero point)`` layout
 A block's range [min(w, 0), max(w, 0)] maps onto all 16 levels, where the symmetric grid spends levels on
 whichever side of zero the block does not reach. The zero points cost 4 bits per block (0.0625 bits per weight
 at block 64). TensorRT takes only zero points of 0 (its IDequantizeLayer: "only symmetric quantization is
-supported"), so this layout is for ONNX Runtime targets.
+supported"): for it ``graph.passes.lower_zero_points`` rewrites this layout as signed INT4 plus a block offset.
 
 The rest of the kit works on the signed integers v = q - z, which lie in [-z, 15 - z]: ``symmetric.dequantize``
 (v * s) gives the weight, GPTQ rounds each row into its block's [-z, 15 - z], and distillation trains s with v

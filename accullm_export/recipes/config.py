@@ -84,7 +84,8 @@ class WeightsConfig:
         precision: int4 (blocked, weight-only), int8 (one scale per output channel) or fp16.
         block_size: rows per INT4 scale block.
         scale_search: each INT4 block's clipping level searched for the least E[x^2]-weighted rounding error.
-        asymmetric: INT4 blocks as uint4 with a zero point (ONNX Runtime only).
+        asymmetric: INT4 blocks as uint4 with a zero point; for TensorRT, signed INT4 plus an FP16 offset per
+            block (``graph.passes.lower_zero_points``).
         scale_bits: INT4 block scales in FP16 (16) or as 8-bit codes on a shared log grid (8).
         awq: activation-aware per-channel weight scaling before rounding (int4 only).
         overrides: (layer pattern, precision) pairs; the last match wins; int4:B gives its own block size.
@@ -360,7 +361,6 @@ class Recipe:
     def _check_tensorrt(self) -> None:
         """What TensorRT's ONNX parser and our plugins cannot take."""
         refusals = {
-            "weights.asymmetric": (self.weights.asymmetric, "TensorRT takes INT4 zero points of 0 only"),
             "outliers.planes": (self.outliers.planes, "the planes need ONNX Runtime's MatMulNBits; TensorRT keeps "
                                 "the FP16 branch for its OutlierSplitGemm plugin"),
             "outliers.bits": (self.outliers.bits == 8, "TensorRT's OutlierSplitGemm plugin takes FP16 rows only"),

@@ -199,7 +199,9 @@ def test_build_orin_writes_a_bundle(planted_model, tmp_path, capsys):
     assert scale_inputs and scale_inputs <= {t.name for t in standard.graph.initializer}  # Casts folded for TRT
     assert not any(node.op_type == "Split" for node in standard.graph.node)  # TensorRT targets skip merging
     recipe = json.loads((bundle / "model/manifest.json").read_text())["recipe"]
-    assert not recipe["weights"]["asymmetric"]  # TensorRT's Dequantize takes zero points of 0 only
+    assert recipe["weights"]["asymmetric"]  # lowered: TensorRT's Dequantize takes zero points of 0 only
+    assert any("asymmetric INT4 layers as signed INT4 plus a block offset term" in note
+               for note in json.loads((bundle / "model/manifest.json").read_text())["notes"])
     assert recipe["weights"]["scale_bits"] == 16 and recipe["outliers"]["bits"] == 16  # what TensorRT and its
     # plugin take
     assert not recipe["rotation"]["layers"]  # the OutlierSplitGemm swap takes the plain head

@@ -31,7 +31,9 @@ def test_presets_differ_per_backend_where_the_runtimes_do():
     w4a16 = get_preset("w4a16")
     onnxruntime, tensorrt = w4a16.resolve("onnxruntime"), w4a16.resolve("tensorrt")
     assert onnxruntime.weights.asymmetric and onnxruntime.outliers.planes and onnxruntime.graph.onnxruntime_fusions
-    assert not (tensorrt.weights.asymmetric or tensorrt.outliers.planes or tensorrt.graph.onnxruntime_fusions)
+    assert not (tensorrt.outliers.planes or tensorrt.graph.onnxruntime_fusions)
+    assert tensorrt.weights.asymmetric  # lowered to signed INT4 plus block offsets (graph.passes.lower_zero_points)
+    assert onnxruntime.weights.scale_bits == 8 and tensorrt.weights.scale_bits == 16
     assert onnxruntime.weights.block_size == tensorrt.weights.block_size == 64
     assert onnxruntime.distill.steps > 0 and get_preset("w4a16-fast").resolve("onnxruntime").distill.steps == 0
     assert get_preset("w8a8-static").resolve("tensorrt").activations.mode == "static"
@@ -41,8 +43,8 @@ def test_presets_differ_per_backend_where_the_runtimes_do():
 def test_a_preset_the_backend_cannot_run_is_refused():
     with pytest.raises(UserError, match="preset w8a8 does not run on tensorrt.*w8a8-static"):
         get_preset("w8a8").resolve("tensorrt")
-    with pytest.raises(UserError, match="weights.asymmetric: cannot run on the tensorrt backend"):
-        Recipe.from_dict({"backend": "tensorrt", "weights": {"asymmetric": True}})
+    with pytest.raises(UserError, match="outliers.bits: cannot run on the tensorrt backend"):
+        Recipe.from_dict({"backend": "tensorrt", "outliers": {"bits": 8}})
     with pytest.raises(UserError, match="outliers.planes: cannot run on the tensorrt backend"):
         Recipe.from_dict({"backend": "tensorrt", "outliers": {"planes": True}})
 

@@ -7,7 +7,7 @@ INT4). FP16 weights are stored in half precision and cast back to the model's fl
 an earlier pass already replaced (GPTQ) are left as they are. With ``scale_search`` INT4 block scales are
 searched (``quant.symmetric.searched_scales``), each row's error weighted by its input channel's E[x^2] from the
 profile (divided by s^2 where AWQ divided the input by s). With ``asymmetric`` blocked INT4 layers get a zero point
-per block and store uint4 (``quant.asymmetric``; ONNX Runtime only).
+per block and store uint4 (``quant.asymmetric``; for TensorRT, ``lower_zero_points`` rewrites them later).
 """
 
 from __future__ import annotations
