@@ -17,6 +17,7 @@ from pathlib import Path
 
 PRESETS = Path(__file__).resolve().parents[1] / "accullm_export" / "recipes" / "presets"
 BASELINE = "genai-int4-b64"
+HEADER = "# What the preset measured on the sample (benchmarks/record_presets.py)"
 
 
 def measured_table(row: dict, run: dict, baseline: dict | None, command: str) -> dict:
@@ -43,9 +44,11 @@ def write_measured(path: Path, table: dict) -> None:
     """Replace (or append) the ``[measured]`` table at the end of a preset file, keeping everything else."""
     from accullm_export.recipes.toml_io import dump_toml
 
-    text = re.split(r"\n\[measured\]\n", path.read_text(), maxsplit=1)[0].rstrip() + "\n"
+    text = re.split(r"\n\[measured\]\n", path.read_text(), maxsplit=1)[0].rstrip()
+    while text.endswith(HEADER):  # the comment previous runs wrote above the table
+        text = text[:-len(HEADER)].rstrip()
     body = dump_toml({"measured": table})
-    path.write_text(text + "\n# What the preset measured on the sample (benchmarks/record_presets.py)\n" + body)
+    path.write_text(text + "\n\n" + HEADER + "\n" + body)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -216,3 +216,4 @@ def test_recorded_measurements_are_shown_and_leave_the_recipe_alone(tmp_path, mo
     assert preset.resolve("onnxruntime") == get_preset("w8a8").resolve("onnxruntime")
     assert preset.measured["kl"] == 0.00123 and preset.measured["decode_vs_genai_int4_b64"] == 0.9
     assert preset.measured["build_minutes"] == 2.5 and copy.read_text().count("[measured]") == 1
+    assert copy.read_text().count(record_presets.HEADER) == 1  # its comment line is not repeated either
