@@ -18,6 +18,12 @@ from accullm_export.quant.asymmetric import signed_values
 from accullm_export.quant.symmetric import dequantize
 
 
+def branch_add(node: gs.Node) -> gs.Node | None:
+    """The Add that puts ``node``'s FP16 outlier branch onto its output (``<layer>/outliers/Add``), or None."""
+    return next((consumer for consumer in node.outputs[0].outputs
+                 if consumer.op == "Add" and consumer.name == f"{node.name}/outliers/Add"), None)
+
+
 def branch_matmul(node: gs.Node) -> gs.Node | None:
     """The MatMul of the FP16 outlier branch ``isolate_outliers`` gave ``node``, or None.
 
@@ -26,15 +32,14 @@ def branch_matmul(node: gs.Node) -> gs.Node | None:
     Raises:
         UserError: The layer has an outlier Add whose branch is not a MatMul.
     """
+    add = branch_add(node)
+    if add is None:
+        return None
     output = node.outputs[0]
-    for consumer in output.outputs:
-        if consumer.op == "Add" and consumer.name == f"{node.name}/outliers/Add":
-            branch = next(t for t in consumer.inputs if t is not output)
-            matmul = producer_of(branch, "MatMul")
-            if matmul is None:
-                raise UserError(f"{node.name}: its outlier branch is not laid out as isolate_outliers writes it")
-            return matmul
-    return None
+    matmul = producer_of(next(t for t in add.inputs if t is not output), "MatMul")
+    if matmul is None:
+        raise UserError(f"{node.name}: its outlier branch is not laid out as isolate_outliers writes it")
+    return matmul
 
 
 def outlier_branch(node: gs.Node) -> tuple[tuple[int, ...], np.ndarray | None]:

@@ -17,16 +17,15 @@ Runs last, after every pass that sets integers or scales (GPTQ and distillation 
 
 from __future__ import annotations
 
-import hashlib
-
 import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from accullm_export.graph.ir import constant, constant_array
+from accullm_export.graph.outlier_branch import branch_add, constant_value
 from accullm_export.graph.pass_data import PassResult
 from accullm_export.graph.passes import register
-from accullm_export.graph.rewrite import decoded_scale, half_constant, producer_of, scale_code, stored_scales
+from accullm_export.graph.rewrite import half_constant, producer_of
 from accullm_export.quant.asymmetric import LEVELS, signed_values
 
 MIDDLE = (LEVELS + 1) // 2  # uint4 q - 8 is int4
@@ -62,22 +61,15 @@ def _has_zero_points(dequantize: gs.Node) -> bool:
             and np.dtype(dequantize.inputs[2].dtype) == np.dtype(ml_dtypes.uint4) and "block_size" in dequantize.attrs)
 
 
-def _scales(dequantize: gs.Node) -> np.ndarray | None:
-    stored = stored_scales(dequantize)
-    if stored is not None:
-        return np.asarray(constant_array(stored), dtype=np.float32)
-    coded = scale_code(dequantize.inputs[1])
-    return None if coded is None else np.asarray(decoded_scale(coded), dtype=np.float32)
-
-
 def _lower(graph: gs.Graph, node: gs.Node, dequantize: gs.Node, sums: dict) -> str | None:
     values, zero_points = dequantize.inputs[0], dequantize.inputs[2]
     block_size = int(dequantize.attrs["block_size"])
     if int(dequantize.attrs.get("axis", 0)) != 0 or not isinstance(values, gs.Constant):
         return "not INT4 constants blocked along the input"
-    scales = _scales(dequantize)
+    scales = constant_value(dequantize.inputs[1])  # stored, widened or decoded from 8-bit codes
     if scales is None:
         return "its scales are computed, not stored"
+    scales = scales.astype(np.float32)
     stored = np.asarray(constant_array(values), dtype=np.int16)
     zero = np.asarray(constant_array(zero_points), dtype=np.int16)
     rows = stored.shape[0]
@@ -89,14 +81,15 @@ def _lower(graph: gs.Graph, node: gs.Node, dequantize: gs.Node, sums: dict) -> s
     prefix = f"{node.name}/weight"
     node.inputs[1] = _dequantized(graph, prefix, signed.astype(ml_dtypes.int4), dequantize, block_size, float_dtype)
     x = node.inputs[0]
-    key = (x.name, block_size, hashlib.sha1(np.packbits(unused).tobytes()).hexdigest() if unused.any() else None)
+    key = (x.name, block_size, tuple(np.flatnonzero(unused)))
     if key not in sums:
         sums[key] = _block_sums(graph, x, rows, block_size, unused, float_dtype, len(sums))
     product = gs.Variable(f"{prefix}_offset_output", dtype=float_dtype)
     matrix = half_constant(graph, f"{prefix}_offset", offset, float_dtype)
     graph.nodes.append(gs.Node("MatMul", name=f"{prefix}_offset/MatMul", inputs=[sums[key], matrix],
                                outputs=[product]))
-    _add_after(graph, _layer_output(node), product, f"{prefix}_offset/Add")
+    branch = branch_add(node)  # the offset goes after it, where fuse_outlier_split_gemm expects the branch Add
+    _add_after(graph, (branch or node).outputs[0], product, f"{prefix}_offset/Add")
     return None
 
 
@@ -137,15 +130,6 @@ def _block_sums(graph: gs.Graph, x: gs.Tensor, rows: int, block_size: int, unuse
     grouped = add("Reshape", [tensor, shape])
     return add("ReduceSum", [grouped, constant(f"{stem}_axes", np.asarray([-1], dtype=np.int64))],
                {"keepdims": 0})
-
-
-def _layer_output(node: gs.Node) -> gs.Variable:
-    """The layer's output: its outlier branch's Add if it has one, else the MatMul's."""
-    output = node.outputs[0]
-    for consumer in output.outputs:
-        if consumer.op == "Add" and consumer.name == f"{node.name}/outliers/Add":
-            return consumer.outputs[0]
-    return output
 
 
 def _add_after(graph: gs.Graph, tensor: gs.Variable, offset: gs.Variable, name: str) -> None:
