@@ -448,8 +448,6 @@ def distill_scales(config_dir: str | Path, teacher: Teacher, student_weights: Ma
     train = windows[:len(windows) - held] if held else windows
     tokens = torch.from_numpy(np.asarray(windows, dtype=np.int64)).to(device)
     checked = range(len(windows) - held, len(windows))
-    checkpoints = {config.steps * quarter // 4 for quarter in (1, 2, 3)} - {0, config.steps}
-    trace: list[tuple[int, float]] = []  # (step, held-out KL) at the checkpoints
     with reused_allocations():  # every step frees and makes the same tensors
         before = mean_kl(teacher, student, tokens, checked) if held else None
         order = np.random.default_rng(config.seed).permutation
@@ -467,10 +465,6 @@ def distill_scales(config_dir: str | Path, teacher: Teacher, student_weights: Ma
                 pace = (time.perf_counter() - training) / (step + 1)
                 log.info("distill step %d/%d: KL %.4f (%.1f s a step, about %.0f min left)", step + 1, config.steps,
                          loss, pace, pace * (config.steps - step - 1) / 60)
-            if held and (step + 1) in checkpoints:
-                trace.append((step + 1, round(mean_kl(teacher, student, tokens, checked), 5)))
-                log.info("distill step %d/%d: held-out KL %.5f (%.5f before training)", step + 1, config.steps,
-                         trace[-1][1], before)
         after = mean_kl(teacher, student, tokens, checked) if held else None
     kept = not held or after < before
     with torch.no_grad():
@@ -484,7 +478,6 @@ def distill_scales(config_dir: str | Path, teacher: Teacher, student_weights: Ma
     report = {"steps": config.steps, "windows": int(len(train)), "held_out_windows": held,
               "held_out_kl_before": None if before is None else round(before, 5),
               "held_out_kl_after": None if after is None else round(after, 5), "kept": kept,
-              "held_out_kl_trace": trace,
               "layers": len(by_module), "norms": len(gains), "outlier_rows": sum(len(r) for r in trained_rows.values()),
               "seconds": round(time.perf_counter() - started, 1)}
     log.info("distilled %d layers' scales in %.0f s: held-out KL %s -> %s%s", len(by_module), report["seconds"],

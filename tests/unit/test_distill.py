@@ -268,10 +268,6 @@ def test_outlier_rows_train_with_the_scales(planted_model, profile, tmp_path):
         np.testing.assert_array_equal(plain[name], rows[name])
     before, after = map(float, re.search(r"held-out ones ([\d.]+) -> ([\d.]+)", note).groups())
     assert after < before
-    # the held-out KL at each quarter of the steps is logged on the way
-    steps = int(re.search(r"(\d+) steps on", note).group(1))
-    checkpoints = [int(step) for step in re.findall(r"[\d.]+ at step (\d+)", note)]
-    assert checkpoints == [steps // 4, steps // 2, 3 * steps // 4]
     assert (tmp_path / "plain" / "model.onnx.data").stat().st_size == \
         (tmp_path / "trained" / "model.onnx.data").stat().st_size
 

@@ -75,13 +75,8 @@ def run(graph: gs.Graph, config: Config) -> PassResult:
                          f"{''.join(' and ' + extra for extra in extras)} {outcome}: "
                          f"{report['steps']} steps on {report['windows']} calibration windows, KL on "
                          f"{report['held_out_windows']} held-out ones {report['held_out_kl_before']} -> "
-                         f"{report['held_out_kl_after']}{_trace(report['held_out_kl_trace'])} ({report['seconds']} s)")
+                         f"{report['held_out_kl_after']} ({report['seconds']} s)")
     return PassResult(graph, tuple(notes))
-
-
-def _trace(points: list) -> str:
-    """The held-out KL at the training's quarter checkpoints, as the note gives it."""
-    return f" (on the way: {', '.join(f'{kl} at step {step}' for step, kl in points)})" if points else ""
 
 
 def block_scaled_layers(graph: gs.Graph, notes: list) -> tuple[list[BlockScaled], dict[str, gs.Constant],
