@@ -115,23 +115,32 @@ def _gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | 
 
 
 def gptq_grid(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None, *,
-              exclude: Sequence[int] = (), search: bool = False,
-              asymmetric: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+              exclude: Sequence[int] = (), search: bool = False, asymmetric: bool = False,
+              columns: int = COLUMNS) -> tuple[np.ndarray, np.ndarray | None]:
     """The static-group grid GPTQ rounds onto, from the weight before any update with the ``exclude`` rows
     zeroed: (scales, None) for the symmetric grid (``search``: ``symmetric.searched_scales``, errors weighted by
     H[i, i]), or with ``asymmetric`` (blocked INT4) (scales, zero points) by ``asymmetric.asymmetric_grid``,
-    to pass to ``gptq_quantize(..., grid=...)``."""
+    to pass to ``gptq_quantize(..., grid=...)``. Each output column's grid is its own, so it is made
+    ``columns`` columns at a time: a large vocabulary's head holds one part's working copies, not the whole
+    weight's."""
     weight = np.asarray(weight, dtype=np.float32)
     excluded = _excluded_mask(weight.shape[0], exclude)
-    original = np.where(excluded[:, None], np.float32(0.0), weight)
     importance = np.where(excluded, 0.0, np.diag(np.asarray(hessian, dtype=np.float64)))
-    if asymmetric:
-        if bits != 4 or block_size is None:
-            raise UserError("asymmetric weights are blocked INT4")
-        return asymmetric_grid(original, block_size, search=search, importance=importance)
-    if search and block_size is not None:
-        return searched_scales(original, bits, block_size, importance=importance), None
-    return weight_scales(original, bits, block_size), None
+    if asymmetric and (bits != 4 or block_size is None):
+        raise UserError("asymmetric weights are blocked INT4")
+    parts = []
+    for start in range(0, weight.shape[1], columns):
+        original = np.where(excluded[:, None], np.float32(0.0), weight[:, start:start + columns])
+        if asymmetric:
+            parts.append(asymmetric_grid(original, block_size, search=search, importance=importance))
+        elif search and block_size is not None:
+            parts.append((searched_scales(original, bits, block_size, importance=importance), None))
+        else:
+            parts.append((weight_scales(original, bits, block_size), None))
+    if len(parts) == 1:
+        return parts[0]
+    return (np.concatenate([scales for scales, _ in parts], axis=-1),
+            None if parts[0][1] is None else np.concatenate([zeros for _, zeros in parts], axis=-1))
 
 
 def gptq_proxy_error(weight: np.ndarray, dequantized: np.ndarray, hessian: np.ndarray) -> float:

@@ -84,6 +84,26 @@ def test_search_in_column_parts_on_threads_equals_one_part(monkeypatch, search):
         np.testing.assert_array_equal(found, expected)
 
 
+@pytest.mark.parametrize("mode", [dict(asymmetric=True, search=True), dict(asymmetric=True),
+                                  dict(search=True), dict()])
+def test_gptq_grid_in_column_parts_is_the_whole_grid(mode):
+    """The grid is made a part of the output columns at a time (a large head's working copies): parts of 4
+    and 7 columns, the last one short, give exactly the grid of the whole weight."""
+    weight = RNG.normal(size=(40, 23)).astype(np.float32)
+    weight[:, 5] *= 30  # a column of another range
+    inputs = RNG.normal(size=(200, 40))
+    hessian = inputs.T @ inputs / len(inputs)
+    whole = gptq_grid(weight, hessian, 4, 16, exclude=[3], columns=1000, **mode)
+    for columns in (4, 7):
+        parts = gptq_grid(weight, hessian, 4, 16, exclude=[3], columns=columns, **mode)
+        np.testing.assert_array_equal(parts[0], whole[0])
+        assert whole[0].shape == (3, 23)
+        if mode.get("asymmetric"):
+            np.testing.assert_array_equal(parts[1], whole[1])
+        else:
+            assert parts[1] is None and whole[1] is None
+
+
 def test_gptq_rounds_into_each_blocks_range():
     """With an identity Hessian GPTQ is plain asymmetric rounding; with a correlated one it lowers the
     layer-output error, and every value stays in its block's [-z, 15 - z]."""
