@@ -127,27 +127,20 @@ def metrics(student, tokens, reference_logits) -> dict:
 
 
 def train(state: dict, run: dict, tokens, reference_logits) -> dict:
-    """One schedule from the captured start, as ``training.distill.distill_scales`` trains (with norms and
-    outlier rows), its held-out KL every ``every`` steps."""
+    """One schedule from the captured start, as ``training.distill.distill_scales`` trains (its optimizer, with
+    norms and outlier rows, one window a step), its held-out KL every ``every`` steps."""
     import torch
 
     from accullm_export.resources import reused_allocations
-    from accullm_export.training.distill import (OUTLIER_ROWS_LR_FACTOR, Teacher, kl_step, mean_kl,
-                                                 student_replica)
+    from accullm_export.training.distill import (DistillConfig, Teacher, held_out_count, kl_step, mean_kl,
+                                                 student_replica, training_optimizer)
 
     teacher = Teacher(hidden=torch.from_numpy(state["hidden"]), head=torch.from_numpy(state["head"]),
                       softcap=state["softcap"])
     student, by_module = student_replica(state["config_dir"], state["student"], state["layers"], True)
-    scales = [module.theta for module in by_module.values()]
-    norms = [parameter for name, parameter in student.named_parameters() if name.endswith("norm.weight")]
-    rows = [module.outlier_rows for module in by_module.values()
-            if isinstance(module.outlier_rows, torch.nn.Parameter)]
-    for parameter in [*scales, *norms, *rows]:
-        parameter.requires_grad_(True)
-    groups = [{"params": scales}, {"params": norms, "lr": run["lr"] * 0.5}]
-    if rows:
-        groups.append({"params": rows, "lr": run["lr"] * OUTLIER_ROWS_LR_FACTOR})
-    optimizer = torch.optim.Adam(groups, lr=run["lr"])
+    config = DistillConfig(steps=run["steps"], learning_rate=run["lr"], seed=run["seed"], norms=True,
+                           outlier_rows=True)
+    optimizer, _ = training_optimizer(student, by_module, config)
 
     def factor(step: int) -> float:
         if step < run["warmup"]:
@@ -156,8 +149,7 @@ def train(state: dict, run: dict, tokens, reference_logits) -> dict:
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     windows = state["windows"]
-    held = max(1, len(windows) // 8)
-    train_count = len(windows) - held
+    train_count = len(windows) - held_out_count(len(windows))
     window_tokens = torch.from_numpy(np.asarray(windows, dtype=np.int64))
     checked = range(train_count, len(windows))
     result = {"run": run, "before": metrics(student, tokens, reference_logits) if tokens is not None else None}

@@ -430,21 +430,9 @@ def distill_scales(config_dir: str | Path, teacher: Teacher, student_weights: Ma
     device = torch_device(config.device)
     student, by_module = student_replica(config_dir, student_weights, layers, config.outlier_rows)
     student.to(device)
-    parameters = [module.theta for module in by_module.values()]
-    norms = {name: parameter for name, parameter in student.named_parameters()
-             if config.norms and name.endswith("norm.weight")}
-    rows = [module.outlier_rows for module in by_module.values()
-            if isinstance(module.outlier_rows, torch.nn.Parameter)]
-    for parameter in [*parameters, *norms.values(), *rows]:
-        parameter.requires_grad_(True)
-    groups = [{"params": parameters}]
-    if rows:  # an absolute step on FP16 weights: Adam's relative step on the log-scales times a typical entry
-        groups.append({"params": rows, "lr": config.learning_rate * OUTLIER_ROWS_LR_FACTOR})
-    if norms:
-        groups.append({"params": list(norms.values()), "lr": config.learning_rate * 0.5})
-    optimizer = torch.optim.Adam(groups, lr=config.learning_rate)
+    optimizer, norms = training_optimizer(student, by_module, config)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
-    held = max(1, len(windows) // 8) if len(windows) > 1 else 0  # the last windows judge the result
+    held = held_out_count(len(windows))
     train = windows[:len(windows) - held] if held else windows
     tokens = torch.from_numpy(np.asarray(windows, dtype=np.int64)).to(device)
     checked = range(len(windows) - held, len(windows))
@@ -484,6 +472,31 @@ def distill_scales(config_dir: str | Path, teacher: Teacher, student_weights: Ma
              report["held_out_kl_before"], report["held_out_kl_after"],
              "" if kept else " (no better: the original scales are kept)")
     return DistillResult(scales, gains, trained_rows, report)
+
+
+def training_optimizer(student, by_module: Mapping[str, object], config: DistillConfig):
+    """Adam over what ``config`` trains of ``student`` (``student_replica``'s pair), made trainable here: the
+    log-scales of every layer in ``by_module`` at the full rate, the FP16 outlier rows where they are parameters,
+    the RMSNorm gains with ``config.norms``. Returns the optimizer and the gains by parameter name."""
+    torch = require("torch", "export")
+    parameters = [module.theta for module in by_module.values()]
+    norms = {name: parameter for name, parameter in student.named_parameters()
+             if config.norms and name.endswith("norm.weight")}
+    rows = [module.outlier_rows for module in by_module.values()
+            if isinstance(module.outlier_rows, torch.nn.Parameter)]
+    for parameter in [*parameters, *norms.values(), *rows]:
+        parameter.requires_grad_(True)
+    groups = [{"params": parameters}]
+    if rows:  # an absolute step on FP16 weights: Adam's relative step on the log-scales times a typical entry
+        groups.append({"params": rows, "lr": config.learning_rate * OUTLIER_ROWS_LR_FACTOR})
+    if norms:
+        groups.append({"params": list(norms.values()), "lr": config.learning_rate * 0.5})
+    return torch.optim.Adam(groups, lr=config.learning_rate), norms
+
+
+def held_out_count(windows: int) -> int:
+    """How many of ``windows`` calibration windows (the last ones) judge the result instead of training."""
+    return max(1, windows // 8) if windows > 1 else 0
 
 
 def torch_device(name: str):
