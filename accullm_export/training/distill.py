@@ -268,15 +268,12 @@ def block_scaled_linear_class():
         def forward(self, x):
             return self.with_weight(x, None)
 
-        def dense_weight(self):
-            """The low-bit part's float weight [in, out], differentiable in theta."""
-            return _block_product(self.values, self.scales(), self.block_size)
-
-        def with_weight(self, x, weight):
-            """The forward with the low-bit part's float weight given (``dense_weight``, or a leaf standing in
-            for it), or rebuilt inside the product (None)."""
+        def with_weight(self, x, weight, scales=None):
+            """The forward with the low-bit part's float weight given (built from ``scales``, a leaf standing in
+            for ``self.scales()`` that gathers their gradient: ``_head_weight``), or rebuilt inside the product
+            (None)."""
             main = x if self.rotation is None else x @ self.rotation
-            out = product(main, self.values, self.scales(), self.block_size) if weight is None else main @ weight
+            out = product(main, self.values, self.scales() if scales is None else scales, self.block_size, weight)
             if len(self.outlier_index):
                 out = out + x.index_select(-1, self.outlier_index) @ self.outlier_rows
             return out if self.bias is None else out + self.bias
@@ -284,27 +281,38 @@ def block_scaled_linear_class():
     return BlockScaledLinear
 
 
+# output columns whose block scales' gradient is made at a time: the LM head's [in, vocabulary] gradient is never
+# held whole
+GRADIENT_COLUMNS = 8192
+
+
 def _scaled_integer_product(torch):
-    """x @ (integers * block scales) whose backward rebuilds the float weight instead of keeping it: autograd
-    would otherwise hold every layer's float32 weight from the forward to the backward."""
+    """x @ (integers * block scales), given the float weight already built from them (the LM head's, once for
+    every logit chunk of a step) or rebuilding it, and again in the backward instead of keeping it: autograd
+    would otherwise hold every layer's float32 weight from the forward to the backward. The scales' gradient is
+    made ``GRADIENT_COLUMNS`` output columns at a time."""
 
     class ScaledIntegerProduct(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, values, scales, block):
-            ctx.save_for_backward(x, values, scales)
+        def forward(ctx, x, values, scales, block, weight=None):
+            ctx.save_for_backward(x, values, scales, weight)
             ctx.block = block
-            return x @ _block_product(values, scales, block)
+            return x @ (_block_product(values, scales, block) if weight is None else weight)
 
         @staticmethod
         def backward(ctx, grad):
-            x, values, scales = ctx.saved_tensors
+            x, values, scales, weight = ctx.saved_tensors
             grad_x = grad_scales = None
             if ctx.needs_input_grad[0]:
-                grad_x = grad @ _block_product(values, scales, ctx.block).T
+                grad_x = grad @ (_block_product(values, scales, ctx.block) if weight is None else weight).T
             if ctx.needs_input_grad[2]:
-                grad_weight = x.reshape(-1, x.shape[-1]).T @ grad.reshape(-1, grad.shape[-1])
-                grad_scales = _block_sums(grad_weight.mul_(values), ctx.block, scales.shape[0])
-            return grad_x, None, grad_scales, None
+                rows, flat = x.reshape(-1, x.shape[-1]).T, grad.reshape(-1, grad.shape[-1])
+                grad_scales = torch.empty_like(scales)
+                for start in range(0, values.shape[1], GRADIENT_COLUMNS):
+                    part = slice(start, start + GRADIENT_COLUMNS)
+                    grad_scales[:, part] = _block_sums((rows @ flat[:, part]).mul_(values[:, part]), ctx.block,
+                                                       scales.shape[0])
+            return grad_x, None, grad_scales, None, None
 
     return ScaledIntegerProduct.apply
 
@@ -512,23 +520,24 @@ def kl_step(teacher: Teacher, student, tokens, chosen: Sequence[int], chunk_toke
     """Mean over tokens of KL(teacher || student) on the windows ``tokens[chosen]``, its gradient accumulated into
     the student's parameters. The head's logits over the vocabulary are made ``chunk_tokens`` positions at a time
     (default: about ``LOGIT_CHUNK_BYTES`` of float32 per tensor): each chunk's KL is differentiated at once, down
-    to the final hidden state and to a quantized head's float weight (made once a step), whose gradients then
-    run back through the layers and to the head's scales in one pass each. Nothing is computed twice, and no
-    [tokens, vocabulary] tensor outlives its chunk."""
+    to the final hidden state and to a quantized head's scales (its float weight made once a step), whose
+    gradients then run back through the layers and to the head's log-scales in one pass each. Nothing is
+    computed twice, no [tokens, vocabulary] tensor outlives its chunk, and the head's [in, vocabulary] weight has
+    no gradient of its size."""
     import torch
 
     index = torch.as_tensor(np.asarray(chosen, dtype=np.int64), device=tokens.device)
     batch, target_hidden = tokens[index], teacher.hidden[index]
     hidden = _decoder(student)(batch).last_hidden_state
     detached = hidden.detach().requires_grad_(True)
-    head, weight = _head_weight(student)
+    head, scales = _head_weight(student)
     total = 0.0
     for part in _token_chunks(student, batch, chunk_tokens):
         loss = _chunk_kl(teacher, student, target_hidden[:, part], detached[:, part], head) / batch.numel()
         loss.backward()
         total += float(loss.detach())
-    if weight is not None and weight.requires_grad:  # the head's scales: one backward through its float weight
-        weight.backward(head.weight_leaf.grad)
+    if scales is not None and scales.requires_grad:  # the head's log-scales: one backward from its scales
+        scales.backward(head.scales_leaf.grad)
     if hidden.requires_grad:  # something before the head trains too
         hidden.backward(detached.grad)
     return total
@@ -570,24 +579,31 @@ def _token_chunks(model, batch, chunk_tokens: int | None) -> list[slice]:
 
 @dataclasses.dataclass
 class _HeadWithWeight:
-    """A BlockScaledLinear head and a leaf standing in for its float weight, built once for every chunk of a
-    step: the chunks' gradients gather on the leaf, and one backward takes them to the scales."""
+    """A BlockScaledLinear head, its float weight built once for every chunk of a step, and a leaf standing in
+    for its scales: the chunks' gradients of the scales gather on the leaf ([blocks, vocabulary]), and one
+    backward takes them to the log-scales."""
 
     module: object
-    weight_leaf: object
+    weight: object
+    scales_leaf: object
 
     def __call__(self, hidden):
-        return self.module.with_weight(hidden, self.weight_leaf)
+        return self.module.with_weight(hidden, self.weight, self.scales_leaf)
 
 
 def _head_weight(student):
-    """(head, weight): the student's head as ``_logits`` runs it, and the float weight its leaf was cut from
-    (None where the head is not a BlockScaledLinear: then the head runs as it is)."""
+    """(head, scales): the student's head as ``_logits`` runs it, and the scales its leaf was cut from (None
+    where the head is not a BlockScaledLinear: then the head runs as it is)."""
+    import torch
+
     head = student.lm_head
-    if not hasattr(head, "dense_weight"):
+    if not hasattr(head, "scales"):
         return None, None
-    weight = head.dense_weight()
-    return _HeadWithWeight(head, weight.detach().requires_grad_(weight.requires_grad)), weight
+    scales = head.scales()
+    leaf = scales.detach().requires_grad_(scales.requires_grad)
+    with torch.no_grad():
+        weight = _block_product(head.values, leaf, head.block_size)
+    return _HeadWithWeight(head, weight, leaf), scales
 
 
 def _chunk_kl(teacher: Teacher, student, teacher_hidden, hidden, head=None):

@@ -355,20 +355,29 @@ def test_split_layers_must_fill_the_fused_module(tiny_exports):
 
 
 @pytest.mark.parametrize("block,blocks", [(4, 2), (3, 3)])  # whole blocks; a short last block
-def test_the_scaled_integer_product_rebuilds_the_weight_with_exact_gradients(block, blocks):
-    """The product's own backward (it keeps the integers, not the float weight) against finite differences and
-    against autograd through the plain formula (each row's scale picked by index)."""
-    from accullm_export.training.distill import _scaled_integer_product
+@pytest.mark.parametrize("columns", [8192, 2])  # the scales' gradient in one part; in parts of 2 of the 5 columns
+@pytest.mark.parametrize("built", [False, True])  # the float weight rebuilt; given, as the LM head's once a step
+def test_the_scaled_integer_product_rebuilds_the_weight_with_exact_gradients(block, blocks, columns, built,
+                                                                              monkeypatch):
+    """The product's own backward (it keeps the integers, not the float weight, unless the weight is given) against
+    finite differences and against autograd through the plain formula (each row's scale picked by index)."""
+    import accullm_export.training.distill as distill
 
-    product = _scaled_integer_product(torch)
+    monkeypatch.setattr(distill, "GRADIENT_COLUMNS", columns)
+    product = distill._scaled_integer_product(torch)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 8, dtype=torch.float64, generator=generator, requires_grad=True)
     values = torch.randint(-8, 8, (8, 5), dtype=torch.int8, generator=generator)
     scales = (torch.rand(blocks, 5, dtype=torch.float64, generator=generator) + 0.5).requires_grad_(True)
     rows = torch.arange(8) // block
-    assert torch.autograd.gradcheck(lambda x, scales: product(x, values, scales, block), (x, scales))
+
+    def run(x, scales):
+        weight = (values * scales[rows]).detach() if built else None
+        return product(x, values, scales, block, weight)
+
+    assert torch.autograd.gradcheck(run, (x, scales))
     weights = torch.randn(2, 3, 5, dtype=torch.float64, generator=generator)
-    ours = torch.autograd.grad((product(x, values, scales, block) * weights).sum(), (x, scales))
+    ours = torch.autograd.grad((run(x, scales) * weights).sum(), (x, scales))
     plain = torch.autograd.grad(((x @ (values * scales[rows])) * weights).sum(), (x, scales))
     for mine, reference in zip(ours, plain):
         torch.testing.assert_close(mine, reference, rtol=1e-12, atol=1e-12)
