@@ -105,12 +105,13 @@ def effective_weight(node: gs.Node) -> np.ndarray | None:
     """What a linear layer multiplies its input by, float32 [in, out].
 
     Its weight dequantized, with the FP16 outlier rows of its branch put back; None when the weight is computed
-    from anything but constants.
+    from anything but constants. A float32 constant without a branch is returned as it is, not copied: read it,
+    never write it.
     """
     weight = constant_value(node.inputs[1])
     if weight is None or weight.ndim != 2:
         return None
-    weight = weight.astype(np.float32)
+    weight = np.asarray(weight, dtype=np.float32)
     channels, rows = outlier_branch(node)
     if channels:
         weight = weight.copy()

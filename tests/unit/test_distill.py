@@ -45,6 +45,23 @@ def planted(request):
     return folder, text, request.getfixturevalue("profile")
 
 
+def test_graph_weights_are_the_float_constants_themselves(tiny_exports):
+    """A float32 graph's linear weights and embedding table are read as views of its constants, not copies:
+    the teacher's head and the replicas share the source weights (a copy of every layer would double them)."""
+    import onnx_graphsurgeon as gs
+
+    from accullm_export.graph.ir import constant_array
+
+    _, folder = tiny_exports["llama"]
+    graph, _ = load_graph(folder / "model.onnx")
+    constants = [constant_array(tensor) for tensor in graph.tensors().values() if isinstance(tensor, gs.Constant)]
+    weights = graph_weights(graph)
+    linear = [name for name in weights if name.endswith("proj.weight")]
+    assert linear and "lm_head.weight" in weights and "model.embed_tokens.weight" in weights
+    for name in [*linear, "lm_head.weight", "model.embed_tokens.weight"]:
+        assert any(np.shares_memory(weights[name], constant) for constant in constants), name
+
+
 @pytest.mark.parametrize("model_type", sorted(TINY_ARCHITECTURES))
 def test_replica_equals_the_source_model(tiny_exports, model_type):
     """graph_weights reads every parameter back (transposes, tied embedding, biases, q/k norms), and Phi-3's fused
