@@ -174,12 +174,11 @@ class StreamedHessians(Mapping[str, np.ndarray]):
         self._kept_values.update(values)
         return collected
 
-    def merged(self, entries: Mapping[str, np.ndarray]) -> "StreamedHessians":
-        """This store with ``entries`` added (or replacing collected ones); the held group is shared, not copied."""
-        other = object.__new__(StreamedHessians)
-        other.__dict__.update(self.__dict__)
-        other._extra = {**self._extra, **entries}
-        return other
+    def merged(self, entries: Mapping[str, np.ndarray]) -> "_WithEntries":
+        """This store with ``entries`` added (or replacing collected ones): a view of the same store, so that the
+        group held is one for both (a copy of the store would keep the group it held when made while the other
+        collects the next)."""
+        return _WithEntries(self, entries)
 
     def share(self, initializers: Mapping[str, np.ndarray]) -> None:
         """Run later passes on these arrays (the model's own weights, already in memory) instead of loading the
@@ -192,6 +191,29 @@ class StreamedHessians(Mapping[str, np.ndarray]):
         self._held, self._held_group = {}, None
         self._pinned.clear()
         self._shared = None
+
+
+class _WithEntries(Mapping[str, np.ndarray]):
+    """A ``StreamedHessians`` with entries of its own added (``StreamedHessians.merged``): those are read first,
+    the rest from the store, whose other attributes (``passes``, ``kept``, ``clear`` ...) it passes on."""
+
+    def __init__(self, store: StreamedHessians, entries: Mapping[str, np.ndarray]):
+        self._store, self._entries = store, dict(entries)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._entries[name] if name in self._entries else self._store[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter({**dict.fromkeys(self._store), **dict.fromkeys(self._entries)})
+
+    def __len__(self) -> int:
+        return len(set(self._store) | set(self._entries))
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    def merged(self, entries: Mapping[str, np.ndarray]) -> "_WithEntries":
+        return _WithEntries(self._store, {**self._entries, **entries})
 
 
 def _check_names(reader: IntermediateReader, names: list[str], model_path: str | Path) -> None:

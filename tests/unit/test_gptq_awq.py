@@ -465,6 +465,26 @@ def test_streamed_hessians_hold_one_group_and_equal_the_whole_collection(matmul_
     assert room.passes == 1
 
 
+def test_a_merged_store_holds_one_group_with_its_store(matmul_model):
+    """The store a pass's entries are merged into is the same store seen through a view: when the view collects
+    the next group, the group the store held before the merge is let go (a copy kept it, a whole group of
+    matrices beside the next), and the store itself then reads that next group without a pass."""
+    import gc
+    import weakref
+
+    path, _, feeds = matmul_model
+    store = StreamedHessians(path, {"x": 8, "y": 4}, lambda: iter(feeds), matrix_bytes=8 * 8 * 4)
+    first = weakref.ref(store["x"])
+    merged = store.merged({"rotated": np.eye(2)}).merged({"again": np.eye(3)})
+    assert list(merged) == ["x", "y", "rotated", "again"] and len(merged) == 4 and merged.passes == 1
+    np.testing.assert_array_equal(merged["again"], np.eye(3))
+    merged["y"]
+    gc.collect()
+    assert first() is None and store.passes == 2
+    store["y"]
+    assert store.passes == 2
+
+
 def test_streamed_hessians_hand_over_kept_values_from_their_first_pass(matmul_model):
     """A kept tensor's values (every position of every feed, stacked) come from the first pass a group makes:
     reading them, then the matrices, costs one pass; each group's pass after the first taps them no more."""
