@@ -13,6 +13,9 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+CHUNK_BYTES = 16 << 20  # float64 bytes of one [positions, vocabulary] array at a time in TokenStatistics.add
+
+
 @dataclasses.dataclass
 class TokenStatistics:
     """Per-token figures accumulated over windows (one entry per predicted token)."""
@@ -23,14 +26,27 @@ class TokenStatistics:
     top1_agree: list[np.ndarray] = dataclasses.field(default_factory=list)
 
     def add(self, reference_logits: np.ndarray, candidate_logits: np.ndarray, tokens: np.ndarray) -> None:
-        """Add one batch: logits [batch, seq, vocab] for ``tokens`` [batch, seq]; position t predicts t+1."""
-        ref = log_softmax(reference_logits[:, :-1])
-        cand = log_softmax(candidate_logits[:, :-1])
-        targets = tokens[:, 1:, None]
-        self.nll_reference.append(-np.take_along_axis(ref, targets, axis=-1).ravel())
-        self.nll_candidate.append(-np.take_along_axis(cand, targets, axis=-1).ravel())
-        self.kl.append((np.exp(ref) * (ref - cand)).sum(axis=-1).ravel())
-        self.top1_agree.append((ref.argmax(-1) == cand.argmax(-1)).ravel())
+        """Add one batch: logits [batch, seq, vocab] for ``tokens`` [batch, seq]; position t predicts t+1.
+
+        Each position's figures are its own, so they are computed a few positions at a time: the float64
+        log-probabilities and their temporaries take about ``CHUNK_BYTES`` each, whatever the vocabulary (a
+        whole 256-token window of a 151,936-token vocabulary would take 311 MB per array)."""
+        batch, positions = tokens.shape[0], tokens.shape[1] - 1
+        step = max(1, CHUNK_BYTES // (8 * batch * reference_logits.shape[-1]))
+        nll_ref, nll_cand, kl = (np.empty((batch, positions)) for _ in range(3))
+        agree = np.empty((batch, positions), dtype=bool)
+        for start in range(0, positions, step):
+            part = slice(start, min(start + step, positions))
+            ref, cand = log_softmax(reference_logits[:, part]), log_softmax(candidate_logits[:, part])
+            targets = tokens[:, 1:][:, part, None]
+            nll_ref[:, part] = -np.take_along_axis(ref, targets, axis=-1)[..., 0]
+            nll_cand[:, part] = -np.take_along_axis(cand, targets, axis=-1)[..., 0]
+            kl[:, part] = (np.exp(ref) * (ref - cand)).sum(axis=-1)
+            agree[:, part] = ref.argmax(-1) == cand.argmax(-1)
+        self.nll_reference.append(nll_ref.ravel())
+        self.nll_candidate.append(nll_cand.ravel())
+        self.kl.append(kl.ravel())
+        self.top1_agree.append(agree.ravel())
 
     def summary(self) -> dict[str, float]:
         nll_ref, nll_cand = np.concatenate(self.nll_reference), np.concatenate(self.nll_candidate)

@@ -59,10 +59,17 @@ def test_model_against_itself(capsys, tiny_exports, text_file, tmp_path):
     assert (tmp_path / "rep" / "report.html").is_file()
 
 
-def test_perturbed_model_matches_hand_computed_metrics(tiny_exports, text_file, tmp_path):
+@pytest.mark.parametrize("chunk_bytes", [None, 1])  # the default; one position at a time
+def test_perturbed_model_matches_hand_computed_metrics(tiny_exports, text_file, tmp_path, chunk_bytes, monkeypatch):
+    """validate's text metrics against a hand-computed softmax per position, with the positions of each window
+    taken in one piece or one at a time (TokenStatistics bounds its float64 temporaries so)."""
     from accullm_export.data.text import load_text_source, token_windows
     from accullm_export.runtime.tokenizer import FolderTokenizer
+    from accullm_export.validate import metrics
     from accullm_export.validate.llm import LLMValidationConfig, text_metrics
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(metrics, "CHUNK_BYTES", chunk_bytes)
 
     _, folder = tiny_exports["llama"]
     candidate = perturb(folder, tmp_path / "cand", "model.layers.0.mlp.up_proj.MatMul.weight", 1.8)
