@@ -102,6 +102,7 @@ def _gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | 
     dead = np.diag(reduced) == 0
     reduced[dead, dead] = 1.0  # an input that never fires: any weight is exact, so quantize it to 0
     upper = _inverse_cholesky_upper(reduced, damp, reference=float(np.mean(np.diag(reduced))))
+    del reduced  # a down projection's [in, in] float64 matrices are large: one fewer alive through the rounding
     solved_blocks = block_index(rows, block_size)[solved]
     for start in range(0, weight.shape[1], columns):  # output columns are independent problems sharing H
         part = slice(start, min(start + columns, weight.shape[1]))
@@ -125,7 +126,7 @@ def gptq_grid(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: in
     weight's."""
     weight = np.asarray(weight, dtype=np.float32)
     excluded = _excluded_mask(weight.shape[0], exclude)
-    importance = np.where(excluded, 0.0, np.diag(np.asarray(hessian, dtype=np.float64)))
+    importance = np.where(excluded, 0.0, np.diag(np.asarray(hessian)).astype(np.float64))
     if asymmetric and (bits != 4 or block_size is None):
         raise UserError("asymmetric weights are blocked INT4")
     parts = []
@@ -161,7 +162,9 @@ def gptq_proxy_error(weight: np.ndarray, dequantized: np.ndarray, hessian: np.nd
 
 def _checked(weight: np.ndarray, hessian: np.ndarray, batch: int, damp: float) -> tuple[np.ndarray, np.ndarray]:
     weight = np.asarray(weight)
-    hessian = np.asarray(hessian, dtype=np.float64)
+    hessian = np.asarray(hessian)  # a float32 H stays float32 (exact in float64): only its reduced copy widens
+    if hessian.dtype.kind != "f":
+        hessian = hessian.astype(np.float64)
     if weight.ndim != 2:
         raise UserError(f"GPTQ needs a 2-D MatMul weight [in, out], got shape {weight.shape}")
     if hessian.shape != (weight.shape[0], weight.shape[0]):
