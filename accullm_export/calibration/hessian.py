@@ -107,7 +107,7 @@ class StreamedHessians(Mapping[str, np.ndarray]):
 
     def __init__(self, model_path: str | Path, channels: Mapping[str, int], feeds: Feeds, *,
                  budget_bytes: int = 512 << 20, matrix_bytes: int = 1 << 30, skip_first_position: bool = True,
-                 pinned: Sequence[str] = (), extra: Mapping[str, np.ndarray] | None = None, device: str = "cpu",
+                 pinned: Sequence[str] = (), device: str = "cpu",
                  kept: Sequence[str] = ()):
         self._model_path, self._feeds, self._budget, self._device = model_path, feeds, budget_bytes, device
         self._shared: Mapping[str, np.ndarray] | None = None
@@ -120,14 +120,11 @@ class StreamedHessians(Mapping[str, np.ndarray]):
         self._held: dict[str, np.ndarray] = {}
         self._held_group: int | None = None
         self._pinned: dict[str, np.ndarray] = {}
-        self._extra = dict(extra or {})
         self.kept = tuple(dict.fromkeys(kept))
         self._kept_values: dict[str, np.ndarray] = {}
         self.passes = 0
 
     def __getitem__(self, name: str) -> np.ndarray:
-        if name in self._extra:
-            return self._extra[name]
         if name in self._pinned:
             return self._pinned[name]
         if name not in self._group_of:
@@ -145,10 +142,10 @@ class StreamedHessians(Mapping[str, np.ndarray]):
         return self._pinned[name] if name in self._pinned else self._held[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter({**dict.fromkeys(self._channels), **dict.fromkeys(self._extra)})
+        return iter(self._channels)
 
     def __len__(self) -> int:
-        return len(set(self._channels) | set(self._extra))
+        return len(self._channels)
 
     def source_values(self, name: str) -> np.ndarray:
         """The values of the ``kept`` tensor ``name`` on every feed, stacked along the first axis; handed over once
