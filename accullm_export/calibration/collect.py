@@ -89,6 +89,8 @@ def collect_statistics(model_path: str | Path, layers: list[LinearLayer], feeds:
                 batches += 1
             for name in group:
                 _accumulate(channels[name], histograms.get(name), values[name], sink)
+        # one session (and one batch's values) at a time: the next group's session is made once these are freed
+        tap = values = None
     return CollectedStatistics(channels=channels, histograms=histograms, passes=len(groups), batches=batches,
                                batch_digests=digests)
 

@@ -83,6 +83,8 @@ def _collect(model_path: str | Path, tensors: Sequence[str], feeds: Feeds, kept:
             if number == 0:
                 for name in kept:
                     values_of[name].append(np.asarray(values[name]))
+        # one session (and one batch's values) at a time: the next group's session is made once these are freed
+        tap = values = value = None
     empty = [name for name in names if sums.rows.get(name, 0) == 0]
     if empty:
         raise UserError(f"no rows reached {empty[:3]}: the feeds are too short (position 0 is skipped)")

@@ -50,6 +50,31 @@ def test_statistics_equal_numpy_over_the_same_batches(planted_model, profile):
                 assert abs(np.mean(main < threshold) - level) < 0.01
 
 
+def test_passes_in_groups_give_the_one_pass_statistics_one_session_at_a_time(planted_model, profile, monkeypatch):
+    """A budget of one batch's single tensor gives every input its own pass: the statistics are those of the
+    profile's single pass, and each pass's session is freed before the next one's is made (a session holds the
+    weights its tensors depend on)."""
+    from accullm_export.calibration.collect import collect_statistics
+    from accullm_export.calibration.feeds import llm_feeds, text_windows
+    from accullm_export.graph.linear import find_linear_layers
+    from tests.helpers.sessions import track_tap_sessions
+
+    folder, text = planted_model
+    loaded = load_profile(profile, folder / "model.onnx")
+    windows, _ = text_windows(folder, str(text), SAMPLES, SEQ_LEN, 0)
+    feeds = llm_feeds(windows, folder / "model.onnx")
+    layers = find_linear_layers(onnx.load(str(folder / "model.onnx"), load_external_data=False))
+    alive = track_tap_sessions(monkeypatch)
+    collected = collect_statistics(folder / "model.onnx", layers, lambda: feeds, total_rows=SAMPLES * (SEQ_LEN - 1),
+                                   rows_per_batch=SEQ_LEN, sink=True, budget_bytes=1)
+    assert collected.passes == len({layer.input for layer in layers}) > 2 and loaded.manifest["passes"] == 1
+    assert alive == [0] * collected.passes
+    for name, stats in collected.channels.items():
+        finished, stored = stats.finish(), loaded.input_statistics(name)
+        for key in ("absmax", "p999", "second_moment", "sink_absmax"):
+            np.testing.assert_array_equal(finished[key], stored[key], err_msg=f"{name} {key}")
+
+
 @pytest.mark.parametrize("batch_rows", [7, 50, 400])  # batches under, near and over the values kept per channel
 def test_the_running_top_values_are_every_batch_s_top_values(batch_rows):
     """The p99.9's kept magnitudes per channel are exactly the largest ones of all rows, however the batches

@@ -414,6 +414,15 @@ def test_collect_hessians_groups_by_budget(matmul_model, budget_bytes, passes):
     assert_float32_close(hessians["x"], inputs.T @ inputs / len(inputs))
 
 
+def test_collect_hessians_frees_each_pass_s_session_before_the_next(matmul_model, monkeypatch):
+    from tests.helpers.sessions import track_tap_sessions
+
+    path, _, feeds = matmul_model
+    alive = track_tap_sessions(monkeypatch)
+    collect_hessians(path, ["x", "y"], lambda: iter(feeds), budget_bytes=1, skip_first_position=False)
+    assert alive == [0, 0]  # two passes (one tensor each), never two sessions at once
+
+
 def test_collect_hessians_rejects_unknown_names(matmul_model):
     path, _, feeds = matmul_model
     with pytest.raises(UserError, match="no tensor named 'missing'"):
