@@ -48,33 +48,47 @@ def collect_hessians(model_path: str | Path, tensors: Sequence[str], feeds: Feed
     Raises:
         UserError: a name is not a tensor of the model, the feeds are empty, or a tensor's channels change.
     """
-    means, _ = _collect(model_path, tensors, feeds, (), budget_bytes=budget_bytes,
-                        skip_first_position=skip_first_position, shared_initializers=shared_initializers,
-                        device=device)
+    means, _, _ = _collect(model_path, tensors, feeds, (), budget_bytes=budget_bytes,
+                           skip_first_position=skip_first_position, shared_initializers=shared_initializers,
+                           device=device)
     return means
 
 
 def _collect(model_path: str | Path, tensors: Sequence[str], feeds: Feeds, kept: Sequence[str], *, budget_bytes: int,
              skip_first_position: bool, shared_initializers: Mapping[str, np.ndarray] | None,
-             device: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """``collect_hessians``' means, and the values of the ``kept`` tensors on every feed (all positions), stacked
-    along the first axis: tapped in the first pass, so they cost no pass of their own."""
+             device: str, given: list[dict[str, np.ndarray]] | None = None,
+             carry: Sequence[str] = ()) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
+                                                 list[dict[str, np.ndarray]]]:
+    """``collect_hessians``' means; the values of the ``kept`` tensors on every feed (all positions), stacked
+    along the first axis: tapped in the first pass, so they cost no pass of their own; and, per feed, the values
+    of the ``carry`` tensors, for a later call's ``given``.
+
+    ``given``: per feed (in the feeds' order), values of intermediate tensors computed by an earlier call
+    (``IntermediateReader.carried``): the sessions start from them instead of running what computed them. The
+    list's entries are dropped as the last pass has used them."""
     names = list(dict.fromkeys(tensors))
     reader = IntermediateReader(model_path, OPTIMIZATION, shared_initializers, device)
-    _check_names(reader, names + list(kept), model_path)
+    _check_names(reader, names + list(kept) + list(carry), model_path)
     first = next(iter(feeds()), None)
     if first is None:
         raise UserError("no calibration feeds: the Hessians need at least one batch")
     sizes = _elements_per_batch(reader.model, names, first, budget_bytes)
     groups = plan_groups(sizes, 1, budget_bytes) or [[]]
-    log.info("collecting Hessians of %d tensors in %d pass(es)", len(names), len(groups))
+    log.info("collecting Hessians of %d tensors in %d pass(es)%s", len(names), len(groups),
+             " from the values a previous pass left" if given else "")
+    types = {name: value.dtype for name, value in given[0].items()} if given else {}
     sums = _Sums()
     values_of: dict[str, list[np.ndarray]] = {name: [] for name in kept}
+    carried: list[dict[str, np.ndarray]] = []
     for number, group in enumerate(groups):
-        tapped = list(dict.fromkeys(group + (list(kept) if number == 0 else [])))
-        tap = reader.open(tapped)
-        for feed in progress(feeds(), f"Hessian pass {number + 1}/{len(groups)}"):
-            values = tap.run(feed)
+        extra = list(kept) + list(carry) if number == 0 else []
+        tapped = list(dict.fromkeys(name for name in group + extra if name not in types))
+        tap = reader.open(tapped, types)
+        last = number == len(groups) - 1
+        for index, feed in enumerate(progress(feeds(), f"Hessian pass {number + 1}/{len(groups)}")):
+            start = given[index] if given else {}
+            values = tap.run({**feed, **start})
+            values.update((name, start[name]) for name in group + extra if name in start)
             for name in group:
                 value = np.asarray(values[name])
                 if value.ndim == 0:
@@ -83,13 +97,16 @@ def _collect(model_path: str | Path, tensors: Sequence[str], feeds: Feeds, kept:
             if number == 0:
                 for name in kept:
                     values_of[name].append(np.asarray(values[name]))
+                carried.append({name: np.asarray(values[name]) for name in carry})
+            if given and last:
+                given[index] = None
         # one session (and one batch's values) at a time: the next group's session is made once these are freed
-        tap = values = value = None
+        tap = values = value = start = None
     empty = [name for name in names if sums.rows.get(name, 0) == 0]
     if empty:
         raise UserError(f"no rows reached {empty[:3]}: the feeds are too short (position 0 is skipped)")
     return ({name: sums.mean(name) for name in names},
-            {name: np.concatenate(parts) for name, parts in values_of.items()})
+            {name: np.concatenate(parts) for name, parts in values_of.items()}, carried)
 
 
 class StreamedHessians(Mapping[str, np.ndarray]):
@@ -105,6 +122,11 @@ class StreamedHessians(Mapping[str, np.ndarray]):
     rotated input) are kept as given. The values themselves of the ``kept`` tensors (the LM head's input, for
     distillation's teacher and the head's row ranking) are tapped in the first group's pass and handed over once
     by ``source_values``: the source model runs over the text once for all of them.
+
+    Read in order, a group's pass starts where the previous group's ended: that pass kept, per window, the
+    tensors the later layers read (the residual stream, the attention mask: ``IntermediateReader.carried``), so
+    each pass runs only its own group's layers, and the whole model runs over the text about once however many
+    groups there are (the first pass, which taps the pinned and kept tensors, runs as far as they lie).
     """
 
     def __init__(self, model_path: str | Path, channels: Mapping[str, int], feeds: Feeds, *,
@@ -124,7 +146,10 @@ class StreamedHessians(Mapping[str, np.ndarray]):
         self._pinned: dict[str, np.ndarray] = {}
         self.kept = tuple(dict.fromkeys(kept))
         self._kept_values: dict[str, np.ndarray] = {}
+        self._carries: list[list[str]] | None = None  # per group: the tensors its pass keeps for the next one's
+        self._state: tuple[int, list[dict[str, np.ndarray]]] | None = None  # (group, its pass's carried values)
         self.passes = 0
+        self.resumed = 0  # passes that started from the previous group's carried values
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name in self._pinned:
@@ -137,7 +162,7 @@ class StreamedHessians(Mapping[str, np.ndarray]):
             if len(self.groups) > 1:
                 log.info("second moments: group %d of %d (%d tensors)", number + 1, len(self.groups),
                          len(self.groups[number]))
-            collected = self._pass(self.groups[number])
+            collected = self._pass(number)
             self._pinned.update({key: value for key, value in collected.items() if key in self._pinning})
             self._held = {key: value for key, value in collected.items() if key not in self._pinning}
             self._held_group = number
@@ -161,17 +186,37 @@ class StreamedHessians(Mapping[str, np.ndarray]):
         if self.passes == 0 and self._channels:
             self[next(iter(self._channels))]  # the first group's pass taps the kept tensors too
         elif self.passes == 0:
-            self._pass([])
+            self._pass(None)
         return self._kept_values.pop(name)
 
-    def _pass(self, names: Sequence[str]) -> dict[str, np.ndarray]:
-        """One pass over the feeds for the matrices of ``names`` (the first pass taps the kept tensors too)."""
-        collected, values = _collect(self._model_path, names, self._feeds, self.kept if self.passes == 0 else (),
-                                     budget_bytes=self._budget, skip_first_position=self._skip,
-                                     shared_initializers=self._shared, device=self._device)
+    def _pass(self, number: int | None) -> dict[str, np.ndarray]:
+        """One pass over the feeds for the matrices of group ``number`` (None: none), starting from the previous
+        group's carried values when its pass was the last one; the first pass taps the kept tensors too."""
+        names = [] if number is None else self.groups[number]
+        carry = [] if number is None else self._carry_of(number)
+        state, self._state = self._state, None
+        given = state[1] if state is not None and number is not None and state[0] == number - 1 else None
+        collected, values, carried = _collect(
+            self._model_path, names, self._feeds, self.kept if self.passes == 0 else (), budget_bytes=self._budget,
+            skip_first_position=self._skip, shared_initializers=self._shared, device=self._device, given=given,
+            carry=carry)
         self.passes += 1
+        self.resumed += given is not None
+        del state, given
         self._kept_values.update(values)
+        if carry:
+            self._state = (number, carried)
         return collected
+
+    def _carry_of(self, number: int) -> list[str]:
+        """The tensors group ``number``'s pass keeps for the next group's (none after the last group)."""
+        if self._carries is None:
+            reader = IntermediateReader(self._model_path, OPTIMIZATION)
+            layers = [[name for name in group if name not in self._pinning] for group in self.groups]
+            self._carries = [reader.carried([name for group in layers[:index + 1] for name in group],
+                                            [name for group in layers[index + 1:] for name in group])
+                             for index in range(len(layers) - 1)] + [[]]
+        return self._carries[number]
 
     def merged(self, entries: Mapping[str, np.ndarray]) -> "_WithEntries":
         """This store with ``entries`` added (or replacing collected ones): a view of the same store, so that the
@@ -190,6 +235,7 @@ class StreamedHessians(Mapping[str, np.ndarray]):
         self._held, self._held_group = {}, None
         self._pinned.clear()
         self._shared = None
+        self._state = None
 
 
 class _WithEntries(Mapping[str, np.ndarray]):

@@ -10,7 +10,7 @@ temporary file is written, beside the input or anywhere else.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -38,19 +38,27 @@ class IntermediateReader:
         """Every node output, in the graph's (topological) order."""
         return [out for node in self.model.graph.node for out in node.output if out]
 
-    def open(self, names: Sequence[str]) -> "Tap":
-        """A session that returns ``names``; reuse it for many feeds (one session per group of tensors)."""
-        return Tap(self._session(self.pruned(names)), list(names))
+    def open(self, names: Sequence[str], given: Mapping[str, np.dtype] | None = None) -> "Tap":
+        """A session that returns ``names``; reuse it for many feeds (one session per group of tensors).
+        ``given``: intermediate tensors (name -> dtype) the feeds hold, computed earlier (``pruned``)."""
+        return Tap(self._session(self.pruned(names, given)), list(names))
 
-    def pruned(self, names: Sequence[str]) -> onnx.ModelProto:
+    def pruned(self, names: Sequence[str], given: Mapping[str, np.dtype] | None = None) -> onnx.ModelProto:
         """The model (without weights) whose outputs are ``names``, holding only the nodes and initializers they
-        depend on. A graph with subgraphs (If, Loop), whose bodies may read any outer tensor, keeps every node."""
+        depend on. A graph with subgraphs (If, Loop), whose bodies may read any outer tensor, keeps every node.
+
+        ``given``: intermediate tensors (name -> dtype) that become inputs of the pruned model, fed with values
+        computed before (``carried``): the nodes they come from are left out, so the model runs only what lies
+        between them and ``names``."""
         graph = self.model.graph
+        given = dict(given or {})
         if any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                for node in graph.node for attribute in node.attribute):
+            if given:
+                raise ValueError("a graph with subgraphs cannot be cut at given tensors")
             needed = None
         else:
-            needed = _ancestors(self.nodes_by_output, names)
+            needed = _ancestors(self.nodes_by_output, names, stop=given)
         pruned = onnx.ModelProto()
         pruned.CopyFrom(self.model)
         kept = pruned.graph
@@ -60,10 +68,22 @@ class IntermediateReader:
             del kept.node[:], kept.initializer[:], kept.output[:]
             kept.node.extend(nodes)
             kept.initializer.extend(tensor for tensor in graph.initializer if tensor.name in read)
+            kept.input.extend(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
+                                                            None) for name, dtype in given.items() if name in read)
         existing = {output.name for output in kept.output}
         kept.output.extend(helper.make_empty_tensor_value_info(name) for name in dict.fromkeys(names)
                            if name not in existing)
         return pruned
+
+    def carried(self, before: Sequence[str], after: Sequence[str]) -> list[str]:
+        """The tensors computed for ``before`` that computing ``after`` reads (or that are among ``after``): fed
+        as ``given`` tensors, they let ``after`` be computed without running again what ``before`` ran. Graph
+        inputs are not among them (every feed holds those)."""
+        done = _ancestors(self.nodes_by_output, before)
+        later = _ancestors(self.nodes_by_output, after) - done
+        produced = {out for node in self.model.graph.node if id(node) in done for out in node.output if out}
+        read = {name for node in self.model.graph.node if id(node) in later for name in node.input} | set(after)
+        return [name for name in self.tensor_names() if name in produced and name in read]
 
     def run(self, feed: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
         """Values of ``names`` for one input feed."""
@@ -96,12 +116,15 @@ class IntermediateReader:
         return "float32 (activations)" if node.op_type != "Cast" else "cast"
 
 
-def _ancestors(nodes_by_output: Mapping[str, onnx.NodeProto], names: Sequence[str]) -> set[int]:
-    """ids of the nodes the tensors ``names`` are computed from (graph inputs and initializers have none)."""
+def _ancestors(nodes_by_output: Mapping[str, onnx.NodeProto], names: Sequence[str],
+               stop: Collection[str] = ()) -> set[int]:
+    """ids of the nodes the tensors ``names`` are computed from (graph inputs and initializers have none), not
+    looking past the tensors ``stop`` (their values are given)."""
     found: set[int] = set()
     pending = [name for name in names if name]
     while pending:
-        node = nodes_by_output.get(pending.pop())
+        name = pending.pop()
+        node = None if name in stop else nodes_by_output.get(name)
         if node is None or id(node) in found:
             continue
         found.add(id(node))

@@ -432,6 +432,41 @@ def test_collect_hessians_rejects_unknown_names(matmul_model):
 
 
 
+def test_streamed_groups_start_where_the_previous_group_s_pass_ended(planted_model, monkeypatch):
+    """A decoder's inputs in groups of one layer read in order: each pass after the first starts from the values
+    the previous one kept (the residual stream, the mask), so no node runs twice; the matrices equal one pass over the whole model's (within float32 sums: ONNX Runtime
+    fuses a cut graph a little differently), and a group read out of order starts from the inputs again."""
+    from accullm_export.calibration.feeds import llm_feeds, text_windows
+    from accullm_export.graph.linear import find_linear_layers
+    from accullm_export.runtime import intermediates
+    from tests.helpers.models import SAMPLES, SEQ_LEN
+
+    folder, text = planted_model
+    path = folder / "model.onnx"
+    windows, _ = text_windows(folder, str(text), SAMPLES, SEQ_LEN, 0)
+    feeds = llm_feeds(windows, path)
+    layers = find_linear_layers(onnx.load(str(path), load_external_data=False))
+    channels = {layer.input: layer.in_features for layer in layers if layer.out_features < 200}  # not the head
+    whole = collect_hessians(path, list(channels), lambda: iter(feeds))
+    ran: list[set[str]] = []
+    original = intermediates.IntermediateReader._session
+
+    def recording(self, model):
+        ran.append({node.name for node in model.graph.node})
+        return original(self, model)
+
+    monkeypatch.setattr(intermediates.IntermediateReader, "_session", recording)
+    largest = max(count for count in channels.values())
+    store = StreamedHessians(path, channels, lambda: iter(feeds), matrix_bytes=largest * largest * 4)
+    assert len(store.groups) >= 4
+    for name in channels:
+        assert_float32_close(store[name], whole[name])
+    assert store.passes == len(store.groups) and store.resumed == len(store.groups) - 1
+    assert len(ran) == len(store.groups) and sum(map(len, ran)) == len(set().union(*ran))  # no node twice
+    assert_float32_close(store[store.groups[1][0]], whole[store.groups[1][0]])  # out of order: from the inputs
+    assert store.resumed == len(store.groups) - 1 and ran[-1] == ran[0] | ran[1]
+
+
 def test_streamed_hessians_hold_one_group_and_equal_the_whole_collection(matmul_model):
     """A matrix budget below both matrices (x: 8 x 8, y: 4 x 4 float32) gives each its own group: read in order
     that is one pass per group, the values equal ``collect_hessians`` of both at once, a group read again after
