@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 DAMPING_RETRIES = 3  # after the first attempt, each retry multiplies the damping by 10
 COLUMNS = 8192  # output columns per working copy
-INVERSE_BLOCK = 256  # rows below which a triangular inverse is LAPACK's general one
+FACTOR_BLOCK = 256  # rows per block of the in-place Cholesky factor and triangular inverse
 
 
 def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None = None, *,
@@ -98,11 +98,10 @@ def _gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | 
         return values, scales
     order = np.argsort(-np.diag(hessian)[kept], kind="stable") if act_order else np.arange(kept.size)
     solved = kept[order]
-    reduced = hessian[np.ix_(solved, solved)].astype(np.float64)
-    dead = np.diag(reduced) == 0
-    reduced[dead, dead] = 1.0  # an input that never fires: any weight is exact, so quantize it to 0
-    upper = _inverse_cholesky_upper(reduced, damp, reference=float(np.mean(np.diag(reduced))))
-    del reduced  # a down projection's [in, in] float64 matrices are large: one fewer alive through the rounding
+    diagonal = np.diag(hessian)[solved].astype(np.float64)
+    dead = diagonal == 0
+    diagonal[dead] = 1.0  # an input that never fires: any weight is exact, so quantize it to 0
+    upper = _upper_factor(lambda: _reversed_reduced(hessian, solved), damp, reference=float(np.mean(diagonal)))
     solved_blocks = block_index(rows, block_size)[solved]
     for start in range(0, weight.shape[1], columns):  # output columns are independent problems sharing H
         part = slice(start, min(start + columns, weight.shape[1]))
@@ -193,22 +192,41 @@ def _excluded_mask(rows: int, exclude: Sequence[int]) -> np.ndarray:
 
 def _inverse_cholesky_upper(hessian: np.ndarray, damp: float, reference: float) -> np.ndarray:
     """Upper U with U^T U = (H + damping I)^-1, the damping ``damp`` x ``reference`` (a mean H[i, i]), raised x10
-    while H is not positive definite."""
-    diagonal = np.diag_indices(hessian.shape[0])
+    while H is not positive definite (``_upper_factor`` on a float64 copy of H)."""
+    return _upper_factor(lambda: _reversed(np.array(hessian, dtype=np.float64)), damp, reference)
+
+
+def _reversed_reduced(hessian: np.ndarray, solved: np.ndarray) -> np.ndarray:
+    """J H_s J in float64: H restricted to the rows and columns ``solved`` in that order, then both reversed,
+    gathered a block of rows at a time (no float32 copy of the whole); a zero diagonal entry (an input that
+    never fires) becomes 1."""
+    order = solved[::-1]
+    work = np.empty((order.size, order.size))
+    for start in range(0, order.size, FACTOR_BLOCK):
+        work[start:start + FACTOR_BLOCK] = hessian[order[start:start + FACTOR_BLOCK]][:, order]
+    diagonal = np.einsum("ii->i", work)  # a writable view
+    diagonal[diagonal == 0] = 1.0
+    return work
+
+
+def _upper_factor(make, damp: float, reference: float) -> np.ndarray:
+    """Upper U with U^T U = (H + damping I)^-1 from ``make()``, a fresh float64 J H J (H with its rows and
+    columns reversed), which it overwrites: U is that matrix's memory, so a down projection's factor holds one
+    [in, in] float64 matrix (and blocks of it), not several. The damping is ``damp`` x ``reference`` (a mean
+    H[i, i]), raised x10 while H is not positive definite, each try on a new ``make()``.
+
+    With L L^T = J H J, U = J L^-1 J is upper and U^T U = H^-1: one Cholesky and one triangular inverse, where
+    inverting H and factoring H^-1 would square its condition number."""
     for attempt in range(DAMPING_RETRIES + 1):
         fraction = damp * 10.0 ** attempt
-        try:  # one [in, in] float64 matrix alive at a time besides H where it can be (a down_proj's are large)
-            # with J the order reversal and L L^T = J H J, U = J L^-1 J is upper and U^T U = H^-1: one Cholesky
-            # and one triangular inverse, where inverting H and factoring H^-1 would square its condition number
-            damped = hessian[::-1, ::-1].copy()
-            damped[diagonal] += fraction * reference
-            lower = np.linalg.cholesky(damped)
-            del damped
-            upper = np.ascontiguousarray(_lower_inverse(lower)[::-1, ::-1])
-            del lower
-        except np.linalg.LinAlgError:
+        work = None  # the failed try's matrix is freed before the next is made
+        work = make()
+        np.einsum("ii->i", work)[:] += fraction * reference
+        if not _cholesky_in_place(work):
             log.debug("GPTQ Hessian not positive definite with damping %g; retrying with more", fraction)
             continue
+        _lower_inverse_in_place(work)
+        upper = _reversed(work)
         if np.isfinite(upper).all():
             if attempt:
                 log.warning("GPTQ Hessian needed damping %g (asked for %g) to be positive definite", fraction, damp)
@@ -217,19 +235,54 @@ def _inverse_cholesky_upper(hessian: np.ndarray, damp: float, reference: float) 
                     "collect it over more calibration tokens or quantize this layer without GPTQ")
 
 
-def _lower_inverse(lower: np.ndarray) -> np.ndarray:
-    """The inverse of a lower-triangular matrix, by halves: inv([[A, 0], [B, C]]) = [[A^-1, 0], [-C^-1 B A^-1,
-    C^-1]], so the work is matrix products (a third of the operations of LAPACK's general inverse)."""
+def _cholesky_in_place(matrix: np.ndarray) -> bool:
+    """L with L L^T = ``matrix`` (symmetric, C-contiguous float64), written over it with zeros above the
+    diagonal: blocked, right-looking, so its only temporaries are a block column. False if it is not positive
+    definite (the matrix is then spoiled)."""
+    rows = matrix.shape[0]
+    for start in range(0, rows, FACTOR_BLOCK):
+        stop = min(start + FACTOR_BLOCK, rows)
+        try:
+            block = np.linalg.cholesky(matrix[start:stop, start:stop])
+        except np.linalg.LinAlgError:
+            return False
+        matrix[start:stop, start:stop] = block
+        if stop == rows:
+            break
+        panel = matrix[stop:, start:stop]
+        panel[...] = np.linalg.solve(block, panel.T).T  # L21 = A21 L11^-T
+        for column in range(stop, rows, FACTOR_BLOCK):  # the trailing lower part: A22 -= L21 L21^T
+            end = min(column + FACTOR_BLOCK, rows)
+            matrix[column:, column:end] -= matrix[column:, start:stop] @ matrix[column:end, start:stop].T
+    for start in range(0, rows, FACTOR_BLOCK):  # the trailing updates wrote above the diagonal blocks' diagonals
+        stop = min(start + FACTOR_BLOCK, rows)
+        matrix[start:stop, stop:] = 0.0
+        matrix[start:stop, start:stop] = np.tril(matrix[start:stop, start:stop])
+    return True
+
+
+def _lower_inverse_in_place(lower: np.ndarray) -> None:
+    """L^-1 written over the lower-triangular ``lower`` (zeros above the diagonal), a block column at a time from
+    the last: with X22 = L22^-1 already in place, inv([[L11, 0], [L21, L22]]) has X21 = -X22 L21 L11^-1."""
     rows = lower.shape[0]
-    if rows <= INVERSE_BLOCK:
-        return np.tril(np.linalg.inv(lower))  # LU leaves rounding noise above the diagonal
-    half = rows // 2
-    first, second = _lower_inverse(lower[:half, :half]), _lower_inverse(lower[half:, half:])
-    inverse = np.zeros_like(lower)
-    inverse[:half, :half] = first
-    inverse[half:, half:] = second
-    inverse[half:, :half] = -(second @ (lower[half:, :half] @ first))
-    return inverse
+    for start in reversed(range(0, rows, FACTOR_BLOCK)):
+        stop = min(start + FACTOR_BLOCK, rows)
+        first = np.tril(np.linalg.inv(lower[start:stop, start:stop]))  # LU leaves rounding noise above the diagonal
+        if stop < rows:
+            lower[stop:, start:stop] = -((lower[stop:, stop:] @ lower[stop:, start:stop]) @ first)
+        lower[start:stop, start:stop] = first
+
+
+def _reversed(matrix: np.ndarray) -> np.ndarray:
+    """``matrix[::-1, ::-1]`` in place (C-contiguous: its flat order reversed), swapping a part at a time."""
+    flat = matrix.reshape(-1)
+    size, part = flat.size, FACTOR_BLOCK * FACTOR_BLOCK * 4
+    for start in range(0, size // 2, part):
+        stop = min(start + part, size // 2)
+        front = flat[start:stop].copy()
+        flat[start:stop] = flat[size - stop:size - start][::-1]
+        flat[size - stop:size - start] = front[::-1]
+    return matrix
 
 
 def _quantize_rows(work: np.ndarray, upper: np.ndarray, row_scales: np.ndarray, limits: tuple,

@@ -572,6 +572,26 @@ def test_gptq_by_parts_of_the_columns_is_the_whole_problem(asymmetric):
     assert whole[0].any() and not whole[0][[3, 11]].any()
 
 
+def test_gptq_s_factor_holds_one_float64_matrix_of_the_inputs():
+    """GPTQ's working memory on a wide layer is one [in, in] float64 matrix (the factor is made in place) and
+    blocks of it: NumPy's allocations, counted by tracemalloc, stay under two such matrices for a layer with
+    few outputs (a Cholesky and an inverse each beside their input would be three or more)."""
+    import tracemalloc
+
+    size = 1024
+    rng = np.random.default_rng(5)
+    factors = rng.standard_normal((size, 64)).astype(np.float32)
+    hessian = factors @ factors.T / 64 + np.eye(size, dtype=np.float32)
+    weight = rng.standard_normal((size, 8)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        values, _ = gptq_quantize(weight, hessian, 4, 128)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert values.any() and peak < 2 * size * size * 8
+
+
 @pytest.mark.parametrize("size", [7, 600])  # 600: inverted by halves (299 + 300 rows below them, 150 + 150 ...)
 def test_the_inverse_cholesky_factor_is_upper_and_squares_to_the_damped_inverse(size):
     """GPTQ's U: upper triangular with a positive diagonal and U^T U = (H + damp * mean(diag H) * I)^-1, checked
