@@ -48,7 +48,7 @@ class QuantizeOptions:
     on."""
 
     budget_mb: int = 512
-    moments_mb: int = 1536  # GPTQ's [C, C] second-moment matrices held at once (less: more passes over the text)
+    moments_mb: int = 512  # GPTQ's [C, C] second-moment matrices held at once (less: more, shorter passes)
     distill_batch: int = 1  # windows per distillation step
     device: str = "cpu"  # where the statistics sessions (ONNX Runtime) and the distillation (torch) run
     version: int = 1
