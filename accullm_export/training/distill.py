@@ -20,6 +20,7 @@ outputs in the fused module's place, so every architecture's layers are named as
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 import weakref
@@ -49,6 +50,9 @@ class DistillConfig:
     norms: bool = False  # also train the RMSNorm gains (stored in float, so free at inference)
     outlier_rows: bool = False  # also train the FP16 outlier rows (stored in FP16, so free at inference)
     device: str = "cpu"  # torch device of the teacher, the student and the windows: "cpu" or "cuda"
+    # recompute each decoder layer's activations in the backward pass instead of keeping them from the forward
+    # (the same gradients, a layer's forward more per step); None: when a step's would pass ACTIVATION_BUDGET_BYTES
+    recompute: bool | None = None
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -392,7 +396,7 @@ def teacher_outputs(config_dir: str | Path, weights: Mapping[str, np.ndarray], w
     model = build_replica(config_dir, weights, share_memory=True).to(device)
     tokens = torch.from_numpy(np.asarray(windows, dtype=np.int64)).to(device)
     with torch.no_grad():
-        hidden = torch.cat([_decoder(model)(window).last_hidden_state for window in tokens.split(1)])
+        hidden = torch.cat([_decoder(model)(window, use_cache=False).last_hidden_state for window in tokens.split(1)])
     return Teacher(hidden=hidden, head=model.lm_head.weight.detach(),
                    softcap=getattr(model.config, "final_logit_softcapping", None))
 
@@ -438,6 +442,12 @@ def distill_scales(config_dir: str | Path, teacher: Teacher, student_weights: Ma
     device = torch_device(config.device)
     student, by_module = student_replica(config_dir, student_weights, layers, config.outlier_rows)
     student.to(device)
+    kept_bytes = activation_bytes(student.config, windows.shape[1] * config.batch_windows)
+    recompute = kept_bytes > ACTIVATION_BUDGET_BYTES if config.recompute is None else config.recompute
+    if recompute:
+        recompute_layers(student)
+        log.info("distillation: each decoder layer's activations are recomputed in the backward pass (a step "
+                 "would keep about %.1f GB of them)", kept_bytes / 1e9)
     optimizer, norms = training_optimizer(student, by_module, config)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
     held = held_out_count(len(windows))
@@ -475,11 +485,42 @@ def distill_scales(config_dir: str | Path, teacher: Teacher, student_weights: Ma
               "held_out_kl_before": None if before is None else round(before, 5),
               "held_out_kl_after": None if after is None else round(after, 5), "kept": kept,
               "layers": len(by_module), "norms": len(gains), "outlier_rows": sum(len(r) for r in trained_rows.values()),
+              "recomputed": recompute,
               "seconds": round(time.perf_counter() - started, 1)}
     log.info("distilled %d layers' scales in %.0f s: held-out KL %s -> %s%s", len(by_module), report["seconds"],
              report["held_out_kl_before"], report["held_out_kl_after"],
              "" if kept else " (no better: the original scales are kept)")
     return DistillResult(scales, gains, trained_rows, report)
+
+
+# a step's activations kept for the backward pass above which each decoder layer's are recomputed instead
+ACTIVATION_BUDGET_BYTES = 1 << 30
+
+
+def activation_bytes(config, tokens: int) -> int:
+    """About what one step's forward keeps for the backward pass over ``tokens`` positions of a decoder with
+    transformers ``config``: per layer and position, float32 tensors of 8 x the hidden size (norms, attention)
+    and 4 x the MLP's (its projections, activation and product)."""
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    intermediate = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    return layers * tokens * (8 * hidden + 4 * intermediate) * 4
+
+
+def recompute_layers(model) -> None:
+    """Have each decoder layer of ``model`` keep only its inputs for the backward pass and run its forward again
+    there (torch's non-reentrant checkpoint): a step holds one layer's activations at a time, for a layer's
+    forward more of work, with the same gradients. Without gradients (evaluation) the layers run as they are."""
+    torch = require("torch", "export")
+    from torch.utils.checkpoint import checkpoint
+
+    def recomputed(forward, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    for layer in _decoder(model).layers:
+        layer.forward = functools.partial(recomputed, layer.forward)
 
 
 def training_optimizer(student, by_module: Mapping[str, object], config: DistillConfig):
@@ -528,7 +569,7 @@ def kl_step(teacher: Teacher, student, tokens, chosen: Sequence[int], chunk_toke
 
     index = torch.as_tensor(np.asarray(chosen, dtype=np.int64), device=tokens.device)
     batch, target_hidden = tokens[index], teacher.hidden[index]
-    hidden = _decoder(student)(batch).last_hidden_state
+    hidden = _decoder(student)(batch, use_cache=False).last_hidden_state
     detached = hidden.detach().requires_grad_(True)
     head, scales = _head_weight(student)
     total = 0.0
@@ -553,7 +594,7 @@ def mean_kl(teacher: Teacher, student, tokens, windows: Sequence[int], chunk_tok
         head, _ = _head_weight(student)
         for index in windows:
             window = tokens[index:index + 1]
-            hidden = _decoder(student)(window).last_hidden_state
+            hidden = _decoder(student)(window, use_cache=False).last_hidden_state
             total = sum(float(_chunk_kl(teacher, student, teacher.hidden[index:index + 1, part], hidden[:, part],
                                         head)) for part in _token_chunks(student, window, chunk_tokens))
             values.append(total / window.numel())

@@ -116,9 +116,9 @@ def test_with_gptq_the_source_model_runs_once_for_teacher_and_head_ranking(plant
     opened = []
     original_open = intermediates.IntermediateReader.open
 
-    def counting_open(self, names):
+    def counting_open(self, names, given=None):
         opened.append(list(names))
-        return original_open(self, names)
+        return original_open(self, names, given)
 
     def no_torch_teacher(*args, **kwargs):
         raise AssertionError("the teacher was run again in torch")
@@ -220,6 +220,55 @@ def test_a_block_scaled_head_is_built_once_a_step_with_the_same_loss_and_gradien
                                                   target[i:i + 1], log_target=True, reduction="none").sum(-1).mean())
                  for i in (0, 1)]
     assert mean_kl(teacher, student, tokens, [0, 1], chunk_tokens=5) == pytest.approx(np.mean(alone), rel=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])  # gemma3: sliding and global layers
+def test_recomputed_layers_give_the_same_loss_and_gradients_and_keep_less(tiny_exports, model_type):
+    """With each decoder layer recomputed in the backward pass, a distillation step's loss and gradients are
+    exactly those of the step that keeps the activations, and its forward keeps less for the backward pass
+    (counted by autograd's saved-tensor hooks, each storage once)."""
+    from accullm_export.training.distill import _decoder, recompute_layers
+
+    _, folder = tiny_exports[model_type]
+    graph, _ = load_graph(folder / "model.onnx")
+    weights = graph_weights(graph)
+    ids = token_ids(seed=4).reshape(1, -1)
+    windows = np.concatenate([ids, ids[:, ::-1]])
+    teacher = teacher_outputs(folder, {name: value * 1.05 for name, value in weights.items()}, windows)
+    tokens = torch.from_numpy(windows)
+    results = []
+    for recompute in (False, True):
+        student = build_replica(folder, weights, copied=lambda name: "norm" in name)
+        trained = [parameter.requires_grad_(True) for name, parameter in student.named_parameters() if "norm" in name]
+        if recompute:
+            recompute_layers(student)
+        kept: dict[int, int] = {}
+
+        def pack(tensor):
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            _decoder(student)(tokens[:1], use_cache=False).last_hidden_state.sum()
+        loss = kl_step(teacher, student, tokens, [0, 1])
+        results.append((loss, [parameter.grad.clone() for parameter in trained], sum(kept.values())))
+    (loss, gradients, kept_bytes), (again, recomputed_gradients, recomputed_bytes) = results
+    assert loss == again and loss > 0 and len(gradients) > 2
+    assert all(torch.equal(a, b) and float(a.abs().max()) > 0 for a, b in zip(gradients, recomputed_gradients))
+    assert recomputed_bytes < kept_bytes / 2
+
+
+def test_layers_are_recomputed_when_a_step_s_activations_pass_the_budget():
+    """The rule of DistillConfig(recompute=None): a 512-token window of a 24-layer decoder with 896 hidden and
+    4,864 MLP channels keeps over the budget; a 30-layer one with 576 and 1,536 keeps under it."""
+    from types import SimpleNamespace
+
+    from accullm_export.training.distill import ACTIVATION_BUDGET_BYTES, activation_bytes
+
+    wide = SimpleNamespace(hidden_size=896, intermediate_size=4864, num_hidden_layers=24)
+    narrow = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_hidden_layers=30)
+    assert activation_bytes(wide, 512) > ACTIVATION_BUDGET_BYTES > activation_bytes(narrow, 512)
+    assert activation_bytes(wide, 1024) == 2 * activation_bytes(wide, 512)
 
 
 def test_student_replica_equals_the_quantized_graph(planted, tmp_path):
