@@ -213,8 +213,12 @@ class StreamedHessians(Mapping[str, np.ndarray]):
         if self._carries is None:
             reader = IntermediateReader(self._model_path, OPTIMIZATION)
             layers = [[name for name in group if name not in self._pinning] for group in self.groups]
+            first = next(iter(self._feeds()), None) if len(layers) > 1 else None
+            sizes = {} if first is None else _elements_per_batch(reader.model, reader.tensor_names(), first,
+                                                                 self._budget, quiet=True)
             self._carries = [reader.carried([name for group in layers[:index + 1] for name in group],
-                                            [name for group in layers[index + 1:] for name in group])
+                                            [name for group in layers[index + 1:] for name in group],
+                                            size_of=lambda name: sizes.get(name, 0))
                              for index in range(len(layers) - 1)] + [[]]
         return self._carries[number]
 
@@ -295,7 +299,7 @@ class _Sums:
 
 
 def _elements_per_batch(model: onnx.ModelProto, names: list[str], feed: Mapping[str, np.ndarray],
-                        budget_bytes: int) -> dict[str, int]:
+                        budget_bytes: int, quiet: bool = False) -> dict[str, int]:
     """Elements of each tensor for one feed like ``feed``; unknown sizes count as the whole budget."""
     shapes = _inferred_shapes(model)
     bound = _bind_input_dims(model, feed)
@@ -306,7 +310,7 @@ def _elements_per_batch(model: onnx.ModelProto, names: list[str], feed: Mapping[
                 for dim in shapes.get(name, [])]
         sizes[name] = int(np.prod(dims)) if dims and all(size > 0 for size in dims) else alone
     unknown = sum(size == alone for size in sizes.values())
-    if unknown:
+    if unknown and not quiet:
         log.info("%d tensor(s) of unknown size are tapped one per pass", unknown)
     return sizes
 

@@ -10,7 +10,7 @@ temporary file is written, beside the input or anywhere else.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Collection, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -75,14 +75,38 @@ class IntermediateReader:
                            if name not in existing)
         return pruned
 
-    def carried(self, before: Sequence[str], after: Sequence[str]) -> list[str]:
+    def carried(self, before: Sequence[str], after: Sequence[str],
+                size_of: Callable[[str], int] | None = None) -> list[str]:
         """The tensors computed for ``before`` that computing ``after`` reads (or that are among ``after``): fed
         as ``given`` tensors, they let ``after`` be computed without running again what ``before`` ran. Graph
-        inputs are not among them (every feed holds those)."""
+        inputs are not among them (every feed holds those).
+
+        With ``size_of`` (a tensor's size for one feed), the cut moves on, through the nodes ``after`` needs, up
+        to the first node that computes one of ``after``, to where what is carried is smallest: past a layer's
+        last projection, say, its residual stream instead of the projection's wide input. Those nodes then run
+        with ``before``'s."""
+        nodes = list(self.model.graph.node)
         done = _ancestors(self.nodes_by_output, before)
-        later = _ancestors(self.nodes_by_output, after) - done
-        produced = {out for node in self.model.graph.node if id(node) in done for out in node.output if out}
-        read = {name for node in self.model.graph.node if id(node) in later for name in node.input} | set(after)
+        needed = _ancestors(self.nodes_by_output, after) | done
+        order = [index for index, node in enumerate(nodes) if id(node) in needed]
+        start = max((index for index in order if id(nodes[index]) in done), default=-1) + 1
+        wanted = set(after)
+        stop = min((index for index in order if index >= start and wanted & set(nodes[index].output)),
+                   default=start)
+        best, best_size = None, None
+        for cut in (range(start, max(stop, start) + 1) if size_of is not None else [start]):
+            ran = {id(nodes[index]) for index in order if index < cut} | done
+            live = self._live(nodes, ran, needed, wanted)
+            size = sum(size_of(name) for name in live) if size_of is not None else 0
+            if best is None or size < best_size:
+                best, best_size = live, size
+        return best
+
+    def _live(self, nodes: list, ran: set[int], needed: set[int], wanted: set[str]) -> list[str]:
+        """The outputs of the nodes ``ran`` that the other ``needed`` nodes read or that are ``wanted``, in
+        graph order."""
+        produced = {out for node in nodes if id(node) in ran for out in node.output if out}
+        read = {name for node in nodes if id(node) in needed and id(node) not in ran for name in node.input} | wanted
         return [name for name in self.tensor_names() if name in produced and name in read]
 
     def run(self, feed: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:

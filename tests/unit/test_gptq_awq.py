@@ -467,6 +467,29 @@ def test_streamed_groups_start_where_the_previous_group_s_pass_ended(planted_mod
     assert store.resumed == len(store.groups) - 1 and ran[-1] == ran[0] | ran[1]
 
 
+def test_the_carried_tensors_move_past_a_layer_s_last_projection_to_its_residual_stream(planted_model):
+    """Between a group that ends at a down projection's input and one that starts at the next layer's norm, the
+    first cut carries that wide input; given the tensors' sizes, the cut moves on to the layer's residual sum."""
+    from accullm_export.calibration.feeds import llm_feeds, text_windows
+    from accullm_export.calibration.hessian import _elements_per_batch
+    from accullm_export.runtime.intermediates import IntermediateReader
+    from tests.helpers.models import SAMPLES, SEQ_LEN
+
+    folder, text = planted_model
+    reader = IntermediateReader(folder)
+    windows, _ = text_windows(folder, str(text), SAMPLES, SEQ_LEN, 0)
+    sizes = _elements_per_batch(reader.model, reader.tensor_names(), llm_feeds(windows, folder / "model.onnx")[0],
+                                512 << 20)
+    before = ["/model/layers.0/input_layernorm/Mul/output_0", "/model/layers.0/mlp/Mul/output_0"]
+    after = ["/model/layers.1/input_layernorm/Mul/output_0", "/model/layers.1/mlp/Mul/output_0"]
+    first = reader.carried(before, after)
+    moved = reader.carried(before, after, size_of=sizes.get)
+    assert "/model/layers.0/mlp/Mul/output_0" in first and "/model/layers.0/residual_mlp/Add/output_0" not in first
+    assert set(moved) == {name for name in first if "layers.0" not in name} | {
+        "/model/layers.0/residual_mlp/Add/output_0"}
+    assert sum(sizes[name] for name in moved if name in sizes) < sum(sizes[name] for name in first if name in sizes)
+
+
 def test_streamed_hessians_hold_one_group_and_equal_the_whole_collection(matmul_model):
     """A matrix budget below both matrices (x: 8 x 8, y: 4 x 4 float32) gives each its own group: read in order
     that is one pass per group, the values equal ``collect_hessians`` of both at once, a group read again after
@@ -480,7 +503,8 @@ def test_streamed_hessians_hold_one_group_and_equal_the_whole_collection(matmul_
     np.testing.assert_array_equal(store["x"], whole["x"])
     assert store.passes == 1
     np.testing.assert_array_equal(store["y"], whole["y"])
-    assert store.passes == 2 and len(calls) == 2 * 2  # each pass: a peek at the first feed's shapes, then the pass
+    assert store.passes == 2 and len(calls) == 2 * 2 + 1  # each pass: a peek at the first feed's shapes, then the
+    # pass; and once, a peek to size what a pass carries to the next
     np.testing.assert_array_equal(store["x"], whole["x"])  # out of order: collected again
     assert store.passes == 3
     merged = store.merged({"rotated": np.eye(2)})
