@@ -96,25 +96,39 @@ def constant(name: str, values: np.ndarray) -> gs.Constant:
     return gs.Constant(name, values)
 
 
-class ZeroedRows(gs.ir.tensor.LazyValues):
-    """A weight with some rows set to zero, made only when read: the zeroed copies of every layer a pass
-    rewrites are not all held at once when a later pass reads and replaces each in turn."""
+class LazyArray(gs.ir.tensor.LazyValues):
+    """A constant's values made only when read (``make()``, of a known shape and dtype): a derived copy of a
+    large weight is not held from the pass that makes the constant to the pass that reads and replaces it."""
 
-    def __init__(self, source: np.ndarray, rows: tuple[int, ...]):  # no proto behind it: LazyValues' own is unused
-        self._source, self._rows = source, list(rows)
-        self.shape, self.dtype, self.nbytes = source.shape, source.dtype, source.nbytes
+    def __init__(self, make, shape: tuple[int, ...], dtype: np.dtype, description: str):
+        # no proto behind it: LazyValues' own is unused
+        self._make, self._description = make, description
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
     def load(self) -> np.ndarray:
-        values = self._source.copy()
-        values[self._rows] = 0
-        return values
+        return self._make()
 
     @property
     def tensor(self) -> onnx.TensorProto:  # what the exporter writes for a constant still lazy at save time
         return numpy_helper.from_array(self.load())
 
     def __str__(self) -> str:
-        return f"ZeroedRows(shape={self.shape}, dtype={self.dtype}, rows={len(self._rows)})"
+        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, {self._description})"
+
+
+class ZeroedRows(LazyArray):
+    """A weight with some rows set to zero, made only when read: the zeroed copies of every layer a pass
+    rewrites are not all held at once when a later pass reads and replaces each in turn."""
+
+    def __init__(self, source: np.ndarray, rows: tuple[int, ...]):
+        super().__init__(self._zeroed, source.shape, source.dtype, f"rows={len(rows)}")
+        self._source, self._rows = source, list(rows)
+
+    def _zeroed(self) -> np.ndarray:
+        values = self._source.copy()
+        values[self._rows] = 0
+        return values
 
 
 def constant_array(tensor: gs.Constant) -> np.ndarray:

@@ -169,3 +169,29 @@ def test_rotated_rows_by_parts_of_the_columns_is_r_transpose_w():
     np.testing.assert_allclose(whole, expected, rtol=1e-6, atol=1e-6)
     for columns in (1, 3, 4):
         np.testing.assert_array_equal(rotated_rows(weight, signs, 4, zeroed=[9], columns=columns), whole)
+
+
+def test_a_rotated_weight_is_made_when_read_from_the_unzeroed_source():
+    """rotate_inputs leaves the rotated weight to be made when a later pass reads it (a head-sized copy is not
+    held from one pass to the next), from the source weight with the outlier rows and the rows
+    isolate_outliers zeroed counting as 0: what R^T W of the zeroed weight is."""
+    import dataclasses
+
+    from accullm_export.graph.ir import LazyArray, ZeroedRows, constant_array
+    from accullm_export.graph.passes import rotate_inputs
+    from accullm_export.graph.passes.rotate_inputs import rotated_rows
+    from accullm_export.graph.rotation import rotation_matrix
+
+    weight = np.random.default_rng(2).normal(size=(16, 6)).astype(np.float32)
+    graph = one_layer_graph(weight)
+    node = graph.nodes[0]
+    node.inputs[1].values = ZeroedRows(weight, (3,))
+    plan = dataclasses.replace(plan_for(weight, "int4", outliers=(3,), block=8), rotation=4)
+    result = rotate_inputs.run(graph, rotate_inputs.Config(plans={node.name: plan}))
+    rotated = next(node for node in result.graph.nodes if node.name == "/layer/MatMul").inputs[1]
+    assert isinstance(rotated._values, LazyArray) and rotated._values.shape == weight.shape
+    signs = rotate_inputs.rotation_signs("x", 16, (3,))
+    zeroed = weight.astype(np.float64)
+    zeroed[3] = 0.0
+    np.testing.assert_array_equal(constant_array(rotated), rotated_rows(weight, signs, 4, zeroed=[3]))
+    np.testing.assert_allclose(constant_array(rotated), rotation_matrix(signs, 4).T @ zeroed, rtol=1e-5, atol=1e-6)

@@ -23,6 +23,7 @@ lets it keep large blocks at the accuracy of smaller ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping
 import zlib
 
@@ -30,7 +31,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from accullm_export.errors import UserError
-from accullm_export.graph.ir import constant
+from accullm_export.graph.ir import LazyArray, ZeroedRows, constant
 from accullm_export.graph.pass_data import PassResult
 from accullm_export.graph.layer_plan import LayerPlan
 from accullm_export.graph.passes import register
@@ -79,8 +80,13 @@ def run(graph: gs.Graph, config: Config) -> PassResult:
         rotated_input, signs = inputs[source.name]
         node.inputs[0] = rotated_input
         # the branch computes the outlier rows (isolate_outliers zeroed them already): their 0 is spread out
-        values = rotated_rows(weight.values, signs, plan.rotation, zeroed=plan.outliers)
-        node.inputs[1] = constant(f"{node.name}/weight_rotated", values)
+        # made when read (by GPTQ or the rounding, which then replace it): a head-sized copy is not held meanwhile
+        lazy = weight._values if isinstance(weight._values, ZeroedRows) else None
+        source = weight.values if lazy is None else lazy._source
+        zeroed = sorted(set(plan.outliers) | set(() if lazy is None else lazy._rows))
+        node.inputs[1] = gs.Constant(f"{node.name}/weight_rotated", LazyArray(
+            functools.partial(rotated_rows, source, signs, plan.rotation, zeroed=zeroed), source.shape, source.dtype,
+            f"rotated in blocks of {plan.rotation}"))
         produced["plans"][node.name] = dataclasses.replace(plan, input=rotated_input.name)
         rotated += 1
     notes.append(f"{rotated} layers' low-bit parts read their input block-Hadamard rotated, {len(inputs)} "
