@@ -57,23 +57,30 @@ def collect_hessians(model_path: str | Path, tensors: Sequence[str], feeds: Feed
 def _collect(model_path: str | Path, tensors: Sequence[str], feeds: Feeds, kept: Sequence[str], *, budget_bytes: int,
              skip_first_position: bool, shared_initializers: Mapping[str, np.ndarray] | None,
              device: str, given: list[dict[str, np.ndarray]] | None = None,
-             carry: Sequence[str] = ()) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
-                                                 list[dict[str, np.ndarray]]]:
+             carry: Sequence[str] = (), reader: IntermediateReader | None = None,
+             sizes: Mapping[str, int] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
+                                                               list[dict[str, np.ndarray]]]:
     """``collect_hessians``' means; the values of the ``kept`` tensors on every feed (all positions), stacked
     along the first axis: tapped in the first pass, so they cost no pass of their own; and, per feed, the values
     of the ``carry`` tensors, for a later call's ``given``.
 
     ``given``: per feed (in the feeds' order), values of intermediate tensors computed by an earlier call
     (``IntermediateReader.carried``): the sessions start from them instead of running what computed them. The
-    list's entries are dropped as the last pass has used them."""
+    list's entries are dropped as the last pass has used them.
+
+    ``reader`` and ``sizes`` (elements per feed of each tensor, ``_elements_per_batch``): made once by a caller
+    that collects many times from one model (then ``model_path``, ``shared_initializers`` and ``device`` are the
+    reader's); else made here."""
     names = list(dict.fromkeys(tensors))
-    reader = IntermediateReader(model_path, OPTIMIZATION, shared_initializers, device)
+    if reader is None:
+        reader = IntermediateReader(model_path, OPTIMIZATION, shared_initializers, device)
     _check_names(reader, names + list(kept) + list(carry), model_path)
-    first = next(iter(feeds()), None)
-    if first is None:
-        raise UserError("no calibration feeds: the Hessians need at least one batch")
-    sizes = _elements_per_batch(reader.model, names, first, budget_bytes)
-    groups = plan_groups(sizes, 1, budget_bytes) or [[]]
+    if sizes is None:  # else the caller read the first feed's shapes
+        first = next(iter(feeds()), None)
+        if first is None:
+            raise UserError("no calibration feeds: the Hessians need at least one batch")
+        sizes = _elements_per_batch(reader.model, names, first, budget_bytes)
+    groups = plan_groups({name: sizes[name] for name in names}, 1, budget_bytes) or [[]]
     log.info("collecting Hessians of %d tensors in %d pass(es)%s", len(names), len(groups),
              " from the values a previous pass left" if given else "")
     types = {name: value.dtype for name, value in given[0].items()} if given else {}
@@ -148,6 +155,8 @@ class StreamedHessians(Mapping[str, np.ndarray]):
         self._kept_values: dict[str, np.ndarray] = {}
         self._carries: list[list[str]] | None = None  # per group: the tensors its pass keeps for the next one's
         self._state: tuple[int, list[dict[str, np.ndarray]]] | None = None  # (group, its pass's carried values)
+        self._reader: IntermediateReader | None = None  # the graph and its tensors' sizes, read once for every pass
+        self._sizes: dict[str, int] | None = None
         self.passes = 0
         self.resumed = 0  # passes that started from the previous group's carried values
 
@@ -196,10 +205,12 @@ class StreamedHessians(Mapping[str, np.ndarray]):
         carry = [] if number is None else self._carry_of(number)
         state, self._state = self._state, None
         given = state[1] if state is not None and number is not None and state[0] == number - 1 else None
+        reader, sizes = self._model()
+        reader.shared_initializers = self._shared
         collected, values, carried = _collect(
             self._model_path, names, self._feeds, self.kept if self.passes == 0 else (), budget_bytes=self._budget,
             skip_first_position=self._skip, shared_initializers=self._shared, device=self._device, given=given,
-            carry=carry)
+            carry=carry, reader=reader, sizes=sizes)
         self.passes += 1
         self.resumed += given is not None
         del state, given
@@ -211,16 +222,27 @@ class StreamedHessians(Mapping[str, np.ndarray]):
     def _carry_of(self, number: int) -> list[str]:
         """The tensors group ``number``'s pass keeps for the next group's (none after the last group)."""
         if self._carries is None:
-            reader = IntermediateReader(self._model_path, OPTIMIZATION)
+            reader, sizes = self._model()
             layers = [[name for name in group if name not in self._pinning] for group in self.groups]
-            first = next(iter(self._feeds()), None) if len(layers) > 1 else None
-            sizes = {} if first is None else _elements_per_batch(reader.model, reader.tensor_names(), first,
-                                                                 self._budget, quiet=True)
             self._carries = [reader.carried([name for group in layers[:index + 1] for name in group],
                                             [name for group in layers[index + 1:] for name in group],
                                             size_of=lambda name: sizes.get(name, 0))
                              for index in range(len(layers) - 1)] + [[]]
         return self._carries[number]
+
+    def _model(self) -> tuple[IntermediateReader, dict[str, int]]:
+        """The reader of the model's graph and the elements per feed of its tensors (graph inputs and node
+        outputs; ``_elements_per_batch``), made at the first pass and kept for the others."""
+        if self._reader is None:
+            reader = IntermediateReader(self._model_path, OPTIMIZATION, self._shared, self._device)
+            first = next(iter(self._feeds()), None)
+            if first is None:
+                raise UserError("no calibration feeds: the Hessians need at least one batch")
+            inputs = [value.name for value in reader.model.graph.input]
+            self._sizes = _elements_per_batch(reader.model, inputs + reader.tensor_names(), first, self._budget,
+                                              quiet=True)
+            self._reader = reader
+        return self._reader, self._sizes
 
     def merged(self, entries: Mapping[str, np.ndarray]) -> "_WithEntries":
         """This store with ``entries`` added (or replacing collected ones): a view of the same store, so that the

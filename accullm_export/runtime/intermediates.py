@@ -94,7 +94,7 @@ class IntermediateReader:
         stop = min((index for index in order if index >= start and wanted & set(nodes[index].output)),
                    default=start)
         best, best_size = None, None
-        for cut in (range(start, max(stop, start) + 1) if size_of is not None else [start]):
+        for cut in (range(start, stop + 1) if size_of is not None else [start]):
             ran = {id(nodes[index]) for index in order if index < cut} | done
             live = self._live(nodes, ran, needed, wanted)
             size = sum(size_of(name) for name in live) if size_of is not None else 0

@@ -503,8 +503,8 @@ def test_streamed_hessians_hold_one_group_and_equal_the_whole_collection(matmul_
     np.testing.assert_array_equal(store["x"], whole["x"])
     assert store.passes == 1
     np.testing.assert_array_equal(store["y"], whole["y"])
-    assert store.passes == 2 and len(calls) == 2 * 2 + 1  # each pass: a peek at the first feed's shapes, then the
-    # pass; and once, a peek to size what a pass carries to the next
+    assert store.passes == 2 and len(calls) == 1 + 2  # once, a peek at the first feed's shapes (to size what each
+    # pass taps and carries to the next); then the passes
     np.testing.assert_array_equal(store["x"], whole["x"])  # out of order: collected again
     assert store.passes == 3
     merged = store.merged({"rotated": np.eye(2)})
