@@ -207,17 +207,32 @@ class StreamedHessians(Mapping[str, np.ndarray]):
         given = state[1] if state is not None and number is not None and state[0] == number - 1 else None
         reader, sizes = self._model()
         reader.shared_initializers = self._shared
-        collected, values, carried = _collect(
-            self._model_path, names, self._feeds, self.kept if self.passes == 0 else (), budget_bytes=self._budget,
-            skip_first_position=self._skip, shared_initializers=self._shared, device=self._device, given=given,
-            carry=carry, reader=reader, sizes=sizes)
+        try:
+            collected, values, carried = _collect(
+                self._model_path, names, self._feeds, self.kept if self.passes == 0 else (),
+                budget_bytes=self._budget, skip_first_position=self._skip, shared_initializers=self._shared,
+                device=self._device, given=given, carry=carry, reader=reader, sizes=sizes)
+        finally:
+            reader.shared_initializers = None  # the store alone holds the weights between passes (``_release``)
         self.passes += 1
         self.resumed += given is not None
         del state, given
         self._kept_values.update(values)
         if carry:
             self._state = (number, carried)
+            self._release(number, {name: value.dtype for name, value in carried[0].items()} if carried else {})
         return collected
+
+    def _release(self, number: int, carry: Mapping[str, np.dtype]) -> None:
+        """Let go of the shared weights that no later group's pass reads once it starts from the values group
+        ``number``'s pass carried: the caller's arrays are then freed as the passes replace them in its graph. A
+        pass that needs one again (a group read out of order) loads it from the model's file."""
+        if not self._shared:
+            return
+        reader, _ = self._model()
+        later = [name for group in self.groups[number + 1:] for name in group if name not in self._pinning]
+        read = {tensor.name for tensor in reader.pruned(later, carry).graph.initializer}
+        self._shared = {name: value for name, value in self._shared.items() if name in read}
 
     def _carry_of(self, number: int) -> list[str]:
         """The tensors group ``number``'s pass keeps for the next group's (none after the last group)."""
@@ -234,7 +249,7 @@ class StreamedHessians(Mapping[str, np.ndarray]):
         """The reader of the model's graph and the elements per feed of its tensors (graph inputs and node
         outputs; ``_elements_per_batch``), made at the first pass and kept for the others."""
         if self._reader is None:
-            reader = IntermediateReader(self._model_path, OPTIMIZATION, self._shared, self._device)
+            reader = IntermediateReader(self._model_path, OPTIMIZATION, device=self._device)
             first = next(iter(self._feeds()), None)
             if first is None:
                 raise UserError("no calibration feeds: the Hessians need at least one batch")
@@ -252,8 +267,9 @@ class StreamedHessians(Mapping[str, np.ndarray]):
 
     def share(self, initializers: Mapping[str, np.ndarray]) -> None:
         """Run later passes on these arrays (the model's own weights, already in memory) instead of loading the
-        weights again: ``collect_hessians``' ``shared_initializers``. They must stay unchanged while in use."""
-        self._shared = initializers
+        weights again: ``collect_hessians``' ``shared_initializers``. They must stay unchanged while in use. The
+        store holds each only while a later pass may read it."""
+        self._shared = dict(initializers)
 
     def clear(self) -> None:
         """Drop every matrix held, pinned ones too, and the shared weights (a later read collects the matrices

@@ -467,6 +467,49 @@ def test_streamed_groups_start_where_the_previous_group_s_pass_ended(planted_mod
     assert store.resumed == len(store.groups) - 1 and ran[-1] == ran[0] | ran[1]
 
 
+def test_a_chained_store_lets_go_of_the_shared_weights_no_later_pass_reads(planted_model):
+    """Run on the caller's weights, a store read in order holds after each pass only those that a later group's
+    pass (starting from the values carried) reads: the rest are freed as soon as the caller lets go of them. A
+    group read again out of order loads what it needs from the model's file, with the same matrices."""
+    import gc
+    import weakref
+
+    from accullm_export.calibration.feeds import llm_feeds, text_windows
+    from accullm_export.graph.linear import find_linear_layers
+    from accullm_export.runtime.intermediates import IntermediateReader
+    from tests.helpers.models import SAMPLES, SEQ_LEN
+
+    folder, text = planted_model
+    path = folder / "model.onnx"
+    windows, _ = text_windows(folder, str(text), SAMPLES, SEQ_LEN, 0)
+    feeds = llm_feeds(windows, path)
+    model = onnx.load(str(path))
+    weights = {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer
+               if tensor.data_type == TensorProto.FLOAT and np.prod(tensor.dims) >= 1024}
+    layers = find_linear_layers(model)
+    channels = {layer.input: layer.in_features for layer in layers if layer.out_features < 200}
+    whole = collect_hessians(path, list(channels), lambda: iter(feeds))
+    largest = max(channels.values())
+    store = StreamedHessians(path, channels, lambda: iter(feeds), matrix_bytes=largest * largest * 4)
+    store.share(weights)
+    alive = {name: weakref.ref(value) for name, value in weights.items()}
+    del weights, model
+    reader = IntermediateReader(path)
+    for number, group in enumerate(store.groups):
+        for name in group:
+            np.testing.assert_allclose(store[name], whole[name], rtol=1e-5, atol=1e-7)
+        gc.collect()
+        later = [name for other in store.groups[number + 1:] for name in other]
+        carry = dict.fromkeys(store._carry_of(number), np.float32)
+        read = {tensor.name for tensor in reader.pruned(later, carry).graph.initializer} if later else set(alive)
+        held = {name for name, ref in alive.items() if ref() is not None}
+        assert held == set(store._shared) and held <= read
+        if number == 0:
+            assert held < set(alive)  # the first layer's weights went with its pass
+    assert store.resumed == len(store.groups) - 1
+    np.testing.assert_allclose(store[store.groups[0][0]], whole[store.groups[0][0]], rtol=1e-5, atol=1e-7)
+
+
 def test_the_carried_tensors_move_past_a_layer_s_last_projection_to_its_residual_stream(planted_model):
     """Between a group that ends at a down projection's input and one that starts at the next layer's norm, the
     first cut carries that wide input; given the tensors' sizes, the cut moves on to the layer's residual sum."""
