@@ -107,6 +107,8 @@ def quantize_config(out: Path, args: argparse.Namespace) -> Path:
     recipe = tomllib.loads(dumped)
     recipe["gptq"]["samples"] = args.gptq_samples
     recipe["distill"]["steps"] = args.distill_steps
+    if not args.distill_steps:  # no training: nothing trains along with the scales either
+        recipe["distill"]["norms"] = recipe["distill"]["outlier_rows"] = False
     recipe["distill"]["samples"] = args.distill_samples
     recipe["vocab"]["samples"] = min(recipe["vocab"]["samples"], args.calib_samples)
     path = out / "w4a16-counts.toml"

@@ -22,15 +22,20 @@ class OrtCausalLM(CausalLMRunner):
     """A decoder with a KV cache, run by ONNX Runtime."""
 
     def __init__(self, model_path: Path, *, device: str = "auto", optimization: str = "all",
-                 threads: int | None = None, profile_prefix: str | None = None, exact: bool = False):
+                 threads: int | None = None, profile_prefix: str | None = None, exact: bool = False,
+                 lean: bool = False):
         """``exact``: the INT4 layers ONNX Runtime fuses into MatMulNBits multiply float32 activations (accuracy
         level 0) instead of 8-bit ones (its default, level 4, quantizes each pass's activations its own way), so
-        that a pass over several tokens computes each token as a one-token pass does: golden mode's verifier."""
+        that a pass over several tokens computes each token as a one-token pass does: golden mode's verifier.
+
+        ``lean``: for a model run beside another (validation): no prepacked weight copies (the weights stay in the
+        model file's pages) and no per-shape memory pattern (``create_session``); the results are the same."""
         self.model_path = Path(model_path)
         self.folder = self.model_path.parent
         self.session = create_session(self.model_path, device=device, optimization=optimization, threads=threads,
                                       profile_prefix=profile_prefix,
-                                      config_entries={EXACT_ACCURACY_KEY: "0"} if exact else None)
+                                      config_entries={EXACT_ACCURACY_KEY: "0"} if exact else None,
+                                      prepack=not lean, memory_pattern=not lean)
         self.layout = _layout(self.session, self.model_path)
         self._output_names = ["logits"] + [f"present.{i}.{kind}" for i in range(self.layout.num_layers)
                                            for kind in ("key", "value")]

@@ -19,7 +19,8 @@ def create_session(model_path: str | Path | bytes, *, device: str = "auto", opti
                    threads: int | None = None, profile_prefix: str | None = None,
                    external_data_folder: str | Path | None = None,
                    shared_initializers: Mapping[str, np.ndarray] | None = None,
-                   config_entries: Mapping[str, str] | None = None, prepack: bool = True):
+                   config_entries: Mapping[str, str] | None = None, prepack: bool = True,
+                   memory_pattern: bool = True):
     """An InferenceSession on CPU or CUDA.
 
     Args:
@@ -37,6 +38,9 @@ def create_session(model_path: str | Path | bytes, *, device: str = "auto", opti
             weights does not load them twice. Weight prepacking is then off (it would copy them again).
         config_entries: ONNX Runtime session configuration entries (key -> value).
         prepack: let ONNX Runtime keep prepacked copies of MatMul weights (off with ``shared_initializers``).
+            Without them, weights in external data stay in the file's mapped pages.
+        memory_pattern: let ONNX Runtime plan each input shape's buffers as one block, which its memory arena keeps
+            beside the blocks of the runs before (off: each buffer is taken from the arena as the run goes).
 
     Raises:
         UserError: the file is not a loadable model, or the option values are unknown.
@@ -71,6 +75,7 @@ def create_session(model_path: str | Path | bytes, *, device: str = "auto", opti
         options.profile_file_prefix = profile_prefix
     for key, value in (config_entries or {}).items():
         options.add_session_config_entry(key, value)
+    options.enable_mem_pattern = memory_pattern
     if shared_initializers or not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
     shared = {}

@@ -38,11 +38,12 @@ class LLMValidationConfig:
 
 
 def load_pair(reference: str | Path, candidate: str | Path, optimization: str) -> tuple[CausalLMRunner, CausalLMRunner]:
-    """Load both sides and check they are comparable (same inputs, same vocabulary)."""
+    """Load both sides and check they are comparable (same inputs, same vocabulary). Both run in one process,
+    so each keeps its ONNX Runtime memory lean (``OrtCausalLM``'s ``lean``)."""
     from accullm_export.runtime.trt_runner import load_runner
 
-    ref = load_runner(reference, device="cpu", optimization=optimization)
-    cand = load_runner(candidate, device="cpu", optimization=optimization)  # an .engine runs in TensorRT
+    ref = load_runner(reference, device="cpu", optimization=optimization, lean=True)
+    cand = load_runner(candidate, device="cpu", optimization=optimization, lean=True)  # an .engine: TensorRT
     # position_ids is optional: onnxruntime-genai's own builds derive positions from the attention mask
     ref_inputs = ref.input_names() - {"position_ids"}
     cand_inputs = cand.input_names() - {"position_ids"}

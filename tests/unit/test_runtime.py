@@ -124,3 +124,24 @@ def test_statistics_sessions_run_without_weight_prepacking(tmp_path):
     assert not prepacking_off(plain) and prepacking_off(tap.session)
     assert prepacking_off(create_session(path, device="cpu", prepack=False))
     np.testing.assert_array_equal(tap.run(feed)["y"], plain.run(["y"], feed)[0])
+
+
+def test_validation_runs_both_models_lean_with_the_same_logits(tiny_exports):
+    """validate holds two models in one process: each session keeps no prepacked weight copies and no per-shape
+    memory pattern (the arena would keep each shape's block), and computes exactly what a default session does."""
+    from accullm_export.validate.llm import load_pair
+
+    _, folder = tiny_exports["llama"]
+    ref, cand = load_pair(folder, folder, "basic")
+    for runner in (ref, cand):
+        options = runner.session.get_session_options()
+        assert not options.enable_mem_pattern
+        assert options.get_session_config_entry("session.disable_prepacking") == "1"
+    default = OrtCausalLM.from_path(folder, device="cpu", optimization="basic")
+    assert default.session.get_session_options().enable_mem_pattern
+    tokens = np.random.default_rng(0).integers(0, 200, (1, 40))
+    for length in (40, 17, 40):  # a shape again after another: what a memory pattern would have served
+        np.testing.assert_array_equal(ref.full_logits(tokens[:, :length]), default.full_logits(tokens[:, :length]))
+    prompts = [[5, 17, 99, 3, 44, 8]]
+    config = GenerationConfig(max_new_tokens=8)
+    assert generate(ref, prompts, config).tokens == generate(default, prompts, config).tokens
