@@ -3,6 +3,7 @@ layer's float weight with a quantized constant behind DequantizeLinear."""
 
 from __future__ import annotations
 
+import gc
 from typing import Iterator, Mapping
 
 import ml_dtypes
@@ -71,9 +72,38 @@ def replace_weight_dequantized(graph: gs.Graph, node: gs.Node, values: np.ndarra
                                block_size: int | None, float_dtype: np.dtype,
                                zero_points: np.ndarray | None = None) -> None:
     """Make ``node`` read DequantizeLinear(int values, scales) instead of its float weight
-    (``dequantized_weight`` with the prefix ``<node>/weight``)."""
+    (``dequantized_weight`` with the prefix ``<node>/weight``); the float constant, where nothing else reads it,
+    is freed soon after (``release_replaced``)."""
+    replaced = node.inputs[1]
     node.inputs[1] = dequantized_weight(graph, f"{node.name}/weight", values, scales, bits, block_size, float_dtype,
                                         zero_points)
+    waiting = replaced_bytes(replaced)
+    del replaced
+    release_replaced(waiting)
+
+
+COLLECT_BYTES = 256 << 20  # replaced constants' bytes left waiting for Python's cycle collector at most
+_waiting = 0  # bytes of replaced constants since the last collection
+
+
+def replaced_bytes(tensor) -> int:
+    """The bytes a constant just replaced frees once collected: none while something still reads it."""
+    if not isinstance(tensor, gs.Constant) or tensor.outputs:
+        return 0
+    return int(getattr(tensor._values, "nbytes", 0))
+
+
+def release_replaced(size: int) -> None:
+    """Count ``size`` bytes of constants a pass has replaced (``replaced_bytes``; the caller holds none of them
+    any longer), and run Python's cycle collector once ``COLLECT_BYTES`` of them wait: a graphsurgeon tensor
+    and its synchronized lists of producers and consumers refer to each other, so reference counting never frees
+    one, and a pass that replaces a model's weights layer by layer would otherwise hold every float copy until
+    the collector happens to run."""
+    global _waiting
+    _waiting += size
+    if _waiting >= COLLECT_BYTES:
+        _waiting = 0
+        gc.collect()
 
 
 def dequantized_weight(graph: gs.Graph, prefix: str, values: np.ndarray, scales: np.ndarray, bits: int,

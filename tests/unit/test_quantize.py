@@ -702,3 +702,36 @@ def test_gptq_second_moments_streamed_a_group_at_a_time_give_the_same_model(plan
     assert len(inputs) >= 4
     for name in ("model.onnx", "model.onnx.data"):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes()
+
+
+def test_a_weight_replaced_by_its_integers_is_freed_without_waiting_for_the_garbage_collector(monkeypatch):
+    """graphsurgeon tensors refer to themselves through their producer and consumer lists, so only Python's cycle
+    collector frees a replaced float constant: replace_weight_dequantized runs it once COLLECT_BYTES of them wait,
+    and until then they are held."""
+    import gc
+    import weakref
+
+    import onnx_graphsurgeon as gs
+
+    from accullm_export.graph import rewrite
+
+    rng = np.random.default_rng(0)
+    x = gs.Variable("x", np.float32, (2, 64))
+    weights = [rng.standard_normal((64, 64)).astype(np.float32) for _ in range(3)]
+    nodes = [gs.Node("MatMul", f"m{i}", inputs=[x, gs.Constant(f"w{i}", w)],
+                     outputs=[gs.Variable(f"y{i}", np.float32, (2, 64))]) for i, w in enumerate(weights)]
+    graph = gs.Graph(nodes=nodes, inputs=[x], outputs=[node.outputs[0] for node in nodes], opset=21)
+    alive = [weakref.ref(w) for w in weights]
+    del weights
+    values, scales = np.ones((64, 64), np.int8), np.ones((1, 64), np.float32)
+    gc.disable()
+    try:
+        monkeypatch.setattr(rewrite, "_waiting", 0)
+        monkeypatch.setattr(rewrite, "COLLECT_BYTES", 2 * 64 * 64 * 4)
+        rewrite.replace_weight_dequantized(graph, nodes[0], values, scales, 8, None, np.float32)
+        assert alive[0]() is not None  # replaced, in a cycle: waits for the collector
+        rewrite.replace_weight_dequantized(graph, nodes[1], values, scales, 8, None, np.float32)
+        assert alive[0]() is None and alive[1]() is None and alive[2]() is not None
+        assert rewrite._waiting == 0
+    finally:
+        gc.enable()
