@@ -76,10 +76,7 @@ def _collect(model_path: str | Path, tensors: Sequence[str], feeds: Feeds, kept:
         reader = IntermediateReader(model_path, OPTIMIZATION, shared_initializers, device)
     _check_names(reader, names + list(kept) + list(carry), model_path)
     if sizes is None:  # else the caller read the first feed's shapes
-        first = next(iter(feeds()), None)
-        if first is None:
-            raise UserError("no calibration feeds: the Hessians need at least one batch")
-        sizes = _elements_per_batch(reader.model, names, first, budget_bytes)
+        sizes = _elements_per_batch(reader.model, names, _first_feed(feeds), budget_bytes)
     groups = plan_groups({name: sizes[name] for name in names}, 1, budget_bytes) or [[]]
     log.info("collecting Hessians of %d tensors in %d pass(es)%s", len(names), len(groups),
              " from the values a previous pass left" if given else "")
@@ -250,12 +247,9 @@ class StreamedHessians(Mapping[str, np.ndarray]):
         outputs; ``_elements_per_batch``), made at the first pass and kept for the others."""
         if self._reader is None:
             reader = IntermediateReader(self._model_path, OPTIMIZATION, device=self._device)
-            first = next(iter(self._feeds()), None)
-            if first is None:
-                raise UserError("no calibration feeds: the Hessians need at least one batch")
             inputs = [value.name for value in reader.model.graph.input]
-            self._sizes = _elements_per_batch(reader.model, inputs + reader.tensor_names(), first, self._budget,
-                                              quiet=True)
+            self._sizes = _elements_per_batch(reader.model, inputs + reader.tensor_names(), _first_feed(self._feeds),
+                                              self._budget, quiet=True)
             self._reader = reader
         return self._reader, self._sizes
 
@@ -334,6 +328,18 @@ class _Sums:
         total = self.second.pop(name)
         total /= self.rows[name]
         return total
+
+
+def _first_feed(feeds: Feeds) -> Mapping[str, np.ndarray]:
+    """The first of the feeds (whose shapes size the passes).
+
+    Raises:
+        UserError: there are none.
+    """
+    first = next(iter(feeds()), None)
+    if first is None:
+        raise UserError("no calibration feeds: the Hessians need at least one batch")
+    return first
 
 
 def _elements_per_batch(model: onnx.ModelProto, names: list[str], feed: Mapping[str, np.ndarray],
