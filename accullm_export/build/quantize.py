@@ -505,7 +505,8 @@ def _distillation(model_path: Path, graph, recipe: Recipe, profile, options: Qua
     windows = np.concatenate([np.asarray(feed["input_ids"], dtype=np.int64) for feed in feeds], axis=0)
     config = DistillConfig(steps=recipe.distill.steps, learning_rate=recipe.distill.lr,
                            batch_windows=options.distill_batch, norms=recipe.distill.norms,
-                           outlier_rows=recipe.distill.outlier_rows, device=options.device)
+                           outlier_rows=recipe.distill.outlier_rows, device=options.device,
+                           precision=recipe.distill.precision)
     weights = graph_weights(graph)
     head = weights.get("lm_head.weight")  # the replica's head, [vocabulary, hidden]
     if hidden is not None and head is not None and len(hidden) >= len(windows) \

@@ -215,6 +215,9 @@ class GPTQConfig:
         _count("gptq.samples", self.samples, 1)
 
 
+PRODUCT_PRECISIONS = ("auto", "float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DistillConfig:
     """INT4 block scales (and optionally norm gains and outlier rows) trained against the source model's
@@ -226,6 +229,9 @@ class DistillConfig:
         outlier_rows: train the FP16 outlier rows too.
         lr: Adam's step on the log-scales.
         samples: calibration windows of the profile to train on (one eighth held out).
+        precision: the decoder layers' products in training steps: "float32", "bfloat16" (float32
+            parameters, sums and loss; the LM head and the held-out check in float32), faster where the CPU
+            or GPU multiplies bfloat16 natively, or "auto" (bfloat16 where it does, float32 elsewhere).
     """
 
     steps: int = 0
@@ -233,9 +239,11 @@ class DistillConfig:
     outlier_rows: bool = False
     lr: float = 1e-3
     samples: int = 64
+    precision: str = "float32"
 
     def __post_init__(self):
         _count("distill.steps", self.steps, 0, off="0 (off)")
+        _one_of("distill.precision", self.precision, PRODUCT_PRECISIONS)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise _fail("distill.lr", f"must be positive, not {self.lr}")
         _count("distill.samples", self.samples, 1)

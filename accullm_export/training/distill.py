@@ -19,6 +19,7 @@ outputs in the fused module's place, so every architecture's layers are named as
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 OUTLIER_ROWS_LR_FACTOR = 0.1
 
 
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
     """How long and how fast the scales are trained."""
@@ -53,8 +57,15 @@ class DistillConfig:
     # recompute each decoder layer's activations in the backward pass instead of keeping them from the forward
     # (the same gradients, a layer's forward more per step); None: when a step's would pass ACTIVATION_BUDGET_BYTES
     recompute: bool | None = None
+    # the decoder layers' products in the training steps: "bfloat16" multiplies in bfloat16 (float32 sums, float32
+    # parameters, loss and LM head), faster where the hardware multiplies bfloat16 natively; "auto": bfloat16
+    # where the device does (native_bfloat16), float32 elsewhere
+    precision: str = "float32"
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise UserError(f"the distillation precision must be one of {', '.join(PRECISIONS)}, not "
+                            f"{self.precision!r}")
         if self.device not in ("cpu", "cuda"):
             raise UserError(f"the distillation device must be cpu or cuda, not {self.device!r}")
         if self.steps < 0:
@@ -265,6 +276,7 @@ def block_scaled_linear_class():
                 torch.from_numpy(np.asarray(layer.rotation, dtype=np.float32)))
             self.theta = torch.nn.Parameter(torch.zeros_like(self.initial))
             self.bias = bias
+            self.dtype = None  # the products' dtype (None: the input's): ``products_in``
 
         def scales(self):
             return self.initial * torch.exp(self.theta)
@@ -277,7 +289,8 @@ def block_scaled_linear_class():
             for ``self.scales()`` that gathers their gradient: ``_head_weight``), or rebuilt inside the product
             (None)."""
             main = x if self.rotation is None else x @ self.rotation
-            out = product(main, self.values, self.scales() if scales is None else scales, self.block_size, weight)
+            out = product(main, self.values, self.scales() if scales is None else scales, self.block_size, weight,
+                          self.dtype)
             if len(self.outlier_index):
                 out = out + x.index_select(-1, self.outlier_index) @ self.outlier_rows
             return out if self.bias is None else out + self.bias
@@ -294,31 +307,47 @@ def _scaled_integer_product(torch):
     """x @ (integers * block scales), given the float weight already built from them (the LM head's, once for
     every logit chunk of a step) or rebuilding it, and again in the backward instead of keeping it: autograd
     would otherwise hold every layer's float32 weight from the forward to the backward. The scales' gradient is
-    made ``GRADIENT_COLUMNS`` output columns at a time."""
+    made ``GRADIENT_COLUMNS`` output columns at a time. With a ``dtype`` (bfloat16) the three products multiply
+    in it, their results and the block sums of the scales' gradient come back in the input's dtype."""
 
     class ScaledIntegerProduct(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, values, scales, block, weight=None):
+        def forward(ctx, x, values, scales, block, weight=None, dtype=None):
             ctx.save_for_backward(x, values, scales, weight)
-            ctx.block = block
-            return x @ (_block_product(values, scales, block) if weight is None else weight)
+            ctx.block, ctx.dtype = block, dtype
+            return (_low(x, dtype) @ _weight(values, scales, block, weight, dtype)).to(x.dtype)
 
         @staticmethod
         def backward(ctx, grad):
             x, values, scales, weight = ctx.saved_tensors
             grad_x = grad_scales = None
+            dtype = ctx.dtype
             if ctx.needs_input_grad[0]:
-                grad_x = grad @ (_block_product(values, scales, ctx.block) if weight is None else weight).T
+                grad_x = (_low(grad, dtype) @ _weight(values, scales, ctx.block, weight, dtype).T).to(grad.dtype)
             if ctx.needs_input_grad[2]:
-                rows, flat = x.reshape(-1, x.shape[-1]).T, grad.reshape(-1, grad.shape[-1])
+                rows = _low(x.reshape(-1, x.shape[-1]).T, dtype)
+                flat = _low(grad.reshape(-1, grad.shape[-1]), dtype)
                 grad_scales = torch.empty_like(scales)
                 for start in range(0, values.shape[1], GRADIENT_COLUMNS):
                     part = slice(start, start + GRADIENT_COLUMNS)
                     grad_scales[:, part] = _block_sums((rows @ flat[:, part]).mul_(values[:, part]), ctx.block,
-                                                       scales.shape[0])
-            return grad_x, None, grad_scales, None, None
+                                                       scales.shape[0], scales.dtype)
+            return grad_x, None, grad_scales, None, None, None
 
     return ScaledIntegerProduct.apply
+
+
+def _low(tensor, dtype):
+    """``tensor`` in the products' ``dtype`` (None: as it is)."""
+    return tensor if dtype is None else tensor.to(dtype)
+
+
+def _weight(values, scales, block: int, weight, dtype):
+    """The float weight a product multiplies by: ``weight`` when given, else the integers times their block
+    scales, made in ``dtype`` (the integers are exact in bfloat16, the scales round once)."""
+    if weight is not None:
+        return _low(weight, dtype)
+    return _block_product(values if dtype is None else values.to(dtype), _low(scales, dtype), block)
 
 
 def _block_product(values, scales, block: int):
@@ -332,15 +361,17 @@ def _block_product(values, scales, block: int):
     return values * scales[torch.arange(rows, device=values.device) // block]
 
 
-def _block_sums(products, block: int, blocks: int):
-    """The sums of ``products`` [in, out] over each block of input rows: [blocks, out]."""
+def _block_sums(products, block: int, blocks: int, dtype=None):
+    """The sums of ``products`` [in, out] over each block of input rows, accumulated and returned in ``dtype``
+    (None: the products'): [blocks, out]."""
     import torch
 
     rows, columns = products.shape
     if rows % block == 0:
-        return products.view(blocks, block, columns).sum(1)
+        return products.view(blocks, block, columns).sum(1, dtype=dtype)
     index = torch.arange(rows, device=products.device) // block
-    return torch.zeros((blocks, columns), dtype=products.dtype, device=products.device).index_add_(0, index, products)
+    return torch.zeros((blocks, columns), dtype=dtype or products.dtype,
+                       device=products.device).index_add_(0, index, products.to(dtype or products.dtype))
 
 
 def _set_module(model, path: str, module) -> None:
@@ -448,6 +479,7 @@ def distill_scales(config_dir: str | Path, teacher: Teacher, student_weights: Ma
         recompute_layers(student)
         log.info("distillation: each decoder layer's activations are recomputed in the backward pass (a step "
                  "would keep about %.1f GB of them)", kept_bytes / 1e9)
+    precision = resolved_precision(config.precision, device)
     optimizer, norms = training_optimizer(student, by_module, config)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
     held = held_out_count(len(windows))
@@ -464,7 +496,8 @@ def distill_scales(config_dir: str | Path, teacher: Teacher, student_weights: Ma
                 batch_order = np.concatenate([batch_order, order(len(train))])
             chosen, batch_order = batch_order[:config.batch_windows], batch_order[config.batch_windows:]
             optimizer.zero_grad(set_to_none=True)
-            loss = kl_step(teacher, student, tokens, chosen)
+            with products_in(student, by_module, precision):
+                loss = kl_step(teacher, student, tokens, chosen)
             optimizer.step()
             schedule.step()
             if step % 10 == 0 or step == config.steps - 1:
@@ -485,12 +518,46 @@ def distill_scales(config_dir: str | Path, teacher: Teacher, student_weights: Ma
               "held_out_kl_before": None if before is None else round(before, 5),
               "held_out_kl_after": None if after is None else round(after, 5), "kept": kept,
               "layers": len(by_module), "norms": len(gains), "outlier_rows": sum(len(r) for r in trained_rows.values()),
-              "recomputed": recompute,
+              "recomputed": recompute, "precision": precision,
               "seconds": round(time.perf_counter() - started, 1)}
     log.info("distilled %d layers' scales in %.0f s: held-out KL %s -> %s%s", len(by_module), report["seconds"],
              report["held_out_kl_before"], report["held_out_kl_after"],
              "" if kept else " (no better: the original scales are kept)")
     return DistillResult(scales, gains, trained_rows, report)
+
+
+def resolved_precision(precision: str, device) -> str:
+    """``precision`` with "auto" resolved for the torch ``device``: bfloat16 where it multiplies bfloat16
+    natively (``native_bfloat16``), float32 elsewhere (emulated bfloat16 products are slower than float32's)."""
+    if precision != "auto":
+        return precision
+    return "bfloat16" if native_bfloat16(device) else "float32"
+
+
+def native_bfloat16(device) -> bool:
+    """Whether the torch ``device`` multiplies bfloat16 natively: a CUDA GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX tiles (torch's own CPU capability checks)."""
+    torch = require("torch", "export")
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+@contextlib.contextmanager
+def products_in(student, by_module: Mapping[str, object], precision: str):
+    """Within the block, the decoder layers of ``by_module`` multiply in ``precision`` ("float32": as they are).
+    The LM head keeps float32: its logits' log-softmax over the vocabulary is the loss."""
+    torch = require("torch", "export")
+    dtype = {"float32": None, "bfloat16": torch.bfloat16}[precision]
+    layers = [layer for layer in by_module.values() if layer is not student.lm_head]
+    for layer in layers:
+        layer.dtype = dtype
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.dtype = None
 
 
 # a step's activations kept for the backward pass above which each decoder layer's are recomputed instead

@@ -295,7 +295,7 @@ def test_distillation_moves_only_scales_and_lowers_the_kl(planted, tmp_path):
     manifest = quantize_model(folder, tmp_path / "distilled",
                               make_recipe(**W4, distill_steps=40, distill_lr=2e-2, distill_samples=6), profile)
     note = next(note for note in manifest["notes"] if note.startswith("distill_scales"))
-    assert "trained" in note and "left as they were" not in note
+    assert "trained" in note and "left as they were" not in note and "float32 products" in note
     plain, distilled = stored_initializers(tmp_path / "plain"), stored_initializers(tmp_path / "distilled")
     assert plain.keys() == distilled.keys()
     scales = [name for name in plain if name.endswith("/weight_scale")]
@@ -384,6 +384,8 @@ def test_block_scaled_linear_equals_the_dense_weight(rotated):
     (dict(name="w4a16", distill_outlier_rows=True), "distill.outlier_rows: trains along with the scales: give "
      "distill.steps"),
     (dict(name="w4a16", distill_steps=5, distill_outlier_rows=True, outliers=0), "outliers.channels = 0"),
+    (dict(name="w4a16", distill_steps=5, distill_precision="float16"),
+     "distill.precision: must be one of auto, float32, bfloat16, not 'float16'"),
 ])
 def test_bad_distillation_settings_are_refused(fields, message):
     with pytest.raises(UserError, match=message):
@@ -393,6 +395,8 @@ def test_bad_distillation_settings_are_refused(fields, message):
 def test_bad_distill_config_and_names_are_refused():
     with pytest.raises(UserError, match="positive"):
         DistillConfig(steps=1, learning_rate=0)
+    with pytest.raises(UserError, match="precision must be one of auto, float32, bfloat16, not 'half'"):
+        DistillConfig(steps=1, precision="half")
     with pytest.raises(UserError, match="not named like an exported linear layer"):
         module_of("/model/layers.0/mlp/Add")
     assert module_of("/model/layers.3/mlp/down_proj/MatMul") == "model.layers.3.mlp.down_proj"
@@ -447,3 +451,74 @@ def test_the_scaled_integer_product_rebuilds_the_weight_with_exact_gradients(blo
     plain = torch.autograd.grad(((x @ (values * scales[rows])) * weights).sum(), (x, scales))
     for mine, reference in zip(ours, plain):
         torch.testing.assert_close(mine, reference, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("block,blocks", [(4, 2), (3, 3)])  # whole blocks; a short last block
+@pytest.mark.parametrize("built", [False, True])
+def test_the_scaled_integer_product_in_bfloat16_is_the_float32_product_to_bfloat16_precision(block, blocks, built):
+    """With dtype bfloat16 the products multiply in bfloat16 (so they differ from float32's) and return float32
+    values and gradients within bfloat16's rounding of the float32 ones."""
+    import accullm_export.training.distill as distill
+
+    product = distill._scaled_integer_product(torch)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 8, generator=generator, requires_grad=True)
+    values = torch.randint(-8, 8, (8, 40), dtype=torch.int8, generator=generator)
+    scales = (torch.rand(blocks, 40, generator=generator) + 0.5).requires_grad_(True)
+    rows = torch.arange(8) // block
+    weights = torch.randn(2, 16, 40, generator=generator)
+    results = []
+    for dtype in (None, torch.bfloat16):
+        weight = (values * scales[rows]).detach() if built else None
+        out = product(x, values, scales, block, weight, dtype)
+        results.append((out, *torch.autograd.grad((out * weights).sum(), (x, scales))))
+    for exact, low in zip(*results):
+        assert low.dtype == torch.float32 and not torch.equal(low, exact)
+        torch.testing.assert_close(low, exact, rtol=0, atol=2e-2 * float(exact.detach().abs().max()))
+
+
+def test_bfloat16_products_hold_only_in_the_training_steps(tiny_exports):
+    """products_in sets the decoder layers' products to bfloat16 for the block and back, never the LM head's:
+    a step's loss and gradients stay within bfloat16's rounding of float32's."""
+    from accullm_export.training.distill import products_in
+
+    _, folder = tiny_exports["llama"]
+    graph, _ = load_graph(folder / "model.onnx")
+    weights = graph_weights(graph)
+    rng = np.random.default_rng(5)
+    layers = []
+    for name in [name for name in weights if name.endswith("proj.weight") or name == "lm_head.weight"]:
+        weight = weights[name].T  # [in, out]
+        scales = (np.abs(weight).reshape(-1, 8, weight.shape[1]).max(axis=1) / 7 + 1e-3).astype(np.float32)
+        values = np.clip(np.rint(weight / np.repeat(scales, 8, axis=0) + rng.normal(0, 0.3, weight.shape)),
+                         -8, 7).astype(np.int8)
+        layers.append(BlockScaled(name.removesuffix(".weight"), values, scales, block_size=8))
+    ids = token_ids(seed=2).reshape(1, -1)
+    tokens = torch.from_numpy(ids)
+    teacher = teacher_outputs(folder, weights, ids)
+    results = []
+    for precision in ("float32", "bfloat16"):
+        student, modules = student_replica(folder, weights, layers)
+        thetas = [module.theta.requires_grad_(True) for module in modules.values()]
+        with products_in(student, modules, precision):
+            expected = torch.bfloat16 if precision == "bfloat16" else None
+            assert all(module.dtype is (None if module is student.lm_head else expected)
+                       for module in modules.values())
+            loss = kl_step(teacher, student, tokens, [0])
+        assert all(module.dtype is None for module in modules.values())
+        results.append((loss, torch.cat([theta.grad.flatten() for theta in thetas])))
+    (loss, gradient), (low_loss, low_gradient) = results
+    assert loss > 0 and low_loss != loss and low_loss == pytest.approx(loss, rel=2e-2)
+    assert float(torch.nn.functional.cosine_similarity(gradient, low_gradient, dim=0)) > 0.99
+
+
+def test_auto_precision_is_bfloat16_only_where_the_device_multiplies_it_natively(monkeypatch):
+    from accullm_export.training import distill
+
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, expected in [(False, False, "float32"), (True, False, "bfloat16"), (False, True, "bfloat16")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda value=avx512_bf16: value)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda value=amx: value)
+        assert distill.resolved_precision("auto", cpu) == expected
+        assert distill.resolved_precision("float32", cpu) == "float32"
+        assert distill.resolved_precision("bfloat16", cpu) == "bfloat16"

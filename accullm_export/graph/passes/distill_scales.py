@@ -75,7 +75,7 @@ def run(graph: gs.Graph, config: Config) -> PassResult:
                          f"{''.join(' and ' + extra for extra in extras)} {outcome}: "
                          f"{report['steps']} steps on {report['windows']} calibration windows, KL on "
                          f"{report['held_out_windows']} held-out ones {report['held_out_kl_before']} -> "
-                         f"{report['held_out_kl_after']} ({report['seconds']} s"
+                         f"{report['held_out_kl_after']} ({report['seconds']} s, {report['precision']} products"
                          f"{'; the layers recomputed in the backward pass' if report.get('recomputed') else ''})")
     return PassResult(graph, tuple(notes))
 
