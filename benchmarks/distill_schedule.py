@@ -18,8 +18,13 @@ not with ``validate``'s. It reads ``--eval-windows`` windows of 256 tokens of th
     .venv/bin/python benchmarks/distill_schedule.py out/smollm2-135m --out bench_out/distill_sample \\
         --run lr=1e-3,steps=120 --run lr=3e-4,steps=120 --eval-windows 32
 
+``--time-steps N`` times N training steps from the same start in float32 and in bfloat16 products
+(``distill.precision``), alternated, and writes their medians and ratio:
+
+    .venv/bin/python benchmarks/distill_schedule.py out/smollm2-135m --out bench_out/distill_sample --time-steps 4
+
 A benchmark: it measures, it asserts nothing. Outputs: ``--out``/distill_schedule.md and .json (each run
-adds its rows to the JSON and rewrites the table from it).
+adds its rows to the JSON and rewrites the table from it), distill_step_time.md and .json.
 """
 
 from __future__ import annotations
@@ -36,12 +41,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SCHEDULE_KEYS = {"lr": float, "steps": int, "warmup": int, "every": int, "seed": int}
+SCHEDULE_KEYS = {"lr": float, "steps": int, "warmup": int, "every": int, "seed": int, "precision": str}
 
 
 def parse_run(text: str) -> dict:
-    """'lr=1e-3,steps=120,warmup=20' -> {'lr': 0.001, 'steps': 120, 'warmup': 20, 'every': 30, 'seed': 0}."""
-    run = {"lr": 1e-3, "steps": 120, "warmup": 0, "every": 30, "seed": 0}
+    """'lr=1e-3,steps=120,warmup=20' -> {'lr': 0.001, 'steps': 120, 'warmup': 20, 'every': 30, 'seed': 0,
+    'precision': 'float32'}."""
+    run = {"lr": 1e-3, "steps": 120, "warmup": 0, "every": 30, "seed": 0, "precision": "float32"}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
         if key not in SCHEDULE_KEYS:
@@ -54,8 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="an exported fp32 folder (accullm-export export)")
     parser.add_argument("--out", required=True, help="folder for capture.pkl and the results")
-    parser.add_argument("--run", action="append", type=parse_run, required=True,
-                        help="a schedule, e.g. lr=1e-3,steps=120,warmup=0,every=30 (repeatable)")
+    parser.add_argument("--run", action="append", type=parse_run, default=[],
+                        help="a schedule, e.g. lr=1e-3,steps=120,warmup=0,every=30,precision=bfloat16 (repeatable)")
+    parser.add_argument("--time-steps", type=int, default=0, metavar="N",
+                        help="time N training steps in each product precision, interleaved, from the captured start")
     parser.add_argument("--eval-windows", type=int, default=32, help="validation windows of 256 tokens (0: none)")
     return parser.parse_args(argv)
 
@@ -126,21 +134,36 @@ def metrics(student, tokens, reference_logits) -> dict:
             "top1": round(summary["top1_agreement"], 4)}
 
 
-def train(state: dict, run: dict, tokens, reference_logits) -> dict:
-    """One schedule from the captured start, as ``training.distill.distill_scales`` trains (its optimizer, with
-    norms and outlier rows, one window a step), its held-out KL every ``every`` steps."""
+def student_and_teacher(state: dict, config):
+    """The captured start as the pass trains it: (teacher, student, its low-bit modules, optimizer), the
+    decoder layers recomputed in the backward pass where the pass would."""
     import torch
 
-    from accullm_export.resources import reused_allocations
-    from accullm_export.training.distill import (DistillConfig, Teacher, held_out_count, kl_step, mean_kl,
-                                                 student_replica, training_optimizer)
+    from accullm_export.training.distill import (ACTIVATION_BUDGET_BYTES, Teacher, activation_bytes,
+                                                 recompute_layers, student_replica, training_optimizer)
 
     teacher = Teacher(hidden=torch.from_numpy(state["hidden"]), head=torch.from_numpy(state["head"]),
                       softcap=state["softcap"])
     student, by_module = student_replica(state["config_dir"], state["student"], state["layers"], True)
-    config = DistillConfig(steps=run["steps"], learning_rate=run["lr"], seed=run["seed"], norms=True,
-                           outlier_rows=True)
+    if activation_bytes(student.config, state["windows"].shape[1]) > ACTIVATION_BUDGET_BYTES:
+        recompute_layers(student)
     optimizer, _ = training_optimizer(student, by_module, config)
+    return teacher, student, by_module, optimizer
+
+
+def train(state: dict, run: dict, tokens, reference_logits) -> dict:
+    """One schedule from the captured start, as ``training.distill.distill_scales`` trains (its optimizer, with
+    norms and outlier rows, one window a step, its product precision), its held-out KL every ``every`` steps."""
+    import torch
+
+    from accullm_export.resources import reused_allocations
+    from accullm_export.training.distill import (DistillConfig, held_out_count, kl_step, mean_kl, products_in,
+                                                 resolved_precision)
+
+    config = DistillConfig(steps=run["steps"], learning_rate=run["lr"], seed=run["seed"], norms=True,
+                           outlier_rows=True, precision=run["precision"])
+    teacher, student, by_module, optimizer = student_and_teacher(state, config)
+    precision = resolved_precision(config.precision, torch.device("cpu"))
 
     def factor(step: int) -> float:
         if step < run["warmup"]:
@@ -162,7 +185,8 @@ def train(state: dict, run: dict, tokens, reference_logits) -> dict:
                 pending = order(train_count)
             chosen, pending = pending[:1], pending[1:]
             optimizer.zero_grad(set_to_none=True)
-            kl_step(teacher, student, window_tokens, chosen)
+            with products_in(student, by_module, precision):
+                kl_step(teacher, student, window_tokens, chosen)
             optimizer.step()
             schedule.step()
             if (step + 1) % run["every"] == 0 or step + 1 == run["steps"]:
@@ -174,16 +198,44 @@ def train(state: dict, run: dict, tokens, reference_logits) -> dict:
 
 
 def write_table(out: Path, rows: list[dict]) -> None:
-    lines = ["| model | lr | steps | warm-up | held-out KL along the way | eval Δppl before -> after | "
-             "eval KL before -> after | seconds |", "|---|--:|--:|--:|---|--:|--:|--:|"]
+    lines = ["| model | lr | steps | warm-up | products | held-out KL along the way | eval Δppl before -> after | "
+             "eval KL before -> after | seconds |", "|---|--:|--:|--:|---|---|--:|--:|--:|"]
     for row in rows:
         run, before, after = row["run"], row["before"], row["after"]
         trace = ", ".join(f"{value} ({step})" for step, value in row["held_out_kl"])
         evaluated = (f"{before['ppl_delta_pct']:+.2f}% -> {after['ppl_delta_pct']:+.2f}%",
                      f"{before['kl']} -> {after['kl']}") if before else ("-", "-")
-        lines.append(f"| {row['model']} | {run['lr']:g} | {run['steps']} | {run['warmup']} | {trace} | "
+        lines.append(f"| {row['model']} | {run['lr']:g} | {run['steps']} | {run['warmup']} | "
+                     f"{run.get('precision', 'float32')} | {trace} | "
                      f"{evaluated[0]} | {evaluated[1]} | {row['seconds']} |")
     (out / "distill_schedule.md").write_text("\n".join(lines) + "\n")
+
+
+def time_steps(state: dict, count: int) -> dict:
+    """Seconds of ``count`` training steps (loss and gradients, no update: each step starts from the same
+    scales) in float32 and in bfloat16 products, alternated, on the captured start's windows in turn."""
+    import torch
+
+    from accullm_export.resources import reused_allocations
+    from accullm_export.training.distill import DistillConfig, kl_step, products_in
+
+    teacher, student, by_module, optimizer = student_and_teacher(state, DistillConfig(steps=1, norms=True,
+                                                                                      outlier_rows=True))
+    tokens = torch.from_numpy(np.asarray(state["windows"], dtype=np.int64))
+    seconds: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    with reused_allocations():
+        for step in range(count + 1):  # the first round warms the allocator and is not counted
+            for precision, times in seconds.items():
+                optimizer.zero_grad(set_to_none=True)
+                started = time.perf_counter()
+                with products_in(student, by_module, precision):
+                    kl_step(teacher, student, tokens, [step % len(tokens)])
+                if step:
+                    times.append(time.perf_counter() - started)
+    medians = {precision: float(np.median(times)) for precision, times in seconds.items()}
+    return {"steps": count, "seconds": {key: [round(value, 2) for value in times] for key, times in seconds.items()},
+            "median": {key: round(value, 2) for key, value in medians.items()},
+            "ratio": round(medians["bfloat16"] / medians["float32"], 3), "threads": torch.get_num_threads()}
 
 
 def main(argv=None) -> int:
@@ -192,6 +244,17 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with open(capture(Path(args.model), out), "rb") as handle:
         state = pickle.load(handle)
+    if args.time_steps:
+        timing = time_steps(state, args.time_steps) | {"model": str(args.model),
+                                                       "date": datetime.date.today().isoformat()}
+        (out / "distill_step_time.json").write_text(json.dumps(timing, indent=1))
+        (out / "distill_step_time.md").write_text(
+            "| model | steps | float32 s a step | bfloat16 s a step | ratio |\n|---|--:|--:|--:|--:|\n"
+            f"| {args.model} | {args.time_steps} | {timing['median']['float32']} | {timing['median']['bfloat16']} | "
+            f"{timing['ratio']}x |\n")
+        print((out / "distill_step_time.md").read_text())
+    if not args.run:
+        return 0
     tokens, reference_logits = evaluation(state, args.eval_windows) if args.eval_windows else (None, None)
     results_path = out / "distill_schedule.json"
     rows = json.loads(results_path.read_text()) if results_path.is_file() else []

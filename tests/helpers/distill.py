@@ -19,6 +19,23 @@ from tests.helpers.models import SAMPLES, SEQ_LEN, TEXT, planted_checkpoint
 DISTILL_W4 = dict(name="w4a16", block_size=16, policy="ratio", embeddings="fp32")
 
 
+def rounded_layers(weights, seed=5, block=8):
+    """Every projection and the LM head of ``weights`` (a tiny export's graph_weights) as a training.distill
+    BlockScaled: rounded to INT4 blocks of ``block`` with noise of a third of a step, so their scales have
+    something to learn."""
+    from accullm_export.training.distill import BlockScaled
+
+    rng = np.random.default_rng(seed)
+    layers = []
+    for name in [name for name in weights if name.endswith("proj.weight") or name == "lm_head.weight"]:
+        weight = weights[name].T  # [in, out]
+        scales = (np.abs(weight).reshape(-1, block, weight.shape[1]).max(axis=1) / 7 + 1e-3).astype(np.float32)
+        values = np.clip(np.rint(weight / np.repeat(scales, block, axis=0) + rng.normal(0, 0.3, weight.shape)),
+                         -8, 7).astype(np.int8)
+        layers.append(BlockScaled(name.removesuffix(".weight"), values, scales, block_size=block))
+    return layers
+
+
 def stored_initializers(path):
     """The initializers of the model in folder ``path``."""
     model = onnx.load(str(path / "model.onnx"))

@@ -22,7 +22,7 @@ from accullm_export.training.distill import (BlockScaled, DistillConfig, block_s
                                              build_replica, kl_step, mean_kl, module_of, student_replica,
                                              teacher_from_hidden, teacher_outputs)
 from tests.helpers.distill import (DISTILL_W4, assert_same_size_and_lower_kl, plain_and_trained,  # noqa: E402
-                                   planted_export, stored_initializers)
+                                   planted_export, rounded_layers, stored_initializers)
 from tests.helpers.graphs import ort_logits_for_ids, token_ids  # noqa: E402
 from tests.helpers.models import TINY_ARCHITECTURES, load_torch_model  # noqa: E402
 
@@ -485,14 +485,7 @@ def test_bfloat16_products_hold_only_in_the_training_steps(tiny_exports):
     _, folder = tiny_exports["llama"]
     graph, _ = load_graph(folder / "model.onnx")
     weights = graph_weights(graph)
-    rng = np.random.default_rng(5)
-    layers = []
-    for name in [name for name in weights if name.endswith("proj.weight") or name == "lm_head.weight"]:
-        weight = weights[name].T  # [in, out]
-        scales = (np.abs(weight).reshape(-1, 8, weight.shape[1]).max(axis=1) / 7 + 1e-3).astype(np.float32)
-        values = np.clip(np.rint(weight / np.repeat(scales, 8, axis=0) + rng.normal(0, 0.3, weight.shape)),
-                         -8, 7).astype(np.int8)
-        layers.append(BlockScaled(name.removesuffix(".weight"), values, scales, block_size=8))
+    layers = rounded_layers(weights)
     ids = token_ids(seed=2).reshape(1, -1)
     tokens = torch.from_numpy(ids)
     teacher = teacher_outputs(folder, weights, ids)
