@@ -546,9 +546,12 @@ def native_bfloat16(device) -> bool:
 
 @contextlib.contextmanager
 def products_in(student, by_module: Mapping[str, object], precision: str):
-    """Within the block, the decoder layers of ``by_module`` multiply in ``precision`` ("float32": as they are).
-    The LM head keeps float32: its logits' log-softmax over the vocabulary is the loss."""
+    """Within the block, the decoder layers of ``by_module`` multiply in ``precision`` ("float32": as they are;
+    "auto" resolved for the layers' device). The LM head keeps float32: its logits' log-softmax over the
+    vocabulary is the loss."""
     torch = require("torch", "export")
+    if precision == "auto":
+        precision = resolved_precision(precision, next(iter(by_module.values())).values.device)
     dtype = {"float32": None, "bfloat16": torch.bfloat16}[precision]
     layers = [layer for layer in by_module.values() if layer is not student.lm_head]
     for layer in layers:

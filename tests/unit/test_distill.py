@@ -515,3 +515,10 @@ def test_auto_precision_is_bfloat16_only_where_the_device_multiplies_it_natively
         assert distill.resolved_precision("auto", cpu) == expected
         assert distill.resolved_precision("float32", cpu) == "float32"
         assert distill.resolved_precision("bfloat16", cpu) == "bfloat16"
+    layer = block_scaled_linear_class()(BlockScaled("m", np.ones((8, 4), np.int8), np.ones((1, 4), np.float32), 8),
+                                        None)
+    student = torch.nn.Module()
+    student.lm_head = torch.nn.Identity()
+    with distill.products_in(student, {"m": layer}, "auto"):
+        assert layer.dtype is torch.bfloat16  # the last case above: AMX
+    assert layer.dtype is None
