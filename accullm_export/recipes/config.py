@@ -17,6 +17,7 @@ from accullm_export.errors import UserError
 from accullm_export.graph.layer_plan import split_precision
 from accullm_export.quant.scale_codes import SCALE_BITS
 from accullm_export.sparsity.config import METHODS
+from accullm_export.training.distill import PRECISIONS as DISTILL_PRECISIONS
 
 RECIPE_VERSION = 1
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -215,9 +216,6 @@ class GPTQConfig:
         _count("gptq.samples", self.samples, 1)
 
 
-PRODUCT_PRECISIONS = ("auto", "float32", "bfloat16")
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DistillConfig:
     """INT4 block scales (and optionally norm gains and outlier rows) trained against the source model's
@@ -243,7 +241,7 @@ class DistillConfig:
 
     def __post_init__(self):
         _count("distill.steps", self.steps, 0, off="0 (off)")
-        _one_of("distill.precision", self.precision, PRODUCT_PRECISIONS)
+        _one_of("distill.precision", self.precision, DISTILL_PRECISIONS)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise _fail("distill.lr", f"must be positive, not {self.lr}")
         _count("distill.samples", self.samples, 1)

@@ -347,7 +347,7 @@ def _weight(values, scales, block: int, weight, dtype):
     scales, made in ``dtype`` (the integers are exact in bfloat16, the scales round once)."""
     if weight is not None:
         return _low(weight, dtype)
-    return _block_product(values if dtype is None else values.to(dtype), _low(scales, dtype), block)
+    return _block_product(_low(values, dtype), _low(scales, dtype), block)
 
 
 def _block_product(values, scales, block: int):
