@@ -157,13 +157,11 @@ def train(state: dict, run: dict, tokens, reference_logits) -> dict:
     import torch
 
     from accullm_export.resources import reused_allocations
-    from accullm_export.training.distill import (DistillConfig, held_out_count, kl_step, mean_kl, products_in,
-                                                 resolved_precision)
+    from accullm_export.training.distill import DistillConfig, held_out_count, kl_step, mean_kl, products_in
 
     config = DistillConfig(steps=run["steps"], learning_rate=run["lr"], seed=run["seed"], norms=True,
                            outlier_rows=True, precision=run["precision"])
     teacher, student, by_module, optimizer = student_and_teacher(state, config)
-    precision = resolved_precision(config.precision, torch.device("cpu"))
 
     def factor(step: int) -> float:
         if step < run["warmup"]:
@@ -185,7 +183,7 @@ def train(state: dict, run: dict, tokens, reference_logits) -> dict:
                 pending = order(train_count)
             chosen, pending = pending[:1], pending[1:]
             optimizer.zero_grad(set_to_none=True)
-            with products_in(student, by_module, precision):
+            with products_in(student, by_module, config.precision):
                 kl_step(teacher, student, window_tokens, chosen)
             optimizer.step()
             schedule.step()
@@ -233,8 +231,8 @@ def time_steps(state: dict, count: int) -> dict:
                 if step:
                     times.append(time.perf_counter() - started)
     medians = {precision: float(np.median(times)) for precision, times in seconds.items()}
-    return {"steps": count, "seconds": {key: [round(value, 2) for value in times] for key, times in seconds.items()},
-            "median": {key: round(value, 2) for key, value in medians.items()},
+    return {"steps": count, "seconds": {key: [round(value, 4) for value in times] for key, times in seconds.items()},
+            "median": {key: round(value, 4) for key, value in medians.items()},
             "ratio": round(medians["bfloat16"] / medians["float32"], 3), "threads": torch.get_num_threads()}
 
 
