@@ -57,9 +57,9 @@ class DistillConfig:
     # recompute each decoder layer's activations in the backward pass instead of keeping them from the forward
     # (the same gradients, a layer's forward more per step); None: when a step's would pass ACTIVATION_BUDGET_BYTES
     recompute: bool | None = None
-    # the decoder layers' products in the training steps: "bfloat16" multiplies in bfloat16 (float32 sums, float32
-    # parameters, loss and LM head), faster where the hardware multiplies bfloat16 natively; "auto": bfloat16
-    # where the device does (native_bfloat16), float32 elsewhere
+    # the products in the training steps: "bfloat16" multiplies the decoder layers and the LM head's backward in
+    # bfloat16 (float32 sums, parameters, logits and loss), faster where the hardware multiplies bfloat16
+    # natively; "auto": bfloat16 where the device does (native_bfloat16), float32 elsewhere
     precision: str = "float32"
 
     def __post_init__(self):
@@ -276,7 +276,8 @@ def block_scaled_linear_class():
                 torch.from_numpy(np.asarray(layer.rotation, dtype=np.float32)))
             self.theta = torch.nn.Parameter(torch.zeros_like(self.initial))
             self.bias = bias
-            self.dtype = None  # the products' dtype (None: the input's): ``products_in``
+            self.dtype = None  # the forward product's dtype (None: the input's): ``products_in``
+            self.grad_dtype = None  # the backward products' dtype (None: the gradient's)
 
         def scales(self):
             return self.initial * torch.exp(self.theta)
@@ -284,13 +285,13 @@ def block_scaled_linear_class():
         def forward(self, x):
             return self.with_weight(x, None)
 
-        def with_weight(self, x, weight, scales=None):
+        def with_weight(self, x, weight, scales=None, grad_weight=None):
             """The forward with the low-bit part's float weight given (built from ``scales``, a leaf standing in
-            for ``self.scales()`` that gathers their gradient: ``_head_weight``), or rebuilt inside the product
-            (None)."""
+            for ``self.scales()`` that gathers their gradient, and ``grad_weight``, that weight in
+            ``grad_dtype``: ``_head_weight``), or rebuilt inside the product (None)."""
             main = x if self.rotation is None else x @ self.rotation
             out = product(main, self.values, self.scales() if scales is None else scales, self.block_size, weight,
-                          self.dtype)
+                          self.dtype, self.grad_dtype, grad_weight)
             if len(self.outlier_index):
                 out = out + x.index_select(-1, self.outlier_index) @ self.outlier_rows
             return out if self.bias is None else out + self.bias
@@ -307,14 +308,15 @@ def _scaled_integer_product(torch):
     """x @ (integers * block scales), given the float weight already built from them (the LM head's, once for
     every logit chunk of a step) or rebuilding it, and again in the backward instead of keeping it: autograd
     would otherwise hold every layer's float32 weight from the forward to the backward. The scales' gradient is
-    made ``GRADIENT_COLUMNS`` output columns at a time. With a ``dtype`` (bfloat16) the three products multiply
-    in it, their results and the block sums of the scales' gradient come back in the input's dtype."""
+    made ``GRADIENT_COLUMNS`` output columns at a time. With a ``dtype`` (bfloat16) the forward product
+    multiplies in it, with a ``grad_dtype`` the backward's two (given their weight there as ``grad_weight``, or
+    converting ``weight``); results and the block sums of the scales' gradient come back in the input's dtype."""
 
     class ScaledIntegerProduct(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, values, scales, block, weight=None, dtype=None):
-            ctx.save_for_backward(x, values, scales, weight)
-            ctx.block, ctx.dtype = block, dtype
+        def forward(ctx, x, values, scales, block, weight=None, dtype=None, grad_dtype=None, grad_weight=None):
+            ctx.save_for_backward(x, values, scales, weight if grad_weight is None else grad_weight)
+            ctx.block, ctx.dtype = block, grad_dtype
             return (_low(x, dtype) @ _weight(values, scales, block, weight, dtype)).to(x.dtype)
 
         @staticmethod
@@ -332,7 +334,7 @@ def _scaled_integer_product(torch):
                     part = slice(start, start + GRADIENT_COLUMNS)
                     grad_scales[:, part] = _block_sums((rows @ flat[:, part]).mul_(values[:, part]), ctx.block,
                                                        scales.shape[0], scales.dtype)
-            return grad_x, None, grad_scales, None, None, None
+            return grad_x, None, grad_scales, None, None, None, None, None
 
     return ScaledIntegerProduct.apply
 
@@ -546,21 +548,22 @@ def native_bfloat16(device) -> bool:
 
 @contextlib.contextmanager
 def products_in(student, by_module: Mapping[str, object], precision: str):
-    """Within the block, the decoder layers of ``by_module`` multiply in ``precision`` ("float32": as they are;
-    "auto" resolved for the layers' device). The LM head keeps float32: its logits' log-softmax over the
-    vocabulary is the loss."""
+    """Within the block, the layers of ``by_module`` multiply in ``precision`` ("float32": as they are; "auto"
+    resolved for the layers' device), except the LM head's forward: its logits' log-softmax over the vocabulary
+    is the loss, so it stays float32 (its two backward products do not)."""
     torch = require("torch", "export")
     if precision == "auto":
         precision = resolved_precision(precision, next(iter(by_module.values())).values.device)
     dtype = {"float32": None, "bfloat16": torch.bfloat16}[precision]
-    layers = [layer for layer in by_module.values() if layer is not student.lm_head]
+    layers = list(by_module.values())
     for layer in layers:
-        layer.dtype = dtype
+        layer.dtype = None if layer is student.lm_head else dtype
+        layer.grad_dtype = dtype
     try:
         yield
     finally:
         for layer in layers:
-            layer.dtype = None
+            layer.dtype = layer.grad_dtype = None
 
 
 # a step's activations kept for the backward pass above which each decoder layer's are recomputed instead
@@ -690,16 +693,17 @@ def _token_chunks(model, batch, chunk_tokens: int | None) -> list[slice]:
 
 @dataclasses.dataclass
 class _HeadWithWeight:
-    """A BlockScaledLinear head, its float weight built once for every chunk of a step, and a leaf standing in
-    for its scales: the chunks' gradients of the scales gather on the leaf ([blocks, vocabulary]), and one
-    backward takes them to the log-scales."""
+    """A BlockScaledLinear head, its float weight built once for every chunk of a step (and once more in the
+    backward products' dtype where that differs), and a leaf standing in for its scales: the chunks' gradients
+    of the scales gather on the leaf ([blocks, vocabulary]), and one backward takes them to the log-scales."""
 
     module: object
     weight: object
     scales_leaf: object
+    grad_weight: object = None
 
     def __call__(self, hidden):
-        return self.module.with_weight(hidden, self.weight, self.scales_leaf)
+        return self.module.with_weight(hidden, self.weight, self.scales_leaf, self.grad_weight)
 
 
 def _head_weight(student):
@@ -714,7 +718,8 @@ def _head_weight(student):
     leaf = scales.detach().requires_grad_(scales.requires_grad)
     with torch.no_grad():
         weight = _block_product(head.values, leaf, head.block_size)
-    return _HeadWithWeight(head, weight, leaf), scales
+        low = None if head.grad_dtype in (None, weight.dtype) else weight.to(head.grad_dtype)
+    return _HeadWithWeight(head, weight, leaf, low), scales
 
 
 def _chunk_kl(teacher: Teacher, student, teacher_hidden, hidden, head=None):

@@ -456,8 +456,9 @@ def test_the_scaled_integer_product_rebuilds_the_weight_with_exact_gradients(blo
 @pytest.mark.parametrize("block,blocks", [(4, 2), (3, 3)])  # whole blocks; a short last block
 @pytest.mark.parametrize("built", [False, True])
 def test_the_scaled_integer_product_in_bfloat16_is_the_float32_product_to_bfloat16_precision(block, blocks, built):
-    """With dtype bfloat16 the products multiply in bfloat16 (so they differ from float32's) and return float32
-    values and gradients within bfloat16's rounding of the float32 ones."""
+    """With dtype bfloat16 the forward product multiplies in bfloat16, with grad_dtype bfloat16 the backward's
+    two (so they differ from float32's, each alone); all return float32 values and gradients within bfloat16's
+    rounding of the float32 ones. A weight given in the backward's dtype is the one the backward uses."""
     import accullm_export.training.distill as distill
 
     product = distill._scaled_integer_product(torch)
@@ -467,18 +468,23 @@ def test_the_scaled_integer_product_in_bfloat16_is_the_float32_product_to_bfloat
     scales = (torch.rand(blocks, 40, generator=generator) + 0.5).requires_grad_(True)
     rows = torch.arange(8) // block
     weights = torch.randn(2, 16, 40, generator=generator)
-    results = []
-    for dtype in (None, torch.bfloat16):
+    low = torch.bfloat16
+    results = {}
+    for dtypes in [(None, None), (low, low), (None, low), (low, None)]:
         weight = (values * scales[rows]).detach() if built else None
-        out = product(x, values, scales, block, weight, dtype)
-        results.append((out, *torch.autograd.grad((out * weights).sum(), (x, scales))))
-    for exact, low in zip(*results):
-        assert low.dtype == torch.float32 and not torch.equal(low, exact)
-        torch.testing.assert_close(low, exact, rtol=0, atol=2e-2 * float(exact.detach().abs().max()))
+        grad_weight = None if weight is None or dtypes[1] is None else weight.to(low)
+        out = product(x, values, scales, block, weight, *dtypes, grad_weight)
+        results[dtypes] = (out, *torch.autograd.grad((out * weights).sum(), (x, scales)))
+    exact = results[None, None]
+    for dtypes, result in results.items():
+        for which, (value, reference) in enumerate(zip(result, exact)):
+            rounded = dtypes[0] is not None if which == 0 else dtypes[1] is not None
+            assert value.dtype == torch.float32 and torch.equal(value, reference) is not rounded
+            torch.testing.assert_close(value, reference, rtol=0, atol=2e-2 * float(reference.detach().abs().max()))
 
 
 def test_bfloat16_products_hold_only_in_the_training_steps(tiny_exports):
-    """products_in sets the decoder layers' products to bfloat16 for the block and back, never the LM head's:
+    """products_in sets the layers' products to bfloat16 for the block and back, never the LM head's forward:
     a step's loss and gradients stay within bfloat16's rounding of float32's."""
     from accullm_export.training.distill import products_in
 
@@ -496,9 +502,9 @@ def test_bfloat16_products_hold_only_in_the_training_steps(tiny_exports):
         with products_in(student, modules, precision):
             expected = torch.bfloat16 if precision == "bfloat16" else None
             assert all(module.dtype is (None if module is student.lm_head else expected)
-                       for module in modules.values())
+                       and module.grad_dtype is expected for module in modules.values())
             loss = kl_step(teacher, student, tokens, [0])
-        assert all(module.dtype is None for module in modules.values())
+        assert all(module.dtype is None and module.grad_dtype is None for module in modules.values())
         results.append((loss, torch.cat([theta.grad.flatten() for theta in thetas])))
     (loss, gradient), (low_loss, low_gradient) = results
     assert loss > 0 and low_loss != loss and low_loss == pytest.approx(loss, rel=2e-2)
