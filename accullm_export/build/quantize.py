@@ -506,7 +506,7 @@ def _distillation(model_path: Path, graph, recipe: Recipe, profile, options: Qua
     config = DistillConfig(steps=recipe.distill.steps, learning_rate=recipe.distill.lr,
                            batch_windows=options.distill_batch, norms=recipe.distill.norms,
                            outlier_rows=recipe.distill.outlier_rows, device=options.device,
-                           precision=recipe.distill.precision)
+                           precision=recipe.distill.precision, weight_steps=recipe.distill.weight_steps)
     weights = graph_weights(graph)
     head = weights.get("lm_head.weight")  # the replica's head, [vocabulary, hidden]
     if hidden is not None and head is not None and len(hidden) >= len(windows) \

@@ -227,6 +227,8 @@ class DistillConfig:
         outlier_rows: train the FP16 outlier rows too.
         lr: Adam's step on the log-scales.
         samples: calibration windows of the profile to train on (one eighth held out).
+        weight_steps: at most this many steps x trained weights (0: no limit); a larger model trains fewer
+            steps, none where fewer than eight would be left.
         precision: the decoder layers' products in training steps: "float32", "bfloat16" (float32
             parameters, sums and loss; the LM head and the held-out check in float32), faster where the CPU
             or GPU multiplies bfloat16 natively, or "auto" (bfloat16 where it does, float32 elsewhere).
@@ -235,12 +237,14 @@ class DistillConfig:
     steps: int = 0
     norms: bool = False
     outlier_rows: bool = False
-    lr: float = 1e-3
+    lr: float = 3e-4
     samples: int = 64
     precision: str = "float32"
+    weight_steps: int = 0
 
     def __post_init__(self):
         _count("distill.steps", self.steps, 0, off="0 (off)")
+        _count("distill.weight_steps", self.weight_steps, 0, 10**18, off="0 (no limit)")
         _one_of("distill.precision", self.precision, DISTILL_PRECISIONS)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise _fail("distill.lr", f"must be positive, not {self.lr}")

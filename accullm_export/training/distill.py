@@ -61,8 +61,13 @@ class DistillConfig:
     # bfloat16 (float32 sums, parameters, logits and loss), faster where the hardware multiplies bfloat16
     # natively; "auto": bfloat16 where the device does (native_bfloat16), float32 elsewhere
     precision: str = "float32"
+    # at most this many steps x trained weights (0: no limit): a larger model trains fewer steps, so the
+    # distillation's time grows no faster than the model's size (steps_for)
+    weight_steps: int = 0
 
     def __post_init__(self):
+        if self.weight_steps < 0:
+            raise UserError(f"distill.weight_steps must be 0 (no limit) or positive, not {self.weight_steps}")
         if self.precision not in PRECISIONS:
             raise UserError(f"the distillation precision must be one of {', '.join(PRECISIONS)}, not "
                             f"{self.precision!r}")
@@ -78,6 +83,18 @@ class DistillConfig:
     @property
     def active(self) -> bool:
         return self.steps > 0
+
+    def steps_for(self, weights: int) -> int:
+        """The steps to train ``weights`` weights: ``steps``, fewer where ``weight_steps`` allows fewer, and 0
+        where it allows fewer than ``MIN_BUDGETED_STEPS`` (too few to move the scales)."""
+        if not self.weight_steps or weights <= 0:
+            return self.steps
+        allowed = self.weight_steps // weights
+        return min(self.steps, allowed) if allowed >= MIN_BUDGETED_STEPS else 0
+
+
+# the fewest steps a weight_steps budget trains; below it the distillation is skipped
+MIN_BUDGETED_STEPS = 8
 
 
 @dataclasses.dataclass
@@ -471,6 +488,19 @@ def distill_scales(config_dir: str | Path, teacher: Teacher, student_weights: Ma
                         f"windows are {windows.shape}")
     if not layers:
         raise UserError("distillation found no INT4 block-scaled layer to train")
+    weights = sum(int(layer.values.size) for layer in layers)
+    steps = config.steps_for(weights)
+    if not steps:
+        reason = (f"distill.weight_steps {config.weight_steps:,} allows {config.weight_steps // weights} steps of "
+                  f"{weights:,} trained weights, fewer than {MIN_BUDGETED_STEPS}")
+        log.info("distillation skipped: %s", reason)
+        return DistillResult({layer.module: np.asarray(layer.scales, dtype=np.float32) for layer in layers}, {}, {},
+                             {"steps": 0, "skipped": reason, "kept": False, "layers": len(layers)})
+    asked = config.steps
+    if steps < config.steps:
+        log.info("distillation: %d steps (distill.weight_steps %s over %s trained weights)", steps,
+                 f"{config.weight_steps:,}", f"{weights:,}")
+        config = dataclasses.replace(config, steps=steps)
     started = time.perf_counter()
     device = torch_device(config.device)
     student, by_module = student_replica(config_dir, student_weights, layers, config.outlier_rows)
@@ -516,7 +546,7 @@ def distill_scales(config_dir: str | Path, teacher: Teacher, student_weights: Ma
         trained_rows = {module: layer.outlier_rows.detach().cpu().numpy().copy()
                         for module, layer in by_module.items()
                         if kept and isinstance(layer.outlier_rows, torch.nn.Parameter)}
-    report = {"steps": config.steps, "windows": int(len(train)), "held_out_windows": held,
+    report = {"steps": config.steps, "steps_asked": asked, "trained_weights": weights, "windows": int(len(train)), "held_out_windows": held,
               "held_out_kl_before": None if before is None else round(before, 5),
               "held_out_kl_after": None if after is None else round(after, 5), "kept": kept,
               "layers": len(by_module), "norms": len(gains), "outlier_rows": sum(len(r) for r in trained_rows.values()),

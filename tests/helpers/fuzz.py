@@ -149,7 +149,7 @@ RECIPE_KEYS = {
     "outliers.min_channels": "list", "outliers.bits": "int", "outliers.planes": "bool",
     "gptq.enabled": "bool", "gptq.samples": "int",
     "distill.steps": "int", "distill.norms": "bool", "distill.outlier_rows": "bool", "distill.lr": "float",
-    "distill.samples": "int",
+    "distill.samples": "int", "distill.weight_steps": "int",
     "rotation.layers": "list",
     "vocab.refine_rows": "str|int", "vocab.samples": "int",
     "sparsity.fraction": "float", "sparsity.method": "str", "sparsity.predictor_rank": "int",
@@ -222,8 +222,9 @@ IMPOSSIBLE = {  # key -> values of the right type the key refuses on its own
     "gptq.samples": _outside(1, MAX_COUNT),
     "distill.steps": _outside(0, MAX_COUNT),
     "distill.lr": (_floats | st.integers(-10**30, 0) | st.integers(10**20, 10**30) | HUGE).filter(
-        lambda v: not (math.isfinite(v) and 0 < v <= 2**64)),
+        lambda v: not 0 < v <= 2**64),  # compared, not made a float: an integer past float's range is refused too
     "distill.samples": _outside(1, MAX_COUNT),
+    "distill.weight_steps": _outside(0, 10**18),
     "rotation.layers": st.tuples(_patterns, EMPTY_PATTERNS).map(lambda pair: [*pair[0], pair[1]]),
     "vocab.refine_rows": _outside(0, MAX_COUNT) | _word_not("auto"),
     "vocab.samples": _outside(1, MAX_COUNT),

@@ -22,6 +22,7 @@ KEYS = {
     "distill_steps": ("distill", "steps"), "distill_norms": ("distill", "norms"),
     "distill_outlier_rows": ("distill", "outlier_rows"), "distill_lr": ("distill", "lr"),
     "distill_samples": ("distill", "samples"), "distill_precision": ("distill", "precision"),
+    "distill_weight_steps": ("distill", "weight_steps"),
     "rotate": ("rotation", "layers"), "refine_vocab": ("vocab", "refine_rows"), "vocab_samples": ("vocab", "samples"),
     "sparsity": ("sparsity", "fraction"), "method": ("sparsity", "method"),
     "predictor_rank": ("sparsity", "predictor_rank"), "predictor_samples": ("sparsity", "predictor_samples"),

@@ -319,6 +319,38 @@ def test_distillation_moves_only_scales_and_lowers_the_kl(planted, tmp_path):
     assert recorded["distill"]["steps"] == 40
 
 
+def test_a_weight_steps_budget_cuts_the_steps_or_skips_the_training(planted_model, profile, tmp_path):
+    """distill.weight_steps: fewer steps where steps x trained weights would pass it (the note says of how many),
+    none where fewer than eight would be left (the scales as they were, and the note says why)."""
+    folder, _ = planted_model
+    fields = dict(**W4, distill_steps=40, distill_lr=2e-2, distill_samples=6)
+    quantize_model(folder, tmp_path / "plain", make_recipe(**W4), profile)
+    skipped = quantize_model(folder, tmp_path / "skipped", make_recipe(**fields, distill_weight_steps=7),
+                             profile)
+    note = next(note for note in skipped["notes"] if note.startswith("distill_scales"))
+    found = re.search(r"not trained: distill.weight_steps 7 allows 0 steps of ([\d,]+) trained weights, fewer "
+                      r"than 8\)", note)
+    assert found, note
+    plain, untrained = stored_initializers(tmp_path / "plain"), stored_initializers(tmp_path / "skipped")
+    for name in plain:
+        np.testing.assert_array_equal(plain[name], untrained[name])
+    weights = int(found.group(1).replace(",", ""))
+    cut = quantize_model(folder, tmp_path / "cut", make_recipe(**fields, distill_weight_steps=12 * weights),
+                         profile)
+    note = next(note for note in cut["notes"] if note.startswith("distill_scales"))
+    assert f"12 steps (of 40: distill.weight_steps over {weights:,} trained weights)" in note, note
+    assert json.loads((tmp_path / "cut" / "manifest.json").read_text())["recipe"]["distill"]["weight_steps"] == \
+        12 * weights
+
+
+def test_steps_for_a_budget():
+    assert DistillConfig(steps=120).steps_for(10**9) == 120
+    assert DistillConfig(steps=120, weight_steps=1200).steps_for(10) == 120
+    assert DistillConfig(steps=120, weight_steps=1200).steps_for(40) == 30
+    assert DistillConfig(steps=120, weight_steps=1200).steps_for(150) == 8
+    assert DistillConfig(steps=120, weight_steps=1200).steps_for(151) == 0
+
+
 def test_outlier_rows_train_with_the_scales(planted_model, profile, tmp_path):
     """distill.outlier_rows: the FP16 branch's weight rows move too (stored in FP16, same size), the integers do
     not, and the pass kept them for a lower held-out KL (on this tiny model's 60-token text the gain is within
@@ -386,6 +418,8 @@ def test_block_scaled_linear_equals_the_dense_weight(rotated):
     (dict(name="w4a16", distill_steps=5, distill_outlier_rows=True, outliers=0), "outliers.channels = 0"),
     (dict(name="w4a16", distill_steps=5, distill_precision="float16"),
      "distill.precision: must be one of auto, float32, bfloat16, not 'float16'"),
+    (dict(name="w4a16", distill_steps=5, distill_weight_steps=-1),
+     r"distill.weight_steps: must be 0 \(no limit\) or positive, not -1"),
 ])
 def test_bad_distillation_settings_are_refused(fields, message):
     with pytest.raises(UserError, match=message):
@@ -397,6 +431,8 @@ def test_bad_distill_config_and_names_are_refused():
         DistillConfig(steps=1, learning_rate=0)
     with pytest.raises(UserError, match="precision must be one of auto, float32, bfloat16, not 'half'"):
         DistillConfig(steps=1, precision="half")
+    with pytest.raises(UserError, match=r"weight_steps must be 0 \(no limit\) or positive, not -5"):
+        DistillConfig(steps=1, weight_steps=-5)
     with pytest.raises(UserError, match="not named like an exported linear layer"):
         module_of("/model/layers.0/mlp/Add")
     assert module_of("/model/layers.3/mlp/down_proj/MatMul") == "model.layers.3.mlp.down_proj"

@@ -60,6 +60,10 @@ def run(graph: gs.Graph, config: Config) -> PassResult:
     student = graph_weights(graph, skip=set(stored))  # the low-bit layers come from ``layers``
     result = distill_scales(inputs.config_dir, inputs.teacher, student, layers, inputs.windows, inputs.config)
     report = result.report
+    if report.get("skipped"):
+        notes.append(f"distill_scales: {report['layers']} layers' block scales left as they were (not trained: "
+                     f"{report['skipped']})")
+        return PassResult(graph, tuple(notes))
     for module, scales in result.scales.items():
         stored[module].values = half_representable(scales).astype(stored[module].values.dtype)
     for module, rows in result.outlier_rows.items():  # the layer's MatMul reads its DequantizeLinear's output
@@ -73,11 +77,19 @@ def run(graph: gs.Graph, config: Config) -> PassResult:
     extras += [f"{report['outlier_rows']} FP16 outlier rows"] if report["outlier_rows"] else []
     notes.append(f"distill_scales: {report['layers']} layers' block scales"
                          f"{''.join(' and ' + extra for extra in extras)} {outcome}: "
-                         f"{report['steps']} steps on {report['windows']} calibration windows, KL on "
+                         f"{report['steps']} steps{_budgeted(report)} on {report['windows']} calibration windows, "
+                         f"KL on "
                          f"{report['held_out_windows']} held-out ones {report['held_out_kl_before']} -> "
                          f"{report['held_out_kl_after']} ({report['seconds']} s, {report['precision']} products"
                          f"{'; the layers recomputed in the backward pass' if report.get('recomputed') else ''})")
     return PassResult(graph, tuple(notes))
+
+
+def _budgeted(report: dict) -> str:
+    """Where distill.weight_steps cut the steps: of how many, and why."""
+    asked = report.get("steps_asked", report["steps"])
+    return "" if asked == report["steps"] else \
+        f" (of {asked}: distill.weight_steps over {report['trained_weights']:,} trained weights)"
 
 
 def block_scaled_layers(graph: gs.Graph, notes: list) -> tuple[list[BlockScaled], dict[str, gs.Constant],
