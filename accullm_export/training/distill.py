@@ -618,12 +618,13 @@ def recompute_layers(model) -> None:
     from torch.utils.checkpoint import checkpoint
 
     def recomputed(forward, *args, **kwargs):
-        if not torch.is_grad_enabled():
+        forward = forward()  # the layer's own forward: held weakly, so the layer is not in a reference cycle with
+        if not torch.is_grad_enabled():  # its wrapper and is freed with the model, not by the cycle collector
             return forward(*args, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     for layer in _decoder(model).layers:
-        layer.forward = functools.partial(recomputed, layer.forward)
+        layer.forward = functools.partial(recomputed, weakref.WeakMethod(layer.forward))
 
 
 def training_optimizer(student, by_module: Mapping[str, object], config: DistillConfig):

@@ -258,6 +258,38 @@ def test_recomputed_layers_give_the_same_loss_and_gradients_and_keep_less(tiny_e
     assert recomputed_bytes < kept_bytes / 2
 
 
+def test_the_trained_student_is_freed_on_return_without_the_cycle_collector(tiny_exports, monkeypatch):
+    """The recomputed layers' wrapped forwards refer back to their layers (a reference cycle): distill_scales
+    undoes them, so the student, and the integers it shares with the caller's layers, are freed as soon as it
+    returns, not at the cycle collector's next run."""
+    import gc
+    import weakref
+
+    from accullm_export.training import distill
+
+    _, folder = tiny_exports["llama"]
+    graph, _ = load_graph(folder / "model.onnx")
+    weights = graph_weights(graph)
+    ids = token_ids(seed=3).reshape(1, -1)
+    windows = np.concatenate([ids, ids[:, ::-1]])
+    teacher = teacher_outputs(folder, weights, windows)
+    built = []
+    replica = distill.student_replica
+    monkeypatch.setattr(distill, "student_replica",
+                        lambda *args, **kwargs: built.append(replica(*args, **kwargs)) or built[-1])
+    gc.collect()
+    gc.disable()
+    try:
+        distill.distill_scales(folder, teacher, weights, rounded_layers(weights), windows,
+                               DistillConfig(steps=2, recompute=True))
+        student, _ = built.pop()
+        layer = weakref.ref(distill._decoder(student).layers[0])
+        del student
+        assert layer() is None
+    finally:
+        gc.enable()
+
+
 def test_layers_are_recomputed_when_a_step_s_activations_pass_the_budget():
     """The rule of DistillConfig(recompute=None): a 512-token window of a 24-layer decoder with 896 hidden and
     4,864 MLP channels keeps over the budget; a 30-layer one with 576 and 1,536 keeps under it."""
