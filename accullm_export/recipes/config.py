@@ -229,9 +229,10 @@ class DistillConfig:
         samples: calibration windows of the profile to train on (one eighth held out).
         weight_steps: at most this many steps x trained weights (0: no limit); a larger model trains fewer
             steps, none where fewer than eight would be left.
-        precision: the decoder layers' products in training steps: "float32", "bfloat16" (float32
-            parameters, sums and loss; the LM head and the held-out check in float32), faster where the CPU
-            or GPU multiplies bfloat16 natively, or "auto" (bfloat16 where it does, float32 elsewhere).
+        precision: the products in training steps: "float32", "bfloat16" (the decoder layers and the LM
+            head's backward; float32 parameters, sums, logits and loss, and the held-out check in float32),
+            faster where the CPU or GPU multiplies bfloat16 natively, or "auto" (bfloat16 where it does,
+            float32 elsewhere).
     """
 
     steps: int = 0

@@ -259,9 +259,9 @@ def test_recomputed_layers_give_the_same_loss_and_gradients_and_keep_less(tiny_e
 
 
 def test_the_trained_student_is_freed_on_return_without_the_cycle_collector(tiny_exports, monkeypatch):
-    """The recomputed layers' wrapped forwards refer back to their layers (a reference cycle): distill_scales
-    undoes them, so the student, and the integers it shares with the caller's layers, are freed as soon as it
-    returns, not at the cycle collector's next run."""
+    """The recomputed layers' wrapped forwards hold their layers' own forwards weakly (no reference cycle), so
+    the student's decoder layers, and the integers they share with the caller's layers, are freed as soon as
+    distill_scales returns, not at the cycle collector's next run."""
     import gc
     import weakref
 

@@ -87,9 +87,8 @@ def run(graph: gs.Graph, config: Config) -> PassResult:
 
 def _budgeted(report: dict) -> str:
     """Where distill.weight_steps cut the steps: of how many, and why."""
-    asked = report.get("steps_asked", report["steps"])
-    return "" if asked == report["steps"] else \
-        f" (of {asked}: distill.weight_steps over {report['trained_weights']:,} trained weights)"
+    return "" if report["steps_asked"] == report["steps"] else \
+        f" (of {report['steps_asked']}: distill.weight_steps over {report['trained_weights']:,} trained weights)"
 
 
 def block_scaled_layers(graph: gs.Graph, notes: list) -> tuple[list[BlockScaled], dict[str, gs.Constant],
